@@ -1,0 +1,1 @@
+"""DICOM bridge: pynetdicom SCU/SCP, QIDO/WADO client, PACS peers, the image-linking worker."""

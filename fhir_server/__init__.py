@@ -1,0 +1,1 @@
+"""The FHIR R4 store (versioned resources, search index, history) and its REST API."""

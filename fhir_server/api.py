@@ -1,0 +1,94 @@
+"""FastAPI adapter: HTTP in, ``router.handle`` in one database transaction, HTTP out."""
+
+import logging
+from collections.abc import Sequence
+from urllib.parse import parse_qsl
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from fhir_server.db import Database
+from fhir_server.errors import FhirError, error
+from fhir_server.http import FhirRequest, FhirResponse
+from fhir_server.repository import Hook, Repository
+from fhir_server.router import handle
+
+FHIR_JSON = "application/fhir+json"
+JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir")
+READ_METHODS = {"GET", "HEAD"}
+log = logging.getLogger(__name__)
+
+
+def fhir_router(db: Database, hooks: Sequence[Hook] = (), base_url: str = "") -> APIRouter:
+    """Routes for the whole FHIR base; mount with ``prefix="/fhir"``."""
+    router = APIRouter()
+
+    def run(req: FhirRequest, base: str) -> FhirResponse:
+        # POST _search reads, everything else that is not GET/HEAD may write.
+        write = req.method not in READ_METHODS and not req.path.endswith("_search")
+        try:
+            with db.transaction(write=write) as session:
+                response = handle(req, Repository(session, hooks), base)
+                if response.status >= 400:
+                    session.rollback()  # nothing half-written: an error undoes the whole request
+                return response
+        except IntegrityError:
+            log.warning("conflicting concurrent write on %s %s", req.method, req.path, exc_info=True)
+            return _outcome(error(409, "conflict", "A concurrent request changed the same resource; retry"))
+        except Exception:  # like pynetdicom: a failure status, never a dead server or a stack trace
+            log.exception("internal error on %s %s", req.method, req.path)
+            return _outcome(error(500, "exception", "Internal server error; see the server log"))
+
+    @router.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+    async def fhir(path: str, request: Request) -> Response:
+        base = base_url or str(request.base_url).rstrip("/") + request.scope.get("root_path", "") + "/fhir"
+        try:
+            req = FhirRequest(
+                method=request.method,
+                path=path,
+                params=list(request.query_params.multi_items()),
+                headers={k.lower(): v for k, v in request.headers.items()},
+            )
+            await _read_body(request, req)
+        except FhirError as exc:
+            return _http(_outcome(exc), request)
+        return _http(await run_in_threadpool(run, req, base), request)
+
+    return router
+
+
+def _outcome(exc: FhirError) -> FhirResponse:
+    return FhirResponse(exc.status, exc.outcome, dict(exc.headers))
+
+
+async def _read_body(request: Request, req: FhirRequest) -> None:
+    body = await request.body()
+    if not body:
+        return
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/x-www-form-urlencoded" and req.path.endswith("_search"):
+        req.params += parse_qsl(body.decode(), keep_blank_values=True)
+        return
+    if content_type not in JSON_TYPES:
+        raise error(
+            415, "not-supported", f"Content-Type {content_type or 'none'} is not supported; use {FHIR_JSON}"
+        )
+    try:
+        req.body = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise error(400, "structure", f"The body is not valid JSON: {exc}") from None
+
+
+def _http(response: FhirResponse, request: Request) -> Response:
+    content = b"" if response.body is None else orjson.dumps(response.body, option=_pretty(request))
+    if request.method == "HEAD":
+        content = b""
+    return Response(
+        content or None, response.status, response.headers, media_type=FHIR_JSON if content else None
+    )
+
+
+def _pretty(request: Request) -> int:
+    return orjson.OPT_INDENT_2 if request.query_params.get("_pretty") == "true" else 0

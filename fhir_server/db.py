@@ -1,0 +1,63 @@
+"""Engines and transactions for SQLite (embedded default) and PostgreSQL.
+
+Every request runs in exactly one database transaction. Write transactions on SQLite
+start with ``BEGIN IMMEDIATE`` so that a read-then-write (conditional create, If-Match)
+holds the database write lock from its first read; on PostgreSQL the repository takes
+row locks and advisory locks instead (see ``Repository.lock``).
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    if url.startswith("sqlite"):
+        # The driver must not open transactions by itself: we emit BEGIN ourselves.
+        engine = create_engine(
+            url, connect_args={"isolation_level": None, "check_same_thread": False, "timeout": 30}, **kwargs
+        )
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN " + conn.get_execution_options().get("sqlite_begin", "DEFERRED"))
+
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True, **kwargs)
+
+
+class Database:
+    """An engine and the two kinds of transaction the server runs on it."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        self.url = url
+        self.engine = make_engine(url, **kwargs)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(
+            self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
+        )
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Session]:
+        """One unit of work: committed on success, rolled back on any exception."""
+        with (self._write if write else self._read)() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()

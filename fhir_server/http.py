@@ -1,0 +1,35 @@
+"""The request and response the FHIR core speaks; web frameworks adapt to these."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class FhirRequest:
+    method: str
+    #: Path below the FHIR base, without leading slash: "Patient/1/_history/2".
+    path: str
+    params: list[tuple[str, str]] = field(default_factory=list)
+    #: Header names in lower case.
+    headers: dict[str, str] = field(default_factory=dict)
+    #: The parsed JSON body, if any.
+    body: Any = None
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    def prefer(self, key: str) -> str | None:
+        """A token of the Prefer header (RFC 7240), e.g. prefer("return") -> "minimal"."""
+        for part in (self.header("prefer") or "").split(","):
+            name, _, value = part.strip().partition("=")
+            if name.strip() == key:
+                return value.strip().strip('"')
+        return None
+
+
+@dataclass
+class FhirResponse:
+    status: int
+    #: A JSON-serialisable body (orjson.Fragment allowed for stored JSON), or None.
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,22 @@
+"""Alembic environment: runs on the connection handed over by ``fhir_server.migrate``."""
+
+from alembic import context
+from sqlalchemy import create_engine
+
+from fhir_server.schema import Base
+
+config = context.config
+connection = config.attributes.get("connection")
+
+
+def run(conn: object) -> None:
+    context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if connection is not None:
+    run(connection)
+else:  # `alembic` command line, e.g. to autogenerate a revision
+    with create_engine(config.get_main_option("sqlalchemy.url") or "").connect() as conn:
+        run(conn)

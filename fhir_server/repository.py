@@ -1,0 +1,219 @@
+"""The one write path of the store, and its reads.
+
+Every write, whatever door it came through (REST, a transaction Bundle, HL7, DICOM, a
+worker), goes through ``Repository``: validate → hooks → write → index → outbox, all in the
+caller's database transaction. Reads return the stored JSON text without re-validating it.
+"""
+
+import hashlib
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from fhir_server import dates
+from fhir_server.errors import error
+from fhir_server.indexing import index_rows
+from fhir_server.schema import INDEX_TABLES, OutboxRow, ResourceRow, VersionRow
+from fhir_server.validation import check_id, check_type, validate
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One version of a resource as stored: its JSON text and version metadata."""
+
+    type: str
+    id: str
+    version: int
+    last_updated: datetime
+    content: str | None  # None for a deletion
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+    @property
+    def resource(self) -> dict[str, Any]:
+        return orjson.loads(self.content) if self.content else {}
+
+
+@dataclass
+class Change:
+    """What a write is about to do; hooks may inspect and amend ``resource``, or raise."""
+
+    method: str  # POST, PUT, DELETE
+    type: str
+    id: str
+    resource: dict[str, Any] | None
+    previous: Stored | None
+
+
+Hook = Callable[["Repository", Change], None]
+
+
+class Repository:
+    def __init__(self, session: Session, hooks: Sequence[Hook] = ()) -> None:
+        self.session = session
+        self.hooks = hooks
+
+    # -- reads -------------------------------------------------------------------
+
+    def current(self, resource_type: str, resource_id: str, *, for_update: bool = False) -> Stored | None:
+        """The current version (a deletion included), or None if the resource never existed."""
+        stmt = select(ResourceRow).where(ResourceRow.type == resource_type, ResourceRow.id == resource_id)
+        row = self.session.scalars(stmt.with_for_update() if for_update else stmt).one_or_none()
+        if row is None:
+            return None
+        return Stored(row.type, row.id, row.version, row.last_updated, row.content)
+
+    def read(self, resource_type: str, resource_id: str) -> Stored:
+        check_type(resource_type)
+        found = self.current(resource_type, resource_id)
+        if found is None:
+            raise error(404, "not-found", f"{resource_type}/{resource_id} is not known")
+        if found.content is None:
+            raise error(
+                410, "deleted", f"{resource_type}/{resource_id} was deleted (version {found.version})"
+            )
+        return found
+
+    def vread(self, resource_type: str, resource_id: str, version: int) -> Stored:
+        check_type(resource_type)
+        row = self.session.execute(
+            select(VersionRow)
+            .join(ResourceRow, ResourceRow.pk == VersionRow.resource_pk)
+            .where(
+                ResourceRow.type == resource_type,
+                ResourceRow.id == resource_id,
+                VersionRow.version == version,
+            )
+        ).scalar_one_or_none()
+        if row is None:
+            raise error(404, "not-found", f"{resource_type}/{resource_id} has no version {version}")
+        if row.content is None:
+            raise error(410, "deleted", f"Version {version} of {resource_type}/{resource_id} is a deletion")
+        return Stored(row.type, row.id, row.version, row.last_updated, row.content)
+
+    # -- the write path ------------------------------------------------------------
+
+    def lock(self, key: str) -> None:
+        """Serialise transactions that decide on the same key, until this transaction ends.
+
+        SQLite write transactions already hold the database lock (BEGIN IMMEDIATE);
+        PostgreSQL takes a transaction-scoped advisory lock on a 64-bit hash of the key.
+        """
+        if self.session.get_bind().dialect.name == "postgresql":
+            digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+            self.session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": digest})
+
+    def create(self, resource: dict[str, Any], resource_id: str | None = None) -> Stored:
+        """Create with a new server id (or the id a transaction Bundle assigned)."""
+        resource = validate(resource)
+        return self._write("POST", resource["resourceType"], resource_id or str(uuid.uuid4()), resource, None)
+
+    def update(
+        self, resource_type: str, resource_id: str, resource: dict[str, Any], if_match: str | None = None
+    ) -> tuple[Stored, bool]:
+        """Update, or create with the client's id (update-as-create). Returns (stored, created)."""
+        check_type(resource_type)
+        check_id(resource_id)
+        resource = validate(resource, resource_type)
+        if resource.get("id") != resource_id:
+            raise error(400, "invalid", f"The body's id {resource.get('id')!r} is not {resource_id!r}", "id")
+        self.lock(f"{resource_type}/{resource_id}")
+        previous = self.current(resource_type, resource_id, for_update=True)
+        if if_match is not None:
+            expected = if_match.removeprefix("W/").strip('"')
+            actual = str(previous.version) if previous else None
+            if expected != actual:
+                raise error(
+                    412, "conflict", f"If-Match {if_match} but the current version is {actual or 'none'}"
+                )
+        method = "POST" if previous is None else "PUT"
+        return self._write(method, resource_type, resource_id, resource, previous), previous is None
+
+    def delete(self, resource_type: str, resource_id: str) -> Stored | None:
+        """Delete (a versioned tombstone). None when there was nothing to delete."""
+        check_type(resource_type)
+        previous = self.current(resource_type, resource_id, for_update=True)
+        if previous is None or previous.content is None:
+            return None
+        return self._write("DELETE", resource_type, resource_id, None, previous)
+
+    def enqueue(self, topic: str, stored: Stored, payload: dict[str, Any] | None = None) -> None:
+        """An outbox row: work for a worker, committed or rolled back with this write."""
+        now = dates.now()
+        self.session.add(
+            OutboxRow(
+                topic=topic,
+                resource_type=stored.type,
+                resource_id=stored.id,
+                resource_version=stored.version,
+                payload=orjson.dumps(payload or {}).decode(),
+                status="pending",
+                attempts=0,
+                created_at=now,
+                available_at=now,
+            )
+        )
+
+    def _write(
+        self,
+        method: str,
+        resource_type: str,
+        resource_id: str,
+        resource: dict[str, Any] | None,
+        previous: Stored | None,
+    ) -> Stored:
+        change = Change(method, resource_type, resource_id, resource, previous)
+        for hook in self.hooks:
+            hook(self, change)
+        version = previous.version + 1 if previous else 1
+        now = dates.now()
+        stored_json = content = None
+        if change.resource is not None:
+            meta = {
+                **change.resource.get("meta", {}),
+                "versionId": str(version),
+                "lastUpdated": dates.instant(now),
+            }
+            stored_json = {**change.resource, "id": resource_id, "meta": meta}
+            content = orjson.dumps(stored_json).decode()
+
+        values = {"version": version, "last_updated": now, "deleted": content is None, "content": content}
+        if previous is None:
+            pk = self.session.execute(
+                insert(ResourceRow)
+                .values(type=resource_type, id=resource_id, **values)
+                .returning(ResourceRow.pk)
+            ).scalar_one()
+        else:
+            pk = self.session.execute(
+                update(ResourceRow)
+                .where(ResourceRow.type == resource_type, ResourceRow.id == resource_id)
+                .values(**values)
+                .returning(ResourceRow.pk)
+            ).scalar_one()
+            for table in INDEX_TABLES:
+                self.session.execute(delete(table).where(table.resource_pk == pk))
+        self.session.execute(
+            insert(VersionRow).values(
+                resource_pk=pk, version=version, type=resource_type, id=resource_id,
+                last_updated=now, method=method, content=content,
+            )
+        )  # fmt: skip
+        if stored_json is not None:
+            self._index(pk, resource_type, stored_json)
+        return Stored(resource_type, resource_id, version, now, content)
+
+    def _index(self, pk: int, resource_type: str, resource: dict[str, Any]) -> None:
+        rows: dict[type, list[dict[str, Any]]] = {}
+        for table, values in index_rows(resource_type, resource):
+            rows.setdefault(table, []).append({**values, "resource_pk": pk, "res_type": resource_type})
+        for table, batch in rows.items():
+            self.session.execute(insert(table), batch)

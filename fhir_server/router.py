@@ -1,0 +1,244 @@
+"""The FHIR RESTful API (R4 http.html) as a function: ``handle(request, repo, base)``.
+
+It knows nothing of HTTP servers: FastAPI (``fhir_server.api``) and transaction Bundles
+(``fhir_server.bundle``) both call it. Every failure comes back as an OperationOutcome.
+"""
+
+import urllib.parse
+import uuid
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from sqlalchemy import func, select
+
+from fhir_server import capability, dates, search
+from fhir_server.errors import FhirError, error, information
+from fhir_server.http import FhirRequest, FhirResponse
+from fhir_server.repository import Repository, Stored
+from fhir_server.schema import VersionRow
+from fhir_server.validation import SUPPORTED_TYPES, check_type
+
+DEFAULT_HISTORY_COUNT = 50
+
+
+def handle(request: FhirRequest, repo: Repository, base: str) -> FhirResponse:
+    """Dispatch one interaction. Raises nothing: errors become OperationOutcome responses."""
+    try:
+        return _dispatch(request, repo, base.rstrip("/"))
+    except FhirError as exc:
+        return FhirResponse(exc.status, exc.outcome, dict(exc.headers))
+
+
+def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
+    parts = [p for p in req.path.strip("/").split("/") if p]
+    method = req.method.upper()
+    match parts, method:
+        case [], "POST":
+            from fhir_server.bundle import process  # bundles call back into handle()
+
+            return FhirResponse(200, process(req.body, repo, base))
+        case ["metadata"], "GET":
+            return FhirResponse(200, capability.statement(base))
+        case ["_history"], "GET":
+            return _history(repo, base, req, None, None)
+        case [rtype], _ if rtype in SUPPORTED_TYPES or rtype[:1].isupper():
+            check_type(rtype)
+            match method:
+                case "GET":
+                    return _search(repo, base, req, rtype, req.params)
+                case "POST":
+                    return _create(repo, base, req, rtype)
+                case "PUT":
+                    return _conditional_update(repo, base, req, rtype)
+                case "DELETE":
+                    return _conditional_delete(repo, req, rtype)
+        case [rtype, "_search"], "POST":
+            return _search(repo, base, req, rtype, req.params)
+        case [rtype, "_history"], "GET":
+            return _history(repo, base, req, rtype, None)
+        case [rtype, rid], _ if not rid.startswith("_") and not rid.startswith("$"):
+            match method:
+                case "GET" | "HEAD":
+                    return _read(req, repo.read(rtype, rid), base)
+                case "PUT":
+                    stored, created = repo.update(rtype, rid, _body(req), req.header("if-match"))
+                    return _written(req, stored, base, 201 if created else 200)
+                case "DELETE":
+                    check_type(rtype)
+                    if repo.current(rtype, rid) is None:
+                        raise error(404, "not-found", f"{rtype}/{rid} is not known")
+                    deleted = repo.delete(rtype, rid)
+                    headers = {"ETag": deleted.etag} if deleted else {}
+                    return FhirResponse(200, information(f"Deleted {rtype}/{rid}"), headers)
+        case [rtype, rid, "_history"], "GET":
+            check_type(rtype)
+            if repo.current(rtype, rid) is None:
+                raise error(404, "not-found", f"{rtype}/{rid} is not known")
+            return _history(repo, base, req, rtype, rid)
+        case [rtype, rid, "_history", vid], "GET":
+            if not vid.isdigit():
+                raise error(404, "not-found", f"{vid!r} is not a version id")
+            return _read(req, repo.vread(rtype, rid, int(vid)), base)
+    if parts and parts[0] not in SUPPORTED_TYPES and parts[0] not in ("metadata", "_history"):
+        check_type(parts[0])
+    raise error(405, "not-supported", f"{method} /{req.path} is not an interaction this server supports")
+
+
+def _body(req: FhirRequest) -> dict[str, Any]:
+    if not isinstance(req.body, dict):
+        raise error(400, "structure", "This interaction needs a FHIR resource as its JSON body")
+    return req.body
+
+
+def _location(base: str, stored: Stored) -> str:
+    return f"{base}/{stored.type}/{stored.id}/_history/{stored.version}"
+
+
+def version_headers(stored: Stored) -> dict[str, str]:
+    return {"ETag": stored.etag, "Last-Modified": dates.http_date(stored.last_updated)}
+
+
+def _read(req: FhirRequest, stored: Stored, base: str) -> FhirResponse:
+    if req.header("if-none-match") in (stored.etag, f'"{stored.version}"'):
+        return FhirResponse(304, None, version_headers(stored))
+    elements = _elements(req)
+    body: Any = orjson.Fragment(stored.content or "{}")
+    if elements is not None or any(k == "_summary" for k, _ in req.params):
+        body = search.shape(stored.resource, dict(req.params).get("_summary"), elements)
+    return FhirResponse(200, body, version_headers(stored))
+
+
+def _elements(req: FhirRequest) -> list[str] | None:
+    for key, value in req.params:
+        if key == "_elements":
+            return [e.strip() for e in value.split(",") if e.strip()]
+    return None
+
+
+def _written(req: FhirRequest, stored: Stored, base: str, status: int) -> FhirResponse:
+    """The response to a create or update, shaped by Prefer: return= (R4 http.html#ops)."""
+    headers = {**version_headers(stored), "Location": _location(base, stored)}
+    match req.prefer("return"):
+        case "minimal":
+            return FhirResponse(status, None, headers)
+        case "OperationOutcome":
+            return FhirResponse(
+                status, information(f"Stored {stored.type}/{stored.id} version {stored.version}"), headers
+            )
+    return FhirResponse(status, orjson.Fragment(stored.content or "{}"), headers)
+
+
+def conditional_matches(repo: Repository, rtype: str, query_string: str) -> list[Stored]:
+    """Resources matching a conditional interaction's criteria, under a lock on them."""
+    params = parse_qsl(query_string)
+    if not params:
+        raise error(400, "invalid", "A conditional interaction needs search criteria")
+    repo.lock(f"{rtype}?{urlencode(sorted(params))}")
+    query = search.parse(rtype, params, strict=True)
+    query.count, query.total = 3, "none"
+    return search.execute(repo.session, query).matches
+
+
+def parse_qsl(query_string: str) -> list[tuple[str, str]]:
+    return urllib.parse.parse_qsl(query_string.lstrip("?"), keep_blank_values=True)
+
+
+def _create(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirResponse:
+    resource = _body(req)
+    if resource.get("resourceType") != rtype:
+        raise error(400, "invalid", f"Expected a {rtype} but the body is a {resource.get('resourceType')}")
+    if_none_exist = req.header("if-none-exist")
+    if if_none_exist:
+        found = conditional_matches(repo, rtype, if_none_exist)
+        if len(found) > 1:
+            raise error(412, "duplicate", f"If-None-Exist {if_none_exist} matches {len(found)} resources")
+        if found:
+            return _written(req, found[0], base, 200)
+    return _written(req, repo.create({k: v for k, v in resource.items() if k != "id"}), base, 201)
+
+
+def _conditional_update(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirResponse:
+    resource = _body(req)
+    found = conditional_matches(repo, rtype, urlencode(req.params))
+    if len(found) > 1:
+        raise error(412, "multiple-matches", f"The criteria match {len(found)} resources")
+    if found:
+        rid = found[0].id
+        if resource.get("id", rid) != rid:
+            raise error(400, "invalid", f"The body's id {resource['id']!r} is not the matched {rid!r}")
+    else:
+        rid = resource.get("id") or str(uuid.uuid4())
+    stored, created = repo.update(rtype, rid, {**resource, "id": rid}, req.header("if-match"))
+    return _written(req, stored, base, 201 if created else 200)
+
+
+def _conditional_delete(repo: Repository, req: FhirRequest, rtype: str) -> FhirResponse:
+    found = conditional_matches(repo, rtype, urlencode(req.params))
+    if len(found) > 1:
+        raise error(412, "multiple-matches", f"The criteria match {len(found)} resources")
+    if not found:
+        return FhirResponse(204)
+    repo.delete(rtype, found[0].id)
+    return FhirResponse(200, information(f"Deleted {rtype}/{found[0].id}"))
+
+
+def _search(
+    repo: Repository, base: str, req: FhirRequest, rtype: str, params: list[tuple[str, str]]
+) -> FhirResponse:
+    check_type(rtype)
+    strict = req.prefer("handling") == "strict"
+    query = search.parse(rtype, params, strict=strict)
+    result = search.execute(repo.session, query)
+    return FhirResponse(200, search.bundle(result, base))
+
+
+def _history(
+    repo: Repository, base: str, req: FhirRequest, rtype: str | None, rid: str | None
+) -> FhirResponse:
+    """Instance, type and system history (R4 http.html#history), newest first, paged."""
+    count, offset, since = DEFAULT_HISTORY_COUNT, 0, None
+    for key, value in req.params:
+        if key in ("_count", "_offset") and not value.isdigit():
+            raise error(400, "invalid", f"{key} must be a non-negative integer")
+        if key == "_count":
+            count = min(int(value), search.MAX_COUNT)
+        elif key == "_offset":
+            offset = int(value)
+        elif key == "_since":
+            try:
+                since = dates.parse_range(value)[0]
+            except ValueError as exc:
+                raise error(400, "invalid", str(exc), "_since") from None
+    stmt = select(VersionRow)
+    if rtype:
+        stmt = stmt.where(VersionRow.type == rtype)
+    if rid:
+        stmt = stmt.where(VersionRow.id == rid)
+    if since:
+        stmt = stmt.where(VersionRow.last_updated >= since)
+    total = repo.session.scalar(select(func.count()).select_from(stmt.subquery()))
+    rows = repo.session.scalars(
+        stmt.order_by(
+            VersionRow.last_updated.desc(), VersionRow.resource_pk.desc(), VersionRow.version.desc()
+        )
+        .limit(count)
+        .offset(offset)
+    ).all()
+    path = "/".join(p for p in (rtype, rid, "_history") if p)
+    kept = [(k, v) for k, v in req.params if k not in ("_offset",)]
+    entries = []
+    for row in rows:
+        stored = Stored(row.type, row.id, row.version, row.last_updated, row.content)
+        entry: dict[str, Any] = {"fullUrl": f"{base}/{row.type}/{row.id}"}
+        if row.content is not None:
+            entry["resource"] = orjson.Fragment(row.content)
+        method = "DELETE" if row.method == "DELETE" else ("POST" if row.version == 1 else "PUT")
+        entry["request"] = {"method": method, "url": row.type if method == "POST" else f"{row.type}/{row.id}"}
+        entry["response"] = {
+            "status": {"POST": "201 Created", "PUT": "200 OK", "DELETE": "204 No Content"}[method],
+            "etag": stored.etag,
+            "lastModified": dates.instant(row.last_updated),
+        }
+        entries.append(entry)
+    return FhirResponse(200, search.page_bundle("history", base, path, kept, total, offset, count, entries))

@@ -1,0 +1,561 @@
+"""FHIR R4 search (http.html#search, search.html): parsing, SQL, paging and includes.
+
+A query string becomes ``SearchQuery``; ``execute`` turns it into one SQL statement over
+the resource table and the ``idx_*`` tables, then fetches ``_include``/``_revinclude``
+targets. Parameters joined by ``&`` are ANDed, comma-separated values ORed (§3.1.1.4.1).
+"""
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from sqlalchemy import ColumnElement, Select, and_, false, func, not_, or_, select, true
+from sqlalchemy.orm import Session, aliased
+
+from fhir_server import dates
+from fhir_server.errors import error
+from fhir_server.indexing import normalize, split_reference
+from fhir_server.repository import Stored
+from fhir_server.schema import (
+    DateIndex,
+    NumberIndex,
+    QuantityIndex,
+    ReferenceIndex,
+    ResourceRow,
+    StringIndex,
+    TokenIndex,
+    UriIndex,
+)
+from fhir_server.search_params import COLUMN_PARAMS, SearchParam, registry
+from fhir_server.validation import SUPPORTED_TYPES, check_type
+
+DEFAULT_COUNT, MAX_COUNT = 20, 1000
+MAX_INCLUDES, MAX_ITERATE_DEPTH = 1000, 3
+PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+CONTROL = {
+    "_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_total", "_elements",
+    "_format", "_pretty",
+}  # fmt: skip
+TABLES: dict[str, Any] = {
+    "token": TokenIndex, "string": StringIndex, "reference": ReferenceIndex, "date": DateIndex,
+    "number": NumberIndex, "uri": UriIndex, "quantity": QuantityIndex,
+}  # fmt: skip
+SORT_COLUMNS = {"token": "code", "string": "norm", "reference": "target_id", "date": "low",
+                "number": "value", "uri": "value", "quantity": "value"}  # fmt: skip
+MODIFIERS = {
+    "token": {"not", "missing"},
+    "string": {"exact", "contains", "missing"},
+    "reference": {"missing"},  # and a resource type, e.g. subject:Patient
+    "date": {"missing"}, "number": {"missing"}, "quantity": {"missing"},
+    "uri": {"below", "missing"},
+}  # fmt: skip
+Resource = type[ResourceRow]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One ``name[:modifier][.chained]=v1,v2`` parameter: its values are ORed."""
+
+    param: SearchParam
+    modifier: str | None
+    values: tuple[str, ...]
+    #: For a chained parameter (``subject:Patient.name=x``): per target type, the criterion on it.
+    chain: tuple[tuple[str, "Criterion"], ...] = ()
+
+
+@dataclass(frozen=True)
+class Include:
+    source: str
+    param: str  # "*" for every reference parameter
+    target: str | None
+    iterate: bool
+    reverse: bool
+
+
+@dataclass
+class SearchQuery:
+    resource_type: str
+    criteria: list[Criterion] = field(default_factory=list)
+    count: int = DEFAULT_COUNT
+    offset: int = 0
+    sort: list[tuple[str, bool]] = field(default_factory=list)  # (code, descending)
+    includes: list[Include] = field(default_factory=list)
+    summary: str | None = None
+    total: str = "accurate"
+    elements: list[str] | None = None
+    #: The parameters the search used, for the self/next/previous links.
+    used: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class SearchResult:
+    query: SearchQuery
+    total: int | None
+    matches: list[Stored]
+    included: list[Stored]
+
+
+# -- parsing ---------------------------------------------------------------------
+
+
+def parse(resource_type: str, params: list[tuple[str, str]], strict: bool = False) -> SearchQuery:
+    """Parse a query string; unknown parameters are errors with ``strict``, else ignored."""
+    check_type(resource_type)
+    query = SearchQuery(resource_type)
+    for name, value in params:
+        base = name.split(":", 1)[0]
+        try:
+            if base in CONTROL:
+                _control(query, name, value)
+            else:
+                query.criteria.append(_criterion(resource_type, name, value))
+        except UnknownParameter as exc:
+            if strict:
+                raise error(400, "not-supported", str(exc), name) from None
+            continue
+        if base not in ("_offset", "_format", "_pretty"):
+            query.used.append((name, value))
+    return query
+
+
+class UnknownParameter(Exception):
+    pass
+
+
+def _control(query: SearchQuery, name: str, value: str) -> None:
+    match name.split(":", 1):
+        case ["_count"]:
+            query.count = min(_int(name, value), MAX_COUNT)
+        case ["_offset"]:
+            query.offset = _int(name, value)
+        case ["_sort"]:
+            for key in value.split(","):
+                code = key.lstrip("-")
+                if code not in registry()[query.resource_type] and code not in COLUMN_PARAMS:
+                    raise error(
+                        400, "invalid", f"Cannot sort {query.resource_type} by unknown {code!r}", name
+                    )
+                query.sort.append((code, key.startswith("-")))
+        case ["_include" | "_revinclude" as kind, *modifier]:
+            query.includes.append(_include(value, kind == "_revinclude", modifier == ["iterate"]))
+        case ["_summary"]:
+            if value not in ("true", "false", "text", "data", "count"):
+                raise error(400, "invalid", f"_summary={value} is not one of true, text, data, count, false")
+            query.summary = None if value == "false" else value
+        case ["_total"]:
+            if value not in ("none", "estimate", "accurate"):
+                raise error(400, "invalid", f"_total={value} is not one of none, estimate, accurate")
+            query.total = value
+        case ["_elements"]:
+            query.elements = [e.strip() for e in value.split(",") if e.strip()]
+        case ["_format" | "_pretty"]:
+            pass
+        case _:
+            raise UnknownParameter(f"Unknown search control parameter {name!r}")
+
+
+def _include(value: str, reverse: bool, iterate: bool) -> Include:
+    if value == "*":
+        return Include("*", "*", None, iterate, reverse)
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in SUPPORTED_TYPES:
+        raise error(400, "invalid", f"{value!r} is not Type:parameter[:targetType]")
+    source, code, target = parts[0], parts[1], parts[2] if len(parts) == 3 else None
+    param = registry()[source].get(code)
+    if code != "*" and (param is None or param.type != "reference"):
+        raise error(400, "invalid", f"{source} has no reference search parameter {code!r}")
+    return Include(source, code, target, iterate, reverse)
+
+
+def _int(name: str, value: str) -> int:
+    if not value.isdigit():
+        raise error(400, "invalid", f"{name} must be a non-negative integer, not {value!r}", name)
+    return int(value)
+
+
+def _lookup(resource_type: str, code: str) -> SearchParam:
+    if code in COLUMN_PARAMS:
+        return SearchParam(code, COLUMN_PARAMS[code], "")
+    param = registry()[resource_type].get(code)
+    if param is None:
+        raise UnknownParameter(f"Unknown search parameter {code!r} for {resource_type}")
+    return param
+
+
+def _criterion(resource_type: str, name: str, value: str) -> Criterion:
+    head, _, chained = name.partition(".")
+    code, _, modifier = head.partition(":")
+    param = _lookup(resource_type, code)
+    modifier_or_none = modifier or None
+    if chained:
+        if param.type != "reference":
+            raise error(400, "invalid", f"Only reference parameters can be chained, not {code!r}", name)
+        types = (modifier,) if modifier else param.targets
+        chain = tuple((t, _criterion(t, chained, value)) for t in types if _knows(t, chained))
+        if not chain:
+            raise UnknownParameter(f"No target of {resource_type}.{code} has the parameter {chained!r}")
+        return Criterion(param, None, (), chain)
+    typed_reference = param.type == "reference" and modifier in SUPPORTED_TYPES
+    if modifier_or_none and modifier_or_none not in MODIFIERS[param.type] and not typed_reference:
+        raise error(400, "not-supported", f"Modifier :{modifier} is not supported on {code!r}", name)
+    values = tuple(v.replace("\\,", ",") for v in re.split(r"(?<!\\),", value))
+    if modifier_or_none == "missing" and value not in ("true", "false"):
+        raise error(400, "invalid", f"{name} must be true or false", name)
+    return Criterion(param, modifier_or_none, values)
+
+
+def _knows(resource_type: str, chained: str) -> bool:
+    code = chained.partition(":")[0].partition(".")[0]
+    return resource_type in SUPPORTED_TYPES and (code in COLUMN_PARAMS or code in registry()[resource_type])
+
+
+# -- SQL -----------------------------------------------------------------------------
+
+
+def _where(res: Resource, resource_type: str, crit: Criterion) -> ColumnElement[bool]:
+    param = crit.param
+    if crit.chain:
+        per_type = []
+        for target_type, chained in crit.chain:
+            inner = aliased(ResourceRow)
+            ids = select(inner.id).where(
+                inner.type == target_type, inner.deleted == false(), _where(inner, target_type, chained)
+            )
+            per_type.append(
+                and_(ReferenceIndex.target_type == target_type, ReferenceIndex.target_id.in_(ids))
+            )
+        return res.pk.in_(
+            select(ReferenceIndex.resource_pk).where(
+                ReferenceIndex.res_type == resource_type, ReferenceIndex.param == param.code, or_(*per_type)
+            )
+        )
+    if param.code == "_id":
+        return res.id.in_(crit.values)
+    if param.code == "_lastUpdated":
+        return or_(*(_date(res.last_updated, res.last_updated, v) for v in crit.values))
+
+    table = TABLES[param.type]
+    rows = select(table.resource_pk).where(table.res_type == resource_type, table.param == param.code)
+    if crit.modifier == "missing":
+        has = res.pk.in_(rows)
+        return not_(has) if crit.values[0] == "true" else has
+    matching = res.pk.in_(rows.where(or_(*(_value(table, crit, v) for v in crit.values))))
+    return not_(matching) if crit.modifier == "not" else matching
+
+
+def _value(table: Any, crit: Criterion, value: str) -> ColumnElement[bool]:
+    match crit.param.type:
+        case "token":
+            if "|" not in value:
+                return table.code == value  # type: ignore[no-any-return]
+            system, code = value.split("|", 1)
+            if not system:
+                return and_(table.system.is_(None), table.code == code)
+            return and_(table.system == system, table.code == code) if code else table.system == system  # type: ignore[no-any-return]
+        case "string":
+            if crit.modifier == "exact":
+                return table.value == value  # type: ignore[no-any-return]
+            pattern = _like(normalize(value))
+            return table.norm.like(("%" if crit.modifier == "contains" else "") + pattern + "%", escape="\\")  # type: ignore[no-any-return]
+        case "reference":
+            return _reference(crit, value)
+        case "date":
+            return _date(table.low, table.high, value)
+        case "number":
+            return _number(table.value, value)
+        case "quantity":
+            number, _, unit = value.partition("|")
+            clause = _number(table.value, number)
+            system, _, code = unit.partition("|")
+            if code:
+                clause = and_(clause, table.code == code, table.system == system if system else true())
+            elif system:  # "5.4||mg" has the code in the third part; "5.4|mg" would be ambiguous
+                clause = and_(clause, table.code == system)
+            return clause
+        case "uri":
+            if crit.modifier == "below":
+                return table.value.like(_like(value) + "%", escape="\\")  # type: ignore[no-any-return]
+            return table.value == value  # type: ignore[no-any-return]
+    raise error(400, "not-supported", f"Search on {crit.param.type} parameters is not supported")
+
+
+def _reference(crit: Criterion, value: str) -> ColumnElement[bool]:
+    value = value.split("|", 1)[0]  # canonical|version
+    target_type, target_id = split_reference(value)
+    if target_type is None:  # a bare id, possibly typed by the modifier
+        if "/" in value or ":" in value:
+            return ReferenceIndex.url == value
+        clause = ReferenceIndex.target_id == value
+        if crit.modifier:
+            clause = and_(clause, ReferenceIndex.target_type == crit.modifier)
+        return clause
+    local = and_(ReferenceIndex.target_type == target_type, ReferenceIndex.target_id == target_id)
+    return or_(local, ReferenceIndex.url == value) if "://" in value else local
+
+
+def _prefix(value: str) -> tuple[str, str]:
+    if value[:2] in PREFIXES and value[2:3].isdigit():
+        return value[:2], value[2:]
+    return "eq", value
+
+
+def _date(low: Any, high: Any, value: str) -> ColumnElement[bool]:
+    prefix, literal = _prefix(value)
+    try:
+        pl, ph = dates.parse_range(literal)
+    except ValueError as exc:
+        raise error(400, "invalid", str(exc)) from None
+    match prefix:
+        case "eq":
+            return and_(low >= pl, high <= ph)
+        case "ne":
+            return or_(low < pl, high > ph)
+        case "gt":
+            return high > ph  # type: ignore[no-any-return]
+        case "lt":
+            return low < pl  # type: ignore[no-any-return]
+        case "ge":
+            return high >= pl  # type: ignore[no-any-return]
+        case "le":
+            return low <= ph  # type: ignore[no-any-return]
+        case "sa":
+            return low > ph  # type: ignore[no-any-return]
+        case "eb":
+            return high < pl  # type: ignore[no-any-return]
+    # ap: within 10% of the distance from now, and at least a day (search.html#prefix)
+    margin = max(abs(datetime.utcnow() - pl) / 10, timedelta(days=1))
+    return and_(low <= ph + margin, high >= pl - margin)
+
+
+def _number(column: Any, value: str) -> ColumnElement[bool]:
+    prefix, literal = _prefix(value) if not value[:1].isdigit() else ("eq", value)
+    try:
+        number = float(literal)
+    except ValueError:
+        raise error(400, "invalid", f"{value!r} is not a number") from None
+    decimals = len(literal.partition(".")[2]) if "." in literal else 0
+    half = 0.5 * 10**-decimals  # "100" means [99.5, 100.5): the precision of the value given
+    match prefix:
+        case "eq":
+            return and_(column >= number - half, column < number + half)
+        case "ne":
+            return or_(column < number - half, column >= number + half)
+        case "gt" | "sa":
+            return column > number  # type: ignore[no-any-return]
+        case "lt" | "eb":
+            return column < number  # type: ignore[no-any-return]
+        case "ge":
+            return column >= number  # type: ignore[no-any-return]
+        case "le":
+            return column <= number  # type: ignore[no-any-return]
+    return and_(column >= number * 0.9, column <= number * 1.1)
+
+
+def _like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _order(res: Resource, query: SearchQuery) -> list[Any]:
+    keys: list[Any] = []
+    for code, descending in query.sort:
+        if code == "_id":
+            column: Any = res.id
+        elif code == "_lastUpdated":
+            column = res.last_updated
+        else:
+            param = registry()[query.resource_type][code]
+            table = TABLES[param.type]
+            col = getattr(table, SORT_COLUMNS[param.type])
+            if param.type == "date" and descending:
+                col = table.high
+            column = (
+                select((func.max if descending else func.min)(col))
+                .where(table.resource_pk == res.pk, table.param == code)
+                .scalar_subquery()
+            )
+        keys.append(column.desc().nulls_last() if descending else column.asc().nulls_last())
+    keys.append(res.pk)  # a stable order, so that pages neither skip nor repeat
+    return keys
+
+
+def statement(query: SearchQuery) -> Select[tuple[ResourceRow]]:
+    res = ResourceRow
+    stmt = select(res).where(res.type == query.resource_type, res.deleted == false())
+    for crit in query.criteria:
+        stmt = stmt.where(_where(res, query.resource_type, crit))
+    return stmt
+
+
+def execute(session: Session, query: SearchQuery) -> SearchResult:
+    stmt = statement(query)
+    total = None
+    if query.total != "none" or query.summary == "count" or query.count == 0:
+        total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
+    matches: list[Stored] = []
+    if query.summary != "count" and query.count > 0:
+        rows = session.scalars(
+            stmt.order_by(*_order(ResourceRow, query)).limit(query.count).offset(query.offset)
+        )
+        matches = [_stored(r) for r in rows]
+    return SearchResult(query, total, matches, _included(session, query, matches))
+
+
+def _stored(row: ResourceRow) -> Stored:
+    return Stored(row.type, row.id, row.version, row.last_updated, row.content)
+
+
+def _included(session: Session, query: SearchQuery, matches: list[Stored]) -> list[Stored]:
+    if not query.includes or not matches:
+        return []
+    seen = {(m.type, m.id) for m in matches}
+    found: list[Stored] = []
+    frontier = matches
+    for depth in range(MAX_ITERATE_DEPTH + 1):
+        rules = [i for i in query.includes if depth == 0 or i.iterate]
+        new: list[Stored] = []
+        for rule in rules:
+            clause = _reverse_include(rule, frontier) if rule.reverse else _forward_include(rule, frontier)
+            if clause is None:
+                continue
+            for row in session.scalars(select(ResourceRow).where(ResourceRow.deleted == false(), clause)):
+                if (row.type, row.id) not in seen and len(found) + len(new) < MAX_INCLUDES:
+                    seen.add((row.type, row.id))
+                    new.append(_stored(row))
+        found += new
+        frontier = new
+        if not new or not any(i.iterate for i in query.includes):
+            break
+    return found
+
+
+def _by_type(stored: list[Stored]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for s in stored:
+        grouped.setdefault(s.type, []).append(s.id)
+    return grouped
+
+
+def _forward_include(rule: Include, frontier: list[Stored]) -> ColumnElement[bool] | None:
+    sources = [s for s in frontier if rule.source in ("*", s.type)]
+    if not sources:
+        return None
+    src = aliased(ResourceRow)
+    refs = (
+        select(ReferenceIndex.target_type, ReferenceIndex.target_id)
+        .join(src, src.pk == ReferenceIndex.resource_pk)
+        .where(or_(*(and_(src.type == t, src.id.in_(ids)) for t, ids in _by_type(sources).items())))
+    )
+    if rule.param != "*":
+        refs = refs.where(ReferenceIndex.param == rule.param)
+    if rule.target:
+        refs = refs.where(ReferenceIndex.target_type == rule.target)
+    pairs = refs.subquery()
+    return (
+        select(pairs)
+        .where(pairs.c.target_type == ResourceRow.type, pairs.c.target_id == ResourceRow.id)
+        .exists()
+    )
+
+
+def _reverse_include(rule: Include, frontier: list[Stored]) -> ColumnElement[bool]:
+    pointing = select(ReferenceIndex.resource_pk).where(
+        or_(
+            *(
+                and_(ReferenceIndex.target_type == t, ReferenceIndex.target_id.in_(ids))
+                for t, ids in _by_type(frontier).items()
+            )
+        )
+    )
+    if rule.source != "*":
+        pointing = pointing.where(ReferenceIndex.res_type == rule.source)
+    if rule.param != "*":
+        pointing = pointing.where(ReferenceIndex.param == rule.param)
+    return ResourceRow.pk.in_(pointing)
+
+
+# -- results as Bundles ------------------------------------------------------------
+
+
+def shape(resource: dict[str, Any], summary: str | None, elements: list[str] | None) -> dict[str, Any]:
+    """Apply _summary / _elements (search.html#summary, #elements); mark the result SUBSETTED."""
+    if summary in (None, "false") and elements is None:
+        return resource
+    keep: set[str] | None = None
+    if elements is not None:
+        keep = {"resourceType", "id", "meta", *elements}
+    elif summary == "true":
+        keep = {"resourceType", *_summary_elements(resource["resourceType"])}
+    elif summary == "text":
+        keep = {"resourceType", "id", "meta", "text"}
+    shaped = {k: v for k, v in resource.items() if (k in keep if keep is not None else k != "text")}
+    if summary == "text" or keep is not None:
+        meta = dict(shaped.get("meta", {}))
+        meta["tag"] = [*meta.get("tag", []), SUBSETTED]
+        shaped["meta"] = meta
+    return shaped
+
+
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+
+
+def _summary_elements(resource_type: str) -> list[str]:
+    from fhir_server.validation import model
+
+    return model(resource_type).summary_elements_sequence()  # type: ignore[attr-defined, no-any-return]
+
+
+def page_bundle(
+    kind: str,
+    base: str,
+    path: str,
+    params: list[tuple[str, str]],
+    total: int | None,
+    offset: int,
+    count: int,
+    entries: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A searchset or history Bundle with self/first/previous/next links (http.html#paging)."""
+
+    def link(relation: str, at: int) -> dict[str, str]:
+        query = [(k, v) for k, v in params if k not in ("_count", "_offset")]
+        query += [("_count", str(count))] + ([("_offset", str(at))] if at else [])
+        return {"relation": relation, "url": f"{base}/{path}?{urlencode(query)}"}
+
+    links = [link("self", offset), link("first", 0)]
+    if offset > 0:
+        links.append(link("previous", max(offset - count, 0)))
+    more = offset + count < total if total is not None else len(entries) == count
+    if more and count > 0:
+        links.append(link("next", offset + count))
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "meta": {"lastUpdated": dates.instant(dates.now())},
+        "type": kind,
+    }
+    if total is not None:
+        bundle["total"] = total
+    bundle["link"] = links
+    if entries:
+        bundle["entry"] = entries
+    return bundle
+
+
+def bundle(result: SearchResult, base: str) -> dict[str, Any]:
+    query = result.query
+    entries = [_entry(s, base, "match", query) for s in result.matches]
+    entries += [_entry(s, base, "include", query) for s in result.included]
+    return page_bundle(
+        "searchset", base, query.resource_type, query.used, result.total, query.offset, query.count, entries
+    )
+
+
+def _entry(stored: Stored, base: str, mode: str, query: SearchQuery) -> dict[str, Any]:
+    resource: Any = orjson.Fragment(stored.content or "{}")
+    if query.summary or query.elements is not None:
+        resource = shape(stored.resource, query.summary, query.elements)
+    return {"fullUrl": f"{base}/{stored.type}/{stored.id}", "resource": resource, "search": {"mode": mode}}

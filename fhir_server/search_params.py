@@ -1,0 +1,94 @@
+"""The search parameters the server indexes and understands.
+
+Definitions are the official R4 SearchParameter resources (conformance/search-parameters.json),
+restricted to the types served. Each definition is compiled once per resource type into a
+fhirpathpy function over that type's part of the expression.
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from fhirpathpy import compile as fhirpath_compile
+from fhirpathpy.models import models
+
+import conformance
+from fhir_server.validation import SUPPORTED_TYPES
+
+#: Parameters on the resource table itself, not in an index table.
+COLUMN_PARAMS = {"_id": "token", "_lastUpdated": "date"}
+
+# fhirpathpy does not implement resolve(); a reference "is" a type when its
+# literal reference names that type, which is all the index can know anyway.
+_RESOLVE_IS = re.compile(r"resolve\(\)\s+is\s+([A-Z][A-Za-z]+)")
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    code: str
+    type: str
+    url: str
+    expression: str = ""
+    targets: tuple[str, ...] = ()
+    evaluate: Callable[[dict[str, Any]], list[Any]] = field(default=lambda _: [], compare=False)
+
+
+def split_union(expression: str) -> list[str]:
+    """Split a FHIRPath expression on its top-level ``|`` operators."""
+    parts, depth, start, quoted = [], 0, 0, False
+    for i, ch in enumerate(expression):
+        if ch == "'":
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append(expression[start:i].strip())
+            start = i + 1
+    parts.append(expression[start:].strip())
+    return [p for p in parts if p]
+
+
+def _for_type(expression: str, resource_type: str) -> str:
+    """The part of a multi-type expression that applies to one resource type."""
+    expression = expression.replace("Resource.", f"{resource_type}.")
+    mine = [p for p in split_union(expression) if p.lstrip("(").startswith(f"{resource_type}.")]
+    return " | ".join(mine)
+
+
+def _compile(expression: str) -> Callable[[dict[str, Any]], list[Any]]:
+    expression = _RESOLVE_IS.sub(r"reference.matches('(^|/)\1/[^/]+(/_history/[^/]+)?$')", expression)
+    fn = fhirpath_compile(expression, models["r4"])
+    return lambda resource: fn(resource, {})  # type: ignore[no-any-return]
+
+
+@cache
+def registry() -> dict[str, dict[str, SearchParam]]:
+    """Search parameters by resource type, then by code."""
+    params: dict[str, dict[str, SearchParam]] = {t: {} for t in SUPPORTED_TYPES}
+    for entry in conformance.load("search-parameters.json")["entry"]:
+        sp = entry["resource"]
+        if sp["type"] in ("composite", "special"):
+            continue
+        bases = SUPPORTED_TYPES if "Resource" in sp["base"] else [b for b in sp["base"] if b in params]
+        for base in bases:
+            if sp["code"] in COLUMN_PARAMS:
+                params[base][sp["code"]] = SearchParam(sp["code"], sp["type"], sp["url"])
+                continue
+            expression = _for_type(sp.get("expression", ""), base)
+            if not expression:
+                continue
+            params[base][sp["code"]] = SearchParam(
+                code=sp["code"],
+                type=sp["type"],
+                url=sp["url"],
+                expression=expression,
+                targets=tuple(sp.get("target", ())),
+                evaluate=_compile(expression),
+            )
+    return params

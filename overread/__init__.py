@@ -1,0 +1,1 @@
+"""Overread: the thin application package (settings, CLI, start-up wiring)."""

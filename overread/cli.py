@@ -1,0 +1,43 @@
+"""The ``overread`` command line."""
+
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from fhir_server.db import Database
+from fhir_server.migrate import upgrade
+from overread.settings import get_settings
+
+app = typer.Typer(help="Overread: radiology second-opinion interoperability server", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply the Alembic migrations to OVERREAD_DATABASE_URL."""
+    settings = get_settings()
+    db = Database(settings.database_url)
+    upgrade(db.engine, revision)
+    typer.echo(f"database {db.engine.url.render_as_string(hide_password=True)} is at {revision}")
+
+
+@app.command()
+def serve() -> None:
+    """Run the server (FHIR REST API) until interrupted."""
+    from overread.app import create_app
+
+    settings = get_settings()
+    db = Database(settings.database_url)
+    if db.engine.dialect.name == "sqlite":
+        upgrade(db.engine)  # the embedded default keeps itself current
+    uvicorn.run(create_app(settings, db), host=settings.http_host, port=settings.http_port, log_level="info")
+
+
+@app.command()
+def demo() -> None:
+    """Run a whole second-opinion case end to end on the embedded defaults."""
+    from overread.demo import run
+
+    raise typer.Exit(run())

@@ -1,0 +1,26 @@
+"""The one typed settings object, read from ``OVERREAD_*`` environment variables."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OVERREAD_")
+
+    database_url: str = "sqlite:///./overread.db"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    mllp_port: int = 2575
+    dicom_ae_title: str = "OVERREAD"
+    dicom_port: int = 11112
+    config: Path | None = None
+    #: Absolute base URL the server names itself by in Location headers and Bundle links.
+    #: Empty means: derive it from each request.
+    public_base_url: str = ""
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,83 @@
+"""Fixtures: every storage test runs on SQLite and on PostgreSQL.
+
+PostgreSQL: each test session (each xdist worker) creates a database of its own on the
+server named by OVERREAD_TEST_POSTGRES_URL, migrates it once, truncates it before each
+test and drops it at the end, so parallel runs and CI jobs never collide.
+"""
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import make_url, text
+
+from fhir_server.db import Database
+from fhir_server.migrate import upgrade
+from fhir_server.schema import Base
+from overread.app import create_app
+from overread.settings import Settings
+
+POSTGRES_URL = os.environ.get("OVERREAD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+FHIR_JSON = {"content-type": "application/fhir+json"}
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    admin = make_url(POSTGRES_URL)
+    name = f"overread_test_{uuid.uuid4().hex[:12]}"
+    dsn = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    db = Database(url)
+    upgrade(db.engine)
+    db.dispose()
+    yield url
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "overread.db"
+    db = Database(f"sqlite:///{path}")
+    upgrade(db.engine)
+    with db.engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.dispose()
+    return path
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database of each kind."""
+    if request.param == "sqlite":
+        path = tmp_path / "overread.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url: str = request.getfixturevalue("postgres_url")
+    db = Database(url)
+    with db.engine.begin() as conn:
+        tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    db.dispose()
+    return url
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def client(db: Database) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(database_url=db.url), db), base_url="http://testserver") as c:
+        c.headers.update(FHIR_JSON)
+        yield c
