@@ -1,0 +1,38 @@
+# The commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: install demo serve test lint bench migrate clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+demo: install  ## a whole second-opinion case on the embedded defaults (SQLite)
+	$(BIN)/overread demo
+
+serve: install  ## the server on OVERREAD_* settings (default: SQLite ./overread.db, http://127.0.0.1:8080/fhir)
+	$(BIN)/overread serve
+
+migrate: install
+	$(BIN)/overread db upgrade
+
+test: install  ## the whole suite, every storage test on SQLite and on PostgreSQL
+	$(BIN)/python -m pytest -n 2 -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+bench: install  ## benchmarks; figures go to docs/performance.md by hand
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) overread.db overread.db-wal overread.db-shm .pytest_cache .mypy_cache .ruff_cache
