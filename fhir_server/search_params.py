@@ -64,7 +64,7 @@ def _for_type(expression: str, resource_type: str) -> str:
 def _compile(expression: str) -> Callable[[dict[str, Any]], list[Any]]:
     expression = _RESOLVE_IS.sub(r"reference.matches('(^|/)\1/[^/]+(/_history/[^/]+)?$')", expression)
     fn = fhirpath_compile(expression, models["r4"])
-    return lambda resource: fn(resource, {})  # type: ignore[no-any-return]
+    return lambda resource: fn(resource, {})
 
 
 @cache

@@ -25,7 +25,7 @@ ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 @cache
 def model(resource_type: str) -> type[BaseModel]:
-    return get_fhir_model_class(resource_type)  # type: ignore[no-any-return]
+    return get_fhir_model_class(resource_type)
 
 
 def check_type(resource_type: str) -> None:

@@ -1,0 +1,52 @@
+"""Claiming outbox rows: the work queue that writes leave for workers.
+
+A worker claims due rows in a short transaction and leases them (``available_at`` moves
+into the future), does the work outside any transaction, then records the result. A
+worker that dies mid-work loses nothing: its lease runs out and another worker claims the
+row again. On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` lets several server processes claim
+from one table without blocking or double-claiming; SQLite serialises writers anyway.
+"""
+
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fhir_server import dates
+from fhir_server.schema import OutboxRow
+
+PENDING, DONE, DEAD = "pending", "done", "dead"
+
+
+LEASE = timedelta(minutes=2)
+
+
+def claim(session: Session, topic: str, limit: int = 10, lease: timedelta = LEASE) -> list[OutboxRow]:
+    """Due rows of ``topic``, oldest first, leased to the caller for ``lease``."""
+    now = dates.now()
+    rows = session.scalars(
+        select(OutboxRow)
+        .where(OutboxRow.topic == topic, OutboxRow.status == PENDING, OutboxRow.available_at <= now)
+        .order_by(OutboxRow.pk)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for row in rows:
+        row.available_at = now + lease
+        row.attempts += 1
+    return list(rows)
+
+
+def complete(session: Session, pk: int) -> None:
+    row = session.get_one(OutboxRow, pk)
+    row.status, row.last_error = DONE, None
+
+
+def retry(session: Session, pk: int, reason: str, delay: timedelta, max_attempts: int) -> None:
+    """Try again after ``delay``, or give up (``dead``) once ``max_attempts`` are spent."""
+    row = session.get_one(OutboxRow, pk)
+    row.last_error = reason
+    if row.attempts >= max_attempts:
+        row.status = DEAD
+    else:
+        row.available_at = dates.now() + delay
