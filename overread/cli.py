@@ -41,3 +41,7 @@ def demo() -> None:
     from overread.demo import run
 
     raise typer.Exit(run())
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,45 @@
+"""The console script and the schema migrations, as a user runs them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+
+from fhir_server.db import Database
+from fhir_server.schema import Base
+
+OVERREAD = [sys.executable, "-m", "overread.cli"]
+
+
+def _run(args: list[str], cwd: Path, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OVERREAD_DATABASE_URL": url}
+    return subprocess.run([*OVERREAD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_migrations_match_the_models(db: Database):
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_db_upgrade_creates_the_schema_on_an_empty_database(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    result = _run(["db", "upgrade"], tmp_path, url)
+    assert result.returncode == 0, result.stderr
+    tables = set(inspect(Database(url).engine).get_table_names())
+    assert {"resource", "resource_version", "idx_token", "outbox", "alembic_version"} <= tables
+
+
+def test_demo_runs_a_case_and_a_rerun_adds_nothing(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    first = _run(["demo"], tmp_path, url)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("201 Created") == 5
+    assert "Task/" in first.stdout and "status requested" in first.stdout
+    second = _run(["demo"], tmp_path, url)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("200 OK") == 5 and "201 Created" not in second.stdout
