@@ -6,7 +6,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from fhir_server.db import Database
@@ -18,6 +18,9 @@ from fhir_server.router import handle
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir")
 READ_METHODS = {"GET", "HEAD"}
+#: PostgreSQL's deadlock_detected and serialization_failure: the request lost a race and
+#: was rolled back whole; the client can simply retry it (R4 http.html: 409 Conflict).
+RETRYABLE_SQLSTATES = {"40P01", "40001"}
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +40,12 @@ def fhir_router(db: Database, hooks: Sequence[Hook] = (), base_url: str = "") ->
         except IntegrityError:
             log.warning("conflicting concurrent write on %s %s", req.method, req.path, exc_info=True)
             return _outcome(error(409, "conflict", "A concurrent request changed the same resource; retry"))
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) not in RETRYABLE_SQLSTATES:
+                log.exception("database error on %s %s", req.method, req.path)
+                return _outcome(error(500, "exception", "Internal server error; see the server log"))
+            log.warning("concurrent requests deadlocked on %s %s", req.method, req.path, exc_info=True)
+            return _outcome(error(409, "conflict", "A concurrent request held what this one needed; retry"))
         except Exception:  # like pynetdicom: a failure status, never a dead server or a stack trace
             log.exception("internal error on %s %s", req.method, req.path)
             return _outcome(error(500, "exception", "Internal server error; see the server log"))
@@ -72,9 +81,7 @@ async def _read_body(request: Request, req: FhirRequest) -> None:
         req.params += parse_qsl(body.decode(), keep_blank_values=True)
         return
     if content_type not in JSON_TYPES:
-        raise error(
-            415, "not-supported", f"Content-Type {content_type or 'none'} is not supported; use {FHIR_JSON}"
-        )
+        raise error(415, "not-supported", f"Content-Type {content_type or 'none'} is not supported; use {FHIR_JSON}")
     try:
         req.body = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -85,9 +92,7 @@ def _http(response: FhirResponse, request: Request) -> Response:
     content = b"" if response.body is None else orjson.dumps(response.body, option=_pretty(request))
     if request.method == "HEAD":
         content = b""
-    return Response(
-        content or None, response.status, response.headers, media_type=FHIR_JSON if content else None
-    )
+    return Response(content or None, response.status, response.headers, media_type=FHIR_JSON if content else None)
 
 
 def _pretty(request: Request) -> int:

@@ -2,12 +2,15 @@
 
 A transaction is atomic: it runs inside the request's one database transaction and any
 failing entry fails it whole. Entries are processed in the order the specification
-prescribes (DELETE, POST, PUT/PATCH, GET/HEAD); ``urn:uuid:``/``fullUrl`` references
-between entries and conditional references (``Patient?identifier=...``) are resolved
-before anything is written. A batch runs each entry in a savepoint of its own.
+prescribes (DELETE, POST, PUT/PATCH, GET/HEAD); after the DELETEs and before anything
+else is written, conditional creates and updates are matched and ``urn:uuid:``/``fullUrl``
+references between entries and conditional references (``Patient?identifier=...``) are
+resolved. A batch runs each entry in a savepoint of its own.
 """
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +38,8 @@ class Entry:
     target: str | None = None
     #: A conditional create that matched: answer 200 with the existing resource.
     existing: bool = False
+    #: The canonical criteria of a conditional create or update (see ``_criteria``).
+    criteria: tuple[tuple[str, str], ...] | None = None
 
 
 def process(body: Any, repo: Repository, base: str) -> dict[str, Any]:
@@ -44,6 +49,7 @@ def process(body: Any, repo: Repository, base: str) -> dict[str, Any]:
     if kind not in ("batch", "transaction"):
         raise error(400, "invalid", f"Bundle.type must be batch or transaction, not {kind!r}", "Bundle.type")
     entries = [_entry(i, e) for i, e in enumerate(body.get("entry") or [])]
+    _lock_in_order(entries, repo)
     responses = _transaction(entries, repo, base) if kind == "transaction" else _batch(entries, repo, base)
     return {
         "resourceType": "Bundle",
@@ -56,9 +62,7 @@ def process(body: Any, repo: Repository, base: str) -> dict[str, Any]:
 def _entry(index: int, raw: Any) -> Entry:
     request = raw.get("request") if isinstance(raw, dict) else None
     if not isinstance(request, dict) or request.get("method") not in ORDER or not request.get("url"):
-        raise error(
-            400, "invalid", f"Entry {index} needs request.method and request.url", f"Bundle.entry[{index}]"
-        )
+        raise error(400, "invalid", f"Entry {index} needs request.method and request.url", f"Bundle.entry[{index}]")
     headers = {
         header: request[key]
         for key, header in (("ifMatch", "if-match"), ("ifNoneExist", "if-none-exist"),
@@ -69,6 +73,44 @@ def _entry(index: int, raw: Any) -> Entry:
     return Entry(index, request["method"], request["url"].lstrip("/"), raw.get("fullUrl"), resource, headers)
 
 
+def _lock_in_order(entries: list[Entry], repo: Repository) -> None:
+    """Take every lock the entries will need, sorted, before processing any of them.
+
+    Locks are held until the database transaction ends, and a batch shares one database
+    transaction too. Two Bundles that take the same locks in opposite orders (conditional
+    creates of Patients A then B, and B then A) would deadlock on PostgreSQL; taking them
+    in one global order first cannot. Taking a lock again later is harmless (re-entrant).
+    """
+    from fhir_server.router import criteria_key
+
+    keys: set[str] = set()
+    for entry in entries:
+        rtype, _, query = entry.url.partition("?")
+        if entry.method == "POST" and entry.headers.get("if-none-exist"):
+            keys.add(criteria_key(rtype, entry.headers["if-none-exist"]))
+        elif entry.method in ("PUT", "DELETE") and query:
+            keys.add(criteria_key(rtype, query))
+        elif entry.method == "PUT" and rtype.count("/") == 1:
+            keys.add(rtype)  # Repository.update's key
+        if entry.resource is not None:
+            keys.update(criteria_key(*ref.split("?", 1)) for ref in _conditional_references(entry.resource))
+    for key in sorted(keys):
+        repo.lock(key)
+
+
+def _conditional_references(value: Any) -> Iterator[str]:
+    """Every ``Type?criteria`` reference in a resource."""
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str) and "?" in ref and ref.split("?")[0] in SUPPORTED_TYPES:
+            yield ref
+        for v in value.values():
+            yield from _conditional_references(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _conditional_references(v)
+
+
 def _request(entry: Entry, base: str) -> FhirRequest:
     parts = urlsplit(entry.url)
     path = parts.path
@@ -76,9 +118,7 @@ def _request(entry: Entry, base: str) -> FhirRequest:
         path = path[len(base) :]
     from fhir_server.router import parse_qsl
 
-    return FhirRequest(
-        entry.method, path.strip("/"), parse_qsl(parts.query), dict(entry.headers), entry.resource
-    )
+    return FhirRequest(entry.method, path.strip("/"), parse_qsl(parts.query), dict(entry.headers), entry.resource)
 
 
 def _batch(entries: list[Entry], repo: Repository, base: str) -> list[FhirResponse]:
@@ -97,66 +137,143 @@ def _batch(entries: list[Entry], repo: Repository, base: str) -> list[FhirRespon
 
 
 def _transaction(entries: list[Entry], repo: Repository, base: str) -> list[FhirResponse]:
-    from fhir_server.router import handle
+    """Run a transaction all or nothing (http.html#transaction).
 
-    ids = _assign_ids(entries, repo, base)
+    It runs in a savepoint of its own, so a failed transaction undoes its writes even when
+    the caller (an HL7 or worker door, not only the HTTP adapter) goes on to commit its own
+    transaction, e.g. to log the failure.
+    """
+    savepoint = repo.session.begin_nested()
+    try:
+        responses = _run_transaction(entries, repo, base)
+    except BaseException:
+        savepoint.rollback()
+        raise
+    savepoint.commit()
+    return responses
+
+
+def _run_transaction(entries: list[Entry], repo: Repository, base: str) -> list[FhirResponse]:
+    from fhir_server.router import handle, version_headers
+
+    responses: dict[int, FhirResponse] = {}
+    # DELETEs come first (http.html#trules step 1), before conditional creates and updates
+    # are matched: a resource this transaction deletes must not satisfy an If-None-Exist.
+    for entry in entries:
+        if entry.method == "DELETE":
+            with _at(entry):
+                responses[entry.index] = _succeeded(handle(_request(entry, base), repo, base))
+    ids = _assign_ids(entries, repo)
     for entry in entries:
         if entry.resource is not None:
-            entry.resource = _rewrite(entry.resource, ids, repo, entries)
-    responses: dict[int, FhirResponse] = {}
-    for entry in sorted(entries, key=lambda e: ORDER[e.method]):
-        if entry.method == "POST" and entry.target:
-            rtype, rid = entry.target.split("/")
-            if entry.existing:
-                stored = repo.read(rtype, rid)
-                response = FhirResponse(
-                    200, None, {"Location": f"{base}/{rtype}/{rid}/_history/{stored.version}"}
-                )
+            with _at(entry):
+                entry.resource = _rewrite(entry.resource, ids, repo, entries)
+    # Then POST, PUT/PATCH, GET/HEAD; sorted() is stable, so Bundle order holds within each.
+    for entry in sorted((e for e in entries if e.method != "DELETE"), key=lambda e: ORDER[e.method]):
+        with _at(entry):
+            if entry.method == "POST" and entry.target:
+                rtype, rid = entry.target.split("/")
+                if entry.existing:
+                    stored, status = repo.read(rtype, rid), 200
+                else:
+                    stored, status = repo.create(entry.resource or {}, rid), 201
+                headers = {**version_headers(stored), "Location": f"{base}/{rtype}/{rid}/_history/{stored.version}"}
+                response = FhirResponse(status, orjson.Fragment(stored.content or "{}"), headers)
             else:
-                stored = repo.create(entry.resource or {}, rid)
-                response = FhirResponse(
-                    201, None, {"Location": f"{base}/{rtype}/{rid}/_history/{stored.version}"}
-                )
-            from fhir_server.router import version_headers
-
-            response.headers.update(version_headers(stored))
-            response.body = orjson.Fragment(stored.content or "{}")
-        else:
-            response = handle(_request(entry, base), repo, base)
-        if response.status >= 400:
-            outcome = response.body or {}
-            issues = [
-                Issue(i.get("code", "processing"), f"Entry {entry.index} ({entry.method} {entry.url}): "
-                      f"{i.get('diagnostics', '')}", expression=(f"Bundle.entry[{entry.index}]",))
-                for i in outcome.get("issue", [])
-            ]  # fmt: skip
-            raise FhirError(response.status, issues)
-        responses[entry.index] = response
+                response = _succeeded(handle(_request(entry, base), repo, base))
+            responses[entry.index] = response
     return [responses[e.index] for e in entries]
 
 
-def _assign_ids(entries: list[Entry], repo: Repository, base: str) -> dict[str, str]:
-    """Decide the id of every created resource before anything is written."""
+def _succeeded(response: FhirResponse) -> FhirResponse:
+    """The response of a transaction entry, or its OperationOutcome raised: one failure fails all."""
+    if response.status < 400:
+        return response
+    issues = [
+        Issue(i.get("code", "processing"), i.get("diagnostics", ""), i.get("severity", "error"),
+              tuple(i.get("expression", ())))
+        for i in (response.body or {}).get("issue", [])
+    ]  # fmt: skip
+    raise FhirError(response.status, issues, dict(response.headers))
+
+
+@contextmanager
+def _at(entry: Entry) -> Iterator[None]:
+    """Name the entry in every issue of an error raised while processing it.
+
+    Expressions relative to the entry's resource (``Task.intent``) become relative to the
+    Bundle (``Bundle.entry[2].resource.intent``) so the client can find the culprit.
+    """
+    try:
+        yield
+    except FhirError as exc:
+        where = f"Bundle.entry[{entry.index}]"
+        rtype = (entry.resource or {}).get("resourceType")
+
+        def rebase(expression: str) -> str:
+            if isinstance(rtype, str) and expression.startswith(f"{rtype}."):
+                return f"{where}.resource{expression[len(rtype) :]}"
+            return where
+
+        issues = [
+            Issue(i.code, f"Entry {entry.index} ({entry.method} {entry.url}): {i.diagnostics}", i.severity,
+                  tuple(dict.fromkeys(rebase(e) for e in i.expression or (where,))))
+            for i in exc.issues
+        ]  # fmt: skip
+        raise FhirError(exc.status, issues, exc.headers) from None
+
+
+def _criteria(query: str) -> tuple[tuple[str, str], ...]:
+    """Search criteria in one canonical form, however they were percent-encoded or ordered."""
+    from fhir_server.router import parse_qsl
+
+    return tuple(sorted(parse_qsl(query)))
+
+
+def _assign_ids(entries: list[Entry], repo: Repository) -> dict[str, str]:
+    """Decide the target of every POST and PUT before anything is written.
+
+    Conditional creates (``ifNoneExist``) and conditional updates (``PUT Type?criteria``,
+    http.html#cond-update) are matched here, under the criteria's lock, so other entries
+    can refer to them by ``fullUrl`` and by the same conditional reference. A matched
+    conditional update becomes an update of that id; an unmatched one an update-as-create.
+    """
     from fhir_server.router import conditional_matches
 
     ids: dict[str, str] = {}
     for entry in entries:
-        if entry.method != "POST":
+        if entry.method not in ("POST", "PUT"):
             continue
-        rtype = entry.url.split("?")[0]
-        if rtype not in SUPPORTED_TYPES:
-            raise error(400, "invalid", f"Entry {entry.index}: POST to {entry.url!r} is not a create")
-        query = entry.headers.get("if-none-exist")
-        found = conditional_matches(repo, rtype, query) if query else []
-        if len(found) > 1:
-            raise error(412, "duplicate", f"Entry {entry.index}: If-None-Exist {query} matches {len(found)}")
-        entry.existing = bool(found)
-        entry.target = f"{rtype}/{found[0].id if found else uuid.uuid4()}"
-        if entry.full_url:
-            ids[entry.full_url] = entry.target
-    for entry in entries:  # PUT Type/id: other entries may refer to its fullUrl
-        if entry.method == "PUT" and entry.full_url and "?" not in entry.url:
-            ids[entry.full_url] = entry.url
+        with _at(entry):
+            rtype, _, query = entry.url.partition("?")
+            if entry.method == "POST":
+                if rtype not in SUPPORTED_TYPES:
+                    raise error(400, "invalid", f"POST to {entry.url!r} is not a create")
+                if (entry.resource or {}).get("resourceType") != rtype:
+                    raise error(400, "invalid", f"POST to {rtype} needs a {rtype} resource", "resourceType")
+                query = entry.headers.get("if-none-exist", "")
+                found = conditional_matches(repo, rtype, query) if query else []
+                if len(found) > 1:
+                    raise error(412, "duplicate", f"If-None-Exist {query} matches {len(found)} resources")
+                entry.existing = bool(found)
+                entry.target = f"{rtype}/{found[0].id if found else uuid.uuid4()}"
+            elif query:
+                found = conditional_matches(repo, rtype, query)
+                if len(found) > 1:
+                    raise error(412, "multiple-matches", f"The criteria {query} match {len(found)} resources")
+                body_id = (entry.resource or {}).get("id")
+                rid = found[0].id if found else (body_id or str(uuid.uuid4()))
+                if found and body_id not in (None, rid):
+                    raise error(400, "invalid", f"The body's id {body_id!r} is not the matched {rid!r}", "id")
+                entry.target = entry.url = f"{rtype}/{rid}"
+                if isinstance(entry.resource, dict):
+                    entry.resource = {**entry.resource, "id": rid}
+            elif rtype.count("/") == 1:
+                entry.target = rtype
+            if query:
+                entry.criteria = _criteria(query)
+            if entry.full_url and entry.target:
+                ids[entry.full_url] = entry.target
     return ids
 
 
@@ -180,16 +297,18 @@ def _rewrite(value: Any, ids: dict[str, str], repo: Repository, entries: list[En
 def _conditional_reference(ref: str, repo: Repository, entries: list[Entry]) -> str:
     """Resolve ``Type?criteria`` to the one resource it matches (http.html#trules).
 
-    A resource created by this very transaction with the same If-None-Exist criteria
-    counts as a match, so a Bundle can create a Patient and refer to it conditionally.
+    A resource this very transaction creates by a conditional create or update with the
+    same criteria counts as a match, so a Bundle can create a Patient and refer to it
+    conditionally. Criteria compare decoded and in any order.
     """
     from fhir_server.router import conditional_matches
 
     rtype, _, query = ref.partition("?")
     found = [f"{s.type}/{s.id}" for s in conditional_matches(repo, rtype, query)]
     if not found:
-        found = [e.target for e in entries if e.target and e.url.split("?")[0] == rtype
-                 and e.headers.get("if-none-exist") == query]  # fmt: skip
+        wanted = _criteria(query)
+        found = [e.target for e in entries if e.target and e.target.split("/")[0] == rtype
+                 and e.criteria == wanted]  # fmt: skip
     if len(found) != 1:
         raise error(412 if found else 404, "not-found" if not found else "multiple-matches",
                     f"Conditional reference {ref} matches {len(found)} resources, not one")  # fmt: skip

@@ -30,8 +30,7 @@ def _resources() -> list[dict[str, Any]]:
     for rtype in SUPPORTED_TYPES:
         params = registry()[rtype]
         searches = [
-            {"name": p.code, "type": p.type, "definition": p.url}
-            for p in sorted(params.values(), key=lambda p: p.code)
+            {"name": p.code, "type": p.type, "definition": p.url} for p in sorted(params.values(), key=lambda p: p.code)
         ]
         reference_params = sorted(p.code for p in params.values() if p.type == "reference")
         resources.append(

@@ -45,9 +45,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url, **kwargs)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
-        self._write = sessionmaker(
-            self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
-        )
+        self._write = sessionmaker(self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:

@@ -29,6 +29,10 @@ Row = tuple[type, dict[str, Any]]
 CONTACT_SYSTEMS = {"phone", "fax", "email", "pager", "url", "sms", "other"}
 _LITERAL_REF = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 MAX_LEN = 255
+#: Parts of HumanName and Address that are no text: the string parameters name and address
+#: search "any of the string fields" (search-parameters: individual-address, Patient-name),
+#: and a code like "official" or "home" (use, type) or an element id is none of them.
+_NOT_TEXT = frozenset({"use", "type", "id"})
 
 
 def normalize(text: str) -> str:
@@ -63,8 +67,10 @@ def _rows(param: SearchParam, value: Any) -> Iterator[Row]:
         case "reference":
             ref = value.get("reference") if isinstance(value, dict) else value
             if isinstance(ref, str) and not ref.startswith("#"):
-                target_type, target_id = split_reference(ref)
-                url = ref if target_type is None or "://" in ref or ref.startswith("urn:") else None
+                # Only a relative reference is known to be to this server; an absolute one is
+                # kept whole (the index cannot know the base the server is reached by).
+                target_type, target_id = (None, None) if ":" in ref else split_reference(ref)
+                url = ref if target_type is None else None
                 yield (
                     ReferenceIndex,
                     {"param": p, "target_type": target_type, "target_id": target_id, "url": url},
@@ -105,8 +111,10 @@ def _tokens(value: Any) -> Iterator[tuple[str | None, str | None]]:
 def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         yield value
-    elif isinstance(value, dict):  # HumanName, Address: every part is searchable
-        for part in value.values():
+    elif isinstance(value, dict):  # HumanName, Address: every textual part is searchable
+        for key, part in value.items():
+            if key in _NOT_TEXT:
+                continue
             if isinstance(part, str):
                 yield part
             elif isinstance(part, list):

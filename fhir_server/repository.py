@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import delete, insert, select, text, update
@@ -52,6 +52,22 @@ class Change:
     resource: dict[str, Any] | None
     previous: Stored | None
 
+    @property
+    def version(self) -> int:
+        """The version number this write will store (a hook can enqueue work for it)."""
+        return self.previous.version + 1 if self.previous else 1
+
+
+class Versioned(Protocol):
+    """One version of a resource: a ``Stored`` after a write, or a ``Change`` inside a hook."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+
 
 Hook = Callable[["Repository", Change], None]
 
@@ -77,9 +93,7 @@ class Repository:
         if found is None:
             raise error(404, "not-found", f"{resource_type}/{resource_id} is not known")
         if found.content is None:
-            raise error(
-                410, "deleted", f"{resource_type}/{resource_id} was deleted (version {found.version})"
-            )
+            raise error(410, "deleted", f"{resource_type}/{resource_id} was deleted (version {found.version})")
         return found
 
     def vread(self, resource_type: str, resource_id: str, version: int) -> Stored:
@@ -131,11 +145,13 @@ class Repository:
             expected = if_match.removeprefix("W/").strip('"')
             actual = str(previous.version) if previous else None
             if expected != actual:
-                raise error(
-                    412, "conflict", f"If-Match {if_match} but the current version is {actual or 'none'}"
-                )
+                raise error(412, "conflict", f"If-Match {if_match} but the current version is {actual or 'none'}")
         method = "POST" if previous is None else "PUT"
-        return self._write(method, resource_type, resource_id, resource, previous), previous is None
+        # Updating a deleted resource brings it back (R4 http.html#delete: "Resources that have
+        # been deleted may be 'brought back to life' by a subsequent update"): to the client it
+        # did not exist (a read said 410), so this is a create, 201, at the next version number.
+        created = previous is None or previous.content is None
+        return self._write(method, resource_type, resource_id, resource, previous), created
 
     def delete(self, resource_type: str, resource_id: str) -> Stored | None:
         """Delete (a versioned tombstone). None when there was nothing to delete."""
@@ -145,8 +161,12 @@ class Repository:
             return None
         return self._write("DELETE", resource_type, resource_id, None, previous)
 
-    def enqueue(self, topic: str, stored: Stored, payload: dict[str, Any] | None = None) -> None:
-        """An outbox row: work for a worker, committed or rolled back with this write."""
+    def enqueue(self, topic: str, stored: Versioned, payload: dict[str, Any] | None = None) -> None:
+        """An outbox row: work for a worker, committed or rolled back with this write.
+
+        Hooks run before the write, so they pass the ``Change`` they were given: the row
+        names the version the write is about to store.
+        """
         now = dates.now()
         self.session.add(
             OutboxRow(
@@ -173,7 +193,7 @@ class Repository:
         change = Change(method, resource_type, resource_id, resource, previous)
         for hook in self.hooks:
             hook(self, change)
-        version = previous.version + 1 if previous else 1
+        version = change.version
         now = dates.now()
         stored_json = content = None
         if change.resource is not None:
@@ -188,9 +208,7 @@ class Repository:
         values = {"version": version, "last_updated": now, "deleted": content is None, "content": content}
         if previous is None:
             pk = self.session.execute(
-                insert(ResourceRow)
-                .values(type=resource_type, id=resource_id, **values)
-                .returning(ResourceRow.pk)
+                insert(ResourceRow).values(type=resource_type, id=resource_id, **values).returning(ResourceRow.pk)
             ).scalar_one()
         else:
             pk = self.session.execute(

@@ -56,6 +56,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
         case [rtype, "_search"], "POST":
             return _search(repo, base, req, rtype, req.params)
         case [rtype, "_history"], "GET":
+            check_type(rtype)  # an unknown type has no history: 404, not an empty Bundle
             return _history(repo, base, req, rtype, None)
         case [rtype, rid], _ if not rid.startswith("_") and not rid.startswith("$"):
             match method:
@@ -134,10 +135,15 @@ def conditional_matches(repo: Repository, rtype: str, query_string: str) -> list
     params = parse_qsl(query_string)
     if not params:
         raise error(400, "invalid", "A conditional interaction needs search criteria")
-    repo.lock(f"{rtype}?{urlencode(sorted(params))}")
+    repo.lock(criteria_key(rtype, query_string))
     query = search.parse(rtype, params, strict=True)
     query.count, query.total = 3, "none"
     return search.execute(repo.session, query).matches
+
+
+def criteria_key(rtype: str, query_string: str) -> str:
+    """The lock key of conditional criteria: one key however the criteria are encoded or ordered."""
+    return f"{rtype}?{urlencode(sorted(parse_qsl(query_string)))}"
 
 
 def parse_qsl(query_string: str) -> list[tuple[str, str]]:
@@ -183,19 +189,15 @@ def _conditional_delete(repo: Repository, req: FhirRequest, rtype: str) -> FhirR
     return FhirResponse(200, information(f"Deleted {rtype}/{found[0].id}"))
 
 
-def _search(
-    repo: Repository, base: str, req: FhirRequest, rtype: str, params: list[tuple[str, str]]
-) -> FhirResponse:
+def _search(repo: Repository, base: str, req: FhirRequest, rtype: str, params: list[tuple[str, str]]) -> FhirResponse:
     check_type(rtype)
     strict = req.prefer("handling") == "strict"
-    query = search.parse(rtype, params, strict=strict)
+    query = search.parse(rtype, params, strict=strict, base=base)
     result = search.execute(repo.session, query)
     return FhirResponse(200, search.bundle(result, base))
 
 
-def _history(
-    repo: Repository, base: str, req: FhirRequest, rtype: str | None, rid: str | None
-) -> FhirResponse:
+def _history(repo: Repository, base: str, req: FhirRequest, rtype: str | None, rid: str | None) -> FhirResponse:
     """Instance, type and system history (R4 http.html#history), newest first, paged."""
     count, offset, since = DEFAULT_HISTORY_COUNT, 0, None
     for key, value in req.params:
@@ -219,9 +221,7 @@ def _history(
         stmt = stmt.where(VersionRow.last_updated >= since)
     total = repo.session.scalar(select(func.count()).select_from(stmt.subquery()))
     rows = repo.session.scalars(
-        stmt.order_by(
-            VersionRow.last_updated.desc(), VersionRow.resource_pk.desc(), VersionRow.version.desc()
-        )
+        stmt.order_by(VersionRow.last_updated.desc(), VersionRow.resource_pk.desc(), VersionRow.version.desc())
         .limit(count)
         .offset(offset)
     ).all()

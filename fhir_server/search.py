@@ -9,6 +9,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlencode
 
@@ -97,27 +98,32 @@ class SearchResult:
     total: int | None
     matches: list[Stored]
     included: list[Stored]
+    #: Whether matches follow this page (known without a total: one row more is fetched).
+    more: bool = False
 
 
 # -- parsing ---------------------------------------------------------------------
 
 
-def parse(resource_type: str, params: list[tuple[str, str]], strict: bool = False) -> SearchQuery:
-    """Parse a query string; unknown parameters are errors with ``strict``, else ignored."""
+def parse(resource_type: str, params: list[tuple[str, str]], strict: bool = False, base: str = "") -> SearchQuery:
+    """Parse a query string; unknown parameters are errors with ``strict``, else ignored.
+
+    ``base`` is this server's FHIR base: a reference value under it is a local reference.
+    """
     check_type(resource_type)
     query = SearchQuery(resource_type)
     for name, value in params:
-        base = name.split(":", 1)[0]
+        code = name.split(":", 1)[0]
         try:
-            if base in CONTROL:
+            if code in CONTROL:
                 _control(query, name, value)
             else:
-                query.criteria.append(_criterion(resource_type, name, value))
+                query.criteria.append(_criterion(resource_type, name, value, base))
         except UnknownParameter as exc:
             if strict:
                 raise error(400, "not-supported", str(exc), name) from None
             continue
-        if base not in ("_offset", "_format", "_pretty"):
+        if code not in ("_offset", "_format", "_pretty"):
             query.used.append((name, value))
     return query
 
@@ -136,9 +142,7 @@ def _control(query: SearchQuery, name: str, value: str) -> None:
             for key in value.split(","):
                 code = key.lstrip("-")
                 if code not in registry()[query.resource_type] and code not in COLUMN_PARAMS:
-                    raise error(
-                        400, "invalid", f"Cannot sort {query.resource_type} by unknown {code!r}", name
-                    )
+                    raise error(400, "invalid", f"Cannot sort {query.resource_type} by unknown {code!r}", name)
                 query.sort.append((code, key.startswith("-")))
         case ["_include" | "_revinclude" as kind, *modifier]:
             query.includes.append(_include(value, kind == "_revinclude", modifier == ["iterate"]))
@@ -186,7 +190,7 @@ def _lookup(resource_type: str, code: str) -> SearchParam:
     return param
 
 
-def _criterion(resource_type: str, name: str, value: str) -> Criterion:
+def _criterion(resource_type: str, name: str, value: str, base: str = "") -> Criterion:
     head, _, chained = name.partition(".")
     code, _, modifier = head.partition(":")
     param = _lookup(resource_type, code)
@@ -195,7 +199,7 @@ def _criterion(resource_type: str, name: str, value: str) -> Criterion:
         if param.type != "reference":
             raise error(400, "invalid", f"Only reference parameters can be chained, not {code!r}", name)
         types = (modifier,) if modifier else param.targets
-        chain = tuple((t, _criterion(t, chained, value)) for t in types if _knows(t, chained))
+        chain = tuple((t, _criterion(t, chained, value, base)) for t in types if _knows(t, chained))
         if not chain:
             raise UnknownParameter(f"No target of {resource_type}.{code} has the parameter {chained!r}")
         return Criterion(param, None, (), chain)
@@ -203,6 +207,8 @@ def _criterion(resource_type: str, name: str, value: str) -> Criterion:
     if modifier_or_none and modifier_or_none not in MODIFIERS[param.type] and not typed_reference:
         raise error(400, "not-supported", f"Modifier :{modifier} is not supported on {code!r}", name)
     values = tuple(v.replace("\\,", ",") for v in re.split(r"(?<!\\),", value))
+    if param.type == "reference" and base:
+        values = tuple(v.removeprefix(f"{base}/") for v in values)
     if modifier_or_none == "missing" and value not in ("true", "false"):
         raise error(400, "invalid", f"{name} must be true or false", name)
     return Criterion(param, modifier_or_none, values)
@@ -225,18 +231,21 @@ def _where(res: Resource, resource_type: str, crit: Criterion) -> ColumnElement[
             ids = select(inner.id).where(
                 inner.type == target_type, inner.deleted == false(), _where(inner, target_type, chained)
             )
-            per_type.append(
-                and_(ReferenceIndex.target_type == target_type, ReferenceIndex.target_id.in_(ids))
-            )
+            per_type.append(and_(ReferenceIndex.target_type == target_type, ReferenceIndex.target_id.in_(ids)))
         return res.pk.in_(
             select(ReferenceIndex.resource_pk).where(
                 ReferenceIndex.res_type == resource_type, ReferenceIndex.param == param.code, or_(*per_type)
             )
         )
-    if param.code == "_id":
-        return res.id.in_(crit.values)
-    if param.code == "_lastUpdated":
-        return or_(*(_date(res.last_updated, res.last_updated, v) for v in crit.values))
+    if param.code in COLUMN_PARAMS:
+        if crit.modifier == "missing":  # every resource has an id and a lastUpdated
+            return false() if crit.values[0] == "true" else true()
+        clause: ColumnElement[bool]
+        if param.code == "_id":
+            clause = res.id.in_(crit.values)
+        else:
+            clause = or_(*(_date(res.last_updated, res.last_updated, v) for v in crit.values))
+        return not_(clause) if crit.modifier == "not" else clause
 
     table = TABLES[param.type]
     rows = select(table.resource_pk).where(table.res_type == resource_type, table.param == param.code)
@@ -255,7 +264,7 @@ def _value(table: Any, crit: Criterion, value: str) -> ColumnElement[bool]:
             system, code = value.split("|", 1)
             if not system:
                 return and_(table.system.is_(None), table.code == code)
-            return and_(table.system == system, table.code == code) if code else table.system == system  # type: ignore[no-any-return]
+            return and_(table.system == system, table.code == code) if code else table.system == system
         case "string":
             if crit.modifier == "exact":
                 return table.value == value  # type: ignore[no-any-return]
@@ -284,27 +293,33 @@ def _value(table: Any, crit: Criterion, value: str) -> ColumnElement[bool]:
 
 
 def _reference(crit: Criterion, value: str) -> ColumnElement[bool]:
+    """Local references (``Type/id``, ``id``) match type and id; any other URL matches whole.
+
+    ``parse`` has already made absolute URLs under this server's base relative.
+    """
     value = value.split("|", 1)[0]  # canonical|version
+    if ":" in value:  # http(s)://…, urn:uuid:…, urn:oid:…
+        return ReferenceIndex.url == value
     target_type, target_id = split_reference(value)
     if target_type is None:  # a bare id, possibly typed by the modifier
-        if "/" in value or ":" in value:
-            return ReferenceIndex.url == value
         clause = ReferenceIndex.target_id == value
         if crit.modifier:
             clause = and_(clause, ReferenceIndex.target_type == crit.modifier)
         return clause
-    local = and_(ReferenceIndex.target_type == target_type, ReferenceIndex.target_id == target_id)
-    return or_(local, ReferenceIndex.url == value) if "://" in value else local
+    return and_(ReferenceIndex.target_type == target_type, ReferenceIndex.target_id == target_id)
 
 
 def _prefix(value: str) -> tuple[str, str]:
-    if value[:2] in PREFIXES and value[2:3].isdigit():
+    """("ge", "2024") from "ge2024"; a number may be negative ("gt-20")."""
+    rest = value[2:].removeprefix("-")
+    if value[:2] in PREFIXES and rest[:1].isdigit():
         return value[:2], value[2:]
     return "eq", value
 
 
 def _date(low: Any, high: Any, value: str) -> ColumnElement[bool]:
-    prefix, literal = _prefix(value)
+    # An unencoded "+" of a time-zone offset arrives as a space (form encoding of the query).
+    prefix, literal = _prefix(value.replace(" ", "+"))
     try:
         pl, ph = dates.parse_range(literal)
     except ValueError as exc:
@@ -332,27 +347,35 @@ def _date(low: Any, high: Any, value: str) -> ColumnElement[bool]:
 
 
 def _number(column: Any, value: str) -> ColumnElement[bool]:
-    prefix, literal = _prefix(value) if not value[:1].isdigit() else ("eq", value)
+    """A number with the precision it is written with (search.html#number)."""
+    prefix, literal = _prefix(value)
     try:
-        number = float(literal)
-    except ValueError:
+        number = Decimal(literal)
+    except InvalidOperation:
         raise error(400, "invalid", f"{value!r} is not a number") from None
-    decimals = len(literal.partition(".")[2]) if "." in literal else 0
-    half = 0.5 * 10**-decimals  # "100" means [99.5, 100.5): the precision of the value given
+    if not number.is_finite():
+        raise error(400, "invalid", f"{value!r} is not a finite number")
+    # Half a unit of the last digit given: "100" is [99.5, 100.5), "100.0" [99.95, 100.05),
+    # "1.0e2" [95, 105). The exponent of a Decimal is the place of its last digit.
+    exponent = number.as_tuple().exponent
+    half = Decimal(5).scaleb(int(exponent) - 1)
+    low, high, exact = float(number - half), float(number + half), float(number)
     match prefix:
         case "eq":
-            return and_(column >= number - half, column < number + half)
+            return and_(column >= low, column < high)
         case "ne":
-            return or_(column < number - half, column >= number + half)
+            return or_(column < low, column >= high)
         case "gt" | "sa":
-            return column > number  # type: ignore[no-any-return]
+            return column > exact  # type: ignore[no-any-return]
         case "lt" | "eb":
-            return column < number  # type: ignore[no-any-return]
+            return column < exact  # type: ignore[no-any-return]
         case "ge":
-            return column >= number  # type: ignore[no-any-return]
+            return column >= exact  # type: ignore[no-any-return]
         case "le":
-            return column <= number  # type: ignore[no-any-return]
-    return and_(column >= number * 0.9, column <= number * 1.1)
+            return column <= exact  # type: ignore[no-any-return]
+    # ap: within 10 % of the value, whichever its sign
+    margin = abs(exact) * 0.1
+    return and_(column >= exact - margin, column <= exact + margin)
 
 
 def _like(text: str) -> str:
@@ -382,7 +405,7 @@ def _order(res: Resource, query: SearchQuery) -> list[Any]:
     return keys
 
 
-def statement(query: SearchQuery) -> Select[tuple[ResourceRow]]:
+def statement(query: SearchQuery) -> Select[Any]:
     res = ResourceRow
     stmt = select(res).where(res.type == query.resource_type, res.deleted == false())
     for crit in query.criteria:
@@ -396,12 +419,13 @@ def execute(session: Session, query: SearchQuery) -> SearchResult:
     if query.total != "none" or query.summary == "count" or query.count == 0:
         total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
     matches: list[Stored] = []
+    more = False
     if query.summary != "count" and query.count > 0:
-        rows = session.scalars(
-            stmt.order_by(*_order(ResourceRow, query)).limit(query.count).offset(query.offset)
-        )
+        # One row beyond the page tells whether there is a next page, also with _total=none.
+        rows = session.scalars(stmt.order_by(*_order(ResourceRow, query)).limit(query.count + 1).offset(query.offset))
         matches = [_stored(r) for r in rows]
-    return SearchResult(query, total, matches, _included(session, query, matches))
+        more, matches = len(matches) > query.count, matches[: query.count]
+    return SearchResult(query, total, matches, _included(session, query, matches), more)
 
 
 def _stored(row: ResourceRow) -> Stored:
@@ -454,11 +478,7 @@ def _forward_include(rule: Include, frontier: list[Stored]) -> ColumnElement[boo
     if rule.target:
         refs = refs.where(ReferenceIndex.target_type == rule.target)
     pairs = refs.subquery()
-    return (
-        select(pairs)
-        .where(pairs.c.target_type == ResourceRow.type, pairs.c.target_id == ResourceRow.id)
-        .exists()
-    )
+    return select(pairs).where(pairs.c.target_type == ResourceRow.type, pairs.c.target_id == ResourceRow.id).exists()
 
 
 def _reverse_include(rule: Include, frontier: list[Stored]) -> ColumnElement[bool]:
@@ -492,7 +512,8 @@ def shape(resource: dict[str, Any], summary: str | None, elements: list[str] | N
     elif summary == "text":
         keep = {"resourceType", "id", "meta", "text"}
     shaped = {k: v for k, v in resource.items() if (k in keep if keep is not None else k != "text")}
-    if summary == "text" or keep is not None:
+    # Every summary but false is a subset of the resource (search.html#summary), data included.
+    if summary in ("text", "data") or keep is not None:
         meta = dict(shaped.get("meta", {}))
         meta["tag"] = [*meta.get("tag", []), SUBSETTED]
         shaped["meta"] = meta
@@ -517,8 +538,13 @@ def page_bundle(
     offset: int,
     count: int,
     entries: list[dict[str, Any]],
+    more: bool | None = None,
 ) -> dict[str, Any]:
-    """A searchset or history Bundle with self/first/previous/next links (http.html#paging)."""
+    """A searchset or history Bundle with self/first/previous/next links (http.html#paging).
+
+    ``more``: whether a next page exists; if not given, it is worked out from the total or,
+    without one, from a full page of entries.
+    """
 
     def link(relation: str, at: int) -> dict[str, str]:
         query = [(k, v) for k, v in params if k not in ("_count", "_offset")]
@@ -528,7 +554,8 @@ def page_bundle(
     links = [link("self", offset), link("first", 0)]
     if offset > 0:
         links.append(link("previous", max(offset - count, 0)))
-    more = offset + count < total if total is not None else len(entries) == count
+    if more is None:
+        more = offset + count < total if total is not None else len(entries) == count
     if more and count > 0:
         links.append(link("next", offset + count))
     bundle: dict[str, Any] = {
@@ -550,8 +577,9 @@ def bundle(result: SearchResult, base: str) -> dict[str, Any]:
     entries = [_entry(s, base, "match", query) for s in result.matches]
     entries += [_entry(s, base, "include", query) for s in result.included]
     return page_bundle(
-        "searchset", base, query.resource_type, query.used, result.total, query.offset, query.count, entries
-    )
+        "searchset", base, query.resource_type, query.used, result.total, query.offset, query.count, entries,
+        more=result.more,  # counted in matches: included entries do not fill a page
+    )  # fmt: skip
 
 
 def _entry(stored: Stored, base: str, mode: str, query: SearchQuery) -> dict[str, Any]:

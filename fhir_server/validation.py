@@ -5,6 +5,12 @@ The R4B models accept R4 (4.0.1) JSON for the types served here; the package's d
 """
 
 import re
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
 from functools import cache
 from typing import Any
 
@@ -58,6 +64,11 @@ def validate(resource: Any, resource_type: str | None = None) -> dict[str, Any]:
         model(actual).model_validate(resource)
     except ValidationError as exc:
         raise FhirError(422, [_issue(actual, e) for e in exc.errors()]) from None
+    # The models coerce ("active": "yes" → True, "multipleBirthInteger": "2" → 2) but the
+    # server stores and serves the JSON it was given, so the JSON types must be right too.
+    wrong = list(_json_type_issues(model(actual), resource, actual))
+    if wrong:
+        raise FhirError(422, wrong)
     return resource
 
 
@@ -68,6 +79,105 @@ def _issue(resource_type: str, err: Any) -> Issue:
             path += f"[{part}]"
         elif part != "__root__":
             path += f".{part}"
-    return Issue(
-        "invalid" if err.get("type") != "extra_forbidden" else "structure", err["msg"], expression=(path,)
-    )
+    return Issue("invalid" if err.get("type") != "extra_forbidden" else "structure", err["msg"], expression=(path,))
+
+
+# -- JSON representation of primitive types (R4 json.html#primitive) -----------------------
+
+#: What each primitive type must be in JSON: boolean → true/false; integer, positiveInt,
+#: unsignedInt and decimal → a number; every other primitive → a string.
+_JSON_KINDS: dict[type, tuple[str, tuple[type, ...]]] = {
+    bool: ("boolean", (bool,)),
+    int: ("integer", (int,)),
+    Decimal: ("number", (int, float)),
+    str: ("string", (str,)),
+    bytes: ("string", (str,)),
+    date: ("string", (str,)),
+    datetime: ("string", (str,)),
+    time: ("string", (str,)),
+}
+
+
+@dataclass(frozen=True)
+class _Field:
+    #: A primitive type (bool, int, Decimal, str, date, ...) or a model class; None: unknown.
+    kind: Any
+    repeats: bool
+    #: The codes of a required binding the models list in full, else None. The models
+    #: list only the first few codes of long value sets (ending in "+"), and some lists
+    #: belong to extensible bindings ("etc."): those are not checked here.
+    codes: frozenset[str] | None = None
+
+
+@cache
+def _fields(cls: type[BaseModel]) -> dict[str, _Field]:
+    """The elements of a model by JSON name."""
+    out: dict[str, _Field] = {}
+    for name, info in cls.model_fields.items():
+        key = info.alias or name
+        if key.startswith("_") or name == "fhir_comments":
+            continue  # primitive extensions (``_birthDate``) and comments: left to the model
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        enum = extra.get("enum_values")
+        codes = frozenset(str(c) for c in enum) if isinstance(enum, list) else None
+        out[key] = _Field(*_kind(info.annotation), None if codes is None or {"+", "etc."} & codes else codes)
+    return out
+
+
+def _kind(annotation: Any) -> tuple[Any, bool]:
+    """Unwrap Optional, Annotated and List down to a primitive type or a model class."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _kind(args[0])
+    if origin is list:
+        return _kind(args[0])[0], True
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_kind(a) for a in args if a is not type(None)]
+        return kinds[0] if len(kinds) == 1 else (None, False)
+    klass = getattr(annotation, "_model_klass", None)  # fhir.resources' abc.<Type>Type proxies
+    if isinstance(klass, str):
+        return _model_by_path(klass), False
+    return annotation, False
+
+
+@cache
+def _model_by_path(path: str) -> type[BaseModel] | None:
+    name = path.rsplit(".", 1)[-1]
+    if name == "Resource":
+        return None  # contained / Bundle.entry.resource: resolved by the value's resourceType
+    try:
+        cls: type[BaseModel] = get_fhir_model_class(name)
+        return cls
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def _json_type_issues(cls: type[BaseModel], obj: dict[str, Any], path: str) -> Iterator[Issue]:
+    fields = _fields(cls)
+    for key, value in obj.items():
+        field = fields.get(key)
+        if field is None:
+            continue  # unknown elements: the model reports them
+        items = enumerate(value) if field.repeats and isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            yield from _json_type_issue(field, item, f"{path}.{key}" + ("" if i is None else f"[{i}]"))
+
+
+def _json_type_issue(field: _Field, value: Any, path: str) -> Iterator[Issue]:
+    if value is None or isinstance(value, list):
+        return  # null and wrong cardinality are the model's to report
+    kind = field.kind
+    if isinstance(value, dict):
+        if kind is None and isinstance(value.get("resourceType"), str):
+            kind = _model_by_path(value["resourceType"])  # a contained or Bundle entry resource
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            yield from _json_type_issues(kind, value, path)
+        return
+    expected = _JSON_KINDS.get(kind)
+    if expected is not None:
+        name, types = expected
+        if not isinstance(value, types) or (isinstance(value, bool) and kind is not bool):
+            yield Issue("invalid", f"{path} must be a JSON {name}, not {value!r}", expression=(path,))
+        elif field.codes is not None and value not in field.codes:
+            # R4 terminologies.html#required: a code outside a required binding is an error.
+            yield Issue("code-invalid", f"{path}: {value!r} is not one of {sorted(field.codes)}", expression=(path,))

@@ -81,3 +81,40 @@ def client(db: Database) -> Iterator[TestClient]:
     with TestClient(create_app(Settings(database_url=db.url), db), base_url="http://testserver") as c:
         c.headers.update(FHIR_JSON)
         yield c
+
+
+@pytest.fixture
+def live_server(database_url: str) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1 (a free port) in a background thread; yields its FHIR base.
+
+    For what TestClient cannot do: concurrent requests from many threads, outside clients
+    (fhirpy). The socket is bound before the server starts, so no other process can take
+    the port in between, and the base URL is known at once.
+    """
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    app = create_app(Settings(database_url=database_url))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="live-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the live server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/fhir"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+        app.state.db.dispose()
