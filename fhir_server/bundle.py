@@ -9,7 +9,7 @@ resolved. A batch runs each entry in a savepoint of its own.
 """
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -17,13 +17,15 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from fhir_server import conditional
 from fhir_server.errors import FhirError, Issue, error
-from fhir_server.http import FhirRequest, FhirResponse
+from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.repository import Repository
 from fhir_server.validation import SUPPORTED_TYPES
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified"}
+Handler = Callable[[FhirRequest, Repository, str], FhirResponse]
 
 
 @dataclass
@@ -42,7 +44,11 @@ class Entry:
     criteria: tuple[tuple[str, str], ...] | None = None
 
 
-def process(body: Any, repo: Repository, base: str) -> dict[str, Any]:
+Run = Callable[["Entry"], FhirResponse]
+
+
+def process(body: Any, repo: Repository, base: str, handle: Handler) -> dict[str, Any]:
+    """Run a batch or transaction; ``handle`` is the router, which runs each entry's request."""
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
         raise error(400, "structure", "POST to the base needs a batch or transaction Bundle")
     kind = body.get("type")
@@ -50,7 +56,8 @@ def process(body: Any, repo: Repository, base: str) -> dict[str, Any]:
         raise error(400, "invalid", f"Bundle.type must be batch or transaction, not {kind!r}", "Bundle.type")
     entries = [_entry(i, e) for i, e in enumerate(body.get("entry") or [])]
     _lock_in_order(entries, repo)
-    responses = _transaction(entries, repo, base) if kind == "transaction" else _batch(entries, repo, base)
+    run: Run = lambda entry: handle(_request(entry, base), repo, base)  # noqa: E731
+    responses = _transaction(entries, repo, base, run) if kind == "transaction" else _batch(entries, repo, run)
     return {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
@@ -81,19 +88,17 @@ def _lock_in_order(entries: list[Entry], repo: Repository) -> None:
     creates of Patients A then B, and B then A) would deadlock on PostgreSQL; taking them
     in one global order first cannot. Taking a lock again later is harmless (re-entrant).
     """
-    from fhir_server.router import criteria_key
-
     keys: set[str] = set()
     for entry in entries:
         rtype, _, query = entry.url.partition("?")
         if entry.method == "POST" and entry.headers.get("if-none-exist"):
-            keys.add(criteria_key(rtype, entry.headers["if-none-exist"]))
+            keys.add(conditional.criteria_key(rtype, entry.headers["if-none-exist"]))
         elif entry.method in ("PUT", "DELETE") and query:
-            keys.add(criteria_key(rtype, query))
+            keys.add(conditional.criteria_key(rtype, query))
         elif entry.method == "PUT" and rtype.count("/") == 1:
             keys.add(rtype)  # Repository.update's key
         if entry.resource is not None:
-            keys.update(criteria_key(*ref.split("?", 1)) for ref in _conditional_references(entry.resource))
+            keys.update(conditional.criteria_key(*ref.split("?", 1)) for ref in _conditional_references(entry.resource))
     for key in sorted(keys):
         repo.lock(key)
 
@@ -116,18 +121,15 @@ def _request(entry: Entry, base: str) -> FhirRequest:
     path = parts.path
     if path.startswith(base):
         path = path[len(base) :]
-    from fhir_server.router import parse_qsl
+    params = conditional.parse_qsl(parts.query)
+    return FhirRequest(entry.method, path.strip("/"), params, dict(entry.headers), entry.resource)
 
-    return FhirRequest(entry.method, path.strip("/"), parse_qsl(parts.query), dict(entry.headers), entry.resource)
 
-
-def _batch(entries: list[Entry], repo: Repository, base: str) -> list[FhirResponse]:
-    from fhir_server.router import handle
-
+def _batch(entries: list[Entry], repo: Repository, run: Run) -> list[FhirResponse]:
     responses = []
     for entry in entries:
         savepoint = repo.session.begin_nested()
-        response = handle(_request(entry, base), repo, base)
+        response = run(entry)
         if response.status >= 400:
             savepoint.rollback()
         else:
@@ -136,7 +138,7 @@ def _batch(entries: list[Entry], repo: Repository, base: str) -> list[FhirRespon
     return responses
 
 
-def _transaction(entries: list[Entry], repo: Repository, base: str) -> list[FhirResponse]:
+def _transaction(entries: list[Entry], repo: Repository, base: str, run: Run) -> list[FhirResponse]:
     """Run a transaction all or nothing (http.html#transaction).
 
     It runs in a savepoint of its own, so a failed transaction undoes its writes even when
@@ -145,7 +147,7 @@ def _transaction(entries: list[Entry], repo: Repository, base: str) -> list[Fhir
     """
     savepoint = repo.session.begin_nested()
     try:
-        responses = _run_transaction(entries, repo, base)
+        responses = _run_transaction(entries, repo, base, run)
     except BaseException:
         savepoint.rollback()
         raise
@@ -153,16 +155,14 @@ def _transaction(entries: list[Entry], repo: Repository, base: str) -> list[Fhir
     return responses
 
 
-def _run_transaction(entries: list[Entry], repo: Repository, base: str) -> list[FhirResponse]:
-    from fhir_server.router import handle, version_headers
-
+def _run_transaction(entries: list[Entry], repo: Repository, base: str, run: Run) -> list[FhirResponse]:
     responses: dict[int, FhirResponse] = {}
     # DELETEs come first (http.html#trules step 1), before conditional creates and updates
     # are matched: a resource this transaction deletes must not satisfy an If-None-Exist.
     for entry in entries:
         if entry.method == "DELETE":
             with _at(entry):
-                responses[entry.index] = _succeeded(handle(_request(entry, base), repo, base))
+                responses[entry.index] = _succeeded(run(entry))
     ids = _assign_ids(entries, repo)
     for entry in entries:
         if entry.resource is not None:
@@ -180,7 +180,7 @@ def _run_transaction(entries: list[Entry], repo: Repository, base: str) -> list[
                 headers = {**version_headers(stored), "Location": f"{base}/{rtype}/{rid}/_history/{stored.version}"}
                 response = FhirResponse(status, orjson.Fragment(stored.content or "{}"), headers)
             else:
-                response = _succeeded(handle(_request(entry, base), repo, base))
+                response = _succeeded(run(entry))
             responses[entry.index] = response
     return [responses[e.index] for e in entries]
 
@@ -225,9 +225,7 @@ def _at(entry: Entry) -> Iterator[None]:
 
 def _criteria(query: str) -> tuple[tuple[str, str], ...]:
     """Search criteria in one canonical form, however they were percent-encoded or ordered."""
-    from fhir_server.router import parse_qsl
-
-    return tuple(sorted(parse_qsl(query)))
+    return tuple(sorted(conditional.parse_qsl(query)))
 
 
 def _assign_ids(entries: list[Entry], repo: Repository) -> dict[str, str]:
@@ -238,8 +236,6 @@ def _assign_ids(entries: list[Entry], repo: Repository) -> dict[str, str]:
     can refer to them by ``fullUrl`` and by the same conditional reference. A matched
     conditional update becomes an update of that id; an unmatched one an update-as-create.
     """
-    from fhir_server.router import conditional_matches
-
     ids: dict[str, str] = {}
     for entry in entries:
         if entry.method not in ("POST", "PUT"):
@@ -252,13 +248,13 @@ def _assign_ids(entries: list[Entry], repo: Repository) -> dict[str, str]:
                 if (entry.resource or {}).get("resourceType") != rtype:
                     raise error(400, "invalid", f"POST to {rtype} needs a {rtype} resource", "resourceType")
                 query = entry.headers.get("if-none-exist", "")
-                found = conditional_matches(repo, rtype, query) if query else []
+                found = conditional.matches(repo, rtype, query) if query else []
                 if len(found) > 1:
                     raise error(412, "duplicate", f"If-None-Exist {query} matches {len(found)} resources")
                 entry.existing = bool(found)
                 entry.target = f"{rtype}/{found[0].id if found else uuid.uuid4()}"
             elif query:
-                found = conditional_matches(repo, rtype, query)
+                found = conditional.matches(repo, rtype, query)
                 if len(found) > 1:
                     raise error(412, "multiple-matches", f"The criteria {query} match {len(found)} resources")
                 body_id = (entry.resource or {}).get("id")
@@ -301,10 +297,8 @@ def _conditional_reference(ref: str, repo: Repository, entries: list[Entry]) -> 
     same criteria counts as a match, so a Bundle can create a Patient and refer to it
     conditionally. Criteria compare decoded and in any order.
     """
-    from fhir_server.router import conditional_matches
-
     rtype, _, query = ref.partition("?")
-    found = [f"{s.type}/{s.id}" for s in conditional_matches(repo, rtype, query)]
+    found = [f"{s.type}/{s.id}" for s in conditional.matches(repo, rtype, query)]
     if not found:
         wanted = _criteria(query)
         found = [e.target for e in entries if e.target and e.target.split("/")[0] == rtype

@@ -3,6 +3,9 @@
 from dataclasses import dataclass, field
 from typing import Any
 
+from fhir_server import dates
+from fhir_server.repository import Stored
+
 
 @dataclass
 class FhirRequest:
@@ -33,3 +36,7 @@ class FhirResponse:
     #: A JSON-serialisable body (orjson.Fragment allowed for stored JSON), or None.
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def version_headers(stored: Stored) -> dict[str, str]:
+    return {"ETag": stored.etag, "Last-Modified": dates.http_date(stored.last_updated)}

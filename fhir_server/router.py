@@ -4,7 +4,6 @@ It knows nothing of HTTP servers: FastAPI (``fhir_server.api``) and transaction 
 (``fhir_server.bundle``) both call it. Every failure comes back as an OperationOutcome.
 """
 
-import urllib.parse
 import uuid
 from typing import Any
 from urllib.parse import urlencode
@@ -12,9 +11,9 @@ from urllib.parse import urlencode
 import orjson
 from sqlalchemy import func, select
 
-from fhir_server import capability, dates, search
+from fhir_server import bundle, capability, conditional, dates, search
 from fhir_server.errors import FhirError, error, information
-from fhir_server.http import FhirRequest, FhirResponse
+from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.repository import Repository, Stored
 from fhir_server.schema import VersionRow
 from fhir_server.validation import SUPPORTED_TYPES, check_type
@@ -35,9 +34,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     method = req.method.upper()
     match parts, method:
         case [], "POST":
-            from fhir_server.bundle import process  # bundles call back into handle()
-
-            return FhirResponse(200, process(req.body, repo, base))
+            return FhirResponse(200, bundle.process(req.body, repo, base, handle))
         case ["metadata"], "GET":
             return FhirResponse(200, capability.statement(base))
         case ["_history"], "GET":
@@ -96,10 +93,6 @@ def _location(base: str, stored: Stored) -> str:
     return f"{base}/{stored.type}/{stored.id}/_history/{stored.version}"
 
 
-def version_headers(stored: Stored) -> dict[str, str]:
-    return {"ETag": stored.etag, "Last-Modified": dates.http_date(stored.last_updated)}
-
-
 def _read(req: FhirRequest, stored: Stored, base: str) -> FhirResponse:
     if req.header("if-none-match") in (stored.etag, f'"{stored.version}"'):
         return FhirResponse(304, None, version_headers(stored))
@@ -130,33 +123,13 @@ def _written(req: FhirRequest, stored: Stored, base: str, status: int) -> FhirRe
     return FhirResponse(status, orjson.Fragment(stored.content or "{}"), headers)
 
 
-def conditional_matches(repo: Repository, rtype: str, query_string: str) -> list[Stored]:
-    """Resources matching a conditional interaction's criteria, under a lock on them."""
-    params = parse_qsl(query_string)
-    if not params:
-        raise error(400, "invalid", "A conditional interaction needs search criteria")
-    repo.lock(criteria_key(rtype, query_string))
-    query = search.parse(rtype, params, strict=True)
-    query.count, query.total = 3, "none"
-    return search.execute(repo.session, query).matches
-
-
-def criteria_key(rtype: str, query_string: str) -> str:
-    """The lock key of conditional criteria: one key however the criteria are encoded or ordered."""
-    return f"{rtype}?{urlencode(sorted(parse_qsl(query_string)))}"
-
-
-def parse_qsl(query_string: str) -> list[tuple[str, str]]:
-    return urllib.parse.parse_qsl(query_string.lstrip("?"), keep_blank_values=True)
-
-
 def _create(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirResponse:
     resource = _body(req)
     if resource.get("resourceType") != rtype:
         raise error(400, "invalid", f"Expected a {rtype} but the body is a {resource.get('resourceType')}")
     if_none_exist = req.header("if-none-exist")
     if if_none_exist:
-        found = conditional_matches(repo, rtype, if_none_exist)
+        found = conditional.matches(repo, rtype, if_none_exist)
         if len(found) > 1:
             raise error(412, "duplicate", f"If-None-Exist {if_none_exist} matches {len(found)} resources")
         if found:
@@ -166,7 +139,7 @@ def _create(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirRe
 
 def _conditional_update(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirResponse:
     resource = _body(req)
-    found = conditional_matches(repo, rtype, urlencode(req.params))
+    found = conditional.matches(repo, rtype, urlencode(req.params))
     if len(found) > 1:
         raise error(412, "multiple-matches", f"The criteria match {len(found)} resources")
     if found:
@@ -180,7 +153,7 @@ def _conditional_update(repo: Repository, base: str, req: FhirRequest, rtype: st
 
 
 def _conditional_delete(repo: Repository, req: FhirRequest, rtype: str) -> FhirResponse:
-    found = conditional_matches(repo, rtype, urlencode(req.params))
+    found = conditional.matches(repo, rtype, urlencode(req.params))
     if len(found) > 1:
         raise error(412, "multiple-matches", f"The criteria match {len(found)} resources")
     if not found:
