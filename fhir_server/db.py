@@ -6,8 +6,9 @@ holds the database write lock from its first read; on PostgreSQL the repository 
 row locks and advisory locks instead (see ``Repository.lock``).
 """
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -46,6 +47,12 @@ class Database:
         self.engine = make_engine(url, **kwargs)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False)
+        # SQLite has one writer at a time, and a connection that finds the database locked
+        # sleeps in its busy handler (for up to 100 ms a turn) rather than queueing. Writers
+        # of this process queue on a lock instead and never meet SQLite's lock at all.
+        self._writer: AbstractContextManager[object] = (
+            threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
+        )
 
     @property
     def is_postgres(self) -> bool:
@@ -54,7 +61,11 @@ class Database:
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Session]:
         """One unit of work: committed on success, rolled back on any exception."""
-        with (self._write if write else self._read)() as session, session.begin():
+        if not write:
+            with self._read() as session, session.begin():
+                yield session
+            return
+        with self._writer, self._write() as session, session.begin():
             yield session
 
     def dispose(self) -> None:

@@ -32,6 +32,10 @@ class SearchParam:
     url: str
     expression: str = ""
     targets: tuple[str, ...] = ()
+    #: The top-level elements the expression starts from (``Observation.effective`` → "effective",
+    #: which matches effectiveDateTime too), or None when it is not that simple. A resource
+    #: with none of them cannot have a value, and the indexer skips evaluating it.
+    roots: frozenset[str] | None = None
     evaluate: Callable[[dict[str, Any]], list[Any]] = field(default=lambda _: [], compare=False)
 
 
@@ -59,6 +63,22 @@ def _for_type(expression: str, resource_type: str) -> str:
     expression = expression.replace("Resource.", f"{resource_type}.")
     mine = [p for p in split_union(expression) if p.lstrip("(").startswith(f"{resource_type}.")]
     return " | ".join(mine)
+
+
+_ROOT = re.compile(r"^\(*([A-Z][A-Za-z]+)\.([a-z][A-Za-z]*)")
+# Functions and operators that answer something even on an empty collection
+# (``Patient.deceased.exists() and Patient.deceased != false`` is false, not empty).
+_NOT_EMPTY_ON_EMPTY = re.compile(r"\b(exists|empty|count|not|iif|all\w*|any\w*|and|or|xor|implies)\b|!=")
+
+
+def _roots(expression: str, resource_type: str) -> frozenset[str] | None:
+    roots = set()
+    for part in split_union(expression):
+        m = _ROOT.match(part)
+        if m is None or m[1] != resource_type or _NOT_EMPTY_ON_EMPTY.search(part):
+            return None
+        roots.add(m[2])
+    return frozenset(roots)
 
 
 def _compile(expression: str) -> Callable[[dict[str, Any]], list[Any]]:
@@ -89,6 +109,7 @@ def registry() -> dict[str, dict[str, SearchParam]]:
                 url=sp["url"],
                 expression=expression,
                 targets=tuple(sp.get("target", ())),
+                roots=_roots(expression, base),
                 evaluate=_compile(expression),
             )
     return params
