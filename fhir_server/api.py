@@ -1,13 +1,20 @@
-"""FastAPI adapter: HTTP in, ``router.handle`` in one database transaction, HTTP out."""
+"""HTTP adapter: request in, ``router.handle`` in one database transaction, response out.
+
+The FHIR base is one plain Starlette route on the application (FastAPI's dependency
+solving and response models have nothing to do for a catch-all route, and cost a fifth of
+a read by id).
+"""
 
 import logging
 from collections.abc import Sequence
 from urllib.parse import parse_qsl
 
 import orjson
-from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import IntegrityError, OperationalError
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
 
 from fhir_server.db import Database
 from fhir_server.errors import FhirError, error
@@ -18,19 +25,21 @@ from fhir_server.router import handle
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir")
 READ_METHODS = {"GET", "HEAD"}
+METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
 #: PostgreSQL's deadlock_detected and serialization_failure: the request lost a race and
 #: was rolled back whole; the client can simply retry it (R4 http.html: 409 Conflict).
 RETRYABLE_SQLSTATES = {"40P01", "40001"}
 log = logging.getLogger(__name__)
 
 
-def fhir_router(db: Database, hooks: Sequence[Hook] = (), base_url: str = "") -> APIRouter:
-    """Routes for the whole FHIR base; mount with ``prefix="/fhir"``."""
-    router = APIRouter()
+def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: str = "", prefix: str = "/fhir") -> None:
+    """Serve the FHIR REST API of ``db`` under ``prefix``."""
+    # SQLite reads take microseconds and need no thread: handing them to one costs more
+    # than the read. Writes (which may queue on the SQLite writer lock) and every
+    # PostgreSQL call (a network round trip) run in the thread pool.
+    inline_reads = db.engine.dialect.name == "sqlite"
 
-    def run(req: FhirRequest, base: str) -> FhirResponse:
-        # POST _search reads, everything else that is not GET/HEAD may write.
-        write = req.method not in READ_METHODS and not req.path.endswith("_search")
+    def run(req: FhirRequest, base: str, write: bool) -> FhirResponse:
         try:
             with db.transaction(write=write) as session:
                 response = handle(req, Repository(session, hooks), base)
@@ -50,22 +59,26 @@ def fhir_router(db: Database, hooks: Sequence[Hook] = (), base_url: str = "") ->
             log.exception("internal error on %s %s", req.method, req.path)
             return _outcome(error(500, "exception", "Internal server error; see the server log"))
 
-    @router.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
-    async def fhir(path: str, request: Request) -> Response:
-        base = base_url or str(request.base_url).rstrip("/") + request.scope.get("root_path", "") + "/fhir"
+    async def fhir(request: Request) -> Response:
+        url = request.url
+        base = base_url or f"{url.scheme}://{url.netloc}{request.scope.get('root_path', '')}{prefix}"
         try:
             req = FhirRequest(
                 method=request.method,
-                path=path,
+                path=request.path_params["path"],
                 params=list(request.query_params.multi_items()),
                 headers={k.lower(): v for k, v in request.headers.items()},
             )
             await _read_body(request, req)
         except FhirError as exc:
             return _http(_outcome(exc), request)
-        return _http(await run_in_threadpool(run, req, base), request)
+        # POST _search reads, everything else that is not GET/HEAD may write.
+        write = req.method not in READ_METHODS and not req.path.endswith("_search")
+        if inline_reads and not write:
+            return _http(run(req, base, write), request)
+        return _http(await run_in_threadpool(run, req, base, write), request)
 
-    return router
+    app.add_route(f"{prefix}/{{path:path}}", fhir, methods=METHODS)
 
 
 def _outcome(exc: FhirError) -> FhirResponse:

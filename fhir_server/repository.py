@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from fhir_server import dates
@@ -71,6 +71,10 @@ class Versioned(Protocol):
 
 Hook = Callable[["Repository", Change], None]
 
+_r = ResourceRow.__table__.c
+_CURRENT = select(_r.version, _r.last_updated, _r.content).where(_r.type == bindparam("type"), _r.id == bindparam("id"))
+_CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+
 
 class Repository:
     def __init__(self, session: Session, hooks: Sequence[Hook] = ()) -> None:
@@ -81,11 +85,11 @@ class Repository:
 
     def current(self, resource_type: str, resource_id: str, *, for_update: bool = False) -> Stored | None:
         """The current version (a deletion included), or None if the resource never existed."""
-        stmt = select(ResourceRow).where(ResourceRow.type == resource_type, ResourceRow.id == resource_id)
-        row = self.session.scalars(stmt.with_for_update() if for_update else stmt).one_or_none()
-        if row is None:
-            return None
-        return Stored(row.type, row.id, row.version, row.last_updated, row.content)
+        # Built once, run on the session's connection: the hottest read skips statement
+        # construction and the ORM.
+        stmt = _CURRENT_FOR_UPDATE if for_update else _CURRENT
+        row = self.session.connection().execute(stmt, {"type": resource_type, "id": resource_id}).one_or_none()
+        return None if row is None else Stored(resource_type, resource_id, *row)
 
     def read(self, resource_type: str, resource_id: str) -> Stored:
         check_type(resource_type)

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from fhir_server.api import fhir_router
+from fhir_server import api
 from fhir_server.db import Database
 from fhir_server.errors import error
 from fhir_server.http import FhirRequest, FhirResponse
@@ -152,7 +152,7 @@ def hooked(db):
     """The FastAPI adapter wired like create_app, with hooks the test controls."""
     hooks: list[Hook] = []
     app = FastAPI()
-    app.include_router(fhir_router(db, hooks), prefix="/fhir")
+    api.mount(app, db, hooks)
     with TestClient(app, raise_server_exceptions=False) as client:
         client.headers.update({"content-type": "application/fhir+json"})
         yield client, hooks
