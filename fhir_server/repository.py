@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import bindparam, delete, insert, select, text, update
+from sqlalchemy import Insert, bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from fhir_server import dates
@@ -74,6 +74,15 @@ Hook = Callable[["Repository", Change], None]
 _r = ResourceRow.__table__.c
 _CURRENT = select(_r.version, _r.last_updated, _r.content).where(_r.type == bindparam("type"), _r.id == bindparam("id"))
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+# The write path's statements, built once and run as Core on the session's connection
+# (the ORM's bulk-insert machinery cost more than the inserts themselves).
+_INSERT_RESOURCE = insert(ResourceRow).returning(ResourceRow.pk)
+_UPDATE_RESOURCE = (
+    update(ResourceRow).where(_r.type == bindparam("key_type"), _r.id == bindparam("key_id")).returning(ResourceRow.pk)
+)
+_INSERT_VERSION = insert(VersionRow)
+_INSERT_INDEX: dict[type, Insert] = {table: insert(table) for table in INDEX_TABLES}
+_DELETE_INDEX = [delete(t).where(t.resource_pk == bindparam("pk")) for t in INDEX_TABLES]
 
 
 class Repository:
@@ -209,26 +218,20 @@ class Repository:
             stored_json = {**change.resource, "id": resource_id, "meta": meta}
             content = orjson.dumps(stored_json).decode()
 
+        conn = self.session.connection()
         values = {"version": version, "last_updated": now, "deleted": content is None, "content": content}
         if previous is None:
-            pk = self.session.execute(
-                insert(ResourceRow).values(type=resource_type, id=resource_id, **values).returning(ResourceRow.pk)
-            ).scalar_one()
+            pk = conn.execute(_INSERT_RESOURCE, {"type": resource_type, "id": resource_id, **values}).scalar_one()
         else:
-            pk = self.session.execute(
-                update(ResourceRow)
-                .where(ResourceRow.type == resource_type, ResourceRow.id == resource_id)
-                .values(**values)
-                .returning(ResourceRow.pk)
+            pk = conn.execute(
+                _UPDATE_RESOURCE, {"key_type": resource_type, "key_id": resource_id, **values}
             ).scalar_one()
-            for table in INDEX_TABLES:
-                self.session.execute(delete(table).where(table.resource_pk == pk))
-        self.session.execute(
-            insert(VersionRow).values(
-                resource_pk=pk, version=version, type=resource_type, id=resource_id,
-                last_updated=now, method=method, content=content,
-            )
-        )  # fmt: skip
+            for statement in _DELETE_INDEX:
+                conn.execute(statement, {"pk": pk})
+        conn.execute(
+            _INSERT_VERSION,
+            {"resource_pk": pk, "type": resource_type, "id": resource_id, "method": method, **values},
+        )
         if stored_json is not None:
             self._index(pk, resource_type, stored_json)
         return Stored(resource_type, resource_id, version, now, content)
@@ -237,5 +240,6 @@ class Repository:
         rows: dict[type, list[dict[str, Any]]] = {}
         for table, values in index_rows(resource_type, resource):
             rows.setdefault(table, []).append({**values, "resource_pk": pk, "res_type": resource_type})
+        conn = self.session.connection()
         for table, batch in rows.items():
-            self.session.execute(insert(table), batch)
+            conn.execute(_INSERT_INDEX[table], batch)
