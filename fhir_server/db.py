@@ -39,7 +39,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             conn.connection.driver_connection.execute(f"BEGIN {mode}")
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True, **kwargs)
+    # No pre-ping: it costs a round trip per request. A connection the server dropped fails
+    # one request (an OperationOutcome 500), and SQLAlchemy then discards the whole pool.
+    return create_engine(url, pool_size=10, max_overflow=40, pool_recycle=1800, **kwargs)
 
 
 class Database:
