@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import orjson
-from sqlalchemy import ColumnElement, Select, and_, false, func, not_, or_, select, true
+from sqlalchemy import ColumnElement, Connection, Select, and_, false, func, not_, or_, select, true
 from sqlalchemy.orm import Session, aliased
 
 from fhir_server import dates
@@ -434,17 +434,23 @@ def _narrows_type(crit: Criterion) -> bool:
 
 def execute(session: Session, query: SearchQuery) -> SearchResult:
     stmt = statement(query)
+    conn = session.connection()
+    wants_total = query.total != "none"
+    if query.summary == "count" or query.count == 0:
+        return SearchResult(query, _count(conn, stmt), [], [], False)
+    # One row beyond the page tells whether there is a next page, also with _total=none;
+    # the total comes with the page (count(*) OVER ()), saving a query and a round trip.
+    page = stmt.add_columns(func.count().over()) if wants_total else stmt
+    rows = conn.execute(page.order_by(*_order(ResourceRow, query)).limit(query.count + 1).offset(query.offset)).all()
+    matches = [Stored(*row[:5]) for row in rows[: query.count]]
     total = None
-    if query.total != "none" or query.summary == "count" or query.count == 0:
-        total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
-    matches: list[Stored] = []
-    more = False
-    if query.summary != "count" and query.count > 0:
-        # One row beyond the page tells whether there is a next page, also with _total=none.
-        page = stmt.order_by(*_order(ResourceRow, query)).limit(query.count + 1).offset(query.offset)
-        matches = [Stored(*row) for row in session.connection().execute(page)]
-        more, matches = len(matches) > query.count, matches[: query.count]
-    return SearchResult(query, total, matches, _included(session, query, matches), more)
+    if wants_total:  # a page past the end has no row to carry the total
+        total = rows[0][5] if rows else (_count(conn, stmt) if query.offset else 0)
+    return SearchResult(query, total, matches, _included(session, query, matches), len(rows) > query.count)
+
+
+def _count(conn: Connection, stmt: Select[str, str, int, datetime, str | None]) -> int:
+    return int(conn.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
 
 
 def _included(session: Session, query: SearchQuery, matches: list[Stored]) -> list[Stored]:
