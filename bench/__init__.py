@@ -1,0 +1,1 @@
+"""Overread benchmarks: ``python -m bench`` (see docs/performance.md)."""

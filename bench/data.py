@@ -36,9 +36,7 @@ def patient(case: int, rng: random.Random) -> dict[str, Any]:
         "identifier": [
             {
                 "use": "usual",
-                "type": {
-                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]
-                },
+                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
                 "system": MRN_SYSTEM,
                 "value": mrn(case),
             }

@@ -29,6 +29,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # Reads by id over a large store hit random pages: keep them mapped and cached.
+            cur.execute("PRAGMA mmap_size=1073741824")
+            cur.execute("PRAGMA cache_size=-65536")
             cur.close()
 
         @event.listens_for(engine, "begin")
