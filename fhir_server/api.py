@@ -20,7 +20,7 @@ from fhir_server.db import Database
 from fhir_server.errors import FhirError, error
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.repository import Hook, Repository
-from fhir_server.router import handle
+from fhir_server.router import handle, reads_one_row
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir")
@@ -34,13 +34,20 @@ log = logging.getLogger(__name__)
 
 def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: str = "", prefix: str = "/fhir") -> None:
     """Serve the FHIR REST API of ``db`` under ``prefix``."""
-    # SQLite reads take microseconds and need no thread: handing them to one costs more
-    # than the read. Writes (which may queue on the SQLite writer lock) and every
-    # PostgreSQL call (a network round trip) run in the thread pool.
-    inline_reads = db.engine.dialect.name == "sqlite"
+    # A read of one resource (version) is one SELECT: it runs outside a transaction and,
+    # on SQLite, on the event loop itself, where it takes less time than handing it to a
+    # thread would. Everything else (searches of unknown size, writes that may queue on
+    # the SQLite writer lock, PostgreSQL round trips) runs in the thread pool.
+    sqlite = db.engine.dialect.name == "sqlite"
+
+    def read_one(req: FhirRequest, base: str) -> FhirResponse:
+        with db.autocommit() as conn:
+            return handle(req, Repository(conn, hooks), base)
 
     def run(req: FhirRequest, base: str, write: bool) -> FhirResponse:
         try:
+            if reads_one_row(req):
+                return read_one(req, base)
             with db.transaction(write=write) as session:
                 response = handle(req, Repository(session, hooks), base)
                 if response.status >= 400:
@@ -74,7 +81,7 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
             return _http(_outcome(exc), request)
         # POST _search reads, everything else that is not GET/HEAD may write.
         write = req.method not in READ_METHODS and not req.path.endswith("_search")
-        if inline_reads and not write:
+        if sqlite and reads_one_row(req):
             return _http(run(req, base, write), request)
         return _http(await run_in_threadpool(run, req, base, write), request)
 

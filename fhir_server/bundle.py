@@ -128,7 +128,7 @@ def _request(entry: Entry, base: str) -> FhirRequest:
 def _batch(entries: list[Entry], repo: Repository, run: Run) -> list[FhirResponse]:
     responses = []
     for entry in entries:
-        savepoint = repo.session.begin_nested()
+        savepoint = repo.conn.begin_nested()
         response = run(entry)
         if response.status >= 400:
             savepoint.rollback()
@@ -145,7 +145,7 @@ def _transaction(entries: list[Entry], repo: Repository, base: str, run: Run) ->
     the caller (an HL7 or worker door, not only the HTTP adapter) goes on to commit its own
     transaction, e.g. to log the failure.
     """
-    savepoint = repo.session.begin_nested()
+    savepoint = repo.conn.begin_nested()
     try:
         responses = _run_transaction(entries, repo, base, run)
     except BaseException:

@@ -29,4 +29,4 @@ def matches(repo: Repository, rtype: str, query_string: str) -> list[Stored]:
     repo.lock(criteria_key(rtype, query_string))
     query = search.parse(rtype, params, strict=True)
     query.count, query.total = 3, "none"
-    return search.execute(repo.session, query).matches
+    return search.execute(repo.conn, query).matches

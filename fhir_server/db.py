@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -38,8 +38,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         def _begin(conn: Any) -> None:
             # Straight to the driver: this runs once per request, and SQLAlchemy's statement
             # machinery around a constant BEGIN cost a tenth of a read by id.
-            mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-            conn.connection.driver_connection.execute(f"BEGIN {mode}")
+            options = conn.get_execution_options()
+            if options.get("isolation_level") != "AUTOCOMMIT":
+                conn.connection.driver_connection.execute(f"BEGIN {options.get('sqlite_begin', 'DEFERRED')}")
 
         return engine
     # No pre-ping: it costs a round trip per request. A connection the server dropped fails
@@ -54,6 +55,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url, **kwargs)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reader = threading.local() if self.engine.dialect.name == "sqlite" else None
         self._write = sessionmaker(self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False)
         # SQLite has one writer at a time, and a connection that finds the database locked
         # sleeps in its busy handler (for up to 100 ms a turn) rather than queueing. Writers
@@ -67,6 +70,31 @@ class Database:
         return self.engine.dialect.name == "postgresql"
 
     @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A connection outside any transaction, for a read that is one statement.
+
+        A single SELECT sees one consistent state by itself; leaving out BEGIN and COMMIT
+        saves two round trips on PostgreSQL and the transaction bookkeeping on both.
+        """
+        if self._reader is None:
+            with self._autocommit.connect() as fresh:
+                yield fresh
+            return
+        # On SQLite each thread (in the server: the event loop's) keeps its connection open:
+        # checking one out of the pool and setting and resetting its isolation level cost
+        # as much as the read. One that failed is closed and replaced. (PostgreSQL's pool
+        # is shared by many threads and its size bounds their connections: no keeping.)
+        conn: Connection | None = getattr(self._reader, "conn", None)
+        if conn is None:
+            conn = self._reader.conn = self._autocommit.connect()
+        try:
+            yield conn
+        except BaseException:
+            self._reader.conn = None
+            conn.close()
+            raise
+
+    @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Session]:
         """One unit of work: committed on success, rolled back on any exception."""
         if not write:
@@ -77,4 +105,7 @@ class Database:
             yield session
 
     def dispose(self) -> None:
+        if self._reader is not None and getattr(self._reader, "conn", None) is not None:
+            self._reader.conn.close()
+            self._reader.conn = None
         self.engine.dispose()

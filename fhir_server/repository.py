@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import Insert, bindparam, delete, insert, select, text, update
+from sqlalchemy import Connection, Insert, bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from fhir_server import dates
@@ -74,6 +74,12 @@ Hook = Callable[["Repository", Change], None]
 _r = ResourceRow.__table__.c
 _CURRENT = select(_r.version, _r.last_updated, _r.content).where(_r.type == bindparam("type"), _r.id == bindparam("id"))
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+_v = VersionRow.__table__.c
+_VERSION = (
+    select(_v.last_updated, _v.content)
+    .join_from(VersionRow, ResourceRow, _v.resource_pk == _r.pk)
+    .where(_r.type == bindparam("type"), _r.id == bindparam("id"), _v.version == bindparam("version"))
+)
 # The write path's statements, built once and run as Core on the session's connection
 # (the ORM's bulk-insert machinery cost more than the inserts themselves).
 _INSERT_RESOURCE = insert(ResourceRow).returning(ResourceRow.pk)
@@ -86,18 +92,22 @@ _DELETE_INDEX = [delete(t).where(t.resource_pk == bindparam("pk")) for t in INDE
 
 
 class Repository:
-    def __init__(self, session: Session, hooks: Sequence[Hook] = ()) -> None:
-        self.session = session
+    """The store, on one database connection inside the caller's transaction.
+
+    It speaks SQLAlchemy Core only; given an ORM Session it works on the Session's
+    connection, so the Session's transaction is its transaction.
+    """
+
+    def __init__(self, db: Session | Connection, hooks: Sequence[Hook] = ()) -> None:
+        self.conn = db.connection() if isinstance(db, Session) else db
         self.hooks = hooks
 
     # -- reads -------------------------------------------------------------------
 
     def current(self, resource_type: str, resource_id: str, *, for_update: bool = False) -> Stored | None:
         """The current version (a deletion included), or None if the resource never existed."""
-        # Built once, run on the session's connection: the hottest read skips statement
-        # construction and the ORM.
-        stmt = _CURRENT_FOR_UPDATE if for_update else _CURRENT
-        row = self.session.connection().execute(stmt, {"type": resource_type, "id": resource_id}).one_or_none()
+        stmt = _CURRENT_FOR_UPDATE if for_update else _CURRENT  # built once: the hottest read
+        row = self.conn.execute(stmt, {"type": resource_type, "id": resource_id}).one_or_none()
         return None if row is None else Stored(resource_type, resource_id, *row)
 
     def read(self, resource_type: str, resource_id: str) -> Stored:
@@ -111,20 +121,13 @@ class Repository:
 
     def vread(self, resource_type: str, resource_id: str, version: int) -> Stored:
         check_type(resource_type)
-        row = self.session.execute(
-            select(VersionRow)
-            .join(ResourceRow, ResourceRow.pk == VersionRow.resource_pk)
-            .where(
-                ResourceRow.type == resource_type,
-                ResourceRow.id == resource_id,
-                VersionRow.version == version,
-            )
-        ).scalar_one_or_none()
+        row = self.conn.execute(_VERSION, {"type": resource_type, "id": resource_id, "version": version}).one_or_none()
         if row is None:
             raise error(404, "not-found", f"{resource_type}/{resource_id} has no version {version}")
-        if row.content is None:
+        stored = Stored(resource_type, resource_id, version, *row)
+        if stored.content is None:
             raise error(410, "deleted", f"Version {version} of {resource_type}/{resource_id} is a deletion")
-        return Stored(row.type, row.id, row.version, row.last_updated, row.content)
+        return stored
 
     # -- the write path ------------------------------------------------------------
 
@@ -134,9 +137,9 @@ class Repository:
         SQLite write transactions already hold the database lock (BEGIN IMMEDIATE);
         PostgreSQL takes a transaction-scoped advisory lock on a 64-bit hash of the key.
         """
-        if self.session.get_bind().dialect.name == "postgresql":
+        if self.conn.dialect.name == "postgresql":
             digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
-            self.session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": digest})
+            self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": digest})
 
     def create(self, resource: dict[str, Any], resource_id: str | None = None) -> Stored:
         """Create with a new server id (or the id a transaction Bundle assigned)."""
@@ -181,8 +184,8 @@ class Repository:
         names the version the write is about to store.
         """
         now = dates.now()
-        self.session.add(
-            OutboxRow(
+        self.conn.execute(
+            insert(OutboxRow).values(
                 topic=topic,
                 resource_type=stored.type,
                 resource_id=stored.id,
@@ -218,7 +221,7 @@ class Repository:
             stored_json = {**change.resource, "id": resource_id, "meta": meta}
             content = orjson.dumps(stored_json).decode()
 
-        conn = self.session.connection()
+        conn = self.conn
         values = {"version": version, "last_updated": now, "deleted": content is None, "content": content}
         if previous is None:
             pk = conn.execute(_INSERT_RESOURCE, {"type": resource_type, "id": resource_id, **values}).scalar_one()
@@ -240,6 +243,5 @@ class Repository:
         rows: dict[type, list[dict[str, Any]]] = {}
         for table, values in index_rows(resource_type, resource):
             rows.setdefault(table, []).append({**values, "resource_pk": pk, "res_type": resource_type})
-        conn = self.session.connection()
         for table, batch in rows.items():
-            conn.execute(_INSERT_INDEX[table], batch)
+            self.conn.execute(_INSERT_INDEX[table], batch)

@@ -29,6 +29,14 @@ def handle(request: FhirRequest, repo: Repository, base: str) -> FhirResponse:
         return FhirResponse(exc.status, exc.outcome, dict(exc.headers))
 
 
+def reads_one_row(req: FhirRequest) -> bool:
+    """Whether the request is a read or vread: one SELECT of one row, nothing else."""
+    if req.method not in ("GET", "HEAD"):
+        return False
+    parts = req.path.strip("/").split("/")
+    return (len(parts) == 2 and parts[1][:1] not in ("_", "$")) or (len(parts) == 4 and parts[2] == "_history")
+
+
 def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     parts = [p for p in req.path.strip("/").split("/") if p]
     method = req.method.upper()
@@ -166,7 +174,7 @@ def _search(repo: Repository, base: str, req: FhirRequest, rtype: str, params: l
     check_type(rtype)
     strict = req.prefer("handling") == "strict"
     query = search.parse(rtype, params, strict=strict, base=base)
-    result = search.execute(repo.session, query)
+    result = search.execute(repo.conn, query)
     return FhirResponse(200, search.bundle(result, base))
 
 
@@ -185,24 +193,23 @@ def _history(repo: Repository, base: str, req: FhirRequest, rtype: str | None, r
                 since = dates.parse_range(value)[0]
             except ValueError as exc:
                 raise error(400, "invalid", str(exc), "_since") from None
-    stmt = select(VersionRow)
+    v = VersionRow
+    stmt = select(v.type, v.id, v.version, v.last_updated, v.content, v.method)
     if rtype:
         stmt = stmt.where(VersionRow.type == rtype)
     if rid:
         stmt = stmt.where(VersionRow.id == rid)
     if since:
         stmt = stmt.where(VersionRow.last_updated >= since)
-    total = repo.session.scalar(select(func.count()).select_from(stmt.subquery()))
-    rows = repo.session.scalars(
-        stmt.order_by(VersionRow.last_updated.desc(), VersionRow.resource_pk.desc(), VersionRow.version.desc())
-        .limit(count)
-        .offset(offset)
+    total = repo.conn.scalar(select(func.count()).select_from(stmt.subquery()))
+    rows = repo.conn.execute(
+        stmt.order_by(v.last_updated.desc(), v.resource_pk.desc(), v.version.desc()).limit(count).offset(offset)
     ).all()
     path = "/".join(p for p in (rtype, rid, "_history") if p)
     kept = [(k, v) for k, v in req.params if k not in ("_offset",)]
     entries = []
     for row in rows:
-        stored = Stored(row.type, row.id, row.version, row.last_updated, row.content)
+        stored = Stored(*row[:5])
         entry: dict[str, Any] = {"fullUrl": f"{base}/{row.type}/{row.id}"}
         if row.content is not None:
             entry["resource"] = orjson.Fragment(row.content)

@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 
 import orjson
 from sqlalchemy import ColumnElement, Connection, Select, and_, false, func, not_, or_, select, true
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import aliased
 
 from fhir_server import dates
 from fhir_server.errors import error
@@ -432,9 +432,8 @@ def _narrows_type(crit: Criterion) -> bool:
     )
 
 
-def execute(session: Session, query: SearchQuery) -> SearchResult:
+def execute(conn: Connection, query: SearchQuery) -> SearchResult:
     stmt = statement(query)
-    conn = session.connection()
     wants_total = query.total != "none"
     if query.summary == "count" or query.count == 0:
         return SearchResult(query, _count(conn, stmt), [], [], False)
@@ -446,14 +445,14 @@ def execute(session: Session, query: SearchQuery) -> SearchResult:
     total = None
     if wants_total:  # a page past the end has no row to carry the total
         total = rows[0][5] if rows else (_count(conn, stmt) if query.offset else 0)
-    return SearchResult(query, total, matches, _included(session, query, matches), len(rows) > query.count)
+    return SearchResult(query, total, matches, _included(conn, query, matches), len(rows) > query.count)
 
 
 def _count(conn: Connection, stmt: Select[str, str, int, datetime, str | None]) -> int:
     return int(conn.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
 
 
-def _included(session: Session, query: SearchQuery, matches: list[Stored]) -> list[Stored]:
+def _included(conn: Connection, query: SearchQuery, matches: list[Stored]) -> list[Stored]:
     if not query.includes or not matches:
         return []
     seen = {(m.type, m.id) for m in matches}
@@ -466,7 +465,7 @@ def _included(session: Session, query: SearchQuery, matches: list[Stored]) -> li
             clause = _reverse_include(rule, frontier) if rule.reverse else _forward_include(rule, frontier)
             if clause is None:
                 continue
-            for row in session.connection().execute(select(*STORED).where(ResourceRow.deleted == false(), clause)):
+            for row in conn.execute(select(*STORED).where(ResourceRow.deleted == false(), clause)):
                 if (row.type, row.id) not in seen and len(found) + len(new) < MAX_INCLUDES:
                     seen.add((row.type, row.id))
                     new.append(Stored(*row))
