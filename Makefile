@@ -31,8 +31,8 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
-bench: install  ## benchmarks; figures go to docs/performance.md by hand
-	$(BIN)/python -m bench
+bench: install  ## benchmarks (needs wrk: apt-get install wrk); figures go to docs/performance.md by hand
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) overread.db overread.db-wal overread.db-shm .pytest_cache .mypy_cache .ruff_cache
