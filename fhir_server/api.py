@@ -5,8 +5,10 @@ solving and response models have nothing to do for a catch-all route, and cost a
 a read by id).
 """
 
+import asyncio
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qsl
 
 import orjson
@@ -36,9 +38,18 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
     """Serve the FHIR REST API of ``db`` under ``prefix``."""
     # A read of one resource (version) is one SELECT: it runs outside a transaction and,
     # on SQLite, on the event loop itself, where it takes less time than handing it to a
-    # thread would. Everything else (searches of unknown size, writes that may queue on
-    # the SQLite writer lock, PostgreSQL round trips) runs in the thread pool.
+    # thread would. Other SQLite work runs on threads of its own: one writer (SQLite has
+    # one writer; threads queueing for it only fight over the GIL) and a few readers.
+    # PostgreSQL work (round trips, many concurrent writers) uses the shared thread pool.
     sqlite = db.engine.dialect.name == "sqlite"
+    sqlite_threads = (
+        {
+            True: ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer"),
+            False: ThreadPoolExecutor(4, thread_name_prefix="sqlite-reader"),
+        }
+        if sqlite
+        else None
+    )
 
     def read_one(req: FhirRequest, base: str) -> FhirResponse:
         with db.autocommit() as conn:
@@ -83,7 +94,10 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
         write = req.method not in READ_METHODS and not req.path.endswith("_search")
         if sqlite and reads_one_row(req):
             return _http(run(req, base, write), request)
-        return _http(await run_in_threadpool(run, req, base, write), request)
+        if sqlite_threads is None:
+            return _http(await run_in_threadpool(run, req, base, write), request)
+        threads = sqlite_threads[write]
+        return _http(await asyncio.get_running_loop().run_in_executor(threads, run, req, base, write), request)
 
     app.add_route(f"{prefix}/{{path:path}}", fhir, methods=METHODS)
 
