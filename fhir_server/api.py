@@ -78,16 +78,16 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
             return _outcome(error(500, "exception", "Internal server error; see the server log"))
 
     async def fhir(request: Request) -> Response:
-        url = request.url
-        base = base_url or f"{url.scheme}://{url.netloc}{request.scope.get('root_path', '')}{prefix}"
+        base = base_url or _base(request, prefix)
         try:
             req = FhirRequest(
                 method=request.method,
                 path=request.path_params["path"],
                 params=list(request.query_params.multi_items()),
-                headers={k.lower(): v for k, v in request.headers.items()},
+                headers=dict(request.headers),  # Starlette's names are lower case already
             )
-            await _read_body(request, req)
+            if req.method not in READ_METHODS:
+                await _read_body(request, req)
         except FhirError as exc:
             return _http(_outcome(exc), request)
         # POST _search reads, everything else that is not GET/HEAD may write.
@@ -100,6 +100,13 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
         return _http(await asyncio.get_running_loop().run_in_executor(threads, run, req, base, write), request)
 
     app.add_route(f"{prefix}/{{path:path}}", fhir, methods=METHODS)
+
+
+def _base(request: Request, prefix: str) -> str:
+    """The FHIR base the client reached us by (what ``request.url`` would give, cheaper)."""
+    scope = request.scope
+    host = request.headers.get("host") or "{}:{}".format(*scope["server"])
+    return f"{scope['scheme']}://{host}{scope.get('root_path', '')}{prefix}"
 
 
 def _outcome(exc: FhirError) -> FhirResponse:

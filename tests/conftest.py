@@ -20,6 +20,7 @@ from fhir_server.db import Database
 from fhir_server.migrate import upgrade
 from fhir_server.schema import Base
 from overread.app import create_app
+from overread.server import running
 from overread.settings import Settings
 
 POSTGRES_URL = os.environ.get("OVERREAD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -91,30 +92,9 @@ def live_server(database_url: str) -> Iterator[str]:
     (fhirpy). The socket is bound before the server starts, so no other process can take
     the port in between, and the base URL is known at once.
     """
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
     app = create_app(Settings(database_url=database_url))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="live-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the live server did not start")
-        time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}/fhir"
+        with running(app) as root:
+            yield f"{root}/fhir"
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
         app.state.db.dispose()
