@@ -99,7 +99,7 @@ _JSON_KINDS: dict[type, tuple[str, tuple[type, ...]]] = {
 
 
 @dataclass(frozen=True)
-class _Field:
+class Element:
     #: A primitive type (bool, int, Decimal, str, date, ...) or a model class; None: unknown.
     kind: Any
     repeats: bool
@@ -110,9 +110,9 @@ class _Field:
 
 
 @cache
-def _fields(cls: type[BaseModel]) -> dict[str, _Field]:
+def elements(cls: type[BaseModel]) -> dict[str, Element]:
     """The elements of a model by JSON name."""
-    out: dict[str, _Field] = {}
+    out: dict[str, Element] = {}
     for name, info in cls.model_fields.items():
         key = info.alias or name
         if key.startswith("_") or name == "fhir_comments":
@@ -120,7 +120,7 @@ def _fields(cls: type[BaseModel]) -> dict[str, _Field]:
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         enum = extra.get("enum_values")
         codes = frozenset(str(c) for c in enum) if isinstance(enum, list) else None
-        out[key] = _Field(*_kind(info.annotation), None if codes is None or {"+", "etc."} & codes else codes)
+        out[key] = Element(*_kind(info.annotation), None if codes is None or {"+", "etc."} & codes else codes)
     return out
 
 
@@ -153,7 +153,7 @@ def _model_by_path(path: str) -> type[BaseModel] | None:
 
 
 def _json_type_issues(cls: type[BaseModel], obj: dict[str, Any], path: str) -> Iterator[Issue]:
-    fields = _fields(cls)
+    fields = elements(cls)
     for key, value in obj.items():
         field = fields.get(key)
         if field is None:
@@ -163,7 +163,7 @@ def _json_type_issues(cls: type[BaseModel], obj: dict[str, Any], path: str) -> I
             yield from _json_type_issue(field, item, f"{path}.{key}" + ("" if i is None else f"[{i}]"))
 
 
-def _json_type_issue(field: _Field, value: Any, path: str) -> Iterator[Issue]:
+def _json_type_issue(field: Element, value: Any, path: str) -> Iterator[Issue]:
     if value is None or isinstance(value, list):
         return  # null and wrong cardinality are the model's to report
     kind = field.kind
