@@ -59,10 +59,10 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
         try:
             if reads_one_row(req):
                 return read_one(req, base)
-            with db.transaction(write=write) as session:
-                response = handle(req, Repository(session, hooks), base)
+            with db.begin(write=write) as conn:
+                response = handle(req, Repository(conn, hooks), base)
                 if response.status >= 400:
-                    session.rollback()  # nothing half-written: an error undoes the whole request
+                    conn.rollback()  # nothing half-written: an error undoes the whole request
                 return response
         except IntegrityError:
             log.warning("conflicting concurrent write on %s %s", req.method, req.path, exc_info=True)

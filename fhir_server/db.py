@@ -57,7 +57,8 @@ class Database:
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._reader = threading.local() if self.engine.dialect.name == "sqlite" else None
-        self._write = sessionmaker(self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False)
+        self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        self._write = sessionmaker(self._write_engine, expire_on_commit=False)
         # SQLite has one writer at a time, and a connection that finds the database locked
         # sleeps in its busy handler (for up to 100 ms a turn) rather than queueing. Writers
         # of this process queue on a lock instead and never meet SQLite's lock at all.
@@ -95,8 +96,15 @@ class Database:
             raise
 
     @contextmanager
+    def begin(self, write: bool = True) -> Iterator[Connection]:
+        """One unit of work on a Core connection: committed on success, rolled back on any
+        exception. What the HTTP adapter uses: the repository needs no ORM Session."""
+        with self._writer if write else nullcontext(), (self._write_engine if write else self.engine).begin() as conn:
+            yield conn
+
+    @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Session]:
-        """One unit of work: committed on success, rolled back on any exception."""
+        """One unit of work in an ORM Session: committed on success, rolled back on any exception."""
         if not write:
             with self._read() as session, session.begin():
                 yield session
