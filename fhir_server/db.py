@@ -54,7 +54,6 @@ class Database:
     def __init__(self, url: str, **kwargs: Any) -> None:
         self.url = url
         self.engine = make_engine(url, **kwargs)
-        self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._reader = threading.local() if self.engine.dialect.name == "sqlite" else None
         self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
@@ -103,12 +102,9 @@ class Database:
             yield conn
 
     @contextmanager
-    def transaction(self, write: bool = True) -> Iterator[Session]:
-        """One unit of work in an ORM Session: committed on success, rolled back on any exception."""
-        if not write:
-            with self._read() as session, session.begin():
-                yield session
-            return
+    def transaction(self) -> Iterator[Session]:
+        """A write unit of work in an ORM Session (for workers, which handle ORM rows such as
+        the outbox's): committed on success, rolled back on any exception."""
         with self._writer, self._write() as session, session.begin():
             yield session
 

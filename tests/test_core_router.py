@@ -46,13 +46,13 @@ def call(db: Database, request: FhirRequest, hooks: Sequence[Hook] = ()) -> tupl
 
 
 def outbox(db: Database) -> list[tuple[str, str, int, Any]]:
-    with db.transaction(write=False) as session:
+    with db.transaction() as session:
         rows = session.scalars(select(OutboxRow).order_by(OutboxRow.pk)).all()
         return [(r.topic, r.resource_type, r.resource_version, orjson.loads(r.payload)) for r in rows]
 
 
 def stored_count(db: Database) -> int:
-    with db.transaction(write=False) as session:
+    with db.transaction() as session:
         return session.scalar(select(func.count()).select_from(ResourceRow)) or 0
 
 
@@ -104,7 +104,7 @@ def test_a_hook_enqueues_an_outbox_row_committed_with_the_write(db):
     )
     assert response.status == 200
     assert outbox(db)[-1] == ("task-changed", "Task", 2, {"method": "PUT", "status": "accepted"})
-    with db.transaction(write=False) as session:
+    with db.transaction() as session:
         row = session.scalars(select(OutboxRow).order_by(OutboxRow.pk.desc())).first()
         assert (row.resource_id, row.status, row.attempts) == (task_id, "pending", 0)
 
