@@ -1,6 +1,8 @@
 """Engines and transactions for SQLite (embedded default) and PostgreSQL.
 
-Every request runs in exactly one database transaction. Write transactions on SQLite
+Every request runs in exactly one database transaction (``begin``), but for the read of
+one resource, which is a single statement on an autocommit connection (``autocommit``);
+workers that handle ORM rows use ``transaction``. Write transactions on SQLite
 start with ``BEGIN IMMEDIATE`` so that a read-then-write (conditional create, If-Match)
 holds the database write lock from its first read; on PostgreSQL the repository takes
 row locks and advisory locks instead (see ``Repository.lock``).

@@ -1,5 +1,7 @@
 """The ``overread`` command line."""
 
+import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,6 +14,8 @@ from overread.settings import get_settings
 app = typer.Typer(help="Overread: radiology second-opinion interoperability server", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+hl7_app = typer.Typer(help="HL7 v2 tools", no_args_is_help=True)
+app.add_typer(hl7_app, name="hl7")
 
 
 @db_app.command("upgrade")
@@ -21,6 +25,21 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     db = Database(settings.database_url)
     upgrade(db.engine, revision)
     typer.echo(f"database {db.engine.url.render_as_string(hide_password=True)} is at {revision}")
+
+
+@hl7_app.command("map")
+def hl7_map(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)]) -> None:
+    """Print the FHIR transaction Bundle an ORM^O01/OMI^O23 file becomes (no database is touched)."""
+    from mappings.errors import MappingError
+    from mappings.orders import map_order
+    from mappings.v2 import parse
+
+    try:
+        bundle = map_order(parse(file.read_bytes()))
+    except MappingError as exc:
+        typer.echo(f"error {exc.code} at {exc.location}: {exc.text}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps(bundle, indent=2, ensure_ascii=False))
 
 
 @app.command()
