@@ -1,0 +1,382 @@
+"""The part of ORM^O01 and OMI^O23 intake the two share: one order message → one transaction Bundle.
+
+Follows the V2-to-FHIR IG segment maps ``PID[Patient]``, ``PV1[Encounter]``, ``IN1[Coverage]``,
+``ORC[ServiceRequest]``, ``OBR[ServiceRequest]``, ``TQ1[ServiceRequest]`` and ``NTE[ServiceRequest]``,
+and the message maps ``ORM_O01`` / ``OMI_O23`` (chapter 4.4 / 4.4.5 of v2.5.1). Every resource that
+could already exist is a conditional create (``ifNoneExist`` on an identifier) so that a resent
+message changes nothing; ``fullUrl``s are uuid5 of the message's sender, MSH-10 and the resource's
+role, so the same message always yields the same Bundle.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from mappings.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
+from mappings.sender import SenderConfig
+from mappings.v2 import Message, Segment
+from mappings.v2_datatypes import (
+    Json,
+    address,
+    codeable_concept,
+    cx_identifier,
+    date,
+    date_time,
+    ei_identifier,
+    human_name,
+    identifier_type,
+    instant,
+    practitioner,
+)
+
+NAMESPACE = uuid.UUID("5b0f3c1e-8f4e-4d7a-9a51-0c6a2f4b7e10")
+GENDER = {"F": "female", "M": "male", "O": "other", "U": "unknown", "A": "other", "N": "other"}
+# PatientClass[EncounterClass] concept map.
+ENCOUNTER_CLASS = {
+    "E": ("http://terminology.hl7.org/CodeSystem/v3-ActCode", "EMER", "emergency"),
+    "I": ("http://terminology.hl7.org/CodeSystem/v3-ActCode", "IMP", "inpatient encounter"),
+    "O": ("http://terminology.hl7.org/CodeSystem/v3-ActCode", "AMB", "ambulatory"),
+    "P": ("http://terminology.hl7.org/CodeSystem/v3-ActCode", "PRENC", "pre-admission"),
+}
+# Table 0027 priority (TQ-6, TQ1-9) to request-priority; codes without a FHIR peer are left out.
+PRIORITY = {"S": "stat", "A": "asap", "R": "routine", "P": "urgent", "T": "urgent"}
+STUDY_UID_SYSTEM = "urn:dicom:uid"
+PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+
+
+@dataclass(frozen=True)
+class OrderGroup:
+    """One ORC and the segments up to the next ORC (TQ1, OBR, NTE, OBX, IPC, Z-segments)."""
+
+    orc: Segment
+    members: tuple[Segment, ...]
+
+    def first(self, name: str) -> Segment | None:
+        return next((s for s in self.members if s.name == name), None)
+
+    def all(self, name: str) -> tuple[Segment, ...]:
+        return tuple(s for s in self.members if s.name == name)
+
+
+# Per-message-type choices: the accession number and the Study Instance UID of one order.
+Picker = Callable[[OrderGroup, Message], str]
+
+
+class _Builder:
+    def __init__(self, msg: Message, config: SenderConfig) -> None:
+        self.msg = msg
+        self.config = config
+        msh = msg.msh
+        self.app, self.facility = msh.field(3).component(1), msh.field(4).component(1)
+        self.control_id = msh.field(10).value
+        if not self.control_id:
+            raise MappingError(REQUIRED_FIELD_MISSING, "MSH-10", "Message control id is missing")
+        facility_system = config.system_for(
+            msh.field(4).component(1), msh.field(4).component(2), msh.field(4).component(3)
+        )
+        self.fallback = config.default_system or facility_system or "urn:overread:assigning-authority:unknown"
+        self.entries: list[Json] = []
+
+    def full_url(self, role: str) -> str:
+        key = f"{self.app}|{self.facility}|{self.control_id}|{role}"
+        return f"urn:uuid:{uuid.uuid5(NAMESPACE, key)}"
+
+    def add(self, role: str, resource: Json, match: Json | None = None) -> str:
+        url = self.full_url(role)
+        request: Json = {"method": "POST", "url": resource["resourceType"]}
+        if match:
+            request["ifNoneExist"] = "identifier=" + quote(f"{match['system']}|{match['value']}", safe=":/|")
+        self.entries.append({"fullUrl": url, "resource": resource, "request": request})
+        return url
+
+
+def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Picker) -> Json:
+    """Map an order message (already known to be ORM^O01 or OMI^O23) to a transaction Bundle."""
+    b = _Builder(msg, config)
+    org_ref = _organization(b)
+    pid = msg.segment("PID")
+    if pid is None:
+        raise MappingError(REQUIRED_FIELD_MISSING, "PID", "The order has no PID segment")
+    patient_ref = _patient(b, pid)
+    pv1 = msg.segment("PV1")
+    encounter_ref = _encounter(b, pv1, patient_ref) if pv1 else None
+    coverage_refs = [_coverage(b, n, in1, patient_ref) for n, in1 in enumerate(msg.segments("IN1"), 1)]
+    groups = _groups(msg)
+    if not groups:
+        raise MappingError(REQUIRED_FIELD_MISSING, "ORC", "The order has no ORC segment")
+    for n, group in enumerate(groups, 1):
+        sr_ref, placer = _service_request(
+            b, n, group, patient_ref, encounter_ref, coverage_refs, accession(group, msg), study_uid(group, msg)
+        )
+        _task(b, n, group, sr_ref, patient_ref, placer)
+    _provenance(b, org_ref)
+    return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
+
+
+def _groups(msg: Message) -> list[OrderGroup]:
+    groups: list[OrderGroup] = []
+    for seg in msg.segments():
+        if seg.name == "ORC":
+            groups.append(OrderGroup(seg, ()))
+        elif groups:
+            groups[-1] = OrderGroup(groups[-1].orc, (*groups[-1].members, seg))
+    return groups
+
+
+def _organization(b: _Builder) -> str:
+    """MSH-4 sending facility (HD) → Organization (IG ``HD[Organization]``)."""
+    msh4 = b.msg.msh.field(4)
+    if not msh4.component(1) and not msh4.component(2):
+        raise MappingError(REQUIRED_FIELD_MISSING, "MSH-4", "Sending facility is missing")
+    if msh4.component(2) and msh4.component(3).upper() == "ISO":
+        ident = {"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{msh4.component(2)}"}
+    else:
+        ident = {"system": "urn:overread:sending-facility", "value": msh4.component(1)}
+    org: Json = {"resourceType": "Organization", "identifier": [ident], "name": msh4.component(1) or ident["value"]}
+    return b.add("Organization/sending-facility", org, ident)
+
+
+def _patient(b: _Builder, pid: Segment) -> str:
+    """PID → Patient (IG ``PID[Patient]``): PID-3 identifiers, PID-5 name, PID-7, PID-8, PID-11."""
+    identifiers = [i for rep in pid.field(3).present() if (i := cx_identifier(rep, b.config, b.fallback))]
+    if not identifiers:
+        raise MappingError(REQUIRED_FIELD_MISSING, "PID-3", "Patient identifier list is missing")
+    patient: Json = {"resourceType": "Patient", "identifier": identifiers}
+    names = [n for rep in pid.field(5).present() if (n := human_name(rep))]
+    if names:
+        patient["name"] = names
+    sex = pid.field(8).value
+    if sex:
+        patient["gender"] = GENDER.get(sex, "unknown")
+    birth = date(pid.field(7).value, "PID-7")
+    if birth:
+        patient["birthDate"] = birth
+    addresses = [a for rep in pid.field(11).present() if (a := address(rep))]
+    if addresses:
+        patient["address"] = addresses
+    # The first PID-3 repetition is the sender's primary id: the one a patient is matched on.
+    return b.add("Patient", patient, identifiers[0])
+
+
+def _contained_practitioner(seg: Segment, field_no: int, b: _Builder, local_id: str) -> tuple[Json | None, Json | None]:
+    """An XCN as (entry reference, contained resource): a shared Practitioner only when it has an id.
+
+    A name without an identifier cannot be matched, so it stays inside the resource that names it
+    (contained) instead of becoming a new Practitioner on every resend.
+    """
+    rep = seg.field(field_no).first
+    resource = practitioner(rep, b.config, b.fallback)
+    if resource is None:
+        return None, None
+    if "identifier" in resource:
+        url = b.add(f"Practitioner/{resource['identifier'][0]['value']}", resource, resource["identifier"][0])
+        return {"reference": url}, None
+    return {"reference": f"#{local_id}"}, {"id": local_id, **resource}
+
+
+def _encounter(b: _Builder, pv1: Segment, patient_ref: str) -> str:
+    """PV1 → Encounter (IG ``PV1[Encounter]``): class from PV1-2, PV1-19 visit number, PV1-8 referrer."""
+    klass = pv1.field(2).value
+    system, code, display = ENCOUNTER_CLASS.get(
+        klass, ("http://terminology.hl7.org/CodeSystem/v2-0004", klass or "U", "")
+    )
+    coding: Json = {"system": system, "code": code}
+    if display:
+        coding["display"] = display
+    enc: Json = {"resourceType": "Encounter", "status": "unknown", "class": coding}
+    visit = cx_identifier(pv1.field(19).first, b.config, b.fallback)
+    if visit:
+        visit.setdefault("type", identifier_type("VN"))
+        enc["identifier"] = [visit]
+    enc["subject"] = {"reference": patient_ref}
+    ref, contained = _contained_practitioner(pv1, 8, b, "referrer")
+    if ref:
+        if contained:
+            enc["contained"] = [contained]
+        part_type = {"coding": [{"system": PARTICIPATION_TYPE, "code": "REF"}]}
+        enc["participant"] = [{"type": [part_type], "individual": ref}]
+    return b.add("Encounter", enc, visit)
+
+
+def _coverage(b: _Builder, n: int, in1: Segment, patient_ref: str) -> str:
+    """IN1 → Coverage (IG ``IN1[Coverage]``): IN1-3/4 payor, IN1-2 plan, IN1-49 subscriber id.
+
+    Deviation from the IG, on purpose: the IG makes IN1-2 (health plan id) the Coverage identifier,
+    but a plan id is shared by every member of the plan, so matching on it would merge patients'
+    coverages. The policy number IN1-36 (which the IG leaves unmapped) is the identifier and the
+    conditional-create key here; IN1-2 goes to ``class`` (plan).
+    """
+    payor_id = cx_identifier(in1.field(3).first, b.config, b.fallback)
+    payor_name = in1.field(4).component(1)
+    if not payor_id and not payor_name:
+        raise MappingError(REQUIRED_FIELD_MISSING, f"IN1[{n}]-3", "Insurance company id and name are missing")
+    payor: Json = {"resourceType": "Organization"}
+    if payor_id:
+        payor["identifier"] = [payor_id]
+    if payor_name:
+        payor["name"] = payor_name
+    coverage: Json = {"resourceType": "Coverage", "status": "active"}
+    policy = in1.field(36).value
+    policy_id = {"system": f"{b.fallback}:policy", "value": policy} if policy else None
+    if policy_id:
+        coverage["identifier"] = [policy_id]
+    plan = codeable_concept(in1.field(2).first)
+    if plan:
+        plan_type = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/coverage-class", "code": "plan"}]}
+        coverage["class"] = [{"type": plan_type, "value": in1.field(2).component(1) or plan.get("text", "")}]
+    subscriber = in1.field(49).component(1)
+    if subscriber:
+        coverage["subscriberId"] = subscriber
+    coverage["beneficiary"] = {"reference": patient_ref}
+    if payor_id:
+        coverage["payor"] = [{"reference": b.add(f"Organization/payor/{n}", payor, payor_id)}]
+    else:
+        coverage["contained"] = [{"id": "payor", **payor}]
+        coverage["payor"] = [{"reference": "#payor"}]
+    return b.add(f"Coverage/{n}", coverage, policy_id)
+
+
+def _service_request(
+    b: _Builder,
+    n: int,
+    group: OrderGroup,
+    patient_ref: str,
+    encounter_ref: str | None,
+    coverage_refs: list[str],
+    accession: str,
+    study_uid: str,
+) -> tuple[str, Json]:
+    """ORC + OBR (+ TQ1, NTE) → ServiceRequest (IG ``ORC[ServiceRequest]``, ``OBR[ServiceRequest]``)."""
+    orc, obr = group.orc, group.first("OBR")
+    at = f"ORC[{n}]" if n > 1 else "ORC"
+    control = orc.field(1).value
+    if control != "NW":
+        # Only new orders open a case here; CA/DC/XO/SC/HD/RL change an existing one (hl7_bridge).
+        raise MappingError(TABLE_VALUE_NOT_FOUND, f"{at}-1", f"Order control {control!r} is not a new order (NW)")
+    if obr is None:
+        raise MappingError(REQUIRED_FIELD_MISSING, "OBR", "The order has no OBR segment")
+    placer = ei_identifier(orc.field(2).first, b.config, b.fallback, "PLAC") or ei_identifier(
+        obr.field(2).first, b.config, b.fallback, "PLAC"
+    )
+    if placer is None:
+        raise MappingError(REQUIRED_FIELD_MISSING, f"{at}-2", "Placer order number (ORC-2 or OBR-2) is missing")
+    identifiers = [placer]
+    filler = ei_identifier(orc.field(3).first, b.config, b.fallback, "FILL") or ei_identifier(
+        obr.field(3).first, b.config, b.fallback, "FILL"
+    )
+    if filler:
+        identifiers.append(filler)
+    if accession:
+        identifiers.append({"type": identifier_type("ACSN"), "system": b.fallback, "value": accession})
+    if study_uid:
+        identifiers.append({"system": STUDY_UID_SYSTEM, "value": f"urn:oid:{study_uid}"})
+    sr: Json = {"resourceType": "ServiceRequest", "identifier": identifiers, "status": "active", "intent": "order"}
+    code = codeable_concept(obr.field(4).first)
+    if code is None:
+        raise MappingError(REQUIRED_FIELD_MISSING, "OBR-4", "Universal service identifier is missing")
+    tq1 = group.first("TQ1")
+    priority = PRIORITY.get(orc.field(7).component(6)) or (PRIORITY.get(tq1.field(9).component(1)) if tq1 else None)
+    if priority:
+        sr["priority"] = priority
+    sr["code"] = code
+    sr["subject"] = {"reference": patient_ref}
+    if encounter_ref:
+        sr["encounter"] = {"reference": encounter_ref}
+    start = date_time(tq1.field(7).component(1), b.config, "TQ1-7") if tq1 else None
+    if start:
+        sr["occurrencePeriod"] = {"start": start}
+    authored = date_time(orc.field(9).component(1), b.config, f"{at}-9") or date_time(
+        b.msg.msh.field(7).component(1), b.config, "MSH-7"
+    )
+    if authored:
+        sr["authoredOn"] = authored
+    requester_seg, requester_field = (orc, 12) if not orc.field(12).is_empty() else (obr, 16)
+    ref, contained = _contained_practitioner(requester_seg, requester_field, b, "requester")
+    if contained:
+        sr["contained"] = [contained]
+    if ref:
+        sr["requester"] = ref
+    reasons = [c for rep in obr.field(31).present() if (c := codeable_concept(rep))]
+    if reasons:
+        sr["reasonCode"] = reasons
+    if coverage_refs:
+        sr["insurance"] = [{"reference": r} for r in coverage_refs]
+    notes = _notes(group)
+    if notes:
+        sr["note"] = notes
+    # Re-ordering the same placer number is the same order: match on it.
+    return b.add(f"ServiceRequest/{n}", sr, placer), placer
+
+
+def _notes(group: OrderGroup) -> list[Json]:
+    """NTE after the OBR → Annotation (IG ``NTE[ServiceRequest]``): NTE-3 lines joined by newlines."""
+    notes: list[Json] = []
+    seen_obr = False
+    for seg in group.members:
+        if seg.name == "OBR":
+            seen_obr = True
+        elif seg.name == "OBX":
+            seen_obr = False  # NTEs after an OBX annotate that observation, not the order
+        elif seg.name == "NTE" and seen_obr:
+            text = "\n".join(r.value for r in seg.field(3).present())
+            if text:
+                notes.append({"text": text})
+    return notes
+
+
+def _task(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref: str, placer: Json) -> None:
+    """The case tracker: a Task (requested, order) whose focus is the ServiceRequest."""
+    task: Json = {
+        "resourceType": "Task",
+        "identifier": [placer],
+        "status": "requested",
+        "intent": "order",
+        "focus": {"reference": sr_ref},
+        "for": {"reference": patient_ref},
+    }
+    authored = date_time(b.msg.msh.field(7).component(1), b.config, "MSH-7")
+    if authored:
+        task["authoredOn"] = authored
+    b.add(f"Task/{n}", task, placer)
+
+
+def _provenance(b: _Builder, org_ref: str) -> None:
+    """A Provenance (IG ``MSH[Provenance-Source]``) tying every resource to the message (MSH-10)."""
+    recorded = instant(b.msg.msh.field(7).component(1), b.config, "MSH-7")
+    if recorded is None:
+        raise MappingError(REQUIRED_FIELD_MISSING, "MSH-7", "Date/time of message is missing")
+    system = f"urn:overread:message:{quote(b.app, safe='')}:{quote(b.facility, safe='')}"
+    provenance: Json = {
+        "resourceType": "Provenance",
+        "target": [{"reference": e["fullUrl"]} for e in b.entries],
+        "recorded": recorded,
+        "activity": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "CREATE"}]
+        },
+        "agent": [
+            {
+                "type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": "author"}]},
+                "who": {"reference": org_ref},
+            }
+        ],
+        "entity": [
+            {
+                "role": "source",
+                "what": {
+                    "identifier": {"system": system, "value": b.control_id},
+                    "display": b.msg.msh.field(9).first.component(1) + "^" + b.msg.msh.field(9).component(2),
+                },
+            }
+        ],
+    }
+    b.add("Provenance", provenance)
+
+
+def study_uid_from_zds(msg: Message) -> str:
+    """ZDS-1.1: the Study Instance UID in the dcm4che / IHE SWF convention."""
+    zds = msg.segment("ZDS")
+    return zds.field(1).component(1) if zds else ""

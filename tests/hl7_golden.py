@@ -1,0 +1,36 @@
+"""The golden-file cases of HL7 order intake: which .hl7 files, and where their expected .json lives."""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mappings.errors import MappingError
+from mappings.orders import map_order
+from mappings.v2 import parse
+
+GOLDEN = Path(__file__).parent / "golden" / "hl7"
+# The shared fixtures sit beside the repository (``../shared/fixtures/hl7``), as ARCHITECTURE.md says.
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hl7"
+DCM4CHE = Path(os.environ.get("OVERREAD_HL7_FIXTURES", str(SHARED))) / "dcm4che"
+# The order messages among the shared fixtures (OMG^O19 is an order too, one Overread refuses).
+DCM4CHE_ORDERS = ["OMI_O23-ImagingOrder", "ORM_O01-GeneralOrder", "OMG_O19-GeneralClinicalOrder-Eyecare"]
+
+
+def cases() -> list[tuple[Path, Path]]:
+    """(message, expected) pairs: the shared dcm4che orders, then our own edge cases."""
+    shared = [(DCM4CHE / f"{name}.hl7", GOLDEN / f"dcm4che-{name}.json") for name in DCM4CHE_ORDERS]
+    own = [(path, path.with_suffix(".json")) for path in sorted(GOLDEN.glob("*.hl7"))]
+    return shared + own
+
+
+def outcome(message: Path) -> dict[str, Any]:
+    """The Bundle a message maps to, or ``{"error": ...}`` for the MappingError it raises."""
+    try:
+        return map_order(parse(message.read_bytes()))
+    except MappingError as exc:
+        return {"error": {"code": exc.code, "location": exc.location, "text": exc.text}}
+
+
+def dump(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"

@@ -1,0 +1,113 @@
+"""Golden files: each order .hl7 maps to exactly its .json (a Bundle, or the MappingError).
+
+Regenerate after an intended mapping change with ``OVERREAD_UPDATE_GOLDEN=1 pytest tests/test_hl7_order_golden.py``
+and review the diff.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from fhir_server.validation import validate
+from tests.hl7_golden import GOLDEN, cases, dump, outcome
+
+UPDATE = os.environ.get("OVERREAD_UPDATE_GOLDEN") == "1"
+CASES = cases()
+IDS = [message.stem for message, _ in CASES]
+
+
+@pytest.mark.parametrize(("message", "expected"), CASES, ids=IDS)
+def test_message_maps_to_its_golden_file(message: Path, expected: Path):
+    if not message.exists():
+        pytest.skip(f"fixture {message} is not on this machine")
+    result = outcome(message)
+    if UPDATE:
+        expected.write_text(dump(result), encoding="utf-8")
+    assert result == json.loads(expected.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(("message", "expected"), CASES, ids=IDS)
+def test_every_mapped_resource_is_valid_r4(message: Path, expected: Path):
+    bundle = json.loads(expected.read_text(encoding="utf-8"))
+    if "error" in bundle:
+        pytest.skip("an error case")
+    Bundle.model_validate(bundle)  # the server validates entries, not the Bundle: check its shape here
+    for entry in bundle["entry"]:
+        validate(entry["resource"])
+
+
+def test_mapping_is_deterministic():
+    message = GOLDEN / "orm_crlf_bom.hl7"
+    assert outcome(message) == outcome(message)
+
+
+def _golden(name: str) -> dict:
+    return json.loads((GOLDEN / name).read_text(encoding="utf-8"))
+
+
+def _resources(bundle: dict, rtype: str) -> list[dict]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+def test_the_file_named_orm_is_mapped_as_the_omi_it_holds():
+    bundle = _golden("dcm4che-ORM_O01-GeneralOrder.json")
+    provenance = _resources(bundle, "Provenance")[0]
+    assert provenance["entity"][0]["what"]["display"] == "OMI^O23"
+    identifiers = _resources(bundle, "ServiceRequest")[0]["identifier"]
+    assert {"system": "urn:dicom:uid", "value": "urn:oid:1.2.392.200036.9125.0.198811291108.7"} in identifiers
+    assert any(i.get("type", {}).get("coding", [{}])[0].get("code") == "ACSN" for i in identifiers)
+
+
+def test_omi_takes_accession_and_study_uid_from_ipc():
+    sr = _resources(_golden("dcm4che-OMI_O23-ImagingOrder.json"), "ServiceRequest")[0]
+    acsn = [i["value"] for i in sr["identifier"] if i.get("type", {}).get("coding", [{}])[0].get("code") == "ACSN"]
+    assert acsn == ["AccessionNumber"]
+    assert sr["reasonCode"][0]["coding"][0]["display"].endswith("12 \u201335.,comorbidity in tier 3")
+
+
+def test_edge_cases_read_as_sent():
+    esc = _golden("orm_escapes_cr.json")
+    patient = _resources(esc, "Patient")[0]
+    assert patient["name"][0] == {"family": "Smith&Jones", "given": ["Ann^Marie"]}
+    note = _resources(esc, "ServiceRequest")[0]["note"][0]["text"]
+    assert note == "Line one\nLine two has | pipe, ~ tilde, \u00e9 e-acute and bold text"
+    assert _resources(_golden("orm_latin1.json"), "Patient")[0]["name"][0]["family"] == "M\u00fcller"
+    repeated = _resources(_golden("orm_lf_zds_repeated_pid3.json"), "Patient")[0]["identifier"]
+    assert [i["value"] for i in repeated] == ["MRN-1", "123-45-6789"]
+    bom = _golden("orm_crlf_bom.json")
+    assert _resources(bom, "Patient")[0]["identifier"][0]["system"] == "urn:oid:2.16.840.1.113883.19.5"
+    assert _resources(bom, "Coverage")[0]["identifier"][0]["value"] == "POL-123"
+    assert _golden("orm_missing_pid3.json")["error"]["code"] == 101
+    assert _golden("dcm4che-OMG_O19-GeneralClinicalOrder-Eyecare.json")["error"]["code"] == 200
+
+
+def test_cli_prints_the_same_bundle():
+    message = GOLDEN / "orm_crlf_bom.hl7"
+    result = subprocess.run(
+        [sys.executable, "-m", "overread.cli", "hl7", "map", str(message)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == outcome(message)
+
+
+def test_cli_reports_a_mapping_error_on_stderr():
+    message = GOLDEN / "orm_missing_pid3.hl7"
+    result = subprocess.run(
+        [sys.executable, "-m", "overread.cli", "hl7", "map", str(message)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "101 at PID-3" in result.stderr

@@ -1,0 +1,41 @@
+"""A mapped order Bundle, posted to the FHIR server, opens one case; posting it again opens none."""
+
+import pytest
+
+from tests.hl7_golden import DCM4CHE, GOLDEN, outcome
+
+COUNTED = ("Patient", "ServiceRequest", "Task", "Organization", "Encounter", "Coverage")
+
+
+def _count(client, rtype: str) -> int:
+    response = client.get(f"/fhir/{rtype}", params={"_summary": "count"})
+    assert response.status_code == 200, response.text
+    return response.json()["total"]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [DCM4CHE / "OMI_O23-ImagingOrder.hl7", GOLDEN / "orm_crlf_bom.hl7"],
+    ids=["dcm4che-OMI_O23", "orm_crlf_bom"],
+)
+def test_posting_a_mapped_order_twice_creates_one_case(client, message):
+    if not message.exists():
+        pytest.skip(f"fixture {message} is not on this machine")
+    bundle = outcome(message)
+    first = client.post("/fhir", json=bundle)
+    assert first.status_code == 200, first.text
+    statuses = [e["response"]["status"] for e in first.json()["entry"]]
+    assert all(s.startswith("201") for s in statuses), statuses
+    counts = {rtype: _count(client, rtype) for rtype in COUNTED}
+    assert counts["Patient"] == counts["ServiceRequest"] == counts["Task"] == 1
+
+    again = client.post("/fhir", json=bundle)
+    assert again.status_code == 200, again.text
+    assert {rtype: _count(client, rtype) for rtype in COUNTED} == counts
+
+    task = client.get("/fhir/Task").json()["entry"][0]["resource"]
+    sr = client.get("/fhir/ServiceRequest").json()["entry"][0]["resource"]
+    patient = client.get("/fhir/Patient").json()["entry"][0]["resource"]
+    assert task["status"] == "requested"
+    assert task["focus"]["reference"] == f"ServiceRequest/{sr['id']}"
+    assert sr["subject"]["reference"] == f"Patient/{patient['id']}"
