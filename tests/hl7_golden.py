@@ -13,6 +13,8 @@ GOLDEN = Path(__file__).parent / "golden" / "hl7"
 # The shared fixtures sit beside the repository (``../shared/fixtures/hl7``), as ARCHITECTURE.md says.
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hl7"
 DCM4CHE = Path(os.environ.get("OVERREAD_HL7_FIXTURES", str(SHARED))) / "dcm4che"
+# A missing fixture folder fails the run rather than quietly skipping what it should prove.
+assert DCM4CHE.is_dir(), f"the shared HL7 fixtures are not at {DCM4CHE} (set OVERREAD_HL7_FIXTURES)"
 # The order messages among the shared fixtures (OMG^O19 is an order too, one Overread refuses).
 DCM4CHE_ORDERS = ["OMI_O23-ImagingOrder", "ORM_O01-GeneralOrder", "OMG_O19-GeneralClinicalOrder-Eyecare"]
 

@@ -27,8 +27,8 @@ from hl7_bridge.mllp import (
     frame,
     send,
 )
+from tests.hl7_golden import DCM4CHE as FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures/hl7/dcm4che")
 HOST = "127.0.0.1"
 
 
