@@ -98,3 +98,14 @@ def live_server(database_url: str) -> Iterator[str]:
             yield f"{root}/fhir"
     finally:
         app.state.db.dispose()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """A client on the radiology store of tests/search_data.py, loaded once per module and database.
+
+    Read-only search tests share it; a module may override ``store`` with data of its own.
+    """
+    from tests.search_data import module_client, radiology  # it imports this module
+
+    yield from module_client(request, tmp_path_factory, radiology)

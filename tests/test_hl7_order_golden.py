@@ -84,28 +84,20 @@ def test_edge_cases_read_as_sent():
     assert _golden("dcm4che-OMG_O19-GeneralClinicalOrder-Eyecare.json")["error"]["code"] == 200
 
 
+def _map_cli(message: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "overread.cli", "hl7", "map", str(message)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
 def test_cli_prints_the_same_bundle():
     message = GOLDEN / "orm_crlf_bom.hl7"
-    result = subprocess.run(
-        [sys.executable, "-m", "overread.cli", "hl7", "map", str(message)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _map_cli(message)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == outcome(message)
 
 
 def test_cli_reports_a_mapping_error_on_stderr():
-    message = GOLDEN / "orm_missing_pid3.hl7"
-    result = subprocess.run(
-        [sys.executable, "-m", "overread.cli", "hl7", "map", str(message)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _map_cli(GOLDEN / "orm_missing_pid3.hl7")
     assert result.returncode == 1
     assert result.stdout == ""
     assert "101 at PID-3" in result.stderr

@@ -20,19 +20,11 @@ from tests.search_data import (
     XR_CHEST,
     assert_outcome,
     found,
-    module_client,
     patient,
     put,
     put_all,
-    radiology,
     service_request,
 )
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def store(request, tmp_path_factory):
-    yield from module_client(request, tmp_path_factory, radiology)
-
 
 AUTHORED = [
     # precision: the search value is the whole year, month, day or second it names

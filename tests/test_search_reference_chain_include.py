@@ -12,21 +12,13 @@ from tests.search_data import (
     assert_outcome,
     found,
     ids,
-    module_client,
     patient,
     put_all,
-    radiology,
     search,
     service_request,
     task,
     typed_ids,
 )
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def store(request, tmp_path_factory):
-    yield from module_client(request, tmp_path_factory, radiology)
-
 
 # -- reference ---------------------------------------------------------------------------
 

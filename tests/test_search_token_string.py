@@ -10,21 +10,14 @@ from tests.search_data import (
     MRN,
     assert_outcome,
     found,
-    module_client,
     patient,
     put,
-    radiology,
     search,
     typed_identifier,
 )
 
 ALL_PATIENTS = {"pat-muller", "pat-muller2", "pat-obermuller", "pat-smith"}
 ALL_ORDERS = {"sr-1", "sr-2", "sr-3", "sr-4"}
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def store(request, tmp_path_factory):
-    yield from module_client(request, tmp_path_factory, radiology)
 
 
 # -- token -------------------------------------------------------------------------------
