@@ -289,3 +289,19 @@ def _escape_value(seq: str, enc: Encoding, verbatim: str) -> str:
         except UnicodeDecodeError:
             return raw.decode("latin-1")
     return verbatim
+
+
+def escape(text: str, enc: Encoding) -> str:
+    """The inverse of ``unescape`` for the delimiters and line breaks (chapter 2.7.1)."""
+    out = text.replace(enc.escape, f"{enc.escape}E{enc.escape}")
+    for char, code in ((enc.field, "F"), (enc.component, "S"), (enc.subcomponent, "T"), (enc.repetition, "R")):
+        out = out.replace(char, f"{enc.escape}{code}{enc.escape}")
+    return out.replace("\r\n", "\n").replace("\r", "\n").replace("\n", f"{enc.escape}.br{enc.escape}")
+
+
+def encode_field(field: Field, enc: Encoding) -> str:
+    """A parsed field as message text again, escaped with the message's delimiters."""
+    return enc.repetition.join(
+        enc.component.join(enc.subcomponent.join(escape(s, enc) for s in component) for component in rep.components)
+        for rep in field.repetitions
+    )

@@ -42,6 +42,28 @@ def hl7_map(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, re
     typer.echo(json.dumps(bundle, indent=2, ensure_ascii=False))
 
 
+@hl7_app.command("send")
+def hl7_send(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    host: Annotated[str, typer.Option(help="the MLLP listener's host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the MLLP listener's port")] = 2575,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the ACK")] = 30.0,
+) -> None:
+    """Send one v2 message file over MLLP and print the ACK (segments one per line)."""
+    import asyncio
+
+    from hl7_bridge.mllp import send
+
+    # Files hold segments one per line, whatever the line end; on the wire they end in CR.
+    message = b"\r".join(file.read_bytes().splitlines()).strip(b"\r") + b"\r"
+    try:
+        reply = asyncio.run(send(host, port, message, timeout))
+    except (OSError, TimeoutError) as exc:
+        typer.echo(f"no ACK from {host}:{port}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(reply.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n"))
+
+
 @app.command()
 def serve() -> None:
     """Run the server (FHIR REST API) until interrupted."""
