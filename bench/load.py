@@ -47,9 +47,9 @@ Progress = Callable[[int], None]
 def _worker(url: str, start: int, stop: int, migrate: bool, progress: Any) -> None:
     """Create resources ``start`` ≤ n < ``stop`` with ``Repository.create`` into ``url``."""
     from fhir_server.db import Database
-    from fhir_server.migrate import upgrade
     from fhir_server.repository import Repository
     from fhir_server.search_params import registry
+    from overread.migrate import upgrade
 
     db = Database(url)
     if migrate:

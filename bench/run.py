@@ -78,7 +78,7 @@ class Report:
 def target_store(kind: str, args: argparse.Namespace, console: Console) -> Iterator[str]:
     """A fresh, migrated store; removed afterwards unless --keep."""
     from fhir_server.db import Database
-    from fhir_server.migrate import upgrade
+    from overread.migrate import upgrade
 
     if kind == "sqlite":
         folder = Path(tempfile.mkdtemp(prefix="overread-bench-"))

@@ -1,10 +1,18 @@
-"""Start-up wiring: the FastAPI application on one database."""
+"""Start-up wiring: the FastAPI application and the MLLP listener on one database."""
 
+import asyncio
+import logging
+
+import uvicorn
 from fastapi import FastAPI
 
 from fhir_server import api
 from fhir_server.db import Database
+from hl7_bridge.intake import receive
+from hl7_bridge.mllp import MllpServer
 from overread.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
@@ -13,3 +21,22 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     app.state.db = db
     api.mount(app, db, base_url=settings.public_base_url)
     return app
+
+
+def mllp_listener(settings: Settings, db: Database) -> MllpServer:
+    """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT (storage runs off the event loop)."""
+
+    async def handler(message: bytes) -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(None, receive, db, message)
+
+    return MllpServer(handler, settings.mllp_host, settings.mllp_port)
+
+
+async def serve_all(settings: Settings, db: Database) -> None:
+    """Every listener of ``overread serve`` in one event loop, until interrupted."""
+    http = uvicorn.Server(
+        uvicorn.Config(create_app(settings, db), host=settings.http_host, port=settings.http_port, log_level="info")
+    )
+    async with mllp_listener(settings, db) as mllp:
+        log.warning("HL7 MLLP listener on %s:%s", settings.mllp_host, mllp.port)
+        await http.serve()

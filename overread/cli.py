@@ -5,10 +5,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import uvicorn
 
 from fhir_server.db import Database
-from fhir_server.migrate import upgrade
+from overread.migrate import upgrade
 from overread.settings import get_settings
 
 app = typer.Typer(help="Overread: radiology second-opinion interoperability server", no_args_is_help=True)
@@ -66,14 +65,16 @@ def hl7_send(
 
 @app.command()
 def serve() -> None:
-    """Run the server (FHIR REST API) until interrupted."""
-    from overread.app import create_app
+    """Run the server (FHIR REST API and the HL7 MLLP listener) until interrupted."""
+    import asyncio
+
+    from overread.app import serve_all
 
     settings = get_settings()
     db = Database(settings.database_url)
     if db.engine.dialect.name == "sqlite":
         upgrade(db.engine)  # the embedded default keeps itself current
-    uvicorn.run(create_app(settings, db), host=settings.http_host, port=settings.http_port, log_level="info")
+    asyncio.run(serve_all(settings, db))
 
 
 @app.command()

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 
 from fhir_server.db import Database
-from fhir_server.migrate import upgrade
 from overread.app import create_app
+from overread.migrate import upgrade
 from overread.server import running
 from overread.settings import Settings, get_settings
 

@@ -12,6 +12,7 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///./overread.db"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    mllp_host: str = "127.0.0.1"
     mllp_port: int = 2575
     dicom_ae_title: str = "OVERREAD"
     dicom_port: int = 11112

@@ -17,9 +17,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import make_url, text
 
 from fhir_server.db import Database
-from fhir_server.migrate import upgrade
-from fhir_server.schema import Base
 from overread.app import create_app
+from overread.migrate import METADATA, upgrade
 from overread.server import running
 from overread.settings import Settings
 
@@ -64,7 +63,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url: str = request.getfixturevalue("postgres_url")
     db = Database(url)
     with db.engine.begin() as conn:
-        tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+        tables = ", ".join(t.name for t in METADATA.sorted_tables)
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     db.dispose()
     return url

@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import make_url
 
 from fhir_server.db import Database
-from fhir_server.migrate import upgrade
 from overread.app import create_app
+from overread.migrate import upgrade
 from overread.settings import Settings
 from tests.conftest import FHIR_JSON, POSTGRES_URL
 

@@ -10,7 +10,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from fhir_server.db import Database
-from fhir_server.schema import Base
+from overread.migrate import METADATA
 
 OVERREAD = [sys.executable, "-m", "overread.cli"]
 
@@ -22,7 +22,7 @@ def _run(args: list[str], cwd: Path, url: str) -> subprocess.CompletedProcess[st
 
 def test_migrations_match_the_models(db: Database):
     with db.engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn), METADATA)
     assert diff == []
 
 

@@ -1,4 +1,5 @@
-"""Schema migrations (Alembic) run from code: ``overread db upgrade`` and server start-up."""
+"""Schema migrations (Alembic) of the whole deployment, run from code: ``overread db upgrade``
+and server start-up. The app package owns them because it alone knows every package's tables."""
 
 from pathlib import Path
 
@@ -6,7 +7,12 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
 
+import hl7_bridge.store  # noqa: F401  (its tables join the FHIR store's metadata)
+from fhir_server.schema import Base
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: Every table the migrations create, for autogenerate and the test that they match the models.
+METADATA = Base.metadata
 
 
 def alembic_config(url: str = "") -> Config:

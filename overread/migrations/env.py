@@ -1,16 +1,16 @@
-"""Alembic environment: runs on the connection handed over by ``fhir_server.migrate``."""
+"""Alembic environment: runs on the connection handed over by ``overread.migrate``."""
 
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from fhir_server.schema import Base
+from overread.migrate import METADATA
 
 config = context.config
 connection = config.attributes.get("connection")
 
 
 def run(conn: Connection) -> None:
-    context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True)
+    context.configure(connection=conn, target_metadata=METADATA, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
 

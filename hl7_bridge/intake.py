@@ -1,0 +1,106 @@
+"""Order intake: one inbound v2 message → stored, mapped, written, acknowledged.
+
+The message row, the resources its Bundle makes and the ACK are committed in one database
+transaction, and the ACK goes back only after that commit (v2.5.1 §2.9.2: the receiver
+acknowledges what it has safely stored). A message whose key (MSH-3, MSH-4, MSH-10) is
+already stored gets the stored ACK again and changes nothing. A message that cannot be
+parsed is stored as rejected and answered AR; one that cannot be mapped, or whose Bundle the
+FHIR store refuses, is stored with its error and answered AE; its resources are not written.
+"""
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from fhir_server import bundle, dates
+from fhir_server.db import Database
+from fhir_server.errors import FhirError
+from fhir_server.repository import Repository
+from fhir_server.router import handle
+from hl7_bridge.ack import ack_code, acknowledge
+from hl7_bridge.store import ERROR, PROCESSED, RECEIVED, REJECTED, InboundMessage
+from mappings.errors import DATA_TYPE_ERROR, MappingError
+from mappings.orders import map_order
+from mappings.sender import SenderConfig
+from mappings.v2 import Message, parse
+
+#: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
+BASE = "urn:overread:hl7"
+_KEY = ("sending_application", "sending_facility", "control_id")
+
+
+def receive(db: Database, raw: bytes, config: SenderConfig | None = None) -> bytes:
+    """Store, map and write one message; return the ACK to send."""
+    started = time.perf_counter()
+    try:
+        message = parse(raw)
+    except MappingError as exc:
+        return _reject(db, raw, exc, started)
+    key = {
+        "sending_application": message.msh.field(3).value,
+        "sending_facility": message.msh.field(4).value,
+        "control_id": message.msh.field(10).value,
+    }
+    with db.begin() as conn:
+        pk = _claim(conn, raw, message, key)
+        if pk is None:  # a resend: the first one's answer, nothing else
+            stored = select(InboundMessage.ack).where(*(getattr(InboundMessage, k) == v for k, v in key.items()))
+            return conn.execute(stored).scalar_one() or b""
+        mapped: dict[str, Any] | None = None
+        response: dict[str, Any] | None = None
+        error: MappingError | None = None
+        try:
+            mapped = map_order(message, config)
+            response = bundle.process(mapped, Repository(conn), BASE, handle)
+        except MappingError as exc:
+            error = exc
+        except FhirError as exc:  # the store refused what the message says: its content is at fault
+            error = MappingError(DATA_TYPE_ERROR, "", f"The order does not make valid FHIR: {exc}")
+        ack = acknowledge(message, error, control_id=uuid.uuid4().hex[:20], now=dates.now())
+        conn.execute(
+            update(InboundMessage)
+            .where(InboundMessage.pk == pk)
+            .values(
+                status=ERROR if error else PROCESSED,
+                bundle=_json(mapped),
+                response=_json(response),
+                ack=ack,
+                ack_code=ack_code(message, error),
+                error=str(error) if error else None,
+                processing_ms=(time.perf_counter() - started) * 1000,
+            )
+        )
+    return ack
+
+
+def _claim(conn: Connection, raw: bytes, message: Message, key: dict[str, str]) -> int | None:
+    """Insert the message's row, or return None when its key is taken (a resend).
+
+    ON CONFLICT DO NOTHING: on PostgreSQL a concurrent transaction holding the same key makes
+    this one wait for its outcome, so two copies of one message never both go on.
+    """
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    row = dialect_insert(InboundMessage).values(
+        received_at=dates.now(), message_type=message.message_type, status=RECEIVED, raw=raw, **key
+    )
+    return conn.execute(row.on_conflict_do_nothing(index_elements=_KEY).returning(InboundMessage.pk)).scalar()
+
+
+def _reject(db: Database, raw: bytes, error: MappingError, started: float) -> bytes:
+    ack = acknowledge(None, error, control_id=uuid.uuid4().hex[:20], now=dates.now())
+    with db.begin() as conn:
+        conn.execute(
+            insert(InboundMessage).values(
+                received_at=dates.now(), status=REJECTED, raw=raw, ack=ack, ack_code=ack_code(None, error),
+                error=str(error), processing_ms=(time.perf_counter() - started) * 1000,
+            )
+        )  # fmt: skip
+    return ack
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()

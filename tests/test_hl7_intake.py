@@ -1,0 +1,124 @@
+"""Order intake end to end: message stored, case created, ACK after commit, resends answered once."""
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import hl7
+import hl7.mllp
+import pytest
+from sqlalchemy import func, select
+
+from fhir_server.db import Database
+from hl7_bridge.intake import receive
+from hl7_bridge.mllp import MllpServer
+from hl7_bridge.store import InboundMessage
+from mappings.v2 import parse
+from tests.hl7_golden import DCM4CHE, GOLDEN
+
+OMI = (DCM4CHE / "OMI_O23-ImagingOrder.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+
+
+def _msa(ack: bytes) -> tuple[str, str]:
+    msa = hl7.parse(ack.decode()).segment("MSA")
+    return str(msa[1]), str(msa[2])
+
+
+def _count(db: Database, rtype: str) -> int:
+    from fhir_server.schema import ResourceRow
+
+    with db.begin(write=False) as conn:
+        return conn.scalar(select(func.count()).where(ResourceRow.type == rtype, ~ResourceRow.deleted)) or 0
+
+
+def _rows(db: Database) -> list[InboundMessage]:
+    with db.transaction() as session:
+        return list(session.scalars(select(InboundMessage).order_by(InboundMessage.pk)))
+
+
+def _order(n: int) -> bytes:
+    """The OMI fixture as the n-th distinct order: its own MSH-10, patient and placer number."""
+    return (
+        OMI.replace(b"|1001125|", f"|MSG{n:04d}|".encode())
+        .replace(b"PID_1^^^ADT1", f"PID_{n}^^^ADT1".encode())
+        .replace(b"PlacerOrderNumberImagingServiceRequest", f"PLAC{n:04d}".encode())
+    )
+
+
+def test_an_order_becomes_a_case_and_is_acknowledged(db):
+    assert b"|1001125|" in OMI  # the fixture's MSH-10, which _order() replaces
+    ack = receive(db, OMI)
+    assert _msa(ack) == ("AA", "1001125")
+    assert (_count(db, "Patient"), _count(db, "ServiceRequest"), _count(db, "Task")) == (1, 1, 1)
+    (row,) = _rows(db)
+    assert (row.status, row.ack_code, row.message_type, row.control_id) == ("processed", "AA", "OMI^O23", "1001125")
+    assert row.raw == OMI and row.ack == ack and row.bundle and row.response and row.processing_ms
+
+
+def test_a_resent_message_gets_the_same_ack_and_changes_nothing(db):
+    first = receive(db, OMI)
+    again = receive(db, OMI)
+    assert again == first
+    assert (_count(db, "Patient"), _count(db, "Task"), _count(db, "Provenance")) == (1, 1, 1)
+    assert len(_rows(db)) == 1
+
+
+def test_a_message_that_cannot_be_mapped_is_stored_with_its_error_and_answered_ae(db):
+    raw = (GOLDEN / "orm_missing_pid3.hl7").read_bytes()
+    ack = receive(db, raw)
+    assert _msa(ack) == ("AE", str(parse(raw).msh.field(10).value))
+    assert str(hl7.parse(ack.decode()).segment("ERR")[2]) == "PID^1^3"
+    assert _count(db, "Patient") == 0 and _count(db, "Task") == 0
+    (row,) = _rows(db)
+    assert (row.status, row.ack_code) == ("error", "AE") and "101" in (row.error or "")
+
+
+def test_garbage_is_rejected_and_kept(db):
+    ack = receive(db, b"this is not HL7")
+    assert _msa(ack) == ("AR", "")
+    (row,) = _rows(db)
+    assert (row.status, row.raw, row.control_id) == ("rejected", b"this is not HL7", None)
+
+
+@pytest.fixture
+def listener(db: Database) -> Iterator[int]:
+    """The intake on a real MLLP listener (127.0.0.1, a free port), as `overread serve` runs it."""
+    loop = asyncio.new_event_loop()
+
+    async def handler(message: bytes) -> bytes:
+        return await loop.run_in_executor(None, receive, db, message)
+
+    server = MllpServer(handler, "127.0.0.1", 0)
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield server.port
+    asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+async def _send_all(port: int, messages: list[bytes]) -> list[str]:
+    """One python-hl7 MLLP client connection sending ``messages`` in turn; the MSA-1 of each ACK."""
+    reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", port, encoding="utf-8")
+    try:
+        codes = []
+        for message in messages:
+            writer.writemessage(hl7.parse(message.decode()))
+            await writer.drain()
+            codes.append(str((await asyncio.wait_for(reader.readmessage(), 30)).segment("MSA")[1]))
+        return codes
+    finally:
+        writer.close()
+
+
+def test_twenty_senders_over_mllp_each_order_stored_once(db, listener):
+    async def main() -> list[list[str]]:
+        # 20 senders, 3 orders each, and every sender resends its first order (a lost ACK)
+        batches = [[_order(10 * s + i) for i in range(3)] for s in range(20)]
+        return await asyncio.gather(*(_send_all(listener, [*b, b[0]]) for b in batches))
+
+    results = asyncio.run(main())
+    assert results == [["AA", "AA", "AA", "AA"]] * 20
+    assert (_count(db, "Patient"), _count(db, "ServiceRequest"), _count(db, "Task")) == (60, 60, 60)
+    assert len(_rows(db)) == 60

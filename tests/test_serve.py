@@ -1,0 +1,55 @@
+"""`overread serve` as a user runs it: one process, the FHIR API and the MLLP intake together."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.hl7_golden import DCM4CHE
+
+OVERREAD = [sys.executable, "-m", "overread.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_an_order_sent_over_mllp_is_a_case_on_the_fhir_api(tmp_path: Path):
+    http_port, mllp_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "OVERREAD_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
+        "OVERREAD_HTTP_PORT": str(http_port),
+        "OVERREAD_MLLP_PORT": str(mllp_port),
+    }
+    server = subprocess.Popen([*OVERREAD, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{http_port}/fhir"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/metadata", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "the server did not come up"
+            time.sleep(0.2)
+        order = DCM4CHE / "OMI_O23-ImagingOrder.hl7"
+        sent = subprocess.run(
+            [*OVERREAD, "hl7", "send", str(order), "--port", str(mllp_port)],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout.splitlines()[1] == "MSA|AA|1001125"
+        found = httpx.get(f"{base}/Task", params={"_include": "Task:focus"}, timeout=10).json()
+        types = sorted(e["resource"]["resourceType"] for e in found["entry"])
+        assert (found["total"], types) == (1, ["ServiceRequest", "Task"])
+    finally:
+        server.terminate()
+        server.wait(20)
