@@ -251,8 +251,10 @@ def _assign_ids(entries: list[Entry], repo: Repository) -> dict[str, str]:
                 found = conditional.matches(repo, rtype, query) if query else []
                 if len(found) > 1:
                     raise error(412, "duplicate", f"If-None-Exist {query} matches {len(found)} resources")
-                entry.existing = bool(found)
-                entry.target = f"{rtype}/{found[0].id if found else uuid.uuid4()}"
+                # Two entries of one Bundle with the same criteria make one resource, not two.
+                twin = None if found or not query else _twin(entries, entry, rtype, query)
+                entry.existing = bool(found) or twin is not None
+                entry.target = twin or f"{rtype}/{found[0].id if found else uuid.uuid4()}"
             elif query:
                 found = conditional.matches(repo, rtype, query)
                 if len(found) > 1:
@@ -271,6 +273,17 @@ def _assign_ids(entries: list[Entry], repo: Repository) -> dict[str, str]:
             if entry.full_url and entry.target:
                 ids[entry.full_url] = entry.target
     return ids
+
+
+def _twin(entries: list[Entry], entry: Entry, rtype: str, query: str) -> str | None:
+    """The target of an earlier conditional create of this Bundle with the same criteria."""
+    wanted = _criteria(query)
+    for other in entries:
+        if other is entry:
+            return None
+        if other.target and other.target.split("/")[0] == rtype and other.criteria == wanted:
+            return other.target
+    return None
 
 
 def _rewrite(value: Any, ids: dict[str, str], repo: Repository, entries: list[Entry]) -> Any:

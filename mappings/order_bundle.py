@@ -87,6 +87,8 @@ class _Builder:
 
     def add(self, role: str, resource: Json, match: Json | None = None) -> str:
         url = self.full_url(role)
+        if any(entry["fullUrl"] == url for entry in self.entries):
+            return url  # one person in two roles (PV1-8 referrer, ORC-12 orderer): one entry
         request: Json = {"method": "POST", "url": resource["resourceType"]}
         if match:
             request["ifNoneExist"] = "identifier=" + quote(f"{match['system']}|{match['value']}", safe=":/|")

@@ -303,3 +303,16 @@ def test_transaction_get_entries_answer_with_their_resources(client):
     assert out["entry"][0]["response"]["status"] == "200 OK"
     assert out["entry"][0]["resource"]["id"] == "p-1"
     assert out["entry"][1]["resource"]["type"] == "searchset"
+
+
+def test_two_identical_conditional_creates_in_one_transaction_make_one_resource(client):
+    entry = {
+        "resource": {"resourceType": "Practitioner", "identifier": [{"system": "urn:npi", "value": "123"}]},
+        "request": {"method": "POST", "url": "Practitioner", "ifNoneExist": "identifier=urn:npi|123"},
+    }
+    response = client.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [entry, entry]})
+    assert response.status_code == 200, response.text
+    statuses = [e["response"]["status"] for e in response.json()["entry"]]
+    locations = {e["response"]["location"].split("/_history")[0] for e in response.json()["entry"]}
+    assert statuses == ["201 Created", "200 OK"] and len(locations) == 1
+    assert client.get("/fhir/Practitioner?identifier=urn:npi|123").json()["total"] == 1

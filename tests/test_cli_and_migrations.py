@@ -40,6 +40,11 @@ def test_demo_runs_a_case_and_a_rerun_adds_nothing(tmp_path: Path):
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("201 Created") == 5
     assert "Task/" in first.stdout and "status requested" in first.stdout
+    assert "MSA|AA|MSG-000812" in first.stdout  # the HL7 order over MLLP
+    assert first.stdout.count("   Task/") == 3  # step 2: the FHIR case; step 3: both cases of the patient
     second = _run(["demo"], tmp_path, url)
     assert second.returncode == 0, second.stderr
     assert second.stdout.count("200 OK") == 5 and "201 Created" not in second.stdout
+    assert first.stdout.split("MSA|")[1][:20] == second.stdout.split("MSA|")[1][:20]  # a resend: the same ACK
+    tasks = {line.split("Task/")[1][:36] for line in second.stdout.splitlines() if "Task/" in line}
+    assert len(tasks) == 2  # still the two cases: the resent HL7 order made none
