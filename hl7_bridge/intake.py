@@ -1,5 +1,10 @@
 """Order intake: one inbound v2 message → stored, mapped, written, acknowledged.
 
+A new order (ORC-1 NW) becomes a case (``mappings.orders``); CA/DC revoke the order and cancel
+its Task, HD/RL hold and release both, SC records ORC-5 as the Task's business status
+(``mappings.order_control``); an order control for an unknown placer number is answered AE
+with ERR 204 (unknown key identifier) at ORC-2.
+
 The message row, the resources its Bundle makes and the ACK are committed in one database
 transaction, and the ACK goes back only after that commit (v2.5.1 §2.9.2: the receiver
 acknowledges what it has safely stored). A message whose key (MSH-3, MSH-4, MSH-10) is
@@ -11,19 +16,21 @@ FHIR store refuses, is stored with its error and answered AE; its resources are 
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from fhir_server import bundle, dates
+from fhir_server import bundle, conditional, dates, search
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
-from fhir_server.repository import Repository
+from fhir_server.repository import Repository, Stored
 from fhir_server.router import handle
 from hl7_bridge.ack import ack_code, acknowledge
 from hl7_bridge.store import ERROR, PROCESSED, RECEIVED, REJECTED, InboundMessage
-from mappings.errors import DATA_TYPE_ERROR, MappingError
+from mappings.errors import DATA_TYPE_ERROR, UNKNOWN_KEY, MappingError
+from mappings.order_control import OrderControl, order_control
 from mappings.orders import map_order
 from mappings.sender import SenderConfig
 from mappings.v2 import Message, parse
@@ -31,6 +38,7 @@ from mappings.v2 import Message, parse
 #: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
 BASE = "urn:overread:hl7"
 _KEY = ("sending_application", "sending_facility", "control_id")
+ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"
 
 
 def receive(db: Database, raw: bytes, config: SenderConfig | None = None) -> bytes:
@@ -54,8 +62,12 @@ def receive(db: Database, raw: bytes, config: SenderConfig | None = None) -> byt
         response: dict[str, Any] | None = None
         error: MappingError | None = None
         try:
-            mapped = map_order(message, config)
-            response = bundle.process(mapped, Repository(conn), BASE, handle)
+            control = order_control(message, config)
+            if control is None:
+                mapped = map_order(message, config)
+                response = bundle.process(mapped, Repository(conn), BASE, handle)
+            else:
+                response = _change_case(Repository(conn), control)
         except MappingError as exc:
             error = exc
         except FhirError as exc:  # the store refused what the message says: its content is at fault
@@ -75,6 +87,32 @@ def receive(db: Database, raw: bytes, config: SenderConfig | None = None) -> byt
             )
         )
     return ack
+
+
+def _change_case(repo: Repository, control: OrderControl) -> dict[str, Any]:
+    """Apply CA/DC/HD/RL/SC to the order's ServiceRequest and its Task; return what changed."""
+    placer = f"{control.placer['system']}|{control.placer['value']}"
+    orders = conditional.matches(repo, "ServiceRequest", urlencode({"identifier": placer}))
+    if not orders:
+        raise MappingError(UNKNOWN_KEY, "ORC-2", f"No order with placer number {control.placer['value']} is known")
+    order = orders[0]
+    tasks = search.execute(repo.conn, search.parse("Task", [("focus", f"ServiceRequest/{order.id}")])).matches
+    request_status, task_status = control.statuses
+    changed = {}
+    if request_status:
+        changed["ServiceRequest"] = _set(repo, order, {"status": request_status})
+    for task in tasks:
+        update: dict[str, Any] = {"status": task_status} if task_status else {}
+        if control.order_status:  # table 0038: where the placer says the order stands
+            update["businessStatus"] = {"coding": [{"system": ORDER_STATUS, "code": control.order_status}]}
+        if update:
+            changed[f"Task/{task.id}"] = _set(repo, task, update)
+    return {"orderControl": control.code, "changed": changed}
+
+
+def _set(repo: Repository, stored: Stored, changes: dict[str, Any]) -> str:
+    updated, _ = repo.update(stored.type, stored.id, {**stored.resource, **changes}, stored.etag)
+    return f"{updated.type}/{updated.id}/_history/{updated.version}"
 
 
 def _claim(conn: Connection, raw: bytes, message: Message, key: dict[str, str]) -> int | None:

@@ -66,6 +66,13 @@ class OrderGroup:
 Picker = Callable[[OrderGroup, Message], str]
 
 
+def fallback_system(msg: Message, config: SenderConfig) -> str:
+    """The identifier system of ids without an assigning authority: configured, else the sending facility's."""
+    msh4 = msg.msh.field(4)
+    facility_system = config.system_for(msh4.component(1), msh4.component(2), msh4.component(3))
+    return config.default_system or facility_system or "urn:overread:assigning-authority:unknown"
+
+
 class _Builder:
     def __init__(self, msg: Message, config: SenderConfig) -> None:
         self.msg = msg
@@ -75,10 +82,7 @@ class _Builder:
         self.control_id = msh.field(10).value
         if not self.control_id:
             raise MappingError(REQUIRED_FIELD_MISSING, "MSH-10", "Message control id is missing")
-        facility_system = config.system_for(
-            msh.field(4).component(1), msh.field(4).component(2), msh.field(4).component(3)
-        )
-        self.fallback = config.default_system or facility_system or "urn:overread:assigning-authority:unknown"
+        self.fallback = fallback_system(msg, config)
         self.entries: list[Json] = []
 
     def full_url(self, role: str) -> str:

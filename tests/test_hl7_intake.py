@@ -122,3 +122,53 @@ def test_twenty_senders_over_mllp_each_order_stored_once(db, listener):
     assert results == [["AA", "AA", "AA", "AA"]] * 20
     assert (_count(db, "Patient"), _count(db, "ServiceRequest"), _count(db, "Task")) == (60, 60, 60)
     assert len(_rows(db)) == 60
+
+
+def _control(code: str, n: int, order_status: str = "") -> bytes:
+    """The fixture order as an order control message: its own MSH-10, ORC-1 and ORC-5."""
+    return (
+        OMI.replace(b"|1001125|", f"|CTL{n:04d}|".encode())
+        .replace(b"ORC|NW|", f"ORC|{code}|".encode())
+        .replace(
+            b"FillerOrderNumberImagingServiceRequest||SC|",
+            f"FillerOrderNumberImagingServiceRequest||{order_status}|".encode(),
+        )
+    )
+
+
+def _status(db: Database, rtype: str) -> tuple[str, str]:
+    from fhir_server.search import execute
+    from fhir_server.search import parse as parse_search
+
+    with db.begin(write=False) as conn:
+        (match,) = execute(conn, parse_search(rtype, [])).matches
+    resource = match.resource
+    business = resource.get("businessStatus", {}).get("coding", [{}])[0].get("code", "")
+    return resource["status"], business
+
+
+def test_cancel_revokes_the_order_and_cancels_the_case(db):
+    assert b"ORC|NW|" in OMI and b"FillerOrderNumberImagingServiceRequest||SC|" in OMI
+    receive(db, OMI)
+    assert _msa(receive(db, _control("CA", 1))) == ("AA", "CTL0001")
+    assert _status(db, "ServiceRequest")[0] == "revoked"
+    assert _status(db, "Task")[0] == "cancelled"
+    assert _count(db, "ServiceRequest") == 1  # changed, not created
+
+
+def test_hold_release_and_status_change(db):
+    receive(db, OMI)
+    receive(db, _control("HD", 1))
+    assert (_status(db, "ServiceRequest")[0], _status(db, "Task")[0]) == ("on-hold", "on-hold")
+    receive(db, _control("RL", 2))
+    assert (_status(db, "ServiceRequest")[0], _status(db, "Task")[0]) == ("active", "requested")
+    assert _msa(receive(db, _control("SC", 3, "IP"))) == ("AA", "CTL0003")
+    assert _status(db, "Task") == ("requested", "IP")
+
+
+def test_cancel_of_an_unknown_order_is_an_application_error(db):
+    ack = receive(db, _control("CA", 1))
+    assert _msa(ack) == ("AE", "CTL0001")
+    err = hl7.parse(ack.decode()).segment("ERR")
+    assert str(err[2]) == "ORC^1^2" and str(err[3]).startswith("204^Unknown key identifier")
+    assert _count(db, "ServiceRequest") == 0
