@@ -58,34 +58,57 @@ def receive(db: Database, raw: bytes, config: SenderConfig | None = None) -> byt
         if pk is None:  # a resend: the first one's answer, nothing else
             stored = select(InboundMessage.ack).where(*(getattr(InboundMessage, k) == v for k, v in key.items()))
             return conn.execute(stored).scalar_one() or b""
-        mapped: dict[str, Any] | None = None
-        response: dict[str, Any] | None = None
-        error: MappingError | None = None
+        return _process(conn, pk, message, config, started)
+
+
+def replay(db: Database, pk: int, config: SenderConfig | None = None) -> bytes | None:
+    """Process a stored message again (after its sender's configuration or its case changed).
+
+    The row keeps its key and records the new outcome; the new ACK is returned, not sent:
+    the sender had its answer. None when there is no such message.
+    """
+    started = time.perf_counter()
+    with db.begin() as conn:
+        raw = conn.scalar(select(InboundMessage.raw).where(InboundMessage.pk == pk).with_for_update())
+        if raw is None:
+            return None
         try:
-            control = order_control(message, config)
-            if control is None:
-                mapped = map_order(message, config)
-                response = bundle.process(mapped, Repository(conn), BASE, handle)
-            else:
-                response = _change_case(Repository(conn), control)
+            message = parse(raw)
         except MappingError as exc:
-            error = exc
-        except FhirError as exc:  # the store refused what the message says: its content is at fault
-            error = MappingError(DATA_TYPE_ERROR, "", f"The order does not make valid FHIR: {exc}")
-        ack = acknowledge(message, error, control_id=uuid.uuid4().hex[:20], now=dates.now())
-        conn.execute(
-            update(InboundMessage)
-            .where(InboundMessage.pk == pk)
-            .values(
-                status=ERROR if error else PROCESSED,
-                bundle=_json(mapped),
-                response=_json(response),
-                ack=ack,
-                ack_code=ack_code(message, error),
-                error=str(error) if error else None,
-                processing_ms=(time.perf_counter() - started) * 1000,
-            )
+            return acknowledge(None, exc, control_id=uuid.uuid4().hex[:20], now=dates.now())
+        return _process(conn, pk, message, config, started)
+
+
+def _process(conn: Connection, pk: int, message: Message, config: SenderConfig | None, started: float) -> bytes:
+    """Map and write ``message`` in the caller's transaction and record the outcome on its row."""
+    mapped: dict[str, Any] | None = None
+    response: dict[str, Any] | None = None
+    error: MappingError | None = None
+    try:
+        control = order_control(message, config)
+        if control is None:
+            mapped = map_order(message, config)
+            response = bundle.process(mapped, Repository(conn), BASE, handle)
+        else:
+            response = _change_case(Repository(conn), control)
+    except MappingError as exc:
+        error = exc
+    except FhirError as exc:  # the store refused what the message says: its content is at fault
+        error = MappingError(DATA_TYPE_ERROR, "", f"The order does not make valid FHIR: {exc}")
+    ack = acknowledge(message, error, control_id=uuid.uuid4().hex[:20], now=dates.now())
+    conn.execute(
+        update(InboundMessage)
+        .where(InboundMessage.pk == pk)
+        .values(
+            status=ERROR if error else PROCESSED,
+            bundle=_json(mapped),
+            response=_json(response),
+            ack=ack,
+            ack_code=ack_code(message, error),
+            error=str(error) if error else None,
+            processing_ms=(time.perf_counter() - started) * 1000,
         )
+    )
     return ack
 
 
@@ -122,8 +145,14 @@ def _claim(conn: Connection, raw: bytes, message: Message, key: dict[str, str]) 
     this one wait for its outcome, so two copies of one message never both go on.
     """
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    orc = message.segment("ORC") or message.segment("OBR")
     row = dialect_insert(InboundMessage).values(
-        received_at=dates.now(), message_type=message.message_type, status=RECEIVED, raw=raw, **key
+        received_at=dates.now(),
+        message_type=message.message_type,
+        placer_number=orc.field(2).value if orc is not None else None,
+        status=RECEIVED,
+        raw=raw,
+        **key,
     )
     return conn.execute(row.on_conflict_do_nothing(index_elements=_KEY).returning(InboundMessage.pk)).scalar()
 

@@ -32,6 +32,8 @@ class InboundMessage(Base):
     sending_facility: Mapped[str | None] = mapped_column(String(227))
     control_id: Mapped[str | None] = mapped_column(String(199))
     message_type: Mapped[str | None] = mapped_column(String(16))
+    #: ORC-2 (else OBR-2) placer order number, to find every message about one order.
+    placer_number: Mapped[str | None] = mapped_column(String(199), index=True)
     status: Mapped[str] = mapped_column(String(16))
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     bundle: Mapped[str | None] = mapped_column(Text)

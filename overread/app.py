@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from fhir_server import api
 from fhir_server.db import Database
+from hl7_bridge.api import messages_router
 from hl7_bridge.intake import receive
 from hl7_bridge.mllp import MllpServer
 from overread.settings import Settings
@@ -20,6 +21,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.db = db
     api.mount(app, db, base_url=settings.public_base_url)
+    app.include_router(messages_router(db))
     return app
 
 

@@ -1,0 +1,42 @@
+"""The message store's REST endpoints: find messages, see their stages, replay one."""
+
+from hl7_bridge.intake import receive
+from tests.test_hl7_intake import OMI, _control, _order, _status
+
+
+def test_list_filters_and_shows_each_stage(client, db):
+    receive(db, OMI)
+    receive(db, _order(7))
+    receive(db, b"not HL7 at all")
+
+    everything = client.get("/hl7/messages").json()
+    assert [m["status"] for m in everything] == ["rejected", "processed", "processed"]  # newest first
+    assert [m["control_id"] for m in client.get("/hl7/messages", params={"status": "processed"}).json()] == [
+        "MSG0007", "1001125",
+    ]  # fmt: skip
+    assert [m["placer_number"] for m in client.get("/hl7/messages", params={"placer": "PLAC0007"}).json()] == [
+        "PLAC0007"
+    ]
+    assert len(client.get("/hl7/messages", params={"sender": "MESA_OF"}).json()) == 2
+    assert client.get("/hl7/messages", params={"control_id": "1001125"}).json()[0]["message_type"] == "OMI^O23"
+    assert client.get("/hl7/messages", params={"since": "2999-01-01T00:00:00"}).json() == []
+
+    first = everything[-1]
+    detail = client.get(f"/hl7/messages/{first['id']}").json()
+    assert detail["raw"].startswith("MSH|^~\\&|MESA_OF|XYZ_RADIOLOGY|")
+    assert detail["bundle"]["type"] == "transaction"
+    assert [e["response"]["status"] for e in detail["response"]["entry"]][:2] == ["201 Created", "201 Created"]
+    assert "MSA|AA|1001125" in detail["ack"]
+    assert client.get("/hl7/messages/999999").status_code == 404
+
+
+def test_replay_processes_a_failed_message_again(client, db):
+    receive(db, _control("CA", 1))  # a cancel that arrived before its order: AE, stored as error
+    (failed,) = client.get("/hl7/messages", params={"status": "error"}).json()
+    assert failed["ack_code"] == "AE"
+    receive(db, OMI)  # the order arrives
+    replayed = client.post(f"/hl7/messages/{failed['id']}/replay").json()
+    assert replayed["status"] == "processed" and "MSA|AA|CTL0001" in replayed["ack"]
+    assert _status(db, "ServiceRequest")[0] == "revoked"
+    assert client.get("/hl7/messages", params={"status": "error"}).json() == []
+    assert client.post("/hl7/messages/999999/replay").status_code == 404
