@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install demo serve test lint bench migrate clean
+.PHONY: install demo serve test lint bench bench-hl7 migrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: install
 
 bench: install  ## benchmarks (needs wrk: apt-get install wrk); figures go to docs/performance.md by hand
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-hl7: install  ## HL7 order intake beside a bare MLLP server
+	$(BIN)/python -m bench.hl7_intake
 
 clean:
 	rm -rf $(VENV) overread.db overread.db-wal overread.db-shm .pytest_cache .mypy_cache .ruff_cache
