@@ -1,6 +1,7 @@
 """Order intake: one inbound v2 message → stored, mapped, written, acknowledged.
 
-A new order (ORC-1 NW) becomes a case (``mappings.orders``); CA/DC revoke the order and cancel
+A new order (ORC-1 NW) becomes a case (``mappings.orders``), a change order (XO) replaces the
+order of its case; CA/DC revoke the order and cancel
 its Task, HD/RL hold and release both, SC records ORC-5 as the Task's business status
 (``mappings.order_control``); an order control for an unknown placer number is answered AE
 with ERR 204 (unknown key identifier) at ORC-2.
@@ -86,11 +87,14 @@ def _process(conn: Connection, pk: int, message: Message, config: SenderConfig |
     error: MappingError | None = None
     try:
         control = order_control(message, config)
-        if control is None:
+        repo = Repository(conn)
+        if control is None or control.code == "XO":
+            if control is not None:
+                _find_order(repo, control)  # a change order needs its order
             mapped = map_order(message, config)
-            response = bundle.process(mapped, Repository(conn), BASE, handle)
+            response = bundle.process(mapped, repo, BASE, handle)
         else:
-            response = _change_case(Repository(conn), control)
+            response = _change_case(repo, control)
     except MappingError as exc:
         error = exc
     except FhirError as exc:  # the store refused what the message says: its content is at fault
@@ -114,11 +118,7 @@ def _process(conn: Connection, pk: int, message: Message, config: SenderConfig |
 
 def _change_case(repo: Repository, control: OrderControl) -> dict[str, Any]:
     """Apply CA/DC/HD/RL/SC to the order's ServiceRequest and its Task; return what changed."""
-    placer = f"{control.placer['system']}|{control.placer['value']}"
-    orders = conditional.matches(repo, "ServiceRequest", urlencode({"identifier": placer}))
-    if not orders:
-        raise MappingError(UNKNOWN_KEY, "ORC-2", f"No order with placer number {control.placer['value']} is known")
-    order = orders[0]
+    order = _find_order(repo, control)
     tasks = search.execute(repo.conn, search.parse("Task", [("focus", f"ServiceRequest/{order.id}")])).matches
     request_status, task_status = control.statuses
     changed = {}
@@ -131,6 +131,15 @@ def _change_case(repo: Repository, control: OrderControl) -> dict[str, Any]:
         if update:
             changed[f"Task/{task.id}"] = _set(repo, task, update)
     return {"orderControl": control.code, "changed": changed}
+
+
+def _find_order(repo: Repository, control: OrderControl) -> Stored:
+    """The ServiceRequest of the message's placer number, or AE 204 (unknown key identifier)."""
+    placer = f"{control.placer['system']}|{control.placer['value']}"
+    orders = conditional.matches(repo, "ServiceRequest", urlencode({"identifier": placer}))
+    if not orders:
+        raise MappingError(UNKNOWN_KEY, "ORC-2", f"No order with placer number {control.placer['value']} is known")
+    return orders[0]
 
 
 def _set(repo: Repository, stored: Stored, changes: dict[str, Any]) -> str:

@@ -89,13 +89,18 @@ class _Builder:
         key = f"{self.app}|{self.facility}|{self.control_id}|{role}"
         return f"urn:uuid:{uuid.uuid5(NAMESPACE, key)}"
 
-    def add(self, role: str, resource: Json, match: Json | None = None) -> str:
+    def add(self, role: str, resource: Json, match: Json | None = None, replace: bool = False) -> str:
+        """Add a conditional create on ``match``, or with ``replace`` a conditional update (PUT)."""
         url = self.full_url(role)
         if any(entry["fullUrl"] == url for entry in self.entries):
             return url  # one person in two roles (PV1-8 referrer, ORC-12 orderer): one entry
         request: Json = {"method": "POST", "url": resource["resourceType"]}
         if match:
-            request["ifNoneExist"] = "identifier=" + quote(f"{match['system']}|{match['value']}", safe=":/|")
+            criteria = "identifier=" + quote(f"{match['system']}|{match['value']}", safe=":/|")
+            if replace:
+                request = {"method": "PUT", "url": f"{resource['resourceType']}?{criteria}"}
+            else:
+                request["ifNoneExist"] = criteria
         self.entries.append({"fullUrl": url, "resource": resource, "request": request})
         return url
 
@@ -260,9 +265,9 @@ def _service_request(
     orc, obr = group.orc, group.first("OBR")
     at = f"ORC[{n}]" if n > 1 else "ORC"
     control = orc.field(1).value
-    if control != "NW":
-        # Only new orders open a case here; CA/DC/XO/SC/HD/RL change an existing one (hl7_bridge).
-        raise MappingError(TABLE_VALUE_NOT_FOUND, f"{at}-1", f"Order control {control!r} is not a new order (NW)")
+    if control not in ("NW", "XO"):
+        # NW opens a case and XO replaces its order here; CA/DC/SC/HD/RL change a case (hl7_bridge).
+        raise MappingError(TABLE_VALUE_NOT_FOUND, f"{at}-1", f"Order control {control!r} is not NW or XO")
     if obr is None:
         raise MappingError(REQUIRED_FIELD_MISSING, "OBR", "The order has no OBR segment")
     placer = ei_identifier(orc.field(2).first, b.config, b.fallback, "PLAC") or ei_identifier(
@@ -314,8 +319,9 @@ def _service_request(
     notes = _notes(group)
     if notes:
         sr["note"] = notes
-    # Re-ordering the same placer number is the same order: match on it.
-    return b.add(f"ServiceRequest/{n}", sr, placer), placer
+    # Re-ordering the same placer number is the same order: match on it. A change order (XO)
+    # replaces what the order says (conditional update); the case (Task) stays as it is.
+    return b.add(f"ServiceRequest/{n}", sr, placer, replace=control == "XO"), placer
 
 
 def _notes(group: OrderGroup) -> list[Json]:

@@ -20,6 +20,7 @@ STATUSES: dict[str, tuple[str | None, str | None]] = {
     "HD": ("on-hold", "on-hold"),  # hold order request
     "RL": ("active", "requested"),  # release previous hold
     "SC": (None, None),  # status changed: ORC-5 becomes the case's business status
+    "XO": (None, None),  # change order request: the order is mapped again and replaces the old one
 }
 
 

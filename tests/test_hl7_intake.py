@@ -172,3 +172,17 @@ def test_cancel_of_an_unknown_order_is_an_application_error(db):
     err = hl7.parse(ack.decode()).segment("ERR")
     assert str(err[2]) == "ORC^1^2" and str(err[3]).startswith("204^Unknown key identifier")
     assert _count(db, "ServiceRequest") == 0
+
+
+def test_change_order_replaces_the_order_and_keeps_the_case(db):
+    receive(db, OMI)
+    changed = _control("XO", 1).replace(b"10637-7^Microscopic Observation^LN", b"24627-2^CT Chest^LN", 1)
+    assert _msa(receive(db, changed)) == ("AA", "CTL0001")
+    from fhir_server.search import execute
+    from fhir_server.search import parse as parse_search
+
+    with db.begin(write=False) as conn:
+        (order,) = execute(conn, parse_search("ServiceRequest", [])).matches
+    assert order.version == 2 and order.resource["code"]["coding"][0]["code"] == "24627-2"
+    assert (_count(db, "ServiceRequest"), _count(db, "Task")) == (1, 1)
+    assert _msa(receive(db, _control("XO", 2).replace(b"PlacerOrderNumber", b"Unknown")))[0] == "AE"
