@@ -60,10 +60,15 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
             if reads_one_row(req):
                 return read_one(req, base)
             with db.begin(write=write) as conn:
-                response = handle(req, Repository(conn, hooks), base)
+                repo = Repository(conn, hooks)
+                response = handle(req, repo, base)
                 if response.status >= 400:
                     conn.rollback()  # nothing half-written: an error undoes the whole request
+                    return response
+                repo.complete()
                 return response
+        except FhirError as exc:  # deferred work refused the request: all of it was rolled back
+            return _outcome(exc)
         except IntegrityError:
             log.warning("conflicting concurrent write on %s %s", req.method, req.path, exc_info=True)
             return _outcome(error(409, "conflict", "A concurrent request changed the same resource; retry"))

@@ -101,6 +101,20 @@ class Repository:
     def __init__(self, db: Session | Connection, hooks: Sequence[Hook] = ()) -> None:
         self.conn = db.connection() if isinstance(db, Session) else db
         self.hooks = hooks
+        self._deferred: list[Callable[[Repository], None]] = []
+
+    def defer(self, work: Callable[["Repository"], None]) -> None:
+        """Work a hook wants done once the whole unit of work is written (``complete``)."""
+        self._deferred.append(work)
+
+    def complete(self) -> None:
+        """Run deferred work, in this transaction: the door calls it once, before committing.
+
+        A hook sees one write; some rules need the whole request (does this transaction
+        Bundle carry the Task for the ServiceRequest it creates?), so they wait for this.
+        """
+        while self._deferred:
+            self._deferred.pop(0)(self)
 
     # -- reads -------------------------------------------------------------------
 
@@ -162,7 +176,7 @@ class Repository:
             actual = str(previous.version) if previous else None
             if expected != actual:
                 raise error(412, "conflict", f"If-Match {if_match} but the current version is {actual or 'none'}")
-        method = "POST" if previous is None else "PUT"
+        method = "PUT"  # even when it creates: hooks tell the create interaction (POST) from this
         # Updating a deleted resource brings it back (R4 http.html#delete: "Resources that have
         # been deleted may be 'brought back to life' by a subsequent update"): to the client it
         # did not exist (a read said 410), so this is a create, 201, at the next version number.

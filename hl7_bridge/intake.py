@@ -16,6 +16,7 @@ FHIR store refuses, is stored with its error and answered AE; its resources are 
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -26,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from fhir_server import bundle, conditional, dates, search
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
-from fhir_server.repository import Repository, Stored
+from fhir_server.repository import Hook, Repository, Stored
 from fhir_server.router import handle
 from hl7_bridge.ack import ack_code, acknowledge
 from hl7_bridge.store import ERROR, PROCESSED, RECEIVED, REJECTED, InboundMessage
@@ -42,7 +43,7 @@ _KEY = ("sending_application", "sending_facility", "control_id")
 ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"
 
 
-def receive(db: Database, raw: bytes, config: SenderConfig | None = None) -> bytes:
+def receive(db: Database, raw: bytes, config: SenderConfig | None = None, hooks: Sequence[Hook] = ()) -> bytes:
     """Store, map and write one message; return the ACK to send."""
     started = time.perf_counter()
     try:
@@ -59,10 +60,10 @@ def receive(db: Database, raw: bytes, config: SenderConfig | None = None) -> byt
         if pk is None:  # a resend: the first one's answer, nothing else
             stored = select(InboundMessage.ack).where(*(getattr(InboundMessage, k) == v for k, v in key.items()))
             return conn.execute(stored).scalar_one() or b""
-        return _process(conn, pk, message, config, started)
+        return _process(Repository(conn, hooks), pk, message, config, started)
 
 
-def replay(db: Database, pk: int, config: SenderConfig | None = None) -> bytes | None:
+def replay(db: Database, pk: int, config: SenderConfig | None = None, hooks: Sequence[Hook] = ()) -> bytes | None:
     """Process a stored message again (after its sender's configuration or its case changed).
 
     The row keeps its key and records the new outcome; the new ACK is returned, not sent:
@@ -77,17 +78,18 @@ def replay(db: Database, pk: int, config: SenderConfig | None = None) -> bytes |
             message = parse(raw)
         except MappingError as exc:
             return acknowledge(None, exc, control_id=uuid.uuid4().hex[:20], now=dates.now())
-        return _process(conn, pk, message, config, started)
+        return _process(Repository(conn, hooks), pk, message, config, started)
 
 
-def _process(conn: Connection, pk: int, message: Message, config: SenderConfig | None, started: float) -> bytes:
+def _process(repo: Repository, pk: int, message: Message, config: SenderConfig | None, started: float) -> bytes:
     """Map and write ``message`` in the caller's transaction and record the outcome on its row."""
     mapped: dict[str, Any] | None = None
     response: dict[str, Any] | None = None
     error: MappingError | None = None
+    # Everything the message writes, in a savepoint: on an error only its row stays.
+    savepoint = repo.conn.begin_nested()
     try:
         control = order_control(message, config)
-        repo = Repository(conn)
         if control is None or control.code == "XO":
             if control is not None:
                 _find_order(repo, control)  # a change order needs its order
@@ -95,12 +97,16 @@ def _process(conn: Connection, pk: int, message: Message, config: SenderConfig |
             response = bundle.process(mapped, repo, BASE, handle)
         else:
             response = _change_case(repo, control)
+        repo.complete()
+        savepoint.commit()
     except MappingError as exc:
+        savepoint.rollback()
         error = exc
     except FhirError as exc:  # the store refused what the message says: its content is at fault
+        savepoint.rollback()
         error = MappingError(DATA_TYPE_ERROR, "", f"The order does not make valid FHIR: {exc}")
     ack = acknowledge(message, error, control_id=uuid.uuid4().hex[:20], now=dates.now())
-    conn.execute(
+    repo.conn.execute(
         update(InboundMessage)
         .where(InboundMessage.pk == pk)
         .values(

@@ -7,6 +7,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from fhir_server import api
+from fhir_server.cases import open_case
 from fhir_server.db import Database
 from hl7_bridge.api import messages_router
 from hl7_bridge.intake import receive
@@ -14,13 +15,15 @@ from hl7_bridge.mllp import MllpServer
 from overread.settings import Settings
 
 log = logging.getLogger(__name__)
+#: The repository hooks of every door (HTTP, HL7): the domain rules of a write.
+HOOKS = (open_case,)
 
 
 def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     db = db or Database(settings.database_url)
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.db = db
-    api.mount(app, db, base_url=settings.public_base_url)
+    api.mount(app, db, HOOKS, base_url=settings.public_base_url)
     app.include_router(messages_router(db))
     return app
 
@@ -29,7 +32,7 @@ def mllp_listener(settings: Settings, db: Database) -> MllpServer:
     """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT (storage runs off the event loop)."""
 
     async def handler(message: bytes) -> bytes:
-        return await asyncio.get_running_loop().run_in_executor(None, receive, db, message)
+        return await asyncio.get_running_loop().run_in_executor(None, receive, db, message, None, HOOKS)
 
     return MllpServer(handler, settings.mllp_host, settings.mllp_port)
 

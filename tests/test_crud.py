@@ -18,7 +18,6 @@ from tests.builders import (
     mrn_query,
     patient,
     service_request,
-    task,
 )
 
 BASE = "http://testserver/fhir"
@@ -318,10 +317,9 @@ def test_conditional_delete_with_several_matches_is_412(client):
 def test_a_whole_case_by_separate_creates_keeps_its_references(client):
     pid = create(client, patient()).json()["id"]
     sr = create(client, service_request(f"Patient/{pid}")).json()
-    t = create(client, task(f"ServiceRequest/{sr['id']}", f"Patient/{pid}")).json()
-    assert client.get(f"/fhir/Task/{t['id']}").json()["focus"] == {"reference": f"ServiceRequest/{sr['id']}"}
+    (case,) = lookup(client, "Task", f"focus=ServiceRequest/{sr['id']}")  # the order opened its case
+    assert case["for"] == {"reference": f"Patient/{pid}"} and case["status"] == "requested"
     assert sr["identifier"][0]["type"]["coding"][0]["code"] == "ACSN"
-    assert lookup(client, "Task", f"focus=ServiceRequest/{sr['id']}")[0]["id"] == t["id"]
     assert (
         lookup(client, "ServiceRequest", f"subject=Patient/{pid}")[0]["identifier"][0]["system"]
         == (sr["identifier"][0]["system"])

@@ -1,0 +1,52 @@
+"""Every door opens a case the same way: one Task and one image-linking job per new order."""
+
+from sqlalchemy import select
+
+from fhir_server.schema import OutboxRow
+from hl7_bridge.intake import receive
+from overread.app import HOOKS
+from tests.builders import case_transaction, patient, service_request
+from tests.test_hl7_intake import OMI
+
+
+def _cases(client, order_id: str) -> list[dict]:
+    bundle = client.get("/fhir/Task", params={"focus": f"ServiceRequest/{order_id}"}).json()
+    return [e["resource"] for e in bundle.get("entry", [])]
+
+
+def _jobs(db) -> list[tuple[str, str, str]]:
+    with db.transaction() as session:
+        rows = session.scalars(select(OutboxRow).order_by(OutboxRow.pk))
+        return [(r.topic, r.resource_type, r.resource_id) for r in rows]
+
+
+def test_a_posted_order_opens_a_case_and_a_linking_job(client, db):
+    pid = client.post("/fhir/Patient", json=patient()).json()["id"]
+    order = client.post("/fhir/ServiceRequest", json=service_request(f"Patient/{pid}")).json()
+    (task,) = _cases(client, order["id"])
+    assert (task["status"], task["intent"], task["for"]) == ("requested", "order", {"reference": f"Patient/{pid}"})
+    assert _jobs(db) == [("link-imaging", "ServiceRequest", order["id"])]
+
+
+def test_a_transaction_that_brings_its_own_task_gets_no_second_one(client, db):
+    assert client.post("/fhir", json=case_transaction()).status_code == 200
+    orders = client.get("/fhir/ServiceRequest").json()["entry"]
+    (order,) = [e["resource"] for e in orders]
+    assert len(_cases(client, order["id"])) == 1
+    assert _jobs(db) == [("link-imaging", "ServiceRequest", order["id"])]
+
+
+def test_only_the_create_of_an_active_order_opens_a_case(client, db):
+    draft = {**service_request("Patient/p1"), "status": "draft"}
+    assert client.post("/fhir/ServiceRequest", json=draft).status_code == 201
+    put = client.put("/fhir/ServiceRequest/imported-1", json={**service_request("Patient/p1"), "id": "imported-1"})
+    assert put.status_code == 201  # update-as-create with a client id: an import, not an order arriving
+    assert client.get("/fhir/Task").json()["total"] == 0 and _jobs(db) == []
+
+
+def test_an_hl7_order_opens_its_case_once_with_its_linking_job(client, db):
+    receive(db, OMI, hooks=HOOKS)
+    receive(db, OMI, hooks=HOOKS)  # a resend
+    (order,) = [e["resource"] for e in client.get("/fhir/ServiceRequest").json()["entry"]]
+    assert len(_cases(client, order["id"])) == 1
+    assert _jobs(db) == [("link-imaging", "ServiceRequest", order["id"])]
