@@ -5,7 +5,7 @@ MSH-10, placer = ORC-2, since/until on the time received), ``GET /hl7/messages/{
 mapped Bundle, what was written, ACK, error, timing) and ``POST /hl7/messages/{id}/replay``.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -15,7 +15,8 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, or_, select
 
 from fhir_server.db import Database
-from hl7_bridge.intake import replay
+from fhir_server.repository import Hook
+from hl7_bridge.intake import Senders, replay
 from hl7_bridge.store import InboundMessage
 
 
@@ -49,7 +50,8 @@ class Replayed(BaseModel):
 SUMMARY = [c for c in InboundMessage.__table__.c if c.name in MessageSummary.model_fields or c.name == "pk"]
 
 
-def messages_router(db: Database) -> APIRouter:
+def messages_router(db: Database, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> APIRouter:
+    """The endpoints; replays map with ``senders`` and write with ``hooks``, as the intake does."""
     router = APIRouter(prefix="/hl7/messages", tags=["HL7 message store"])
 
     def connection() -> Iterator[Connection]:
@@ -102,7 +104,7 @@ def messages_router(db: Database) -> APIRouter:
 
     @router.post("/{message_id}/replay")
     def replay_message(message_id: int) -> Replayed:
-        ack = replay(db, message_id)
+        ack = replay(db, message_id, senders, hooks)
         if ack is None:
             raise HTTPException(404, f"No message {message_id}")
         with db.begin(write=False) as conn:

@@ -16,7 +16,7 @@ FHIR store refuses, is stored with its error and answered AE; its resources are 
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -41,10 +41,15 @@ from mappings.v2 import Message, parse
 BASE = "urn:overread:hl7"
 _KEY = ("sending_application", "sending_facility", "control_id")
 ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"
+#: The mapping settings of a sender, by MSH-3 and MSH-4 (``OverreadConfig.sender``).
+Senders = Callable[[str, str], SenderConfig | None]
 
 
-def receive(db: Database, raw: bytes, config: SenderConfig | None = None, hooks: Sequence[Hook] = ()) -> bytes:
-    """Store, map and write one message; return the ACK to send."""
+def receive(db: Database, raw: bytes, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes:
+    """Store, map and write one message; return the ACK to send.
+
+    ``senders`` gives the mapping settings of a sending application and facility (MSH-3, MSH-4).
+    """
     started = time.perf_counter()
     try:
         message = parse(raw)
@@ -60,10 +65,10 @@ def receive(db: Database, raw: bytes, config: SenderConfig | None = None, hooks:
         if pk is None:  # a resend: the first one's answer, nothing else
             stored = select(InboundMessage.ack).where(*(getattr(InboundMessage, k) == v for k, v in key.items()))
             return conn.execute(stored).scalar_one() or b""
-        return _process(Repository(conn, hooks), pk, message, config, started)
+        return _process(Repository(conn, hooks), pk, message, _settings(message, senders), started)
 
 
-def replay(db: Database, pk: int, config: SenderConfig | None = None, hooks: Sequence[Hook] = ()) -> bytes | None:
+def replay(db: Database, pk: int, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes | None:
     """Process a stored message again (after its sender's configuration or its case changed).
 
     The row keeps its key and records the new outcome; the new ACK is returned, not sent:
@@ -78,7 +83,12 @@ def replay(db: Database, pk: int, config: SenderConfig | None = None, hooks: Seq
             message = parse(raw)
         except MappingError as exc:
             return acknowledge(None, exc, control_id=uuid.uuid4().hex[:20], now=dates.now())
-        return _process(Repository(conn, hooks), pk, message, config, started)
+        return _process(Repository(conn, hooks), pk, message, _settings(message, senders), started)
+
+
+def _settings(message: Message, senders: Senders | None) -> SenderConfig | None:
+    msh = message.msh
+    return senders(msh.field(3).value, msh.field(4).value) if senders else None
 
 
 def _process(repo: Repository, pk: int, message: Message, config: SenderConfig | None, started: float) -> bytes:

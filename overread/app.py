@@ -12,6 +12,7 @@ from fhir_server.db import Database
 from hl7_bridge.api import messages_router
 from hl7_bridge.intake import receive
 from hl7_bridge.mllp import MllpServer
+from overread import config
 from overread.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,15 +25,16 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.db = db
     api.mount(app, db, HOOKS, base_url=settings.public_base_url)
-    app.include_router(messages_router(db))
+    app.include_router(messages_router(db, config.load(settings.config).sender, HOOKS))
     return app
 
 
 def mllp_listener(settings: Settings, db: Database) -> MllpServer:
     """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT (storage runs off the event loop)."""
+    senders = config.load(settings.config).sender
 
     async def handler(message: bytes) -> bytes:
-        return await asyncio.get_running_loop().run_in_executor(None, receive, db, message, None, HOOKS)
+        return await asyncio.get_running_loop().run_in_executor(None, receive, db, message, senders, HOOKS)
 
     return MllpServer(handler, settings.mllp_host, settings.mllp_port)
 

@@ -69,8 +69,14 @@ def serve() -> None:
     import asyncio
 
     from overread.app import serve_all
+    from overread.config import ConfigError, load
 
     settings = get_settings()
+    try:
+        load(settings.config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
     db = Database(settings.database_url)
     if db.engine.dialect.name == "sqlite":
         upgrade(db.engine)  # the embedded default keeps itself current
