@@ -1,10 +1,8 @@
 """ACKs (hl7_bridge/ack.py), checked by another library's parser (python-hl7), and `overread hl7 send`."""
 
-import asyncio
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -13,11 +11,10 @@ import hl7
 import pytest
 
 from hl7_bridge.ack import ack_code, acknowledge
-from hl7_bridge.mllp import MllpServer
 from mappings.errors import MappingError
 from mappings.orders import map_order
 from mappings.v2 import parse
-from tests.hl7_golden import DCM4CHE, GOLDEN
+from tests.hl7_golden import DCM4CHE, GOLDEN, mllp_listening
 
 NOW = datetime(2026, 11, 28, 15, 30, 0)
 OMI = DCM4CHE / "OMI_O23-ImagingOrder.hl7"
@@ -99,15 +96,8 @@ def ack_server() -> Iterator[int]:
             return acknowledge(None, exc, control_id="S", now=datetime.now())
         return acknowledge(parsed, None, control_id="S", now=datetime.now())
 
-    loop = asyncio.new_event_loop()
-    server = MllpServer(answer, "127.0.0.1", 0)
-    loop.run_until_complete(server.start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield server.port
-    asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with mllp_listening(answer) as port:
+        yield port
 
 
 def test_overread_hl7_send_prints_the_ack(ack_server):

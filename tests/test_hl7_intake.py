@@ -1,7 +1,6 @@
 """Order intake end to end: message stored, case created, ACK after commit, resends answered once."""
 
 import asyncio
-import threading
 from collections.abc import Iterator
 
 import hl7
@@ -11,10 +10,9 @@ from sqlalchemy import func, select
 
 from fhir_server.db import Database
 from hl7_bridge.intake import receive
-from hl7_bridge.mllp import MllpServer
 from hl7_bridge.store import InboundMessage
 from mappings.v2 import parse
-from tests.hl7_golden import DCM4CHE, GOLDEN
+from tests.hl7_golden import DCM4CHE, GOLDEN, mllp_listening
 
 OMI = (DCM4CHE / "OMI_O23-ImagingOrder.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
 
@@ -83,19 +81,12 @@ def test_garbage_is_rejected_and_kept(db):
 @pytest.fixture
 def listener(db: Database) -> Iterator[int]:
     """The intake on a real MLLP listener (127.0.0.1, a free port), as `overread serve` runs it."""
-    loop = asyncio.new_event_loop()
 
     async def handler(message: bytes) -> bytes:
-        return await loop.run_in_executor(None, receive, db, message)
+        return await asyncio.get_running_loop().run_in_executor(None, receive, db, message)
 
-    server = MllpServer(handler, "127.0.0.1", 0)
-    loop.run_until_complete(server.start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield server.port
-    asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with mllp_listening(handler) as port:
+        yield port
 
 
 async def _send_all(port: int, messages: list[bytes]) -> list[str]:
