@@ -51,7 +51,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
             check_type(rtype)
             match method:
                 case "GET":
-                    return _search(repo, base, req, rtype, req.params)
+                    return _search(repo, base, req, rtype)
                 case "POST":
                     return _create(repo, base, req, rtype)
                 case "PUT":
@@ -59,7 +59,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
                 case "DELETE":
                     return _conditional_delete(repo, req, rtype)
         case [rtype, "_search"], "POST":
-            return _search(repo, base, req, rtype, req.params)
+            return _search(repo, base, req, rtype)
         case [rtype, "_history"], "GET":
             check_type(rtype)  # an unknown type has no history: 404, not an empty Bundle
             return _history(repo, base, req, rtype, None)
@@ -170,10 +170,10 @@ def _conditional_delete(repo: Repository, req: FhirRequest, rtype: str) -> FhirR
     return FhirResponse(200, information(f"Deleted {rtype}/{found[0].id}"))
 
 
-def _search(repo: Repository, base: str, req: FhirRequest, rtype: str, params: list[tuple[str, str]]) -> FhirResponse:
+def _search(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirResponse:
     check_type(rtype)
     strict = req.prefer("handling") == "strict"
-    query = search.parse(rtype, params, strict=strict, base=base)
+    query = search.parse(rtype, req.params, strict=strict, base=base)
     result = search.execute(repo.conn, query)
     return FhirResponse(200, search.bundle(result, base))
 

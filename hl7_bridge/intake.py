@@ -82,7 +82,7 @@ def replay(db: Database, pk: int, senders: Senders | None = None, hooks: Sequenc
         try:
             message = parse(raw)
         except MappingError as exc:
-            return acknowledge(None, exc, control_id=uuid.uuid4().hex[:20], now=dates.now())
+            return _ack(None, exc)
         return _process(Repository(conn, hooks), pk, message, _settings(message, senders), started)
 
 
@@ -115,7 +115,7 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
     except FhirError as exc:  # the store refused what the message says: its content is at fault
         savepoint.rollback()
         error = MappingError(DATA_TYPE_ERROR, "", f"The order does not make valid FHIR: {exc}")
-    ack = acknowledge(message, error, control_id=uuid.uuid4().hex[:20], now=dates.now())
+    ack = _ack(message, error)
     repo.conn.execute(
         update(InboundMessage)
         .where(InboundMessage.pk == pk)
@@ -183,7 +183,7 @@ def _claim(conn: Connection, raw: bytes, message: Message, key: dict[str, str]) 
 
 
 def _reject(db: Database, raw: bytes, error: MappingError, started: float) -> bytes:
-    ack = acknowledge(None, error, control_id=uuid.uuid4().hex[:20], now=dates.now())
+    ack = _ack(None, error)
     with db.begin() as conn:
         conn.execute(
             insert(InboundMessage).values(
@@ -192,6 +192,11 @@ def _reject(db: Database, raw: bytes, error: MappingError, started: float) -> by
             )
         )  # fmt: skip
     return ack
+
+
+def _ack(message: Message | None, error: MappingError | None) -> bytes:
+    """An ACK with a control id (MSH-10) of its own."""
+    return acknowledge(message, error, control_id=uuid.uuid4().hex[:20], now=dates.now())
 
 
 def _json(value: dict[str, Any] | None) -> str | None:

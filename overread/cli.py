@@ -73,14 +73,14 @@ def serve() -> None:
 
     settings = get_settings()
     try:
-        load(settings.config)
+        cfg = load(settings.config)
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
     db = Database(settings.database_url)
     if db.engine.dialect.name == "sqlite":
         upgrade(db.engine)  # the embedded default keeps itself current
-    asyncio.run(serve_all(settings, db))
+    asyncio.run(serve_all(settings, db, cfg))
 
 
 @app.command()

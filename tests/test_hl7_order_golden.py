@@ -19,6 +19,8 @@ from tests.hl7_golden import GOLDEN, cases, dump, outcome
 UPDATE = os.environ.get("OVERREAD_UPDATE_GOLDEN") == "1"
 CASES = cases()
 IDS = [message.stem for message, _ in CASES]
+#: The cases that map to a Bundle (the others are golden errors).
+BUNDLES = [expected for _, expected in CASES if "error" not in json.loads(expected.read_text(encoding="utf-8"))]
 
 
 @pytest.mark.parametrize(("message", "expected"), CASES, ids=IDS)
@@ -29,11 +31,9 @@ def test_message_maps_to_its_golden_file(message: Path, expected: Path):
     assert result == json.loads(expected.read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize(("message", "expected"), CASES, ids=IDS)
-def test_every_mapped_resource_is_valid_r4(message: Path, expected: Path):
+@pytest.mark.parametrize("expected", BUNDLES, ids=[e.stem for e in BUNDLES])
+def test_every_mapped_resource_is_valid_r4(expected: Path):
     bundle = json.loads(expected.read_text(encoding="utf-8"))
-    if "error" in bundle:
-        pytest.skip("an error case")
     Bundle.model_validate(bundle)  # the server validates entries, not the Bundle: check its shape here
     for entry in bundle["entry"]:
         validate(entry["resource"])
