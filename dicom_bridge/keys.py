@@ -18,6 +18,7 @@ STUDY = (
     "NumberOfStudyRelatedSeries",
     "NumberOfStudyRelatedInstances",
     "ProcedureCodeSequence",
+    "TimezoneOffsetFromUTC",
     "SpecificCharacterSet",
 )
 SERIES = (
@@ -31,6 +32,7 @@ SERIES = (
     "SeriesDate",
     "SeriesTime",
     "NumberOfSeriesRelatedInstances",
+    "TimezoneOffsetFromUTC",
     "SpecificCharacterSet",
 )
 INSTANCE = (
