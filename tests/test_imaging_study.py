@@ -120,7 +120,7 @@ def test_modalities_and_counts_come_from_the_series():
     assert result["series"][-1]["bodySite"] == {"display": "LEFTLEG"}
     assert "number" not in result["series"][-1]
     assert result["basedOn"] == [{"reference": "ServiceRequest/sr-1"}, {"reference": "ServiceRequest/sr-2"}]
-    assert result["started"] == "2004-01-19"  # no offset known and no tz: the date only
+    assert result["started"] == "2004-01-19T07:27:30-05:00"  # the offset the answer carries (TimezoneOffsetFromUTC)
 
 
 def test_minimal_study_has_no_empty_elements():
