@@ -23,8 +23,8 @@ serve: install  ## the server on OVERREAD_* settings (default: SQLite ./overread
 migrate: install
 	$(BIN)/overread db upgrade
 
-test: install  ## the whole suite, every storage test on SQLite and on PostgreSQL
-	$(BIN)/python -m pytest -n 2 -q
+test: install  ## the whole suite, every storage test on SQLite and on PostgreSQL; Orthanc tests in a netns (tests/run)
+	VENV=$(VENV) tests/run $(TEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

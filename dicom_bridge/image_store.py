@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
+
+from dicom_bridge.query import StudyQuery
+from mappings.imaging_study import Series, Study
 
 
 class ImageStore:
@@ -40,3 +43,44 @@ class ImageStore:
         """How many instances of the study are on disk."""
         folder = self.root / study_uid
         return sum(1 for _ in folder.glob("*/*.dcm")) if folder.is_dir() else 0
+
+    def find(self, query: StudyQuery) -> list[Study]:
+        """Studies on disk that match ``query`` (pushed to us, or retrieved for another case).
+
+        Headers only (no pixel data) and only the first file of a study to decide a match:
+        a study's accession number and patient are the same in all its instances.
+        """
+        keys = query.matching_keys()
+        if "StudyInstanceUID" in keys:
+            folders = [self.root / query.study_uid]
+        else:
+            folders = sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+        found = []
+        for folder in folders:
+            files = sorted(folder.glob("*/*.dcm"))
+            if files and _matches(dcmread(files[0], stop_before_pixels=True), query):
+                found.append(_tree([dcmread(f, stop_before_pixels=True) for f in files]))
+        return found
+
+
+def _matches(ds: Dataset, query: StudyQuery) -> bool:
+    """The study-level match of PS3.4 C.2.2.2 for the keys an order gives (modality aside)."""
+    if query.accession:
+        return str(ds.get("AccessionNumber") or "") == query.accession
+    if query.study_uid:
+        return True  # the folder is the study
+    if str(ds.get("PatientID") or "") != query.patient_id:
+        return False
+    date = str(ds.get("StudyDate") or "")
+    start, dash, end = query.study_date.partition("-")
+    if not dash:
+        return not start or date == start
+    return (not start or date >= start) and (not end or date <= end)
+
+
+def _tree(instances: list[Dataset]) -> Study:
+    """Group full headers the way a study/series/instance query would answer."""
+    series: dict[str, Series] = {}
+    for ds in instances:
+        series.setdefault(str(ds.SeriesInstanceUID), Series(ds)).instances.append(ds)
+    return Study(instances[0], list(series.values()))

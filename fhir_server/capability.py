@@ -7,7 +7,7 @@ indexer and the search use, so /metadata cannot claim what the server does not d
 from functools import cache
 from typing import Any
 
-from fhir_server import dates
+from fhir_server import dates, operations
 from fhir_server.search_params import registry
 from fhir_server.validation import SUPPORTED_TYPES
 
@@ -49,6 +49,7 @@ def _resources() -> list[dict[str, Any]]:
                 "searchInclude": [f"{rtype}:{code}" for code in reference_params],
                 "searchRevInclude": ["*"],
                 "searchParam": searches,
+                **({"operation": ops} if (ops := operations.capability(rtype)) else {}),
             }
         )
     return resources

@@ -9,7 +9,8 @@ image-linking job in the outbox. Both are written in the transaction that create
 from typing import Any
 
 from fhir_server import search
-from fhir_server.repository import Change, Repository
+from fhir_server.errors import error
+from fhir_server.repository import Change, Repository, Stored
 
 #: The outbox topic of the image-linking worker (dicom_bridge).
 LINK_IMAGING = "link-imaging"
@@ -27,8 +28,7 @@ def open_case(repo: Repository, change: Change) -> None:
 
 def _ensure_case(repo: Repository, order_id: str) -> None:
     order = repo.read("ServiceRequest", order_id)
-    focus = search.parse("Task", [("focus", f"ServiceRequest/{order_id}")])
-    if not search.execute(repo.conn, focus).matches:
+    if case_of(repo, order_id) is None:
         repo.create(task_for(order_id, order.resource))
     repo.enqueue(LINK_IMAGING, order)
 
@@ -52,3 +52,70 @@ def task_for(order_id: str, order: dict[str, Any]) -> dict[str, Any]:
 
 def _typed(identifier: dict[str, Any], code: str) -> bool:
     return any(c.get("code") == code for c in identifier.get("type", {}).get("coding", []))
+
+
+# -- where the case stands: Task.businessStatus ---------------------------------------
+
+#: Task.businessStatus codes of a case (ARCHITECTURE.md "Images linked").
+CASE_STATUS = "https://overread.org/fhir/CodeSystem/case-status"
+IMAGES_PENDING = "images-pending"  # a linking job is looking (or will look again)
+IMAGES_AVAILABLE = "images-available"  # the ImagingStudy is linked (and retrieved, where configured)
+IMAGES_NOT_FOUND = "images-not-found"  # the job gave up: no PACS had a matching study
+IMAGES_UNAVAILABLE = "images-unavailable"  # the job gave up: the study was found but could not be retrieved
+CASE_STATUS_DISPLAY = {
+    IMAGES_PENDING: "Images pending",
+    IMAGES_AVAILABLE: "Images available",
+    IMAGES_NOT_FOUND: "Images not found",
+    IMAGES_UNAVAILABLE: "Images found but not retrieved",
+}
+
+
+def case_of(repo: Repository, order_id: str) -> Stored | None:
+    """The Task that tracks the order's case."""
+    found = search.execute(repo.conn, search.parse("Task", [("focus", f"ServiceRequest/{order_id}")]))
+    return found.matches[0] if found.matches else None
+
+
+def set_case_status(repo: Repository, order_id: str, code: str, reason: str | None = None) -> None:
+    """Task.businessStatus (and statusReason's text) of the order's case; no new version if unchanged."""
+    task = case_of(repo, order_id)
+    if task is None:
+        return
+    resource = task.resource
+    status = {"coding": [{"system": CASE_STATUS, "code": code, "display": CASE_STATUS_DISPLAY[code]}]}
+    updated = {**resource, "businessStatus": status}
+    updated.pop("statusReason", None)
+    if reason:
+        updated["statusReason"] = {"text": reason}
+    if updated != resource:
+        repo.update("Task", task.id, updated, task.etag)
+
+
+def link_study(repo: Repository, study: dict[str, Any]) -> Stored:
+    """Store an ImagingStudy: one per Study Instance UID, based on every order that asked for it.
+
+    A study already linked to another order keeps that order in ``basedOn`` and gains this
+    one; the rest comes from the latest query. The lock makes two jobs for one study, even
+    in two server processes, take turns instead of creating it twice.
+    """
+    (uid,) = [i["value"] for i in study["identifier"] if i.get("system") == "urn:dicom:uid"]
+    repo.lock(f"ImagingStudy|{uid}")
+    found = search.execute(repo.conn, search.parse("ImagingStudy", [("identifier", f"urn:dicom:uid|{uid}")]))
+    if not found.matches:
+        return repo.create(study)
+    current = found.matches[0]
+    based_on = [*current.resource.get("basedOn", [])]
+    based_on += [ref for ref in study.get("basedOn", []) if ref not in based_on]
+    updated = {**study, "id": current.id, "basedOn": based_on}
+    if {k: v for k, v in current.resource.items() if k != "meta"} == updated:
+        return current
+    return repo.update("ImagingStudy", current.id, updated, current.etag)[0]
+
+
+def relink(repo: Repository, order_id: str) -> None:
+    """``ServiceRequest/[id]/$link-imaging``: look for the order's images again, now."""
+    order = repo.read("ServiceRequest", order_id)
+    if order.resource.get("status") != "active":
+        raise error(409, "business-rule", f"ServiceRequest/{order_id} is {order.resource.get('status')}, not active")
+    repo.enqueue(LINK_IMAGING, order)
+    set_case_status(repo, order_id, IMAGES_PENDING)

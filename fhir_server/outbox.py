@@ -42,11 +42,12 @@ def complete(session: Session, pk: int) -> None:
     row.status, row.last_error = DONE, None
 
 
-def retry(session: Session, pk: int, reason: str, delay: timedelta, max_attempts: int) -> None:
-    """Try again after ``delay``, or give up (``dead``) once ``max_attempts`` are spent."""
+def retry(session: Session, pk: int, reason: str, delay: timedelta, max_attempts: int) -> bool:
+    """Try again after ``delay``, or give up (``dead``, returns False) once ``max_attempts`` are spent."""
     row = session.get_one(OutboxRow, pk)
     row.last_error = reason
     if row.attempts >= max_attempts:
         row.status = DEAD
-    else:
-        row.available_at = dates.now() + delay
+        return False
+    row.available_at = dates.now() + delay
+    return True

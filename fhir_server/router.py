@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 import orjson
 from sqlalchemy import func, select
 
-from fhir_server import bundle, capability, conditional, dates, search
+from fhir_server import bundle, capability, conditional, dates, operations, search
 from fhir_server.errors import FhirError, error, information
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.repository import Repository, Stored
@@ -77,6 +77,9 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
                     deleted = repo.delete(rtype, rid)
                     headers = {"ETag": deleted.etag} if deleted else {}
                     return FhirResponse(200, information(f"Deleted {rtype}/{rid}"), headers)
+        case [rtype, rid, name], _ if name.startswith("$"):
+            check_type(rtype)
+            return operations.instance(repo, req, rtype, rid, name)
         case [rtype, rid, "_history"], "GET":
             check_type(rtype)
             if repo.current(rtype, rid) is None:

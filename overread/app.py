@@ -1,11 +1,18 @@
-"""Start-up wiring: the FastAPI application and the MLLP listener on one database."""
+"""Start-up wiring: the FastAPI application, the MLLP listener, the DICOM side, on one database."""
 
 import asyncio
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 
 import uvicorn
 from fastapi import FastAPI
 
+from dicom_bridge.image_store import ImageStore
+from dicom_bridge.linking import Backoff, Linker, Source
+from dicom_bridge.storage_scp import StorageScp
 from fhir_server import api
 from fhir_server.cases import open_case
 from fhir_server.db import Database
@@ -45,10 +52,44 @@ def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None =
     return MllpServer(handler, settings.mllp_host, settings.mllp_port)
 
 
+def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
+    """The image-linking worker: the PACS peers of OVERREAD_CONFIG in order, then our image store."""
+    store = ImageStore(settings.image_store)
+    timeout = cfg.linking.timeout_seconds
+    peers = [Source(p.name, store, p, settings.dicom_ae_title, timeout) for p in cfg.pacs]
+    backoff = Backoff(
+        cfg.linking.max_attempts,
+        timedelta(seconds=cfg.linking.first_retry_seconds),
+        timedelta(seconds=cfg.linking.max_retry_seconds),
+    )
+    return Linker(db, [*peers, Source("image store", store)], backoff, HOOKS)
+
+
+@contextmanager
+def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[tuple[Linker, StorageScp]]:
+    """The DICOM side running: our Storage SCP, and the linking worker on a thread of its own."""
+    worker = linker(settings, db, cfg)
+    worker.publish_endpoints()
+    stop = threading.Event()
+    scp = StorageScp(
+        settings.dicom_ae_title, settings.dicom_host, settings.dicom_port, ImageStore(settings.image_store), worker.wake
+    )
+    thread = threading.Thread(target=worker.run, args=(stop,), name="image-linking", daemon=True)
+    with scp:
+        thread.start()
+        try:
+            yield worker, scp
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+
+
 async def serve_all(settings: Settings, db: Database, cfg: OverreadConfig) -> None:
-    """Every listener of ``overread serve`` in one event loop, until interrupted."""
+    """Every listener and worker of ``overread serve`` in one process, until interrupted."""
     app = create_app(settings, db, cfg)
     http = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info"))
-    async with mllp_listener(settings, db, cfg) as mllp:
-        log.warning("HL7 MLLP listener on %s:%s", settings.mllp_host, mllp.port)
-        await http.serve()
+    with imaging(settings, db, cfg) as (_, scp):
+        log.warning("DICOM Storage SCP %s on %s:%s", settings.dicom_ae_title, settings.dicom_host, scp.port)
+        async with mllp_listener(settings, db, cfg) as mllp:
+            log.warning("HL7 MLLP listener on %s:%s", settings.mllp_host, mllp.port)
+            await http.serve()

@@ -1,4 +1,4 @@
-"""The ``OVERREAD_CONFIG`` YAML file: PACS peers, HL7 senders and destinations.
+"""The ``OVERREAD_CONFIG`` YAML file: PACS peers, image linking, HL7 senders and destinations.
 
 The shape of ARCHITECTURE.md ("Interfaces other systems and tests rely on") plus
 ``hl7.senders``, the per-sender mapping settings an integration engineer adapts a new
@@ -13,11 +13,18 @@ sending system with, without code:
           default_system: urn:oid:2.16.840.1.113883.3.72.5.9.1
           timezone: Europe/Stockholm       # for times sent without an offset
 
-The first sender entry that matches a message's MSH-3 and MSH-4 applies.
+The first sender entry that matches a message's MSH-3 and MSH-4 applies. ``linking`` sets
+how patiently the image-linking job tries (defaults shown)::
+
+    linking:
+      max_attempts: 10             # then images-not-found / images-unavailable on the Task
+      first_retry_seconds: 30      # doubling after each attempt ...
+      max_retry_seconds: 3600      # ... up to this
+      timeout_seconds: 30          # of one DICOM or DICOMweb exchange
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -36,6 +43,13 @@ class PacsPeer(_Strict):
     port: int
     qido_url: str | None = None
     retrieve: Literal["c-move", "c-get", "wado-rs", "none"] = "c-move"
+
+
+class Linking(_Strict):
+    max_attempts: Annotated[int, Field(ge=1)] = 10
+    first_retry_seconds: Annotated[float, Field(ge=0)] = 30
+    max_retry_seconds: Annotated[float, Field(ge=0)] = 3600
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30
 
 
 class Destination(_Strict):
@@ -63,6 +77,7 @@ class Hl7(_Strict):
 
 class OverreadConfig(_Strict):
     pacs: list[PacsPeer] = Field(default_factory=list)
+    linking: Linking = Linking()
     hl7: Hl7 = Field(default_factory=Hl7)
 
     def sender(self, application: str, facility: str) -> SenderConfig | None:

@@ -15,7 +15,10 @@ class Settings(BaseSettings):
     mllp_host: str = "127.0.0.1"
     mllp_port: int = 2575
     dicom_ae_title: str = "OVERREAD"
+    dicom_host: str = "127.0.0.1"
     dicom_port: int = 11112
+    #: Where retrieved and pushed DICOM instances are kept.
+    image_store: Path = Path("./images")
     config: Path | None = None
     #: Absolute base URL the server names itself by in Location headers and Bundle links.
     #: Empty means: derive it from each request.

@@ -22,6 +22,8 @@ from overread.migrate import METADATA, upgrade
 from overread.server import running
 from overread.settings import Settings
 
+pytest_plugins = ["tests.orthanc"]
+
 POSTGRES_URL = os.environ.get("OVERREAD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 FHIR_JSON = {"content-type": "application/fhir+json"}
 

@@ -1,0 +1,162 @@
+"""The DIMSE door to a PACS: Study Root Query/Retrieve as an SCU (PS3.4 Annex C).
+
+One association per job serves every query level: study, then series, then instance
+(PS3.4 C.4.1.3.1 hierarchical search). Statuses and transport failures become the
+exceptions of :mod:`dicom_bridge.errors`, which the linking worker turns into retries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom.association import Association
+
+from dicom_bridge import keys
+from dicom_bridge.errors import MoveDestinationUnknown, PacsError, PacsUnavailable, RetrieveFailed
+from dicom_bridge.image_store import ImageStore
+from dicom_bridge.query import StudyQuery, identifier, unique
+from dicom_bridge.tcp import NODELAY_HANDLERS
+from mappings.imaging_study import Series, Study
+
+log = logging.getLogger(__name__)
+
+# Study Root Query/Retrieve Information Model (PS3.4 C.6.2; UIDs from PS3.6 Annex A).
+FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
+MOVE = UID("1.2.840.10008.5.1.4.1.2.2.2")
+GET = UID("1.2.840.10008.5.1.4.1.2.2.3")
+
+PENDING = (0xFF00, 0xFF01)
+SUCCESS = 0x0000
+WARNING = 0xB000  # C-MOVE/C-GET: one or more sub-operations failed (PS3.4 C.4.2.1.4)
+MOVE_DESTINATION_UNKNOWN = 0xA801
+# The C-STORE answer to a store we could not keep: "Out of Resources" (PS3.4 B.2.3).
+OUT_OF_RESOURCES = 0xA700
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where a PACS listens and what it calls itself."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+class DimseClient:
+    """A Study Root Q/R SCU calling one PACS as ``calling_ae``."""
+
+    def __init__(self, peer: Peer, calling_ae: str, *, timeout: float = 30.0) -> None:
+        self.peer, self.calling_ae, self.timeout = peer, calling_ae, timeout
+
+    def find(self, query: StudyQuery) -> list[Study]:
+        """Every study matching ``query``, each with its series and instances."""
+        with self._association([FIND]) as assoc:
+            studies = unique(self._find(assoc, "STUDY", keys.STUDY, query.matching_keys()), "StudyInstanceUID")
+            found = []
+            for study in studies:
+                uid = {"StudyInstanceUID": str(study.StudyInstanceUID)}
+                series = unique(self._find(assoc, "SERIES", keys.SERIES, uid), "SeriesInstanceUID")
+                found.append(Study(study, [self._instances(assoc, uid, s) for s in series]))
+            return found
+
+    def move(self, study_uid: str, destination: str) -> int:
+        """C-MOVE the study to ``destination`` (an AE the PACS knows); the instances moved."""
+        with self._association([MOVE]) as assoc:
+            request = identifier("STUDY", (), {"StudyInstanceUID": study_uid})
+            return _sub_operations(assoc.send_c_move(request, destination, MOVE), "C-MOVE")
+
+    def get(self, study_uid: str, store: ImageStore, sop_classes: set[str]) -> int:
+        """C-GET the study over this association into ``store``; the instances received.
+
+        The storage contexts offered are those of ``sop_classes`` (what the query found),
+        each with every transfer syntax and our SCP role (PS3.4 C.4.3.1, PS3.7 D.3.3.4).
+        """
+        roles = [build_role(uid, scp_role=True) for uid in sorted(sop_classes)]
+        contexts = [GET, *sorted(sop_classes)]
+        handlers = [(evt.EVT_C_STORE, store_handler, [store])]
+        with self._association(contexts, roles, handlers) as assoc:
+            request = identifier("STUDY", (), {"StudyInstanceUID": study_uid})
+            return _sub_operations(assoc.send_c_get(request, GET), "C-GET")
+
+    def _instances(self, assoc: Association, study: dict[str, str], series: Dataset) -> Series:
+        matching = {**study, "SeriesInstanceUID": str(series.SeriesInstanceUID)}
+        return Series(series, unique(self._find(assoc, "IMAGE", keys.INSTANCE, matching), "SOPInstanceUID"))
+
+    def _find(
+        self, assoc: Association, level: str, return_keys: tuple[str, ...], matching: dict[str, str]
+    ) -> list[Dataset]:
+        answers = []
+        for status, found in assoc.send_c_find(identifier(level, return_keys, matching), FIND):
+            code = _status(status, "C-FIND")
+            if code in PENDING and found is not None:
+                answers.append(found)
+            elif code != SUCCESS:
+                raise PacsError(f"C-FIND at {level} level failed: status 0x{code:04X}")
+        return answers
+
+    @contextmanager
+    def _association(
+        self, contexts: list[Any], roles: list[Any] | None = None, handlers: list[Any] | None = None
+    ) -> Iterator[Association]:
+        ae = AE(self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.connection_timeout = min(self.timeout, 10.0)
+        for context in contexts:
+            ae.add_requested_context(context, ALL_TRANSFER_SYNTAXES if context not in (FIND, GET, MOVE) else None)
+        assoc = ae.associate(
+            self.peer.host,
+            self.peer.port,
+            ae_title=self.peer.ae_title,
+            ext_neg=roles or [],
+            evt_handlers=[*NODELAY_HANDLERS, *(handlers or [])],
+        )
+        if not assoc.is_established:
+            why = "rejected the association" if assoc.is_rejected else "did not answer"
+            raise PacsUnavailable(f"{self.peer.ae_title} at {self.peer.host}:{self.peer.port} {why}")
+        try:
+            yield assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+
+def store_handler(event: evt.Event, store: ImageStore) -> int:
+    """EVT_C_STORE: keep the instance in the local image store (PS3.4 B.2.3 statuses)."""
+    try:
+        store.put(event.dataset, event.file_meta)
+    except Exception:
+        log.exception("could not store an instance from %s", event.assoc.requestor.ae_title)
+        return OUT_OF_RESOURCES
+    return SUCCESS
+
+
+def _status(status: Dataset, operation: str) -> int:
+    # An empty status Dataset is what pynetdicom yields when the association died.
+    if "Status" not in status:
+        raise PacsUnavailable(f"{operation}: the association was aborted or timed out")
+    return int(status.Status)
+
+
+def _sub_operations(responses: Iterator[tuple[Dataset, Dataset | None]], operation: str) -> int:
+    """The final response's completed sub-operations; failure statuses raised (PS3.4 C.4.2.1.4)."""
+    completed = 0
+    for status, _ in responses:
+        code = _status(status, operation)
+        if code in PENDING:
+            continue
+        completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+        failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+        if code == MOVE_DESTINATION_UNKNOWN:
+            raise MoveDestinationUnknown(f"{operation}: the PACS does not know the move destination (0xA801)")
+        if code not in (SUCCESS, WARNING):
+            raise RetrieveFailed(f"{operation} failed: status 0x{code:04X}")
+        if failed:
+            raise RetrieveFailed(f"{operation}: {failed} sub-operations failed, {completed} completed")
+    return completed

@@ -1,0 +1,316 @@
+"""The image-linking worker: every case gets its ImagingStudy (ARCHITECTURE.md, "Images linked").
+
+It consumes the ``link-imaging`` outbox rows that every new order leaves (and that
+``$link-imaging`` and pushed studies add). For each: build the query from the order, ask
+the configured PACS peers in order and then the local image store, link what is found
+(an ImagingStudy per Study Instance UID, based on the order), retrieve it where the peer
+says so, and tell the case where it stands (Task.businessStatus). A PACS that is down, a
+study not there yet or a retrieve that fails means: try again later, with backoff, until
+the configured limit; then a final status and the reason on the Task.
+
+A job is claimed with a lease (``fhir_server.outbox``), so a worker that dies mid-job
+loses nothing and several server processes can share one PostgreSQL database. The
+network I/O runs outside any transaction; each outcome is one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, Protocol
+
+from sqlalchemy import update
+
+from dicom_bridge.dicomweb import DicomWebClient
+from dicom_bridge.dimse import DimseClient, Peer
+from dicom_bridge.errors import PacsError, RetrieveFailed
+from dicom_bridge.image_store import ImageStore
+from dicom_bridge.query import StudyQuery
+from fhir_server import cases, dates, outbox, search
+from fhir_server.db import Database
+from fhir_server.repository import Hook, Repository, Stored
+from fhir_server.schema import OutboxRow
+from mappings.imaging_study import Study, imaging_study
+
+log = logging.getLogger(__name__)
+
+ACSN = "ACSN"
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+PEER_SYSTEM = "https://overread.org/fhir/pacs-peer"
+CONNECTION_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+# R4 has no connection type for DIMSE; the binding is extensible, so a code of our own.
+DIMSE_CONNECTION = {"system": "https://overread.org/fhir/CodeSystem/endpoint-connection-type", "code": "dicom-dimse"}
+
+
+class PeerConfig(Protocol):
+    """A PACS peer of OVERREAD_CONFIG (``overread.config.PacsPeer`` has this shape)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    qido_url: str | None
+    retrieve: Literal["c-move", "c-get", "wado-rs", "none"]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How often and how patiently a job tries: first_delay, doubling, at most max_delay."""
+
+    max_attempts: int = 10
+    first_delay: timedelta = timedelta(seconds=30)
+    max_delay: timedelta = timedelta(hours=1)
+
+    def delay(self, attempts: int) -> timedelta:
+        delay: timedelta = self.first_delay * 2 ** max(attempts - 1, 0)
+        return min(delay, self.max_delay)
+
+
+class Source:
+    """One place studies can be found: a PACS peer (DIMSE or DICOMweb), or the image store."""
+
+    def __init__(
+        self, name: str, store: ImageStore, peer: PeerConfig | None = None, our_ae: str = "", timeout: float = 30.0
+    ) -> None:
+        self.name, self.store, self.peer, self.our_ae = name, store, peer, our_ae
+        self.endpoint: str | None = None  # "Endpoint/<id>", once written
+        self.dimse = DimseClient(Peer(peer.ae_title, peer.host, peer.port), our_ae, timeout=timeout) if peer else None
+        self.web = DicomWebClient(peer.qido_url, timeout=timeout) if peer and peer.qido_url else None
+
+    def find(self, query: StudyQuery) -> list[Study]:
+        if self.web is not None:
+            return self.web.find(query)
+        return self.dimse.find(query) if self.dimse is not None else self.store.find(query)
+
+    @property
+    def retrieves(self) -> bool:
+        return self.peer is not None and self.peer.retrieve != "none"
+
+    def retrieve(self, study: Study) -> None:
+        """Bring the study into the image store; RetrieveFailed unless every instance arrived."""
+        if self.peer is None or self.dimse is None:
+            return
+        match self.peer.retrieve:
+            case "c-move":
+                self.dimse.move(study.uid, self.our_ae)
+            case "c-get":
+                sop_classes = {str(i.SOPClassUID) for s in study.series for i in s.instances if "SOPClassUID" in i}
+                self.dimse.get(study.uid, self.store, sop_classes)
+            case "wado-rs":
+                if self.web is None:
+                    raise RetrieveFailed(f"{self.name}: retrieve is wado-rs but the peer has no qido_url")
+                self.web.retrieve(study.uid, self.store)
+            case _:
+                return
+        expected = sum(len(s.instances) for s in study.series)
+        if (have := self.store.count(study.uid)) < expected:
+            raise RetrieveFailed(f"{self.name}: {have} of {expected} instances of {study.uid} arrived")
+
+
+class Linker:
+    """Claims ``link-imaging`` jobs and runs them; ``run`` loops until ``stop`` is set."""
+
+    def __init__(
+        self,
+        db: Database,
+        sources: Sequence[Source],
+        backoff: Backoff = Backoff(),
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        self.db, self.sources, self.backoff, self.hooks = db, list(sources), backoff, hooks
+        self._retrieving: set[str] = set()  # studies our own retrieves are bringing in right now
+
+    def publish_endpoints(self) -> None:
+        """Each PACS peer as an Endpoint resource (conditional on its name), for ImagingStudy.endpoint."""
+        with self.db.transaction() as session:
+            repo = Repository(session, self.hooks)
+            for source in self.sources:
+                if source.peer is not None:
+                    source.endpoint = _publish(repo, source.peer)
+            repo.complete()
+
+    def run(self, stop: threading.Event, poll: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                if self.run_once():
+                    continue
+            except Exception:  # a broken job or database hiccup must not end the worker
+                log.exception("image-linking worker")
+            stop.wait(poll)
+
+    def run_once(self) -> int:
+        """Claim due jobs and run them; how many there were."""
+        with self.db.transaction() as session:
+            jobs = [(row.pk, row.resource_id) for row in outbox.claim(session, cases.LINK_IMAGING)]
+        for pk, order_id in jobs:
+            self._run(pk, order_id)
+        return len(jobs)
+
+    def _run(self, pk: int, order_id: str) -> None:
+        with self.db.begin(write=False) as conn:
+            repo = Repository(conn)
+            order = repo.current("ServiceRequest", order_id)
+            patient = _subject(repo, order.resource) if order and order.content else None
+        if order is None or order.content is None or order.resource.get("status") != "active":
+            with self.db.transaction() as session:  # revoked, completed or gone: nothing to link
+                outbox.complete(session, pk)
+            return
+        query = order_query(order.resource, patient)
+        if not query:
+            return self._retry(pk, order_id, "the order has no accession number, Study Instance UID or patient id")
+        source, studies, errors = self._find(query)
+        if source is None:
+            reason = "; ".join(errors) or f"no study matches {query.matching_keys()}"
+            return self._retry(pk, order_id, reason)
+        retrieve = source.retrieves
+        self._link(pk, order, studies, source, done=not retrieve)
+        if retrieve:
+            try:
+                self._retrieve(source, studies)
+            except PacsError as exc:
+                return self._retry(pk, order_id, str(exc), found=True)
+            with self.db.transaction() as session:
+                repo = Repository(session, self.hooks)
+                cases.set_case_status(repo, order_id, cases.IMAGES_AVAILABLE)
+                outbox.complete(session, pk)
+                repo.complete()
+
+    def _find(self, query: StudyQuery) -> tuple[Source | None, list[Study], list[str]]:
+        errors: list[str] = []
+        for source in self.sources:
+            try:
+                if studies := source.find(query):
+                    return source, studies, errors
+            except PacsError as exc:
+                log.warning("PACS %s: %s", source.name, exc)
+                errors.append(f"{source.name}: {exc}")
+        return None, [], errors
+
+    def _retrieve(self, source: Source, studies: list[Study]) -> None:
+        for study in studies:
+            self._retrieving.add(study.uid)
+            try:
+                source.retrieve(study)
+            finally:
+                self._retrieving.discard(study.uid)
+
+    def _link(self, pk: int, order: Stored, studies: list[Study], source: Source, done: bool) -> None:
+        subject = order.resource["subject"]["reference"]
+        with self.db.transaction() as session:
+            repo = Repository(session, self.hooks)
+            for study in studies:
+                endpoints = [source.endpoint] if source.endpoint else []
+                cases.link_study(
+                    repo,
+                    imaging_study(study, subject=subject, based_on=[f"ServiceRequest/{order.id}"], endpoints=endpoints),
+                )
+            status = cases.IMAGES_AVAILABLE if done else cases.IMAGES_PENDING
+            cases.set_case_status(repo, order.id, status, None if done else f"found on {source.name}; retrieving")
+            if done:
+                outbox.complete(session, pk)
+            repo.complete()
+
+    def _retry(self, pk: int, order_id: str, reason: str, found: bool = False) -> None:
+        with self.db.transaction() as session:
+            attempts = session.get_one(OutboxRow, pk).attempts
+            again = outbox.retry(session, pk, reason, self.backoff.delay(attempts), self.backoff.max_attempts)
+            status = cases.IMAGES_PENDING if again else cases.IMAGES_UNAVAILABLE if found else cases.IMAGES_NOT_FOUND
+            repo = Repository(session, self.hooks)
+            cases.set_case_status(repo, order_id, status, reason)
+            repo.complete()
+        log.info("image linking for ServiceRequest/%s: %s (attempt %s)", order_id, reason, attempts)
+
+    def wake(self, studies: set[tuple[str, str]]) -> None:
+        """A study arrived by itself (C-STORE push): run the jobs of the cases waiting for it now."""
+        with self.db.transaction() as session:
+            repo = Repository(session, self.hooks)
+            for study_uid, accession in studies:
+                if study_uid in self._retrieving:
+                    continue  # our own retrieve: its job is running
+                for order in _orders_for(repo, study_uid, accession):
+                    _wake(session, repo, order)
+            repo.complete()
+
+
+def order_query(order: dict[str, Any], patient: dict[str, Any] | None) -> StudyQuery:
+    """The PACS query of an order: accession (ACSN), Study Instance UID, patient id + date + modality."""
+    identifiers = order.get("identifier", [])
+    accession = next((i.get("value", "") for i in identifiers if _typed(i, ACSN)), "")
+    study_uid = next((i.get("value", "") for i in identifiers if i.get("system") == "urn:dicom:uid"), "")
+    patient_ids = (patient or {}).get("identifier", [])
+    patient_id = next((i.get("value", "") for i in patient_ids if _typed(i, "MR")), "") or next(
+        (i.get("value", "") for i in patient_ids), ""
+    )
+    when = str(order.get("occurrenceDateTime") or order.get("occurrencePeriod", {}).get("start") or "")
+    modality = next((c.get("code", "") for c in order.get("code", {}).get("coding", []) if c.get("system") == DCM), "")
+    return StudyQuery(
+        accession=accession,
+        study_uid=study_uid.removeprefix("urn:oid:"),
+        patient_id=patient_id,
+        study_date=when[:10].replace("-", ""),
+        modality=modality,
+    )
+
+
+def _typed(identifier: dict[str, Any], code: str) -> bool:
+    return any(c.get("code") == code for c in identifier.get("type", {}).get("coding", []))
+
+
+def _subject(repo: Repository, order: dict[str, Any]) -> dict[str, Any] | None:
+    rtype, _, rid = str(order.get("subject", {}).get("reference", "")).partition("/")
+    found = repo.current(rtype, rid) if rtype == "Patient" and rid else None
+    return found.resource if found and found.content else None
+
+
+def _publish(repo: Repository, peer: PeerConfig) -> str:
+    endpoint: dict[str, Any] = {
+        "resourceType": "Endpoint",
+        "identifier": [{"system": PEER_SYSTEM, "value": peer.name}],
+        "status": "active",
+        "name": f"PACS {peer.name} ({peer.ae_title})",
+        "payloadType": [{"text": "DICOM"}],
+        "payloadMimeType": ["application/dicom"],
+    }
+    if peer.qido_url:
+        endpoint |= {"connectionType": {"system": CONNECTION_TYPE, "code": "dicom-qido-rs"}, "address": peer.qido_url}
+    else:
+        endpoint |= {"connectionType": DIMSE_CONNECTION, "address": f"dicom://{peer.ae_title}@{peer.host}:{peer.port}"}
+    repo.lock(f"Endpoint|{peer.name}")
+    found = search.execute(repo.conn, search.parse("Endpoint", [("identifier", f"{PEER_SYSTEM}|{peer.name}")]))
+    if not found.matches:
+        return f"Endpoint/{repo.create(endpoint).id}"
+    current = found.matches[0]
+    if {k: v for k, v in current.resource.items() if k not in ("id", "meta")} != endpoint:
+        repo.update("Endpoint", current.id, {**endpoint, "id": current.id}, current.etag)
+    return f"Endpoint/{current.id}"
+
+
+def _orders_for(repo: Repository, study_uid: str, accession: str) -> list[Stored]:
+    criteria = [f"urn:dicom:uid|urn:oid:{study_uid}"] + ([accession] if accession else [])
+    found: dict[str, Stored] = {}
+    for value in criteria:
+        for order in search.execute(repo.conn, search.parse("ServiceRequest", [("identifier", value)])).matches:
+            if order.resource.get("status") == "active":
+                found[order.id] = order
+    return list(found.values())
+
+
+def _wake(session: Any, repo: Repository, order: Stored) -> None:
+    task = cases.case_of(repo, order.id)
+    codes = [c.get("code") for c in (task.resource.get("businessStatus", {}) if task else {}).get("coding", [])]
+    if cases.IMAGES_AVAILABLE in codes:
+        return
+    woken = session.execute(
+        update(OutboxRow)
+        .where(
+            OutboxRow.topic == cases.LINK_IMAGING,
+            OutboxRow.resource_id == order.id,
+            OutboxRow.status == outbox.PENDING,
+        )
+        .values(available_at=dates.now())
+    ).rowcount
+    if not woken:
+        repo.enqueue(cases.LINK_IMAGING, order)

@@ -1,0 +1,88 @@
+"""Our Storage SCP (PS3.4 Annex B) on OVERREAD_DICOM_PORT as OVERREAD_DICOM_AE_TITLE.
+
+It is the destination of our own C-MOVEs and accepts unsolicited pushes (a modality or a
+PACS sending a study by itself). Every instance lands in the image store; when an
+association ends, ``on_received`` hears which studies (Study Instance UID, accession
+number) it brought, so a case waiting for one of them can be linked at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_bridge.dimse import SUCCESS, store_handler
+from dicom_bridge.image_store import ImageStore
+from dicom_bridge.tcp import NODELAY_HANDLERS
+
+log = logging.getLogger(__name__)
+VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO (PS3.4 Annex A)
+
+#: (Study Instance UID, Accession Number) of each study an association brought.
+Received = Callable[[set[tuple[str, str]]], None]
+
+
+class StorageScp:
+    def __init__(
+        self, ae_title: str, host: str, port: int, store: ImageStore, on_received: Received | None = None
+    ) -> None:
+        self.ae_title, self.address, self.store, self.on_received = ae_title, (host, port), store, on_received
+        self._studies: dict[int, set[tuple[str, str]]] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        return int(self._server.server_address[1])
+
+    def start(self) -> StorageScp:
+        ae = AE(self.ae_title)
+        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs for large images
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(VERIFICATION)
+        handlers: list[Any] = [
+            *NODELAY_HANDLERS,
+            (evt.EVT_C_STORE, self._stored),
+            (evt.EVT_RELEASED, self._ended),
+            (evt.EVT_ABORTED, self._ended),
+        ]
+        self._server = ae.start_server(self.address, block=False, evt_handlers=handlers)
+        log.info("DICOM Storage SCP %s on %s:%s", self.ae_title, self.address[0], self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self) -> StorageScp:
+        return self.start()
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self.stop()
+
+    def _stored(self, event: evt.Event) -> int:
+        status = store_handler(event, self.store)
+        if status == SUCCESS:
+            ds = event.dataset
+            key = (str(ds.StudyInstanceUID), str(ds.get("AccessionNumber", "") or ""))
+            with self._lock:
+                self._studies.setdefault(id(event.assoc), set()).add(key)
+        return status
+
+    def _ended(self, event: evt.Event) -> None:
+        with self._lock:
+            studies = self._studies.pop(id(event.assoc), set())
+        if studies and self.on_received is not None:
+            try:
+                self.on_received(studies)
+            except Exception:  # a failed wake-up must not take the SCP down; the job retries anyway
+                log.exception("could not wake the cases waiting for %s", sorted(studies))

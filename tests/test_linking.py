@@ -1,0 +1,217 @@
+"""Image linking end to end on real sockets: orders in, the worker queries a PACS (the bundled
+sample PACS, a pynetdicom SCP), links the ImagingStudy, retrieves, and the Task tells where
+the case stands. Runs on SQLite and PostgreSQL. The same against Orthanc: test_linking_orthanc.py.
+"""
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicom_bridge.image_store import ImageStore
+from dicom_bridge.linking import Backoff, Linker, Source
+from dicom_bridge.sample_pacs import DEMO_ACCESSION, SamplePacs, sample_path
+from dicom_bridge.storage_scp import StorageScp
+from fhir_server import cases
+from fhir_server.db import Database
+from fhir_server.schema import OutboxRow
+from overread.app import HOOKS
+from overread.config import PacsPeer
+from tests.builders import patient, service_request
+from tests.orthanc import free_port
+
+CT_STUDY = str(dcmread(sample_path("CT_small.dcm"), stop_before_pixels=True).StudyInstanceUID)
+NOW = Backoff(max_attempts=3, first_delay=timedelta(0))
+
+
+@dataclass
+class Env:
+    client: TestClient
+    db: Database
+    store: ImageStore
+    pacs: SamplePacs
+    scp: StorageScp
+
+    def linker(self, retrieve: str = "none", port: int | None = None, backoff: Backoff = NOW) -> Linker:
+        peer = PacsPeer(name="main", ae_title=self.pacs.ae_title, host="127.0.0.1", port=port or self.pacs.port)
+        peer.retrieve = retrieve  # type: ignore[assignment]
+        linker = Linker(
+            self.db, [Source("main", self.store, peer, "OVERREAD"), Source("image store", self.store)], backoff, HOOKS
+        )
+        linker.publish_endpoints()
+        self.scp.on_received = linker.wake
+        return linker
+
+    def order(self, accession: str = DEMO_ACCESSION, **extra) -> str:
+        pid = self.client.post("/fhir/Patient", json=patient()).json()["id"]
+        response = self.client.post("/fhir/ServiceRequest", json=service_request(f"Patient/{pid}", accession, **extra))
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def case(self, order_id: str) -> dict:
+        (entry,) = self.client.get("/fhir/Task", params={"focus": f"ServiceRequest/{order_id}"}).json()["entry"]
+        return entry["resource"]
+
+    def status(self, order_id: str) -> str:
+        return self.case(order_id)["businessStatus"]["coding"][0]["code"]
+
+    def studies(self) -> list[dict]:
+        return [e["resource"] for e in self.client.get("/fhir/ImagingStudy").json().get("entry", [])]
+
+    def jobs(self) -> list[tuple[str, int]]:
+        with self.db.transaction() as session:
+            return [(r.status, r.attempts) for r in session.scalars(select(OutboxRow).order_by(OutboxRow.pk))]
+
+
+@pytest.fixture
+def env(client, db, tmp_path: Path):
+    store = ImageStore(tmp_path / "images")
+    with StorageScp("OVERREAD", "127.0.0.1", 0, store) as scp, SamplePacs() as pacs:
+        pacs.destinations["OVERREAD"] = ("127.0.0.1", scp.port)
+        yield Env(client, db, store, pacs, scp)
+
+
+def test_an_order_gets_its_imaging_study_from_the_pacs(env):
+    order_id = env.order()
+    assert env.linker().run_once() == 1
+    (study,) = env.studies()
+    assert study["identifier"][0] == {"system": "urn:dicom:uid", "value": f"urn:oid:{CT_STUDY}"}
+    assert study["basedOn"] == [{"reference": f"ServiceRequest/{order_id}"}]
+    assert study["subject"] == env.case(order_id)["for"]
+    assert (study["numberOfSeries"], study["numberOfInstances"], study["modality"][0]["code"]) == (1, 1, "CT")
+    endpoint = env.client.get(f"/fhir/{study['endpoint'][0]['reference']}").json()
+    assert endpoint["address"] == f"dicom://SAMPLEPACS@127.0.0.1:{env.pacs.port}"
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.jobs() == [("done", 1)]
+    assert env.store.count(CT_STUDY) == 0  # retrieve: none
+
+
+@pytest.mark.parametrize("method", ["c-move", "c-get"])
+def test_retrieve_brings_every_instance_into_the_image_store(env, method):
+    order_id = env.order("ACC-SAMPLE-MR")
+    env.linker(method).run_once()
+    (study,) = env.studies()
+    assert study["numberOfSeries"] == 2
+    assert env.store.count(study["identifier"][0]["value"].removeprefix("urn:oid:")) == study["numberOfInstances"] == 2
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.jobs() == [("done", 1)]
+
+
+def test_two_orders_for_one_study_share_one_imaging_study(env):
+    first, second = env.order(), env.order()
+    env.linker().run_once()
+    (study,) = env.studies()
+    assert study["basedOn"] == [{"reference": f"ServiceRequest/{first}"}, {"reference": f"ServiceRequest/{second}"}]
+    assert env.linker().run_once() == 0  # nothing left to do; relinking changes nothing
+    assert env.status(first) == env.status(second) == cases.IMAGES_AVAILABLE
+
+
+def test_a_pacs_that_is_down_means_retry_then_linked_when_it_is_back(env):
+    order_id = env.order()
+    down = env.linker(port=free_port(), backoff=Backoff(max_attempts=5, first_delay=timedelta(hours=1)))
+    down.sources.pop()  # the image store would not have it either
+    assert down.run_once() == 1
+    case = env.case(order_id)
+    assert case["businessStatus"]["coding"][0]["code"] == cases.IMAGES_PENDING
+    assert "did not answer" in case["statusReason"]["text"]
+    assert down.run_once() == 0  # backing off
+    with env.db.transaction() as session:  # time passes
+        session.execute(OutboxRow.__table__.update().values(available_at=OutboxRow.created_at))
+    assert env.linker().run_once() == 1
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert "statusReason" not in env.case(order_id)
+
+
+def test_a_study_arriving_late_is_linked_on_a_later_attempt(env):
+    order_id = env.order("ACC-LATE")
+    linker = env.linker()
+    linker.run_once()
+    assert env.status(order_id) == cases.IMAGES_PENDING and env.studies() == []
+    assert "no study matches" in env.case(order_id)["statusReason"]["text"]
+    env.pacs.add(new_study("ACC-LATE"))
+    linker.run_once()
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE and len(env.studies()) == 1
+
+
+def test_the_job_gives_up_after_its_limit_with_a_final_status(env):
+    order_id = env.order("ACC-NEVER")
+    linker = env.linker()
+    for _ in range(3):
+        linker.run_once()
+    assert env.status(order_id) == cases.IMAGES_NOT_FOUND
+    assert env.jobs() == [("dead", 3)]
+    assert linker.run_once() == 0
+
+
+def test_an_unknown_move_destination_is_a_clear_reason_and_the_study_stays_linked(env):
+    del env.pacs.destinations["OVERREAD"]
+    order_id = env.order()
+    env.linker("c-move").run_once()
+    case = env.case(order_id)
+    assert case["businessStatus"]["coding"][0]["code"] == cases.IMAGES_PENDING
+    assert "0xA801" in case["statusReason"]["text"]
+    assert len(env.studies()) == 1  # the radiologist can already open it on the PACS
+
+
+def test_a_pushed_study_links_the_waiting_case(env, tmp_path):
+    order_id = env.order("ACC-PUSHED")
+    linker = env.linker(backoff=Backoff(max_attempts=5, first_delay=timedelta(hours=1)))
+    linker.run_once()
+    assert env.status(order_id) == cases.IMAGES_PENDING
+    pushed = new_study("ACC-PUSHED")
+    pushed.save_as(tmp_path / "pushed.dcm")
+    _storescu(env.scp.port, tmp_path / "pushed.dcm")
+    assert linker.run_once() == 1  # woken at once, not after the hour of backoff
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    (study,) = env.studies()
+    assert study["identifier"][0]["value"] == f"urn:oid:{pushed.StudyInstanceUID}"
+    assert "endpoint" not in study  # found in our own image store
+
+
+def test_a_revoked_order_is_not_linked(env):
+    order_id = env.order()
+    order = env.client.get(f"/fhir/ServiceRequest/{order_id}").json()
+    env.client.put(f"/fhir/ServiceRequest/{order_id}", json={**order, "status": "revoked"})
+    env.linker().run_once()
+    assert env.studies() == [] and env.jobs() == [("done", 1)]
+
+
+def test_link_imaging_operation_runs_the_job_again(env):
+    order_id = env.order("ACC-LATER")
+    linker = env.linker(backoff=Backoff(max_attempts=1))
+    linker.run_once()
+    assert env.status(order_id) == cases.IMAGES_NOT_FOUND
+    env.pacs.add(new_study("ACC-LATER"))
+    response = env.client.post(f"/fhir/ServiceRequest/{order_id}/$link-imaging")
+    assert response.status_code == 202 and response.json()["resourceType"] == "OperationOutcome"
+    assert env.status(order_id) == cases.IMAGES_PENDING
+    linker.run_once()
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+
+
+def test_link_imaging_refuses_what_it_cannot_do(client):
+    assert client.post("/fhir/ServiceRequest/nope/$link-imaging").status_code == 404
+    assert client.post("/fhir/Patient/p/$link-imaging").status_code == 404
+    assert client.get("/fhir/ServiceRequest/x/$link-imaging").status_code == 405
+    ops = [r for r in client.get("/fhir/metadata").json()["rest"][0]["resource"] if r["type"] == "ServiceRequest"]
+    assert ops[0]["operation"][0]["name"] == "link-imaging"
+
+
+def new_study(accession: str) -> Dataset:
+    """A study no PACS has yet: pydicom's MR_small with new UIDs and ``accession``."""
+    ds = dcmread(sample_path("MR_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.AccessionNumber = accession
+    return ds
+
+
+def _storescu(port: int, path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["storescu", "-aec", "OVERREAD", "127.0.0.1", str(port), str(path)], check=True, timeout=30)
