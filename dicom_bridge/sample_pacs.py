@@ -53,8 +53,10 @@ from dicom_bridge.tcp import NODELAY_HANDLERS
 
 LOG = logging.getLogger(__name__)
 
-DEMO_ACCESSION = "ACC-DEMO-1"
+DEMO_ACCESSION = "ACC-2026-55731"
 """The accession number of the demo study (pydicom's CT_small.dcm); the demo order carries it."""
+DEMO_PATIENT = "MRN-004211"
+"""The demo order's patient (overread/samples/second-opinion-order.json)."""
 
 Source = str | PathLike[str] | Dataset
 """A file path or an in-memory Dataset."""
@@ -73,7 +75,7 @@ _MR_STUDY = {  # reportsi.dcm joins the MR_small study as a second (SR) series
     "StudyDescription": "MR with a report",
 }
 SAMPLE_FILES: tuple[tuple[str, Mapping[str, Any]], ...] = (
-    ("CT_small.dcm", {"AccessionNumber": DEMO_ACCESSION}),  # CT, 1 instance
+    ("CT_small.dcm", {"AccessionNumber": DEMO_ACCESSION, "PatientID": DEMO_PATIENT}),  # CT, 1 instance
     ("MR_small.dcm", _MR_STUDY),  # MR + SR, 2 series
     ("reportsi.dcm", _MR_STUDY),
     ("rtdose_1frame.dcm", {"AccessionNumber": "ACC-SAMPLE-RT"}),  # RTDOSE, implicit VR

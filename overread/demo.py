@@ -3,21 +3,32 @@
 Today: an order arrives as a FHIR transaction (Organization, Practitioner, Patient,
 ServiceRequest and the Task that tracks the case) and is read back with a chained search;
 a second order for the same patient arrives as HL7 ORM^O01 over MLLP and is acknowledged
-after it is stored; the patient's cases and the URLs to look at are printed. Rerunning adds
-nothing (conditional creates; the resent HL7 message gets its first ACK back). Later steps
-(image linking, the report) extend this script.
+after it is stored. The image-linking worker then finds the first order's study on the
+bundled sample PACS (a pynetdicom Q/R SCP serving pydicom's own test files), links the
+ImagingStudy and retrieves it by C-MOVE into our Storage SCP; the second order's study is
+on no PACS until the modality pushes it (C-STORE), which links that case at once. Rerunning
+adds nothing (conditional creates; the resent HL7 message gets its first ACK back; the
+pushed study keeps its UIDs). Later steps (the report) extend this script.
 """
 
 import asyncio
 import json
+import time
 from importlib.resources import files
 from typing import Any
 
 import httpx
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from pynetdicom import AE
 
+from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SamplePacs, sample_path
+from dicom_bridge.tcp import NODELAY_HANDLERS
+from fhir_server import cases
 from fhir_server.db import Database
 from hl7_bridge.mllp import send
-from overread.app import create_app, mllp_listener
+from overread.app import create_app, imaging, mllp_listener
+from overread.config import OverreadConfig, PacsPeer
 from overread.migrate import upgrade
 from overread.server import running
 from overread.settings import Settings, get_settings
@@ -55,6 +66,28 @@ def run(settings: Settings | None = None) -> int:
         found = fhir.get("Task", params={"patient.identifier": MRN, "_include": "Task:focus"}).json()
         for entry in found.get("entry", []):
             _describe(entry["resource"])
+        orders = [e["resource"] for e in found["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
+
+        print("\n4. Images: the linking worker asks the source PACS (the bundled sample PACS) for each order")
+        with SamplePacs() as pacs:
+            peer = PacsPeer(name="sample", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, retrieve="c-move")
+            dicom = settings.model_copy(update={"dicom_port": 0})
+            with imaging(dicom, db, OverreadConfig(pacs=[peer])) as (_, scp):
+                pacs.destinations[settings.dicom_ae_title] = ("127.0.0.1", scp.port)
+                print(
+                    f"   sample PACS {pacs.ae_title} on 127.0.0.1:{pacs.port}, our Storage SCP on 127.0.0.1:{scp.port}"
+                )
+                on_pacs, missing = sorted(orders, key=lambda o: _accession(o) != DEMO_ACCESSION)
+                _wait(fhir, on_pacs, cases.IMAGES_AVAILABLE)
+                _wait(fhir, missing, cases.IMAGES_PENDING, cases.IMAGES_AVAILABLE)  # the latter on a rerun
+                _show_cases(fhir, orders)
+                print("\n5. The modality pushes the second order's study to our Storage SCP (C-STORE)")
+                _push(settings.dicom_ae_title, scp.port, _accession(missing))
+                _wait(fhir, missing, cases.IMAGES_AVAILABLE)
+                _show_cases(fhir, orders)
+        for study in fhir.get("ImagingStudy", params={"subject.identifier": MRN}).json().get("entry", []):
+            _describe(study["resource"])
+        print(f"   image store: {settings.image_store.resolve()}")
 
     db.dispose()
     print("\nLook at it yourself: `make serve`, then")
@@ -72,6 +105,49 @@ async def _send_over_mllp(settings: Settings, db: Database, message: bytes) -> b
         return await send("127.0.0.1", mllp.port, wire)
 
 
+def _case(fhir: httpx.Client, order_id: str) -> dict[str, Any]:
+    return dict(fhir.get("Task", params={"focus": f"ServiceRequest/{order_id}"}).json()["entry"][0]["resource"])
+
+
+def _status(task: dict[str, Any]) -> str:
+    return str(task.get("businessStatus", {}).get("coding", [{}])[0].get("code", "none yet"))
+
+
+def _wait(fhir: httpx.Client, order: dict[str, Any], *codes: str, timeout: float = 20) -> None:
+    """The worker runs in the background: wait until the order's case reaches one of ``codes``."""
+    deadline = time.monotonic() + timeout
+    while _status(_case(fhir, order["id"])) not in codes and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _show_cases(fhir: httpx.Client, orders: list[dict[str, Any]]) -> None:
+    for order in orders:
+        task = _case(fhir, order["id"])
+        reason = f" ({task['statusReason']['text']})" if "statusReason" in task else ""
+        print(f"   {_accession(order)}: Task/{task['id']} businessStatus {_status(task)}{reason}")
+
+
+def _accession(order: dict[str, Any]) -> str:
+    typed = (i for i in order["identifier"] if i.get("type", {}).get("coding", [{}])[0].get("code") == "ACSN")
+    return str(next(typed)["value"])
+
+
+def _push(ae_title: str, port: int, accession: str) -> None:
+    """Send a CT study for ``accession`` as a modality would: C-STORE, UIDs fixed so reruns resend it."""
+    ds = dcmread(sample_path("CT_small.dcm"))
+    ds.AccessionNumber, ds.PatientID = accession, DEMO_PATIENT
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, generate_uid(entropy_srcs=["overread demo", accession, keyword]))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ae = AE("MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title, evt_handlers=NODELAY_HANDLERS)
+    if assoc.is_established:
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        print(f"   C-STORE {accession}: status 0x{int(status.Status):04X}")
+
+
 def _describe(resource: dict[str, Any]) -> None:
     match resource["resourceType"]:
         case "Task":
@@ -82,6 +158,13 @@ def _describe(resource: dict[str, Any]) -> None:
             code = resource["code"]
             what = code.get("text") or code["coding"][0].get("display", code["coding"][0]["code"])
             print(f"   ServiceRequest/{resource['id']}: {what} ({ids}), {resource.get('priority', 'routine')}")
+        case "ImagingStudy":
+            orders = ", ".join(b["reference"] for b in resource.get("basedOn", []))
+            print(
+                f"   ImagingStudy/{resource['id']}: {resource['identifier'][0]['value']}, "
+                f"{resource.get('numberOfSeries', 0)} series, {resource.get('numberOfInstances', 0)} instances, "
+                f"based on {orders}"
+            )
 
 
 def _public_root(settings: Settings) -> str:
