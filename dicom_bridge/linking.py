@@ -26,7 +26,7 @@ from sqlalchemy import update
 
 from dicom_bridge.dicomweb import DicomWebClient
 from dicom_bridge.dimse import DimseClient, Peer
-from dicom_bridge.errors import PacsError, RetrieveFailed
+from dicom_bridge.errors import PacsError, PacsUnavailable, RetrieveFailed
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery
 from fhir_server import cases, dates, outbox, search
@@ -54,6 +54,7 @@ class PeerConfig(Protocol):
     port: int
     qido_url: str | None
     retrieve: Literal["c-move", "c-get", "wado-rs", "none"]
+    timezone: str | None
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,12 @@ class Source:
         self.web = DicomWebClient(peer.qido_url, timeout=timeout) if peer and peer.qido_url else None
 
     def find(self, query: StudyQuery) -> list[Study]:
+        """QIDO-RS when the peer has a qido_url, C-FIND when it has not or DICOMweb is down."""
         if self.web is not None:
-            return self.web.find(query)
+            try:
+                return self.web.find(query)
+            except PacsUnavailable:
+                log.warning("PACS %s: QIDO-RS unavailable, trying C-FIND", self.name)
         return self.dimse.find(query) if self.dimse is not None else self.store.find(query)
 
     @property
@@ -199,13 +204,14 @@ class Linker:
 
     def _link(self, pk: int, order: Stored, studies: list[Study], source: Source, done: bool) -> None:
         subject = order.resource["subject"]["reference"]
+        endpoints = [source.endpoint] if source.endpoint else []
+        tz = source.peer.timezone if source.peer else None
         with self.db.transaction() as session:
             repo = Repository(session, self.hooks)
             for study in studies:
-                endpoints = [source.endpoint] if source.endpoint else []
+                based_on = [f"ServiceRequest/{order.id}"]
                 cases.link_study(
-                    repo,
-                    imaging_study(study, subject=subject, based_on=[f"ServiceRequest/{order.id}"], endpoints=endpoints),
+                    repo, imaging_study(study, subject=subject, based_on=based_on, endpoints=endpoints, tz=tz)
                 )
             status = cases.IMAGES_AVAILABLE if done else cases.IMAGES_PENDING
             cases.set_case_status(repo, order.id, status, None if done else f"found on {source.name}; retrieving")

@@ -43,6 +43,8 @@ class PacsPeer(_Strict):
     port: int
     qido_url: str | None = None
     retrieve: Literal["c-move", "c-get", "wado-rs", "none"] = "c-move"
+    #: IANA zone of the PACS's local dates and times, for answers without TimezoneOffsetFromUTC.
+    timezone: str | None = None
 
 
 class Linking(_Strict):
