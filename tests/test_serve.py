@@ -1,4 +1,4 @@
-"""`overread serve` as a user runs it: one process, the FHIR API and the MLLP intake together."""
+"""`overread serve` as a user runs it: one process, the FHIR API, the MLLP intake and the DICOM side together."""
 
 import os
 import socket
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from dicom_bridge.sample_pacs import SamplePacs, sample_path
 from tests.hl7_golden import DCM4CHE
 
 OVERREAD = [sys.executable, "-m", "overread.cli"]
@@ -20,13 +21,24 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_an_order_sent_over_mllp_is_a_case_on_the_fhir_api(tmp_path: Path):
-    http_port, mllp_port = _free_port(), _free_port()
+def test_an_order_sent_over_mllp_becomes_a_case_with_its_images_linked_and_retrieved(tmp_path: Path):
+    http_port, mllp_port, dicom_port = _free_port(), _free_port(), _free_port()
+    # The source PACS holds the study the OMI^O23 fixture orders (IPC-1 accession "AccessionNumber").
+    pacs = SamplePacs(files=[(sample_path("CT_small.dcm"), {"AccessionNumber": "AccessionNumber"})])
+    pacs.destinations["OVERREAD"] = ("127.0.0.1", dicom_port)
+    pacs.start()
+    config = tmp_path / "overread.yaml"
+    config.write_text(
+        f"pacs:\n  - {{name: source, ae_title: {pacs.ae_title}, host: 127.0.0.1, port: {pacs.port}, retrieve: c-move}}\n"
+    )
     env = {
         **os.environ,
         "OVERREAD_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
         "OVERREAD_HTTP_PORT": str(http_port),
         "OVERREAD_MLLP_PORT": str(mllp_port),
+        "OVERREAD_DICOM_PORT": str(dicom_port),
+        "OVERREAD_IMAGE_STORE": str(tmp_path / "images"),
+        "OVERREAD_CONFIG": str(config),
     }
     server = subprocess.Popen([*OVERREAD, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -50,6 +62,15 @@ def test_an_order_sent_over_mllp_is_a_case_on_the_fhir_api(tmp_path: Path):
         found = httpx.get(f"{base}/Task", params={"_include": "Task:focus"}, timeout=10).json()
         types = sorted(e["resource"]["resourceType"] for e in found["entry"])
         assert (found["total"], types) == (1, ["ServiceRequest", "Task"])
+        task = next(e["resource"] for e in found["entry"] if e["resource"]["resourceType"] == "Task")
+        while task.get("businessStatus", {}).get("coding", [{}])[0].get("code") != "images-available":
+            assert time.monotonic() < deadline + 30, f"not linked: {task}"
+            time.sleep(0.2)
+            task = httpx.get(f"{base}/Task/{task['id']}", timeout=10).json()
+        (study,) = [e["resource"] for e in httpx.get(f"{base}/ImagingStudy", timeout=10).json()["entry"]]
+        assert study["basedOn"] == [task["focus"]]
+        assert len(list((tmp_path / "images").glob("*/*/*.dcm"))) == study["numberOfInstances"] == 1
     finally:
         server.terminate()
         server.wait(20)
+        pacs.stop()
