@@ -151,7 +151,11 @@ class Linker:
         with self.db.transaction() as session:
             jobs = [(row.pk, row.resource_id) for row in outbox.claim(session, cases.LINK_IMAGING)]
         for pk, order_id in jobs:
-            self._run(pk, order_id)
+            try:
+                self._run(pk, order_id)
+            except Exception as exc:  # e.g. a PACS answer the mapping or validation refuses
+                log.exception("image linking for ServiceRequest/%s", order_id)
+                self._retry(pk, order_id, f"{type(exc).__name__}: {exc}")
         return len(jobs)
 
     def _run(self, pk: int, order_id: str) -> None:

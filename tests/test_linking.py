@@ -215,3 +215,15 @@ def _storescu(port: int, path: Path) -> None:
     import subprocess
 
     subprocess.run(["storescu", "-aec", "OVERREAD", "127.0.0.1", str(port), str(path)], check=True, timeout=30)
+
+
+def test_a_pacs_answer_that_cannot_be_mapped_is_a_retry_with_the_reason(env):
+    broken = new_study("ACC-BROKEN")
+    del broken.Modality  # ImagingStudy.series.modality is required: the mapping refuses it
+    env.pacs.add(broken)
+    order_id = env.order("ACC-BROKEN")
+    env.linker().run_once()
+    case = env.case(order_id)
+    assert case["businessStatus"]["coding"][0]["code"] == cases.IMAGES_PENDING
+    assert case["statusReason"]["text"].startswith("ValueError")
+    assert env.jobs() == [("pending", 1)] and env.studies() == []
