@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install demo serve test lint bench bench-hl7 migrate clean
+.PHONY: install demo serve test lint bench bench-hl7 bench-dicom migrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: install  ## benchmarks (needs wrk: apt-get install wrk); figures go to do
 
 bench-hl7: install  ## HL7 order intake beside a bare MLLP server
 	$(BIN)/python -m bench.hl7_intake
+
+bench-dicom: install  ## C-FIND/ImagingStudy and retrieves beside DCMTK findscu/movescu on Orthanc (in a netns: root or unshare -rn)
+	$(BIN)/python -m bench.dicom
 
 clean:
 	rm -rf $(VENV) overread.db overread.db-wal overread.db-shm .pytest_cache .mypy_cache .ruff_cache

@@ -70,7 +70,15 @@ class DimseClient:
         """C-MOVE the study to ``destination`` (an AE the PACS knows); the instances moved."""
         with self._association([MOVE]) as assoc:
             request = identifier("STUDY", (), {"StudyInstanceUID": study_uid})
-            return _sub_operations(assoc.send_c_move(request, destination, MOVE), "C-MOVE")
+            try:
+                return _sub_operations(assoc.send_c_move(request, destination, MOVE), f"C-MOVE to {destination}")
+            except RetrieveFailed as exc:
+                if isinstance(exc, MoveDestinationUnknown) or "0xC000" not in str(exc):
+                    raise
+                # Orthanc (and others) answer "Unable to process" for a destination they do not know.
+                raise RetrieveFailed(
+                    f"{exc}; does {self.peer.ae_title} know {destination} as a move destination?"
+                ) from exc
 
     def get(self, study_uid: str, store: ImageStore, sop_classes: set[str]) -> int:
         """C-GET the study over this association into ``store``; the instances received.
@@ -128,9 +136,19 @@ class DimseClient:
 
 
 def store_handler(event: evt.Event, store: ImageStore) -> int:
-    """EVT_C_STORE: keep the instance in the local image store (PS3.4 B.2.3 statuses)."""
+    """EVT_C_STORE: keep the instance in the local image store (PS3.4 B.2.3 statuses).
+
+    The bytes are written as received behind their file meta: decoding and re-encoding every
+    element of every instance cost more than the rest of the store (docs/performance.md).
+    """
     try:
-        store.put(event.dataset, event.file_meta)
+        ds = event.dataset  # parsed lazily: only the UIDs read below are decoded
+        store.write(
+            str(ds.StudyInstanceUID),
+            str(ds.SeriesInstanceUID),
+            str(ds.SOPInstanceUID),
+            event.encoded_dataset(include_meta=True),
+        )
     except Exception:
         log.exception("could not store an instance from %s", event.assoc.requestor.ae_title)
         return OUT_OF_RESOURCES

@@ -8,6 +8,8 @@ Files are written to a temporary name and renamed, so a crash never leaves half 
 from __future__ import annotations
 
 import os
+import threading
+from io import BytesIO
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -29,13 +31,23 @@ class ImageStore:
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
 
     def put(self, ds: Dataset, file_meta: FileMetaDataset | None = None) -> Path:
-        """Write ``ds`` (with ``file_meta`` when given, e.g. from a C-STORE request)."""
-        target = self.path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        """Write ``ds`` as a Part 10 file (with ``file_meta`` when given)."""
         if file_meta is not None:
             ds.file_meta = file_meta
-        partial = target.with_suffix(f".{os.getpid()}.part")
-        ds.save_as(partial, enforce_file_format=True)
+        encoded = BytesIO()
+        ds.save_as(encoded, enforce_file_format=True)
+        return self.write(
+            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), encoded.getvalue()
+        )
+
+    def write(self, study_uid: str, series_uid: str, sop_uid: str, part10: bytes) -> Path:
+        """Write an encoded Part 10 file as it is (what a Storage SCP received: no re-encoding)."""
+        target = self.path(study_uid, series_uid, sop_uid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Unique per process and thread: the Storage SCP serves associations on threads of
+        # its own, and two of them (a push and a C-MOVE) may bring the same instance at once.
+        partial = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
+        partial.write_bytes(part10)
         partial.replace(target)
         return target
 

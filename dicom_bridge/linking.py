@@ -28,7 +28,7 @@ from dicom_bridge.dicomweb import DicomWebClient
 from dicom_bridge.dimse import DimseClient, Peer
 from dicom_bridge.errors import PacsError, PacsUnavailable, RetrieveFailed
 from dicom_bridge.image_store import ImageStore
-from dicom_bridge.query import StudyQuery
+from dicom_bridge.query import StudyQuery, missing
 from fhir_server import cases, dates, outbox, search
 from fhir_server.db import Database
 from fhir_server.repository import Hook, Repository, Stored
@@ -82,6 +82,16 @@ class Source:
         self.web = DicomWebClient(peer.qido_url, timeout=timeout) if peer and peer.qido_url else None
 
     def find(self, query: StudyQuery) -> list[Study]:
+        """The studies matching ``query``, each answered whole (asked twice if not), else PacsError."""
+        for _ in range(2):
+            studies = self._find(query)
+            gaps = [gap for study in studies if (gap := missing(study))]
+            if not gaps:
+                return studies
+            log.warning("PACS %s answered an incomplete study: %s", self.name, gaps[0])
+        raise PacsError(f"incomplete answer: {gaps[0]}")
+
+    def _find(self, query: StudyQuery) -> list[Study]:
         """QIDO-RS when the peer has a qido_url, C-FIND when it has not or DICOMweb is down."""
         if self.web is not None:
             try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 
 from dicom_bridge import keys
+from mappings.imaging_study import Study
 
 
 @dataclass(frozen=True)
@@ -64,4 +65,29 @@ def unique(answers: Iterable[Dataset], uid: str) -> list[Dataset]:
     return list(seen.values())
 
 
-__all__ = ["StudyQuery", "identifier", "keys", "unique"]
+def missing(study: Study) -> str | None:
+    """What the answer lacks by its own counts (PS3.4 C.3.4 Number of ... Related ...), if anything.
+
+    A PACS can answer a series- or instance-level query with success and fewer matches than
+    the level above counted (Orthanc 1.10 does, now and then): such a tree is not the study.
+    """
+    series = _count(study.dataset, "NumberOfStudyRelatedSeries")
+    if series is not None and len(study.series) < series:
+        return f"{study.uid}: {len(study.series)} of {series} series answered"
+    for s in study.series:
+        instances = _count(s.dataset, "NumberOfSeriesRelatedInstances")
+        if instances is not None and len(s.instances) < instances:
+            series_uid = s.dataset.get("SeriesInstanceUID")
+            return f"{study.uid}: {len(s.instances)} of {instances} instances of series {series_uid}"
+    return None
+
+
+def _count(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+__all__ = ["StudyQuery", "identifier", "keys", "missing", "unique"]

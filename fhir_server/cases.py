@@ -18,8 +18,13 @@ ORDER_INTENTS = {"order", "original-order", "reflex-order", "filler-order", "ins
 
 
 def open_case(repo: Repository, change: Change) -> None:
-    """Repository hook: a new active order asks for its case once the request is written."""
+    """Repository hook: a new active order asks for its case once the request is written.
+
+    An original report written without ``basedOn`` asks for the order it belongs to as well.
+    """
     order = change.resource
+    if change.type == "DiagnosticReport" and order is not None and is_original(order) and not order.get("basedOn"):
+        repo.defer(lambda r: _link_report(r, change.id))
     if change.type != "ServiceRequest" or change.method != "POST" or order is None:
         return
     if order.get("intent") in ORDER_INTENTS and order.get("status") == "active":
@@ -31,6 +36,7 @@ def _ensure_case(repo: Repository, order_id: str) -> None:
     if case_of(repo, order_id) is None:
         repo.create(task_for(order_id, order.resource))
     repo.enqueue(LINK_IMAGING, order)
+    _link_reports_of(repo, order)
 
 
 def task_for(order_id: str, order: dict[str, Any]) -> dict[str, Any]:
@@ -119,3 +125,64 @@ def relink(repo: Repository, order_id: str) -> None:
         raise error(409, "business-rule", f"ServiceRequest/{order_id} is {order.resource.get('status')}, not active")
     repo.enqueue(LINK_IMAGING, order)
     set_case_status(repo, order_id, IMAGES_PENDING)
+
+
+# -- the original report a case is compared with ---------------------------------------
+
+#: ``meta.tag`` of a DiagnosticReport that is the original report (``mappings.original_report``).
+REPORT_ROLE = "https://overread.org/fhir/CodeSystem/report-role"
+ORIGINAL_REPORT = {"system": REPORT_ROLE, "code": "original"}
+#: The order identifiers a report is matched on, in this order: accession, then placer number.
+LINK_TYPES = ("ACSN", "PLAC")
+
+
+def is_original(resource: dict[str, Any]) -> bool:
+    tags = resource.get("meta", {}).get("tag", [])
+    return any(t.get("system") == REPORT_ROLE and t.get("code") == "original" for t in tags)
+
+
+def _link_keys(resource: dict[str, Any]) -> list[str]:
+    """``system|value`` of the resource's accession and placer identifiers (those that link)."""
+    return [
+        f"{i['system']}|{i['value']}"
+        for code in LINK_TYPES
+        for i in resource.get("identifier", [])
+        if _typed(i, code) and i.get("system") and i.get("value")
+    ]
+
+
+def _link_reports_of(repo: Repository, order: Stored) -> None:
+    """A new order: its original reports that came first (same accession or placer, same patient) gain basedOn."""
+    for key in _link_keys(order.resource):
+        repo.lock(f"original-report|{key}")
+        found = search.execute(repo.conn, search.parse("DiagnosticReport", [("identifier", key), ("_count", "100")]))
+        for report in found.matches:
+            _add_based_on(repo, report, order)
+
+
+def _link_report(repo: Repository, report_id: str) -> None:
+    """A new original report: basedOn the one order of its accession (else placer) number, when it exists."""
+    report = repo.read("DiagnosticReport", report_id)
+    for key in _link_keys(report.resource):
+        repo.lock(f"original-report|{key}")
+        found = search.execute(repo.conn, search.parse("ServiceRequest", [("identifier", key)]))
+        orders = [o for o in found.matches if _same_subject(o, report)]
+        if len(orders) == 1:
+            _add_based_on(repo, report, orders[0])
+            return
+
+
+def _same_subject(order: Stored, report: Stored) -> bool:
+    subject = order.resource.get("subject", {}).get("reference")
+    return subject is not None and subject == report.resource.get("subject", {}).get("reference")
+
+
+def _add_based_on(repo: Repository, report: Stored, order: Stored) -> None:
+    """Link an original report to an order of the same patient; never anyone else's report."""
+    resource = report.resource
+    ref = {"reference": f"ServiceRequest/{order.id}"}
+    if not is_original(resource) or not _same_subject(order, report) or ref in resource.get("basedOn", []):
+        return
+    repo.update(
+        "DiagnosticReport", report.id, {**resource, "basedOn": [*resource.get("basedOn", []), ref]}, report.etag
+    )

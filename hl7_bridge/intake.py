@@ -12,6 +12,10 @@ acknowledges what it has safely stored). A message whose key (MSH-3, MSH-4, MSH-
 already stored gets the stored ACK again and changes nothing. A message that cannot be
 parsed is stored as rejected and answered AR; one that cannot be mapped, or whose Bundle the
 FHIR store refuses, is stored with its error and answered AE; its resources are not written.
+
+An ORU^R01 (the original report from the source RIS) goes the same way, without order control:
+its DiagnosticReport is written and answered AA (ACK^R01); the store links it to its case
+(``fhir_server.cases``).
 """
 
 import time
@@ -33,7 +37,7 @@ from hl7_bridge.ack import ack_code, acknowledge
 from hl7_bridge.store import ERROR, PROCESSED, RECEIVED, REJECTED, InboundMessage
 from mappings.errors import DATA_TYPE_ERROR, UNKNOWN_KEY, MappingError
 from mappings.order_control import OrderControl, order_control
-from mappings.orders import map_order
+from mappings.orders import RESULTS, map_order
 from mappings.sender import SenderConfig
 from mappings.v2 import Message, parse
 
@@ -99,7 +103,8 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
     # Everything the message writes, in a savepoint: on an error only its row stays.
     savepoint = repo.conn.begin_nested()
     try:
-        control = order_control(message, config)
+        # A result (ORU^R01: the original report) has no order control; it is mapped like a new order.
+        control = None if message.message_type in RESULTS else order_control(message, config)
         if control is None or control.code == "XO":
             if control is not None:
                 _find_order(repo, control)  # a change order needs its order

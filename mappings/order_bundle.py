@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from mappings.concept_map import add_translations
 from mappings.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
-from mappings.sender import SenderConfig
+from mappings.sender import FieldPath, SenderConfig
 from mappings.v2 import Message, Segment
 from mappings.v2_datatypes import (
     Json,
@@ -107,7 +108,10 @@ class _Builder:
 
 def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Picker) -> Json:
     """Map an order message (already known to be ORM^O01 or OMI^O23) to a transaction Bundle."""
+    from mappings import original_report  # not at the top: original_report builds on this module
+
     b = _Builder(msg, config)
+    accession, study_uid = _override(config.fields.accession, accession), _override(config.fields.study_uid, study_uid)
     org_ref = _organization(b)
     pid = msg.segment("PID")
     if pid is None:
@@ -124,8 +128,14 @@ def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Pick
             b, n, group, patient_ref, encounter_ref, coverage_refs, accession(group, msg), study_uid(group, msg)
         )
         _task(b, n, group, sr_ref, patient_ref, placer)
+        original_report.from_order(b, n, group, sr_ref, patient_ref)  # OBX report text / ED sent with it
     _provenance(b, org_ref)
     return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
+
+
+def _override(path: FieldPath | None, standard: Picker) -> Picker:
+    """A sender's own place for a value (``SenderConfig.fields``) instead of the message type's."""
+    return standard if path is None else lambda group, msg: path.value((group.orc, *group.members), msg)
 
 
 def _groups(msg: Message) -> list[OrderGroup]:
@@ -286,14 +296,15 @@ def _service_request(
     if study_uid:
         identifiers.append({"system": STUDY_UID_SYSTEM, "value": f"urn:oid:{study_uid}"})
     sr: Json = {"resourceType": "ServiceRequest", "identifier": identifiers, "status": "active", "intent": "order"}
-    code = codeable_concept(obr.field(4).first)
+    code_at = b.config.fields.procedure_code or FieldPath("OBR", 4)
+    code = codeable_concept(code_at.locate((orc, *group.members), b.msg).first)
     if code is None:
-        raise MappingError(REQUIRED_FIELD_MISSING, "OBR-4", "Universal service identifier is missing")
+        raise MappingError(REQUIRED_FIELD_MISSING, str(code_at), "Universal service identifier is missing")
     tq1 = group.first("TQ1")
-    priority = PRIORITY.get(orc.field(7).component(6)) or (PRIORITY.get(tq1.field(9).component(1)) if tq1 else None)
+    priority = _priority(b, group, tq1)
     if priority:
         sr["priority"] = priority
-    sr["code"] = code
+    sr["code"] = add_translations(code, b.config.concept_maps)
     sr["subject"] = {"reference": patient_ref}
     if encounter_ref:
         sr["encounter"] = {"reference": encounter_ref}
@@ -313,7 +324,7 @@ def _service_request(
         sr["requester"] = ref
     reasons = [c for rep in obr.field(31).present() if (c := codeable_concept(rep))]
     if reasons:
-        sr["reasonCode"] = reasons
+        sr["reasonCode"] = [add_translations(c, b.config.concept_maps) for c in reasons]
     if coverage_refs:
         sr["insurance"] = [{"reference": r} for r in coverage_refs]
     notes = _notes(group)
@@ -322,6 +333,17 @@ def _service_request(
     # Re-ordering the same placer number is the same order: match on it. A change order (XO)
     # replaces what the order says (conditional update); the case (Task) stays as it is.
     return b.add(f"ServiceRequest/{n}", sr, placer, replace=control == "XO"), placer
+
+
+def _priority(b: _Builder, group: OrderGroup, tq1: Segment | None) -> str | None:
+    """Table 0027 in ORC-7.6, else TQ1-9 (or the sender's own field); else the sender's default priority."""
+    at = b.config.fields.priority
+    if at is not None:
+        code = PRIORITY.get(at.value((group.orc, *group.members), b.msg))
+    else:
+        in_tq1 = PRIORITY.get(tq1.field(9).component(1)) if tq1 else None
+        code = PRIORITY.get(group.orc.field(7).component(6)) or in_tq1
+    return code or b.config.default_priority
 
 
 def _notes(group: OrderGroup) -> list[Json]:

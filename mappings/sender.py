@@ -1,10 +1,59 @@
 """Per-sender mapping settings, kept as plain data so the ``OVERREAD_CONFIG`` YAML can feed them."""
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from mappings.concept_map import ConceptMap
+from mappings.v2 import EMPTY_FIELD, Field, Message, Segment
+
 AUTHORITY_PREFIX = "urn:overread:assigning-authority:"
+_PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-([1-9][0-9]*)(?:\.([1-9][0-9]*))?$")
+
+
+@dataclass(frozen=True)
+class FieldPath:
+    """Where a value sits in a v2 message: ``SEG-n`` (a field) or ``SEG-n.m`` (one component of it)."""
+
+    segment: str
+    field: int
+    component: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "FieldPath":
+        m = _PATH.match(text.strip())
+        if not m:
+            raise ValueError(f"{text!r} is not a field path like OBR-18 or ZDS-1.1")
+        return cls(m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None)
+
+    def __str__(self) -> str:
+        return f"{self.segment}-{self.field}" + (f".{self.component}" if self.component else "")
+
+    def locate(self, near: Sequence[Segment], msg: Message) -> Field:
+        """The field in the first ``near`` segment of that name (the order's own), else the message's first."""
+        seg = next((s for s in near if s.name == self.segment), None) or msg.segment(self.segment)
+        return seg.field(self.field) if seg else EMPTY_FIELD
+
+    def value(self, near: Sequence[Segment], msg: Message) -> str:
+        """The text there: the component, or the field's first component (first repetition)."""
+        found = self.locate(near, msg)
+        return found.component(self.component) if self.component else found.value
+
+
+@dataclass(frozen=True)
+class FieldOverrides:
+    """Where one sender puts what the order mapping reads, when not where v2.5.1 says (None: the standard place).
+
+    ``accession`` instead of OBR-18 (ORM^O01) / IPC-1 (OMI^O23); ``study_uid`` instead of ZDS-1.1 /
+    IPC-3; ``procedure_code`` (a whole CWE field) instead of OBR-4; ``priority`` (a table 0027 code)
+    instead of ORC-7.6 / TQ1-9.
+    """
+
+    accession: FieldPath | None = None
+    study_uid: FieldPath | None = None
+    procedure_code: FieldPath | None = None
+    priority: FieldPath | None = None
 
 
 @dataclass(frozen=True)
@@ -16,12 +65,18 @@ class SenderConfig:
     setting; any other authority becomes ``<authority_prefix><namespace>``. ``default_system`` is
     for identifiers with no authority at all (else the sending facility, MSH-4, is their authority).
     ``timezone`` is the IANA zone of times sent without an offset (FHIR needs one).
+    ``concept_maps`` translate the sender's codes (codings added beside the sender's own);
+    ``fields`` says where the sender puts things; ``default_priority`` (a request-priority code)
+    is the priority of orders that carry none.
     """
 
     identifier_systems: Mapping[str, str] = field(default_factory=dict)
     authority_prefix: str = AUTHORITY_PREFIX
     default_system: str | None = None
     timezone: str = "UTC"
+    concept_maps: tuple[ConceptMap, ...] = ()
+    fields: FieldOverrides = FieldOverrides()
+    default_priority: str | None = None
 
     def system_for(self, namespace: str, universal_id: str = "", universal_id_type: str = "") -> str | None:
         """The identifier system of an assigning authority (HD: namespace, universal id, its type)."""

@@ -205,13 +205,30 @@ def parse(data: bytes | str) -> Message:
         raise MappingError(SEGMENT_SEQUENCE_ERROR, "MSH", "The message does not start with an MSH segment")
     enc = _encoding(lines[0])
     segments = [_msh(lines[0], enc)]
-    for n, line in enumerate(lines[1:], start=2):
+    for n, line in enumerate(_unwrap(lines[1:], enc), start=2):
         parts = line.split(enc.field)
         name = parts[0].strip()
         if not _SEGMENT_NAME.match(name):
             raise MappingError(DATA_TYPE_ERROR, f"segment {n}", f"{name[:20]!r} is not a segment name")
         segments.append(Segment(name, tuple(_field(p, enc) for p in parts[1:])))
     return Message(tuple(segments), enc, charset)
+
+
+def _unwrap(lines: list[str], enc: Encoding) -> list[str]:
+    """Join lines that cannot start a segment (no field separator after three characters) to the one before.
+
+    Some senders and transports break long segments, e.g. base64 data every 4,096 bytes
+    (the shared dcm4che ORU_R01-PDF sample has such a CR). A segment always starts with its
+    three-character name and the field separator; anything else is the segment before it,
+    continued, and the line end was not the sender's.
+    """
+    joined: list[str] = []
+    for line in lines:
+        if joined and line[3:4] not in (enc.field, ""):
+            joined[-1] += line
+        else:
+            joined.append(line)
+    return joined
 
 
 def _encoding(msh: str) -> Encoding:

@@ -12,8 +12,14 @@ sending system with, without code:
             STMARYS: urn:oid:2.16.840.1.113883.3.72.5.9.1.2
           default_system: urn:oid:2.16.840.1.113883.3.72.5.9.1
           timezone: Europe/Stockholm       # for times sent without an offset
+          concept_maps: [maps/epic-procedures.json]  # FHIR R4 ConceptMaps, relative to this file
+          fields:                          # where this sender puts things (SEG-n or SEG-n.m)
+            accession: ZDS-2               # instead of OBR-18 / IPC-1
+          defaults:
+            priority: routine              # when the order carries none
 
-The first sender entry that matches a message's MSH-3 and MSH-4 applies. ``linking`` sets
+The first sender entry that matches a message's MSH-3 and MSH-4 applies. The ConceptMap files are
+read and checked once, when the configuration is loaded; docs/hl7-mapping-config.md has the rules. ``linking`` sets
 how patiently the image-linking job tries (defaults shown)::
 
     linking:
@@ -23,13 +29,24 @@ how patiently the image-linking job tries (defaults shown)::
       timeout_seconds: 30          # of one DICOM or DICOMweb exchange
 """
 
+import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from mappings.sender import SenderConfig
+from mappings.concept_map import ConceptMap, ConceptMapError, parse_concept_map
+from mappings.sender import FieldOverrides, FieldPath, SenderConfig
 
 
 class _Strict(BaseModel):
@@ -61,15 +78,77 @@ class Destination(_Strict):
     sending_facility: str = ""
 
 
+class SenderFields(_Strict):
+    """Where a sender puts what the order mapping reads (``SEG-n`` or ``SEG-n.m``); absent = the standard place."""
+
+    accession: str | None = None  # instead of OBR-18 / IPC-1
+    study_uid: str | None = None  # instead of ZDS-1.1 / IPC-3
+    procedure_code: str | None = None  # a whole CWE field, instead of OBR-4
+    priority: str | None = None  # a table 0027 code, instead of ORC-7.6 / TQ1-9
+
+    @field_validator("accession", "study_uid", "procedure_code", "priority")
+    @classmethod
+    def _is_a_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            path = FieldPath.parse(value)  # a ValueError names the bad path
+            if info.field_name == "procedure_code" and path.component is not None:
+                raise ValueError(f"{value!r}: a procedure code is a whole coded field (SEG-n), not a component")
+        return value
+
+    def overrides(self) -> FieldOverrides:
+        def path(value: str | None) -> FieldPath | None:
+            return FieldPath.parse(value) if value else None
+
+        return FieldOverrides(
+            path(self.accession), path(self.study_uid), path(self.procedure_code), path(self.priority)
+        )
+
+
+class SenderDefaults(_Strict):
+    """Values for what a sender leaves empty."""
+
+    priority: Literal["routine", "urgent", "asap", "stat"] | None = None  # a FHIR request-priority code
+
+
 class Sender(_Strict):
     sending_application: str = ""
     sending_facility: str = ""
     identifier_systems: dict[str, str] = Field(default_factory=dict)
     default_system: str | None = None
     timezone: str = "UTC"
+    concept_maps: list[str] = Field(default_factory=list)
+    fields: SenderFields = Field(default_factory=SenderFields)
+    defaults: SenderDefaults = Field(default_factory=SenderDefaults)
+    _concept_maps: tuple[ConceptMap, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _read_concept_maps(self, info: ValidationInfo) -> Self:
+        """Read and check the ConceptMap files now (relative to the configuration file's folder)."""
+        base = Path((info.context or {}).get("base", "."))
+        self._concept_maps = tuple(_read_concept_map(base / Path(p).expanduser()) for p in self.concept_maps)
+        return self
 
     def matches(self, application: str, facility: str) -> bool:
         return self.sending_application in ("", application) and self.sending_facility in ("", facility)
+
+    def settings(self) -> SenderConfig:
+        """The mapping settings of this sender."""
+        return SenderConfig(
+            identifier_systems=self.identifier_systems,
+            default_system=self.default_system,
+            timezone=self.timezone,
+            concept_maps=self._concept_maps,
+            fields=self.fields.overrides(),
+            default_priority=self.defaults.priority,
+        )
+
+
+def _read_concept_map(path: Path) -> ConceptMap:
+    try:
+        return parse_concept_map(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and ConceptMapError are ValueErrors
+        reason = exc if isinstance(exc, ConceptMapError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"ConceptMap file {path}: {reason}") from exc
 
 
 class Hl7(_Strict):
@@ -86,11 +165,7 @@ class OverreadConfig(_Strict):
         """The mapping settings of the first sender entry matching MSH-3 and MSH-4, if any."""
         for sender in self.hl7.senders:
             if sender.matches(application, facility):
-                return SenderConfig(
-                    identifier_systems=sender.identifier_systems,
-                    default_system=sender.default_system,
-                    timezone=sender.timezone,
-                )
+                return sender.settings()
         return None
 
 
@@ -103,6 +178,7 @@ def load(path: Path | None) -> OverreadConfig:
     if path is None:
         return OverreadConfig()
     try:
-        return OverreadConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return OverreadConfig.model_validate(data, context={"base": path.parent})
     except (OSError, yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"OVERREAD_CONFIG {path}: {exc}") from exc

@@ -12,7 +12,9 @@ from typing import Any
 from hl7_bridge.mllp import Handler, MllpServer
 from mappings.errors import MappingError
 from mappings.orders import map_order
-from mappings.v2 import parse
+from mappings.sender import SenderConfig
+from mappings.v2 import Message, parse
+from overread.config import load
 
 GOLDEN = Path(__file__).parent / "golden" / "hl7"
 # The shared fixtures sit beside the repository (``../shared/fixtures/hl7``), as ARCHITECTURE.md says.
@@ -22,19 +24,33 @@ DCM4CHE = Path(os.environ.get("OVERREAD_HL7_FIXTURES", str(SHARED))) / "dcm4che"
 assert DCM4CHE.is_dir(), f"the shared HL7 fixtures are not at {DCM4CHE} (set OVERREAD_HL7_FIXTURES)"
 # The order messages among the shared fixtures (OMG^O19 is an order too, one Overread refuses).
 DCM4CHE_ORDERS = ["OMI_O23-ImagingOrder", "ORM_O01-GeneralOrder", "OMG_O19-GeneralClinicalOrder-Eyecare"]
+# The results (ORU^R01: an original report as the source RIS sends it). The PDF one breaks its OBX-5
+# with a bare CR after 4,096 bytes; the parser joins the piece back (mappings/v2.py ``_unwrap``).
+DCM4CHE_REPORTS = ["ORU_R01-CDA", "ORU_R01-PDF", "ORU_R01-SR"]
 
 
 def cases() -> list[tuple[Path, Path]]:
-    """(message, expected) pairs: the shared dcm4che orders, then our own edge cases."""
-    shared = [(DCM4CHE / f"{name}.hl7", GOLDEN / f"dcm4che-{name}.json") for name in DCM4CHE_ORDERS]
+    """(message, expected) pairs: the shared dcm4che orders and reports, then our own edge cases."""
+    names = DCM4CHE_ORDERS + DCM4CHE_REPORTS
+    shared = [(DCM4CHE / f"{name}.hl7", GOLDEN / f"dcm4che-{name}.json") for name in names]
     own = [(path, path.with_suffix(".json")) for path in sorted(GOLDEN.glob("*.hl7"))]
     return shared + own
 
 
+def sender_config(message: Path, parsed: Message) -> SenderConfig | None:
+    """A case's sender settings: ``<case>.config.yaml`` beside the ``.hl7``, an OVERREAD_CONFIG file, if any."""
+    config = message.with_suffix(".config.yaml")
+    if not config.exists():
+        return None
+    msh = parsed.msh
+    return load(config).sender(msh.field(3).value, msh.field(4).value)
+
+
 def outcome(message: Path) -> dict[str, Any]:
-    """The Bundle a message maps to, or ``{"error": ...}`` for the MappingError it raises."""
+    """The Bundle a message maps to (with its sender's settings), or ``{"error": ...}`` for its MappingError."""
     try:
-        return map_order(parse(message.read_bytes()))
+        parsed = parse(message.read_bytes())
+        return map_order(parsed, sender_config(message, parsed))
     except MappingError as exc:
         return {"error": {"code": exc.code, "location": exc.location, "text": exc.text}}
 

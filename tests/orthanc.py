@@ -83,8 +83,8 @@ class Orthanc:
             "DicomAlwaysAllowGet": True,
             "DicomCheckCalledAet": False,
             "DicomScuTimeout": 10,
-            # The HTTP server's Nagle switch; Orthanc has none for DICOM, where DCMTK
-            # already sets TCP_NODELAY unless the environment says TCP_NODELAY=0.
+            # The HTTP server's Nagle switch. For DICOM, DCMTK (inside Orthanc) sets TCP_NODELAY
+            # only when the environment says TCP_NODELAY=1: start() does (see bench/dicom.py).
             "TcpNoDelay": True,
             "KeepAlive": True,
             "SaveJobs": False,
@@ -101,7 +101,8 @@ class Orthanc:
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(self.config(), indent=2))
         with (self.folder / "orthanc.log").open("ab") as log:
-            self.process = subprocess.Popen([ORTHANC, str(path)], stdout=log, stderr=subprocess.STDOUT)
+            env = {**os.environ, "TCP_NODELAY": "1"}
+            self.process = subprocess.Popen([ORTHANC, str(path)], stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -111,3 +111,9 @@ def test_assigning_authority_systems():
     assert config.system_for("X", "1.2.3", "ISO") == "urn:oid:1.2.3"
     assert config.system_for("My Auth") == "urn:overread:assigning-authority:My%20Auth"
     assert config.system_for("") is None
+
+
+def test_a_line_that_cannot_start_a_segment_continues_the_one_before():
+    message = parse(f"{MSH}\rOBX|1|ED|PDF||^application^pdf^Base64^JVBERi0x\rLjQK|\rNTE|1".encode())
+    assert [s.name for s in message.segments()] == ["MSH", "OBX", "NTE"]
+    assert message.segments("OBX")[0].field(5).component(5) == "JVBERi0xLjQK"

@@ -3,6 +3,7 @@ sample PACS, a pynetdicom SCP), links the ImagingStudy, retrieves, and the Task 
 the case stands. Runs on SQLite and PostgreSQL. The same against Orthanc: test_linking_orthanc.py.
 """
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -15,11 +16,13 @@ from sqlalchemy import select
 
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Backoff, Linker, Source
+from dicom_bridge.query import missing
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, SamplePacs, sample_path
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server import cases
 from fhir_server.db import Database
 from fhir_server.schema import OutboxRow
+from mappings.imaging_study import Series, Study
 from overread.app import HOOKS
 from overread.config import PacsPeer
 from tests.builders import patient, service_request
@@ -166,7 +169,11 @@ def test_a_pushed_study_links_the_waiting_case(env, tmp_path):
     pushed = new_study("ACC-PUSHED")
     pushed.save_as(tmp_path / "pushed.dcm")
     _storescu(env.scp.port, tmp_path / "pushed.dcm")
-    assert linker.run_once() == 1  # woken at once, not after the hour of backoff
+    # Woken when the association ends (the SCP's thread may finish after storescu), not after the hour.
+    deadline = time.monotonic() + 10
+    while not linker.run_once():
+        assert time.monotonic() < deadline, "the pushed study did not wake the job"
+        time.sleep(0.05)
     assert env.status(order_id) == cases.IMAGES_AVAILABLE
     (study,) = env.studies()
     assert study["identifier"][0]["value"] == f"urn:oid:{pushed.StudyInstanceUID}"
@@ -227,3 +234,14 @@ def test_a_pacs_answer_that_cannot_be_mapped_is_a_retry_with_the_reason(env):
     assert case["businessStatus"]["coding"][0]["code"] == cases.IMAGES_PENDING
     assert case["statusReason"]["text"].startswith("ValueError")
     assert env.jobs() == [("pending", 1)] and env.studies() == []
+
+
+def test_an_answer_short_of_its_own_counts_is_not_the_study():
+    study = Dataset()
+    study.StudyInstanceUID, study.NumberOfStudyRelatedSeries = "1.2.3", 2
+    series = Dataset()
+    series.SeriesInstanceUID, series.NumberOfSeriesRelatedInstances = "1.2.3.1", 3
+    assert missing(Study(study, [])) == "1.2.3: 0 of 2 series answered"
+    study.NumberOfStudyRelatedSeries = 1
+    assert missing(Study(study, [Series(series, [Dataset()])])) == "1.2.3: 1 of 3 instances of series 1.2.3.1"
+    assert missing(Study(study, [Series(series, [Dataset()] * 3)])) is None

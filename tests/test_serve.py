@@ -28,9 +28,8 @@ def test_an_order_sent_over_mllp_becomes_a_case_with_its_images_linked_and_retri
     pacs.destinations["OVERREAD"] = ("127.0.0.1", dicom_port)
     pacs.start()
     config = tmp_path / "overread.yaml"
-    config.write_text(
-        f"pacs:\n  - {{name: source, ae_title: {pacs.ae_title}, host: 127.0.0.1, port: {pacs.port}, retrieve: c-move}}\n"
-    )
+    peer = f"{{name: source, ae_title: {pacs.ae_title}, host: 127.0.0.1, port: {pacs.port}, retrieve: c-move}}"
+    config.write_text(f"pacs:\n  - {peer}\n")
     env = {
         **os.environ,
         "OVERREAD_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
