@@ -11,9 +11,12 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.association import Association
@@ -114,6 +117,7 @@ class DimseClient:
         self, contexts: list[Any], roles: list[Any] | None = None, handlers: list[Any] | None = None
     ) -> Iterator[Association]:
         ae = AE(self.calling_ae)
+        ae.maximum_pdu_size = 0  # no limit: C-GET brings whole images in fewer, larger PDUs
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = min(self.timeout, 10.0)
         for context in contexts:
@@ -136,23 +140,38 @@ class DimseClient:
 
 
 def store_handler(event: evt.Event, store: ImageStore) -> int:
-    """EVT_C_STORE: keep the instance in the local image store (PS3.4 B.2.3 statuses).
+    """EVT_C_STORE: keep the instance in the local image store (PS3.4 B.2.3 statuses)."""
+    return SUCCESS if received(event, store) is not None else OUT_OF_RESOURCES
 
-    The bytes are written as received behind their file meta: decoding and re-encoding every
-    element of every instance cost more than the rest of the store (docs/performance.md).
+
+def received(event: evt.Event, store: ImageStore) -> Dataset | None:
+    """Write a C-STORE request's instance to ``store``; its header (up to the Series UID), or None.
+
+    The bytes are written as received behind their file meta, and only the header is
+    decoded: decoding (and re-encoding) every element of every instance cost more than the
+    rest of the store (docs/performance.md).
     """
     try:
-        ds = event.dataset  # parsed lazily: only the UIDs read below are decoded
-        store.write(
-            str(ds.StudyInstanceUID),
-            str(ds.SeriesInstanceUID),
-            str(ds.SOPInstanceUID),
-            event.encoded_dataset(include_meta=True),
-        )
+        header = _header(event)
+        sop_uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
+        store.write(str(header.StudyInstanceUID), str(header.SeriesInstanceUID), sop_uid, event.encoded_dataset())
+        return header
     except Exception:
         log.exception("could not store an instance from %s", event.assoc.requestor.ae_title)
-        return OUT_OF_RESOURCES
-    return SUCCESS
+        return None
+
+
+def _header(event: evt.Event) -> Dataset:
+    syntax = event.context.transfer_syntax
+    data = event.request.DataSet  # type: ignore[union-attr]
+    if syntax.is_deflated or not isinstance(data, BytesIO):
+        return event.dataset
+    data.seek(0)
+    return read_dataset(data, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_past_series_uid)
+
+
+def _past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return bool(tag > 0x0020000E)  # (0020,000D) Study and (0020,000E) Series Instance UID are read
 
 
 def _status(status: Dataset, operation: str) -> int:

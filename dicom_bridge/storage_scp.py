@@ -14,15 +14,26 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_bridge.dimse import SUCCESS, store_handler
+from dicom_bridge.dimse import OUT_OF_RESOURCES, SUCCESS, received
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.tcp import NODELAY_HANDLERS
 
 log = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO (PS3.4 Annex A)
+#: The transfer syntaxes of still images (PS3.5 Annex A): uncompressed, deflated, JPEG, JPEG-LS,
+#: JPEG 2000 and RLE. Not all 45 pynetdicom knows: every association copies every supported
+#: context, and 170 SOP classes x 45 syntaxes cost 50 ms per association; video is not read here.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian first: what we prefer
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+    *(f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81, 90, 91, 92, 93)),
+    "1.2.840.10008.1.2.5",
+]
 
 #: (Study Instance UID, Accession Number) of each study an association brought.
 Received = Callable[[set[tuple[str, str]]], None]
@@ -46,7 +57,7 @@ class StorageScp:
         ae = AE(self.ae_title)
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs for large images
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
         handlers: list[Any] = [
             *NODELAY_HANDLERS,
@@ -70,13 +81,13 @@ class StorageScp:
         self.stop()
 
     def _stored(self, event: evt.Event) -> int:
-        status = store_handler(event, self.store)
-        if status == SUCCESS:
-            ds = event.dataset
-            key = (str(ds.StudyInstanceUID), str(ds.get("AccessionNumber", "") or ""))
-            with self._lock:
-                self._studies.setdefault(id(event.assoc), set()).add(key)
-        return status
+        header = received(event, self.store)
+        if header is None:
+            return OUT_OF_RESOURCES
+        key = (str(header.StudyInstanceUID), str(header.get("AccessionNumber", "") or ""))
+        with self._lock:
+            self._studies.setdefault(id(event.assoc), set()).add(key)
+        return SUCCESS
 
     def _ended(self, event: evt.Event) -> None:
         with self._lock:

@@ -1,9 +1,14 @@
-"""A second-opinion case opens the same way through every door.
+"""The rules of a second-opinion case, the same through every door.
 
-A ServiceRequest created (the create interaction: POST, alone or in a transaction, from FHIR
-or from an HL7 order) as an active order opens a case: a Task (status requested, intent
-order, focus the ServiceRequest) unless the same request already wrote one, and one
-image-linking job in the outbox. Both are written in the transaction that created the order.
+- A ServiceRequest created (the create interaction: POST, alone or in a transaction, from
+  FHIR or from an HL7 order) as an active order opens a case: a Task (status requested,
+  intent order, focus the ServiceRequest) unless the same request already wrote one, and one
+  image-linking job in the outbox. Both are written in the transaction that created the order.
+- Where the case stands is the Task's businessStatus (``set_case_status``); the linking
+  worker (``dicom_bridge.linking``) links one ImagingStudy per study to every order that
+  asked for it (``link_study``); ``$link-imaging`` queues the job again (``relink``).
+- An original report (tagged ``report-role|original``) is linked to its order by accession
+  or placer number, whichever of the two arrives first.
 """
 
 from typing import Any
