@@ -32,6 +32,7 @@ from mappings.imaging_study import Series, Study
 
 DICOM_JSON = "application/dicom+json"  # PS3.18 F.2
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'  # PS3.18 8.7.3.3.2
+UIDS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
 
 
 def attribute_id(keyword: str) -> str:
@@ -85,8 +86,10 @@ class DicomWebClient:
             with self.http.stream("GET", url, headers={"Accept": MULTIPART_DICOM}, timeout=self.timeout) as answer:
                 _check(answer, RetrieveFailed)
                 for part in parts(answer.iter_bytes(), boundary(answer.headers.get("content-type", ""))):
-                    try:
-                        store.put(pydicom.dcmread(BytesIO(part)))
+                    try:  # the part is a Part 10 file: read its UIDs, keep its bytes as they are
+                        header = pydicom.dcmread(BytesIO(part), stop_before_pixels=True, specific_tags=UIDS)
+                        uids = (str(header.StudyInstanceUID), str(header.SeriesInstanceUID), str(header.SOPInstanceUID))
+                        store.write(*uids, part)
                     except (InvalidDicomError, AttributeError, ValueError) as e:
                         raise RetrieveFailed(f"WADO-RS {url}: a part is not a DICOM instance: {e}") from e
                     stored += 1
