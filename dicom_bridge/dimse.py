@@ -18,7 +18,7 @@ from pydicom import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 
 from dicom_bridge import keys
@@ -39,6 +39,17 @@ PENDING = (0xFF00, 0xFF01)
 SUCCESS = 0x0000
 WARNING = 0xB000  # C-MOVE/C-GET: one or more sub-operations failed (PS3.4 C.4.2.1.4)
 MOVE_DESTINATION_UNKNOWN = 0xA801
+#: The transfer syntaxes of still images (PS3.5 Annex A): uncompressed, deflated, JPEG, JPEG-LS,
+#: JPEG 2000 and RLE. Not all 45 pynetdicom knows: every association copies every supported
+#: context, and 170 SOP classes x 45 syntaxes cost 50 ms per association; video is not read here.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian first: what we prefer
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+    *(f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81, 90, 91, 92, 93)),
+    "1.2.840.10008.1.2.5",
+]
 # The C-STORE answer to a store we could not keep: "Out of Resources" (PS3.4 B.2.3).
 OUT_OF_RESOURCES = 0xA700
 
@@ -121,7 +132,7 @@ class DimseClient:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = min(self.timeout, 10.0)
         for context in contexts:
-            ae.add_requested_context(context, ALL_TRANSFER_SYNTAXES if context not in (FIND, GET, MOVE) else None)
+            ae.add_requested_context(context, TRANSFER_SYNTAXES if context not in (FIND, GET, MOVE) else None)
         assoc = ae.associate(
             self.peer.host,
             self.peer.port,

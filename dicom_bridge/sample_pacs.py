@@ -43,11 +43,12 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_bridge.dimse import TRANSFER_SYNTAXES
 from dicom_bridge.matching import matches
 from dicom_bridge.tcp import NODELAY_HANDLERS
 
@@ -265,9 +266,7 @@ class SamplePacs:
         for uid in (VERIFICATION, STUDY_FIND, STUDY_MOVE, STUDY_GET):
             ae.add_supported_context(uid)
         for cx in AllStoragePresentationContexts:  # C-GET: accept the SCU's Storage SCP role (PS3.4 C.4.3)
-            ae.add_supported_context(
-                cast(UID, cx.abstract_syntax), ALL_TRANSFER_SYNTAXES, scu_role=False, scp_role=True
-            )
+            ae.add_supported_context(cast(UID, cx.abstract_syntax), TRANSFER_SYNTAXES, scu_role=False, scp_role=True)
         return ae
 
     # -- C-FIND (PS3.4 C.4.1) -------------------------------------------------------------------

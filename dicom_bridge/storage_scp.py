@@ -17,23 +17,12 @@ from typing import Any
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_bridge.dimse import OUT_OF_RESOURCES, SUCCESS, received
+from dicom_bridge.dimse import OUT_OF_RESOURCES, SUCCESS, TRANSFER_SYNTAXES, received
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.tcp import NODELAY_HANDLERS
 
 log = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO (PS3.4 Annex A)
-#: The transfer syntaxes of still images (PS3.5 Annex A): uncompressed, deflated, JPEG, JPEG-LS,
-#: JPEG 2000 and RLE. Not all 45 pynetdicom knows: every association copies every supported
-#: context, and 170 SOP classes x 45 syntaxes cost 50 ms per association; video is not read here.
-TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian first: what we prefer
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.2",
-    *(f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81, 90, 91, 92, 93)),
-    "1.2.840.10008.1.2.5",
-]
 
 #: (Study Instance UID, Accession Number) of each study an association brought.
 Received = Callable[[set[tuple[str, str]]], None]
