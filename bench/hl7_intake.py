@@ -3,8 +3,9 @@
 ``python -m bench.hl7_intake [--seconds 10] [--senders 8] [--database-url URL]``
 
 - intake: ``overread serve`` (its MLLP listener on a free port, SQLite in a temporary
-  directory unless ``--database-url``): every message is stored, mapped, written as one
-  transaction and acknowledged after the commit.
+  directory unless ``--database-url``, e.g. an empty PostgreSQL database, which the bench
+  migrates first): every message is stored, mapped, written as one transaction and
+  acknowledged after the commit.
 - ceiling: a bare MLLP server in another process that only parses each message with the
   same parser and answers AA (``python -m bench.hl7_intake --bare PORT``).
 Each sender is one MLLP connection sending distinct ORM^O01/OMI^O23 orders (the dcm4che
@@ -23,9 +24,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from fhir_server.db import Database
 from hl7_bridge.ack import acknowledge
 from hl7_bridge.mllp import Deframer, MllpServer, frame
 from mappings.v2 import parse
+from overread.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = (ROOT / "overread" / "samples" / "second-opinion-order.hl7").read_bytes()
@@ -124,6 +127,10 @@ def main() -> None:
         return bare(args.bare)
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite:///{Path(tmp) / 'intake.db'}"
+        if args.database_url:  # overread serve migrates only its embedded SQLite by itself
+            db = Database(url)
+            upgrade(db.engine)
+            db.dispose()
         rows: list[tuple[str, float, float, float]] = []
         bare_port, mllp_port = free_port(), free_port()
         env = {**os.environ, "OVERREAD_DATABASE_URL": url, "OVERREAD_HTTP_PORT": str(free_port()),

@@ -20,7 +20,7 @@ import orjson
 from fhir_server import conditional
 from fhir_server.errors import FhirError, Issue, error
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
-from fhir_server.repository import Repository
+from fhir_server.repository import Repository, Stored
 from fhir_server.validation import SUPPORTED_TYPES
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -42,13 +42,19 @@ class Entry:
     existing: bool = False
     #: The canonical criteria of a conditional create or update (see ``_criteria``).
     criteria: tuple[tuple[str, str], ...] | None = None
+    #: The resource a conditional create matched, as read when it was matched (under its lock).
+    stored: Stored | None = None
 
 
 Run = Callable[["Entry"], FhirResponse]
 
 
-def process(body: Any, repo: Repository, base: str, handle: Handler) -> dict[str, Any]:
-    """Run a batch or transaction; ``handle`` is the router, which runs each entry's request."""
+def process(body: Any, repo: Repository, base: str, handle: Handler, *, savepoint: bool = True) -> dict[str, Any]:
+    """Run a batch or transaction; ``handle`` is the router, which runs each entry's request.
+
+    ``savepoint=False``: the caller already runs this in a savepoint of its own that it rolls
+    back on any exception (HL7 intake), so a transaction need not open another one.
+    """
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
         raise error(400, "structure", "POST to the base needs a batch or transaction Bundle")
     kind = body.get("type")
@@ -57,7 +63,10 @@ def process(body: Any, repo: Repository, base: str, handle: Handler) -> dict[str
     entries = [_entry(i, e) for i, e in enumerate(body.get("entry") or [])]
     _lock_in_order(entries, repo)
     run: Run = lambda entry: handle(_request(entry, base), repo, base)  # noqa: E731
-    responses = _transaction(entries, repo, base, run) if kind == "transaction" else _batch(entries, repo, run)
+    if kind == "transaction":
+        responses = _transaction(entries, repo, base, run) if savepoint else _run_transaction(entries, repo, base, run)
+    else:
+        responses = _batch(entries, repo, run)
     return {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
@@ -99,8 +108,7 @@ def _lock_in_order(entries: list[Entry], repo: Repository) -> None:
             keys.add(rtype)  # Repository.update's key
         if entry.resource is not None:
             keys.update(conditional.criteria_key(*ref.split("?", 1)) for ref in _conditional_references(entry.resource))
-    for key in sorted(keys):
-        repo.lock(key)
+    repo.lock_all(sorted(keys))
 
 
 def _conditional_references(value: Any) -> Iterator[str]:
@@ -163,18 +171,22 @@ def _run_transaction(entries: list[Entry], repo: Repository, base: str, run: Run
         if entry.method == "DELETE":
             with _at(entry):
                 responses[entry.index] = _succeeded(run(entry))
-    ids = _assign_ids(entries, repo)
+    # Every conditional create's, update's and reference's criteria that a direct token lookup
+    # answers, in one query: nothing is written between here and the end of _rewrite.
+    known = conditional.prefetch(repo, _all_criteria(entries))
+    ids = _assign_ids(entries, repo, known)
     for entry in entries:
         if entry.resource is not None:
             with _at(entry):
-                entry.resource = _rewrite(entry.resource, ids, repo, entries)
+                entry.resource = _rewrite(entry.resource, ids, repo, entries, known)
     # Then POST, PUT/PATCH, GET/HEAD; sorted() is stable, so Bundle order holds within each.
     for entry in sorted((e for e in entries if e.method != "DELETE"), key=lambda e: ORDER[e.method]):
         with _at(entry):
             if entry.method == "POST" and entry.target:
                 rtype, rid = entry.target.split("/")
                 if entry.existing:
-                    stored, status = repo.read(rtype, rid), 200
+                    # Matched under the criteria's lock in this transaction: no need to read it again.
+                    stored, status = entry.stored or repo.read(rtype, rid), 200
                 else:
                     stored, status = repo.create(entry.resource or {}, rid), 201
                 headers = {**version_headers(stored), "Location": f"{base}/{rtype}/{rid}/_history/{stored.version}"}
@@ -228,7 +240,26 @@ def _criteria(query: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(conditional.parse_qsl(query)))
 
 
-def _assign_ids(entries: list[Entry], repo: Repository) -> dict[str, str]:
+def _all_criteria(entries: list[Entry]) -> Iterator[tuple[str, str]]:
+    """``(type, query string)`` of every conditional create, update and reference of the entries."""
+    for entry in entries:
+        rtype, _, query = entry.url.partition("?")
+        if entry.method == "POST" and entry.headers.get("if-none-exist"):
+            yield rtype, entry.headers["if-none-exist"]
+        elif entry.method == "PUT" and query:
+            yield rtype, query
+        if entry.resource is not None:
+            for ref in _conditional_references(entry.resource):
+                ref_type, _, ref_query = ref.partition("?")
+                yield ref_type, ref_query
+
+
+def _matches(repo: Repository, rtype: str, query: str, known: dict[tuple[str, str], list[Stored]]) -> list[Stored]:
+    found = known.get((rtype, query))
+    return conditional.matches(repo, rtype, query) if found is None else found
+
+
+def _assign_ids(entries: list[Entry], repo: Repository, known: dict[tuple[str, str], list[Stored]]) -> dict[str, str]:
     """Decide the target of every POST and PUT before anything is written.
 
     Conditional creates (``ifNoneExist``) and conditional updates (``PUT Type?criteria``,
@@ -248,15 +279,16 @@ def _assign_ids(entries: list[Entry], repo: Repository) -> dict[str, str]:
                 if (entry.resource or {}).get("resourceType") != rtype:
                     raise error(400, "invalid", f"POST to {rtype} needs a {rtype} resource", "resourceType")
                 query = entry.headers.get("if-none-exist", "")
-                found = conditional.matches(repo, rtype, query) if query else []
+                found = _matches(repo, rtype, query, known) if query else []
                 if len(found) > 1:
                     raise error(412, "duplicate", f"If-None-Exist {query} matches {len(found)} resources")
+                entry.stored = found[0] if found else None
                 # Two entries of one Bundle with the same criteria make one resource, not two.
                 twin = None if found or not query else _twin(entries, entry, rtype, query)
                 entry.existing = bool(found) or twin is not None
                 entry.target = twin or f"{rtype}/{found[0].id if found else uuid.uuid4()}"
             elif query:
-                found = conditional.matches(repo, rtype, query)
+                found = _matches(repo, rtype, query, known)
                 if len(found) > 1:
                     raise error(412, "multiple-matches", f"The criteria {query} match {len(found)} resources")
                 body_id = (entry.resource or {}).get("id")
@@ -286,24 +318,28 @@ def _twin(entries: list[Entry], entry: Entry, rtype: str, query: str) -> str | N
     return None
 
 
-def _rewrite(value: Any, ids: dict[str, str], repo: Repository, entries: list[Entry]) -> Any:
+def _rewrite(
+    value: Any, ids: dict[str, str], repo: Repository, entries: list[Entry], known: dict[tuple[str, str], list[Stored]]
+) -> Any:
     if isinstance(value, dict):
-        out = {k: _rewrite(v, ids, repo, entries) for k, v in value.items()}
+        out = {k: _rewrite(v, ids, repo, entries, known) for k, v in value.items()}
         ref = out.get("reference")
         if isinstance(ref, str):
             if ref in ids:
                 out["reference"] = ids[ref]
             elif "?" in ref and ref.split("?")[0] in SUPPORTED_TYPES:
-                out["reference"] = _conditional_reference(ref, repo, entries)
+                out["reference"] = _conditional_reference(ref, repo, entries, known)
             elif ref.startswith("urn:uuid:"):
                 raise error(400, "invalid", f"Reference {ref} names no entry of this Bundle")
         return out
     if isinstance(value, list):
-        return [_rewrite(v, ids, repo, entries) for v in value]
+        return [_rewrite(v, ids, repo, entries, known) for v in value]
     return value
 
 
-def _conditional_reference(ref: str, repo: Repository, entries: list[Entry]) -> str:
+def _conditional_reference(
+    ref: str, repo: Repository, entries: list[Entry], known: dict[tuple[str, str], list[Stored]]
+) -> str:
     """Resolve ``Type?criteria`` to the one resource it matches (http.html#trules).
 
     A resource this very transaction creates by a conditional create or update with the
@@ -311,7 +347,7 @@ def _conditional_reference(ref: str, repo: Repository, entries: list[Entry]) -> 
     conditionally. Criteria compare decoded and in any order.
     """
     rtype, _, query = ref.partition("?")
-    found = [f"{s.type}/{s.id}" for s in conditional.matches(repo, rtype, query)]
+    found = [f"{s.type}/{s.id}" for s in _matches(repo, rtype, query, known)]
     if not found:
         wanted = _criteria(query)
         found = [e.target for e in entries if e.target and e.target.split("/")[0] == rtype

@@ -1,13 +1,14 @@
 """The CapabilityStatement (R4 capabilitystatement.html), generated from what the code does.
 
 Types come from ``validation.SUPPORTED_TYPES``, search parameters from the registry the
-indexer and the search use, so /metadata cannot claim what the server does not do.
+indexer and the search use, profiles (``supportedProfile``) from conformance/'s StructureDefinitions
+that validation enforces, so /metadata cannot claim what the server does not do.
 """
 
 from functools import cache
 from typing import Any
 
-from fhir_server import dates, operations
+from fhir_server import dates, operations, profiles
 from fhir_server.search_params import registry
 from fhir_server.validation import SUPPORTED_TYPES
 
@@ -49,6 +50,7 @@ def _resources() -> list[dict[str, Any]]:
                 "searchInclude": [f"{rtype}:{code}" for code in reference_params],
                 "searchRevInclude": ["*"],
                 "searchParam": searches,
+                **({"supportedProfile": sp} if (sp := profiles.supported(rtype)) else {}),
                 **({"operation": ops} if (ops := operations.capability(rtype)) else {}),
             }
         )

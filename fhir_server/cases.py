@@ -9,37 +9,65 @@
   asked for it (``link_study``); ``$link-imaging`` queues the job again (``relink``).
 - An original report (tagged ``report-role|original``) is linked to its order by accession
   or placer number, whichever of the two arrives first.
+- A new case is routed (``fhir_server.routing``): Task.owner and the due date
+  (Task.restriction.period.end) from the rules the hook was made with (``case_opener``).
+  Status rules of the case and its reports are ``fhir_server.workflow``.
 """
 
 from typing import Any
 
 from fhir_server import search
 from fhir_server.errors import error
-from fhir_server.repository import Change, Repository, Stored
+from fhir_server.repository import Change, Hook, Repository, Stored
+from fhir_server.routing import NO_ROUTING, Routing, route
 
 #: The outbox topic of the image-linking worker (dicom_bridge).
 LINK_IMAGING = "link-imaging"
 ORDER_INTENTS = {"order", "original-order", "reflex-order", "filler-order", "instance-order"}
 
 
-def open_case(repo: Repository, change: Change) -> None:
-    """Repository hook: a new active order asks for its case once the request is written.
+def case_opener(routing: Routing = NO_ROUTING) -> Hook:
+    """The ``open_case`` hook whose new cases are routed (owner, due date) by ``routing``."""
 
-    An original report written without ``basedOn`` asks for the order it belongs to as well.
-    """
-    order = change.resource
-    if change.type == "DiagnosticReport" and order is not None and is_original(order) and not order.get("basedOn"):
-        repo.defer(lambda r: _link_report(r, change.id))
-    if change.type != "ServiceRequest" or change.method != "POST" or order is None:
-        return
-    if order.get("intent") in ORDER_INTENTS and order.get("status") == "active":
-        repo.defer(lambda r: _ensure_case(r, change.id))
+    def open_case(repo: Repository, change: Change) -> None:
+        """Repository hook: a new active order asks for its case once the request is written.
+
+        An original report written without ``basedOn`` asks for the order it belongs to as well.
+        """
+        order = change.resource
+        if change.type == "Task" and change.method == "POST" and order is not None:
+            change.resource = _routed(repo, order, routing)  # a Task the request brought (an HL7 order's)
+        if change.type == "DiagnosticReport" and order is not None and is_original(order) and not order.get("basedOn"):
+            repo.defer(lambda r: _link_report(r, change.id))
+        if change.type != "ServiceRequest" or change.method != "POST" or order is None:
+            return
+        if order.get("intent") in ORDER_INTENTS and order.get("status") == "active":
+            repo.defer(lambda r: _ensure_case(r, change.id, routing))
+
+    return open_case
 
 
-def _ensure_case(repo: Repository, order_id: str) -> None:
+#: The case hook without routing rules.
+open_case = case_opener()
+
+
+def _routed(repo: Repository, task: dict[str, Any], routing: Routing) -> dict[str, Any]:
+    """A new Task of a case, routed by its order when the order is already written."""
+    reference = task.get("focus", {}).get("reference", "")
+    if task.get("intent") not in ORDER_INTENTS or not reference.startswith("ServiceRequest/"):
+        return task
+    order = repo.current("ServiceRequest", reference.removeprefix("ServiceRequest/"))
+    return task if order is None or order.content is None else route(routing, task, order.resource)
+
+
+def _ensure_case(repo: Repository, order_id: str, routing: Routing = NO_ROUTING) -> None:
+    """The order's case: a new Task, or the one the request brought, routed (if it came before its order)."""
     order = repo.read("ServiceRequest", order_id)
-    if case_of(repo, order_id) is None:
-        repo.create(task_for(order_id, order.resource))
+    case = case_of(repo, order_id)
+    if case is None:
+        repo.create(route(routing, task_for(order_id, order.resource), order.resource))
+    elif (routed := route(routing, case.resource, order.resource)) != case.resource:
+        repo.update("Task", case.id, routed, case.etag)
     repo.enqueue(LINK_IMAGING, order)
     _link_reports_of(repo, order)
 

@@ -4,12 +4,21 @@
 again now, e.g. after the study reached the PACS or a PACS peer was fixed. The job runs
 in the background (``dicom_bridge.linking``), so the answer is 202 Accepted; the case's
 Task.businessStatus tells how it went.
+
+``[base]/[type]/$validate`` and ``[base]/[type]/[id]/$validate`` (R4 resource-operation-validate):
+the structural rules of the type and the profiles the resource claims or must conform to
+(``fhir_server.profiles``), plus the ``profile`` parameter's; 200 with an OperationOutcome
+(information "valid", or every issue). It never writes. The body is the resource or a
+Parameters with ``resource`` (and ``profile``, ``mode``); ``?profile=`` and ``?mode=`` work too.
+The instance level validates the stored resource when no body is given; ``mode=delete``
+is always valid here (nothing in this server refuses a delete).
 """
 
 from collections.abc import Callable
+from typing import Any
 
-from fhir_server import cases
-from fhir_server.errors import error, information
+from fhir_server import cases, profiles
+from fhir_server.errors import FhirError, Issue, error, information, operation_outcome
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.repository import Repository
 
@@ -22,11 +31,68 @@ def link_imaging(repo: Repository, req: FhirRequest, order_id: str) -> FhirRespo
     return FhirResponse(202, information(f"An image-linking job for ServiceRequest/{order_id} is queued"))
 
 
+VALIDATE = "http://hl7.org/fhir/OperationDefinition/Resource-validate"
+MODES = ("create", "update", "delete", "profile")
+
+
+def validate(repo: Repository, req: FhirRequest, rtype: str, rid: str | None) -> FhirResponse:
+    """``$validate``: every issue of the resource, as a 200 OperationOutcome; nothing is written."""
+    resource, wanted, mode = _validate_input(req)
+    if mode is not None and mode not in MODES:
+        raise error(400, "invalid", f"mode {mode!r} is not one of {', '.join(MODES)}", "mode")
+    if resource is None and rid is not None:
+        if mode == "delete":
+            return FhirResponse(200, information(f"{rtype}/{rid} may be deleted", "informational"))
+        resource = repo.read(rtype, rid).resource
+    if not isinstance(resource, dict):
+        raise error(400, "structure", "$validate needs a resource: the body, or a Parameters with 'resource'")
+    if resource.get("resourceType") != rtype:
+        raise error(400, "invalid", f"Expected a {rtype} but the resource is a {resource.get('resourceType')}")
+    if rid is not None and mode in ("update", None) and resource.get("id", rid) != rid:
+        raise error(400, "invalid", f"The resource's id {resource.get('id')!r} is not {rid!r}", "id")
+    from fhir_server.validation import validate as structural  # validation imports profiles, not us
+
+    try:
+        structural(resource)  # the type's rules, then the profiles it claims or must conform to
+        issues: list[Issue] = []
+    except FhirError as exc:
+        issues = exc.issues
+    if wanted and issues == profiles.check(resource):  # structurally sound: the asked profiles too
+        issues = profiles.check(resource, wanted)
+    if not issues:
+        return FhirResponse(200, information("valid", "informational"))
+    unique = list(dict.fromkeys(issues))
+    return FhirResponse(200, operation_outcome(unique))
+
+
+def _validate_input(req: FhirRequest) -> tuple[Any, list[str], str | None]:
+    """(resource, profiles, mode) from the query and the body (a resource, or a Parameters)."""
+    wanted = [v for k, v in req.params if k == "profile"]
+    mode = next((v for k, v in req.params if k == "mode"), None)
+    body = req.body
+    if isinstance(body, dict) and body.get("resourceType") == "Parameters":
+        resource = None
+        for parameter in body.get("parameter", []):
+            name = parameter.get("name")
+            if name == "resource":
+                resource = parameter.get("resource")
+            elif name == "profile":
+                wanted.append(parameter.get("valueUri") or parameter.get("valueCanonical") or "")
+            elif name == "mode":
+                mode = parameter.get("valueCode")
+        return resource, wanted, mode
+    return body, wanted, mode
+
+
 #: (resource type, operation name without "$") → the instance-level operation.
 INSTANCE: dict[tuple[str, str], Operation] = {("ServiceRequest", "link-imaging"): link_imaging}
+#: Operations on every type, at type and instance level, and the methods they answer.
+EVERY_TYPE: dict[str, tuple[str, ...]] = {"validate": ("POST", "GET")}
 
 
 def instance(repo: Repository, req: FhirRequest, rtype: str, rid: str, name: str) -> FhirResponse:
+    if name.removeprefix("$") == "validate" and req.method in EVERY_TYPE["validate"]:
+        return validate(repo, req, rtype, rid)
     operation = INSTANCE.get((rtype, name.removeprefix("$")))
     if operation is None or req.method != "POST":
         raise error(
@@ -37,6 +103,17 @@ def instance(repo: Repository, req: FhirRequest, rtype: str, rid: str, name: str
     return operation(repo, req, rid)
 
 
+def type_level(repo: Repository, req: FhirRequest, rtype: str, name: str) -> FhirResponse:
+    """``[base]/[type]/$name``: the type-level operations (``$validate``)."""
+    methods = EVERY_TYPE.get(name.removeprefix("$"))
+    if methods is None or req.method not in methods:
+        raise error(
+            404 if methods is None else 405, "not-supported", f"{req.method} {rtype}/{name} is not an operation here"
+        )
+    return validate(repo, req, rtype, None)
+
+
 def capability(rtype: str) -> list[dict[str, str]]:
     """The CapabilityStatement's ``rest.resource.operation`` entries of ``rtype``."""
-    return [{"name": name, "definition": f"{BASE}/{t}-{name}"} for t, name in INSTANCE if t == rtype]
+    own = [{"name": name, "definition": f"{BASE}/{t}-{name}"} for t, name in INSTANCE if t == rtype]
+    return [*own, {"name": "validate", "definition": VALIDATE}]

@@ -87,8 +87,16 @@ _UPDATE_RESOURCE = (
     update(ResourceRow).where(_r.type == bindparam("key_type"), _r.id == bindparam("key_id")).returning(ResourceRow.pk)
 )
 _INSERT_VERSION = insert(VersionRow)
+_INSERT_OUTBOX = insert(OutboxRow)
 _INSERT_INDEX: dict[type, Insert] = {table: insert(table) for table in INDEX_TABLES}
 _DELETE_INDEX = [delete(t).where(t.resource_pk == bindparam("pk")) for t in INDEX_TABLES]
+_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_LOCK_ALL = text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:ks AS bigint[])) AS k")
+
+
+def _lock_id(key: str) -> int:
+    """The advisory lock of a key: a 64-bit hash of it."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 class Repository:
@@ -152,8 +160,18 @@ class Repository:
         PostgreSQL takes a transaction-scoped advisory lock on a 64-bit hash of the key.
         """
         if self.conn.dialect.name == "postgresql":
-            digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
-            self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": digest})
+            self.conn.execute(_LOCK, {"k": _lock_id(key)})
+
+    def lock_all(self, keys: Sequence[str]) -> None:
+        """``lock`` each key, in the order given, in one statement (one round trip on PostgreSQL).
+
+        unnest() yields the array's elements in order and the locks are taken row by row,
+        so callers that sort their keys take them in one global order, as with ``lock``.
+        """
+        if len(keys) == 1:
+            self.lock(keys[0])
+        elif keys and self.conn.dialect.name == "postgresql":
+            self.conn.execute(_LOCK_ALL, {"ks": [_lock_id(key) for key in keys]})
 
     def create(self, resource: dict[str, Any], resource_id: str | None = None) -> Stored:
         """Create with a new server id (or the id a transaction Bundle assigned)."""
@@ -199,17 +217,18 @@ class Repository:
         """
         now = dates.now()
         self.conn.execute(
-            insert(OutboxRow).values(
-                topic=topic,
-                resource_type=stored.type,
-                resource_id=stored.id,
-                resource_version=stored.version,
-                payload=orjson.dumps(payload or {}).decode(),
-                status="pending",
-                attempts=0,
-                created_at=now,
-                available_at=now,
-            )
+            _INSERT_OUTBOX,
+            {
+                "topic": topic,
+                "resource_type": stored.type,
+                "resource_id": stored.id,
+                "resource_version": stored.version,
+                "payload": orjson.dumps(payload or {}).decode(),
+                "status": "pending",
+                "attempts": 0,
+                "created_at": now,
+                "available_at": now,
+            },
         )
 
     def _write(

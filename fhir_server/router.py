@@ -58,6 +58,9 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
                     return _conditional_update(repo, base, req, rtype)
                 case "DELETE":
                     return _conditional_delete(repo, req, rtype)
+        case [rtype, name], _ if name.startswith("$"):
+            check_type(rtype)
+            return operations.type_level(repo, req, rtype, name)
         case [rtype, "_search"], "POST":
             return _search(repo, base, req, rtype)
         case [rtype, "_history"], "GET":

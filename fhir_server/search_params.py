@@ -1,7 +1,8 @@
 """The search parameters the server indexes and understands.
 
 Definitions are the official R4 SearchParameter resources (conformance/search-parameters.json),
-restricted to the types served. Each definition is compiled once per resource type into a
+restricted to the types served, then Overread's own (conformance/search-parameters-overread.json,
+e.g. Task ``due``). Each definition is compiled once per resource type into a
 fhirpathpy function over that type's part of the expression.
 """
 
@@ -18,6 +19,8 @@ from pydantic import BaseModel
 import conformance
 from fhir_server.validation import SUPPORTED_TYPES, elements, model
 
+#: Overread's own search parameters, beside the official R4 ones.
+OVERREAD_PARAMS = "search-parameters-overread.json"
 #: Parameters on the resource table itself, not in an index table.
 COLUMN_PARAMS = {"_id": "token", "_lastUpdated": "date"}
 
@@ -146,7 +149,8 @@ def _fhirpath(expression: str) -> Callable[[dict[str, Any]], list[Any]]:
 def registry() -> dict[str, dict[str, SearchParam]]:
     """Search parameters by resource type, then by code."""
     params: dict[str, dict[str, SearchParam]] = {t: {} for t in SUPPORTED_TYPES}
-    for entry in conformance.load("search-parameters.json")["entry"]:
+    entries = [*conformance.load("search-parameters.json")["entry"], *conformance.load(OVERREAD_PARAMS)["entry"]]
+    for entry in entries:
         sp = entry["resource"]
         if sp["type"] in ("composite", "special"):
             continue

@@ -17,6 +17,7 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import BaseModel, ValidationError
 
+from fhir_server import profiles
 from fhir_server.errors import FhirError, Issue, error
 
 SUPPORTED_TYPES = (
@@ -69,6 +70,10 @@ def validate(resource: Any, resource_type: str | None = None) -> dict[str, Any]:
     wrong = list(_json_type_issues(model(actual), resource, actual))
     if wrong:
         raise FhirError(422, wrong)
+    # The profiles it claims or must conform to (fhir_server.profiles), all issues at once.
+    unmet = profiles.check(resource)
+    if unmet:
+        raise FhirError(422, unmet)
     return resource
 
 

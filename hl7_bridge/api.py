@@ -3,6 +3,12 @@
 ``GET /hl7/messages`` (newest first; filters: status, sender = MSH-3 or MSH-4, control_id =
 MSH-10, placer = ORC-2, since/until on the time received), ``GET /hl7/messages/{id}`` (raw,
 mapped Bundle, what was written, ACK, error, timing) and ``POST /hl7/messages/{id}/replay``.
+
+The outbound store (``hl7_bridge.outbound``; docs/delivery.md) the same way: ``GET /hl7/outbound``
+(newest first; filters: status (``dead`` = the dead-letter list), destination, report = the
+DiagnosticReport id, control_id = MSH-10, replayed, since/until on the time queued),
+``GET /hl7/outbound/{id}`` (raw message, last ACK, error, attempts) and
+``POST /hl7/outbound/{id}/replay`` (a sent or dead message sent again: a new row, a new MSH-10).
 """
 
 from collections.abc import Iterator, Sequence
@@ -12,11 +18,14 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel
-from sqlalchemy import Connection, or_, select
+from sqlalchemy import Connection, exists, or_, select
+from sqlalchemy.orm import aliased
 
 from fhir_server.db import Database
 from fhir_server.repository import Hook
+from hl7_bridge import delivery
 from hl7_bridge.intake import Senders, replay
+from hl7_bridge.outbound import OutboundMessage
 from hl7_bridge.store import InboundMessage
 
 
@@ -112,6 +121,113 @@ def messages_router(db: Database, senders: Senders | None = None, hooks: Sequenc
         return Replayed(id=message_id, ack=_text(ack) or "", status=status)
 
     return router
+
+
+class OutboundSummary(BaseModel):
+    id: int
+    destination: str
+    message_type: str
+    report_id: str
+    report_version: int
+    order_id: str | None
+    result_status: str
+    sequence: int
+    replay_of: int | None
+    control_id: str
+    status: str
+    attempts: int
+    created_at: datetime
+    available_at: datetime
+    last_attempt_at: datetime | None
+    sent_at: datetime | None
+    ack_code: str | None
+    last_error: str | None
+
+
+class OutboundDetail(OutboundSummary):
+    raw: str
+    ack: str | None
+    replays: list[int]
+
+
+OUTBOUND_SUMMARY = [c for c in OutboundMessage.__table__.c if c.name in OutboundSummary.model_fields or c.name == "pk"]
+
+
+def outbound_router(db: Database, hooks: Sequence[Hook] = ()) -> APIRouter:
+    """The outbound message store's endpoints; a replay shows itself on the case, written with ``hooks``."""
+    router = APIRouter(prefix="/hl7/outbound", tags=["HL7 outbound messages"])
+
+    def connection() -> Iterator[Connection]:
+        with db.begin(write=False) as conn:
+            yield conn
+
+    ConnectionDep = Annotated[Connection, Depends(connection)]
+
+    @router.get("")
+    def list_outbound(
+        conn: ConnectionDep,
+        status: Annotated[str | None, Query(description="queued, error, sent, dead (the dead-letter list)")] = None,
+        destination: str | None = None,
+        report: Annotated[str | None, Query(description="DiagnosticReport id")] = None,
+        control_id: Annotated[str | None, Query(description="MSH-10")] = None,
+        replayed: Annotated[bool | None, Query(description="whether an engineer has replayed it")] = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[OutboundSummary]:
+        m = OutboundMessage
+        stmt = select(*OUTBOUND_SUMMARY).order_by(m.created_at.desc(), m.pk.desc()).limit(limit).offset(offset)
+        if status:
+            stmt = stmt.where(m.status == status)
+        if destination:
+            stmt = stmt.where(m.destination == destination)
+        if report:
+            stmt = stmt.where(m.report_id == report)
+        if control_id:
+            stmt = stmt.where(m.control_id == control_id)
+        if replayed is not None:
+            replay = aliased(OutboundMessage)
+            has_replay = exists().where(replay.replay_of == m.pk)
+            stmt = stmt.where(has_replay if replayed else ~has_replay)
+        if since:
+            stmt = stmt.where(m.created_at >= since)
+        if until:
+            stmt = stmt.where(m.created_at < until)
+        return [_outbound(row._mapping) for row in conn.execute(stmt)]
+
+    @router.get("/{message_id}")
+    def get_outbound(message_id: int, conn: ConnectionDep) -> OutboundDetail:
+        return _outbound_detail(conn, message_id)
+
+    @router.post("/{message_id}/replay")
+    def replay_outbound(message_id: int) -> OutboundDetail:
+        try:
+            row = delivery.replay(db, message_id, hooks)
+        except delivery.NotReplayable as exc:
+            raise HTTPException(409, str(exc)) from exc
+        if row is None:
+            raise HTTPException(404, f"No outbound message {message_id}")
+        with db.begin(write=False) as conn:
+            return _outbound_detail(conn, row.pk)
+
+    return router
+
+
+def _outbound(fields: Any) -> OutboundSummary:
+    return OutboundSummary(id=fields["pk"], **{k: fields[k] for k in OutboundSummary.model_fields if k != "id"})
+
+
+def _outbound_detail(conn: Connection, message_id: int) -> OutboundDetail:
+    m = OutboundMessage
+    row = conn.execute(select(m.__table__).where(m.pk == message_id)).first()
+    if row is None:
+        raise HTTPException(404, f"No outbound message {message_id}")
+    fields = row._mapping
+    replays = list(conn.scalars(select(m.pk).where(m.replay_of == message_id).order_by(m.pk)))
+    return OutboundDetail(
+        **_outbound(fields).model_dump(), raw=_text(fields["raw"]) or "", ack=_text(fields["ack"]), replays=replays
+    )
 
 
 def _summary(fields: Any) -> MessageSummary:

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import orjson
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, Insert, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from fhir_server import bundle, conditional, dates, search
@@ -47,6 +47,12 @@ _KEY = ("sending_application", "sending_facility", "control_id")
 ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"
 #: The mapping settings of a sender, by MSH-3 and MSH-4 (``OverreadConfig.sender``).
 Senders = Callable[[str, str], SenderConfig | None]
+# The statements every message runs, built once (building them cost more than running them).
+_CLAIM: dict[str, Insert] = {
+    name: dialect.insert(InboundMessage).on_conflict_do_nothing(index_elements=_KEY).returning(InboundMessage.pk)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_OUTCOME = update(InboundMessage).where(InboundMessage.pk == bindparam("message_pk"))
 
 
 def receive(db: Database, raw: bytes, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes:
@@ -109,7 +115,8 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
             if control is not None:
                 _find_order(repo, control)  # a change order needs its order
             mapped = map_order(message, config)
-            response = bundle.process(mapped, repo, BASE, handle)
+            # In the savepoint above, which any error rolls back: the Bundle needs none of its own.
+            response = bundle.process(mapped, repo, BASE, handle, savepoint=False)
         else:
             response = _change_case(repo, control)
         repo.complete()
@@ -122,17 +129,17 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
         error = MappingError(DATA_TYPE_ERROR, "", f"The order does not make valid FHIR: {exc}")
     ack = _ack(message, error)
     repo.conn.execute(
-        update(InboundMessage)
-        .where(InboundMessage.pk == pk)
-        .values(
-            status=ERROR if error else PROCESSED,
-            bundle=_json(mapped),
-            response=_json(response),
-            ack=ack,
-            ack_code=ack_code(message, error),
-            error=str(error) if error else None,
-            processing_ms=(time.perf_counter() - started) * 1000,
-        )
+        _OUTCOME,
+        {
+            "message_pk": pk,
+            "status": ERROR if error else PROCESSED,
+            "bundle": _json(mapped),
+            "response": _json(response),
+            "ack": ack,
+            "ack_code": ack_code(message, error),
+            "error": str(error) if error else None,
+            "processing_ms": (time.perf_counter() - started) * 1000,
+        },
     )
     return ack
 
@@ -174,17 +181,17 @@ def _claim(conn: Connection, raw: bytes, message: Message, key: dict[str, str]) 
     ON CONFLICT DO NOTHING: on PostgreSQL a concurrent transaction holding the same key makes
     this one wait for its outcome, so two copies of one message never both go on.
     """
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     orc = message.segment("ORC") or message.segment("OBR")
-    row = dialect_insert(InboundMessage).values(
-        received_at=dates.now(),
-        message_type=message.message_type,
-        placer_number=orc.field(2).value if orc is not None else None,
-        status=RECEIVED,
-        raw=raw,
+    row = {
+        "received_at": dates.now(),
+        "message_type": message.message_type,
+        "placer_number": orc.field(2).value if orc is not None else None,
+        "status": RECEIVED,
+        "raw": raw,
         **key,
-    )
-    return conn.execute(row.on_conflict_do_nothing(index_elements=_KEY).returning(InboundMessage.pk)).scalar()
+    }
+    pk: int | None = conn.execute(_CLAIM[conn.dialect.name], row).scalar()
+    return pk
 
 
 def _reject(db: Database, raw: bytes, error: MappingError, started: float) -> bytes:

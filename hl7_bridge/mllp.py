@@ -68,7 +68,8 @@ import itertools
 import logging
 import socket
 import ssl as ssl_module
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -129,6 +130,23 @@ class FrameTooLargeError(ValueError):
 
 class MllpConnectionClosedError(ConnectionError):
     """The peer closed the connection before a complete reply block arrived."""
+
+
+@contextlib.contextmanager
+def serving_in_thread(handler: Handler, host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """An MllpServer in an event loop of its own thread, for synchronous callers; yields its port."""
+    loop = asyncio.new_event_loop()
+    server = MllpServer(handler, host, port)
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, name="mllp-server", daemon=True)
+    thread.start()
+    try:
+        yield server.port
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 def frame(message: bytes) -> bytes:

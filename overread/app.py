@@ -14,9 +14,18 @@ from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Backoff, Linker, Source
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server import api
-from fhir_server.cases import open_case
+from fhir_server.cases import case_opener
+from fhir_server.conformance_seed import publish
 from fhir_server.db import Database
-from hl7_bridge.api import messages_router
+from fhir_server.notifier import Backoff as NotifierBackoff
+from fhir_server.notifier import Notifier
+from fhir_server.repository import Hook
+from fhir_server.results import results
+from fhir_server.subscriptions import notify
+from fhir_server.workflow import case_workflow
+from hl7_bridge.api import messages_router, outbound_router
+from hl7_bridge.delivery import Backoff as DeliveryBackoff
+from hl7_bridge.delivery import Delivery
 from hl7_bridge.intake import receive
 from hl7_bridge.mllp import MllpServer
 from overread import config
@@ -24,8 +33,15 @@ from overread.config import OverreadConfig
 from overread.settings import Settings
 
 log = logging.getLogger(__name__)
-#: The repository hooks of every door (HTTP, HL7): the domain rules of a write.
-HOOKS = (open_case,)
+
+
+def make_hooks(cfg: OverreadConfig) -> tuple[Hook, ...]:
+    """The repository hooks of every door (HTTP, HL7, workers): the domain rules of a write."""
+    return (case_opener(cfg.routing_rules()), case_workflow, notify, results)
+
+
+#: The hooks of the default configuration (no routing rules; due dates by priority).
+HOOKS = make_hooks(OverreadConfig())
 
 
 def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConfig | None = None) -> FastAPI:
@@ -37,17 +53,20 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
     cfg = cfg or config.load(settings.config)
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.db = db
-    api.mount(app, db, HOOKS, base_url=settings.public_base_url)
-    app.include_router(messages_router(db, cfg.sender, HOOKS))
+    hooks = make_hooks(cfg)
+    api.mount(app, db, hooks, base_url=settings.public_base_url)
+    app.include_router(messages_router(db, cfg.sender, hooks))
+    app.include_router(outbound_router(db, hooks))
     return app
 
 
 def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None = None) -> MllpServer:
     """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT (storage runs off the event loop)."""
-    senders = (cfg or config.load(settings.config)).sender
+    cfg = cfg or config.load(settings.config)
+    senders, hooks = cfg.sender, make_hooks(cfg)
 
     async def handler(message: bytes) -> bytes:
-        return await asyncio.get_running_loop().run_in_executor(None, receive, db, message, senders, HOOKS)
+        return await asyncio.get_running_loop().run_in_executor(None, receive, db, message, senders, hooks)
 
     return MllpServer(handler, settings.mllp_host, settings.mllp_port)
 
@@ -62,7 +81,7 @@ def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
         timedelta(seconds=cfg.linking.first_retry_seconds),
         timedelta(seconds=cfg.linking.max_retry_seconds),
     )
-    return Linker(db, [*peers, Source("image store", store)], backoff, HOOKS)
+    return Linker(db, [*peers, Source("image store", store)], backoff, make_hooks(cfg))
 
 
 @contextmanager
@@ -84,11 +103,63 @@ def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[t
             thread.join(timeout=60)
 
 
+@contextmanager
+def notifications(db: Database, cfg: OverreadConfig) -> Iterator[Notifier]:
+    """The Subscription worker (handshakes, rest-hook notifications) on a thread of its own."""
+    s = cfg.subscriptions
+    backoff = NotifierBackoff(
+        s.max_attempts, timedelta(seconds=s.first_retry_seconds), timedelta(seconds=s.max_retry_seconds)
+    )
+    worker = Notifier(db, make_hooks(cfg), backoff, s.timeout_seconds)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="subscriptions", daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        worker.close()
+
+
+def result_delivery(db: Database, cfg: OverreadConfig) -> Delivery:
+    """The ORU^R01 workers: results of second-opinion reports to the HL7 destinations of OVERREAD_CONFIG."""
+    d = cfg.hl7.delivery
+    backoff = DeliveryBackoff(
+        d.max_attempts, timedelta(seconds=d.first_retry_seconds), timedelta(seconds=d.max_retry_seconds)
+    )
+    lease = timedelta(seconds=d.lease_seconds)
+    return Delivery(db, cfg.hl7.destinations, backoff, make_hooks(cfg), cfg.sender, lease)
+
+
+@contextmanager
+def results_out(db: Database, cfg: OverreadConfig) -> Iterator[Delivery]:
+    """The result delivery workers (queueing, one sender per destination) on threads of their own."""
+    worker = result_delivery(db, cfg)
+    stop = threading.Event()
+    threads = worker.start(stop, cfg.hl7.delivery.poll_seconds)
+    try:
+        yield worker
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+
+
+@contextmanager
+def workers(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[StorageScp]:
+    """Everything but the listeners of HTTP and MLLP: the conformance artifacts published, our
+    Storage SCP, and the workers (image linking, Subscription notifications, ORU^R01 delivery)."""
+    publish(db)  # the conformance artifacts of conformance/, served over FHIR (idempotent)
+    with imaging(settings, db, cfg) as (_, scp), notifications(db, cfg), results_out(db, cfg):
+        yield scp
+
+
 async def serve_all(settings: Settings, db: Database, cfg: OverreadConfig) -> None:
     """Every listener and worker of ``overread serve`` in one process, until interrupted."""
     app = create_app(settings, db, cfg)
     http = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info"))
-    with imaging(settings, db, cfg) as (_, scp):
+    with workers(settings, db, cfg) as scp:
         log.warning("DICOM Storage SCP %s on %s:%s", settings.dicom_ae_title, settings.dicom_host, scp.port)
         async with mllp_listener(settings, db, cfg) as mllp:
             log.warning("HL7 MLLP listener on %s:%s", settings.mllp_host, mllp.port)

@@ -41,6 +41,70 @@ def hl7_map(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, re
     typer.echo(json.dumps(bundle, indent=2, ensure_ascii=False))
 
 
+@hl7_app.command("oru")
+def hl7_oru(
+    report: Annotated[str, typer.Argument(help="DiagnosticReport/<id> in the database, or a JSON file")],
+    version: Annotated[str, typer.Option("--version", help="HL7 version: 2.5.1 or 2.3.1")] = "",
+    control_id: Annotated[str, typer.Option(help="MSH-10 (default: a new UUID)")] = "",
+) -> None:
+    """Print the ORU^R01 a second-opinion report would become (segments one per line; nothing is sent).
+
+    REPORT is ``DiagnosticReport/<id>`` (read from OVERREAD_DATABASE_URL with its order, patient,
+    interpreter and findings) or a JSON file {"report", "order", "patient", "interpreter", "findings",
+    "envelope"} as in tests/golden/oru.
+    """
+    import dataclasses
+    import uuid
+    from datetime import UTC, datetime
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fhir_server.errors import FhirError
+    from fhir_server.repository import Repository
+    from hl7_bridge.oru_context import context_from_json, load_context
+    from mappings.errors import MappingError
+    from mappings.oru_r01 import SUPPORTED_VERSIONS, Envelope, oru_r01
+
+    if version and version not in SUPPORTED_VERSIONS:
+        typer.echo(f"--version must be one of {', '.join(SUPPORTED_VERSIONS)}", err=True)
+        raise typer.Exit(2)
+    fresh = Envelope(control_id=control_id or str(uuid.uuid4()), timestamp=datetime.now(UTC))
+    try:
+        if report.startswith("DiagnosticReport/"):
+            db = Database(get_settings().database_url)
+            try:
+                with db.begin(write=False) as conn:
+                    context = load_context(Repository(conn), report.removeprefix("DiagnosticReport/"))
+            finally:
+                db.dispose()
+            envelope = fresh
+        else:
+            path = Path(report)
+            if not path.is_file():
+                typer.echo(f"{report} is neither DiagnosticReport/<id> nor a file", err=True)
+                raise typer.Exit(2)
+            context, given = context_from_json(json.loads(path.read_text(encoding="utf-8")))
+            envelope = given or fresh
+            if control_id:
+                envelope = dataclasses.replace(envelope, control_id=control_id)
+        if version:
+            envelope = dataclasses.replace(envelope, version=version)
+        message = oru_r01(context, envelope)
+    except FhirError as exc:
+        typer.echo(f"error {exc.status}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except MappingError as exc:
+        typer.echo(f"error {exc.code} at {exc.location}: {exc.text}", err=True)
+        raise typer.Exit(1) from exc
+    except SQLAlchemyError as exc:
+        typer.echo(f"database error (is the schema there? overread db upgrade): {exc.__class__.__name__}", err=True)
+        raise typer.Exit(1) from exc
+    except (KeyError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(message.replace("\r", "\n"))
+
+
 @hl7_app.command("send")
 def hl7_send(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],

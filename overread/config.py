@@ -27,15 +27,51 @@ how patiently the image-linking job tries (defaults shown)::
       first_retry_seconds: 30      # doubling after each attempt ...
       max_retry_seconds: 3600      # ... up to this
       timeout_seconds: 30          # of one DICOM or DICOMweb exchange
+
+``hl7.destinations`` receive ORU^R01 results and ``hl7.delivery`` sets how patiently (docs/delivery.md)::
+
+    hl7:
+      destinations:
+        - name: ehr
+          host: 127.0.0.1
+          port: 2576
+          sending_facility: ""         # results of orders from this MSH-4; "" = the default destination
+          version: "2.5.1"             # or "2.3.1"
+          ack_timeout_seconds: 30
+          receiving_application: ""    # MSH-5; "" = the order's MSH-3
+          receiving_facility: ""       # MSH-6; "" = the order's MSH-4
+          send_preliminary: false      # preliminary reports too (OBR-25 P)
+      delivery:
+        max_attempts: 24             # then the dead-letter list (GET /hl7/outbound?status=dead)
+        first_retry_seconds: 5       # doubling after each attempt ...
+        max_retry_seconds: 600       # ... up to this
+        poll_seconds: 1
+
+``routing`` assigns a new case's reader (Task.owner) and ``due`` its due date by priority
+(``fhir_server.routing``; docs/workflow.md)::
+
+    routing:                       # the first rule that matches wins; criteria left out match anything
+      - owner: {reference: Organization/neuro-group, display: Neuroradiology}   # or Practitioner/...
+        performer_type: neuro      # ServiceRequest.performerType code, display or text
+        modality: [CT, MR]         # DICOM (DCM) codes in ServiceRequest.code / category / orderDetail
+        body_site: [HEAD, BRAIN]   # ServiceRequest.bodySite code, display or text
+    due:                           # authoredOn + this = Task.restriction.period.end (defaults shown)
+      routine: 72h                 # s, m, h, d, an ISO 8601 duration, seconds; null = no due date
+      urgent: 24h
+      asap: 8h
+      stat: 1h
 """
 
 import json
+import re
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -45,6 +81,7 @@ from pydantic import (
     model_validator,
 )
 
+from fhir_server.routing import Routing, Rule
 from mappings.concept_map import ConceptMap, ConceptMapError, parse_concept_map
 from mappings.sender import FieldOverrides, FieldPath, SenderConfig
 
@@ -71,11 +108,42 @@ class Linking(_Strict):
     timeout_seconds: Annotated[float, Field(gt=0)] = 30
 
 
+class Subscriptions(_Strict):
+    """How patiently a Subscription notification is delivered (docs/subscriptions.md): about 2.5 hours."""
+
+    max_attempts: Annotated[int, Field(ge=1)] = 24
+    first_retry_seconds: Annotated[float, Field(ge=0)] = 5
+    max_retry_seconds: Annotated[float, Field(ge=0)] = 600
+    timeout_seconds: Annotated[float, Field(gt=0)] = 10
+
+
 class Destination(_Strict):
+    """Where ORU^R01 results go (docs/delivery.md): one ordered queue per destination."""
+
     name: str
     host: str
     port: int
+    #: Results of orders from this MSH-4 come here; "" = the default destination, for results of orders
+    #: from a facility with no destination of its own and of orders that came over FHIR.
     sending_facility: str = ""
+    version: Literal["2.5.1", "2.3.1"] = "2.5.1"
+    ack_timeout_seconds: Annotated[float, Field(gt=0)] = 30
+    #: MSH-5 / MSH-6; "" = the ordering system's MSH-3 / MSH-4 when the order came over HL7.
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    #: Also send preliminary reports (OBR-25 P); final, amended, corrected and appended ones always go.
+    send_preliminary: bool = False
+
+
+class Delivery(_Strict):
+    """How patiently an ORU^R01 is delivered before it goes to the dead-letter list (about 3 hours)."""
+
+    max_attempts: Annotated[int, Field(ge=1)] = 24
+    first_retry_seconds: Annotated[float, Field(ge=0)] = 5
+    max_retry_seconds: Annotated[float, Field(ge=0)] = 600
+    poll_seconds: Annotated[float, Field(gt=0)] = 1
+    #: How long a worker that died holds the message it was building or sending.
+    lease_seconds: Annotated[float, Field(gt=0)] = 120
 
 
 class SenderFields(_Strict):
@@ -154,12 +222,93 @@ def _read_concept_map(path: Path) -> ConceptMap:
 class Hl7(_Strict):
     senders: list[Sender] = Field(default_factory=list)
     destinations: list[Destination] = Field(default_factory=list)
+    delivery: Delivery = Field(default_factory=Delivery)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: list[Destination]) -> list[Destination]:
+        names = [d.name for d in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destination names must be unique: {names}")
+        return value
+
+
+#: Task.owner's target types (R4) a routing rule may name.
+OWNER_TYPES = (
+    "Organization",
+    "Practitioner",
+    "PractitionerRole",
+    "CareTeam",
+    "HealthcareService",
+    "Device",
+    "Patient",
+    "RelatedPerson",
+)
+_SHORT_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _duration(value: Any) -> Any:
+    """``72h``, ``30m``, ``2d``, ``90s`` as a timedelta; anything else is pydantic's (seconds, ISO 8601)."""
+    if isinstance(value, str) and (m := _SHORT_DURATION.match(value)):
+        return timedelta(**{_UNITS[m[2]]: float(m[1])})
+    return value
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration), Field(ge=timedelta(0))]
+Codes = Annotated[list[str], BeforeValidator(_as_list)]
+
+
+class OwnerReference(_Strict):
+    reference: str
+    display: str | None = None
+
+    @field_validator("reference")
+    @classmethod
+    def _an_owner(cls, value: str) -> str:
+        kind, _, rid = value.partition("/")
+        if kind not in OWNER_TYPES or not rid:
+            raise ValueError(f"{value!r}: an owner is a reference such as Organization/id or Practitioner/id")
+        return value
+
+
+class RoutingRule(_Strict):
+    owner: OwnerReference
+    performer_type: str | None = None
+    modality: Codes = Field(default_factory=list)
+    body_site: Codes = Field(default_factory=list)
+
+    def rule(self) -> Rule:
+        return Rule(
+            self.owner.model_dump(exclude_none=True), self.performer_type, tuple(self.modality), tuple(self.body_site)
+        )
+
+
+class Due(_Strict):
+    """Time from the order's authoredOn to its case's due date, by request priority."""
+
+    routine: Duration | None = timedelta(hours=72)
+    urgent: Duration | None = timedelta(hours=24)
+    asap: Duration | None = timedelta(hours=8)
+    stat: Duration | None = timedelta(hours=1)
 
 
 class OverreadConfig(_Strict):
     pacs: list[PacsPeer] = Field(default_factory=list)
     linking: Linking = Linking()
     hl7: Hl7 = Field(default_factory=Hl7)
+    subscriptions: Subscriptions = Field(default_factory=Subscriptions)
+    routing: list[RoutingRule] = Field(default_factory=list)
+    due: Due = Field(default_factory=Due)
+
+    def routing_rules(self) -> Routing:
+        """The routing rules and due times as the case hook takes them."""
+        due = {priority: time for priority, time in self.due.model_dump().items() if time is not None}
+        return Routing(tuple(r.rule() for r in self.routing), due)
 
     def sender(self, application: str, facility: str) -> SenderConfig | None:
         """The mapping settings of the first sender entry matching MSH-3 and MSH-4, if any."""

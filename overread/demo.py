@@ -24,11 +24,13 @@ from pynetdicom import AE
 
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SamplePacs, sample_path
 from dicom_bridge.tcp import NODELAY_HANDLERS
-from fhir_server import cases
+from fhir_server import cases, dates
 from fhir_server.db import Database
-from hl7_bridge.mllp import send
-from overread.app import create_app, imaging, mllp_listener
-from overread.config import OverreadConfig, PacsPeer
+from hl7_bridge.ack import acknowledge
+from hl7_bridge.mllp import send, serving_in_thread
+from mappings.v2 import parse
+from overread.app import create_app, mllp_listener, workers
+from overread.config import Destination, Hl7, OverreadConfig, PacsPeer
 from overread.migrate import upgrade
 from overread.server import running
 from overread.settings import Settings, get_settings
@@ -36,6 +38,7 @@ from overread.settings import Settings, get_settings
 ORM = "samples/second-opinion-order.hl7"
 FHIR_JSON = {"content-type": "application/fhir+json", "accept": "application/fhir+json"}
 MRN = "urn:oid:2.16.840.1.113883.3.72.5.9.1.2|MRN-004211"
+CONFORMANCE = "https://overread.org/fhir"
 
 
 def run(settings: Settings | None = None) -> int:
@@ -69,10 +72,12 @@ def run(settings: Settings | None = None) -> int:
         orders = [e["resource"] for e in found["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
 
         print("\n4. Images: the linking worker asks the source PACS (the bundled sample PACS) for each order")
-        with SamplePacs() as pacs:
+        received: list[bytes] = []
+        with SamplePacs() as pacs, serving_in_thread(_ehr(received)) as ehr_port:
             peer = PacsPeer(name="sample", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, retrieve="c-move")
-            dicom = settings.model_copy(update={"dicom_port": 0})
-            with imaging(dicom, db, OverreadConfig(pacs=[peer])) as (_, scp):
+            ehr = Destination(name="ehr", host="127.0.0.1", port=ehr_port, ack_timeout_seconds=10)
+            cfg = OverreadConfig(pacs=[peer], hl7=Hl7(destinations=[ehr]))
+            with workers(settings.model_copy(update={"dicom_port": 0}), db, cfg) as scp:
                 pacs.destinations[settings.dicom_ae_title] = ("127.0.0.1", scp.port)
                 print(
                     f"   sample PACS {pacs.ae_title} on 127.0.0.1:{pacs.port}, our Storage SCP on 127.0.0.1:{scp.port}"
@@ -85,9 +90,26 @@ def run(settings: Settings | None = None) -> int:
                 _push(settings.dicom_ae_title, scp.port, _accession(missing))
                 _wait(fhir, missing, cases.IMAGES_AVAILABLE)
                 _show_cases(fhir, orders)
-        for study in fhir.get("ImagingStudy", params={"subject.identifier": MRN}).json().get("entry", []):
-            _describe(study["resource"])
-        print(f"   image store: {settings.image_store.resolve()}")
+                for study in fhir.get("ImagingStudy", params={"subject.identifier": MRN}).json().get("entry", []):
+                    _describe(study["resource"])
+                print(f"   image store: {settings.image_store.resolve()}")
+
+                print("\n6. The second reader's report: final, major discrepancy (RADPEER 2b)")
+                report, created = _report(fhir, on_pacs)
+                _wait(fhir, on_pacs, "completed", field="status")
+                deadline = time.monotonic() + 20
+                while created and not received and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                task = _case(fhir, on_pacs["id"])
+                print(f"   DiagnosticReport/{report['id']}: {report['status']}, {report['conclusion']}")
+                print(f"   Task/{task['id']}: status {task['status']}, output {task['output'][0]['valueReference']}")
+                if not created:
+                    print(
+                        "   (sent to the EHR by an earlier run: each report version goes out once; GET /hl7/outbound)"
+                    )
+                for message in received[-1:]:
+                    print(f"   The EHR's MLLP receiver (127.0.0.1:{ehr_port}) got the ORU^R01 and answered AA:")
+                    print("      " + message.decode().replace("\r", "\n      ").rstrip())
 
     db.dispose()
     print("\nLook at it yourself: `make serve`, then")
@@ -113,11 +135,59 @@ def _status(task: dict[str, Any]) -> str:
     return str(task.get("businessStatus", {}).get("coding", [{}])[0].get("code", "none yet"))
 
 
-def _wait(fhir: httpx.Client, order: dict[str, Any], *codes: str, timeout: float = 20) -> None:
-    """The worker runs in the background: wait until the order's case reaches one of ``codes``."""
+def _wait(
+    fhir: httpx.Client, order: dict[str, Any], *codes: str, field: str = "businessStatus", timeout: float = 20
+) -> None:
+    """The workers run in the background: wait until the order's case reaches one of ``codes``."""
     deadline = time.monotonic() + timeout
-    while _status(_case(fhir, order["id"])) not in codes and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        task = _case(fhir, order["id"])
+        if (_status(task) if field == "businessStatus" else task.get(field)) in codes:
+            return
         time.sleep(0.1)
+
+
+def _report(fhir: httpx.Client, order: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Post the second reader's final report on ``order`` (conditional: a rerun posts none)."""
+    reader = {
+        "resourceType": "Practitioner",
+        "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1942587604"}],
+        "name": [{"family": "Lindgren", "given": ["Maja"], "prefix": ["Dr"]}],
+    }
+    npi = "identifier=http://hl7.org/fhir/sid/us-npi|1942587604"
+    practitioner = fhir.post("Practitioner", json=reader, headers={"If-None-Exist": npi}).json()
+    (study,) = fhir.get("ImagingStudy", params={"basedon": f"ServiceRequest/{order['id']}"}).json()["entry"]
+    report = {
+        "resourceType": "DiagnosticReport",
+        "identifier": [{"system": "https://overread.org/fhir/demo-report", "value": order["id"]}],
+        "basedOn": [{"reference": f"ServiceRequest/{order['id']}"}],
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}]},
+        "subject": order["subject"],
+        "issued": "2026-11-28T10:30:00+01:00",
+        "resultsInterpreter": [{"reference": f"Practitioner/{practitioner['id']}"}],
+        "imagingStudy": [{"reference": f"ImagingStudy/{study['resource']['id']}"}],
+        "conclusion": "Spiculated 14 mm right upper lobe nodule, not a benign granuloma: biopsy advised.",
+        "conclusionCode": [
+            {"coding": [{"system": f"{CONFORMANCE}/CodeSystem/second-opinion-discrepancy", "code": "major"}]},
+            {"coding": [{"system": f"{CONFORMANCE}/CodeSystem/radpeer", "code": "2b"}]},
+        ],
+    }
+    criteria = f"identifier=https://overread.org/fhir/demo-report|{order['id']}"
+    response = fhir.post("DiagnosticReport", json=report, headers={"If-None-Exist": criteria})
+    response.raise_for_status()
+    return dict(response.json()), response.status_code == 201
+
+
+def _ehr(received: list[bytes]) -> Any:
+    """The referrer's EHR: an MLLP receiver that keeps each message and answers AA."""
+
+    async def handle(message: bytes) -> bytes:
+        received.append(message)
+        return acknowledge(parse(message), None, control_id=f"EHR{len(received)}", now=dates.now())
+
+    return handle
 
 
 def _show_cases(fhir: httpx.Client, orders: list[dict[str, Any]]) -> None:

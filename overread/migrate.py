@@ -7,7 +7,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
 
-import hl7_bridge.store  # noqa: F401  (its tables join the FHIR store's metadata)
+import hl7_bridge.outbound  # their tables join the FHIR store's metadata
+import hl7_bridge.store  # noqa: F401
 from fhir_server.schema import Base
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -1,15 +1,11 @@
 """The golden-file cases of HL7 order intake: which .hl7 files, and where their expected .json lives."""
 
-import asyncio
 import json
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hl7_bridge.mllp import Handler, MllpServer
+from hl7_bridge.mllp import serving_in_thread
 from mappings.errors import MappingError
 from mappings.orders import map_order
 from mappings.sender import SenderConfig
@@ -59,17 +55,4 @@ def dump(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-@contextmanager
-def mllp_listening(handler: Handler) -> Iterator[int]:
-    """Our MllpServer on 127.0.0.1 (a free port) in an event loop of its own thread; yields the port."""
-    loop = asyncio.new_event_loop()
-    server = MllpServer(handler, "127.0.0.1", 0)
-    loop.run_until_complete(server.start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.port
-    finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+mllp_listening = serving_in_thread  # the tests' name for it

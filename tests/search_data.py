@@ -148,6 +148,7 @@ def diagnostic_report(
         "code": concept(coding(LOINC, "18748-4", "Diagnostic imaging study")),
         "subject": ref(subject),
         "conclusionCode": [concept(coding(DISCREPANCY, discrepancy))],
+        "conclusion": f"Second-opinion read: {discrepancy}",
         **extra,
     }
 

@@ -41,12 +41,16 @@ def test_demo_runs_a_case_and_a_rerun_adds_nothing(tmp_path: Path):
     assert first.stdout.count("201 Created") == 5
     assert "Task/" in first.stdout and "status requested" in first.stdout
     assert "MSA|AA|MSG-000812" in first.stdout  # the HL7 order over MLLP
-    assert first.stdout.count("   Task/") == 3  # step 2: the FHIR case; step 3: both cases of the patient
-    linking, pushed = first.stdout.split("4. Images")[1].split("5. The modality")
+    assert first.stdout.split("4. Images")[0].count("   Task/") == 3  # step 2: the FHIR case; step 3: both cases
+    linking, rest = first.stdout.split("4. Images")[1].split("5. The modality")
+    pushed, report = rest.split("6. The second reader's report")
     assert "ACC-2026-55731: Task/" in linking and "images-available" in linking  # found on the sample PACS
     assert "images-pending (no study matches" in linking  # the HL7 order's study is on no PACS yet
     assert "C-STORE ACC-2026-55732: status 0x0000" in pushed and pushed.count("businessStatus images-available") == 2
     assert first.stdout.count("ImagingStudy/") == 2
+    assert "status completed, output {'reference': 'DiagnosticReport/" in report  # the final report closed the case
+    assert "OBX|1|CWE|DISC^Second opinion discrepancy^99OVR||major^Major discrepancy^99OVRD" in report
+    assert "|F|" in next(line for line in report.splitlines() if line.strip().startswith("OBR|"))
     second = _run(["demo"], tmp_path, url)
     assert second.returncode == 0, second.stderr
     assert second.stdout.count("200 OK") == 5 and "201 Created" not in second.stdout
@@ -55,3 +59,4 @@ def test_demo_runs_a_case_and_a_rerun_adds_nothing(tmp_path: Path):
     assert len(tasks) == 2  # still the two cases: the resent HL7 order made none
     studies = {line.split("ImagingStudy/")[1][:36] for line in second.stdout.splitlines() if "ImagingStudy/" in line}
     assert len(studies) == 2  # the study pushed again is the same study
+    assert "sent to the EHR by an earlier run" in second.stdout and "ORU^R01^ORU_R01" not in second.stdout

@@ -1,0 +1,265 @@
+"""The Subscription worker: handshakes and rest-hook notifications from the outbox (docs/subscriptions.md).
+
+It consumes the ``subscription`` outbox rows that ``fhir_server.subscriptions`` writes in the
+transaction of each change. Per row: read the Subscription (and the resource version the row
+names), send it over HTTP outside any transaction, and record the outcome:
+
+- 2xx: the row is done; a Subscription that was ``requested`` (handshake) or in ``error``
+  becomes ``active`` again, its ``error`` cleared.
+- anything else (an HTTP error status, a refused connection, a timeout): the row is retried
+  with backoff (``Backoff``: 5 s doubling to 10 min, 24 attempts, about 2.5 hours by default),
+  the Subscription is ``error`` with the reason in ``Subscription.error``; after the last
+  attempt the row is ``dead`` (it stays in the outbox, with its last error) and the
+  Subscription says so.
+
+A Subscription's rows are delivered one at a time, in the order they were written: only the
+oldest pending row of each Subscription is claimed, so a row waiting for its retry holds the
+ones behind it (version 3 of a report never overtakes version 2). Rows of different
+Subscriptions are delivered side by side. Claims are leased (``fhir_server.outbox``), so a
+worker that dies mid-delivery loses nothing, and several server processes can share one
+PostgreSQL database (``FOR UPDATE SKIP LOCKED``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import orjson
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session, aliased
+
+from fhir_server import dates, outbox, subscriptions
+from fhir_server.db import Database
+from fhir_server.errors import FhirError
+from fhir_server.repository import Hook, Repository, Stored
+from fhir_server.schema import OutboxRow
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+USER_AGENT = "Overread-Subscriptions/0.1"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How patiently a row is delivered: first_delay, doubling after each attempt, at most max_delay."""
+
+    max_attempts: int = 24
+    first_delay: timedelta = timedelta(seconds=5)
+    max_delay: timedelta = timedelta(minutes=10)
+
+    def delay(self, attempts: int) -> timedelta:
+        delay: timedelta = self.first_delay * 2 ** min(max(attempts - 1, 0), 30)
+        return min(delay, self.max_delay)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One claimed row, read: what to send where."""
+
+    pk: int
+    attempts: int
+    subscription: Stored | None
+    kind: str
+    resource: Stored | None  # the notified version, for a notification
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    url: str
+    headers: dict[str, str]
+    content: bytes
+
+
+class Notifier:
+    """Claims ``subscription`` rows and delivers them; ``run`` loops until ``stop`` is set."""
+
+    def __init__(
+        self,
+        db: Database,
+        hooks: Sequence[Hook] = (),
+        backoff: Backoff = Backoff(),
+        timeout: float = 10.0,
+        limit: int = 20,
+        threads: int = 8,
+    ) -> None:
+        self.db, self.hooks, self.backoff, self.limit = db, hooks, backoff, limit
+        self.http = httpx.Client(timeout=timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT})
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="subscription-delivery")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.http.close()
+
+    def run(self, stop: threading.Event, poll: float = 0.5) -> None:
+        while not stop.is_set():
+            try:
+                if self.run_once():
+                    continue
+            except Exception:  # a broken row or a database hiccup must not end the worker
+                log.exception("subscription worker")
+            stop.wait(poll)
+
+    def run_once(self) -> int:
+        """Claim the oldest due row of each Subscription and deliver them; how many there were."""
+        with self.db.transaction() as session:
+            rows = [(row.pk, row.attempts) for row in claim(session, self.limit)]
+        for future in [self.pool.submit(self._deliver, pk, attempts) for pk, attempts in rows]:
+            future.result()
+        return len(rows)
+
+    def _deliver(self, pk: int, attempts: int) -> None:
+        try:
+            delivery = self._read(pk, attempts)
+            request = _request(delivery)
+        except Exception as exc:  # e.g. a stored Subscription this version cannot read
+            log.exception("subscription outbox row %s", pk)
+            self._failed(pk, attempts, None, f"{type(exc).__name__}: {exc}")
+            return
+        if request is None:  # the Subscription is gone or off, the version deleted: nothing to send
+            with self.db.transaction() as session:
+                outbox.complete(session, pk)
+            return
+        try:
+            response = self.http.request(request.method, request.url, headers=request.headers, content=request.content)
+            reason = None if response.is_success else f"{request.method} {request.url}: HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            reason = f"{request.method} {request.url}: {type(exc).__name__}: {exc}"
+        subscription_id = delivery.subscription.id if delivery.subscription else None
+        if reason is None:
+            with self.db.transaction() as session:
+                outbox.complete(session, pk)
+            if subscription_id:
+                self._set_status(subscription_id, "active", None, delivery.kind == subscriptions.HANDSHAKE)
+        else:
+            log.info("subscription delivery %s failed (attempt %s): %s", pk, attempts, reason)
+            self._failed(pk, attempts, subscription_id, reason)
+
+    def _read(self, pk: int, attempts: int) -> Delivery:
+        with self.db.begin(write=False) as conn:
+            row = conn.execute(select(OutboxRow.resource_id, OutboxRow.payload).where(OutboxRow.pk == pk)).one()
+            payload = orjson.loads(row.payload)
+            repo = Repository(conn)
+            sub = repo.current("Subscription", row.resource_id)
+            resource = None
+            if payload.get("kind") == subscriptions.NOTIFICATION:
+                try:
+                    resource = repo.vread(payload["type"], payload["id"], int(payload["version"]))
+                except FhirError:
+                    resource = None  # the version was a deletion, or is gone
+        return Delivery(pk, attempts, sub if sub and sub.content else None, str(payload.get("kind")), resource)
+
+    def _failed(self, pk: int, attempts: int, subscription_id: str | None, reason: str) -> None:
+        with self.db.transaction() as session:
+            again = outbox.retry(session, pk, reason, self.backoff.delay(attempts), self.backoff.max_attempts)
+        if not again:
+            reason = f"{reason} (gave up after {attempts} attempts)"
+            log.warning("subscription outbox row %s is dead: %s", pk, reason)
+        if subscription_id:
+            self._set_status(subscription_id, "error", reason)
+
+    def _set_status(self, subscription_id: str, status: str, reason: str | None, handshake: bool = False) -> None:
+        """Subscription.status/error, through the repository, only when they change.
+
+        ``active`` after a success replaces ``error`` (and ``requested`` after a handshake);
+        ``error`` replaces ``requested`` or ``active``; ``off`` (the client's) is kept.
+        """
+        allowed: tuple[str, ...] = ("requested", "active", "error")  # to error
+        if status == "active":
+            allowed = ("requested", "error") if handshake else ("error",)
+        try:
+            with self.db.transaction() as session:
+                repo = Repository(session, self.hooks)
+                current = repo.current("Subscription", subscription_id, for_update=True)
+                if current is None or current.content is None:
+                    return
+                sub = current.resource
+                if sub.get("status") not in allowed:
+                    return
+                updated = {k: v for k, v in sub.items() if k not in ("meta", "error")}
+                updated["status"] = status
+                if reason:
+                    updated["error"] = reason
+                if updated == {k: v for k, v in sub.items() if k != "meta"}:
+                    return
+                if "meta" in sub:
+                    updated["meta"] = {k: v for k, v in sub["meta"].items() if k not in ("versionId", "lastUpdated")}
+                repo.update("Subscription", subscription_id, updated, current.etag)
+                repo.complete()
+        except Exception:  # the row's outcome is recorded; a status we cannot write must not undo it
+            log.exception("could not set Subscription/%s to %s", subscription_id, status)
+        finally:
+            subscriptions.invalidate()
+
+
+def claim(session: Session, limit: int = 20, lease: timedelta = outbox.LEASE) -> list[OutboxRow]:
+    """The oldest pending row of each Subscription, when it is due, leased to the caller.
+
+    A row with an older pending row of its Subscription (due later, or leased to a worker)
+    waits for it: that keeps each Subscription's notifications in order.
+    """
+    now = dates.now()
+    earlier = aliased(OutboxRow)
+    older_pending = exists().where(
+        earlier.topic == subscriptions.TOPIC,
+        earlier.status == outbox.PENDING,
+        earlier.resource_id == OutboxRow.resource_id,
+        earlier.pk < OutboxRow.pk,
+    )
+    rows = session.scalars(
+        select(OutboxRow)
+        .where(
+            OutboxRow.topic == subscriptions.TOPIC,
+            OutboxRow.status == outbox.PENDING,
+            OutboxRow.available_at <= now,
+            ~older_pending,
+        )
+        .order_by(OutboxRow.pk)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=OutboxRow)
+    ).all()
+    for row in rows:
+        row.available_at = now + lease
+        row.attempts += 1
+    return list(rows)
+
+
+def _request(delivery: Delivery) -> Request | None:
+    """The HTTP request of a handshake or notification; None when there is nothing to send."""
+    sub = delivery.subscription.resource if delivery.subscription else None
+    if sub is None:
+        return None
+    channel: dict[str, Any] = sub.get("channel", {})
+    endpoint = str(channel.get("endpoint", ""))
+    headers = _headers(channel.get("header", []))
+    if delivery.kind == subscriptions.HANDSHAKE:
+        if sub.get("status") not in ("requested", "error"):
+            return None  # made active or off by the client meanwhile
+        return Request("POST", endpoint, headers, b"")
+    if sub.get("status") not in subscriptions.NOTIFIED or delivery.resource is None:
+        return None
+    payload = channel.get("payload", "")
+    if not payload:
+        return Request("POST", endpoint, headers, b"")
+    resource = delivery.resource
+    url = f"{endpoint.rstrip('/')}/{resource.type}/{resource.id}"
+    body = (resource.content or "").encode()
+    return Request("PUT", url, {**headers, "Content-Type": f"{FHIR_JSON}; charset=utf-8"}, body)
+
+
+def _headers(lines: list[str]) -> dict[str, str]:
+    """Subscription.channel.header, "Name: value" each, as request headers."""
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, _, value = str(line).partition(":")
+        if name.strip():
+            headers[name.strip()] = value.strip()
+    return headers

@@ -1,0 +1,189 @@
+"""R4 Subscriptions (subscription.html): which writes notify whom, decided in the writing transaction.
+
+The repository hook ``notify`` does two things, both by outbox rows (topic ``subscription``)
+written in the same transaction as the change, which ``fhir_server.notifier`` delivers:
+
+- A Subscription written with status ``requested`` asks for a handshake: the worker POSTs an
+  empty body (with the channel's headers) to the endpoint and makes the Subscription
+  ``active`` on a 2xx, ``error`` with the reason otherwise. A Subscription written as
+  ``active`` is taken at its word: no handshake.
+- Any other create or update of a resource that matches the criteria of an ``active`` (or
+  ``error``: still failing, still queued) rest-hook Subscription leaves one row per
+  Subscription. Criteria are evaluated as a search (``Type?params&_id=<id>``) once the unit
+  of work is written (``Repository.defer``), so they see the new version's search index.
+
+Every row of the topic names its Subscription (``resource_type``/``resource_id``/
+``resource_version`` = the Subscription), the payload what to send: ``{"kind": "handshake"}``
+or ``{"kind": "notification", "type", "id", "version"}``. The worker delivers a
+Subscription's rows one at a time in the order they were written.
+
+Writes of a type no Subscription watches cost a dictionary lookup: the watched criteria of
+every Subscription are cached in the process (per database), reloaded when this process
+writes a Subscription and at most ``CACHE_SECONDS`` after another process did.
+"""
+
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from sqlalchemy import Engine, false, select
+
+from fhir_server import search
+from fhir_server.errors import FhirError, error
+from fhir_server.repository import Change, Repository
+from fhir_server.schema import ResourceRow
+from fhir_server.search import SearchQuery
+from fhir_server.validation import SUPPORTED_TYPES
+
+#: The outbox topic of handshakes and notifications.
+TOPIC = "subscription"
+HANDSHAKE, NOTIFICATION = "handshake", "notification"
+#: The statuses whose Subscriptions get notifications (``error``: delivery is failing, still tried).
+NOTIFIED = ("active", "error")
+PAYLOADS = ("", "application/fhir+json", "application/json")
+#: Types whose changes never notify: the Subscriptions themselves (the worker writes their
+#: status) and the audit trail.
+UNWATCHED = frozenset({"Subscription", "AuditEvent"})
+CACHE_SECONDS = 2.0
+CRITERIA, CHANNEL = "Subscription.criteria", "Subscription.channel"
+
+
+@dataclass(frozen=True)
+class Watch:
+    """An active rest-hook Subscription's criteria, parsed."""
+
+    subscription_id: str
+    subscription_version: int
+    query: SearchQuery
+
+
+class _Cache:
+    """Watches by resource type, per database (engine); ``invalidate`` forces a reload."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.loaded: weakref.WeakKeyDictionary[Engine, tuple[float, dict[str, list[Watch]]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.invalidated_at = 0.0
+
+    def get(self, repo: Repository) -> dict[str, list[Watch]]:
+        engine = repo.conn.engine
+        with self.lock:
+            entry = self.loaded.get(engine)
+        if entry is not None and time.monotonic() - entry[0] < CACHE_SECONDS:
+            return entry[1]
+        started = time.monotonic()
+        by_type = _load(repo)
+        with self.lock:
+            current = self.loaded.get(engine)
+            if started > self.invalidated_at and (current is None or current[0] <= started):
+                self.loaded[engine] = (started, by_type)
+        return by_type
+
+    def invalidate(self) -> None:
+        with self.lock:
+            self.loaded.clear()
+            self.invalidated_at = time.monotonic()
+
+
+_cache = _Cache()
+_SUBSCRIPTIONS = select(ResourceRow.id, ResourceRow.version, ResourceRow.content).where(
+    ResourceRow.type == "Subscription", ResourceRow.deleted == false()
+)
+
+
+def invalidate() -> None:
+    """Forget the cached Subscriptions (a Subscription was written)."""
+    _cache.invalidate()
+
+
+def _load(repo: Repository) -> dict[str, list[Watch]]:
+    by_type: dict[str, list[Watch]] = {}
+    for sub_id, version, content in repo.conn.execute(_SUBSCRIPTIONS):
+        sub = orjson.loads(content or "{}")
+        if sub.get("status") not in NOTIFIED or sub.get("channel", {}).get("type") != "rest-hook":
+            continue
+        try:
+            query = criteria_query(str(sub.get("criteria", "")))
+        except FhirError:
+            continue  # refused when written; an old row written before the check is skipped
+        by_type.setdefault(query.resource_type, []).append(Watch(sub_id, version, query))
+    return by_type
+
+
+def criteria_query(criteria: str) -> SearchQuery:
+    """``Type?name=value&…`` as a search; an OperationOutcome error when it is not one."""
+    resource_type, _, query_string = criteria.strip().partition("?")
+    if resource_type not in SUPPORTED_TYPES:
+        raise error(422, "invalid", f"Subscription.criteria {criteria!r} does not name a supported type", CRITERIA)
+    params = parse_qsl(query_string, keep_blank_values=True)
+    if any(name.split(":")[0] in search.CONTROL for name, _ in params):
+        raise error(422, "invalid", "Subscription.criteria may not use result parameters (_count, _sort …)", CRITERIA)
+    try:
+        return search.parse(resource_type, params, strict=True)
+    except FhirError as exc:
+        raise error(422, "invalid", f"Subscription.criteria {criteria!r}: {exc}", CRITERIA) from None
+
+
+def notify(repo: Repository, change: Change) -> None:
+    """Repository hook: handshakes for requested Subscriptions, notifications for watched changes."""
+    if change.type == "Subscription":
+        invalidate()
+        if change.resource is not None:
+            _subscription_written(repo, change, change.resource)
+        return
+    if change.resource is None or change.type in UNWATCHED:
+        return  # deletions do not notify
+    watches = _cache.get(repo).get(change.type)
+    if watches:
+        resource_type, resource_id, version = change.type, change.id, change.version
+        repo.defer(lambda r: _match(r, resource_type, resource_id, version))
+
+
+def _subscription_written(repo: Repository, change: Change, sub: dict[str, Any]) -> None:
+    channel = sub.get("channel", {})
+    if channel.get("type") != "rest-hook":
+        raise error(422, "not-supported", "Only rest-hook Subscriptions are supported", f"{CHANNEL}.type")
+    if channel.get("payload", "") not in PAYLOADS:
+        raise error(
+            422,
+            "not-supported",
+            "Subscription.channel.payload must be empty or application/fhir+json",
+            f"{CHANNEL}.payload",
+        )
+    if not channel.get("endpoint", "").startswith(("http://", "https://")):
+        raise error(422, "invalid", "Subscription.channel.endpoint must be an http(s) URL", f"{CHANNEL}.endpoint")
+    for header in channel.get("header", []):
+        if ":" not in header:
+            raise error(
+                422, "invalid", f"Subscription.channel.header {header!r} is not 'Name: value'", f"{CHANNEL}.header"
+            )
+    criteria_query(str(sub.get("criteria", "")))
+    if sub.get("status") == "requested":
+        repo.enqueue(TOPIC, change, {"kind": HANDSHAKE})
+
+
+@dataclass(frozen=True)
+class _Version:
+    type: str
+    id: str
+    version: int
+
+
+def _match(repo: Repository, resource_type: str, resource_id: str, version: int) -> None:
+    """Deferred: one row per Subscription whose criteria the written version matches."""
+    current = repo.current(resource_type, resource_id)
+    if current is None or current.version != version or current.content is None:
+        return  # a later write of this unit of work (which has its own turn) or a deletion
+    only_this = search.parse(resource_type, [("_id", resource_id)]).criteria
+    for watch in _cache.get(repo).get(resource_type, []):
+        query = SearchQuery(resource_type, [*watch.query.criteria, *only_this])
+        if repo.conn.execute(search.statement(query).limit(1)).first() is not None:
+            payload = {"kind": NOTIFICATION, "type": resource_type, "id": resource_id, "version": version}
+            subscription = _Version("Subscription", watch.subscription_id, watch.subscription_version)
+            repo.enqueue(TOPIC, subscription, payload)

@@ -1,0 +1,214 @@
+"""The case workflow and the second-opinion report rules, the same through every door.
+
+``case_workflow`` is a repository hook (docs/workflow.md):
+
+- The Task of a case (intent order, focus a ServiceRequest) moves only along the R4 Task state
+  machine (task.html#statemachine), widened where order control needs it: HL7 HD/RL hold and
+  release a case that was never started, CA/DC cancel one at any point before it ends.
+- The ServiceRequest follows its case: active while the Task is open, on-hold while it is,
+  completed with it, revoked when it is cancelled, rejected or failed.
+- A second-opinion report (a DiagnosticReport basedOn a ServiceRequest, not tagged
+  ``report-role|original``) moves registered/partial/preliminary → final → amended/corrected/
+  appended; entered-in-error from anywhere. It gains the ``compared-report`` extension when the
+  case has an original report; a final, amended, corrected or appended one completes the case
+  (Task.output → the report), in the same transaction.
+
+An illegal move is 409 Conflict with an OperationOutcome issue ``business-rule`` naming the
+current status, the asked one and the legal next ones: the request conflicts with the current
+state of the resource (RFC 9110 §15.5.10), like ``$link-imaging`` on an order that is not
+active. 422 stays for content that is wrong whatever the state (type rules, profiles).
+"""
+
+from typing import Any
+
+from fhir_server import search
+from fhir_server.cases import REPORT_ROLE, case_of, is_original
+from fhir_server.errors import error
+from fhir_server.repository import Change, Repository, Stored
+
+COMPARED_REPORT = "https://overread.org/fhir/StructureDefinition/compared-report"
+SECOND_OPINION_OUTPUT = "second-opinion report"
+
+# -- Task ----------------------------------------------------------------------------
+
+_OPEN = ("requested", "received", "accepted", "ready", "in-progress")
+#: The legal next statuses of a case's Task (entered-in-error is legal from every status).
+TASK_NEXT: dict[str, frozenset[str]] = {
+    "draft": frozenset({"requested", "cancelled"}),
+    "requested": frozenset({"received", "accepted", "ready", "rejected", "cancelled", "on-hold"}),
+    "received": frozenset({"accepted", "rejected", "cancelled", "on-hold"}),
+    "accepted": frozenset({"ready", "in-progress", "cancelled", "on-hold"}),
+    "ready": frozenset({"in-progress", "cancelled", "failed", "on-hold"}),
+    "in-progress": frozenset({"completed", "failed", "on-hold", "cancelled"}),
+    "on-hold": frozenset({*_OPEN, "cancelled", "failed"}),
+    "completed": frozenset(),
+    "rejected": frozenset(),
+    "cancelled": frozenset(),
+    "failed": frozenset(),
+    "entered-in-error": frozenset(),
+}
+#: Where a report completes the case from: its Task need not have been started by the reader.
+COMPLETED_BY_REPORT = frozenset({*_OPEN, "on-hold"})
+#: ServiceRequest.status of the order while its case's Task has this status.
+ORDER_STATUS = {
+    **dict.fromkeys(_OPEN, "active"),
+    "on-hold": "on-hold",
+    "completed": "completed",
+    "cancelled": "revoked",
+    "rejected": "revoked",
+    "failed": "revoked",
+}
+
+# -- DiagnosticReport ------------------------------------------------------------------
+
+_AFTER_FINAL = frozenset({"amended", "corrected", "appended"})
+#: The legal next statuses of a second-opinion report (entered-in-error is legal from every status).
+REPORT_NEXT: dict[str, frozenset[str]] = {
+    "registered": frozenset({"partial", "preliminary", "final", "cancelled"}),
+    "partial": frozenset({"registered", "preliminary", "final", "cancelled"}),
+    "preliminary": frozenset({"registered", "partial", "final", "cancelled"}),
+    "final": _AFTER_FINAL,
+    "amended": _AFTER_FINAL,
+    "corrected": _AFTER_FINAL,
+    "appended": _AFTER_FINAL,
+    "cancelled": frozenset(),
+    "entered-in-error": frozenset(),
+}
+#: Report statuses that complete the case.
+COMPLETING = frozenset({"final", *_AFTER_FINAL})
+
+
+def case_workflow(repo: Repository, change: Change) -> None:
+    """Repository hook: the status rules of cases and second-opinion reports."""
+    if change.type == "Task":
+        _task(repo, change)
+    elif change.type == "DiagnosticReport":
+        _report(repo, change)
+
+
+def is_case(task: dict[str, Any] | None) -> bool:
+    """A Task that tracks a second-opinion case: intent order, focus a ServiceRequest."""
+    return task is not None and task.get("intent") == "order" and _order_id(task) is not None
+
+
+def _order_id(task: dict[str, Any]) -> str | None:
+    reference = task.get("focus", {}).get("reference", "")
+    return reference.removeprefix("ServiceRequest/") if reference.startswith("ServiceRequest/") else None
+
+
+def _previous(change: Change) -> dict[str, Any] | None:
+    """The current content before this write (None for a create or for bringing back a deleted one)."""
+    return change.previous.resource if change.previous is not None and change.previous.content else None
+
+
+def _task(repo: Repository, change: Change) -> None:
+    task, before = change.resource, _previous(change)
+    if task is None or before is None or not (is_case(task) or is_case(before)):
+        return
+    old, new = before.get("status", ""), task.get("status", "")
+    if old == new:
+        return
+    legal = TASK_NEXT.get(old, frozenset()) | {"entered-in-error"}
+    by_report = new == "completed" and old in COMPLETED_BY_REPORT and _outputs_report(task)
+    if new not in legal and not by_report:
+        raise _illegal(f"Task/{change.id}", old, new, legal)
+    if (order_id := _order_id(task)) is not None and new in ORDER_STATUS:
+        repo.defer(lambda r: _follow(r, order_id))
+
+
+def _outputs_report(task: dict[str, Any]) -> bool:
+    return any(
+        o.get("valueReference", {}).get("reference", "").startswith("DiagnosticReport/") for o in task.get("output", [])
+    )
+
+
+def _follow(repo: Repository, order_id: str) -> None:
+    """The order's status after its case's (the Task as it is at the end of the unit of work)."""
+    order, case = repo.current("ServiceRequest", order_id), case_of(repo, order_id)
+    if order is None or order.content is None or case is None:
+        return
+    status = ORDER_STATUS.get(case.resource.get("status", ""))
+    resource = order.resource
+    if status is None or resource.get("status") in (status, "entered-in-error"):
+        return
+    repo.update("ServiceRequest", order_id, {**resource, "status": status}, order.etag)
+
+
+def _illegal(what: str, old: str, new: str, legal: frozenset[str]) -> Exception:
+    nexts = ", ".join(sorted(legal)) or "none"
+    return error(409, "business-rule", f"{what} cannot go from {old!r} to {new!r}; from {old!r} it can go to: {nexts}")
+
+
+# -- reports ---------------------------------------------------------------------------
+
+
+def second_opinion_order(report: dict[str, Any] | None) -> str | None:
+    """The id of the ServiceRequest a second-opinion report is based on; None for any other report."""
+    if not report or is_original(report):
+        return None
+    for ref in report.get("basedOn", []):
+        reference = ref.get("reference", "")
+        if reference.startswith("ServiceRequest/"):
+            return str(reference.removeprefix("ServiceRequest/"))
+    return None
+
+
+def _report(repo: Repository, change: Change) -> None:
+    report, before = change.resource, _previous(change)
+    order_id = second_opinion_order(report)
+    if report is None or order_id is None:
+        return
+    new = report.get("status", "")
+    if before is not None and second_opinion_order(before) is not None:
+        old = before.get("status", "")
+        legal = REPORT_NEXT.get(old, frozenset(REPORT_NEXT)) | {"entered-in-error"}
+        if old != new and new not in legal:
+            raise _illegal(f"DiagnosticReport/{change.id}", old, new, legal)
+    _compare_with_original(repo, change, report, order_id)
+    if new in COMPLETING:
+        report_id = change.id
+        repo.defer(lambda r: _complete_case(r, order_id, report_id))
+
+
+def _compare_with_original(repo: Repository, change: Change, report: dict[str, Any], order_id: str) -> None:
+    """Add ``compared-report`` (the case's original report) to the report about to be written."""
+    if any(e.get("url") == COMPARED_REPORT for e in report.get("extension", [])):
+        return
+    original = _original_report(repo, order_id)
+    if original is None or original.id == change.id:
+        return
+    extension = {"url": COMPARED_REPORT, "valueReference": {"reference": f"DiagnosticReport/{original.id}"}}
+    change.resource = {**report, "extension": [*report.get("extension", []), extension]}
+
+
+def _original_report(repo: Repository, order_id: str) -> Stored | None:
+    """The latest original report linked to the order."""
+    query = [
+        ("based-on", f"ServiceRequest/{order_id}"),
+        ("_tag", f"{REPORT_ROLE}|original"),
+        ("_sort", "-_lastUpdated"),
+    ]
+    found = search.execute(repo.conn, search.parse("DiagnosticReport", query))
+    return found.matches[0] if found.matches else None
+
+
+def _complete_case(repo: Repository, order_id: str, report_id: str) -> None:
+    """A final (amended, corrected, appended) report: its case is completed, with the report as output."""
+    case = case_of(repo, order_id)
+    if case is None:
+        return
+    task = case.resource
+    status = task.get("status", "")
+    if status != "completed" and status not in COMPLETED_BY_REPORT:
+        raise error(
+            409,
+            "business-rule",
+            f"Task/{case.id} of ServiceRequest/{order_id} is {status!r}: a report cannot complete it",
+        )
+    reference = {"reference": f"DiagnosticReport/{report_id}"}
+    outputs = task.get("output", [])
+    if any(o.get("valueReference") == reference for o in outputs) and status == "completed":
+        return
+    if not any(o.get("valueReference") == reference for o in outputs):
+        outputs = [*outputs, {"type": {"text": SECOND_OPINION_OUTPUT}, "valueReference": reference}]
+    repo.update("Task", case.id, {**task, "status": "completed", "output": outputs}, case.etag)

@@ -1,0 +1,542 @@
+"""Results delivered as ORU^R01 over MLLP, reliably (ARCHITECTURE.md, "Results out"; docs/delivery.md).
+
+Two kinds of worker share the outbound message store (``hl7_bridge.outbound``):
+
+- **Queueing** claims the ``result`` outbox rows that second-opinion reports leave
+  (``fhir_server.results``), gathers the report version's ORU context, chooses the destinations
+  (those of the ordering facility, MSH-4 of the order, else the default ones: ``sending_facility``
+  ""), builds one ORU^R01 per destination with a fresh MSH-10, stores it ``queued`` and completes
+  the outbox row: one transaction. The unique key (destination, report, version, sequence) means a
+  second run for the same version (a crash, another server process) builds nothing twice.
+- **Sending**, one loop per destination, sends that destination's queue strictly oldest first:
+  the head of the queue is leased (compare-and-set on ``available_at``, so two processes never
+  send at once), sent over MLLP outside any transaction, and its ACK judged: AA (or CA) = sent;
+  AE, AR, a malformed ACK, no ACK within ``ack_timeout_seconds``, a refused or dropped connection
+  = ``error``, tried again after a backoff (the same row, the same MSH-10, so a receiver can tell a
+  resend) until ``max_attempts``, then ``dead``: the dead-letter list. The queue waits behind a
+  message that is being retried (order is kept); a dead one no longer holds it up.
+
+Each outcome is one transaction that also shows the delivery on the case: the Task gets a
+``result-delivery`` extension per destination and report version, updated only when it changes.
+
+A sender that dies after the receiver's ACK but before recording it sends the message again, with
+the same MSH-10, when its lease runs out: at least once on the wire, once per MSH-10 at a receiver
+that drops duplicates (v2.5.1 §2.10.1), as ours does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from fhir_server import cases, dates, outbox, search
+from fhir_server.db import Database
+from fhir_server.errors import FhirError
+from fhir_server.repository import Hook, Repository
+from fhir_server.results import RESULT
+from fhir_server.schema import OutboxRow
+from hl7_bridge import mllp
+from hl7_bridge.oru_context import load_context
+from hl7_bridge.outbound import DEAD, ERROR, PENDING, QUEUED, SENT, OutboundMessage
+from mappings.errors import MappingError
+from mappings.oru_r01 import RESULT_STATUS, Envelope, OruContext, oru_r01
+from mappings.sender import SenderConfig
+from mappings.v2 import parse
+
+log = logging.getLogger(__name__)
+
+ORU_R01 = "ORU^R01"
+#: The Task extension that shows each delivery of the case's results.
+DELIVERY_EXTENSION = "https://overread.org/fhir/StructureDefinition/result-delivery"
+#: How ``mappings.order_bundle`` names the message an order came in (Provenance.entity.what.identifier.system).
+MESSAGE_SYSTEM = "urn:overread:message:"
+ACCEPTED = ("AA", "CA")
+ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
+
+Senders = Callable[[str, str], SenderConfig | None]
+
+
+class DestinationConfig(Protocol):
+    """A destination of OVERREAD_CONFIG (``overread.config.Destination`` has this shape)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def sending_facility(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def ack_timeout_seconds(self) -> float: ...
+    @property
+    def receiving_application(self) -> str: ...
+    @property
+    def receiving_facility(self) -> str: ...
+    @property
+    def send_preliminary(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How often and how patiently a message is sent: first_delay, doubling, at most max_delay."""
+
+    max_attempts: int = 24
+    first_delay: timedelta = timedelta(seconds=5)
+    max_delay: timedelta = timedelta(minutes=10)
+
+    def delay(self, attempts: int) -> timedelta:
+        delay: timedelta = self.first_delay * 2 ** max(attempts - 1, 0)
+        return min(delay, self.max_delay)
+
+
+def new_control_id() -> str:
+    """A fresh MSH-10: 20 characters (the v2.5.1 length of ST MSH-10), unique."""
+    return "OVR" + uuid.uuid4().hex[:17].upper()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to: the ACK code (None when there was no usable ACK), the error, the ACK."""
+
+    ack_code: str | None
+    error: str | None
+    ack: bytes | None = None
+
+    @property
+    def sent(self) -> bool:
+        return self.error is None
+
+
+def judge(ack: bytes, control_id: str) -> Outcome:
+    """An ACK's verdict: AA/CA = sent; AE/AR/CE/CR or an ACK that is not one of ours = an error to retry."""
+    try:
+        message = parse(ack)
+        msa = message.segment("MSA")
+    except Exception as exc:  # whatever the parser refuses is a malformed ACK
+        return Outcome(None, f"malformed ACK: {exc}", ack)
+    if msa is None:
+        return Outcome(None, "malformed ACK: no MSA segment", ack)
+    code, acked = msa.field(1).value, msa.field(2).value
+    if code not in ACK_CODES:
+        return Outcome(None, f"malformed ACK: MSA-1 {code!r} is not an acknowledgment code", ack)
+    if acked != control_id:
+        return Outcome(None, f"malformed ACK: MSA-2 {acked!r} is not this message's MSH-10 {control_id!r}", ack)
+    if code in ACCEPTED:
+        return Outcome(code, None, ack)
+    err = message.segment("ERR")
+    reason = msa.field(3).value or (err.field(8).value or err.field(3).component(2) if err else "")
+    return Outcome(code, f"{code}{': ' + reason if reason else ''}", ack)
+
+
+def exchange(destination: DestinationConfig, raw: bytes, control_id: str) -> Outcome:
+    """Send one message and wait for its ACK (one connection, ``ack_timeout_seconds`` for all of it)."""
+    timeout = destination.ack_timeout_seconds
+    try:
+        ack = asyncio.run(mllp.send(destination.host, destination.port, raw, timeout=timeout))
+    except TimeoutError:
+        return Outcome(None, f"no ACK within {timeout:g} s")
+    except mllp.MllpConnectionClosedError:
+        return Outcome(None, "the receiver closed the connection before an ACK")
+    except OSError as exc:
+        return Outcome(None, f"cannot reach {destination.host}:{destination.port}: {exc.strerror or exc}")
+    except Exception as exc:  # e.g. a reply larger than the frame limit: an error to retry, not a lost row
+        return Outcome(None, f"{type(exc).__name__}: {exc}")
+    return judge(ack, control_id)
+
+
+class Delivery:
+    """The queueing worker and one sending worker per destination, on one database."""
+
+    def __init__(
+        self,
+        db: Database,
+        destinations: Sequence[DestinationConfig],
+        backoff: Backoff = Backoff(),
+        hooks: Sequence[Hook] = (),
+        senders: Senders | None = None,
+        lease: timedelta = outbox.LEASE,
+    ) -> None:
+        self.db, self.destinations, self.backoff, self.hooks = db, list(destinations), backoff, hooks
+        self.senders, self.lease = senders, lease
+        self.by_name = {d.name: d for d in self.destinations}
+
+    # -- the loops ------------------------------------------------------------------------
+
+    def start(self, stop: threading.Event, poll: float = 1.0) -> list[threading.Thread]:
+        """The queueing loop and a sending loop per destination, each on a daemon thread of its own."""
+        threads = [threading.Thread(target=self.run_queue, args=(stop, poll), name="results-queue", daemon=True)]
+        threads += [
+            threading.Thread(target=self.run_destination, args=(stop, d.name, poll), name=f"oru-{d.name}", daemon=True)
+            for d in self.destinations
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def run_queue(self, stop: threading.Event, poll: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                if self.queue_once():
+                    continue
+            except Exception:  # a database hiccup must not end the worker
+                log.exception("results queueing worker")
+            stop.wait(poll)
+
+    def run_destination(self, stop: threading.Event, name: str, poll: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                if self.send_once(name):
+                    continue
+            except Exception:
+                log.exception("ORU^R01 sender for %s", name)
+            stop.wait(poll)
+
+    # -- queueing -------------------------------------------------------------------------
+
+    def queue_once(self) -> int:
+        """Claim due ``result`` rows and build their messages; how many rows there were."""
+        with self.db.transaction() as session:
+            rows = [(r.pk, r.resource_id, r.resource_version) for r in outbox.claim(session, RESULT, lease=self.lease)]
+        for pk, report_id, version in rows:
+            try:
+                self._queue(pk, report_id, version)
+            except (FhirError, MappingError) as exc:  # the report cannot be an ORU: no retry will change that
+                reason = exc.text if isinstance(exc, MappingError) else str(exc)
+                log.warning("DiagnosticReport/%s/_history/%s is no ORU^R01: %s", report_id, version, reason)
+                with self.db.transaction() as session:
+                    outbox.retry(session, pk, f"{type(exc).__name__}: {reason}", timedelta(0), max_attempts=0)
+            except Exception as exc:
+                log.exception("queueing DiagnosticReport/%s/_history/%s", report_id, version)
+                with self.db.transaction() as session:
+                    attempts = session.get_one(OutboxRow, pk).attempts
+                    delay = self.backoff.delay(attempts)
+                    outbox.retry(session, pk, f"{type(exc).__name__}: {exc}", delay, self.backoff.max_attempts)
+        return len(rows)
+
+    def _queue(self, pk: int, report_id: str, version: int) -> None:
+        with self.db.transaction() as session:
+            repo = Repository(session, self.hooks)
+            context = context_at(repo, report_id, version)
+            order_id = str(context.order.get("id") or "")
+            origin = ordering_system(repo, order_id)
+            status = str(context.report.get("status", ""))
+            made: list[OutboundMessage] = []
+            for destination in choose(self.destinations, origin[1] if origin else None, status):
+                exists = session.scalar(
+                    select(OutboundMessage.pk).where(
+                        OutboundMessage.destination == destination.name,
+                        OutboundMessage.report_id == report_id,
+                        OutboundMessage.report_version == version,
+                        OutboundMessage.sequence == 0,
+                    )
+                )
+                if exists is not None:
+                    continue
+                raw = oru_r01(context, self._envelope(destination, origin)).encode()
+                row = _new_row(destination.name, report_id, version, order_id, RESULT_STATUS[status], raw)
+                session.add(row)
+                made.append(row)
+            session.flush()
+            outbox.complete(session, pk)
+            if made:
+                show_on_case(session, self.hooks, order_id, made)
+            repo.complete()
+        for row in made:
+            log.info("ORU^R01 %s for DiagnosticReport/%s/_history/%s queued to %s", row.control_id, report_id,
+                     version, row.destination)  # fmt: skip
+
+    def _envelope(self, destination: DestinationConfig, origin: tuple[str, str] | None) -> Envelope:
+        app, facility = origin or ("", "")
+        sender = self.senders(app, facility) if self.senders and origin else None
+        systems = {system: authority for authority, system in sender.identifier_systems.items()} if sender else {}
+        return Envelope(
+            control_id=new_control_id(),
+            timestamp=dates.now().astimezone(),
+            version=destination.version,
+            receiving_application=destination.receiving_application or app,
+            receiving_facility=destination.receiving_facility or facility,
+            identifier_systems=systems,
+        )
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send_once(self, name: str) -> bool:
+        """Send the head of ``name``'s queue if it is due; False when there was nothing to send."""
+        destination = self.by_name[name]
+        claimed = self._claim(name, timedelta(seconds=destination.ack_timeout_seconds) + self.lease)
+        if claimed is None:
+            return False
+        pk, raw, control_id = claimed
+        outcome = exchange(destination, raw, control_id)
+        self._record(pk, outcome)
+        return True
+
+    def _claim(self, name: str, lease: timedelta) -> tuple[int, bytes, str] | None:
+        """Lease the head of the queue: the oldest queued or retrying row, when it is due."""
+        m = OutboundMessage
+        with self.db.transaction() as session:
+            head = session.execute(
+                select(m.pk, m.available_at, m.raw, m.control_id)
+                .where(m.destination == name, m.status.in_(PENDING))
+                .order_by(m.pk)
+                .limit(1)
+            ).first()
+            now = dates.now()
+            if head is None or head.available_at > now:
+                return None
+            won = (
+                session.connection()
+                .execute(
+                    update(m)
+                    .where(m.pk == head.pk, m.available_at == head.available_at, m.status.in_(PENDING))
+                    .values(available_at=now + lease)
+                )
+                .rowcount
+            )
+        return (head.pk, head.raw, head.control_id) if won == 1 else None
+
+    def _record(self, pk: int, outcome: Outcome) -> None:
+        with self.db.transaction() as session:
+            row = session.get_one(OutboundMessage, pk)
+            if row.status not in PENDING:
+                return  # replayed or changed meanwhile: nothing to record
+            now = dates.now()
+            row.attempts += 1
+            row.last_attempt_at = now
+            row.ack, row.ack_code = outcome.ack, outcome.ack_code
+            if outcome.sent:
+                row.status, row.sent_at, row.last_error = SENT, now, None
+            else:
+                row.last_error = outcome.error
+                if row.attempts >= self.backoff.max_attempts:
+                    row.status = DEAD
+                else:
+                    row.status, row.available_at = ERROR, now + self.backoff.delay(row.attempts)
+            session.flush()
+            if row.order_id:
+                show_on_case(session, self.hooks, row.order_id, [row])
+        level = logging.INFO if outcome.sent else logging.WARNING
+        log.log(level, "ORU^R01 %s to %s: %s (attempt %s)", row.control_id, row.destination,
+                row.status if outcome.sent else f"{row.status}: {outcome.error}", row.attempts)  # fmt: skip
+
+
+# -- choosing, building -----------------------------------------------------------------------
+
+
+def choose(destinations: Sequence[DestinationConfig], facility: str | None, status: str) -> list[DestinationConfig]:
+    """The destinations of the ordering facility (MSH-4), else the default ones (``sending_facility`` "").
+
+    A preliminary report goes only to those of them that ask for preliminary reports.
+    """
+    own = [d for d in destinations if facility and d.sending_facility == facility]
+    chosen = own or [d for d in destinations if not d.sending_facility]
+    return [d for d in chosen if status != "preliminary" or d.send_preliminary]
+
+
+def context_at(repo: Repository, report_id: str, version: int) -> OruContext:
+    """The ORU context of one version of a report (its order, patient, … as they are now)."""
+    context = load_context(repo, report_id)
+    if str(context.report.get("meta", {}).get("versionId")) != str(version):
+        context = replace(context, report=repo.vread("DiagnosticReport", report_id, version).resource)
+    return context
+
+
+def ordering_system(repo: Repository, order_id: str) -> tuple[str, str] | None:
+    """(MSH-3, MSH-4) of the message the order came in, from its Provenance; None for orders made over FHIR."""
+    if not order_id:
+        return None
+    query = [("target", f"ServiceRequest/{order_id}"), ("_sort", "_lastUpdated")]
+    for provenance in search.execute(repo.conn, search.parse("Provenance", query)).matches:
+        for entity in provenance.resource.get("entity", []):
+            system = str(entity.get("what", {}).get("identifier", {}).get("system", ""))
+            if entity.get("role") == "source" and system.startswith(MESSAGE_SYSTEM):
+                app, _, facility = system.removeprefix(MESSAGE_SYSTEM).partition(":")
+                return unquote(app), unquote(facility)
+    return None
+
+
+def _new_row(
+    destination: str,
+    report_id: str,
+    version: int,
+    order_id: str | None,
+    result_status: str,
+    raw: bytes,
+    sequence: int = 0,
+    replay_of: int | None = None,
+) -> OutboundMessage:
+    now = dates.now()
+    return OutboundMessage(
+        destination=destination,
+        message_type=ORU_R01,
+        report_id=report_id,
+        report_version=version,
+        order_id=order_id or None,
+        result_status=result_status,
+        sequence=sequence,
+        replay_of=replay_of,
+        control_id=control_id_of(raw),
+        raw=raw,
+        status=QUEUED,
+        attempts=0,
+        created_at=now,
+        available_at=now,
+    )
+
+
+def control_id_of(raw: bytes) -> str:
+    return raw.split(b"\r", 1)[0].decode().split("|")[9]
+
+
+def with_control_id(raw: bytes, control_id: str, timestamp: datetime) -> bytes:
+    """The same message with a new MSH-10 and MSH-7 (our own messages: no escaped ``|`` in MSH)."""
+    msh, sep, rest = raw.partition(b"\r")
+    fields = msh.decode().split("|")
+    fields[6], fields[9] = timestamp.strftime("%Y%m%d%H%M%S%z"), control_id
+    return "|".join(fields).encode() + sep + rest
+
+
+# -- the dead-letter list: replay ---------------------------------------------------------------
+
+
+class NotReplayable(Exception):
+    pass
+
+
+def replay(db: Database, pk: int, hooks: Sequence[Hook] = ()) -> OutboundMessage | None:
+    """Send a sent or dead message again: a new row at the end of its destination's queue, a new MSH-10.
+
+    None when there is no such message; ``NotReplayable`` while it is still in the queue.
+    """
+    with db.transaction() as session:
+        original = session.get(OutboundMessage, pk)
+        if original is None:
+            return None
+        if original.status in PENDING:
+            raise NotReplayable(
+                f"message {pk} is {original.status}: it is still in the queue of {original.destination}"
+            )
+        m = OutboundMessage
+        last = session.scalar(
+            select(func.max(m.sequence)).where(
+                m.destination == original.destination,
+                m.report_id == original.report_id,
+                m.report_version == original.report_version,
+            )
+        )
+        raw = with_control_id(original.raw, new_control_id(), dates.now().astimezone())
+        row = _new_row(
+            original.destination,
+            original.report_id,
+            original.report_version,
+            original.order_id,
+            original.result_status,
+            raw,
+            sequence=(last or 0) + 1,
+            replay_of=original.pk,
+        )
+        session.add(row)
+        session.flush()
+        if row.order_id:
+            show_on_case(session, hooks, row.order_id, [row])
+        session.expunge(row)
+    return row
+
+
+# -- the case shows it ----------------------------------------------------------------------------
+
+
+def show_on_case(session: Session, hooks: Sequence[Hook], order_id: str, rows: Sequence[OutboundMessage]) -> None:
+    """Each row's delivery on the case's Task (one extension per destination and report version).
+
+    In a savepoint: a Task that cannot take it (gone, refused) costs the case its status, never the
+    delivery record.
+    """
+    try:
+        with session.begin_nested():
+            repo = Repository(session, hooks)
+            task = cases.case_of(repo, order_id)
+            if task is None:
+                return
+            repo.lock(f"Task/{task.id}")
+            current = repo.current("Task", task.id, for_update=True)
+            if current is None or current.content is None:
+                return
+            resource = current.resource
+            extensions: list[dict[str, Any]] = list(resource.get("extension", []))
+            for row in rows:
+                entry = delivery_extension(row)
+                key = _key(entry)
+                at = next((n for n, e in enumerate(extensions) if e.get("url") == DELIVERY_EXTENSION and
+                           _key(e) == key), None)  # fmt: skip
+                if at is None:
+                    extensions.append(entry)
+                else:
+                    extensions[at] = entry
+            updated = {**resource, "extension": extensions}
+            if updated != resource:
+                repo.update("Task", current.id, updated, current.etag)
+            repo.complete()
+    except Exception:
+        log.exception("showing the delivery of ServiceRequest/%s on its case", order_id)
+
+
+def delivery_extension(row: OutboundMessage) -> dict[str, Any]:
+    """The ``result-delivery`` extension of one message: where, which report version, MSH-10, status."""
+    report = f"DiagnosticReport/{row.report_id}/_history/{row.report_version}"
+    detail = ", ".join(p for p in (row.ack_code, f"MSH-10 {row.control_id}") if p)
+    summary = f"{row.message_type} to {row.destination}: {row.status} ({detail})"
+    if row.last_error and row.status != SENT:
+        summary += f": {row.last_error}"
+    parts: list[dict[str, Any]] = [
+        {"url": "destination", "valueString": row.destination},
+        {"url": "report", "valueReference": {"reference": report}},
+        {"url": "messageType", "valueString": row.message_type},
+        {"url": "controlId", "valueString": row.control_id},
+        {"url": "status", "valueCode": row.status},
+    ]
+    if row.ack_code:
+        parts.append({"url": "ackCode", "valueCode": row.ack_code})
+    if row.last_error and row.status != SENT:
+        parts.append({"url": "error", "valueString": row.last_error})
+    parts.append({"url": "summary", "valueString": summary})
+    return {"url": DELIVERY_EXTENSION, "extension": parts}
+
+
+def delivery_status(task: Mapping[str, Any]) -> list[dict[str, str]]:
+    """A Task's ``result-delivery`` extensions as plain dicts (sub-extension url → value)."""
+    found = []
+    for extension in task.get("extension", []):
+        if extension.get("url") == DELIVERY_EXTENSION:
+            found.append({e["url"]: _value(e) for e in extension.get("extension", [])})
+    return found
+
+
+def _value(extension: Mapping[str, Any]) -> str:
+    for key, value in extension.items():
+        if key.startswith("value"):
+            return str(value["reference"]) if isinstance(value, dict) else str(value)
+    return ""
+
+
+def _key(extension: Mapping[str, Any]) -> tuple[str, str]:
+    parts = {e.get("url"): e for e in extension.get("extension", [])}
+    destination = str(parts.get("destination", {}).get("valueString", ""))
+    report = str(parts.get("report", {}).get("valueReference", {}).get("reference", ""))
+    return destination, report
+
+
+__all__ = ["DEAD", "ERROR", "QUEUED", "SENT", "Backoff", "Delivery", "NotReplayable", "judge", "replay"]

@@ -1,0 +1,92 @@
+"""Gather what an ORU^R01 is made of (``mappings.oru_r01.OruContext``) from the store, or from a JSON file.
+
+``load_context`` reads the DiagnosticReport at its current version and resolves its basedOn
+ServiceRequest, subject Patient, resultsInterpreter[0] Practitioner, result Observations and the
+Encounter (the report's, else the order's). References may be relative (``Type/id``, with or without
+``/_history/n``), absolute URLs ending so, or ``#id`` into the report's ``contained``. The order and
+the patient are required (a ``FhirError`` 422 / the repository's 404 / 410 otherwise); the
+interpreter, findings and encounter are left out when they cannot be resolved.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fhir_server.errors import FhirError, error
+from fhir_server.repository import Repository
+from mappings.oru_r01 import Envelope, OruContext
+
+Json = dict[str, Any]
+
+
+def load_context(repo: Repository, report_id: str) -> OruContext:
+    """The ORU context of ``DiagnosticReport/<report_id>`` (its current version)."""
+    report = repo.read("DiagnosticReport", report_id).resource
+    order = _first(repo, report, report.get("basedOn") or [], "ServiceRequest")
+    if order is None:
+        raise error(422, "incomplete", f"DiagnosticReport/{report_id} is not basedOn a ServiceRequest", "basedOn")
+    patient = _resolve(repo, report, report.get("subject") or {}, "Patient", required=True)
+    if patient is None:
+        raise error(422, "incomplete", f"DiagnosticReport/{report_id} has no Patient subject", "subject")
+    interpreter = _first(repo, report, (report.get("resultsInterpreter") or [])[:1], "Practitioner")
+    findings = tuple(
+        found
+        for ref in report.get("result") or []
+        if (found := _resolve(repo, report, ref, "Observation", required=False)) is not None
+    )
+    encounter_ref = report.get("encounter") or order.get("encounter")
+    encounter = _resolve(repo, order, encounter_ref, "Encounter", required=False) if encounter_ref else None
+    requester = _resolve(repo, order, order.get("requester") or {}, "Practitioner", required=False)
+    return OruContext(report, order, patient, interpreter, findings, encounter, requester)
+
+
+def context_from_json(data: Json) -> tuple[OruContext, Envelope | None]:
+    """A context (and envelope, when the file has one) from JSON shaped like ``tests/golden/oru/*.json``."""
+    context = OruContext(
+        report=data["report"],
+        order=data["order"],
+        patient=data["patient"],
+        interpreter=data.get("interpreter"),
+        findings=tuple(data.get("findings") or ()),
+        encounter=data.get("encounter"),
+        requester=data.get("requester"),
+    )
+    env: Json | None = data.get("envelope")
+    if env is None:
+        return context, None
+    envelope = Envelope(
+        **{k: v for k, v in env.items() if k != "timestamp"},
+        timestamp=datetime.fromisoformat(str(env["timestamp"])),
+    )
+    return context, envelope
+
+
+def _first(repo: Repository, holder: Json, refs: list[Json], rtype: str) -> Json | None:
+    for ref in refs:
+        found = _resolve(repo, holder, ref, rtype, required=rtype == "ServiceRequest")
+        if found is not None:
+            return found
+    return None
+
+
+def _resolve(repo: Repository, holder: Json, ref: Json, rtype: str, *, required: bool) -> Json | None:
+    """The resource ``ref`` points to when it is a ``rtype``: contained, or read from the store."""
+    reference = str(ref.get("reference") or "")
+    if reference.startswith("#"):
+        contained: list[Json] = holder.get("contained") or []
+        return next(
+            (c for c in contained if c.get("id") == reference[1:] and c.get("resourceType") == rtype),
+            None,
+        )
+    parts = reference.split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) < 2 or parts[-2] != rtype or not parts[-1]:
+        return None
+    try:
+        return repo.read(rtype, parts[-1]).resource
+    except FhirError:
+        if required:
+            raise
+        return None

@@ -1,0 +1,286 @@
+"""R4 Subscriptions: handshake, rest-hook notifications from the outbox, retries and the error state.
+
+A real HTTP receiver (``http.server`` on a free 127.0.0.1 port, in a thread) records what the
+worker sends; the worker's ``run_once`` is driven by the test. Also: the searches a referrer
+finds second-opinion reports with.
+"""
+
+import socket
+from datetime import timedelta
+
+import orjson
+import pytest
+from sqlalchemy import select, update
+
+from fhir_server import dates
+from fhir_server.notifier import Backoff, Notifier
+from fhir_server.schema import OutboxRow
+from overread.app import HOOKS
+from tests.builders import patient, service_request
+from tests.peers import HttpReceiver as Receiver
+
+DISCREPANCY = "https://overread.org/fhir/CodeSystem/second-opinion-discrepancy"
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def notifier(db):
+    worker = Notifier(db, HOOKS, Backoff(max_attempts=5, first_delay=timedelta(seconds=30)), timeout=5)
+    yield worker
+    worker.close()
+
+
+def deliver(worker: Notifier) -> int:
+    """Run the worker until nothing is due; how many rows it handled."""
+    handled = 0
+    for _ in range(50):
+        if not (n := worker.run_once()):
+            return handled
+        handled += n
+    raise AssertionError("the worker never ran dry")
+
+
+def subscription(endpoint: str, criteria: str, status: str = "active", **channel) -> dict:
+    return {
+        "resourceType": "Subscription",
+        "status": status,
+        "reason": "Second-opinion results for the referrer's EHR",
+        "criteria": criteria,
+        "channel": {"type": "rest-hook", "endpoint": endpoint, **channel},
+    }
+
+
+def report(status: str = "final", conclusion: str = "No change since the prior study.", **extra) -> dict:
+    """A plain DiagnosticReport (no order, no discrepancy code): free to update in any status."""
+    return {
+        "resourceType": "DiagnosticReport",
+        "status": status,
+        "code": {"text": "CT chest"},
+        "conclusion": conclusion,
+        **extra,
+    }
+
+
+def rows(db) -> list[OutboxRow]:
+    with db.transaction() as session:
+        return list(session.scalars(select(OutboxRow).where(OutboxRow.topic == "subscription").order_by(OutboxRow.pk)))
+
+
+def make_due(db) -> None:
+    """Time passes: every pending row is due now."""
+    with db.transaction() as session:
+        session.execute(update(OutboxRow).where(OutboxRow.status == "pending").values(available_at=dates.now()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- handshake -----------------------------------------------------------------------
+
+
+def test_a_handshake_makes_a_requested_subscription_active(client, db, notifier, receiver):
+    sub = subscription(receiver.url, "DiagnosticReport?status=final", status="requested", header=["X-Api-Key: s3cret"])
+    created = client.post("/fhir/Subscription", json=sub)
+    assert created.status_code == 201
+    (row,) = rows(db)
+    assert (row.resource_id, orjson.loads(row.payload)) == (created.json()["id"], {"kind": "handshake"})
+
+    assert deliver(notifier) == 1
+    (hello,) = receiver.requests
+    assert (hello.method, hello.path, hello.body, hello.headers["x-api-key"]) == ("POST", "/hook", b"", "s3cret")
+    now = client.get(f"/fhir/Subscription/{created.json()['id']}").json()
+    assert now["status"] == "active" and "error" not in now
+    assert [r.status for r in rows(db)] == ["done"]
+
+
+def test_a_failing_handshake_puts_the_subscription_in_error_and_is_retried(client, db, notifier, receiver):
+    receiver.status = 403
+    sid = client.post("/fhir/Subscription", json=subscription(receiver.url, "Task?status=completed", "requested"))
+    sid = sid.json()["id"]
+    deliver(notifier)
+    failed = client.get(f"/fhir/Subscription/{sid}").json()
+    assert failed["status"] == "error" and "HTTP 403" in failed["error"]
+    (row,) = rows(db)
+    assert (row.status, row.attempts) == ("pending", 1) and row.available_at > dates.now()
+
+    receiver.status = 200
+    make_due(db)
+    deliver(notifier)
+    assert client.get(f"/fhir/Subscription/{sid}").json()["status"] == "active"
+    assert len(receiver.requests) == 2
+
+
+def test_a_subscription_the_server_cannot_serve_is_refused(client):
+    for criteria in ("Nonsense?status=final", "DiagnosticReport?no-such-param=1", "DiagnosticReport?_count=5"):
+        refused = client.post("/fhir/Subscription", json=subscription("http://127.0.0.1:9/hook", criteria))
+        assert refused.status_code == 422, criteria
+        assert refused.json()["resourceType"] == "OperationOutcome"
+    websocket = subscription("http://127.0.0.1:9/hook", "Task?status=completed")
+    websocket["channel"]["type"] = "websocket"
+    assert client.post("/fhir/Subscription", json=websocket).status_code == 422
+
+
+# -- notifications ---------------------------------------------------------------------
+
+
+def test_a_matching_report_is_put_to_the_endpoint_with_the_custom_headers(client, db, notifier, receiver):
+    sub = subscription(
+        receiver.url,
+        "DiagnosticReport?status=final",
+        payload="application/fhir+json",
+        header=["Authorization: Bearer t0k3n", "X-Referrer: st-olav"],
+    )
+    assert client.post("/fhir/Subscription", json=sub).status_code == 201
+    assert client.post("/fhir/DiagnosticReport", json=report("preliminary")).status_code == 201
+    assert rows(db) == []  # does not match: no row at all
+    final = client.post("/fhir/DiagnosticReport", json=report("final")).json()
+
+    assert deliver(notifier) == 1
+    (got,) = receiver.requests
+    assert (got.method, got.path) == ("PUT", f"/hook/DiagnosticReport/{final['id']}")
+    assert got.headers["content-type"].startswith("application/fhir+json")
+    assert (got.headers["authorization"], got.headers["x-referrer"]) == ("Bearer t0k3n", "st-olav")
+    assert got.resource == final
+
+
+def test_without_a_payload_the_notification_is_an_empty_post(client, db, notifier, receiver):
+    sub = subscription(receiver.url, "DiagnosticReport?status=final")
+    assert client.post("/fhir/Subscription", json=sub).status_code == 201
+    client.post("/fhir/DiagnosticReport", json=report("final"))
+    deliver(notifier)
+    (got,) = receiver.requests
+    assert (got.method, got.path, got.body) == ("POST", "/hook", b"")
+
+
+def test_a_case_completed_notifies_a_task_subscription(client, db, notifier, receiver):
+    sub = subscription(receiver.url, "Task?status=completed", payload="application/fhir+json")
+    assert client.post("/fhir/Subscription", json=sub).status_code == 201
+    pid = client.post("/fhir/Patient", json=patient()).json()["id"]
+    order = client.post("/fhir/ServiceRequest", json=service_request(f"Patient/{pid}")).json()
+    (entry,) = client.get("/fhir/Task", params={"focus": f"ServiceRequest/{order['id']}"}).json()["entry"]
+    task = entry["resource"]
+    for status in ("accepted", "in-progress", "completed"):
+        task = {k: v for k, v in task.items() if k != "meta"} | {"status": status}
+        answer = client.put(f"/fhir/Task/{task['id']}", json=task)
+        assert answer.status_code == 200, answer.json()
+        task = answer.json()
+    deliver(notifier)
+    (got,) = receiver.requests  # only the completed version matches
+    assert got.path == f"/hook/Task/{task['id']}"
+    assert (got.resource["status"], got.resource["meta"]["versionId"]) == ("completed", task["meta"]["versionId"])
+
+
+def test_receiver_down_then_up_keeps_every_version_in_order(client, db, notifier):
+    receiver = Receiver(free_port())  # nothing listens there yet
+    sub = subscription(receiver.url, "DiagnosticReport?status=final", payload="application/fhir+json")
+    sid = client.post("/fhir/Subscription", json=sub).json()["id"]
+    first = client.post("/fhir/DiagnosticReport", json=report()).json()
+    rid = first["id"]
+    for text in ("Second reading.", "Third reading."):
+        client.put(f"/fhir/DiagnosticReport/{rid}", json=report(conclusion=text, id=rid))
+
+    assert deliver(notifier) == 1  # only the oldest row of the subscription is tried
+    failing = client.get(f"/fhir/Subscription/{sid}").json()
+    assert failing["status"] == "error" and "ConnectError" in failing["error"]
+    queued = rows(db)
+    assert [(r.status, r.attempts) for r in queued] == [("pending", 1), ("pending", 0), ("pending", 0)]
+    assert queued[0].available_at > dates.now() and "ConnectError" in (queued[0].last_error or "")
+    assert notifier.run_once() == 0  # backing off, and the later versions wait behind the first
+
+    receiver.start()
+    try:
+        make_due(db)
+        assert deliver(notifier) == 3
+        versions = [r.resource["meta"]["versionId"] for r in receiver.requests]
+        assert versions == ["1", "2", "3"]
+        assert receiver.requests[2].resource["conclusion"] == "Third reading."
+    finally:
+        receiver.stop()
+    recovered = client.get(f"/fhir/Subscription/{sid}").json()
+    assert recovered["status"] == "active" and "error" not in recovered
+    assert [r.status for r in rows(db)] == ["done"] * 3
+    # the error state was written once (not once per attempt), and cleared once
+    history = client.get(f"/fhir/Subscription/{sid}/_history").json()
+    assert history["total"] == 3
+
+
+def test_after_the_last_attempt_the_row_is_dead_and_the_subscription_says_so(client, db):
+    worker = Notifier(db, HOOKS, Backoff(max_attempts=2, first_delay=timedelta(0)), timeout=2)
+    try:
+        sub = subscription(f"http://127.0.0.1:{free_port()}/hook", "DiagnosticReport?status=final")
+        sid = client.post("/fhir/Subscription", json=sub).json()["id"]
+        client.post("/fhir/DiagnosticReport", json=report())
+        deliver(worker)
+    finally:
+        worker.close()
+    (row,) = rows(db)
+    assert (row.status, row.attempts) == ("dead", 2) and row.last_error
+    failed = client.get(f"/fhir/Subscription/{sid}").json()
+    assert failed["status"] == "error" and "gave up after 2 attempts" in failed["error"]
+
+
+def test_a_subscription_turned_off_gets_nothing(client, db, notifier, receiver):
+    sub = subscription(receiver.url, "DiagnosticReport?status=final")
+    created = client.post("/fhir/Subscription", json=sub).json()
+    client.post("/fhir/DiagnosticReport", json=report())  # queued while active
+    off = {k: v for k, v in created.items() if k != "meta"} | {"status": "off"}
+    assert client.put(f"/fhir/Subscription/{created['id']}", json=off).status_code == 200
+    client.post("/fhir/DiagnosticReport", json=report())  # not queued: off
+    assert deliver(notifier) == 1
+    assert receiver.requests == [] and [r.status for r in rows(db)] == ["done"]
+
+
+# -- what referrers search reports by --------------------------------------------------
+
+
+def second_opinion(order: str, subject: str, status: str, code: str, issued: str) -> dict:
+    return {
+        "resourceType": "DiagnosticReport",
+        "status": status,
+        "basedOn": [{"reference": order}],
+        "subject": {"reference": subject},
+        "code": {"text": "Second opinion: CT chest"},
+        "issued": issued,
+        "resultsInterpreter": [{"reference": "Practitioner/reader-1"}],
+        "conclusion": f"Second reading: {code}.",
+        "conclusionCode": [{"coding": [{"system": DISCREPANCY, "code": code}]}],
+    }
+
+
+def test_referrers_find_reports_by_order_patient_status_issued_and_discrepancy(client):
+    pid = client.post("/fhir/Patient", json=patient()).json()["id"]
+    orders = [
+        client.post("/fhir/ServiceRequest", json=service_request(f"Patient/{pid}", accession=a)).json()["id"]
+        for a in ("ACSN-1", "ACSN-2")
+    ]
+    reports = []
+    for order, status, code, issued in (
+        (orders[0], "final", "major", "2024-03-06T10:00:00Z"),
+        (orders[1], "preliminary", "agree", "2024-03-08T09:30:00Z"),
+    ):
+        created = client.post(
+            "/fhir/DiagnosticReport",
+            json=second_opinion(f"ServiceRequest/{order}", f"Patient/{pid}", status, code, issued),
+        )
+        assert created.status_code == 201, created.json()
+        reports.append(created.json()["id"])
+
+    def found(**params: str) -> list[str]:
+        bundle = client.get("/fhir/DiagnosticReport", params=params).json()
+        return sorted(e["resource"]["id"] for e in bundle.get("entry", []))
+
+    assert found(**{"based-on": f"ServiceRequest/{orders[0]}"}) == [reports[0]]
+    assert found(patient=f"Patient/{pid}") == sorted(reports)
+    assert found(status="final") == [reports[0]]
+    assert found(issued="ge2024-03-07") == [reports[1]]
+    assert found(conclusion=f"{DISCREPANCY}|major") == [reports[0]]
+    assert found(conclusion="agree", patient=pid) == [reports[1]]
