@@ -82,6 +82,8 @@ def _report(order_id: str, status: str, **extra: Any) -> Json:
         "status": status,
         "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]},
         "basedOn": [{"reference": order}],
+        "subject": {"display": "the order's patient"},
+        "resultsInterpreter": [{"display": "Dr Second Reader"}],
         "conclusion": "Missed 9 mm nodule in the right upper lobe.",
         "conclusionCode": [{"coding": [{"system": DISCREPANCY, "code": "major", "display": "Major discrepancy"}]}],
         **extra,
