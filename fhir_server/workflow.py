@@ -10,7 +10,8 @@
 - A second-opinion report (a DiagnosticReport basedOn a ServiceRequest, not tagged
   ``report-role|original``) moves registered/partial/preliminary → final → amended/corrected/
   appended; entered-in-error from anywhere. It gains the ``compared-report`` extension when the
-  case has an original report; a final, amended, corrected or appended one completes the case
+  case has an original report, and ``imagingStudy`` (the studies linked to the order) when it
+  names none; a final, amended, corrected or appended one completes the case
   (Task.output → the report), in the same transaction.
 
 An illegal move is 409 Conflict with an OperationOutcome issue ``business-rule`` naming the
@@ -165,6 +166,7 @@ def _report(repo: Repository, change: Change) -> None:
         if old != new and new not in legal:
             raise _illegal(f"DiagnosticReport/{change.id}", old, new, legal)
     _compare_with_original(repo, change, report, order_id)
+    _reference_images(repo, change, order_id)
     if new in COMPLETING:
         report_id = change.id
         repo.defer(lambda r: _complete_case(r, order_id, report_id))
@@ -179,6 +181,17 @@ def _compare_with_original(repo: Repository, change: Change, report: dict[str, A
         return
     extension = {"url": COMPARED_REPORT, "valueReference": {"reference": f"DiagnosticReport/{original.id}"}}
     change.resource = {**report, "extension": [*report.get("extension", []), extension]}
+
+
+def _reference_images(repo: Repository, change: Change, order_id: str) -> None:
+    """A report that names no ImagingStudy gets those linked to its order: what the reader read."""
+    report = change.resource
+    if report is None or report.get("imagingStudy"):
+        return
+    linked = search.execute(repo.conn, search.parse("ImagingStudy", [("basedon", f"ServiceRequest/{order_id}")]))
+    if linked.matches:
+        studies = [{"reference": f"ImagingStudy/{study.id}"} for study in linked.matches]
+        change.resource = {**report, "imagingStudy": studies}
 
 
 def _original_report(repo: Repository, order_id: str) -> Stored | None:

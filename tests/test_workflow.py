@@ -355,3 +355,22 @@ def test_hl7_cancel_of_a_completed_case_is_an_application_error(client, db):
     assert client.post("/fhir/DiagnosticReport", json=_report(order["resource"]["id"], "final")).status_code == 201
     assert _msa(receive(db, _control("CA", 1), hooks=HOOKS)) == "AE"
     assert _hl7_case(client) == ("completed", "completed")
+
+
+def test_a_report_that_names_no_images_gets_the_studies_linked_to_its_order(client):
+    order_id, _ = _open_case(client)
+    study = {
+        "resourceType": "ImagingStudy",
+        "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.4"}],
+        "status": "available",
+        "subject": {"reference": "Patient/p"},
+        "basedOn": [{"reference": f"ServiceRequest/{order_id}"}],
+    }
+    study_id = client.post("/fhir/ImagingStudy", json=study).json()["id"]
+    report = client.post("/fhir/DiagnosticReport", json=_report(order_id, "preliminary")).json()
+    assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{study_id}"}]
+    named = client.post(
+        "/fhir/DiagnosticReport",
+        json=_report(order_id, "preliminary", imagingStudy=[{"reference": "ImagingStudy/other"}]),
+    )
+    assert named.json()["imagingStudy"] == [{"reference": "ImagingStudy/other"}]  # the reader's choice stands
