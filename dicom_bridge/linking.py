@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import update
@@ -31,6 +29,7 @@ from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery, missing
 from fhir_server import cases, dates, outbox, search
 from fhir_server.db import Database
+from fhir_server.outbox import Backoff
 from fhir_server.repository import Hook, Repository, Stored
 from fhir_server.schema import OutboxRow
 from mappings.imaging_study import Study, imaging_study
@@ -57,17 +56,8 @@ class PeerConfig(Protocol):
     timezone: str | None
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """How often and how patiently a job tries: first_delay, doubling, at most max_delay."""
-
-    max_attempts: int = 10
-    first_delay: timedelta = timedelta(seconds=30)
-    max_delay: timedelta = timedelta(hours=1)
-
-    def delay(self, attempts: int) -> timedelta:
-        delay: timedelta = self.first_delay * 2 ** max(attempts - 1, 0)
-        return min(delay, self.max_delay)
+#: A PACS that is down for the night or a study not there yet: 30 s doubling to 1 h, 10 times.
+DEFAULT_BACKOFF = Backoff()
 
 
 class Source:
@@ -132,7 +122,7 @@ class Linker:
         self,
         db: Database,
         sources: Sequence[Source],
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         hooks: Sequence[Hook] = (),
     ) -> None:
         self.db, self.sources, self.backoff, self.hooks = db, list(sources), backoff, hooks

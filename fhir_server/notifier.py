@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session, aliased
 from fhir_server import dates, outbox, subscriptions
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
+from fhir_server.outbox import Backoff
 from fhir_server.repository import Hook, Repository, Stored
 from fhir_server.schema import OutboxRow
 
@@ -47,17 +48,8 @@ FHIR_JSON = "application/fhir+json"
 USER_AGENT = "Overread-Subscriptions/0.1"
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """How patiently a row is delivered: first_delay, doubling after each attempt, at most max_delay."""
-
-    max_attempts: int = 24
-    first_delay: timedelta = timedelta(seconds=5)
-    max_delay: timedelta = timedelta(minutes=10)
-
-    def delay(self, attempts: int) -> timedelta:
-        delay: timedelta = self.first_delay * 2 ** min(max(attempts - 1, 0), 30)
-        return min(delay, self.max_delay)
+#: Rest-hook endpoints are retried sooner and longer than a PACS: 5 s doubling to 10 min, 24 times.
+DEFAULT_BACKOFF = Backoff(24, timedelta(seconds=5), timedelta(minutes=10))
 
 
 @dataclass(frozen=True)
@@ -86,7 +78,7 @@ class Notifier:
         self,
         db: Database,
         hooks: Sequence[Hook] = (),
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         timeout: float = 10.0,
         limit: int = 20,
         threads: int = 8,

@@ -7,6 +7,7 @@ row again. On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` lets several server process
 from one table without blocking or double-claiming; SQLite serialises writers anyway.
 """
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -19,6 +20,20 @@ PENDING, DONE, DEAD = "pending", "done", "dead"
 
 
 LEASE = timedelta(minutes=2)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How patiently a worker retries a row: first_delay, doubling after each attempt, at most
+    max_delay, for max_attempts attempts (then the row is dead)."""
+
+    max_attempts: int = 10
+    first_delay: timedelta = timedelta(seconds=30)
+    max_delay: timedelta = timedelta(hours=1)
+
+    def delay(self, attempts: int) -> timedelta:
+        delay: timedelta = self.first_delay * 2 ** min(max(attempts - 1, 0), 30)
+        return min(delay, self.max_delay)
 
 
 def claim(session: Session, topic: str, limit: int = 10, lease: timedelta = LEASE) -> list[OutboxRow]:

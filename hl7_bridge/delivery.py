@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 from fhir_server import cases, dates, outbox, search
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
+from fhir_server.outbox import Backoff
 from fhir_server.repository import Hook, Repository
 from fhir_server.results import RESULT
 from fhir_server.schema import OutboxRow
@@ -89,17 +90,8 @@ class DestinationConfig(Protocol):
     def send_preliminary(self) -> bool: ...
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """How often and how patiently a message is sent: first_delay, doubling, at most max_delay."""
-
-    max_attempts: int = 24
-    first_delay: timedelta = timedelta(seconds=5)
-    max_delay: timedelta = timedelta(minutes=10)
-
-    def delay(self, attempts: int) -> timedelta:
-        delay: timedelta = self.first_delay * 2 ** max(attempts - 1, 0)
-        return min(delay, self.max_delay)
+#: An EHR's MLLP receiver is retried for about 3 hours: 5 s doubling to 10 min, 24 times.
+DEFAULT_BACKOFF = Backoff(24, timedelta(seconds=5), timedelta(minutes=10))
 
 
 def new_control_id() -> str:
@@ -164,7 +156,7 @@ class Delivery:
         self,
         db: Database,
         destinations: Sequence[DestinationConfig],
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         hooks: Sequence[Hook] = (),
         senders: Senders | None = None,
         lease: timedelta = outbox.LEASE,

@@ -11,20 +11,18 @@ import uvicorn
 from fastapi import FastAPI
 
 from dicom_bridge.image_store import ImageStore
-from dicom_bridge.linking import Backoff, Linker, Source
+from dicom_bridge.linking import Linker, Source
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server import api
 from fhir_server.cases import case_opener
 from fhir_server.conformance_seed import publish
 from fhir_server.db import Database
-from fhir_server.notifier import Backoff as NotifierBackoff
 from fhir_server.notifier import Notifier
 from fhir_server.repository import Hook
 from fhir_server.results import results
 from fhir_server.subscriptions import notify
 from fhir_server.workflow import case_workflow
 from hl7_bridge.api import messages_router, outbound_router
-from hl7_bridge.delivery import Backoff as DeliveryBackoff
 from hl7_bridge.delivery import Delivery
 from hl7_bridge.intake import receive
 from hl7_bridge.mllp import MllpServer
@@ -76,12 +74,7 @@ def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
     store = ImageStore(settings.image_store)
     timeout = cfg.linking.timeout_seconds
     peers = [Source(p.name, store, p, settings.dicom_ae_title, timeout) for p in cfg.pacs]
-    backoff = Backoff(
-        cfg.linking.max_attempts,
-        timedelta(seconds=cfg.linking.first_retry_seconds),
-        timedelta(seconds=cfg.linking.max_retry_seconds),
-    )
-    return Linker(db, [*peers, Source("image store", store)], backoff, make_hooks(cfg))
+    return Linker(db, [*peers, Source("image store", store)], cfg.linking.backoff(), make_hooks(cfg))
 
 
 @contextmanager
@@ -107,10 +100,7 @@ def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[t
 def notifications(db: Database, cfg: OverreadConfig) -> Iterator[Notifier]:
     """The Subscription worker (handshakes, rest-hook notifications) on a thread of its own."""
     s = cfg.subscriptions
-    backoff = NotifierBackoff(
-        s.max_attempts, timedelta(seconds=s.first_retry_seconds), timedelta(seconds=s.max_retry_seconds)
-    )
-    worker = Notifier(db, make_hooks(cfg), backoff, s.timeout_seconds)
+    worker = Notifier(db, make_hooks(cfg), s.backoff(), s.timeout_seconds)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), name="subscriptions", daemon=True)
     thread.start()
@@ -125,11 +115,8 @@ def notifications(db: Database, cfg: OverreadConfig) -> Iterator[Notifier]:
 def result_delivery(db: Database, cfg: OverreadConfig) -> Delivery:
     """The ORU^R01 workers: results of second-opinion reports to the HL7 destinations of OVERREAD_CONFIG."""
     d = cfg.hl7.delivery
-    backoff = DeliveryBackoff(
-        d.max_attempts, timedelta(seconds=d.first_retry_seconds), timedelta(seconds=d.max_retry_seconds)
-    )
     lease = timedelta(seconds=d.lease_seconds)
-    return Delivery(db, cfg.hl7.destinations, backoff, make_hooks(cfg), cfg.sender, lease)
+    return Delivery(db, cfg.hl7.destinations, d.backoff(), make_hooks(cfg), cfg.sender, lease)
 
 
 @contextmanager

@@ -81,6 +81,7 @@ from pydantic import (
     model_validator,
 )
 
+from fhir_server.outbox import Backoff
 from fhir_server.routing import Routing, Rule
 from mappings.concept_map import ConceptMap, ConceptMapError, parse_concept_map
 from mappings.sender import FieldOverrides, FieldPath, SenderConfig
@@ -101,14 +102,23 @@ class PacsPeer(_Strict):
     timezone: str | None = None
 
 
-class Linking(_Strict):
+class _Retrying(_Strict):
+    """A worker's patience: first_retry_seconds, doubling after each attempt, at most max_retry_seconds."""
+
     max_attempts: Annotated[int, Field(ge=1)] = 10
     first_retry_seconds: Annotated[float, Field(ge=0)] = 30
     max_retry_seconds: Annotated[float, Field(ge=0)] = 3600
+
+    def backoff(self) -> Backoff:
+        first, most = timedelta(seconds=self.first_retry_seconds), timedelta(seconds=self.max_retry_seconds)
+        return Backoff(self.max_attempts, first, most)
+
+
+class Linking(_Retrying):
     timeout_seconds: Annotated[float, Field(gt=0)] = 30
 
 
-class Subscriptions(_Strict):
+class Subscriptions(_Retrying):
     """How patiently a Subscription notification is delivered (docs/subscriptions.md): about 2.5 hours."""
 
     max_attempts: Annotated[int, Field(ge=1)] = 24
@@ -135,7 +145,7 @@ class Destination(_Strict):
     send_preliminary: bool = False
 
 
-class Delivery(_Strict):
+class Delivery(_Retrying):
     """How patiently an ORU^R01 is delivered before it goes to the dead-letter list (about 3 hours)."""
 
     max_attempts: Annotated[int, Field(ge=1)] = 24

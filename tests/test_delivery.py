@@ -25,10 +25,11 @@ from sqlalchemy import select, update
 
 from fhir_server import outbox, search
 from fhir_server.db import Database
+from fhir_server.outbox import Backoff
 from fhir_server.repository import Repository
 from fhir_server.results import RESULT
 from fhir_server.schema import OutboxRow
-from hl7_bridge.delivery import Backoff, Delivery, choose, delivery_status, judge
+from hl7_bridge.delivery import Delivery, choose, delivery_status, judge
 from hl7_bridge.intake import receive
 from hl7_bridge.outbound import DEAD, ERROR, QUEUED, SENT, OutboundMessage
 from overread.app import HOOKS, create_app, results_out

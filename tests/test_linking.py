@@ -15,12 +15,13 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_bridge.image_store import ImageStore
-from dicom_bridge.linking import Backoff, Linker, Source
+from dicom_bridge.linking import Linker, Source
 from dicom_bridge.query import missing
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, SamplePacs, sample_path
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server import cases
 from fhir_server.db import Database
+from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from mappings.imaging_study import Series, Study
 from overread.app import HOOKS

@@ -27,11 +27,12 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
 from dicom_bridge.image_store import ImageStore
-from dicom_bridge.linking import DCM, Backoff, Linker, Source
+from dicom_bridge.linking import DCM, Linker, Source
 from dicom_bridge.sample_pacs import sample_files, sample_path
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server import cases
 from fhir_server.db import Database
+from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS
 from overread.config import PacsPeer

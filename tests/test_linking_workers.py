@@ -19,10 +19,11 @@ from pydicom import dcmread
 from sqlalchemy import select, update
 
 from dicom_bridge.image_store import ImageStore
-from dicom_bridge.linking import Backoff, Linker, Source
+from dicom_bridge.linking import Linker, Source
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, SamplePacs, sample_path
 from fhir_server import cases, dates, outbox
 from fhir_server.db import Database
+from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS, imaging
 from overread.config import Linking, OverreadConfig, PacsPeer

@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import select, update
 
 from fhir_server import dates
-from fhir_server.notifier import Backoff, Notifier
+from fhir_server.notifier import Notifier
+from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS
 from tests.builders import patient, service_request
