@@ -58,8 +58,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def destination(port: int, **extra: Any) -> Destination:
-    return Destination(name="ehr", host="127.0.0.1", port=port, ack_timeout_seconds=0.5, **extra)
+def destination(port: int, ack_timeout_seconds: float = 10, **extra: Any) -> Destination:
+    """A destination; the ACK timeout is long enough for a loaded CI machine (a late ACK means a resend)."""
+    return Destination(name="ehr", host="127.0.0.1", port=port, ack_timeout_seconds=ack_timeout_seconds, **extra)
 
 
 def worker(db: Database, *destinations: Destination, attempts: int = 3, lease: float = 60) -> Delivery:
@@ -249,7 +250,7 @@ def test_receiver_never_answering_times_out_and_the_resend_is_accepted_once(db: 
     order_id = hl7_order(db)
     write_report(db, order_id, "so-1")
     receiver.mode = "silent"
-    delivery = worker(db, destination(receiver.port), attempts=5)
+    delivery = worker(db, destination(receiver.port, ack_timeout_seconds=0.5), attempts=5)
     delivery.queue_once()
     started = time.monotonic()
     assert delivery.send_once("ehr")
