@@ -26,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_bridge import keys
 from dicom_bridge.errors import PacsError, PacsUnavailable, RetrieveFailed
-from dicom_bridge.image_store import ImageStore
+from dicom_bridge.image_store import ImageStore, is_uid
 from dicom_bridge.query import StudyQuery, unique
 from mappings.imaging_study import Series, Study
 
@@ -125,7 +125,7 @@ def _check(answer: httpx.Response, error: type[PacsError]) -> None:
 
 def _checked(uid: str) -> str:
     """``uid`` if it is a UID (digits and dots, PS3.5 9.1), so that it is safe in a URL path."""
-    if not uid or len(uid) > 64 or not all(c.isdigit() or c == "." for c in uid):
+    if not is_uid(uid):
         raise PacsError(f"not a DICOM UID: {uid!r}")
     return uid
 

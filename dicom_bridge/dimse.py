@@ -37,7 +37,7 @@ GET = UID("1.2.840.10008.5.1.4.1.2.2.3")
 
 PENDING = (0xFF00, 0xFF01)
 SUCCESS = 0x0000
-WARNING = 0xB000  # C-MOVE/C-GET: one or more sub-operations failed (PS3.4 C.4.2.1.4)
+WARNING = 0xB000  # C-MOVE/C-GET: one or more sub-operations failed (PS3.4 C.4.2.1.5)
 MOVE_DESTINATION_UNKNOWN = 0xA801
 #: The transfer syntaxes of still images (PS3.5 Annex A): uncompressed, deflated, JPEG, JPEG-LS,
 #: JPEG 2000 and RLE. Not all 45 pynetdicom knows: every association copies every supported
@@ -84,15 +84,10 @@ class DimseClient:
         """C-MOVE the study to ``destination`` (an AE the PACS knows); the instances moved."""
         with self._association([MOVE]) as assoc:
             request = identifier("STUDY", (), {"StudyInstanceUID": study_uid})
-            try:
-                return _sub_operations(assoc.send_c_move(request, destination, MOVE), f"C-MOVE to {destination}")
-            except RetrieveFailed as exc:
-                if isinstance(exc, MoveDestinationUnknown) or "0xC000" not in str(exc):
-                    raise
-                # Orthanc (and others) answer "Unable to process" for a destination they do not know.
-                raise RetrieveFailed(
-                    f"{exc}; does {self.peer.ae_title} know {destination} as a move destination?"
-                ) from exc
+            # Orthanc (and others) answer "Unable to process" (0xCxxx), not 0xA801, for a destination
+            # they do not know: the reason says what to check.
+            hint = f"does {self.peer.ae_title} know {destination} as a move destination?"
+            return _sub_operations(assoc.send_c_move(request, destination, MOVE), f"C-MOVE to {destination}", hint)
 
     def get(self, study_uid: str, store: ImageStore, sop_classes: set[str]) -> int:
         """C-GET the study over this association into ``store``; the instances received.
@@ -192,8 +187,12 @@ def _status(status: Dataset, operation: str) -> int:
     return int(status.Status)
 
 
-def _sub_operations(responses: Iterator[tuple[Dataset, Dataset | None]], operation: str) -> int:
-    """The final response's completed sub-operations; failure statuses raised (PS3.4 C.4.2.1.4)."""
+def _sub_operations(responses: Iterator[tuple[Dataset, Dataset | None]], operation: str, unable_hint: str = "") -> int:
+    """The final response's completed sub-operations; failure statuses raised (PS3.4 C.4.2.1.5, C.4.3.1.4).
+
+    Warning 0xB000 with failed sub-operations is a failure here: the case needs the whole study;
+    sub-operations that only warned (e.g. coerced attributes) delivered their instance.
+    """
     completed = 0
     for status, _ in responses:
         code = _status(status, operation)
@@ -204,7 +203,8 @@ def _sub_operations(responses: Iterator[tuple[Dataset, Dataset | None]], operati
         if code == MOVE_DESTINATION_UNKNOWN:
             raise MoveDestinationUnknown(f"{operation}: the PACS does not know the move destination (0xA801)")
         if code not in (SUCCESS, WARNING):
-            raise RetrieveFailed(f"{operation} failed: status 0x{code:04X}")
+            hint = f"; {unable_hint}" if unable_hint and code & 0xF000 == 0xC000 else ""
+            raise RetrieveFailed(f"{operation} failed: status 0x{code:04X}{hint}")
         if failed:
             raise RetrieveFailed(f"{operation}: {failed} sub-operations failed, {completed} completed")
     return completed

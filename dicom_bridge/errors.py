@@ -18,4 +18,4 @@ class RetrieveFailed(PacsError):
 
 
 class MoveDestinationUnknown(RetrieveFailed):
-    """The PACS does not know our C-MOVE destination AE (PS3.4 C.4.2.1.4: status 0xA801)."""
+    """The PACS does not know our C-MOVE destination AE (PS3.4 C.4.2.1.5: status 0xA801)."""

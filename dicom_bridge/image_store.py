@@ -8,6 +8,7 @@ Files are written to a temporary name and renamed, so a crash never leaves half 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from io import BytesIO
 from pathlib import Path
@@ -18,6 +19,14 @@ from pydicom.dataset import FileMetaDataset
 from dicom_bridge.query import StudyQuery
 from mappings.imaging_study import Series, Study
 
+#: A UID (PS3.5 9.1): dot-separated runs of ASCII digits, at most 64 characters. Checked before a UID
+#: becomes a path or URL segment: ``..`` or ``²`` pass a digits-and-dots test but are not UIDs.
+UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+
+def is_uid(value: str) -> bool:
+    return len(value) <= 64 and UID.fullmatch(value) is not None
+
 
 class ImageStore:
     def __init__(self, root: Path) -> None:
@@ -25,8 +34,8 @@ class ImageStore:
 
     def path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for uid in (study_uid, series_uid, sop_uid):
-            # A UID is digits and dots; anything else (a peer's "../x") must not become a path.
-            if not uid or not all(c.isdigit() or c == "." for c in uid):
+            # What a peer or an order calls a UID ("..", "../x") must not become a path.
+            if not is_uid(uid):
                 raise ValueError(f"not a DICOM UID: {uid!r}")
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
 
@@ -53,8 +62,8 @@ class ImageStore:
 
     def count(self, study_uid: str) -> int:
         """How many instances of the study are on disk."""
-        folder = self.root / study_uid
-        return sum(1 for _ in folder.glob("*/*.dcm")) if folder.is_dir() else 0
+        folder = self.root / study_uid if is_uid(study_uid) else None
+        return sum(1 for _ in folder.glob("*/*.dcm")) if folder is not None and folder.is_dir() else 0
 
     def find(self, query: StudyQuery) -> list[Study]:
         """Studies on disk that match ``query`` (pushed to us, or retrieved for another case).
@@ -63,8 +72,8 @@ class ImageStore:
         a study's accession number and patient are the same in all its instances.
         """
         keys = query.matching_keys()
-        if "StudyInstanceUID" in keys:
-            folders = [self.root / query.study_uid]
+        if "StudyInstanceUID" in keys:  # the order's identifier, not to be trusted as a path
+            folders = [self.root / query.study_uid] if is_uid(query.study_uid) else []
         else:
             folders = sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
         found = []

@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from dicom_bridge.dicomweb import DicomWebClient
 from dicom_bridge.dimse import DimseClient, Peer
@@ -90,6 +92,11 @@ class Source:
                 log.warning("PACS %s: QIDO-RS unavailable, trying C-FIND", self.name)
         return self.dimse.find(query) if self.dimse is not None else self.store.find(query)
 
+    def close(self) -> None:
+        """Close the DICOMweb client's connection pool (DIMSE opens an association per call)."""
+        if self.web is not None:
+            self.web.close()
+
     @property
     def retrieves(self) -> bool:
         return self.peer is not None and self.peer.retrieve != "none"
@@ -128,6 +135,11 @@ class Linker:
         self.db, self.sources, self.backoff, self.hooks = db, list(sources), backoff, hooks
         self._retrieving: set[str] = set()  # studies our own retrieves are bringing in right now
 
+    def close(self) -> None:
+        """Release the sources' connections; call once ``run`` has returned."""
+        for source in self.sources:
+            source.close()
+
     def publish_endpoints(self) -> None:
         """Each PACS peer as an Endpoint resource (conditional on its name), for ImagingStudy.endpoint."""
         with self.db.transaction() as session:
@@ -165,7 +177,8 @@ class Linker:
             patient = _subject(repo, order.resource) if order and order.content else None
         if order is None or order.content is None or order.resource.get("status") != "active":
             with self.db.transaction() as session:  # revoked, completed or gone: nothing to link
-                outbox.complete(session, pk)
+                if _pending(session, pk):
+                    outbox.complete(session, pk)
             return
         query = order_query(order.resource, patient)
         if not query:
@@ -175,13 +188,16 @@ class Linker:
             reason = "; ".join(errors) or f"no study matches {query.matching_keys()}"
             return self._retry(pk, order_id, reason)
         retrieve = source.retrieves
-        self._link(pk, order, studies, source, done=not retrieve)
+        if not self._link(pk, order, studies, source, done=not retrieve):
+            return
         if retrieve:
             try:
                 self._retrieve(source, studies)
             except PacsError as exc:
                 return self._retry(pk, order_id, str(exc), found=True)
             with self.db.transaction() as session:
+                if not _pending(session, pk):
+                    return
                 repo = Repository(session, self.hooks)
                 cases.set_case_status(repo, order_id, cases.IMAGES_AVAILABLE)
                 outbox.complete(session, pk)
@@ -206,11 +222,14 @@ class Linker:
             finally:
                 self._retrieving.discard(study.uid)
 
-    def _link(self, pk: int, order: Stored, studies: list[Study], source: Source, done: bool) -> None:
+    def _link(self, pk: int, order: Stored, studies: list[Study], source: Source, done: bool) -> bool:
+        """Link ``studies`` to the order; False when the job was no longer ours to finish."""
         subject = order.resource["subject"]["reference"]
         endpoints = [source.endpoint] if source.endpoint else []
         tz = source.peer.timezone if source.peer else None
         with self.db.transaction() as session:
+            if not _pending(session, pk):
+                return False
             repo = Repository(session, self.hooks)
             for study in studies:
                 based_on = [f"ServiceRequest/{order.id}"]
@@ -222,11 +241,17 @@ class Linker:
             if done:
                 outbox.complete(session, pk)
             repo.complete()
+        return True
 
     def _retry(self, pk: int, order_id: str, reason: str, found: bool = False) -> None:
         with self.db.transaction() as session:
-            attempts = session.get_one(OutboxRow, pk).attempts
-            again = outbox.retry(session, pk, reason, self.backoff.delay(attempts), self.backoff.max_attempts)
+            if (row := _pending(session, pk)) is None:
+                return
+            attempts = row.attempts
+            # Due already: a push woke the job while it ran (``wake``), so the study may be here now.
+            # Backing off would undo the wake-up and leave the case waiting up to max_delay.
+            delay = timedelta(0) if row.available_at <= dates.now() else self.backoff.delay(attempts)
+            again = outbox.retry(session, pk, reason, delay, self.backoff.max_attempts)
             status = cases.IMAGES_PENDING if again else cases.IMAGES_UNAVAILABLE if found else cases.IMAGES_NOT_FOUND
             repo = Repository(session, self.hooks)
             cases.set_case_status(repo, order_id, status, reason)
@@ -243,6 +268,17 @@ class Linker:
                 for order in _orders_for(repo, study_uid, accession):
                     _wake(session, repo, order)
             repo.complete()
+
+
+def _pending(session: Session, pk: int) -> OutboxRow | None:
+    """The job's row, locked, if it is still pending; None once another run finished it.
+
+    A lease that ran out during a long retrieve, or a C-STORE push that woke the job, lets a
+    second worker run the same job. Whichever finishes second must not undo the first: move
+    a done row back into retry (or to dead), or set a linked case back to "pending".
+    """
+    row = session.get(OutboxRow, pk, with_for_update=True)
+    return row if row is not None and row.status == outbox.PENDING else None
 
 
 def order_query(order: dict[str, Any], patient: dict[str, Any] | None) -> StudyQuery:

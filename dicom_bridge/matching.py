@@ -43,6 +43,8 @@ def matches(key: DataElement, attribute: DataElement | None) -> bool:
     wanted = values(key)
     if not wanted or key.VR == "SQ":
         return True  # universal matching (C.2.2.2.3); sequences are return keys only
+    if key.VR in WILDCARD_VRS and all(set(query) == {"*"} for query in wanted):
+        return True  # a value of "*" only is universal matching (C.2.2.2.4): even an absent attribute
     have = values(attribute)
     return any(match_value(key.VR, query, stored) for query in wanted for stored in have)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -53,6 +52,9 @@ class StorageScp:
             (evt.EVT_C_STORE, self._stored),
             (evt.EVT_RELEASED, self._ended),
             (evt.EVT_ABORTED, self._ended),
+            # pynetdicom ends an association whose DUL thread died without either event above;
+            # the connection's close always fires, so the studies are never left behind.
+            (evt.EVT_CONN_CLOSE, self._ended),
         ]
         self._server = ae.start_server(self.address, block=False, evt_handlers=handlers)
         log.info("DICOM Storage SCP %s on %s:%s", self.ae_title, self.address[0], self.port)
@@ -66,7 +68,7 @@ class StorageScp:
     def __enter__(self) -> StorageScp:
         return self.start()
 
-    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def _stored(self, event: evt.Event) -> int:

@@ -34,17 +34,21 @@ def case_opener(routing: Routing = NO_ROUTING) -> Hook:
 
         An original report written without ``basedOn`` asks for the order it belongs to as well.
         """
-        order = change.resource
-        if change.type == "Task" and change.method == "POST" and order is not None:
-            change.resource = _routed(repo, order, routing)  # a Task the request brought (an HL7 order's)
-        if change.type == "DiagnosticReport" and order is not None and is_original(order) and not order.get("basedOn"):
-            repo.defer(lambda r: _link_report(r, change.id))
-        if change.type != "ServiceRequest" or change.method != "POST" or order is None:
+        resource = change.resource
+        if resource is None:
             return
-        if order.get("intent") in ORDER_INTENTS and order.get("status") == "active":
+        if change.type == "Task" and change.method == "POST" and routing != NO_ROUTING:
+            change.resource = _routed(repo, resource, routing)  # a Task the request brought (an HL7 order's)
+        elif change.type == "DiagnosticReport" and is_original(resource) and not resource.get("basedOn"):
+            repo.defer(lambda r: _link_report(r, change.id))
+        elif change.type == "ServiceRequest" and change.method == "POST" and _opens_case(resource):
             repo.defer(lambda r: _ensure_case(r, change.id, routing))
 
     return open_case
+
+
+def _opens_case(order: dict[str, Any]) -> bool:
+    return order.get("intent") in ORDER_INTENTS and order.get("status") == "active"
 
 
 #: The case hook without routing rules.
@@ -110,8 +114,9 @@ CASE_STATUS_DISPLAY = {
 
 
 def case_of(repo: Repository, order_id: str) -> Stored | None:
-    """The Task that tracks the order's case."""
-    found = search.execute(repo.conn, search.parse("Task", [("focus", f"ServiceRequest/{order_id}")]))
+    """The Task that tracks the order's case (intent order: ``workflow.is_case``), not any Task about the order."""
+    query = [("focus", f"ServiceRequest/{order_id}"), ("intent", "order")]
+    found = search.execute(repo.conn, search.parse("Task", query))
     return found.matches[0] if found.matches else None
 
 

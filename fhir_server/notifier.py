@@ -44,7 +44,6 @@ from fhir_server.schema import OutboxRow
 
 log = logging.getLogger(__name__)
 
-FHIR_JSON = "application/fhir+json"
 USER_AGENT = "Overread-Subscriptions/0.1"
 
 
@@ -123,13 +122,15 @@ class Notifier:
         try:
             response = self.http.request(request.method, request.url, headers=request.headers, content=request.content)
             reason = None if response.is_success else f"{request.method} {request.url}: HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # httpx.HTTPError, or what httpx refuses before sending (a non-ASCII header)
             reason = f"{request.method} {request.url}: {type(exc).__name__}: {exc}"
-        subscription_id = delivery.subscription.id if delivery.subscription else None
+        subscription = delivery.subscription
+        subscription_id = subscription.id if subscription else None
         if reason is None:
             with self.db.transaction() as session:
                 outbox.complete(session, pk)
-            if subscription_id:
+            sub = subscription.resource if subscription else {}
+            if subscription_id and (sub.get("status") != "active" or "error" in sub):  # else nothing to change
                 self._set_status(subscription_id, "active", None, delivery.kind == subscriptions.HANDSHAKE)
         else:
             log.info("subscription delivery %s failed (attempt %s): %s", pk, attempts, reason)
@@ -167,6 +168,7 @@ class Notifier:
         allowed: tuple[str, ...] = ("requested", "active", "error")  # to error
         if status == "active":
             allowed = ("requested", "error") if handshake else ("error",)
+        written = False
         try:
             with self.db.transaction() as session:
                 repo = Repository(session, self.hooks)
@@ -186,9 +188,10 @@ class Notifier:
                     updated["meta"] = {k: v for k, v in sub["meta"].items() if k not in ("versionId", "lastUpdated")}
                 repo.update("Subscription", subscription_id, updated, current.etag)
                 repo.complete()
+                written = True
         except Exception:  # the row's outcome is recorded; a status we cannot write must not undo it
             log.exception("could not set Subscription/%s to %s", subscription_id, status)
-        finally:
+        if written:  # again, once committed: a load between the hook's invalidation and the commit was stale
             subscriptions.invalidate()
 
 
@@ -244,7 +247,7 @@ def _request(delivery: Delivery) -> Request | None:
     resource = delivery.resource
     url = f"{endpoint.rstrip('/')}/{resource.type}/{resource.id}"
     body = (resource.content or "").encode()
-    return Request("PUT", url, {**headers, "Content-Type": f"{FHIR_JSON}; charset=utf-8"}, body)
+    return Request("PUT", url, {**headers, "Content-Type": f"{payload}; charset=utf-8"}, body)  # the nominated type
 
 
 def _headers(lines: list[str]) -> dict[str, str]:

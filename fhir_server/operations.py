@@ -40,9 +40,9 @@ def validate(repo: Repository, req: FhirRequest, rtype: str, rid: str | None) ->
     resource, wanted, mode = _validate_input(req)
     if mode is not None and mode not in MODES:
         raise error(400, "invalid", f"mode {mode!r} is not one of {', '.join(MODES)}", "mode")
+    if rid is not None and mode == "delete":  # R4: the content, if any, is not looked at
+        return FhirResponse(200, information(f"{rtype}/{rid} may be deleted", "informational"))
     if resource is None and rid is not None:
-        if mode == "delete":
-            return FhirResponse(200, information(f"{rtype}/{rid} may be deleted", "informational"))
         resource = repo.read(rtype, rid).resource
     if not isinstance(resource, dict):
         raise error(400, "structure", "$validate needs a resource: the body, or a Parameters with 'resource'")
@@ -91,8 +91,8 @@ EVERY_TYPE: dict[str, tuple[str, ...]] = {"validate": ("POST", "GET")}
 
 
 def instance(repo: Repository, req: FhirRequest, rtype: str, rid: str, name: str) -> FhirResponse:
-    if name.removeprefix("$") == "validate" and req.method in EVERY_TYPE["validate"]:
-        return validate(repo, req, rtype, rid)
+    if name.removeprefix("$") in EVERY_TYPE:
+        return type_level(repo, req, rtype, name, rid)
     operation = INSTANCE.get((rtype, name.removeprefix("$")))
     if operation is None or req.method != "POST":
         raise error(
@@ -103,14 +103,15 @@ def instance(repo: Repository, req: FhirRequest, rtype: str, rid: str, name: str
     return operation(repo, req, rid)
 
 
-def type_level(repo: Repository, req: FhirRequest, rtype: str, name: str) -> FhirResponse:
-    """``[base]/[type]/$name``: the type-level operations (``$validate``)."""
+def type_level(repo: Repository, req: FhirRequest, rtype: str, name: str, rid: str | None = None) -> FhirResponse:
+    """``[base]/[type]/$name`` (and ``[base]/[type]/[id]/$name``): the operations on every type (``$validate``)."""
     methods = EVERY_TYPE.get(name.removeprefix("$"))
     if methods is None or req.method not in methods:
+        at = rtype if rid is None else f"{rtype}/[id]"
         raise error(
-            404 if methods is None else 405, "not-supported", f"{req.method} {rtype}/{name} is not an operation here"
+            404 if methods is None else 405, "not-supported", f"{req.method} {at}/{name} is not an operation here"
         )
-    return validate(repo, req, rtype, None)
+    return validate(repo, req, rtype, rid)
 
 
 def capability(rtype: str) -> list[dict[str, str]]:

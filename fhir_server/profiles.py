@@ -46,6 +46,7 @@ CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
 SECOND_OPINION_REPORT = f"{SD_BASE}second-opinion-report"
 DISCREPANCY = f"{BASE}CodeSystem/second-opinion-discrepancy"
 REPORT_ROLE = f"{BASE}CodeSystem/report-role"
+#: A literal reference's type, read as ``indexing.split_reference`` reads it (importing it would be a cycle).
 _REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_history/[^/]+)?$")
 
 Json = dict[str, Any]
@@ -210,27 +211,34 @@ def supported(rtype: str) -> list[str]:
 
 def required(resource: Json) -> list[str]:
     """The profiles a resource must conform to: those it claims, and ours that it must (see above)."""
-    claimed = [str(p).split("|")[0] for p in resource.get("meta", {}).get("profile", [])]
-    urls = [p for p in claimed if p.startswith(BASE)]
+    meta = resource.get("meta")
+    claimed = meta.get("profile") if isinstance(meta, dict) else None
+    urls = [p.split("|")[0] for p in claimed or () if isinstance(p, str) and p.startswith(BASE)]
     if resource.get("resourceType") == "DiagnosticReport" and is_second_opinion_report(resource):
         urls.append(SECOND_OPINION_REPORT)
     return list(dict.fromkeys(urls))
 
 
 def is_second_opinion_report(report: Json) -> bool:
-    roles = {t.get("code") for t in report.get("meta", {}).get("tag", []) if t.get("system") == REPORT_ROLE}
+    roles = {t.get("code") for t in _items(report.get("meta"), "tag") if t.get("system") == REPORT_ROLE}
     if "original" in roles:
         return False
-    based_on_order = any(_reference_type(r) == "ServiceRequest" for r in report.get("basedOn", []))
-    coded = any(c.get("system") == DISCREPANCY for cc in report.get("conclusionCode", []) for c in cc.get("coding", []))
+    based_on_order = any(_reference_type(r) == "ServiceRequest" for r in _items(report, "basedOn"))
+    coded = any(c.get("system") == DISCREPANCY for cc in _items(report, "conclusionCode") for c in _items(cc, "coding"))
     return based_on_order or coded or "second-opinion" in roles
+
+
+def _items(node: Any, key: str) -> list[Json]:
+    """The objects of the list ``node[key]``: ``check`` runs on any JSON, never raising on a malformed one."""
+    value = node.get(key) if isinstance(node, dict) else None
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def check(resource: Json, extra: list[str] | tuple[str, ...] = ()) -> list[Issue]:
     """Every issue of ``resource`` against the profiles it must conform to (and ``extra`` ones)."""
     issues: list[Issue] = []
     rtype = resource.get("resourceType", "")
-    for url in dict.fromkeys([*required(resource), *(u.split("|")[0] for u in extra)]):
+    for url in dict.fromkeys([*required(resource), *(str(u).split("|")[0] for u in extra)]):
         profile = profiles().get(url)
         if profile is None or profile.type == "Extension":
             issues.append(Issue("not-supported", f"{url} is not a profile this server knows", expression=(rtype,)))
@@ -243,17 +251,23 @@ def check(resource: Json, extra: list[str] | tuple[str, ...] = ()) -> list[Issue
 
 
 def _extensions(node: Any, at: str, root: Json) -> Iterator[Issue]:
-    """Extensions of ours found anywhere in the resource, checked against their definitions."""
+    """Extensions of ours found anywhere in the resource, checked against their definitions.
+
+    It runs on every write: only objects and lists are walked into, and no path is built for
+    a primitive.
+    """
     if isinstance(node, list):
         for i, item in enumerate(node):
-            yield from _extensions(item, f"{at}[{i}]", root)
+            if isinstance(item, (dict, list)):
+                yield from _extensions(item, f"{at}[{i}]", root)
     elif isinstance(node, dict):
         for key, value in node.items():
-            if key == "resourceType":
+            if not isinstance(value, (dict, list)):
                 continue
             if key in ("extension", "modifierExtension") and isinstance(value, list):
                 for i, ext in enumerate(value):
-                    definition = profiles().get(ext.get("url", "")) if isinstance(ext, dict) else None
+                    url = ext.get("url") if isinstance(ext, dict) else None
+                    definition = profiles().get(url) if isinstance(url, str) else None
                     if definition is not None and definition.type == "Extension":
                         yield from _check(definition, ext, f"{at}.{key}[{i}]", root)
             yield from _extensions(value, f"{at}.{key}", root)
@@ -357,7 +371,7 @@ def _binding(rule: Rule, at: str, value: Any) -> Iterator[Issue]:
     if isinstance(value, str):
         ok = any(code == value for _, code in codes)
     elif isinstance(value, dict) and "coding" in value:
-        ok = any((c.get("system"), c.get("code")) in codes for c in value["coding"])
+        ok = any((c.get("system"), c.get("code")) in codes for c in _items(value, "coding"))
     elif isinstance(value, dict):
         ok = (value.get("system"), value.get("code")) in codes
     else:
@@ -392,9 +406,7 @@ def _reference_type(reference: Any) -> str | None:
     if not isinstance(reference, dict):
         return None
     literal = reference.get("reference")
-    if isinstance(literal, str):
-        found = _REFERENCE.search(literal)
-        if found:
-            return found.group(1)
+    if isinstance(literal, str) and (found := _REFERENCE.search(literal)):
+        return found.group(1)
     kind = reference.get("type")
     return kind if isinstance(kind, str) else None

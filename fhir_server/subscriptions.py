@@ -19,7 +19,10 @@ Subscription's rows one at a time in the order they were written.
 
 Writes of a type no Subscription watches cost a dictionary lookup: the watched criteria of
 every Subscription are cached in the process (per database), reloaded when this process
-writes a Subscription and at most ``CACHE_SECONDS`` after another process did.
+writes a Subscription and at most ``CACHE_SECONDS`` after another process did. The hook
+invalidates before its transaction commits, so a concurrent writer of this process that
+reloads in between (PostgreSQL; SQLite writers take turns) may keep the old criteria for up
+to ``CACHE_SECONDS`` too; the notifier invalidates again after committing a status.
 """
 
 import threading
@@ -159,9 +162,12 @@ def _subscription_written(repo: Repository, change: Change, sub: dict[str, Any])
     if not channel.get("endpoint", "").startswith(("http://", "https://")):
         raise error(422, "invalid", "Subscription.channel.endpoint must be an http(s) URL", f"{CHANNEL}.endpoint")
     for header in channel.get("header", []):
-        if ":" not in header:
+        if ":" not in header or not header.isascii():  # HTTP header fields are ASCII here (httpx sends no other)
             raise error(
-                422, "invalid", f"Subscription.channel.header {header!r} is not 'Name: value'", f"{CHANNEL}.header"
+                422,
+                "invalid",
+                f"Subscription.channel.header {header!r} is not 'Name: value' in ASCII",
+                f"{CHANNEL}.header",
             )
     criteria_query(str(sub.get("criteria", "")))
     if sub.get("status") == "requested":

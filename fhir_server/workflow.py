@@ -167,9 +167,26 @@ def _report(repo: Repository, change: Change) -> None:
             raise _illegal(f"DiagnosticReport/{change.id}", old, new, legal)
     _compare_with_original(repo, change, report, order_id)
     _reference_images(repo, change, order_id)
+    if before is not None and before.get("status") == new == "final" and not same_content(before, change.resource):
+        # The referrer already has this final report: a change must reach it as a correction (OBR-25 C).
+        raise error(
+            409,
+            "business-rule",
+            f"DiagnosticReport/{change.id} is final: change it as amended, corrected or appended, not as final",
+            "DiagnosticReport.status",
+        )
     if new in COMPLETING:
         report_id = change.id
         repo.defer(lambda r: _complete_case(r, order_id, report_id))
+
+
+def same_content(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two versions of a resource say the same (``id`` and ``meta`` aside)."""
+    if a is None or b is None:
+        return a is b
+    return {k: v for k, v in a.items() if k not in ("id", "meta")} == {
+        k: v for k, v in b.items() if k not in ("id", "meta")
+    }
 
 
 def _compare_with_original(repo: Repository, change: Change, report: dict[str, Any], order_id: str) -> None:
@@ -218,10 +235,12 @@ def _complete_case(repo: Repository, order_id: str, report_id: str) -> None:
             "business-rule",
             f"Task/{case.id} of ServiceRequest/{order_id} is {status!r}: a report cannot complete it",
         )
-    reference = {"reference": f"DiagnosticReport/{report_id}"}
+    reference = f"DiagnosticReport/{report_id}"
     outputs = task.get("output", [])
-    if any(o.get("valueReference") == reference for o in outputs) and status == "completed":
+    # The client's own output for the report may carry a display or type: the reference decides.
+    listed = any(o.get("valueReference", {}).get("reference") == reference for o in outputs)
+    if listed and status == "completed":
         return
-    if not any(o.get("valueReference") == reference for o in outputs):
-        outputs = [*outputs, {"type": {"text": SECOND_OPINION_OUTPUT}, "valueReference": reference}]
+    if not listed:
+        outputs = [*outputs, {"type": {"text": SECOND_OPINION_OUTPUT}, "valueReference": {"reference": reference}}]
     repo.update("Task", case.id, {**task, "status": "completed", "output": outputs}, case.etag)

@@ -7,7 +7,9 @@ Two kinds of worker share the outbound message store (``hl7_bridge.outbound``):
   (those of the ordering facility, MSH-4 of the order, else the default ones: ``sending_facility``
   ""), builds one ORU^R01 per destination with a fresh MSH-10, stores it ``queued`` and completes
   the outbox row: one transaction. The unique key (destination, report, version, sequence) means a
-  second run for the same version (a crash, another server process) builds nothing twice.
+  second run for the same version (a crash, another server process) builds nothing twice. A version
+  waits while an earlier version of the same report is still to be queued (being retried, or in
+  another process), so the queue has a report's versions in order.
 - **Sending**, one loop per destination, sends that destination's queue strictly oldest first:
   the head of the queue is leased (compare-and-set on ``available_at``, so two processes never
   send at once), sent over MLLP outside any transaction, and its ACK judged: AA (or CA) = sent;
@@ -30,9 +32,9 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -47,11 +49,11 @@ from fhir_server.repository import Hook, Repository
 from fhir_server.results import RESULT
 from fhir_server.schema import OutboxRow
 from hl7_bridge import mllp
+from hl7_bridge.intake import Senders
 from hl7_bridge.oru_context import load_context
 from hl7_bridge.outbound import DEAD, ERROR, PENDING, QUEUED, SENT, OutboundMessage
 from mappings.errors import MappingError
-from mappings.oru_r01 import RESULT_STATUS, Envelope, OruContext, oru_r01
-from mappings.sender import SenderConfig
+from mappings.oru_r01 import RESULT_STATUS, Envelope, oru_r01
 from mappings.v2 import parse
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ DELIVERY_EXTENSION = "https://overread.org/fhir/StructureDefinition/result-deliv
 MESSAGE_SYSTEM = "urn:overread:message:"
 ACCEPTED = ("AA", "CA")
 ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
-
-Senders = Callable[[str, str], SenderConfig | None]
 
 
 class DestinationConfig(Protocol):
@@ -92,6 +92,12 @@ class DestinationConfig(Protocol):
 
 #: An EHR's MLLP receiver is retried for about 3 hours: 5 s doubling to 10 min, 24 times.
 DEFAULT_BACKOFF = Backoff(24, timedelta(seconds=5), timedelta(minutes=10))
+
+
+def local_now() -> datetime:
+    """Now, aware, in the server's time zone (MSH-7). ``dates.now()`` is naive UTC: ``.astimezone()``
+    alone would take it for local time."""
+    return dates.now().replace(tzinfo=UTC).astimezone()
 
 
 def new_control_id() -> str:
@@ -203,6 +209,8 @@ class Delivery:
         with self.db.transaction() as session:
             rows = [(r.pk, r.resource_id, r.resource_version) for r in outbox.claim(session, RESULT, lease=self.lease)]
         for pk, report_id, version in rows:
+            if self._behind_earlier_version(pk, report_id):
+                continue
             try:
                 self._queue(pk, report_id, version)
             except (FhirError, MappingError) as exc:  # the report cannot be an ORU: no retry will change that
@@ -218,10 +226,33 @@ class Delivery:
                     outbox.retry(session, pk, f"{type(exc).__name__}: {exc}", delay, self.backoff.max_attempts)
         return len(rows)
 
+    def _behind_earlier_version(self, pk: int, report_id: str) -> bool:
+        """Whether an earlier version of the report is still to be queued (being retried, or claimed by
+        another process): then this one waits until that one is due again, its claim not counted as an
+        attempt, so a correction is never queued before the report it corrects."""
+        with self.db.transaction() as session:
+            earlier = session.scalar(
+                select(OutboxRow.available_at)
+                .where(
+                    OutboxRow.topic == RESULT,
+                    OutboxRow.resource_id == report_id,
+                    OutboxRow.status == outbox.PENDING,
+                    OutboxRow.pk < pk,
+                )
+                .order_by(OutboxRow.pk)
+                .limit(1)
+            )
+            if earlier is None:
+                return False
+            row = session.get_one(OutboxRow, pk)
+            row.attempts -= 1
+            row.available_at = max(earlier, dates.now())
+            return True
+
     def _queue(self, pk: int, report_id: str, version: int) -> None:
         with self.db.transaction() as session:
             repo = Repository(session, self.hooks)
-            context = context_at(repo, report_id, version)
+            context = load_context(repo, report_id, version)
             order_id = str(context.order.get("id") or "")
             origin = ordering_system(repo, order_id)
             status = str(context.report.get("status", ""))
@@ -256,7 +287,7 @@ class Delivery:
         systems = {system: authority for authority, system in sender.identifier_systems.items()} if sender else {}
         return Envelope(
             control_id=new_control_id(),
-            timestamp=dates.now().astimezone(),
+            timestamp=local_now(),
             version=destination.version,
             receiving_application=destination.receiving_application or app,
             receiving_facility=destination.receiving_facility or facility,
@@ -336,14 +367,6 @@ def choose(destinations: Sequence[DestinationConfig], facility: str | None, stat
     own = [d for d in destinations if facility and d.sending_facility == facility]
     chosen = own or [d for d in destinations if not d.sending_facility]
     return [d for d in chosen if status != "preliminary" or d.send_preliminary]
-
-
-def context_at(repo: Repository, report_id: str, version: int) -> OruContext:
-    """The ORU context of one version of a report (its order, patient, … as they are now)."""
-    context = load_context(repo, report_id)
-    if str(context.report.get("meta", {}).get("versionId")) != str(version):
-        context = replace(context, report=repo.vread("DiagnosticReport", report_id, version).resource)
-    return context
 
 
 def ordering_system(repo: Repository, order_id: str) -> tuple[str, str] | None:
@@ -429,7 +452,7 @@ def replay(db: Database, pk: int, hooks: Sequence[Hook] = ()) -> OutboundMessage
                 m.report_version == original.report_version,
             )
         )
-        raw = with_control_id(original.raw, new_control_id(), dates.now().astimezone())
+        raw = with_control_id(original.raw, new_control_id(), local_now())
         row = _new_row(
             original.destination,
             original.report_id,

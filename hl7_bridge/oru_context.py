@@ -1,6 +1,6 @@
 """Gather what an ORU^R01 is made of (``mappings.oru_r01.OruContext``) from the store, or from a JSON file.
 
-``load_context`` reads the DiagnosticReport at its current version and resolves its basedOn
+``load_context`` reads the DiagnosticReport at its current version (or a given one) and resolves its basedOn
 ServiceRequest, subject Patient, resultsInterpreter[0] Practitioner, result Observations and the
 Encounter (the report's, else the order's). References may be relative (``Type/id``, with or without
 ``/_history/n``), absolute URLs ending so, or ``#id`` into the report's ``contained``. The order and
@@ -20,9 +20,15 @@ from mappings.oru_r01 import Envelope, OruContext
 Json = dict[str, Any]
 
 
-def load_context(repo: Repository, report_id: str) -> OruContext:
-    """The ORU context of ``DiagnosticReport/<report_id>`` (its current version)."""
+def load_context(repo: Repository, report_id: str, version: int | None = None) -> OruContext:
+    """The ORU context of ``DiagnosticReport/<report_id>``: its current version, else ``version``.
+
+    A deleted report is an error (404/410) even when ``version`` is given. The other resources are
+    those the report version references, as they are now.
+    """
     report = repo.read("DiagnosticReport", report_id).resource
+    if version is not None and str(report.get("meta", {}).get("versionId")) != str(version):
+        report = repo.vread("DiagnosticReport", report_id, version).resource
     order = _first(repo, report, report.get("basedOn") or [], "ServiceRequest")
     if order is None:
         raise error(422, "incomplete", f"DiagnosticReport/{report_id} is not basedOn a ServiceRequest", "basedOn")
@@ -35,8 +41,9 @@ def load_context(repo: Repository, report_id: str) -> OruContext:
         for ref in report.get("result") or []
         if (found := _resolve(repo, report, ref, "Observation", required=False)) is not None
     )
-    encounter_ref = report.get("encounter") or order.get("encounter")
-    encounter = _resolve(repo, order, encounter_ref, "Encounter", required=False) if encounter_ref else None
+    holder = report if report.get("encounter") else order  # where a ``#id`` reference is contained
+    encounter_ref = holder.get("encounter")
+    encounter = _resolve(repo, holder, encounter_ref, "Encounter", required=False) if encounter_ref else None
     requester = _resolve(repo, order, order.get("requester") or {}, "Practitioner", required=False)
     return OruContext(report, order, patient, interpreter, findings, encounter, requester)
 

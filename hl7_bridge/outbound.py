@@ -22,7 +22,6 @@ from fhir_server.schema import PK, Base
 QUEUED, ERROR, SENT, DEAD = "queued", "error", "sent", "dead"
 #: The rows still to be sent, in their destination's queue.
 PENDING = (QUEUED, ERROR)
-STATUSES = (QUEUED, ERROR, SENT, DEAD)
 
 
 class OutboundMessage(Base):

@@ -147,6 +147,8 @@ def _list(data: Mapping[str, object], key: str, at: str) -> list[object]:
 def translate(concept_map: ConceptMap, system: str | None, code: str) -> list[Json]:
     """The Codings ``(system, code)`` translates to in ``concept_map`` (empty: no translation)."""
     found: list[Json] = []
+    if not code:
+        return found  # a coding without a code (text only) has nothing to translate
     for group in concept_map.groups:
         if group.source is not None and group.source != system:
             continue

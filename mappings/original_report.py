@@ -306,7 +306,7 @@ def _text(members: tuple[Segment, ...], enc: Encoding) -> tuple[str, str]:
                 continue
             chunks.append((heading, lines, is_impression))
         elif seg.name == "NTE":
-            note = "\n".join(r.value for r in seg.field(3).present())
+            note = "\n".join(_leaf_text(r, enc) for r in seg.field(3).present())
             if note:
                 chunks.append((heading, note, is_impression))
     headings = {h for h, _, _ in chunks}
@@ -341,7 +341,7 @@ def _obx_text(obx: Segment, enc: Encoding) -> str | None:
 
 
 def _leaf_text(rep: Repetition, enc: Encoding) -> str:
-    """A text value as sent: a literal ^ or & in unescaped free text split it; join it again."""
+    """A text value as sent: a literal ^ or & in unescaped free text (OBX-5, NTE-3) split it; join it again."""
     return enc.component.join(enc.subcomponent.join(sub) for sub in rep.components)
 
 
@@ -358,8 +358,13 @@ def _attachment(obx: Segment, at: str, msg: Message) -> Json:
     """ED (OBX-5: 1 source, 2 type of data, 3 subtype, 4 encoding, 5 data) → Attachment with data."""
     rep = obx.field(5).first
     enc = msg.encoding
-    # Data sent without escaping its ^ and & (CDA XML does: &lt;) was split by the parser: rejoin it.
-    data = enc.component.join(enc.subcomponent.join(sub) for sub in rep.components[4:])
+    # Data sent without escaping its ^, & and ~ (CDA XML does: &lt;) was split by the parser: rejoin it.
+    data = enc.repetition.join(
+        [
+            enc.component.join(enc.subcomponent.join(sub) for sub in rep.components[4:]),
+            *(_leaf_text(r, enc) for r in obx.field(5).repetitions[1:]),
+        ]
+    )
     encoding = rep.component(4).upper()
     if encoding in ("BASE64", "B64"):
         cleaned = re.sub(r"\s+", "", data)

@@ -182,7 +182,8 @@ class _Writer:
         yield from self.coded(RADPEER_OBX3, RADPEER_SYSTEM, required=False)
         conclusion = str(self.ctx.report.get("conclusion") or "")
         if conclusion.strip():
-            yield from self.text(IMPRESSION_OBX3, conclusion, self.next_sub_id(IMPRESSION_OBX3), self.obx_status)
+            code = _components(*map(_e, IMPRESSION_OBX3))
+            yield from self.text(code, conclusion, self.next_sub_id(IMPRESSION_OBX3), self.obx_status)
         forms: list[Json] = self.ctx.report.get("presentedForm") or []
         for n, form in enumerate(forms, 1):
             yield from self.presented_form(form, f"presentedForm[{n - 1}]")
@@ -312,7 +313,7 @@ class _Writer:
         if practitioner is None:
             refs: list[Json] = self.ctx.report.get("resultsInterpreter") or []
             display = str(refs[0].get("display", "")) if refs else ""
-            return _e(display) if display else ""
+            return "&" + _e(display) if display else ""  # a name without an id: the family name subcomponent
         idents: list[Json] = [i for i in practitioner.get("identifier") or [] if i.get("value")]
         ident = idents[0] if idents else {}
         names: list[Json] = practitioner.get("name") or []
@@ -386,9 +387,9 @@ class _Writer:
             return
         yield self.obx(self.coded_type, _components(*map(_e, obx3)), "", _coding_cwe(coding), self.obx_status)
 
-    def text(self, obx3: tuple[str, str, str], text: str, sub_id: str, status: str) -> Iterator[str]:
-        """Narrative: v2.5.1 one FT OBX (line breaks as \\.br\\); v2.3.1 one TX OBX per line (same sub-ID)."""
-        code = _components(*map(_e, obx3))
+    def text(self, code: str, text: str, sub_id: str, status: str) -> Iterator[str]:
+        """Narrative under OBX-3 ``code``: v2.5.1 one FT OBX (line breaks as \\.br\\); v2.3.1 one TX OBX per
+        line (same sub-ID)."""
         lines = text.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
         if self.v251:
             yield self.obx("FT", code, sub_id, _e(lines), status)
@@ -408,7 +409,8 @@ class _Writer:
             except (binascii.Error, ValueError, LookupError) as exc:
                 raise MappingError(DATA_TYPE_ERROR, at, f"presentedForm data is not Base64 text: {exc}") from exc
             if text.strip():
-                yield from self.text(REPORT_OBX3, text, self.next_sub_id(REPORT_OBX3), self.obx_status)
+                code = _components(*map(_e, REPORT_OBX3))
+                yield from self.text(code, text, self.next_sub_id(REPORT_OBX3), self.obx_status)
             return
         top, _, subtype = mime.partition("/")
         kind, sub = DATA_TYPES.get(top, "AP"), (subtype or "octet-stream").upper()
@@ -436,11 +438,7 @@ class _Writer:
             yield self.obx(self.coded_type, obx3, sub_id, _cwe(value, self.v251), status)
         text = observation.get("valueString")
         if isinstance(text, str) and text.strip():
-            value_type = "FT" if self.v251 else "TX"
-            lines = text.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
-            chunks = [lines] if self.v251 else lines.split("\n")
-            for chunk in chunks:
-                yield self.obx(value_type, obx3, sub_id, _e(chunk), status)
+            yield from self.text(obx3, text, sub_id, status)
         yield from _ntes([str(n.get("text", "")) for n in observation.get("note") or []])
 
 

@@ -94,6 +94,7 @@ def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[t
         finally:
             stop.set()
             thread.join(timeout=60)
+            worker.close()
 
 
 @contextmanager

@@ -67,6 +67,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -198,6 +199,16 @@ class Sender(_Strict):
     fields: SenderFields = Field(default_factory=SenderFields)
     defaults: SenderDefaults = Field(default_factory=SenderDefaults)
     _concept_maps: tuple[ConceptMap, ...] = PrivateAttr(default=())
+
+    @field_validator("timezone")
+    @classmethod
+    def _a_zone(cls, value: str) -> str:
+        """A misspelt zone is refused now, not when the first message with a local time comes."""
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"{value!r} is not an IANA time zone") from exc
+        return value
 
     @model_validator(mode="after")
     def _read_concept_maps(self, info: ValidationInfo) -> Self:

@@ -50,3 +50,15 @@ def test_an_hl7_order_opens_its_case_once_with_its_linking_job(client, db):
     (order,) = [e["resource"] for e in client.get("/fhir/ServiceRequest").json()["entry"]]
     assert len(_cases(client, order["id"])) == 1
     assert _jobs(db) == [("link-imaging", "ServiceRequest", order["id"])]
+
+
+def test_a_task_of_another_intent_about_the_order_is_not_its_case(client, db):
+    """Only an intent-order Task is the case (workflow.is_case): a plan about the order does not stand in for it."""
+    transaction = case_transaction()
+    plan = transaction["entry"][2]
+    plan["resource"] = {**plan["resource"], "intent": "plan"}
+    response = client.post("/fhir", json=transaction)
+    assert response.status_code == 200, response.text
+    (order,) = [e["resource"] for e in client.get("/fhir/ServiceRequest").json()["entry"]]
+    intents = sorted(t["intent"] for t in _cases(client, order["id"]))
+    assert intents == ["order", "plan"]

@@ -118,6 +118,14 @@ def test_the_radpeer_map_of_the_architecture_brief():
     ]  # fmt: skip
 
 
+def test_a_coding_without_a_code_is_not_translated_by_unmapped():
+    provided = parse_concept_map(_map({"target": LOINC, "element": [], "unmapped": {"mode": "provided"}}))
+    fixed = parse_concept_map(_map({"target": DISC, "element": [], "unmapped": {"mode": "fixed", "code": "x"}}))
+    assert translate(provided, None, "") == [] and translate(fixed, LOCAL, "") == []  # never {"code": ""}
+    concept = {"coding": [{"system": LOCAL, "display": "CT chest"}], "text": "CT chest"}
+    assert add_translations(concept, [provided, fixed]) == concept
+
+
 def test_a_translation_already_present_is_not_repeated():
     cm = parse_concept_map(
         _map(

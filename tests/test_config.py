@@ -151,6 +151,7 @@ def test_a_missing_concept_map_file_is_refused_naming_it(tmp_path):
         ("fields: {procedure_code: OBR-4.1}", "a whole coded field"),
         ("defaults: {priority: whenever}", "whenever"),
         ("defaults: {accession: A1}", "accession"),  # defaults only for what has one
+        ("timezone: Europe/Stockolm", "not an IANA time zone"),  # else every local time fails at mapping
     ],
 )
 def test_unknown_or_wrong_field_settings_are_refused(tmp_path, sender, message):

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,21 @@ def test_a_correction_sends_a_second_oru_with_obr25_c(db: Database, receiver: Re
     }
 
 
+def test_a_report_withdrawn_after_it_was_sent_goes_out_as_obr25_x_and_the_same_report_again_not_at_all(
+    db: Database, receiver: Receiver
+) -> None:
+    order_id = hl7_order(db)
+    write_report(db, order_id, "so-1", "final")
+    delivery = worker(db, destination(receiver.port))
+    drain(delivery)
+    assert write_report(db, order_id, "so-1", "final") == 2  # a client PUTs the same report again
+    drain(delivery)
+    assert [obr25(m) for m in receiver.accepted] == ["F"]
+    write_report(db, order_id, "so-1", "entered-in-error")
+    drain(delivery)
+    assert [obr25(m) for m in receiver.accepted] == ["F", "X"]  # the EHR must not keep showing it
+
+
 def test_receiver_down_then_up_delivers_once_after_a_retry(db: Database) -> None:
     port = _free_port()
     order_id = hl7_order(db)
@@ -325,6 +340,48 @@ def test_a_dead_message_no_longer_holds_up_the_queue(db: Database, receiver: Rec
     drain(delivery)
     assert [(r.report_version, r.status) for r in rows(db)] == [(1, DEAD), (2, SENT)]
     assert [obr25(m) for m in receiver.accepted] == ["C"]
+
+
+def test_a_correction_is_not_queued_before_the_final_report_whose_queueing_failed(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order_id = fhir_order(db)
+    write_report(db, order_id, "so-1")
+    write_report(db, order_id, "so-1", "corrected")
+    delivery = worker(db, destination(_free_port()))
+    build = Delivery._queue
+    failed: list[int] = []
+
+    def flaky(self: Delivery, pk: int, report_id: str, version: int) -> None:
+        if version == 1 and not failed:  # a transient failure (a lock timeout, a dropped connection)
+            failed.append(version)
+            raise RuntimeError("database hiccup")
+        build(self, pk, report_id, version)
+
+    monkeypatch.setattr(Delivery, "_queue", flaky)
+    delivery.queue_once()
+    assert rows(db) == []  # version 2 waits for version 1
+    delivery.queue_once()
+    assert [(r.report_version, r.result_status) for r in rows(db)] == [(1, "F"), (2, "C")]
+    with db.transaction() as session:
+        attempts = list(session.scalars(select(OutboxRow.attempts).where(OutboxRow.topic == RESULT)))
+    assert attempts == [2, 1]  # waiting cost version 2 no attempt
+
+
+def test_msh7_is_the_time_now_whatever_the_servers_time_zone(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    order_id = fhir_order(db)
+    write_report(db, order_id, "so-1")
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        worker(db, destination(_free_port())).queue_once()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    (row,) = rows(db)
+    msh7 = datetime.strptime(row.raw.decode().split("|")[6], "%Y%m%d%H%M%S%z")
+    assert msh7.utcoffset() in (timedelta(hours=-5), timedelta(hours=-4))
+    assert abs(msh7 - datetime.now(UTC)) < timedelta(minutes=1)
 
 
 # -- crashes ------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicom_bridge.dicomweb import DicomWebClient, parts
-from dicom_bridge.errors import PacsUnavailable, RetrieveFailed
+from dicom_bridge.errors import PacsError, PacsUnavailable, RetrieveFailed
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery
 from tests.orthanc import Orthanc
@@ -147,3 +147,9 @@ def test_multipart_parts_in_any_chunking(size):
 def test_a_cut_multipart_body_fails():
     with pytest.raises(RetrieveFailed):
         list(parts([b"--b1\r\n\r\nfirst\r\n--b1\r\n\r\nhalf an inst"], b"b1"))
+
+
+@pytest.mark.parametrize("uid", ["..", "1..2", "1²", "1" * 65, ""])
+def test_retrieve_refuses_what_is_not_a_uid(uid, tmp_path):
+    with DicomWebClient("http://127.0.0.1:1/dicom-web") as web, pytest.raises(PacsError):
+        web.retrieve(uid, ImageStore(tmp_path))

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
-from dicom_bridge.query import missing
+from dicom_bridge.query import StudyQuery, missing
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, SamplePacs, sample_path
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server import cases
@@ -246,3 +246,55 @@ def test_an_answer_short_of_its_own_counts_is_not_the_study():
     study.NumberOfStudyRelatedSeries = 1
     assert missing(Study(study, [Series(series, [Dataset()])])) == "1.2.3: 1 of 3 instances of series 1.2.3.1"
     assert missing(Study(study, [Series(series, [Dataset()] * 3)])) is None
+
+
+def test_the_image_store_takes_no_path_for_a_uid(tmp_path):
+    store = ImageStore(tmp_path / "images")
+    (tmp_path / "images").mkdir()
+    outside = tmp_path / "elsewhere" / "1.2" / "1.2.3.dcm"
+    outside.parent.mkdir(parents=True)
+    outside.write_bytes(b"")
+    for bad in ("..", "../elsewhere", "1..2", ".1", "1²", "1" * 65):
+        with pytest.raises(ValueError):
+            store.path(bad, "1.2", "1.2.3")
+        assert store.count(bad) == 0
+    assert store.find(StudyQuery(study_uid="../elsewhere")) == []  # an order's identifier is not a path
+    assert store.path("1.2.840", "1.2", "1.2.3") == tmp_path / "images" / "1.2.840" / "1.2" / "1.2.3.dcm"
+
+
+def test_a_job_finished_by_another_run_is_not_undone(env):
+    # A lease that ran out mid-retrieve (or a push that woke the job) lets two runs share a job:
+    # the one that finishes second must neither revive nor kill the row, nor unlink the case.
+    order_id = env.order()
+    linker = env.linker(backoff=Backoff(max_attempts=1))
+    assert linker.run_once() == 1
+    with env.db.transaction() as session:
+        (pk,) = session.scalars(select(OutboxRow.pk))
+    linker._retry(pk, order_id, "the late run failed")
+    assert env.jobs() == [("done", 1)]
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE and "statusReason" not in env.case(order_id)
+
+
+def test_close_closes_the_dicomweb_client(env):
+    peer = PacsPeer(name="web", ae_title="WEB", host="127.0.0.1", port=1, qido_url="http://127.0.0.1:1/dicom-web")
+    linker = Linker(env.db, [Source("web", env.store, peer, "OVERREAD"), Source("image store", env.store)])
+    linker.close()
+    assert linker.sources[0].web is not None and linker.sources[0].web.http.is_closed
+
+
+def test_a_push_while_the_job_runs_is_not_undone_by_its_backoff(env):
+    order_id = env.order("ACC-WOKEN")
+    linker = env.linker(backoff=Backoff(max_attempts=5, first_delay=timedelta(hours=1)))
+    pacs_find = linker.sources[0].find
+
+    def find_then_pushed(query):  # the study arrives by C-STORE just after the PACS said "none"
+        found = pacs_find(query)
+        env.pacs.add(new_study("ACC-WOKEN"))
+        linker.wake({("1.2.3", "ACC-WOKEN")})
+        return found
+
+    linker.sources[0].find = find_then_pushed  # type: ignore[method-assign]
+    assert linker.run_once() == 1 and env.status(order_id) == cases.IMAGES_PENDING
+    linker.sources[0].find = pacs_find  # type: ignore[method-assign]
+    assert linker.run_once() == 1  # due at once, not in an hour
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE

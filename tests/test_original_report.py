@@ -219,3 +219,19 @@ def test_other_message_types_are_still_refused(db: Database):
     ack = receive(db, omg, hooks=HOOKS)
     assert _msa(ack)[0] == "AR" and str(hl7.parse(ack.decode()).segment("ERR")[3]).startswith("200")
     assert _find(db, "DiagnosticReport") == []
+
+
+def test_unescaped_separators_in_nte_and_ascii_ed_are_kept():
+    oru = "\r".join(
+        [
+            "MSH|^~\\&|RIS|HOSP|OVR|OVR|20250301||ORU^R01|M1|P|2.5.1",
+            "PID|||P1^^^HOSP||Doe^Jane",
+            "OBR|1|PL1|FL1|CT^CT chest|||20250301" + "|" * 18 + "F",
+            "OBX|1|TX|RPT^Report||Line one",
+            "NTE|1||Note with caret ^ inside & amp",
+            "OBX|2|ED|DOC^Doc||^TEXT^plain^A^a~b ^ c",
+        ]
+    ).encode()
+    (report,) = _reports(map_order(parse(oru)))
+    assert _text(report) == "Line one\nNote with caret ^ inside & amp"
+    assert base64.b64decode(report["presentedForm"][1]["data"]) == b"a~b ^ c"

@@ -225,6 +225,39 @@ def test_load_context_resolves_order_patient_interpreter_findings_and_encounter(
     assert stored[1:] == oru_r01(golden, envelope).split("\r")[1:]
 
 
+def test_load_context_finds_an_encounter_contained_in_the_report(db: Database) -> None:
+    data = json.loads((GOLDEN / "final_major_radpeer_findings.json").read_text(encoding="utf-8"))
+    with db.begin() as conn:
+        repo = Repository(conn)
+        for resource in [data["patient"], data["order"]]:
+            repo.create({k: v for k, v in resource.items() if k != "id"}, resource["id"])
+        report = {k: v for k, v in data["report"].items() if k not in ("id", "meta")}
+        report["contained"] = [{**data["encounter"], "id": "visit"}]
+        report["encounter"] = {"reference": "#visit"}
+        repo.create(report, "dr-1")
+    with db.begin(write=False) as conn:
+        context = load_context(Repository(conn), "dr-1")
+    assert context.encounter is not None and context.encounter["id"] == "visit"
+
+
+def test_load_context_of_an_earlier_version_resolves_that_versions_findings(database_url: str) -> None:
+    _store(database_url)
+    db = Database(database_url)
+    try:
+        with db.begin() as conn:
+            repo = Repository(conn)
+            report = repo.read("DiagnosticReport", "dr-1").resource
+            repo.update("DiagnosticReport", "dr-1", {**report, "status": "corrected", "result": report["result"][:1]})
+        with db.begin(write=False) as conn:
+            first = load_context(Repository(conn), "dr-1", 1)
+            current = load_context(Repository(conn), "dr-1")
+    finally:
+        db.dispose()
+    assert first.report["meta"]["versionId"] == "1" and first.report["status"] == "final"
+    assert [f["id"] for f in first.findings] == ["obs-1", "obs-2"]
+    assert [f["id"] for f in current.findings] == ["obs-1"]
+
+
 def _run(args: list[str], url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OVERREAD_DATABASE_URL": url}
     return subprocess.run([*OVERREAD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
@@ -263,3 +296,14 @@ def test_envelope_timestamp_is_msh7_with_its_offset() -> None:
     context, envelope = _load(GOLDEN / "pdf_ed.json")
     msh = oru_r01(context, dataclasses.replace(envelope, timestamp=datetime(2025, 6, 1, 8, 0, tzinfo=UTC)))
     assert msh.split("\r")[0].split("|")[6] == "20250601080000+0000"
+
+
+@pytest.mark.parametrize("version", ["2.5.1", "2.3.1"])
+def test_an_interpreter_known_only_by_name_is_obr32_family_name_not_its_id(version: str) -> None:
+    context, envelope = _load(GOLDEN / "preliminary_agree.json")
+    report = {**context.report, "resultsInterpreter": [{"display": "Dr Second Reader"}]}
+    context = dataclasses.replace(context, report=report, interpreter=None)
+    obr = parse(oru_r01(context, dataclasses.replace(envelope, version=version))).segment("OBR")
+    assert obr is not None
+    assert obr.field(32).subcomponent(1, 1) == ""  # CNN-1 / CN-1: the id number
+    assert obr.field(32).subcomponent(1, 2) == "Dr Second Reader"  # the family name

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from fhir_server import profiles
 from fhir_server.conformance_seed import publish
 from fhir_server.errors import FhirError
-from fhir_server.validation import validate
+from fhir_server.validation import model, validate
 from mappings.concept_map import parse_concept_map, translate
 
 Json = dict[str, Any]
@@ -64,6 +64,20 @@ def test_the_artifacts_of_the_discrepancy_section() -> None:
     assert profiles.expand(f"{BASE}/ValueSet/second-opinion-discrepancy") == frozenset((DISCREPANCY, c) for c in scale)
     for sd in ("compared-report", "second-opinion-request", "second-opinion-case", "second-opinion-report"):
         assert f"{BASE}/StructureDefinition/{sd}" in profiles.profiles()
+
+
+@pytest.mark.parametrize("url", sorted(profiles.profiles()), ids=lambda u: u.rsplit("/", 1)[-1])
+def test_differential_elements_follow_the_order_of_the_base_type(url: str) -> None:
+    """R4 profiling: a differential lists its elements in the order of the type they constrain."""
+    sd = profiles.by_url()[url]
+    base = model(sd["type"]).elements_sequence()  # type: ignore[attr-defined]  # fhir.resources adds it
+    positions = []
+    for element in sd["differential"]["element"]:
+        name = element["path"].split(".")[1:2]
+        if name:  # value[x] stands where valueQuantity, valueCodeableConcept … stand
+            choice = name[0].removesuffix("[x]") if name[0].endswith("[x]") else None
+            positions.append(next(i for i, b in enumerate(base) if b == name[0] or (choice and b.startswith(choice))))
+    assert positions == sorted(positions), [e["id"] for e in sd["differential"]["element"]]
 
 
 @pytest.mark.parametrize(("score", "expected"), [("1", "agree"), ("2a", "minor"), ("2b", "major"), ("3a", "minor")])
@@ -192,6 +206,15 @@ def test_validate_takes_parameters_and_a_profile_and_writes_nothing(client: Test
     assert wrong_type.status_code == 400
 
 
+def test_validate_with_a_profile_reports_a_malformed_resource_instead_of_failing(client: TestClient) -> None:
+    malformed = {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "CT"}, "meta": {"tag": "x"}}
+    response = client.post(f"/fhir/DiagnosticReport/$validate?profile={REPORT_PROFILE}", json=malformed)
+    assert response.status_code == 200, response.text
+    assert ("error", "invalid", ("DiagnosticReport.meta.tag",)) in _issues(response.json())
+    odd_extension = {**_load("report-valid"), "extension": [{"url": ["not", "a", "uri"]}]}
+    assert client.post("/fhir/DiagnosticReport/$validate", json=odd_extension).status_code == 200
+
+
 def test_validate_an_instance(client: TestClient) -> None:
     created = client.post("/fhir/DiagnosticReport", json=_load("report-valid")).json()
     rid = created["id"]
@@ -204,6 +227,15 @@ def test_validate_an_instance(client: TestClient) -> None:
     assert ("error", "required", ("DiagnosticReport.resultsInterpreter",)) in _issues(outcome)
     assert client.get(f"/fhir/DiagnosticReport/{rid}").json()["meta"]["versionId"] == "1"
     assert client.post("/fhir/DiagnosticReport/nope/$validate").status_code == 404
+
+
+def test_validate_in_delete_mode_ignores_the_content_and_other_methods_are_405(client: TestClient) -> None:
+    rid = client.post("/fhir/DiagnosticReport", json=_load("report-valid")).json()["id"]
+    invalid = {**_load("report-invalid"), "id": rid}
+    deleting = client.post(f"/fhir/DiagnosticReport/{rid}/$validate?mode=delete", json=invalid).json()
+    assert deleting["issue"][0]["severity"] == "information"
+    assert client.delete(f"/fhir/DiagnosticReport/{rid}/$validate").status_code == 405
+    assert client.delete("/fhir/DiagnosticReport/$validate").status_code == 405
 
 
 def test_the_capability_statement_lists_profiles_and_validate(client: TestClient) -> None:

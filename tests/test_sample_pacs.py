@@ -513,3 +513,10 @@ def scu_titled(port: int, called: str, *contexts: str) -> Iterator[Association]:
         yield assoc
     finally:
         assoc.release()
+
+
+def test_a_lone_asterisk_is_universal_matching_even_for_an_absent_attribute():
+    # PS3.4 C.2.2.2.4: a value of "*" only is equivalent to universal matching (C.2.2.2.3).
+    assert matches(DataElement("PatientName", "PN", "*"), None)
+    assert matches(DataElement("AccessionNumber", "SH", "**"), DataElement("AccessionNumber", "SH", ""))
+    assert not matches(DataElement("AccessionNumber", "SH", "A*"), None)

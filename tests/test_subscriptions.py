@@ -12,10 +12,10 @@ import orjson
 import pytest
 from sqlalchemy import select, update
 
-from fhir_server import dates
+from fhir_server import dates, subscriptions
 from fhir_server.notifier import Notifier
 from fhir_server.outbox import Backoff
-from fhir_server.schema import OutboxRow
+from fhir_server.schema import OutboxRow, ResourceRow
 from overread.app import HOOKS
 from tests.builders import patient, service_request
 from tests.peers import HttpReceiver as Receiver
@@ -285,3 +285,39 @@ def test_referrers_find_reports_by_order_patient_status_issued_and_discrepancy(c
     assert found(issued="ge2024-03-07") == [reports[1]]
     assert found(conclusion=f"{DISCREPANCY}|major") == [reports[0]]
     assert found(conclusion="agree", patient=pid) == [reports[1]]
+
+
+# -- review fixes ----------------------------------------------------------------------
+
+
+def test_a_header_httpx_cannot_send_is_refused_and_never_wedges_the_queue(client, db, notifier, receiver):
+    bad = subscription(receiver.url, "DiagnosticReport?status=final", header=["X-Name: caf\u00e9"])
+    assert client.post("/fhir/Subscription", json=bad).status_code == 422
+    # One stored before the check: the row fails like an HTTP error (retried, error recorded), it is not left leased.
+    sid = client.post("/fhir/Subscription", json=subscription(receiver.url, "DiagnosticReport?status=final")).json()
+    sid = sid["id"]
+    with db.transaction() as session:
+        row = session.scalars(
+            select(ResourceRow).where(ResourceRow.type == "Subscription", ResourceRow.id == sid)
+        ).one()
+        row.content = row.content.replace('"type":"rest-hook"', '"type":"rest-hook","header":["X-Name: caf\u00e9"]')
+    client.post("/fhir/DiagnosticReport", json=report())
+    assert deliver(notifier) == 1
+    (row,) = rows(db)
+    assert (row.status, row.attempts) == ("pending", 1) and "UnicodeEncodeError" in row.last_error
+    assert row.available_at > dates.now()  # waits for its retry, not for a lease to run out
+
+
+def test_a_json_payload_is_sent_as_json_and_a_delivery_to_an_active_one_writes_nothing(
+    client, db, notifier, receiver, monkeypatch
+):
+    sub = subscription(receiver.url, "DiagnosticReport?status=final", payload="application/json")
+    sid = client.post("/fhir/Subscription", json=sub).json()["id"]
+    client.post("/fhir/DiagnosticReport", json=report())
+    invalidated: list[bool] = []
+    monkeypatch.setattr(subscriptions, "invalidate", lambda: invalidated.append(True))
+    assert deliver(notifier) == 1
+    (got,) = receiver.requests
+    assert got.headers["content-type"] == "application/json; charset=utf-8"
+    assert invalidated == []  # the Subscription was active already: no write, the cache stays
+    assert client.get(f"/fhir/Subscription/{sid}").json()["meta"]["versionId"] == "1"

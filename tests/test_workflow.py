@@ -374,3 +374,30 @@ def test_a_report_that_names_no_images_gets_the_studies_linked_to_its_order(clie
         json=_report(order_id, "preliminary", imagingStudy=[{"reference": "ImagingStudy/other"}]),
     )
     assert named.json()["imagingStudy"] == [{"reference": "ImagingStudy/other"}]  # the reader's choice stands
+
+
+def test_a_case_that_already_lists_the_final_report_is_not_written_again(client):
+    """The client's own output (with a display) counts: no second output, no new Task version."""
+    order_id, task = _open_case(client)
+    report = client.post("/fhir/DiagnosticReport", json=_report(order_id, "preliminary")).json()
+    output = {
+        "type": {"text": "report"},
+        "valueReference": {"reference": f"DiagnosticReport/{report['id']}", "display": "2nd read"},
+    }
+    completed = _set(client, task, status="completed", output=[output])
+    assert completed.status_code == 200, completed.text
+    assert _set(client, report, status="final").status_code == 200
+    case = _case(client, order_id)
+    assert case["output"] == [output]
+    assert case["meta"]["versionId"] == completed.json()["meta"]["versionId"]
+
+
+def test_a_final_report_is_changed_by_correcting_it_not_by_another_final(client):
+    order_id, _ = _open_case(client)
+    report = client.post("/fhir/DiagnosticReport", json=_report(order_id, "final")).json()
+    assert client.put(f"/fhir/DiagnosticReport/{report['id']}", json=report).status_code == 200  # the same again
+    changed = {**report, "conclusion": "On review: no nodule."}
+    body = assert_outcome(client.put(f"/fhir/DiagnosticReport/{report['id']}", json=changed), 409)
+    assert "amended, corrected or appended" in body["issue"][0]["diagnostics"]
+    corrected = client.put(f"/fhir/DiagnosticReport/{report['id']}", json={**changed, "status": "corrected"})
+    assert corrected.status_code == 200
