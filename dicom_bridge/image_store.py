@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import re
 import threading
-from io import BytesIO
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
 
 from dicom_bridge.query import StudyQuery
 from mappings.imaging_study import Series, Study
@@ -38,16 +36,6 @@ class ImageStore:
             if not is_uid(uid):
                 raise ValueError(f"not a DICOM UID: {uid!r}")
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
-
-    def put(self, ds: Dataset, file_meta: FileMetaDataset | None = None) -> Path:
-        """Write ``ds`` as a Part 10 file (with ``file_meta`` when given)."""
-        if file_meta is not None:
-            ds.file_meta = file_meta
-        encoded = BytesIO()
-        ds.save_as(encoded, enforce_file_format=True)
-        return self.write(
-            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), encoded.getvalue()
-        )
 
     def write(self, study_uid: str, series_uid: str, sop_uid: str, part10: bytes) -> Path:
         """Write an encoded Part 10 file as it is (what a Storage SCP received: no re-encoding)."""

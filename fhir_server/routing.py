@@ -23,7 +23,6 @@ from typing import Any
 from fhir_server import dates
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
-PRIORITIES = ("routine", "urgent", "asap", "stat")
 
 
 @dataclass(frozen=True)
