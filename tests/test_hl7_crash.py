@@ -76,11 +76,12 @@ async def _burst(port: int, batches: list[list[tuple[str, bytes]]], acked: set[s
     await asyncio.gather(*tasks, *([killer()] if kill else []))
 
 
-def test_kill_9_mid_burst_then_resend_gives_exactly_one_case_per_order(tmp_path: Path):
-    url = f"sqlite:///{tmp_path / 'crash.db'}"
+def test_kill_9_mid_burst_then_resend_gives_exactly_one_case_per_order(database_url: str, tmp_path: Path):
+    url = database_url  # SQLite and PostgreSQL
     http_port, mllp_port = _free_port(), _free_port()
     env = {**os.environ, "OVERREAD_DATABASE_URL": url, "OVERREAD_HTTP_PORT": str(http_port),
-           "OVERREAD_MLLP_PORT": str(mllp_port)}  # fmt: skip
+           "OVERREAD_MLLP_PORT": str(mllp_port), "OVERREAD_DICOM_PORT": str(_free_port()),
+           "OVERREAD_IMAGE_STORE": str(tmp_path / "images")}  # fmt: skip
     batches = [
         [(f"MSG{n:04d}", _order(n)) for n in range(s * PER_SENDER, (s + 1) * PER_SENDER)] for s in range(SENDERS)
     ]
