@@ -29,6 +29,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -62,6 +63,10 @@ class Watch:
     subscription_id: str
     subscription_version: int
     query: SearchQuery
+    end: datetime | None = None  # Subscription.end: "the time for the server to turn the subscription off"
+
+    def live(self, now: datetime) -> bool:
+        return self.end is None or now < self.end
 
 
 class _Cache:
@@ -115,8 +120,17 @@ def _load(repo: Repository) -> dict[str, list[Watch]]:
             query = criteria_query(str(sub.get("criteria", "")))
         except FhirError:
             continue  # refused when written; an old row written before the check is skipped
-        by_type.setdefault(query.resource_type, []).append(Watch(sub_id, version, query))
+        end = _instant(sub.get("end"))
+        by_type.setdefault(query.resource_type, []).append(Watch(sub_id, version, query, end))
     return by_type
+
+
+def _instant(value: Any) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(str(value)) if value else None
+    except ValueError:
+        return None
+    return parsed if parsed is None or parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def criteria_query(criteria: str) -> SearchQuery:
@@ -187,7 +201,10 @@ def _match(repo: Repository, resource_type: str, resource_id: str, version: int)
     if current is None or current.version != version or current.content is None:
         return  # a later write of this unit of work (which has its own turn) or a deletion
     only_this = search.parse(resource_type, [("_id", resource_id)]).criteria
+    now = datetime.now(UTC)
     for watch in _cache.get(repo).get(resource_type, []):
+        if not watch.live(now):
+            continue
         query = SearchQuery(resource_type, [*watch.query.criteria, *only_this])
         if repo.conn.execute(search.statement(query).limit(1)).first() is not None:
             payload = {"kind": NOTIFICATION, "type": resource_type, "id": resource_id, "version": version}

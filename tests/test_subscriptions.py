@@ -240,6 +240,15 @@ def test_a_subscription_turned_off_gets_nothing(client, db, notifier, receiver):
     assert receiver.requests == [] and [r.status for r in rows(db)] == ["done"]
 
 
+def test_a_subscription_past_its_end_gets_nothing(client, db, notifier, receiver):
+    ended = subscription(receiver.url, "DiagnosticReport?status=final") | {"end": "2020-01-01T00:00:00Z"}
+    running = subscription(receiver.url, "DiagnosticReport?status=final") | {"end": "2999-01-01T00:00:00+01:00"}
+    client.post("/fhir/Subscription", json=ended)
+    live = client.post("/fhir/Subscription", json=running).json()
+    client.post("/fhir/DiagnosticReport", json=report())
+    assert [(r.resource_id, r.topic) for r in rows(db)] == [(live["id"], "subscription")]
+
+
 # -- what referrers search reports by --------------------------------------------------
 
 
