@@ -60,7 +60,8 @@ from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery
 from dicom_bridge.storage_scp import StorageScp
 from mappings.imaging_study import Study, imaging_study
-from tests.orthanc import Orthanc, free_port, in_private_netns
+from tests.orthanc import Orthanc, in_private_netns
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -268,19 +268,7 @@ class _Writer:
         practitioner = self.ctx.requester
         if practitioner is None:
             return ""
-        idents: list[Json] = [i for i in practitioner.get("identifier") or [] if i.get("value")]
-        ident = idents[0] if idents else {}
-        names: list[Json] = practitioner.get("name") or []
-        name = next((n for n in names if n.get("use") == "official"), names[0] if names else {})
-        given: list[str] = name.get("given") or []
-        parts = [
-            str(ident.get("value", "")),
-            str(name.get("family", "")),
-            given[0] if given else "",
-            " ".join(given[1:]),
-            " ".join(name.get("suffix") or []),
-            " ".join(name.get("prefix") or []),
-        ]
+        ident, parts = _person(practitioner)
         authority = _join("&", [_e(p) for p in self.authority(str(ident.get("system", "")))]) if ident else ""
         return _components(*[_e(p) for p in parts], "", "", authority)
 
@@ -314,21 +302,8 @@ class _Writer:
             refs: list[Json] = self.ctx.report.get("resultsInterpreter") or []
             display = str(refs[0].get("display", "")) if refs else ""
             return "&" + _e(display) if display else ""  # a name without an id: the family name subcomponent
-        idents: list[Json] = [i for i in practitioner.get("identifier") or [] if i.get("value")]
-        ident = idents[0] if idents else {}
-        names: list[Json] = practitioner.get("name") or []
-        name = next((n for n in names if n.get("use") == "official"), names[0] if names else {})
-        given: list[str] = name.get("given") or []
-        parts = [
-            str(ident.get("value", "")),
-            str(name.get("family", "")),
-            given[0] if given else "",
-            " ".join(given[1:]),
-            " ".join(name.get("suffix") or []),
-            " ".join(name.get("prefix") or []),
-            "",
-            "",
-        ]
+        ident, parts = _person(practitioner)
+        parts += ["", ""]
         namespace, universal, kind = self.authority(str(ident.get("system", ""))) if ident else ("", "", "")
         parts += [namespace, universal, kind] if self.v251 else [namespace or universal]
         return _join("&", [_e(p) for p in parts])
@@ -443,6 +418,25 @@ class _Writer:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _person(practitioner: Json) -> tuple[Json, list[str]]:
+    """A Practitioner's first identifier and the XCN/CNN person components: id, family, given, further
+    given, suffix, prefix (the official name, else the first)."""
+    idents: list[Json] = [i for i in practitioner.get("identifier") or [] if i.get("value")]
+    ident = idents[0] if idents else {}
+    names: list[Json] = practitioner.get("name") or []
+    name = next((n for n in names if n.get("use") == "official"), names[0] if names else {})
+    given: list[str] = name.get("given") or []
+    parts = [
+        str(ident.get("value", "")),
+        str(name.get("family", "")),
+        given[0] if given else "",
+        " ".join(given[1:]),
+        " ".join(name.get("suffix") or []),
+        " ".join(name.get("prefix") or []),
+    ]
+    return ident, parts
 
 
 def _e(text: str) -> str:

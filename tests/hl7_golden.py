@@ -1,10 +1,12 @@
-"""The golden-file cases of HL7 order intake: which .hl7 files, and where their expected .json lives."""
+"""HL7 test material: the golden-file cases of intake (which .hl7 files, where their expected .json lives)
+and the shared dcm4che OMI^O23 order turned into as many distinct orders and order controls as a test needs."""
 
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from fhir_server.db import Database
 from hl7_bridge.mllp import serving_in_thread
 from mappings.errors import MappingError
 from mappings.orders import map_order
@@ -19,6 +21,9 @@ DCM4CHE = Path(os.environ.get("OVERREAD_HL7_FIXTURES", str(SHARED))) / "dcm4che"
 # A missing fixture folder fails the run rather than quietly skipping what it should prove.
 assert DCM4CHE.is_dir(), f"the shared HL7 fixtures are not at {DCM4CHE} (set OVERREAD_HL7_FIXTURES)"
 # The order messages among the shared fixtures (OMG^O19 is an order too, one Overread refuses).
+#: The shared OMI^O23 fixture, segments ending in CR as on the wire.
+#: The shared OMI^O23 fixture, segments ending in CR as on the wire.
+OMI = (DCM4CHE / "OMI_O23-ImagingOrder.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
 DCM4CHE_ORDERS = ["OMI_O23-ImagingOrder", "ORM_O01-GeneralOrder", "OMG_O19-GeneralClinicalOrder-Eyecare"]
 # The results (ORU^R01: an original report as the source RIS sends it). The PDF one breaks its OBX-5
 # with a bare CR after 4,096 bytes; the parser joins the piece back (mappings/v2.py ``_unwrap``).
@@ -56,3 +61,35 @@ def dump(data: dict[str, Any]) -> str:
 
 
 mllp_listening = serving_in_thread  # the tests' name for it
+
+
+def omi_order(n: int) -> bytes:
+    """The OMI fixture as the n-th distinct order: its own MSH-10, patient and placer number."""
+    return (
+        OMI.replace(b"|1001125|", f"|MSG{n:04d}|".encode())
+        .replace(b"PID_1^^^ADT1", f"PID_{n}^^^ADT1".encode())
+        .replace(b"PlacerOrderNumberImagingServiceRequest", f"PLAC{n:04d}".encode())
+    )
+
+
+def omi_control(code: str, n: int, order_status: str = "") -> bytes:
+    """The fixture order as an order control message: its own MSH-10, ORC-1 and ORC-5."""
+    return (
+        OMI.replace(b"|1001125|", f"|CTL{n:04d}|".encode())
+        .replace(b"ORC|NW|", f"ORC|{code}|".encode())
+        .replace(
+            b"FillerOrderNumberImagingServiceRequest||SC|",
+            f"FillerOrderNumberImagingServiceRequest||{order_status}|".encode(),
+        )
+    )
+
+
+def case_status(db: Database, rtype: str) -> tuple[str, str]:
+    from fhir_server.search import execute
+    from fhir_server.search import parse as parse_search
+
+    with db.begin(write=False) as conn:
+        (match,) = execute(conn, parse_search(rtype, [])).matches
+    resource = match.resource
+    business = resource.get("businessStatus", {}).get("coding", [{}])[0].get("code", "")
+    return resource["status"], business

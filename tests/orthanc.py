@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.processes import free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7"
@@ -40,12 +41,6 @@ def in_private_netns() -> bool:
         return False
     lines = Path("/proc/net/dev").read_text().splitlines()[2:]
     return {line.split(":", 1)[0].strip() for line in lines} == {"lo"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Orthanc:

@@ -6,7 +6,7 @@ from fhir_server.schema import OutboxRow
 from hl7_bridge.intake import receive
 from overread.app import HOOKS
 from tests.builders import case_transaction, patient, service_request
-from tests.test_hl7_intake import OMI
+from tests.hl7_golden import OMI
 
 
 def _cases(client, order_id: str) -> list[dict]:

@@ -10,7 +10,7 @@ import pytest
 
 from hl7_bridge.intake import receive
 from overread.config import ConfigError, load
-from tests.test_hl7_intake import OMI
+from tests.hl7_golden import OMI
 
 ARCHITECTURE_EXAMPLE = """
 pacs:

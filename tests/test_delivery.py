@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -37,10 +34,10 @@ from overread.config import Delivery as DeliveryConfig
 from overread.config import Destination, Hl7, OverreadConfig
 from overread.settings import Settings
 from tests.conftest import FHIR_JSON
-from tests.hl7_golden import DCM4CHE
+from tests.hl7_golden import OMI
 from tests.peers import Receiver
+from tests.processes import fhir_base, free_port, serve_env, start_serve
 
-OMI = (DCM4CHE / "OMI_O23-ImagingOrder.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
 DISCREPANCY = "https://overread.org/fhir/CodeSystem/second-opinion-discrepancy"
 Json = dict[str, Any]
 
@@ -50,12 +47,6 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver().start()
     yield r
     r.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def destination(port: int, ack_timeout_seconds: float = 10, **extra: Any) -> Destination:
@@ -101,23 +92,27 @@ def _type(code: str) -> Json:
     return {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": code}]}
 
 
+def report_body(order_id: str, subject: Json, status: str = "final", code: str = "major", conclusion: str = "") -> Json:
+    """A second-opinion report on the order (no id)."""
+    return {
+        "resourceType": "DiagnosticReport",
+        "status": status,
+        "basedOn": [{"reference": f"ServiceRequest/{order_id}"}],
+        "subject": subject,
+        "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4"}]},
+        "issued": "2026-11-28T10:00:00+00:00",
+        "resultsInterpreter": [{"display": "Dr Second Reader"}],
+        "conclusion": conclusion or f"Second opinion ({status}): a missed nodule.\nFollow-up CT in 3 months.",
+        "conclusionCode": [{"coding": [{"system": DISCREPANCY, "code": code}]}],
+    }
+
+
 def write_report(db: Database, order_id: str, report_id: str, status: str = "final", code: str = "major") -> int:
     """PUT the second-opinion report (create or new version); its version."""
     with db.begin() as conn:
         repo = Repository(conn, HOOKS)
-        order = repo.read("ServiceRequest", order_id).resource
-        report = {
-            "resourceType": "DiagnosticReport",
-            "id": report_id,
-            "status": status,
-            "basedOn": [{"reference": f"ServiceRequest/{order_id}"}],
-            "subject": order["subject"],
-            "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4"}]},
-            "issued": "2026-11-28T10:00:00+00:00",
-            "resultsInterpreter": [{"display": "Dr Second Reader"}],
-            "conclusion": f"Second opinion ({status}): a missed nodule.\nFollow-up CT in 3 months.",
-            "conclusionCode": [{"coding": [{"system": DISCREPANCY, "code": code}]}],
-        }
+        subject = repo.read("ServiceRequest", order_id).resource["subject"]
+        report = {**report_body(order_id, subject, status, code), "id": report_id}
         stored, _ = repo.update("DiagnosticReport", report_id, report)
         repo.complete()
     return stored.version
@@ -208,7 +203,7 @@ def test_a_report_withdrawn_after_it_was_sent_goes_out_as_obr25_x_and_the_same_r
 
 
 def test_receiver_down_then_up_delivers_once_after_a_retry(db: Database) -> None:
-    port = _free_port()
+    port = free_port()
     order_id = hl7_order(db)
     write_report(db, order_id, "so-1")
     delivery = worker(db, destination(port), attempts=5)
@@ -308,7 +303,7 @@ def test_judging_an_ack(ack: str, sent: bool, error: str | None) -> None:
 
 
 def test_the_queue_keeps_its_order_behind_a_message_being_retried(db: Database) -> None:
-    port = _free_port()
+    port = free_port()
     first, second = hl7_order(db), hl7_order(db, OMI.replace(b"|1001125|", b"|1001126|").replace(b"PID_1^", b"PID_2^")
                                              .replace(b"PlacerOrderNumberImagingServiceRequest", b"PLAC2"))  # fmt: skip
     assert first != second
@@ -348,7 +343,7 @@ def test_a_correction_is_not_queued_before_the_final_report_whose_queueing_faile
     order_id = fhir_order(db)
     write_report(db, order_id, "so-1")
     write_report(db, order_id, "so-1", "corrected")
-    delivery = worker(db, destination(_free_port()))
+    delivery = worker(db, destination(free_port()))
     build = Delivery._queue
     failed: list[int] = []
 
@@ -374,7 +369,7 @@ def test_msh7_is_the_time_now_whatever_the_servers_time_zone(db: Database, monke
     monkeypatch.setenv("TZ", "America/New_York")
     time.tzset()
     try:
-        worker(db, destination(_free_port())).queue_once()
+        worker(db, destination(free_port())).queue_once()
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -484,16 +479,7 @@ def test_the_delivery_threads_of_serve_deliver_a_report_posted_over_http(db: Dat
         client.headers.update(FHIR_JSON)
         with db.begin(write=False) as conn:
             subject = Repository(conn).read("ServiceRequest", order_id).resource["subject"]
-        report = {
-            "resourceType": "DiagnosticReport",
-            "status": "final",
-            "basedOn": [{"reference": f"ServiceRequest/{order_id}"}],
-            "subject": subject,
-            "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4"}]},
-            "resultsInterpreter": [{"display": "Dr Second Reader"}],
-            "conclusion": "Agree.",
-            "conclusionCode": [{"coding": [{"system": DISCREPANCY, "code": "agree"}]}],
-        }
+        report = report_body(order_id, subject, code="agree", conclusion="Agree.")
         assert client.post("/fhir/DiagnosticReport", json=report).status_code == 201
         _wait(lambda: len(receiver.accepted) == 1)
         _wait(lambda: bool(task_delivery(db, order_id)) and task_delivery(db, order_id)[0]["status"] == "sent")
@@ -505,47 +491,30 @@ def test_the_delivery_threads_of_serve_deliver_a_report_posted_over_http(db: Dat
 def test_kill_9_between_commit_and_send_then_restart_delivers_once(database_url: str, tmp_path: Path) -> None:
     """``overread serve`` commits a report posted over HTTP and is killed (SIGKILL) before it could send it
     (its receiver is down); restarted on the same database with the receiver up, it sends it exactly once."""
-    receiver_port, http_port, mllp_port = _free_port(), _free_port(), _free_port()
+    receiver_port = free_port()
     config = tmp_path / "overread.yaml"
     config.write_text(
         "hl7:\n  destinations:\n"
         f"    - {{name: ehr, host: 127.0.0.1, port: {receiver_port}, ack_timeout_seconds: 1}}\n"
         "  delivery: {first_retry_seconds: 0.2, max_retry_seconds: 0.5, poll_seconds: 0.05, lease_seconds: 2}\n"
     )
-    env = {
-        **os.environ,
-        "OVERREAD_DATABASE_URL": database_url,
-        "OVERREAD_CONFIG": str(config),
-        "OVERREAD_HTTP_PORT": str(http_port),
-        "OVERREAD_MLLP_PORT": str(mllp_port),
-        "OVERREAD_DICOM_PORT": str(_free_port()),
-        "OVERREAD_IMAGE_STORE": str(tmp_path / "images"),
-    }
+    env = serve_env(database_url, tmp_path, config)
     db = Database(database_url)
     order_id = hl7_order(db)
     with db.begin(write=False) as conn:
         subject = Repository(conn).read("ServiceRequest", order_id).resource["subject"]
-    server = _serve(env, http_port)
+    server = start_serve(env)
     receiver = Receiver(receiver_port)
     try:
-        report = {
-            "resourceType": "DiagnosticReport",
-            "status": "final",
-            "basedOn": [{"reference": f"ServiceRequest/{order_id}"}],
-            "subject": subject,
-            "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4"}]},
-            "resultsInterpreter": [{"display": "Dr Second Reader"}],
-            "conclusion": "Major discrepancy.",
-            "conclusionCode": [{"coding": [{"system": DISCREPANCY, "code": "major"}]}],
-        }
-        posted = httpx.post(f"http://127.0.0.1:{http_port}/fhir/DiagnosticReport", json=report, headers=FHIR_JSON)
+        report = report_body(order_id, subject, conclusion="Major discrepancy.")
+        posted = httpx.post(f"{fhir_base(env)}/DiagnosticReport", json=report, headers=FHIR_JSON)
         assert posted.status_code == 201, posted.text
         _wait(lambda: any(r.attempts >= 1 for r in rows(db)))  # queued, and tried against a receiver that is down
         os.kill(server.pid, signal.SIGKILL)
         server.wait(10)
         assert [r.status for r in rows(db)] == [ERROR]
         receiver.start()
-        server = _serve(env, http_port)
+        server = start_serve(env)
         _wait(lambda: [r.status for r in rows(db)] == [SENT])
         time.sleep(0.5)
         assert len(receiver.accepted) == len(receiver.received) == 1
@@ -555,17 +524,3 @@ def test_kill_9_between_commit_and_send_then_restart_delivers_once(database_url:
         server.wait(10)
         receiver.close()
         db.dispose()
-
-
-def _serve(env: dict[str, str], http_port: int) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen([sys.executable, "-m", "overread.cli", "serve"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/fhir/metadata", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and server.poll() is None, "the server did not come up"
-        time.sleep(0.1)

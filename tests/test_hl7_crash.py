@@ -8,10 +8,6 @@ it has no ACK for. Every ACKed order must be stored, none twice: exactly 1,000 c
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import hl7
@@ -21,28 +17,10 @@ from sqlalchemy import func, select
 from fhir_server.db import Database
 from fhir_server.schema import ResourceRow
 from hl7_bridge.store import InboundMessage
-from tests.test_hl7_intake import _order
+from tests.hl7_golden import omi_order
+from tests.processes import serve_env, start_serve
 
 SENDERS, PER_SENDER, KILL_AFTER = 10, 100, 300
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _start(env: dict[str, str], mllp_port: int) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen([sys.executable, "-m", "overread.cli", "serve"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", mllp_port), timeout=1).close()
-            return server
-        except OSError:
-            assert time.monotonic() < deadline and server.poll() is None, "the server did not come up"
-            time.sleep(0.1)
 
 
 async def _send(port: int, messages: list[tuple[str, bytes]], acked: set[str]) -> None:
@@ -78,23 +56,21 @@ async def _burst(port: int, batches: list[list[tuple[str, bytes]]], acked: set[s
 
 def test_kill_9_mid_burst_then_resend_gives_exactly_one_case_per_order(database_url: str, tmp_path: Path):
     url = database_url  # SQLite and PostgreSQL
-    http_port, mllp_port = _free_port(), _free_port()
-    env = {**os.environ, "OVERREAD_DATABASE_URL": url, "OVERREAD_HTTP_PORT": str(http_port),
-           "OVERREAD_MLLP_PORT": str(mllp_port), "OVERREAD_DICOM_PORT": str(_free_port()),
-           "OVERREAD_IMAGE_STORE": str(tmp_path / "images")}  # fmt: skip
+    env = serve_env(url, tmp_path)
+    mllp_port = int(env["OVERREAD_MLLP_PORT"])
     batches = [
-        [(f"MSG{n:04d}", _order(n)) for n in range(s * PER_SENDER, (s + 1) * PER_SENDER)] for s in range(SENDERS)
+        [(f"MSG{n:04d}", omi_order(n)) for n in range(s * PER_SENDER, (s + 1) * PER_SENDER)] for s in range(SENDERS)
     ]
     acked: set[str] = set()
 
-    server = _start(env, mllp_port)
+    server = start_serve(env)
     asyncio.run(_burst(mllp_port, batches, acked, kill=server.pid))
     server.wait(10)
     assert server.returncode == -signal.SIGKILL
     before_restart = set(acked)
     assert KILL_AFTER <= len(before_restart) < SENDERS * PER_SENDER
 
-    server = _start(env, mllp_port)
+    server = start_serve(env)
     try:
         asyncio.run(_burst(mllp_port, batches, acked, kill=None))
     finally:

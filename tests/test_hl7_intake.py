@@ -12,9 +12,7 @@ from fhir_server.db import Database
 from hl7_bridge.intake import receive
 from hl7_bridge.store import InboundMessage
 from mappings.v2 import parse
-from tests.hl7_golden import DCM4CHE, GOLDEN, mllp_listening
-
-OMI = (DCM4CHE / "OMI_O23-ImagingOrder.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+from tests.hl7_golden import GOLDEN, OMI, case_status, mllp_listening, omi_control, omi_order
 
 
 def _msa(ack: bytes) -> tuple[str, str]:
@@ -34,17 +32,8 @@ def _rows(db: Database) -> list[InboundMessage]:
         return list(session.scalars(select(InboundMessage).order_by(InboundMessage.pk)))
 
 
-def _order(n: int) -> bytes:
-    """The OMI fixture as the n-th distinct order: its own MSH-10, patient and placer number."""
-    return (
-        OMI.replace(b"|1001125|", f"|MSG{n:04d}|".encode())
-        .replace(b"PID_1^^^ADT1", f"PID_{n}^^^ADT1".encode())
-        .replace(b"PlacerOrderNumberImagingServiceRequest", f"PLAC{n:04d}".encode())
-    )
-
-
 def test_an_order_becomes_a_case_and_is_acknowledged(db):
-    assert b"|1001125|" in OMI  # the fixture's MSH-10, which _order() replaces
+    assert b"|1001125|" in OMI  # the fixture's MSH-10, which omi_order() replaces
     ack = receive(db, OMI)
     assert _msa(ack) == ("AA", "1001125")
     assert (_count(db, "Patient"), _count(db, "ServiceRequest"), _count(db, "Task")) == (1, 1, 1)
@@ -106,7 +95,7 @@ async def _send_all(port: int, messages: list[bytes]) -> list[str]:
 def test_twenty_senders_over_mllp_each_order_stored_once(db, listener):
     async def main() -> list[list[str]]:
         # 20 senders, 3 orders each, and every sender resends its first order (a lost ACK)
-        batches = [[_order(10 * s + i) for i in range(3)] for s in range(20)]
+        batches = [[omi_order(10 * s + i) for i in range(3)] for s in range(20)]
         return await asyncio.gather(*(_send_all(listener, [*b, b[0]]) for b in batches))
 
     results = asyncio.run(main())
@@ -115,50 +104,27 @@ def test_twenty_senders_over_mllp_each_order_stored_once(db, listener):
     assert len(_rows(db)) == 60
 
 
-def _control(code: str, n: int, order_status: str = "") -> bytes:
-    """The fixture order as an order control message: its own MSH-10, ORC-1 and ORC-5."""
-    return (
-        OMI.replace(b"|1001125|", f"|CTL{n:04d}|".encode())
-        .replace(b"ORC|NW|", f"ORC|{code}|".encode())
-        .replace(
-            b"FillerOrderNumberImagingServiceRequest||SC|",
-            f"FillerOrderNumberImagingServiceRequest||{order_status}|".encode(),
-        )
-    )
-
-
-def _status(db: Database, rtype: str) -> tuple[str, str]:
-    from fhir_server.search import execute
-    from fhir_server.search import parse as parse_search
-
-    with db.begin(write=False) as conn:
-        (match,) = execute(conn, parse_search(rtype, [])).matches
-    resource = match.resource
-    business = resource.get("businessStatus", {}).get("coding", [{}])[0].get("code", "")
-    return resource["status"], business
-
-
 def test_cancel_revokes_the_order_and_cancels_the_case(db):
     assert b"ORC|NW|" in OMI and b"FillerOrderNumberImagingServiceRequest||SC|" in OMI
     receive(db, OMI)
-    assert _msa(receive(db, _control("CA", 1))) == ("AA", "CTL0001")
-    assert _status(db, "ServiceRequest")[0] == "revoked"
-    assert _status(db, "Task")[0] == "cancelled"
+    assert _msa(receive(db, omi_control("CA", 1))) == ("AA", "CTL0001")
+    assert case_status(db, "ServiceRequest")[0] == "revoked"
+    assert case_status(db, "Task")[0] == "cancelled"
     assert _count(db, "ServiceRequest") == 1  # changed, not created
 
 
 def test_hold_release_and_status_change(db):
     receive(db, OMI)
-    receive(db, _control("HD", 1))
-    assert (_status(db, "ServiceRequest")[0], _status(db, "Task")[0]) == ("on-hold", "on-hold")
-    receive(db, _control("RL", 2))
-    assert (_status(db, "ServiceRequest")[0], _status(db, "Task")[0]) == ("active", "requested")
-    assert _msa(receive(db, _control("SC", 3, "IP"))) == ("AA", "CTL0003")
-    assert _status(db, "Task") == ("requested", "IP")
+    receive(db, omi_control("HD", 1))
+    assert (case_status(db, "ServiceRequest")[0], case_status(db, "Task")[0]) == ("on-hold", "on-hold")
+    receive(db, omi_control("RL", 2))
+    assert (case_status(db, "ServiceRequest")[0], case_status(db, "Task")[0]) == ("active", "requested")
+    assert _msa(receive(db, omi_control("SC", 3, "IP"))) == ("AA", "CTL0003")
+    assert case_status(db, "Task") == ("requested", "IP")
 
 
 def test_cancel_of_an_unknown_order_is_an_application_error(db):
-    ack = receive(db, _control("CA", 1))
+    ack = receive(db, omi_control("CA", 1))
     assert _msa(ack) == ("AE", "CTL0001")
     err = hl7.parse(ack.decode()).segment("ERR")
     assert str(err[2]) == "ORC^1^2" and str(err[3]).startswith("204^Unknown key identifier")
@@ -167,7 +133,7 @@ def test_cancel_of_an_unknown_order_is_an_application_error(db):
 
 def test_change_order_replaces_the_order_and_keeps_the_case(db):
     receive(db, OMI)
-    changed = _control("XO", 1).replace(b"10637-7^Microscopic Observation^LN", b"24627-2^CT Chest^LN", 1)
+    changed = omi_control("XO", 1).replace(b"10637-7^Microscopic Observation^LN", b"24627-2^CT Chest^LN", 1)
     assert _msa(receive(db, changed)) == ("AA", "CTL0001")
     from fhir_server.search import execute
     from fhir_server.search import parse as parse_search
@@ -176,4 +142,4 @@ def test_change_order_replaces_the_order_and_keeps_the_case(db):
         (order,) = execute(conn, parse_search("ServiceRequest", [])).matches
     assert order.version == 2 and order.resource["code"]["coding"][0]["code"] == "24627-2"
     assert (_count(db, "ServiceRequest"), _count(db, "Task")) == (1, 1)
-    assert _msa(receive(db, _control("XO", 2).replace(b"PlacerOrderNumber", b"Unknown")))[0] == "AE"
+    assert _msa(receive(db, omi_control("XO", 2).replace(b"PlacerOrderNumber", b"Unknown")))[0] == "AE"

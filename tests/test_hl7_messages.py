@@ -1,12 +1,12 @@
 """The message store's REST endpoints: find messages, see their stages, replay one."""
 
 from hl7_bridge.intake import receive
-from tests.test_hl7_intake import OMI, _control, _order, _status
+from tests.hl7_golden import OMI, case_status, omi_control, omi_order
 
 
 def test_list_filters_and_shows_each_stage(client, db):
     receive(db, OMI)
-    receive(db, _order(7))
+    receive(db, omi_order(7))
     receive(db, b"not HL7 at all")
 
     everything = client.get("/hl7/messages").json()
@@ -31,12 +31,12 @@ def test_list_filters_and_shows_each_stage(client, db):
 
 
 def test_replay_processes_a_failed_message_again(client, db):
-    receive(db, _control("CA", 1))  # a cancel that arrived before its order: AE, stored as error
+    receive(db, omi_control("CA", 1))  # a cancel that arrived before its order: AE, stored as error
     (failed,) = client.get("/hl7/messages", params={"status": "error"}).json()
     assert failed["ack_code"] == "AE"
     receive(db, OMI)  # the order arrives
     replayed = client.post(f"/hl7/messages/{failed['id']}/replay").json()
     assert replayed["status"] == "processed" and "MSA|AA|CTL0001" in replayed["ack"]
-    assert _status(db, "ServiceRequest")[0] == "revoked"
+    assert case_status(db, "ServiceRequest")[0] == "revoked"
     assert client.get("/hl7/messages", params={"status": "error"}).json() == []
     assert client.post("/hl7/messages/999999/replay").status_code == 404

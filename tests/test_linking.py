@@ -27,7 +27,7 @@ from mappings.imaging_study import Series, Study
 from overread.app import HOOKS
 from overread.config import PacsPeer
 from tests.builders import patient, service_request
-from tests.orthanc import free_port
+from tests.processes import free_port
 
 CT_STUDY = str(dcmread(sample_path("CT_small.dcm"), stop_before_pixels=True).StudyInstanceUID)
 NOW = Backoff(max_attempts=3, first_delay=timedelta(0))

@@ -28,7 +28,7 @@ from overread.app import HOOKS, imaging
 from overread.config import Linking, OverreadConfig, PacsPeer
 from overread.settings import Settings
 from tests.builders import patient, service_request
-from tests.orthanc import free_port
+from tests.processes import free_port
 
 NOW = Backoff(max_attempts=3, first_delay=timedelta(0))
 #: 12 orders for 4 studies of the sample PACS: most studies are asked for by several orders.

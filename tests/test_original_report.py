@@ -16,8 +16,7 @@ from mappings.orders import map_order
 from mappings.original_report import ORIGINAL_TAG
 from mappings.v2 import parse
 from overread.app import HOOKS
-from tests.hl7_golden import DCM4CHE, GOLDEN
-from tests.test_hl7_intake import OMI
+from tests.hl7_golden import DCM4CHE, GOLDEN, OMI
 
 Json = dict[str, Any]
 ORU_PDF = (DCM4CHE / "ORU_R01-PDF.hl7").read_bytes()

@@ -38,7 +38,8 @@ from dicom_bridge.sample_pacs import (
     sample_path,
 )
 from dicom_bridge.tcp import NODELAY_HANDLERS, nodelay
-from tests.orthanc import free_port, in_private_netns
+from tests.orthanc import in_private_netns
+from tests.processes import free_port
 
 CT_STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
 MR_STUDY = "1.3.6.1.4.1.5962.1.2.4.20040826185059.5457"

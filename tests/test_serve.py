@@ -1,9 +1,6 @@
 """`overread serve` as a user runs it: one process, the FHIR API, the MLLP intake and the DICOM side together."""
 
-import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,18 +8,11 @@ import httpx
 
 from dicom_bridge.sample_pacs import SamplePacs, sample_path
 from tests.hl7_golden import DCM4CHE
-
-OVERREAD = [sys.executable, "-m", "overread.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.processes import OVERREAD, fhir_base, free_port, serve_env, start_serve
 
 
 def test_an_order_sent_over_mllp_becomes_a_case_with_its_images_linked_and_retrieved(tmp_path: Path):
-    http_port, mllp_port, dicom_port = _free_port(), _free_port(), _free_port()
+    dicom_port = free_port()
     # The source PACS holds the study the OMI^O23 fixture orders (IPC-1 accession "AccessionNumber").
     pacs = SamplePacs(files=[(sample_path("CT_small.dcm"), {"AccessionNumber": "AccessionNumber"})])
     pacs.destinations["OVERREAD"] = ("127.0.0.1", dicom_port)
@@ -30,30 +20,13 @@ def test_an_order_sent_over_mllp_becomes_a_case_with_its_images_linked_and_retri
     config = tmp_path / "overread.yaml"
     peer = f"{{name: source, ae_title: {pacs.ae_title}, host: 127.0.0.1, port: {pacs.port}, retrieve: c-move}}"
     config.write_text(f"pacs:\n  - {peer}\n")
-    env = {
-        **os.environ,
-        "OVERREAD_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
-        "OVERREAD_HTTP_PORT": str(http_port),
-        "OVERREAD_MLLP_PORT": str(mllp_port),
-        "OVERREAD_DICOM_PORT": str(dicom_port),
-        "OVERREAD_IMAGE_STORE": str(tmp_path / "images"),
-        "OVERREAD_CONFIG": str(config),
-    }
-    server = subprocess.Popen([*OVERREAD, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = serve_env(f"sqlite:///{tmp_path / 'serve.db'}", tmp_path, config, dicom_port=str(dicom_port))
+    server = start_serve(env)
     try:
-        base = f"http://127.0.0.1:{http_port}/fhir"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/metadata", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "the server did not come up"
-            time.sleep(0.2)
+        base = fhir_base(env)
         order = DCM4CHE / "OMI_O23-ImagingOrder.hl7"
         sent = subprocess.run(
-            [*OVERREAD, "hl7", "send", str(order), "--port", str(mllp_port)],
+            [*OVERREAD, "hl7", "send", str(order), "--port", env["OVERREAD_MLLP_PORT"]],
             env=env, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert sent.returncode == 0, sent.stderr
@@ -62,8 +35,9 @@ def test_an_order_sent_over_mllp_becomes_a_case_with_its_images_linked_and_retri
         types = sorted(e["resource"]["resourceType"] for e in found["entry"])
         assert (found["total"], types) == (1, ["ServiceRequest", "Task"])
         task = next(e["resource"] for e in found["entry"] if e["resource"]["resourceType"] == "Task")
+        deadline = time.monotonic() + 30
         while task.get("businessStatus", {}).get("coding", [{}])[0].get("code") != "images-available":
-            assert time.monotonic() < deadline + 30, f"not linked: {task}"
+            assert time.monotonic() < deadline, f"not linked: {task}"
             time.sleep(0.2)
             task = httpx.get(f"{base}/Task/{task['id']}", timeout=10).json()
         (study,) = [e["resource"] for e in httpx.get(f"{base}/ImagingStudy", timeout=10).json()["entry"]]

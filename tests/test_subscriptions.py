@@ -5,7 +5,6 @@ worker sends; the worker's ``run_once`` is driven by the test. Also: the searche
 finds second-opinion reports with.
 """
 
-import socket
 from datetime import timedelta
 
 import orjson
@@ -19,6 +18,7 @@ from fhir_server.schema import OutboxRow, ResourceRow
 from overread.app import HOOKS
 from tests.builders import patient, service_request
 from tests.peers import HttpReceiver as Receiver
+from tests.processes import free_port
 
 DISCREPANCY = "https://overread.org/fhir/CodeSystem/second-opinion-discrepancy"
 
@@ -77,12 +77,6 @@ def make_due(db) -> None:
     """Time passes: every pending row is due now."""
     with db.transaction() as session:
         session.execute(update(OutboxRow).where(OutboxRow.status == "pending").values(available_at=dates.now()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- handshake -----------------------------------------------------------------------

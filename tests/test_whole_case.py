@@ -6,9 +6,6 @@ over FHIR → the ORU^R01 at the EHR's receiver (python-hl7's server) → the Ta
 Subscription's notification at its HTTP endpoint. Orthanc needs the private network namespace.
 """
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,14 +18,14 @@ from pydicom import dcmread
 
 from dicom_bridge.sample_pacs import sample_path
 from tests.conftest import FHIR_JSON
-from tests.hl7_golden import DCM4CHE
-from tests.orthanc import Modalities, Orthanc, free_port
+from tests.hl7_golden import OMI
+from tests.orthanc import Modalities, Orthanc
 from tests.peers import HttpReceiver, Receiver
+from tests.processes import fhir_base, free_port, serve_env, start_serve
 
 pytestmark = pytest.mark.orthanc
 
 DICOM_PORT = free_port()  # our Storage SCP, known to Orthanc as the move destination OVERREAD
-OMI = (DCM4CHE / "OMI_O23-ImagingOrder.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
 DISCREPANCY = "https://overread.org/fhir/CodeSystem/second-opinion-discrepancy"
 
 
@@ -46,7 +43,6 @@ def server(database_url: str, orthanc: Orthanc, tmp_path: Path) -> Iterator[dict
     orthanc.clear()
     orthanc.load([tmp_path / "ct.dcm"])
     ehr, hook = Receiver().start(), HttpReceiver().start()
-    http_port, mllp_port = free_port(), free_port()
     config = tmp_path / "overread.yaml"
     config.write_text(
         f"pacs:\n  - {{name: orthanc, ae_title: ORTHANC, host: 127.0.0.1, port: {orthanc.dicom_port}}}\n"
@@ -55,20 +51,17 @@ def server(database_url: str, orthanc: Orthanc, tmp_path: Path) -> Iterator[dict
         "  delivery: {first_retry_seconds: 0.2, poll_seconds: 0.05}\n"
         "subscriptions: {first_retry_seconds: 0.2}\n"
     )
-    env = {
-        **os.environ,
-        "OVERREAD_DATABASE_URL": database_url,
-        "OVERREAD_CONFIG": str(config),
-        "OVERREAD_HTTP_PORT": str(http_port),
-        "OVERREAD_MLLP_PORT": str(mllp_port),
-        "OVERREAD_DICOM_PORT": str(DICOM_PORT),
-        "OVERREAD_IMAGE_STORE": str(tmp_path / "images"),
-    }
-    process = subprocess.Popen([sys.executable, "-m", "overread.cli", "serve"], env=env, stderr=subprocess.DEVNULL)
-    fhir = f"http://127.0.0.1:{http_port}/fhir"
+    env = serve_env(database_url, tmp_path, config, dicom_port=str(DICOM_PORT))
+    process = start_serve(env)
+    fhir = fhir_base(env)
     try:
-        _until(lambda: _get(f"{fhir}/metadata") is not None, "the server did not come up")
-        yield {"fhir": fhir, "mllp": mllp_port, "ehr": ehr, "hook": hook, "images": tmp_path / "images"}
+        yield {
+            "fhir": fhir,
+            "mllp": int(env["OVERREAD_MLLP_PORT"]),
+            "ehr": ehr,
+            "hook": hook,
+            "images": tmp_path / "images",
+        }
     finally:
         process.terminate()
         process.wait(20)

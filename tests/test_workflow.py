@@ -23,7 +23,7 @@ from overread.config import ConfigError, OverreadConfig, load
 from overread.settings import Settings
 from tests.builders import assert_outcome, patient, service_request
 from tests.conftest import FHIR_JSON
-from tests.test_hl7_intake import OMI, _control
+from tests.hl7_golden import OMI, omi_control
 
 Json = dict[str, Any]
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -339,13 +339,13 @@ def _hl7_case(client: TestClient) -> tuple[str, str]:
 
 def test_hl7_hold_release_and_cancel_go_through_the_workflow(client, db):
     assert _msa(receive(db, OMI, hooks=HOOKS)) == "AA"
-    assert _msa(receive(db, _control("HD", 1), hooks=HOOKS)) == "AA"
+    assert _msa(receive(db, omi_control("HD", 1), hooks=HOOKS)) == "AA"
     assert _hl7_case(client) == ("on-hold", "on-hold")
-    assert _msa(receive(db, _control("RL", 2), hooks=HOOKS)) == "AA"
+    assert _msa(receive(db, omi_control("RL", 2), hooks=HOOKS)) == "AA"
     assert _hl7_case(client) == ("active", "requested")
-    assert _msa(receive(db, _control("CA", 3), hooks=HOOKS)) == "AA"
+    assert _msa(receive(db, omi_control("CA", 3), hooks=HOOKS)) == "AA"
     assert _hl7_case(client) == ("revoked", "cancelled")
-    assert _msa(receive(db, _control("RL", 4), hooks=HOOKS)) == "AE"  # a cancelled case stays cancelled
+    assert _msa(receive(db, omi_control("RL", 4), hooks=HOOKS)) == "AE"  # a cancelled case stays cancelled
     assert _hl7_case(client) == ("revoked", "cancelled")
 
 
@@ -353,7 +353,7 @@ def test_hl7_cancel_of_a_completed_case_is_an_application_error(client, db):
     receive(db, OMI, hooks=HOOKS)
     (order,) = client.get("/fhir/ServiceRequest").json()["entry"]
     assert client.post("/fhir/DiagnosticReport", json=_report(order["resource"]["id"], "final")).status_code == 201
-    assert _msa(receive(db, _control("CA", 1), hooks=HOOKS)) == "AE"
+    assert _msa(receive(db, omi_control("CA", 1), hooks=HOOKS)) == "AE"
     assert _hl7_case(client) == ("completed", "completed")
 
 

@@ -1,0 +1,55 @@
+"""``overread serve`` as a user runs it, for tests: free ports, its environment, start and wait."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+OVERREAD = [sys.executable, "-m", "overread.cli"]
+
+
+def free_port() -> int:
+    """A port nobody listens on at 127.0.0.1 now (tests run in parallel: never a fixed one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def serve_env(database_url: str, tmp_path: Path, config: Path | None = None, **settings: str) -> dict[str, str]:
+    """The environment of a server of its own: free HTTP, MLLP and DICOM ports, an image store in
+    ``tmp_path``; ``settings`` are more OVERREAD_* variables without their prefix, e.g. dicom_port="4242"."""
+    env = {
+        **os.environ,
+        "OVERREAD_DATABASE_URL": database_url,
+        "OVERREAD_HTTP_PORT": str(free_port()),
+        "OVERREAD_MLLP_PORT": str(free_port()),
+        "OVERREAD_DICOM_PORT": str(free_port()),
+        "OVERREAD_IMAGE_STORE": str(tmp_path / "images"),
+    }
+    if config is not None:
+        env["OVERREAD_CONFIG"] = str(config)
+    env.update({f"OVERREAD_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
+def fhir_base(env: dict[str, str]) -> str:
+    return f"http://127.0.0.1:{env['OVERREAD_HTTP_PORT']}/fhir"
+
+
+def start_serve(env: dict[str, str], timeout: float = 30) -> subprocess.Popen[bytes]:
+    """``overread serve`` in a process of its own, once its FHIR API answers (its MLLP listener and
+    workers start before it)."""
+    server = subprocess.Popen([*OVERREAD, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{fhir_base(env)}/metadata", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and server.poll() is None, "the server did not come up"
+        time.sleep(0.1)
