@@ -15,8 +15,8 @@ namespace whose only interface is ``lo`` (``unshare -n``, as ``tests/run`` does)
   ``DimseClient.find`` (one association, study → series → instance) and ``DicomWebClient.find``
   (QIDO-RS, one keep-alive connection), each followed by ``imaging_study(...)``; retrieves,
   ``movescu`` beside ``DimseClient.move`` to our SCP, C-GET and WADO-RS, each into an emptied folder.
-- "Nagle on" rows patch ``NODELAY_HANDLERS`` to ``[]`` (``dicom_bridge.dimse`` for our SCU side,
-  ``dicom_bridge.storage_scp`` for the NAGLE SCP): what TCP_NODELAY buys on our side.
+- "Nagle on" rows drop the ``nodelay`` handler from ``LOW_LATENCY_HANDLERS`` (``dicom_bridge.dimse`` for our
+  SCU side, ``dicom_bridge.storage_scp`` for the NAGLE SCP): what TCP_NODELAY buys on our side.
 
 Goals (the issue): our query within 1.5x of findscu's, our retrieve within 2x of movescu's (medians).
 Figures go to docs/performance.md by hand; the JSON to bench/results/dicom-<timestamp>.json.
@@ -59,6 +59,7 @@ from dicom_bridge.dimse import DimseClient, Peer
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery
 from dicom_bridge.storage_scp import StorageScp
+from dicom_bridge.tuning import nodelay
 from mappings.imaging_study import Study, imaging_study
 from tests.orthanc import Orthanc, in_private_netns
 from tests.processes import free_port
@@ -146,17 +147,17 @@ class WrongAnswer(Exception):
 
 @contextmanager
 def without_nodelay(module: ModuleType) -> Iterator[None]:
-    """``module.NODELAY_HANDLERS`` empty: Nagle's algorithm stays on for the associations made meanwhile.
+    """``module.LOW_LATENCY_HANDLERS`` without ``nodelay``: Nagle's algorithm stays on meanwhile.
 
-    ``DimseClient`` reads ``dicom_bridge.dimse.NODELAY_HANDLERS`` at each association, ``StorageScp``
-    reads ``dicom_bridge.storage_scp.NODELAY_HANDLERS`` at ``start()``.
+    ``DimseClient`` reads ``dicom_bridge.dimse.LOW_LATENCY_HANDLERS`` at each association, ``StorageScp``
+    reads ``dicom_bridge.storage_scp.LOW_LATENCY_HANDLERS`` at ``start()``.
     """
-    saved = getattr(module, "NODELAY_HANDLERS")  # noqa: B009 (a module global, not re-exported)
-    setattr(module, "NODELAY_HANDLERS", [])  # noqa: B010
+    saved = getattr(module, "LOW_LATENCY_HANDLERS")  # noqa: B009 (a module global, not re-exported)
+    setattr(module, "LOW_LATENCY_HANDLERS", [h for h in saved if h[1] is not nodelay])  # noqa: B010
     try:
         yield
     finally:
-        setattr(module, "NODELAY_HANDLERS", saved)  # noqa: B010
+        setattr(module, "LOW_LATENCY_HANDLERS", saved)  # noqa: B010
 
 
 def nagle_on() -> AbstractContextManager[None]:

@@ -12,20 +12,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_bridge import keys
 from dicom_bridge.errors import MoveDestinationUnknown, PacsError, PacsUnavailable, RetrieveFailed
 from dicom_bridge.image_store import ImageStore
+from dicom_bridge.part10 import Header, file_meta, header
 from dicom_bridge.query import StudyQuery, identifier, unique
-from dicom_bridge.tcp import NODELAY_HANDLERS
+from dicom_bridge.tuning import LOW_LATENCY_HANDLERS
 from mappings.imaging_study import Series, Study
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class DimseClient:
             self.peer.port,
             ae_title=self.peer.ae_title,
             ext_neg=roles or [],
-            evt_handlers=[*NODELAY_HANDLERS, *(handlers or [])],
+            evt_handlers=[*LOW_LATENCY_HANDLERS, *(handlers or [])],
         )
         if not assoc.is_established:
             why = "rejected the association" if assoc.is_rejected else "did not answer"
@@ -150,34 +150,32 @@ def store_handler(event: evt.Event, store: ImageStore) -> int:
     return SUCCESS if received(event, store) is not None else OUT_OF_RESOURCES
 
 
-def received(event: evt.Event, store: ImageStore) -> Dataset | None:
-    """Write a C-STORE request's instance to ``store``; its header (up to the Series UID), or None.
+def received(event: evt.Event, store: ImageStore) -> Header | None:
+    """Write a C-STORE request's instance to ``store``; its study, series and accession, or None.
 
     The bytes are written as received behind their file meta, and only the header is
     decoded: decoding (and re-encoding) every element of every instance cost more than the
     rest of the store (docs/performance.md).
     """
     try:
-        header = _header(event)
-        sop_uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
-        store.write(str(header.StudyInstanceUID), str(header.SeriesInstanceUID), sop_uid, event.encoded_dataset())
-        return header
+        request = cast(C_STORE, event.request)
+        data = cast(BytesIO, request.DataSet).getvalue()
+        syntax = event.context.transfer_syntax
+        found = header(data, syntax.is_implicit_VR) if syntax.is_little_endian and not syntax.is_deflated else None
+        if found is None:
+            found = _decoded_header(event)
+        meta = file_meta(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), str(syntax))
+        store.write(found.study_uid, found.series_uid, str(request.AffectedSOPInstanceUID), meta + data)
+        return found
     except Exception:
         log.exception("could not store an instance from %s", event.assoc.requestor.ae_title)
         return None
 
 
-def _header(event: evt.Event) -> Dataset:
-    syntax = event.context.transfer_syntax
-    data = event.request.DataSet  # type: ignore[union-attr]
-    if syntax.is_deflated or not isinstance(data, BytesIO):
-        return event.dataset
-    data.seek(0)
-    return read_dataset(data, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_past_series_uid)
-
-
-def _past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return bool(tag > 0x0020000E)  # (0020,000D) Study and (0020,000E) Series Instance UID are read
+def _decoded_header(event: evt.Event) -> Header:
+    """What :func:`dicom_bridge.part10.header` leaves to pydicom (big endian, deflate, sequences)."""
+    ds = event.dataset
+    return Header(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.get("AccessionNumber", "") or ""))
 
 
 def _status(status: Dataset, operation: str) -> int:

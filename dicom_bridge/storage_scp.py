@@ -13,12 +13,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_bridge.dimse import OUT_OF_RESOURCES, SUCCESS, TRANSFER_SYNTAXES, received
+from dicom_bridge.dimse import OUT_OF_RESOURCES, SUCCESS, received
 from dicom_bridge.image_store import ImageStore
-from dicom_bridge.tcp import NODELAY_HANDLERS
+from dicom_bridge.tuning import LOW_LATENCY_HANDLERS
 
 log = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO (PS3.4 Annex A)
@@ -44,11 +44,11 @@ class StorageScp:
     def start(self) -> StorageScp:
         ae = AE(self.ae_title)
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs for large images
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
+        # Storage contexts need not be listed: every SOP class and transfer syntax is accepted
+        # (dicom_bridge.tuning sets pynetdicom's UNRESTRICTED_STORAGE_SERVICE).
         ae.add_supported_context(VERIFICATION)
         handlers: list[Any] = [
-            *NODELAY_HANDLERS,
+            *LOW_LATENCY_HANDLERS,
             (evt.EVT_C_STORE, self._stored),
             (evt.EVT_RELEASED, self._ended),
             (evt.EVT_ABORTED, self._ended),
@@ -75,7 +75,7 @@ class StorageScp:
         header = received(event, self.store)
         if header is None:
             return OUT_OF_RESOURCES
-        key = (str(header.StudyInstanceUID), str(header.get("AccessionNumber", "") or ""))
+        key = (header.study_uid, header.accession)
         with self._lock:
             self._studies.setdefault(id(event.assoc), set()).add(key)
         return SUCCESS

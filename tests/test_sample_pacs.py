@@ -37,7 +37,7 @@ from dicom_bridge.sample_pacs import (
     SamplePacs,
     sample_path,
 )
-from dicom_bridge.tcp import NODELAY_HANDLERS, nodelay
+from dicom_bridge.tuning import DUL_POLL, LOW_LATENCY_HANDLERS, nodelay
 from tests.orthanc import in_private_netns
 from tests.processes import free_port
 
@@ -96,7 +96,7 @@ def scu(port: int) -> Iterator[Association]:
         received.append(ds)
         return 0x0000
 
-    handlers = [*NODELAY_HANDLERS, (evt.EVT_C_STORE, on_store)]
+    handlers = [*LOW_LATENCY_HANDLERS, (evt.EVT_C_STORE, on_store)]
     assoc = ae.associate("127.0.0.1", port, ae_title="SAMPLEPACS", ext_neg=roles, evt_handlers=handlers)
     assert assoc.is_established
     assoc.received = received  # type: ignore[attr-defined]
@@ -119,7 +119,7 @@ def store_scp(ae_title: str = "DEST") -> Iterator[SimpleNamespace]:
     for uid in STORAGE_CLASSES:
         ae.add_supported_context(uid)
     server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[*NODELAY_HANDLERS, (evt.EVT_C_STORE, on_store)]
+        ("127.0.0.1", 0), block=False, evt_handlers=[*LOW_LATENCY_HANDLERS, (evt.EVT_C_STORE, on_store)]
     )
     assert server is not None and server.socket is not None
     try:
@@ -447,6 +447,12 @@ def test_port_zero_picks_a_free_port_and_stop_frees_it():
         sock.bind(("127.0.0.1", port))
 
 
+def test_low_latency_handlers_set_the_dul_poll_of_both_ends(pacs):
+    with scu_titled(pacs.port, pacs.ae_title) as assoc:
+        assert assoc.dul._run_loop_delay == DUL_POLL
+        assert [a.dul._run_loop_delay for a in pacs.ae.active_associations] == [DUL_POLL]
+
+
 def test_nodelay_sets_tcp_nodelay():
     with socket.socket() as sock:
         event = SimpleNamespace(assoc=SimpleNamespace(dul=SimpleNamespace(socket=SimpleNamespace(socket=sock))))
@@ -508,7 +514,7 @@ def scu_titled(port: int, called: str, *contexts: str) -> Iterator[Association]:
     ae = AE("PYSCU")
     for uid in (VERIFICATION, *contexts):
         ae.add_requested_context(uid)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=NODELAY_HANDLERS)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=LOW_LATENCY_HANDLERS)
     assert assoc.is_established
     try:
         yield assoc

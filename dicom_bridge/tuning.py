@@ -1,0 +1,64 @@
+"""How this process runs pydicom and pynetdicom, and why (figures in docs/performance.md).
+
+Importing it sets the process-wide settings below; every module here that opens or accepts an
+association imports it for :data:`LOW_LATENCY_HANDLERS`, so no association goes without them.
+
+- TCP_NODELAY. DIMSE is request/response with small PDUs (a C-ECHO, a C-FIND response, the last
+  fragment of a C-STORE); with Nagle's algorithm on, each can wait for the peer's delayed ACK
+  (~40 ms on Linux).
+- The DUL poll. pynetdicom's DUL thread sleeps 1 ms whenever it finds nothing to do, so every
+  message it hands over or sends can wait that long (a C-MOVE of 100 instances: ~100 ms).
+- Unrestricted storage. As a Storage SCP (ours, and the SCU's during a C-GET) every storage SOP
+  class, private ones included, is accepted in the first transfer syntax the peer proposes: the
+  bytes are kept as received, so no syntax needs converting and no PACS is made to transcode. It
+  also spares the deep copy of 170 listed storage contexts pynetdicom makes per association
+  (~25 ms per C-MOVE).
+- No per-message log. pynetdicom's "standard" handlers format every DIMSE message for its log
+  (6% of the CPU of a C-MOVE) whether or not anything shows it; nothing here shows pynetdicom's
+  INFO/DEBUG lines, and its warnings and errors are still logged. Set ``LOG_HANDLER_LEVEL`` back
+  to "standard" to debug DIMSE traffic.
+- No value validation. pydicom checks every value it reads or sets against its VR and warns
+  (its default), then uses the value anyway; pynetdicom builds several Datasets per DIMSE
+  message, so that is ~6% of a retrieve's CPU, for warnings nobody reads. The values are the
+  same either way; answers are judged where they are mapped (:mod:`mappings.imaging_study`).
+
+Bind :data:`LOW_LATENCY_HANDLERS` to every AE's ``start_server`` and ``associate`` call::
+
+    ae.start_server(address, evt_handlers=[*LOW_LATENCY_HANDLERS, ...])
+    ae.associate(host, port, evt_handlers=LOW_LATENCY_HANDLERS)
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pydicom.config
+from pynetdicom import _config, evt
+from pynetdicom.events import Event, EventHandlerType
+
+#: Seconds the DUL thread sleeps when idle (pynetdicom's default is 1 ms). Only while an
+#: association is open: a server without associations does not poll.
+DUL_POLL = 0.0001
+
+_config.UNRESTRICTED_STORAGE_SERVICE = True
+_config.LOG_HANDLER_LEVEL = "none"
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+
+
+def nodelay(event: Event) -> None:
+    """``EVT_CONN_OPEN`` handler: switch Nagle's algorithm off on the association's socket."""
+    dul_socket = event.assoc.dul.socket
+    sock = dul_socket.socket if dul_socket is not None else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def quick_poll(event: Event) -> None:
+    """``EVT_CONN_OPEN`` handler: the DUL thread checks its socket and queues every :data:`DUL_POLL`."""
+    event.assoc.dul._run_loop_delay = DUL_POLL  # the knob pynetdicom's run_reactor documents
+
+
+LOW_LATENCY_HANDLERS: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, quick_poll)]
+
+__all__ = ["DUL_POLL", "LOW_LATENCY_HANDLERS", "nodelay", "quick_poll"]
