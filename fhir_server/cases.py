@@ -16,7 +16,6 @@
 
 from typing import Any
 
-from fhir_server import search
 from fhir_server.errors import error
 from fhir_server.repository import Change, Hook, Repository, Stored
 from fhir_server.routing import NO_ROUTING, Routing, route
@@ -115,9 +114,8 @@ CASE_STATUS_DISPLAY = {
 
 def case_of(repo: Repository, order_id: str) -> Stored | None:
     """The Task that tracks the order's case (intent order: ``workflow.is_case``), not any Task about the order."""
-    query = [("focus", f"ServiceRequest/{order_id}"), ("intent", "order")]
-    found = search.execute(repo.conn, search.parse("Task", query))
-    return found.matches[0] if found.matches else None
+    tasks = repo.referring("Task", "focus", f"ServiceRequest/{order_id}")
+    return next((task for task in tasks if task.resource.get("intent") == "order"), None)
 
 
 def set_case_status(repo: Repository, order_id: str, code: str, reason: str | None = None) -> None:
@@ -144,10 +142,10 @@ def link_study(repo: Repository, study: dict[str, Any]) -> Stored:
     """
     (uid,) = [i["value"] for i in study["identifier"] if i.get("system") == "urn:dicom:uid"]
     repo.lock(f"ImagingStudy|{uid}")
-    found = search.execute(repo.conn, search.parse("ImagingStudy", [("identifier", f"urn:dicom:uid|{uid}")]))
-    if not found.matches:
+    found = repo.with_token("ImagingStudy", "identifier", "urn:dicom:uid", uid, limit=1)
+    if not found:
         return repo.create(study)
-    current = found.matches[0]
+    current = found[0]
     based_on = [*current.resource.get("basedOn", [])]
     based_on += [ref for ref in study.get("basedOn", []) if ref not in based_on]
     updated = {**study, "id": current.id, "basedOn": based_on}
@@ -179,10 +177,10 @@ def is_original(resource: dict[str, Any]) -> bool:
     return any(t.get("system") == REPORT_ROLE and t.get("code") == "original" for t in tags)
 
 
-def _link_keys(resource: dict[str, Any]) -> list[str]:
-    """``system|value`` of the resource's accession and placer identifiers (those that link)."""
+def _link_keys(resource: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(system, value)`` of the resource's accession and placer identifiers (those that link)."""
     return [
-        f"{i['system']}|{i['value']}"
+        (i["system"], i["value"])
         for code in LINK_TYPES
         for i in resource.get("identifier", [])
         if _typed(i, code) and i.get("system") and i.get("value")
@@ -192,9 +190,8 @@ def _link_keys(resource: dict[str, Any]) -> list[str]:
 def _link_reports_of(repo: Repository, order: Stored) -> None:
     """A new order: its original reports that came first (same accession or placer, same patient) gain basedOn."""
     for key in _link_keys(order.resource):
-        repo.lock(f"original-report|{key}")
-        found = search.execute(repo.conn, search.parse("DiagnosticReport", [("identifier", key), ("_count", "100")]))
-        for report in found.matches:
+        repo.lock(f"original-report|{'|'.join(key)}")
+        for report in repo.with_token("DiagnosticReport", "identifier", *key):
             _add_based_on(repo, report, order)
 
 
@@ -202,9 +199,8 @@ def _link_report(repo: Repository, report_id: str) -> None:
     """A new original report: basedOn the one order of its accession (else placer) number, when it exists."""
     report = repo.read("DiagnosticReport", report_id)
     for key in _link_keys(report.resource):
-        repo.lock(f"original-report|{key}")
-        found = search.execute(repo.conn, search.parse("ServiceRequest", [("identifier", key)]))
-        orders = [o for o in found.matches if _same_subject(o, report)]
+        repo.lock(f"original-report|{'|'.join(key)}")
+        orders = [o for o in repo.with_token("ServiceRequest", "identifier", *key) if _same_subject(o, report)]
         if len(orders) == 1:
             _add_based_on(repo, report, orders[0])
             return

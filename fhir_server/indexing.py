@@ -8,7 +8,7 @@ into type and id).
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -22,7 +22,7 @@ from fhir_server.schema import (
     TokenIndex,
     UriIndex,
 )
-from fhir_server.search_params import SearchParam, _plain_steps, _walk, registry
+from fhir_server.search_params import SearchParam, registry
 
 Row = tuple[type, dict[str, Any]]
 
@@ -54,44 +54,8 @@ def index_rows(resource_type: str, resource: dict[str, Any]) -> Iterator[Row]:
             continue
         if param.roots is not None and not any(key.startswith(root) for root in param.roots for key in keys):
             continue  # FHIRPath costs tens of microseconds even when it finds nothing
-        for value in _evaluator(param)(resource):
+        for value in param.evaluate(resource):
             yield from _rows(param, value)
-
-
-#: ``Encounter.subject.where(resolve() is Patient)``: the references of a plain path to one type.
-_WHERE_RESOLVE_IS = re.compile(r"^([A-Z][A-Za-z]+(?:\.[a-z][A-Za-z]*)+)\.where\(resolve\(\) is ([A-Z][A-Za-z]+)\)$")
-_evaluators: dict[str, Callable[[dict[str, Any]], list[Any]]] = {}
-
-
-def _evaluator(param: SearchParam) -> Callable[[dict[str, Any]], list[Any]]:
-    """``param.evaluate``, but for a plain path's references to one type, walked without fhirpathpy.
-
-    The registry gives fhirpathpy ``path.where(reference.matches('(^|/)Type/[^/]+(/_history/[^/]+)?$'))``
-    for them (it has no resolve()); these are the patient parameters of most types, and
-    fhirpathpy took a tenth of an order's intake on them. Same values, same order.
-    """
-    key = f"{param.url} {param.expression}"
-    found = _evaluators.get(key)
-    if found is None:
-        found = _evaluators[key] = _references_to(param.expression) or param.evaluate
-    return found
-
-
-def _references_to(expression: str) -> Callable[[dict[str, Any]], list[Any]] | None:
-    m = _WHERE_RESOLVE_IS.match(expression)
-    steps = _plain_steps(m[1]) if m else None
-    if m is None or steps is None:
-        return None
-    pattern = re.compile(rf"(^|/){m[2]}/[^/]+(/_history/[^/]+)?$", re.DOTALL)
-
-    def evaluate(resource: dict[str, Any]) -> list[Any]:
-        return [v for v in _walk(resource, [steps]) if isinstance(v, dict) and _to(pattern, v.get("reference"))]
-
-    return evaluate
-
-
-def _to(pattern: re.Pattern[str], reference: Any) -> bool:
-    return isinstance(reference, str) and pattern.search(reference) is not None
 
 
 def _rows(param: SearchParam, value: Any) -> Iterator[Row]:

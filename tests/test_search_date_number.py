@@ -241,3 +241,17 @@ def test_number_precision_and_prefixes_on_quantities(store, value, expected):
 def test_bad_numbers_are_400(store, value):
     outcome = assert_outcome(store.get(f"/fhir/Observation?value-quantity={value}"), 400)
     assert outcome["issue"][0]["code"] == "invalid"
+
+
+def test_component_values_of_several_components_are_each_indexed(client):
+    """``(Observation.component.value as Quantity)``: fhirpathpy refused "as" on two components (a 500)."""
+    axes = {"long axis": 14, "short axis": 9}
+    components = [
+        {"code": {"text": k}, "valueQuantity": {"value": v, "unit": "mm", "code": "mm"}} for k, v in axes.items()
+    ]
+    body = {"resourceType": "Observation", "id": "lesion", "status": "final", "code": {"text": "lesion"},
+            "component": components}  # fmt: skip
+    assert client.put("/fhir/Observation/lesion", json=body).status_code == 201
+    assert found(client, "Observation?component-value-quantity=9||mm") == {"lesion"}
+    assert found(client, "Observation?component-value-quantity=14") == {"lesion"}
+    assert found(client, "Observation?component-value-quantity=10") == set()
