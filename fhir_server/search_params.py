@@ -188,11 +188,24 @@ def _compile(expression: str) -> Walk:
     when it finds nothing, and indexing was the largest part of a create.
     tests/test_search_params.py checks both give the same values.
     """
+    if expression == _DECEASED:
+        return _deceased
     walks = [_simple(part) for part in split_union(expression)]
     if all(walk is not None for walk in walks):
         found = [walk for walk in walks if walk is not None]
         return lambda resource: [value for walk in found for value in walk(resource)]
     return _fhirpath(expression)
+
+
+#: The one R4 search parameter of our types that is boolean logic, on every Patient write.
+_DECEASED = "Patient.deceased.exists() and Patient.deceased != false"
+
+
+def _deceased(resource: dict[str, Any]) -> list[Any]:
+    """``_DECEASED``: false without deceased[x], else whether it is other than ``false`` (a date is true)."""
+    if "deceasedBoolean" in resource:
+        return [resource["deceasedBoolean"] is not False]
+    return ["deceasedDateTime" in resource]
 
 
 def _fhirpath(expression: str) -> Callable[[dict[str, Any]], list[Any]]:
