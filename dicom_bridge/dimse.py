@@ -164,8 +164,9 @@ def received(event: evt.Event, store: ImageStore) -> Header | None:
         found = header(data, syntax.is_implicit_VR) if syntax.is_little_endian and not syntax.is_deflated else None
         if found is None:
             found = _decoded_header(event)
-        meta = file_meta(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), str(syntax))
-        store.write(found.study_uid, found.series_uid, str(request.AffectedSOPInstanceUID), meta + data)
+        sop_uid = str(request.AffectedSOPInstanceUID)
+        meta = file_meta(str(request.AffectedSOPClassUID), sop_uid, str(syntax))
+        store.write(found.study_uid, found.series_uid, sop_uid, meta + data)
         return found
     except Exception:
         log.exception("could not store an instance from %s", event.assoc.requestor.ae_title)

@@ -76,40 +76,25 @@ _CURRENT = select(_r.version, _r.last_updated, _r.content).where(_r.type == bind
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
 _STORED = (_r.id, _r.version, _r.last_updated, _r.content)
 _t, _ref = TokenIndex.__table__.c, ReferenceIndex.__table__.c
-# What ``Type?param=system|code`` and ``Type?param=Target/id`` find, oldest first, as prebuilt
-# statements: the domain rules look resources up this way on every order, and the search
-# machinery (parsing, building, a window count) cost a fifth of an HL7 order's intake.
-_WITH_TOKEN = (
-    select(*_STORED)
-    .where(
-        _r.pk.in_(
-            select(_t.resource_pk).where(
-                _t.res_type == bindparam("type"),
-                _t.param == bindparam("param"),
-                _t.system == bindparam("system"),
-                _t.code == bindparam("code"),
-            )
-        ),
-        _r.deleted == false(),
-    )
-    .order_by(_r.pk)
-    .limit(bindparam("limit"))
+
+
+def _current_with(index: Any, *criteria: Any) -> Any:
+    """Current resources with an ``index`` row meeting ``criteria``, oldest first, at most ``:limit``."""
+    with_row = select(index.resource_pk).where(index.res_type == bindparam("type"), *criteria)
+    return select(*_STORED).where(_r.pk.in_(with_row), _r.deleted == false()).order_by(_r.pk).limit(bindparam("limit"))
+
+
+# What ``Type?param=system|code`` and ``Type?param=Target/id`` find, as prebuilt statements: the
+# domain rules look resources up this way on every order, and the search machinery (parsing,
+# building, a window count) cost a fifth of an HL7 order's intake.
+_WITH_TOKEN = _current_with(
+    _t, _t.param == bindparam("param"), _t.system == bindparam("system"), _t.code == bindparam("code")
 )
-_REFERRING = (
-    select(*_STORED)
-    .where(
-        _r.pk.in_(
-            select(_ref.resource_pk).where(
-                _ref.res_type == bindparam("type"),
-                _ref.param == bindparam("param"),
-                _ref.target_type == bindparam("target_type"),
-                _ref.target_id == bindparam("target_id"),
-            )
-        ),
-        _r.deleted == false(),
-    )
-    .order_by(_r.pk)
-    .limit(bindparam("limit"))
+_REFERRING = _current_with(
+    _ref,
+    _ref.param == bindparam("param"),
+    _ref.target_type == bindparam("target_type"),
+    _ref.target_id == bindparam("target_id"),
 )
 _v = VersionRow.__table__.c
 _VERSION = (

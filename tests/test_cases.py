@@ -2,6 +2,7 @@
 
 from sqlalchemy import select
 
+from fhir_server.repository import Repository
 from fhir_server.schema import OutboxRow
 from hl7_bridge.intake import receive
 from overread.app import HOOKS
@@ -62,3 +63,25 @@ def test_a_task_of_another_intent_about_the_order_is_not_its_case(client, db):
     (order,) = [e["resource"] for e in client.get("/fhir/ServiceRequest").json()["entry"]]
     intents = sorted(t["intent"] for t in _cases(client, order["id"]))
     assert intents == ["order", "plan"]
+
+
+def test_the_lookups_of_the_case_rules_find_current_resources_oldest_first(db):
+    """``Repository.with_token`` and ``referring`` answer what the searches they replace answered."""
+    study = {"resourceType": "ImagingStudy", "status": "available", "subject": {"reference": "Patient/p1"},
+             "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.3"}]}  # fmt: skip
+    with db.begin() as conn:
+        repo = Repository(conn)
+        first, second, gone = (repo.create(study) for _ in range(3))
+        repo.delete("ImagingStudy", gone.id)
+        other = repo.create({**study, "subject": {"reference": "Patient/p2"}, "identifier": []})
+        assert [s.id for s in repo.with_token("ImagingStudy", "identifier", "urn:dicom:uid", "urn:oid:1.2.3")] == [
+            first.id,
+            second.id,
+        ]
+        assert [s.id for s in repo.with_token("ImagingStudy", "identifier", "urn:dicom:uid", "urn:oid:1.2.3", 1)] == [
+            first.id
+        ]
+        assert repo.with_token("ImagingStudy", "identifier", "urn:dicom:uid", "urn:oid:1.2") == []
+        assert [s.id for s in repo.referring("ImagingStudy", "subject", "Patient/p2")] == [other.id]
+        assert [s.id for s in repo.referring("ImagingStudy", "patient", "Patient/p1")] == [first.id, second.id]
+        assert repo.referring("ImagingStudy", "subject", "Group/p2") == []
