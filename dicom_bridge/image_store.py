@@ -56,19 +56,21 @@ class ImageStore:
     def find(self, query: StudyQuery) -> list[Study]:
         """Studies on disk that match ``query`` (pushed to us, or retrieved for another case).
 
-        Headers only (no pixel data) and only the first file of a study to decide a match:
-        a study's accession number and patient are the same in all its instances.
+        Headers only (no pixel data), and one file of a study to decide a match: a study's
+        accession number and patient are the same in all its instances. Only a match has all
+        its files listed and read. Still one file read per study on disk for an accession or
+        patient query: an index by those keys would spare that on a large store.
         """
         keys = query.matching_keys()
         if "StudyInstanceUID" in keys:  # the order's identifier, not to be trusted as a path
             folders = [self.root / query.study_uid] if is_uid(query.study_uid) else []
         else:
-            folders = sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+            folders = sorted(p for p in self.root.iterdir() if is_uid(p.name)) if self.root.is_dir() else []
         found = []
         for folder in folders:
-            files = sorted(folder.glob("*/*.dcm"))
-            if files and _matches(dcmread(files[0], stop_before_pixels=True), query):
-                found.append(_tree([dcmread(f, stop_before_pixels=True) for f in files]))
+            first = next(folder.glob("*/*.dcm"), None)
+            if first is not None and _matches(dcmread(first, stop_before_pixels=True), query):
+                found.append(_tree([dcmread(f, stop_before_pixels=True) for f in sorted(folder.glob("*/*.dcm"))]))
         return found
 
 

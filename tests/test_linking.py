@@ -3,14 +3,17 @@ sample PACS, a pynetdicom SCP), links the ImagingStudy, retrieves, and the Task 
 the case stands. Runs on SQLite and PostgreSQL. The same against Orthanc: test_linking_orthanc.py.
 """
 
+import copy
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from pydicom import Dataset, dcmread
+from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -298,3 +301,22 @@ def test_a_push_while_the_job_runs_is_not_undone_by_its_backoff(env):
     linker.sources[0].find = pacs_find  # type: ignore[method-assign]
     assert linker.run_once() == 1  # due at once, not in an hour
     assert env.status(order_id) == cases.IMAGES_AVAILABLE
+
+
+def test_the_image_store_finds_studies_by_accession_and_by_patient(tmp_path):
+    store = ImageStore(tmp_path)
+    template = dcmread(str(get_testdata_file("CT_small.dcm")), stop_before_pixels=True)
+    for accession, patient_id, study, instances in (("ACC-1", "P1", "1.2.3.1", 3), ("ACC-2", "P2", "1.2.3.2", 2)):
+        for n in range(instances):
+            ds = copy.deepcopy(template)
+            ds.AccessionNumber, ds.PatientID, ds.StudyInstanceUID = accession, patient_id, study
+            ds.SeriesInstanceUID, ds.SOPInstanceUID = f"{study}.1", f"{study}.1.{n}"
+            buffer = BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            store.write(study, f"{study}.1", f"{study}.1.{n}", buffer.getvalue())
+    (tmp_path / "lost+found").mkdir()  # not a study: left alone
+    [found] = store.find(StudyQuery(accession="ACC-2"))
+    assert found.uid == "1.2.3.2" and sum(len(s.instances) for s in found.series) == 2
+    [found] = store.find(StudyQuery(patient_id="P1"))
+    assert found.uid == "1.2.3.1" and sum(len(s.instances) for s in found.series) == 3
+    assert store.find(StudyQuery(accession="ACC-3")) == []
