@@ -98,17 +98,6 @@ _WHERE = re.compile(
 Walk = Callable[[dict[str, Any]], list[Any]]
 
 
-def _plain_steps(part: str) -> tuple[str, ...] | None:
-    """The element names of a plain path such as ``Patient.name.family``, else None.
-
-    Plain means: only element names, each an element of the R4 model under that very JSON
-    name (a choice element such as ``Observation.effective`` is not: its JSON names are
-    effectiveDateTime, effectivePeriod ...).
-    """
-    steps = _json_steps(part)
-    return tuple(names[0] for names in steps) if steps and all(len(names) == 1 for names in steps) else None
-
-
 def _json_steps(part: str) -> list[tuple[str, ...]] | None:
     """The JSON names each step of a path may have, checked against the R4 model; None if not that simple.
 
