@@ -7,18 +7,19 @@ a read by id).
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qsl
 
 import orjson
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from fhir_server.db import Database
+from fhir_server.db import Database, Rollback
 from fhir_server.errors import FhirError, error
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.repository import Hook, Repository
@@ -38,49 +39,43 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
     """Serve the FHIR REST API of ``db`` under ``prefix``."""
     # A read of one resource (version) is one SELECT: it runs outside a transaction and,
     # on SQLite, on the event loop itself, where it takes less time than handing it to a
-    # thread would. Other SQLite work runs on threads of its own: one writer (SQLite has
-    # one writer; threads queueing for it only fight over the GIL) and a few readers.
+    # thread would. Other SQLite reads run on a few threads of their own, and its writes on
+    # one writer that commits the requests queued meanwhile together (``db.groups``).
     # PostgreSQL work (round trips, many concurrent writers) uses the shared thread pool.
     sqlite = db.engine.dialect.name == "sqlite"
-    sqlite_threads = (
-        {
-            True: ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer"),
-            False: ThreadPoolExecutor(4, thread_name_prefix="sqlite-reader"),
-        }
-        if sqlite
-        else None
-    )
+    readers = ThreadPoolExecutor(4, thread_name_prefix="sqlite-reader") if sqlite else None
 
     def read_one(req: FhirRequest, base: str) -> FhirResponse:
         with db.autocommit() as conn:
             return handle(req, Repository(conn, hooks), base)
+
+    def apply(conn: Connection, req: FhirRequest, base: str) -> FhirResponse:
+        repo = Repository(conn, hooks)
+        response = handle(req, repo, base)
+        if response.status < 400:
+            repo.complete()
+        return response
 
     def run(req: FhirRequest, base: str, write: bool) -> FhirResponse:
         try:
             if reads_one_row(req):
                 return read_one(req, base)
             with db.begin(write=write) as conn:
-                repo = Repository(conn, hooks)
-                response = handle(req, repo, base)
+                response = apply(conn, req, base)
                 if response.status >= 400:
                     conn.rollback()  # nothing half-written: an error undoes the whole request
-                    return response
-                repo.complete()
                 return response
-        except FhirError as exc:  # deferred work refused the request: all of it was rolled back
-            return _outcome(exc)
-        except IntegrityError:
-            log.warning("conflicting concurrent write on %s %s", req.method, req.path, exc_info=True)
-            return _outcome(error(409, "conflict", "A concurrent request changed the same resource; retry"))
-        except OperationalError as exc:
-            if getattr(exc.orig, "sqlstate", None) not in RETRYABLE_SQLSTATES:
-                log.exception("database error on %s %s", req.method, req.path)
-                return _outcome(error(500, "exception", "Internal server error; see the server log"))
-            log.warning("concurrent requests deadlocked on %s %s", req.method, req.path, exc_info=True)
-            return _outcome(error(409, "conflict", "A concurrent request held what this one needed; retry"))
-        except Exception:  # like pynetdicom: a failure status, never a dead server or a stack trace
-            log.exception("internal error on %s %s", req.method, req.path)
-            return _outcome(error(500, "exception", "Internal server error; see the server log"))
+        except Exception as exc:
+            return _failure(exc, req)
+
+    def in_group(req: FhirRequest, base: str) -> Callable[[Connection], FhirResponse]:
+        def work(conn: Connection) -> FhirResponse:
+            response = apply(conn, req, base)
+            if response.status >= 400:
+                raise Rollback(response)  # nothing half-written: an error undoes the whole request
+            return response
+
+        return work
 
     async def fhir(request: Request) -> Response:
         base = base_url or _base(request, prefix)
@@ -99,12 +94,31 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
         write = req.method not in READ_METHODS and not req.path.endswith("_search")
         if sqlite and reads_one_row(req):
             return _http(run(req, base, write), request)
-        if sqlite_threads is None:
-            return _http(await run_in_threadpool(run, req, base, write), request)
-        threads = sqlite_threads[write]
-        return _http(await asyncio.get_running_loop().run_in_executor(threads, run, req, base, write), request)
+        if db.groups is not None and write:
+            try:
+                return _http(await db.groups.submit(in_group(req, base)), request)
+            except Exception as exc:
+                return _http(_failure(exc, req), request)
+        if readers is not None:
+            return _http(await asyncio.get_running_loop().run_in_executor(readers, run, req, base, write), request)
+        return _http(await run_in_threadpool(run, req, base, write), request)
 
     app.add_route(f"{prefix}/{{path:path}}", fhir, methods=METHODS)
+
+
+def _failure(exc: Exception, req: FhirRequest) -> FhirResponse:
+    """The OperationOutcome of a request whose transaction (or savepoint) was rolled back."""
+    if isinstance(exc, FhirError):  # deferred work refused the request
+        return _outcome(exc)
+    if isinstance(exc, IntegrityError):
+        log.warning("conflicting concurrent write on %s %s", req.method, req.path, exc_info=True)
+        return _outcome(error(409, "conflict", "A concurrent request changed the same resource; retry"))
+    if isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+        log.warning("concurrent requests deadlocked on %s %s", req.method, req.path, exc_info=True)
+        return _outcome(error(409, "conflict", "A concurrent request held what this one needed; retry"))
+    # like pynetdicom: a failure status, never a dead server or a stack trace
+    log.error("internal error on %s %s", req.method, req.path, exc_info=exc)
+    return _outcome(error(500, "exception", "Internal server error; see the server log"))
 
 
 def _base(request: Request, prefix: str) -> str:

@@ -8,10 +8,13 @@ holds the database write lock from its first read; on PostgreSQL the repository 
 row locks and advisory locks instead (see ``Repository.lock``).
 """
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -50,6 +53,73 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=40, pool_recycle=1800, **kwargs)
 
 
+T = TypeVar("T")
+
+
+class Rollback(Exception):
+    """Raised by a unit of work of a group to undo its writes and still answer ``value``."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+
+
+class WriteGroups:
+    """SQLite's one writer, committing the units of work queued meanwhile in one transaction.
+
+    Each unit runs in a savepoint of its own: an exception (or :class:`Rollback`) undoes it
+    alone and reaches its caller. Every unit of a group is answered after the group's COMMIT,
+    so none is acknowledged before it is written, and a failed COMMIT fails them all. The
+    units of a group run one after the other on one connection, as separate transactions
+    would (a conditional create sees the writes of the units before it). SQLite rewrites
+    every page a transaction touched at its COMMIT; once per group instead of once per
+    request is what makes this pay (docs/performance.md).
+    """
+
+    #: The most units one transaction carries.
+    LIMIT = 64
+
+    def __init__(self, db: "Database") -> None:
+        self.db = db
+        self._queue: deque[tuple[Callable[[Connection], Any], Future[Any]]] = deque()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+
+    async def submit(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work(conn)`` in the next group; its value once the group is committed."""
+        answer: Future[T] = Future()
+        self._queue.append((work, answer))
+        self._writer.submit(self._drain)  # one drain per unit: a drain finding none left does nothing
+        return await asyncio.wrap_future(answer)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    def _drain(self) -> None:
+        group: list[tuple[Callable[[Connection], Any], Future[Any]]] = []
+        while self._queue and len(group) < self.LIMIT:
+            group.append(self._queue.popleft())
+        if not group:
+            return
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with self.db.begin(write=True) as conn:
+                for work, _ in group:
+                    try:
+                        with conn.begin_nested():
+                            outcomes.append((True, work(conn)))
+                    except Rollback as undo:
+                        outcomes.append((True, undo.value))
+                    except Exception as exc:
+                        outcomes.append((False, exc))
+        except Exception as exc:  # the COMMIT failed: none of the group was written
+            outcomes = [(False, exc)] * len(group)
+        for (_, answer), (ok, value) in zip(group, outcomes, strict=True):
+            if ok:
+                answer.set_result(value)
+            else:
+                answer.set_exception(value)
+
+
 class Database:
     """An engine and the two kinds of transaction the server runs on it."""
 
@@ -66,6 +136,9 @@ class Database:
         self._writer: AbstractContextManager[object] = (
             threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
         )
+        #: On SQLite, where requests and messages that write go (one writer, group commit);
+        #: PostgreSQL has many writers, and each takes a transaction of its own.
+        self.groups = WriteGroups(self) if self.engine.dialect.name == "sqlite" else None
 
     @property
     def is_postgres(self) -> bool:
@@ -111,6 +184,8 @@ class Database:
             yield session
 
     def dispose(self) -> None:
+        if self.groups is not None:
+            self.groups.close()
         if self._reader is not None and getattr(self._reader, "conn", None) is not None:
             self._reader.conn.close()
             self._reader.conn = None

@@ -56,26 +56,31 @@ _OUTCOME = update(InboundMessage).where(InboundMessage.pk == bindparam("message_
 
 
 def receive(db: Database, raw: bytes, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes:
-    """Store, map and write one message; return the ACK to send.
+    """Store, map and write one message in a transaction of its own; return the ACK to send.
 
     ``senders`` gives the mapping settings of a sending application and facility (MSH-3, MSH-4).
     """
+    with db.begin() as conn:
+        return receive_in(conn, raw, senders, hooks)
+
+
+def receive_in(conn: Connection, raw: bytes, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes:
+    """:func:`receive` in the caller's transaction (on SQLite: a savepoint of a group, ``db.groups``)."""
     started = time.perf_counter()
     try:
         message = parse(raw)
     except MappingError as exc:
-        return _reject(db, raw, exc, started)
+        return _reject(conn, raw, exc, started)
     key = {
         "sending_application": message.msh.field(3).value,
         "sending_facility": message.msh.field(4).value,
         "control_id": message.msh.field(10).value,
     }
-    with db.begin() as conn:
-        pk = _claim(conn, raw, message, key)
-        if pk is None:  # a resend: the first one's answer, nothing else
-            stored = select(InboundMessage.ack).where(*(getattr(InboundMessage, k) == v for k, v in key.items()))
-            return conn.execute(stored).scalar_one() or b""
-        return _process(Repository(conn, hooks), pk, message, _settings(message, senders), started)
+    pk = _claim(conn, raw, message, key)
+    if pk is None:  # a resend: the first one's answer, nothing else
+        stored = select(InboundMessage.ack).where(*(getattr(InboundMessage, k) == v for k, v in key.items()))
+        return conn.execute(stored).scalar_one() or b""
+    return _process(Repository(conn, hooks), pk, message, _settings(message, senders), started)
 
 
 def replay(db: Database, pk: int, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes | None:
@@ -194,15 +199,14 @@ def _claim(conn: Connection, raw: bytes, message: Message, key: dict[str, str]) 
     return pk
 
 
-def _reject(db: Database, raw: bytes, error: MappingError, started: float) -> bytes:
+def _reject(conn: Connection, raw: bytes, error: MappingError, started: float) -> bytes:
     ack = _ack(None, error)
-    with db.begin() as conn:
-        conn.execute(
-            insert(InboundMessage).values(
-                received_at=dates.now(), status=REJECTED, raw=raw, ack=ack, ack_code=ack_code(None, error),
-                error=str(error), processing_ms=(time.perf_counter() - started) * 1000,
-            )
-        )  # fmt: skip
+    conn.execute(
+        insert(InboundMessage).values(
+            received_at=dates.now(), status=REJECTED, raw=raw, ack=ack, ack_code=ack_code(None, error),
+            error=str(error), processing_ms=(time.perf_counter() - started) * 1000,
+        )
+    )  # fmt: skip
     return ack
 
 

@@ -24,7 +24,7 @@ from fhir_server.subscriptions import notify
 from fhir_server.workflow import case_workflow
 from hl7_bridge.api import messages_router, outbound_router
 from hl7_bridge.delivery import Delivery
-from hl7_bridge.intake import receive
+from hl7_bridge.intake import receive, receive_in
 from hl7_bridge.mllp import MllpServer
 from overread import config
 from overread.config import OverreadConfig
@@ -59,11 +59,17 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
 
 
 def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None = None) -> MllpServer:
-    """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT (storage runs off the event loop)."""
+    """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT (storage runs off the event loop).
+
+    On SQLite each message is a unit of the writer's groups (``db.groups``), with the FHIR
+    requests that write: committed together, each acknowledged after the commit.
+    """
     cfg = cfg or config.load(settings.config)
     senders, hooks = cfg.sender, make_hooks(cfg)
 
     async def handler(message: bytes) -> bytes:
+        if db.groups is not None:
+            return await db.groups.submit(lambda conn: receive_in(conn, message, senders, hooks))
         return await asyncio.get_running_loop().run_in_executor(None, receive, db, message, senders, hooks)
 
     return MllpServer(handler, settings.mllp_host, settings.mllp_port)
