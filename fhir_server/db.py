@@ -1,11 +1,10 @@
 """Engines and transactions for SQLite (embedded default) and PostgreSQL.
 
-Every request runs in exactly one database transaction (``begin``), but for the read of
-one resource, which is a single statement on an autocommit connection (``autocommit``);
-workers that handle ORM rows use ``transaction``. On SQLite the requests and HL7 messages
-that write share transactions with those queued at the same moment (``WriteGroups``): each
-in a savepoint of its own, so each is still all or nothing, and each answered after the
-COMMIT. Write transactions on SQLite start with ``BEGIN IMMEDIATE`` so that a
+Every request is all or nothing: a database transaction of its own (``begin``), except the
+read of one resource, a single statement on an autocommit connection (``autocommit``), and,
+on SQLite, the requests and HL7 messages that write: those queued at the same moment share a
+transaction, each in a savepoint of its own, all answered after its COMMIT (``WriteGroups``).
+Workers that handle ORM rows use ``transaction``. Write transactions on SQLite start with ``BEGIN IMMEDIATE`` so that a
 read-then-write (conditional create, If-Match) holds the database write lock from its first
 read; on PostgreSQL the repository takes row locks and advisory locks instead (see
 ``Repository.lock``).
