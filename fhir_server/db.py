@@ -4,9 +4,9 @@ Every request is all or nothing: a database transaction of its own (``begin``), 
 read of one resource, a single statement on an autocommit connection (``autocommit``), and,
 on SQLite, the requests and HL7 messages that write: those queued at the same moment share a
 transaction, each in a savepoint of its own, all answered after its COMMIT (``WriteGroups``).
-Workers that handle ORM rows use ``transaction``. Write transactions on SQLite start with ``BEGIN IMMEDIATE`` so that a
-read-then-write (conditional create, If-Match) holds the database write lock from its first
-read; on PostgreSQL the repository takes row locks and advisory locks instead (see
+Workers that handle ORM rows use ``transaction``. Write transactions on SQLite start with
+``BEGIN IMMEDIATE`` so that a read-then-write (conditional create, If-Match) holds the
+database write lock from its first read; on PostgreSQL the repository takes row locks and advisory locks instead (see
 ``Repository.lock``).
 """
 
