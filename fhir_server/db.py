@@ -6,8 +6,8 @@ on SQLite, the requests and HL7 messages that write: those queued at the same mo
 transaction, each in a savepoint of its own, all answered after its COMMIT (``WriteGroups``).
 Workers that handle ORM rows use ``transaction``. Write transactions on SQLite start with
 ``BEGIN IMMEDIATE`` so that a read-then-write (conditional create, If-Match) holds the
-database write lock from its first read; on PostgreSQL the repository takes row locks and advisory locks instead (see
-``Repository.lock``).
+database write lock from its first read; on PostgreSQL the repository takes row locks and
+advisory locks instead (see ``Repository.lock``).
 """
 
 import asyncio
