@@ -51,5 +51,8 @@ def start_serve(env: dict[str, str], timeout: float = 30) -> subprocess.Popen[by
                 return server
         except httpx.TransportError:
             pass
-        assert time.monotonic() < deadline and server.poll() is None, "the server did not come up"
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            server.wait(10)
+            raise AssertionError(f"the server did not come up (exit status {server.returncode})")
         time.sleep(0.1)

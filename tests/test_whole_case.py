@@ -8,6 +8,7 @@ Subscription's notification at its HTTP endpoint. Orthanc needs the private netw
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -42,31 +43,30 @@ def server(database_url: str, orthanc: Orthanc, tmp_path: Path) -> Iterator[dict
     ct.save_as(tmp_path / "ct.dcm")
     orthanc.clear()
     orthanc.load([tmp_path / "ct.dcm"])
-    ehr, hook = Receiver().start(), HttpReceiver().start()
-    config = tmp_path / "overread.yaml"
-    config.write_text(
-        f"pacs:\n  - {{name: orthanc, ae_title: ORTHANC, host: 127.0.0.1, port: {orthanc.dicom_port}}}\n"
-        "linking: {first_retry_seconds: 0.2}\n"
-        f"hl7:\n  destinations:\n    - {{name: ehr, host: 127.0.0.1, port: {ehr.port}, ack_timeout_seconds: 5}}\n"
-        "  delivery: {first_retry_seconds: 0.2, poll_seconds: 0.05}\n"
-        "subscriptions: {first_retry_seconds: 0.2}\n"
-    )
-    env = serve_env(database_url, tmp_path, config, dicom_port=str(DICOM_PORT))
-    process = start_serve(env)
-    fhir = fhir_base(env)
-    try:
+    with ExitStack() as cleanup:  # whatever started is stopped, even when a later step fails
+        ehr = Receiver().start()
+        cleanup.callback(ehr.close)
+        hook = HttpReceiver().start()
+        cleanup.callback(hook.stop)
+        config = tmp_path / "overread.yaml"
+        config.write_text(
+            f"pacs:\n  - {{name: orthanc, ae_title: ORTHANC, host: 127.0.0.1, port: {orthanc.dicom_port}}}\n"
+            "linking: {first_retry_seconds: 0.2}\n"
+            f"hl7:\n  destinations:\n    - {{name: ehr, host: 127.0.0.1, port: {ehr.port}, ack_timeout_seconds: 5}}\n"
+            "  delivery: {first_retry_seconds: 0.2, poll_seconds: 0.05}\n"
+            "subscriptions: {first_retry_seconds: 0.2}\n"
+        )
+        env = serve_env(database_url, tmp_path, config, dicom_port=str(DICOM_PORT))
+        process = start_serve(env)
+        cleanup.callback(process.wait, 20)
+        cleanup.callback(process.terminate)
         yield {
-            "fhir": fhir,
+            "fhir": fhir_base(env),
             "mllp": int(env["OVERREAD_MLLP_PORT"]),
             "ehr": ehr,
             "hook": hook,
             "images": tmp_path / "images",
         }
-    finally:
-        process.terminate()
-        process.wait(20)
-        ehr.close()
-        hook.stop()
 
 
 def test_order_in_images_linked_report_out_case_completed_subscriber_notified(server: dict[str, Any]) -> None:
