@@ -22,11 +22,12 @@ from starlette.responses import Response
 from fhir_server.db import Database, Rollback
 from fhir_server.errors import FhirError, error
 from fhir_server.http import FhirRequest, FhirResponse
+from fhir_server.patch import JSON_PATCH, MERGE_PATCH
 from fhir_server.repository import Hook, Repository
 from fhir_server.router import handle, reads_one_row
 
 FHIR_JSON = "application/fhir+json"
-JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir")
+JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir", JSON_PATCH, MERGE_PATCH)
 READ_METHODS = {"GET", "HEAD"}
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
 #: PostgreSQL's deadlock_detected and serialization_failure: the request lost a race and

@@ -16,6 +16,7 @@ INTERACTIONS = [
     "read",
     "vread",
     "update",
+    "patch",
     "delete",
     "history-instance",
     "history-type",

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from fhir_server import bundle, capability, conditional, dates, operations, search
 from fhir_server.errors import FhirError, error, information
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
+from fhir_server.patch import patch
 from fhir_server.repository import Repository, Stored
 from fhir_server.schema import VersionRow
 from fhir_server.validation import SUPPORTED_TYPES, check_type
@@ -58,6 +59,8 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
                     return _conditional_update(repo, base, req, rtype)
                 case "DELETE":
                     return _conditional_delete(repo, req, rtype)
+                case "PATCH":
+                    return _conditional_patch(repo, base, req, rtype)
         case [rtype, name], _ if name.startswith("$"):
             check_type(rtype)
             return operations.type_level(repo, req, rtype, name)
@@ -73,6 +76,9 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
                 case "PUT":
                     stored, created = repo.update(rtype, rid, _body(req), req.header("if-match"))
                     return _written(req, stored, base, 201 if created else 200)
+                case "PATCH":
+                    check_type(rtype)
+                    return _written(req, patch(repo, rtype, rid, req.body, req.header("if-match")), base, 200)
                 case "DELETE":
                     check_type(rtype)
                     if repo.current(rtype, rid) is None:
@@ -164,6 +170,16 @@ def _conditional_update(repo: Repository, base: str, req: FhirRequest, rtype: st
         rid = resource.get("id") or str(uuid.uuid4())
     stored, created = repo.update(rtype, rid, {**resource, "id": rid}, req.header("if-match"))
     return _written(req, stored, base, 201 if created else 200)
+
+
+def _conditional_patch(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirResponse:
+    """``PATCH [type]?[criteria]``: the one match is patched; none is 404, several 412 (R4 http.html#patch)."""
+    found = conditional.matches(repo, rtype, urlencode(req.params))
+    if len(found) > 1:
+        raise error(412, "multiple-matches", f"The criteria match {len(found)} resources")
+    if not found:
+        raise error(404, "not-found", f"No {rtype} matches the criteria")
+    return _written(req, patch(repo, rtype, found[0].id, req.body, req.header("if-match")), base, 200)
 
 
 def _conditional_delete(repo: Repository, req: FhirRequest, rtype: str) -> FhirResponse:

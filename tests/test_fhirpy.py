@@ -110,3 +110,15 @@ def test_transaction(fhir):
     assert again["entry"][0]["response"]["status"] == "200 OK"
     assert fhir.resources("Patient").count() == 1
     assert fhir.resources("ServiceRequest").search(subject=patient_ref).count() == 2
+
+
+def test_patch_from_fhirpy(fhir):
+    """fhirpy's ``patch`` sends the changed elements as an object: a JSON Merge Patch (RFC 7386)."""
+    created = fhir.resource("Patient", **patient(mrn="MRN-PATCH"))
+    created.save()
+    created.patch(active=False, gender="male")
+    stored = fhir.get("Patient", created.id)
+    assert stored["active"] is False and stored["gender"] == "male" and stored["meta"]["versionId"] == "2"
+    assert stored["identifier"][0]["value"] == "MRN-PATCH"  # what the patch did not name stays
+    with pytest.raises(OperationOutcome):
+        created.patch(gender="yes")  # the result must still be valid FHIR: 422
