@@ -76,8 +76,10 @@ def test_handle_creates_and_reads_without_http(db):
 def test_handle_returns_errors_as_values(db):
     response, body = call(db, FhirRequest("GET", "Patient/nobody"))
     assert response.status == 404 and body["resourceType"] == "OperationOutcome"
-    response, body = call(db, FhirRequest("PATCH", "Patient/nobody", body=[]))
+    response, body = call(db, FhirRequest("POST", "Patient/nobody", body={}))
     assert response.status == 405 and body["issue"][0]["code"] == "not-supported"
+    response, body = call(db, FhirRequest("PATCH", "Patient/nobody", body=[]))
+    assert response.status == 404 and body["issue"][0]["code"] == "not-found"
     response, body = call(db, FhirRequest("POST", "Patient", body={**patient(), "active": "yes"}))
     assert response.status == 422 and body["issue"][0]["expression"] == ["Patient.active"]
     assert stored_count(db) == 0

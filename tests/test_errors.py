@@ -126,14 +126,14 @@ def test_creating_an_unsupported_type_is_404_and_stores_nothing(client):
 
 def test_unsupported_interactions_are_405(client, pid):
     for method, path in [
-        ("PATCH", "/fhir/Patient/p-1"),
         ("POST", "/fhir/Patient/p-1"),
         ("PUT", "/fhir/Patient/p-1/_history/1"),
         ("DELETE", "/fhir/Patient/p-1/_history/1"),
         ("POST", "/fhir/Patient/p-1/_history"),
         ("DELETE", "/fhir/_history"),
         ("PUT", "/fhir/metadata"),
-        ("PATCH", "/fhir/Patient"),
+        ("PATCH", "/fhir/Patient/p-1/_history/1"),
+        ("PATCH", "/fhir"),
     ]:
         patch = [{"op": "replace", "path": "/active", "value": True}]
         body = patch if method == "PATCH" else {**patient(), "id": "p-1"}
