@@ -116,6 +116,16 @@ _LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 _LOCK_ALL = text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:ks AS bigint[])) AS k")
 
 
+def _require_version(if_match: str | None, current: Stored | None) -> None:
+    """``If-Match`` (R4 http.html#concurrency): the write goes ahead only on that version, else 412."""
+    if if_match is None:
+        return
+    expected = if_match.removeprefix("W/").strip('"')
+    actual = str(current.version) if current else None
+    if expected != actual:
+        raise error(412, "conflict", f"If-Match {if_match} but the current version is {actual or 'none'}")
+
+
 def _lock_id(key: str) -> int:
     """The advisory lock of a key: a 64-bit hash of it."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
@@ -222,11 +232,7 @@ class Repository:
             raise error(400, "invalid", f"The body's id {resource.get('id')!r} is not {resource_id!r}", "id")
         self.lock(f"{resource_type}/{resource_id}")
         previous = self.current(resource_type, resource_id, for_update=True)
-        if if_match is not None:
-            expected = if_match.removeprefix("W/").strip('"')
-            actual = str(previous.version) if previous else None
-            if expected != actual:
-                raise error(412, "conflict", f"If-Match {if_match} but the current version is {actual or 'none'}")
+        _require_version(if_match, previous)
         method = "PUT"  # even when it creates: hooks tell the create interaction (POST) from this
         # Updating a deleted resource brings it back (R4 http.html#delete: "Resources that have
         # been deleted may be 'brought back to life' by a subsequent update"): to the client it
@@ -234,10 +240,11 @@ class Repository:
         created = previous is None or previous.content is None
         return self._write(method, resource_type, resource_id, resource, previous), created
 
-    def delete(self, resource_type: str, resource_id: str) -> Stored | None:
+    def delete(self, resource_type: str, resource_id: str, if_match: str | None = None) -> Stored | None:
         """Delete (a versioned tombstone). None when there was nothing to delete."""
         check_type(resource_type)
         previous = self.current(resource_type, resource_id, for_update=True)
+        _require_version(if_match, previous)
         if previous is None or previous.content is None:
             return None
         return self._write("DELETE", resource_type, resource_id, None, previous)

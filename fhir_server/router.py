@@ -83,7 +83,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
                     check_type(rtype)
                     if repo.current(rtype, rid) is None:
                         raise error(404, "not-found", f"{rtype}/{rid} is not known")
-                    deleted = repo.delete(rtype, rid)
+                    deleted = repo.delete(rtype, rid, req.header("if-match"))
                     headers = {"ETag": deleted.etag} if deleted else {}
                     return FhirResponse(200, information(f"Deleted {rtype}/{rid}"), headers)
         case [rtype, rid, name], _ if name.startswith("$"):

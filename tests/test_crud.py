@@ -167,6 +167,16 @@ def test_if_match_on_a_resource_that_does_not_exist_is_412(client):
     assert client.get("/fhir/Patient/p-new").status_code == 404
 
 
+def test_if_match_guards_a_delete(client):
+    rid = create(client, patient()).json()["id"]
+    client.put(f"/fhir/Patient/{rid}", json={**patient(family="Second"), "id": rid})
+    assert_outcome(client.delete(f"/fhir/Patient/{rid}", headers={"If-Match": 'W/"1"'}), 412)
+    assert client.get(f"/fhir/Patient/{rid}").status_code == 200
+    r = client.delete(f"/fhir/Patient/{rid}", headers={"If-Match": 'W/"2"'})
+    assert r.status_code == 200 and r.headers["etag"] == 'W/"3"'
+    assert client.get(f"/fhir/Patient/{rid}").status_code == 410
+
+
 # -- delete --------------------------------------------------------------------------
 
 
