@@ -72,7 +72,9 @@ def statement(base: str) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "documentation": "Search control parameters: " + ", ".join(CONTROL_PARAMS),
+                "documentation": "Search control parameters: "
+                + ", ".join(CONTROL_PARAMS)
+                + "; reverse chaining with _has:Type:reference:parameter (R4 search.html#has)",
                 "resource": _resources(),
                 "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
             }

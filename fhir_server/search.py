@@ -66,6 +66,8 @@ class Criterion:
     values: tuple[str, ...]
     #: For a chained parameter (``subject:Patient.name=x``): per target type, the criterion on it.
     chain: tuple[tuple[str, "Criterion"], ...] = ()
+    #: For ``_has:Type:reference:param=x`` (reverse chaining): Type, its reference parameter, the criterion on Type.
+    has: tuple[str, str, "Criterion"] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,8 @@ def _lookup(resource_type: str, code: str) -> SearchParam:
 
 
 def _criterion(resource_type: str, name: str, value: str, base: str = "") -> Criterion:
+    if name.startswith("_has:"):
+        return _has(resource_type, name, value, base)
     head, _, chained = name.partition(".")
     code, _, modifier = head.partition(":")
     param = _lookup(resource_type, code)
@@ -214,6 +218,26 @@ def _criterion(resource_type: str, name: str, value: str, base: str = "") -> Cri
     return Criterion(param, modifier_or_none, values)
 
 
+def _has(resource_type: str, name: str, value: str, base: str) -> Criterion:
+    """``_has:Observation:patient:code=x``: resources some Observation refers to by ``patient``, where
+    that Observation has ``code=x`` (R4 search.html#has); the inner name may be ``_has`` again."""
+    parts = name.split(":", 3)
+    if len(parts) != 4 or not all(parts):
+        raise error(400, "invalid", f"{name!r} is not _has:Type:reference:parameter", name)
+    _, source, code, inner = parts
+    if source not in SUPPORTED_TYPES:
+        raise error(400, "invalid", f"_has names {source!r}, not a resource type this server has", name)
+    reference = registry()[source].get(code)
+    if reference is None or reference.type != "reference":
+        raise error(400, "invalid", f"{source} has no reference search parameter {code!r}", name)
+    if reference.targets and resource_type not in reference.targets:
+        raise error(400, "invalid", f"{source}.{code} never refers to a {resource_type}", name)
+    if not _knows(source, inner) and not inner.startswith("_has:"):
+        raise UnknownParameter(f"Unknown search parameter {inner!r} for {source}")
+    has = (source, code, _criterion(source, inner, value, base))
+    return Criterion(SearchParam("_has", "special", ""), None, (), has=has)
+
+
 def _knows(resource_type: str, chained: str) -> bool:
     code = chained.partition(":")[0].partition(".")[0]
     return resource_type in SUPPORTED_TYPES and (code in COLUMN_PARAMS or code in registry()[resource_type])
@@ -224,6 +248,19 @@ def _knows(resource_type: str, chained: str) -> bool:
 
 def _where(res: Resource, resource_type: str, crit: Criterion) -> ColumnElement[bool]:
     param = crit.param
+    if crit.has is not None:
+        source_type, code, on_source = crit.has
+        src = aliased(ResourceRow)
+        sources = select(src.pk).where(
+            src.type == source_type, src.deleted == false(), _where(src, source_type, on_source)
+        )
+        targets = select(ReferenceIndex.target_id).where(
+            ReferenceIndex.res_type == source_type,
+            ReferenceIndex.param == code,
+            ReferenceIndex.target_type == resource_type,
+            ReferenceIndex.resource_pk.in_(sources),
+        )
+        return and_(res.type == resource_type, res.id.in_(targets))
     if crit.chain:
         per_type = []
         for target_type, chained in crit.chain:

@@ -102,6 +102,37 @@ def test_one_level_of_chaining(store, query, expected):
     assert found(store, query) == expected
 
 
+# -- reverse chaining (_has, R4 search.html#has) ------------------------------------------
+
+HAS_CASES = [
+    # the patients with an active order; with an order of this accession number
+    ("Patient?_has:ServiceRequest:subject:status=active", {"pat-muller", "pat-muller2"}),
+    ("Patient?_has:ServiceRequest:patient:identifier=ACC-24-0003", {"pat-muller2"}),
+    ("Patient?_has:ServiceRequest:patient:status=revoked", set()),  # sr-4's patient is on another server
+    # the orders whose case is completed; a case's order whose report is final
+    ("ServiceRequest?_has:Task:focus:status=completed", {"sr-2"}),
+    ("ServiceRequest?_has:DiagnosticReport:based-on:status=final&status=completed", {"sr-2"}),
+    # nested: the patients with an order whose case is owned by rad-2 (task-2), or by rad-1 (task-1, task-3)
+    ("Patient?_has:ServiceRequest:subject:_has:Task:focus:owner=Practitioner/rad-2", {"pat-muller"}),
+    ("Patient?_has:ServiceRequest:subject:_has:Task:focus:owner=Practitioner/rad-1", {"pat-muller", "pat-muller2"}),
+    # with other criteria, ANDed
+    ("Patient?_has:ServiceRequest:subject:status=active&gender=male", {"pat-muller2"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("query", "expected"), HAS_CASES, ids=[q for q, _ in HAS_CASES])
+def test_reverse_chaining(store, query, expected):
+    assert found(store, query) == expected
+
+
+def test_bad_reverse_chains_are_400(store):
+    assert_outcome(store.get("/fhir/Patient?_has:ServiceRequest:status:status=active"), 400)  # not a reference
+    assert_outcome(store.get("/fhir/Patient?_has:Nothing:subject:status=active"), 400)
+    assert_outcome(store.get("/fhir/Patient?_has:ServiceRequest:subject"), 400)
+    assert_outcome(store.get("/fhir/Practitioner?_has:ServiceRequest:subject:status=active"), 400)  # never one
+    assert_outcome(store.get("/fhir/Patient?_has:ServiceRequest:subject:authored=2024-13"), 400)
+
+
 def test_chained_values_are_checked_like_plain_ones(store):
     assert_outcome(store.get("/fhir/ServiceRequest?patient.birthdate=1970-13"), 400)
     assert_outcome(store.get("/fhir/ServiceRequest?patient.family:sounds=muller"), 400)
