@@ -3,10 +3,17 @@
 Layout ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``: the same
 instance received twice (a retried C-MOVE, a push after a retrieve) is one file.
 Files are written to a temporary name and renamed, so a crash never leaves half a file.
+
+``<root>/.index/<key>/<hex of the value>/<StudyInstanceUID>`` (empty files; key ``accession`` or
+``patient``) says which studies have that accession number or patient id, so that a query by
+either reads the few studies it names, not one file of every study on disk. A study's entries
+are written before its first file, so no study is on disk without them; an entry whose study
+never arrived is skipped. A store from before the index gets it on its first query.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import threading
@@ -40,6 +47,9 @@ class ImageStore:
     def write(self, study_uid: str, series_uid: str, sop_uid: str, part10: bytes) -> Path:
         """Write an encoded Part 10 file as it is (what a Storage SCP received: no re-encoding)."""
         target = self.path(study_uid, series_uid, sop_uid)
+        if not target.parent.parent.is_dir():  # the study's first instance: index it first
+            header = dcmread(io.BytesIO(part10), stop_before_pixels=True, specific_tags=INDEXED, force=True)
+            self._index(study_uid, header)
         target.parent.mkdir(parents=True, exist_ok=True)
         # Unique per process and thread: the Storage SCP serves associations on threads of
         # its own, and two of them (a push and a C-MOVE) may bring the same instance at once.
@@ -65,13 +75,36 @@ class ImageStore:
         if "StudyInstanceUID" in keys:  # the order's identifier, not to be trusted as a path
             folders = [self.root / query.study_uid] if is_uid(query.study_uid) else []
         else:
-            folders = sorted(p for p in self.root.iterdir() if is_uid(p.name)) if self.root.is_dir() else []
+            key, value = ("accession", query.accession) if query.accession else ("patient", query.patient_id)
+            folders = [self.root / uid for uid in self._indexed(key, value)]
         found = []
         for folder in folders:
-            first = next(folder.glob("*/*.dcm"), None)
+            first = next(folder.glob("*/*.dcm"), None)  # None: an entry whose study never arrived
             if first is not None and _matches(dcmread(first, stop_before_pixels=True), query):
                 found.append(_tree([dcmread(f, stop_before_pixels=True) for f in sorted(folder.glob("*/*.dcm"))]))
         return found
+
+    def _index(self, study_uid: str, ds: Dataset) -> None:
+        for key, keyword in INDEX_KEYS.items():
+            if value := str(ds.get(keyword) or ""):
+                entry = self.root / INDEX / key / value.encode().hex() / study_uid
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                entry.touch()
+
+    def _indexed(self, key: str, value: str) -> list[str]:
+        """The studies the index names for ``key`` = ``value``, after indexing a store that had none."""
+        if not (self.root / INDEX).is_dir() and self.root.is_dir():
+            for folder in sorted(p for p in self.root.iterdir() if is_uid(p.name)):
+                if (first := next(folder.glob("*/*.dcm"), None)) is not None:
+                    self._index(folder.name, dcmread(first, stop_before_pixels=True, specific_tags=INDEXED))
+        entries = self.root / INDEX / key / value.encode().hex()
+        return sorted(p.name for p in entries.iterdir() if is_uid(p.name)) if value and entries.is_dir() else []
+
+
+#: The index's keys and the attributes they come from; the folder of the index (not a UID: never a study).
+INDEX_KEYS = {"accession": "AccessionNumber", "patient": "PatientID"}
+INDEXED = list(INDEX_KEYS.values())
+INDEX = ".index"
 
 
 def _matches(ds: Dataset, query: StudyQuery) -> bool:

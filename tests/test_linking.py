@@ -4,6 +4,7 @@ the case stands. Runs on SQLite and PostgreSQL. The same against Orthanc: test_l
 """
 
 import copy
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -306,17 +307,31 @@ def test_a_push_while_the_job_runs_is_not_undone_by_its_backoff(env):
 def test_the_image_store_finds_studies_by_accession_and_by_patient(tmp_path):
     store = ImageStore(tmp_path)
     template = dcmread(str(get_testdata_file("CT_small.dcm")), stop_before_pixels=True)
-    for accession, patient_id, study, instances in (("ACC-1", "P1", "1.2.3.1", 3), ("ACC-2", "P2", "1.2.3.2", 2)):
+
+    def add(into: ImageStore, accession: str, patient_id: str, study: str, instances: int) -> None:
         for n in range(instances):
             ds = copy.deepcopy(template)
             ds.AccessionNumber, ds.PatientID, ds.StudyInstanceUID = accession, patient_id, study
             ds.SeriesInstanceUID, ds.SOPInstanceUID = f"{study}.1", f"{study}.1.{n}"
             buffer = BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
-            store.write(study, f"{study}.1", f"{study}.1.{n}", buffer.getvalue())
+            into.write(study, f"{study}.1", f"{study}.1.{n}", buffer.getvalue())
+
+    add(store, "ACC-1", "P1", "1.2.3.1", 3)
+    add(store, "ACC-2", "P2", "1.2.3.2", 2)
     (tmp_path / "lost+found").mkdir()  # not a study: left alone
     [found] = store.find(StudyQuery(accession="ACC-2"))
     assert found.uid == "1.2.3.2" and sum(len(s.instances) for s in found.series) == 2
     [found] = store.find(StudyQuery(patient_id="P1"))
     assert found.uid == "1.2.3.1" and sum(len(s.instances) for s in found.series) == 3
     assert store.find(StudyQuery(accession="ACC-3")) == []
+    # the index names the studies of a key: a query reads those, not one file of every study
+    assert sorted(p.name for p in (tmp_path / ".index" / "accession").iterdir()) == [b"ACC-1".hex(), b"ACC-2".hex()]
+    # an entry whose study never arrived (a crash between the two) is skipped
+    (tmp_path / ".index" / "accession" / b"ACC-9".hex()).mkdir()
+    (tmp_path / ".index" / "accession" / b"ACC-9".hex() / "1.2.3.9").touch()
+    assert store.find(StudyQuery(accession="ACC-9")) == []
+    # a store from before the index gets one on its first query
+    shutil.rmtree(tmp_path / ".index")
+    [found] = store.find(StudyQuery(accession="ACC-1"))
+    assert found.uid == "1.2.3.1" and (tmp_path / ".index" / "patient" / b"P2".hex() / "1.2.3.2").exists()
