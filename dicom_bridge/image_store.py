@@ -8,7 +8,8 @@ Files are written to a temporary name and renamed, so a crash never leaves half 
 ``patient``) says which studies have that accession number or patient id, so that a query by
 either reads the few studies it names, not one file of every study on disk. A study's entries
 are written before its first file, so no study is on disk without them; an entry whose study
-never arrived is skipped. A store from before the index gets it on its first query.
+never arrived is skipped. The first query of a store indexes what it already holds (a store
+from before the index) and leaves ``.index/built``.
 """
 
 from __future__ import annotations
@@ -93,10 +94,13 @@ class ImageStore:
 
     def _indexed(self, key: str, value: str) -> list[str]:
         """The studies the index names for ``key`` = ``value``, after indexing a store that had none."""
-        if not (self.root / INDEX).is_dir() and self.root.is_dir():
+        built = self.root / INDEX / "built"
+        if not built.exists() and self.root.is_dir():  # once per store; a crash midway starts it again
             for folder in sorted(p for p in self.root.iterdir() if is_uid(p.name)):
                 if (first := next(folder.glob("*/*.dcm"), None)) is not None:
                     self._index(folder.name, dcmread(first, stop_before_pixels=True, specific_tags=INDEXED))
+            built.parent.mkdir(parents=True, exist_ok=True)
+            built.touch()
         entries = self.root / INDEX / key / value.encode().hex()
         return sorted(p.name for p in entries.iterdir() if is_uid(p.name)) if value and entries.is_dir() else []
 

@@ -331,7 +331,9 @@ def test_the_image_store_finds_studies_by_accession_and_by_patient(tmp_path):
     (tmp_path / ".index" / "accession" / b"ACC-9".hex()).mkdir()
     (tmp_path / ".index" / "accession" / b"ACC-9".hex() / "1.2.3.9").touch()
     assert store.find(StudyQuery(accession="ACC-9")) == []
-    # a store from before the index gets one on its first query
+    # a store from before the index, or whose indexing a crash cut short, is indexed on its next query
     shutil.rmtree(tmp_path / ".index")
+    (tmp_path / ".index" / "accession").mkdir(parents=True)
     [found] = store.find(StudyQuery(accession="ACC-1"))
     assert found.uid == "1.2.3.1" and (tmp_path / ".index" / "patient" / b"P2".hex() / "1.2.3.2").exists()
+    assert (tmp_path / ".index" / "built").exists()
