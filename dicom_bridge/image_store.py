@@ -67,10 +67,9 @@ class ImageStore:
     def find(self, query: StudyQuery) -> list[Study]:
         """Studies on disk that match ``query`` (pushed to us, or retrieved for another case).
 
-        Headers only (no pixel data), and one file of a study to decide a match: a study's
-        accession number and patient are the same in all its instances. Only a match has all
-        its files listed and read. Still one file read per study on disk for an accession or
-        patient query: an index by those keys would spare that on a large store.
+        The index names the candidate studies of an accession or patient query; one header of
+        each (no pixel data) decides the match, since a study's accession number and patient
+        are the same in all its instances, and only a match has all its files listed and read.
         """
         keys = query.matching_keys()
         if "StudyInstanceUID" in keys:  # the order's identifier, not to be trusted as a path
