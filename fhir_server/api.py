@@ -1,4 +1,7 @@
-"""HTTP adapter: request in, ``router.handle`` in one database transaction, response out.
+"""HTTP adapter: request in, ``router.handle`` as one unit of work, response out.
+
+A unit is a database transaction of its own, or on SQLite, for a write, a savepoint in the
+writer's group of requests queued at the same moment (``db.WriteGroups``).
 
 The FHIR base is one plain Starlette route on the application (FastAPI's dependency
 solving and response models have nothing to do for a catch-all route, and cost a fifth of
