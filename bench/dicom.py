@@ -15,8 +15,8 @@ namespace whose only interface is ``lo`` (``unshare -n``, as ``tests/run`` does)
   ``DimseClient.find`` (one association, study → series → instance) and ``DicomWebClient.find``
   (QIDO-RS, one keep-alive connection), each followed by ``imaging_study(...)``; retrieves,
   ``movescu`` beside ``DimseClient.move`` to our SCP, C-GET and WADO-RS, each into an emptied folder.
-- "Nagle on" rows drop the ``nodelay`` handler from ``LOW_LATENCY_HANDLERS`` (``dicom_bridge.dimse`` for our
-  SCU side, ``dicom_bridge.storage_scp`` for the NAGLE SCP): what TCP_NODELAY buys on our side.
+- "Nagle on" rows drop the ``nodelay`` handler from ``dicom_bridge.dimse.LOW_LATENCY_HANDLERS`` (our SCU side)
+  and move to a second SCP (NAGLE) with ``nodelay = False``: what TCP_NODELAY buys on our side.
 
 Goals (the issue): our query within 1.5x of findscu's, our retrieve within 2x of movescu's (medians).
 Figures go to docs/performance.md by hand; the JSON to bench/results/dicom-<timestamp>.json.
@@ -38,11 +38,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -52,7 +51,6 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 import dicom_bridge.dimse
-import dicom_bridge.storage_scp
 from dicom_bridge import keys
 from dicom_bridge.dicomweb import DicomWebClient
 from dicom_bridge.dimse import DimseClient, Peer
@@ -146,23 +144,16 @@ class WrongAnswer(Exception):
 
 
 @contextmanager
-def without_nodelay(module: ModuleType) -> Iterator[None]:
-    """``module.LOW_LATENCY_HANDLERS`` without ``nodelay``: Nagle's algorithm stays on meanwhile.
-
-    ``DimseClient`` reads ``dicom_bridge.dimse.LOW_LATENCY_HANDLERS`` at each association, ``StorageScp``
-    reads ``dicom_bridge.storage_scp.LOW_LATENCY_HANDLERS`` at ``start()``.
-    """
+def nagle_on() -> Iterator[None]:
+    """Our SCU without its TCP_NODELAY handler: ``DimseClient`` reads ``dicom_bridge.dimse.LOW_LATENCY_HANDLERS``
+    at each association."""
+    module = dicom_bridge.dimse
     saved = getattr(module, "LOW_LATENCY_HANDLERS")  # noqa: B009 (a module global, not re-exported)
     setattr(module, "LOW_LATENCY_HANDLERS", [h for h in saved if h[1] is not nodelay])  # noqa: B010
     try:
         yield
     finally:
         setattr(module, "LOW_LATENCY_HANDLERS", saved)  # noqa: B010
-
-
-def nagle_on() -> AbstractContextManager[None]:
-    """Our SCU without its TCP_NODELAY handler."""
-    return without_nodelay(dicom_bridge.dimse)
 
 
 def dcmtk(command: list[str]) -> str:
@@ -421,8 +412,9 @@ def inside(args: argparse.Namespace) -> int:
         # the environment says TCP_NODELAY=1: set for Orthanc and the DCMTK tools, as the issue measured.
         os.environ["TCP_NODELAY"] = "1"
         with StorageScp(OUR_AE, "127.0.0.1", 0, store) as scp:
-            with without_nodelay(dicom_bridge.storage_scp):
-                nagle_scp = StorageScp(NAGLE_AE, "127.0.0.1", 0, nagle_store).start()
+            nagle_scp = StorageScp(NAGLE_AE, "127.0.0.1", 0, nagle_store)
+            nagle_scp.nodelay = False
+            nagle_scp.start()
             modalities: dict[str, list[str | int]] = {
                 OUR_AE: [OUR_AE, "127.0.0.1", scp.port],
                 NAGLE_AE: [NAGLE_AE, "127.0.0.1", nagle_scp.port],

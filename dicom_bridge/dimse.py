@@ -23,7 +23,6 @@ from pynetdicom.dimse_primitives import C_STORE
 from dicom_bridge import keys
 from dicom_bridge.errors import MoveDestinationUnknown, PacsError, PacsUnavailable, RetrieveFailed
 from dicom_bridge.image_store import ImageStore
-from dicom_bridge.part10 import Header, file_meta, header
 from dicom_bridge.query import StudyQuery, identifier, unique
 from dicom_bridge.tuning import LOW_LATENCY_HANDLERS
 from mappings.imaging_study import Series, Study
@@ -147,36 +146,15 @@ class DimseClient:
 
 def store_handler(event: evt.Event, store: ImageStore) -> int:
     """EVT_C_STORE: keep the instance in the local image store (PS3.4 B.2.3 statuses)."""
-    return SUCCESS if received(event, store) is not None else OUT_OF_RESOURCES
-
-
-def received(event: evt.Event, store: ImageStore) -> Header | None:
-    """Write a C-STORE request's instance to ``store``; its study, series and accession, or None.
-
-    The bytes are written as received behind their file meta, and only the header is
-    decoded: decoding (and re-encoding) every element of every instance cost more than the
-    rest of the store (docs/performance.md).
-    """
+    request = cast(C_STORE, event.request)
     try:
-        request = cast(C_STORE, event.request)
         data = cast(BytesIO, request.DataSet).getvalue()
-        syntax = event.context.transfer_syntax
-        found = header(data, syntax.is_implicit_VR) if syntax.is_little_endian and not syntax.is_deflated else None
-        if found is None:
-            found = _decoded_header(event)
-        sop_uid = str(request.AffectedSOPInstanceUID)
-        meta = file_meta(str(request.AffectedSOPClassUID), sop_uid, str(syntax))
-        store.write(found.study_uid, found.series_uid, sop_uid, meta + data)
-        return found
+        sop_class, sop_uid = str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+        store.keep(data, sop_class, sop_uid, str(event.context.transfer_syntax))
+        return SUCCESS
     except Exception:
         log.exception("could not store an instance from %s", event.assoc.requestor.ae_title)
-        return None
-
-
-def _decoded_header(event: evt.Event) -> Header:
-    """What :func:`dicom_bridge.part10.header` leaves to pydicom (big endian, deflate, sequences)."""
-    ds = event.dataset
-    return Header(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.get("AccessionNumber", "") or ""))
+        return OUT_OF_RESOURCES
 
 
 def _status(status: Dataset, operation: str) -> int:

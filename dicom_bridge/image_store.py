@@ -21,7 +21,9 @@ import threading
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
+from pydicom.uid import UID as TransferSyntax
 
+from dicom_bridge.part10 import Header, file_meta, header
 from dicom_bridge.query import StudyQuery
 from mappings.imaging_study import Series, Study
 
@@ -44,6 +46,22 @@ class ImageStore:
             if not is_uid(uid):
                 raise ValueError(f"not a DICOM UID: {uid!r}")
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def keep(self, data: bytes, sop_class: str, sop_uid: str, transfer_syntax: str) -> Header:
+        """Keep a data set a Storage SCP received, as its Part 10 file; its study, series and accession.
+
+        The bytes are written as received behind their file meta, and only the header is
+        decoded: decoding (and re-encoding) every element of every instance cost more than the
+        rest of the store (docs/performance.md).
+        """
+        meta = file_meta(sop_class, sop_uid, transfer_syntax)
+        syntax = TransferSyntax(transfer_syntax)
+        found = header(data, syntax.is_implicit_VR) if syntax.is_little_endian and not syntax.is_deflated else None
+        if found is None:  # what the walk leaves to pydicom (big endian, deflate, sequences first)
+            ds = dcmread(io.BytesIO(meta + data), stop_before_pixels=True, specific_tags=HEADER)
+            found = Header(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.get("AccessionNumber") or ""))
+        self.write(found.study_uid, found.series_uid, sop_uid, meta + data)
+        return found
 
     def write(self, study_uid: str, series_uid: str, sop_uid: str, part10: bytes) -> Path:
         """Write an encoded Part 10 file as it is (what a Storage SCP received: no re-encoding)."""
@@ -107,6 +125,7 @@ class ImageStore:
 #: The index's keys and the attributes they come from; the folder of the index (not a UID: never a study).
 INDEX_KEYS = {"accession": "AccessionNumber", "patient": "PatientID"}
 INDEXED = list(INDEX_KEYS.values())
+HEADER = ["AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID"]
 INDEX = ".index"
 
 

@@ -1,0 +1,228 @@
+"""The DICOM Upper Layer as an association acceptor (PS3.8 section 9), for our Storage SCP.
+
+pynetdicom runs every association on two threads that poll each other through queues; for a
+C-STORE that costs more CPU than receiving and writing the instance (docs/performance.md). An
+acceptor that only stores needs far less: read a PDU (PS3.8 9.3.1), answer the A-ASSOCIATE-RQ
+once, then turn P-DATA-TF PDUs into DIMSE messages (PS3.8 9.3.5, Annex E) until the peer
+releases or aborts. The association negotiation itself, the one complex and rare part, is
+pynetdicom's: its PDU classes decode the request and encode the answer, and its
+``negotiate_unrestricted`` picks the presentation contexts, as in pynetdicom's own SCP.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, cast
+
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, build_context, negotiate_unrestricted
+
+from dicom_bridge import command_set
+from dicom_bridge.command_set import Command
+
+# PDU types (PS3.8 9.3.1).
+ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = range(1, 8)
+#: PS3.7 Annex A.2.1: the only application context name of DICOM.
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+#: The maximum length of a P-DATA-TF's variable field we announce (PS3.8 D.1): 4 MiB, so a large
+#: image comes in few PDUs. A PDU twice as long is refused (some peers count the length their own
+#: way); an A-ASSOCIATE-RQ is a few kB even with 128 presentation contexts.
+MAX_PDU = 1 << 22
+MAX_ASSOCIATE_RQ = 1 << 20
+# Message Control Header of a PDV (PS3.8 E.2): bit 0 command/data set, bit 1 last fragment.
+COMMAND, LAST = 0x01, 0x02
+
+# A-ASSOCIATE-RJ (result, source, reason/diag.) of PS3.8 9.3.4 and A-ABORT (source, reason) of 9.3.8.
+REJECT_APPLICATION_CONTEXT = (1, 1, 2)
+REJECT_PROTOCOL_VERSION = (1, 2, 2)
+REJECT_TOO_MANY = (2, 3, 2)
+ABORT_UNRECOGNIZED_PDU = (2, 1)
+ABORT_UNEXPECTED_PDU = (2, 2)
+ABORT_INVALID_PARAMETER = (2, 6)
+
+
+class ProtocolError(Exception):
+    """The peer broke PS3.8: the association is aborted with ``abort`` (source, reason)."""
+
+    def __init__(self, message: str, abort: tuple[int, int] = ABORT_INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.abort = abort
+
+
+def read_pdu(stream: BinaryIO, limit: int = 2 * MAX_PDU) -> tuple[int, bytes] | None:
+    """The next PDU's type and body (the bytes after its 6-byte header); None at the end of the stream."""
+    head = stream.read(6)
+    if not head:
+        return None
+    if len(head) < 6:
+        raise ProtocolError("the connection closed inside a PDU header", ABORT_UNRECOGNIZED_PDU)
+    kind, length = struct.unpack(">B1xI", head)
+    if not ASSOCIATE_RQ <= kind <= ABORT:
+        raise ProtocolError(f"not a DICOM PDU (type 0x{kind:02X})", ABORT_UNRECOGNIZED_PDU)
+    if length > limit:
+        raise ProtocolError(f"a PDU of {length} bytes, over the {limit} this acceptor takes")
+    body = stream.read(length)
+    if len(body) < length:
+        raise ProtocolError("the connection closed inside a PDU", ABORT_UNRECOGNIZED_PDU)
+    return kind, body
+
+
+def pdu(kind: int, body: bytes) -> bytes:
+    return struct.pack(">B1xI", kind, len(body)) + body
+
+
+def abort(source: int, reason: int) -> bytes:
+    return pdu(ABORT, bytes((0, 0, source, reason)))
+
+
+def reject(result: int, source: int, reason: int) -> bytes:
+    return pdu(ASSOCIATE_RJ, bytes((0, result, source, reason)))
+
+
+RELEASE_RESPONSE = pdu(RELEASE_RP, bytes(4))
+
+
+def command_pdu(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF of one PDV: a whole command set (PS3.8 9.3.5, E.2), e.g. a response."""
+    return pdu(P_DATA_TF, struct.pack(">IBB", len(command) + 2, context_id, COMMAND | LAST) + command)
+
+
+@dataclass(frozen=True)
+class Association:
+    """What the acceptor agreed to: who called, and the transfer syntax of each accepted context."""
+
+    calling_ae: str
+    called_ae: str
+    contexts: dict[int, tuple[str, UID]]  # context ID -> (abstract syntax, transfer syntax)
+
+
+def accept(body: bytes, supported: list[str]) -> tuple[Association | None, bytes]:
+    """Negotiate an A-ASSOCIATE-RQ's body (PS3.8 9.3.2): the association and the AC, or None and the RJ.
+
+    Every storage SOP class (listed, private or unknown) is accepted in the first transfer
+    syntax proposed, so the bytes are kept as the peer sent them; ``supported`` are the other
+    abstract syntaxes taken, in any transfer syntax pynetdicom knows.
+    """
+    request = A_ASSOCIATE_RQ()
+    try:
+        request.decode(pdu(ASSOCIATE_RQ, body))
+        primitive = request.to_primitive()
+    except Exception as exc:  # pynetdicom's decoders raise whatever the bytes provoke
+        raise ProtocolError(f"an A-ASSOCIATE-RQ that does not decode: {exc}") from exc
+    if not request.protocol_version & 1:
+        return None, reject(*REJECT_PROTOCOL_VERSION)
+    if request.application_context_name != APPLICATION_CONTEXT:
+        return None, reject(*REJECT_APPLICATION_CONTEXT)
+    user = primitive.user_information or []
+    roles = {
+        UID(str(i.sop_class_uid)): (i.scu_role, i.scp_role)
+        for i in user
+        if isinstance(i, SCP_SCU_RoleSelectionNegotiation)
+    }
+    contexts, reply_roles = negotiate_unrestricted(
+        primitive.presentation_context_definition_list, [build_context(uid) for uid in supported], roles
+    )
+    answer = A_ASSOCIATE()
+    answer.application_context_name = UID(APPLICATION_CONTEXT)
+    answer.calling_ae_title, answer.called_ae_title = primitive.calling_ae_title, primitive.called_ae_title
+    answer.result, answer.result_source = 0x00, 0x01
+    answer.presentation_context_definition_results_list = contexts
+    answer.user_information = [_maximum_length(MAX_PDU), *_implementation(), *reply_roles]
+    ac = A_ASSOCIATE_AC()
+    ac.from_primitive(answer)
+    accepted = {cast(int, cx.context_id): _syntaxes(cx) for cx in contexts if cx.result == 0x00}
+    association = Association(str(primitive.calling_ae_title), str(primitive.called_ae_title), accepted)
+    return association, ac.encode()
+
+
+def _syntaxes(context: PresentationContext) -> tuple[str, UID]:
+    return str(context.abstract_syntax), UID(context.transfer_syntax[0])
+
+
+def _maximum_length(size: int) -> MaximumLengthNotification:
+    item = MaximumLengthNotification()
+    item.maximum_length_received = size
+    return item
+
+
+def _implementation() -> tuple[ImplementationClassUIDNotification, ImplementationVersionNameNotification]:
+    uid, version = ImplementationClassUIDNotification(), ImplementationVersionNameNotification()
+    uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    return uid, version
+
+
+@dataclass
+class Message:
+    """A DIMSE message: its command and, when it has one, its data set (still encoded)."""
+
+    context_id: int
+    command: Command
+    data: bytes | None = None
+
+
+@dataclass
+class Messages:
+    """Reassembles DIMSE messages from the PDVs of P-DATA-TF PDUs (PS3.8 9.3.5, Annex E).
+
+    A message is its command fragments, then, when the command says one follows (PS3.7 E.1,
+    Command Data Set Type), its data set fragments, all on one presentation context.
+    """
+
+    contexts: dict[int, tuple[str, UID]]
+    _command: bytearray = field(default_factory=bytearray)
+    _data: list[bytes] = field(default_factory=list)
+    _pending: Message | None = None  # a complete command whose data set is still arriving
+
+    def feed(self, body: bytes) -> Iterator[Message]:
+        """The messages a P-DATA-TF body completes."""
+        position = 0
+        while position < len(body):
+            if position + 6 > len(body):
+                raise ProtocolError("a PDV item cut short")
+            length, context_id, control = struct.unpack_from(">IBB", body, position)
+            end = position + 4 + length
+            if length < 2 or end > len(body):
+                raise ProtocolError(f"a PDV item of length {length} in a PDU of {len(body)} bytes")
+            if context_id not in self.contexts:
+                raise ProtocolError(f"a PDV on presentation context {context_id}, which was not accepted")
+            fragment = body[position + 6 : end]
+            position = end
+            if message := self._fragment(context_id, control, fragment):
+                yield message
+
+    def _fragment(self, context_id: int, control: int, fragment: bytes) -> Message | None:
+        if control & COMMAND:
+            if self._pending is not None:
+                raise ProtocolError("a command arrived before the data set of the previous one")
+            self._command += fragment
+            if not control & LAST:
+                return None
+            try:
+                message = Message(context_id, command_set.decode(self._command))
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from exc
+            self._command = bytearray()
+            if not message.command.has_data:
+                return message
+            self._pending = message
+            return None
+        if self._pending is None or self._pending.context_id != context_id:
+            raise ProtocolError("a data set fragment without its command")
+        self._data.append(fragment)
+        if not control & LAST:
+            return None
+        message, self._pending = self._pending, None
+        message.data, self._data = b"".join(self._data), []
+        return message
