@@ -1,8 +1,9 @@
 """DIMSE command sets (PS3.7 6.3 and Annex E): group 0000, always Implicit VR Little Endian.
 
-Only what a Storage SCP reads and answers: C-STORE and C-ECHO requests (PS3.7 9.3.1, 9.3.5) and
-their responses. pydicom would decode and encode them as Datasets, at a cost per message that is
-the whole point of :mod:`dicom_bridge.upper_layer`; a command set is a handful of flat elements.
+Only what our Storage SCP and C-GET SCU read and write: C-STORE and C-ECHO requests and their
+responses (PS3.7 9.3.1, 9.3.5), a C-GET request and its responses (PS3.7 9.3.3). pydicom would
+decode and encode them as Datasets, at a cost per message that is the whole point of
+:mod:`dicom_bridge.upper_layer`; a command set is a handful of flat elements.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ MESSAGE_ID_RESPONDED = 0x0000_0120
 DATA_SET_TYPE = 0x0000_0800
 STATUS = 0x0000_0900
 AFFECTED_SOP_INSTANCE = 0x0000_1000
+PRIORITY = 0x0000_0700
+COMPLETED = 0x0000_1021
+FAILED = 0x0000_1022
 #: Command Data Set Type "no data set" (PS3.7 E.1-1); any other value means one follows.
 NO_DATA_SET = 0x0101
 # Command Field values (PS3.7 E.1-1).
-C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
+C_STORE_RQ, C_GET_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0010, 0x0030, 0x0FFF
 RESPONSE = 0x8000
 # Statuses (PS3.7 C.4; Annex C of PS3.4 for C-STORE).
 SUCCESS = 0x0000
@@ -37,6 +41,9 @@ class Command:
     has_data: bool
     sop_class: str = ""
     sop_instance: str = ""
+    status: int | None = None  # responses only
+    completed: int = 0  # sub-operations, C-GET and C-MOVE responses (PS3.7 9.3.3.2)
+    failed: int = 0
 
 
 def decode(data: bytes | bytearray) -> Command:
@@ -57,9 +64,25 @@ def decode(data: bytes | bytearray) -> Command:
             has_data=_us(values[DATA_SET_TYPE]) != NO_DATA_SET,
             sop_class=_ui(values.get(AFFECTED_SOP_CLASS, b"")),
             sop_instance=_ui(values.get(AFFECTED_SOP_INSTANCE, b"")),
+            status=_us(values[STATUS]) if STATUS in values else None,
+            completed=_us(values.get(COMPLETED, b"\0\0")),
+            failed=_us(values.get(FAILED, b"\0\0")),
         )
     except (struct.error, KeyError, UnicodeDecodeError) as exc:
         raise ValueError(f"not a DIMSE command set: {exc!r}") from exc
+
+
+def request(field: int, message_id: int, sop_class: str) -> bytes:
+    """An encoded request of medium priority with a data set to follow, e.g. a C-GET-RQ (PS3.7 9.3.3.1)."""
+    return _group(
+        [
+            _element(AFFECTED_SOP_CLASS, _uid(sop_class)),
+            _element(COMMAND_FIELD, struct.pack("<H", field)),
+            _element(MESSAGE_ID, struct.pack("<H", message_id)),
+            _element(PRIORITY, struct.pack("<H", 0)),
+            _element(DATA_SET_TYPE, struct.pack("<H", 0)),
+        ]
+    )
 
 
 def response(request: Command, status: int) -> bytes:
@@ -72,6 +95,10 @@ def response(request: Command, status: int) -> bytes:
         _element(STATUS, struct.pack("<H", status)),
         _element(AFFECTED_SOP_INSTANCE, _uid(request.sop_instance)) if request.sop_instance else b"",
     ]
+    return _group(elements)
+
+
+def _group(elements: list[bytes]) -> bytes:
     body = b"".join(elements)
     return _element(GROUP_LENGTH, struct.pack("<I", len(body))) + body
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dicom_bridge import command_set
 from dicom_bridge.command_set import C_CANCEL_RQ, C_ECHO_RQ, C_STORE_RQ, OUT_OF_RESOURCES, RESPONSE, SUCCESS
 from dicom_bridge.image_store import ImageStore
+from dicom_bridge.part10 import Header
 from dicom_bridge.upper_layer import (
     ABORT,
     ABORT_UNEXPECTED_PDU,
@@ -156,16 +157,10 @@ class StorageScp:
         command = message.command
         if command.field == C_STORE_RQ and message.data is not None:
             _, syntax = association.contexts[message.context_id]
-            try:
-                found = self.store.keep(message.data, command.sop_class, command.sop_instance, syntax)
-            except ValueError as exc:
-                log.warning("C-STORE of %r from %s refused: %s", command.sop_instance, association.calling_ae, exc)
-                return CANNOT_UNDERSTAND
-            except Exception:
-                log.exception("could not store %r from %s", command.sop_instance, association.calling_ae)
-                return OUT_OF_RESOURCES
-            studies.add((found.study_uid, found.accession))
-            return SUCCESS
+            status, found = c_store(self.store, message, syntax, association.calling_ae)
+            if found is not None:
+                studies.add((found.study_uid, found.accession))
+            return status
         if command.field == C_ECHO_RQ:
             return SUCCESS
         if command.field == C_CANCEL_RQ or command.field & RESPONSE:
@@ -178,6 +173,19 @@ class StorageScp:
                 self.on_received(studies)
             except Exception:  # a failed wake-up must not take the SCP down; the job retries anyway
                 log.exception("could not wake the cases waiting for %s", sorted(studies))
+
+
+def c_store(store: ImageStore, message: Message, syntax: str, peer: str) -> tuple[int, Header | None]:
+    """Keep a C-STORE-RQ's instance in ``store``: the status to answer (PS3.4 B.2.3) and its header."""
+    command = message.command
+    try:
+        return SUCCESS, store.keep(message.data or b"", command.sop_class, command.sop_instance, syntax)
+    except ValueError as exc:
+        log.warning("C-STORE of %r from %s refused: %s", command.sop_instance, peer, exc)
+        return CANNOT_UNDERSTAND, None
+    except Exception:
+        log.exception("could not store %r from %s", command.sop_instance, peer)
+        return OUT_OF_RESOURCES, None
 
 
 class _Server(socketserver.ThreadingTCPServer):

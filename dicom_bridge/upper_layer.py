@@ -1,12 +1,13 @@
-"""The DICOM Upper Layer as an association acceptor (PS3.8 section 9), for our Storage SCP.
+"""The DICOM Upper Layer (PS3.8 section 9) for our Storage SCP and our C-GET SCU.
 
 pynetdicom runs every association on two threads that poll each other through queues; for a
 C-STORE that costs more CPU than receiving and writing the instance (docs/performance.md). An
 acceptor that only stores needs far less: read a PDU (PS3.8 9.3.1), answer the A-ASSOCIATE-RQ
 once, then turn P-DATA-TF PDUs into DIMSE messages (PS3.8 9.3.5, Annex E) until the peer
-releases or aborts. The association negotiation itself, the one complex and rare part, is
-pynetdicom's: its PDU classes decode the request and encode the answer, and its
-``negotiate_unrestricted`` picks the presentation contexts, as in pynetdicom's own SCP.
+releases or aborts. A C-GET requestor is the same loop from the other end. The association
+negotiation itself, the one complex and rare part, is pynetdicom's: its PDU classes encode and
+decode the A-ASSOCIATE PDUs, and its ``negotiate_unrestricted`` picks the presentation contexts,
+as in pynetdicom's own SCP.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def reject(result: int, source: int, reason: int) -> bytes:
     return pdu(ASSOCIATE_RJ, bytes((0, result, source, reason)))
 
 
-RELEASE_RESPONSE = pdu(RELEASE_RP, bytes(4))
+RELEASE_REQUEST, RELEASE_RESPONSE = pdu(RELEASE_RQ, bytes(4)), pdu(RELEASE_RP, bytes(4))
 
 
 def command_pdu(context_id: int, command: bytes) -> bytes:
@@ -144,6 +145,52 @@ def accept(body: bytes, supported: list[str]) -> tuple[Association | None, bytes
     accepted = {cast(int, cx.context_id): _syntaxes(cx) for cx in contexts if cx.result == 0x00}
     association = Association(str(primitive.calling_ae_title), str(primitive.called_ae_title), accepted)
     return association, ac.encode()
+
+
+def request(
+    calling_ae: str,
+    called_ae: str,
+    contexts: list[PresentationContext],
+    roles: list[SCP_SCU_RoleSelectionNegotiation],
+) -> bytes:
+    """An A-ASSOCIATE-RQ (PS3.8 9.3.2) proposing ``contexts`` (with their IDs set), with SCP/SCU ``roles``."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = UID(APPLICATION_CONTEXT)
+    primitive.calling_ae_title, primitive.called_ae_title = calling_ae, called_ae
+    primitive.presentation_context_definition_list = contexts
+    primitive.user_information = [_maximum_length(MAX_PDU), *_implementation(), *roles]
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(primitive)
+    return rq.encode()
+
+
+def accepted(body: bytes, proposed: list[PresentationContext]) -> tuple[Association, int]:
+    """The association an A-ASSOCIATE-AC's body agrees to, and the peer's maximum PDU length (0: none)."""
+    ac = A_ASSOCIATE_AC()
+    try:
+        ac.decode(pdu(ASSOCIATE_AC, body))
+        primitive = ac.to_primitive()
+    except Exception as exc:  # pynetdicom's decoders raise whatever the bytes provoke
+        raise ProtocolError(f"an A-ASSOCIATE-AC that does not decode: {exc}") from exc
+    abstract = {cx.context_id: str(cx.abstract_syntax) for cx in proposed}
+    contexts = {
+        cast(int, cx.context_id): (abstract.get(cx.context_id, ""), UID(cx.transfer_syntax[0]))
+        for cx in primitive.presentation_context_definition_results_list
+        if cx.result == 0x00 and cx.context_id in abstract and cx.transfer_syntax
+    }
+    user = primitive.user_information or []
+    limit = next((i.maximum_length_received for i in user if isinstance(i, MaximumLengthNotification)), 0)
+    association = Association(str(primitive.calling_ae_title), str(primitive.called_ae_title), contexts)
+    return association, int(limit or 0)
+
+
+def data_pdus(context_id: int, data: bytes, max_pdu: int) -> Iterator[bytes]:
+    """A data set as P-DATA-TF PDUs of one PDV each, within the peer's maximum length (PS3.8 D.1)."""
+    step = max_pdu - 6 if max_pdu else max(len(data), 1)  # 6: the PDV item's length and header
+    for start in range(0, max(len(data), 1), step):
+        fragment = data[start : start + step]
+        control = LAST if start + step >= len(data) else 0
+        yield pdu(P_DATA_TF, struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment)
 
 
 def _syntaxes(context: PresentationContext) -> tuple[str, UID]:
