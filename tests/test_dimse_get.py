@@ -59,7 +59,7 @@ def test_instances_we_cannot_keep_fail_the_retrieve(pacs, tmp_path):
 
 
 def test_a_pacs_that_is_down_is_unavailable(pacs, tmp_path):
-    with pytest.raises(PacsUnavailable, match="C-GET: SAMPLEPACS at 127.0.0.1"):
+    with pytest.raises(PacsUnavailable, match=r"C-GET: SAMPLEPACS at 127\.0\.0\.1"):
         client(pacs, free_port()).get("1.2.3", ImageStore(tmp_path), {"1.2.840.10008.5.1.4.1.1.4"})
 
 
