@@ -16,7 +16,7 @@ import orjson
 from sqlalchemy import Connection, Insert, bindparam, delete, false, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from fhir_server import dates
+from fhir_server import compiled, dates
 from fhir_server.errors import error
 from fhir_server.indexing import index_rows
 from fhir_server.schema import INDEX_TABLES, OutboxRow, ReferenceIndex, ResourceRow, TokenIndex, VersionRow
@@ -256,7 +256,8 @@ class Repository:
         names the version the write is about to store.
         """
         now = dates.now()
-        self.conn.execute(
+        compiled.execute(
+            self.conn,
             _INSERT_OUTBOX,
             {
                 "topic": topic,
@@ -297,17 +298,15 @@ class Repository:
         conn = self.conn
         values = {"version": version, "last_updated": now, "deleted": content is None, "content": content}
         if previous is None:
-            pk = conn.execute(_INSERT_RESOURCE, {"type": resource_type, "id": resource_id, **values}).scalar_one()
+            (pk,) = compiled.execute(conn, _INSERT_RESOURCE, {"type": resource_type, "id": resource_id, **values})
         else:
-            pk = conn.execute(
-                _UPDATE_RESOURCE, {"key_type": resource_type, "key_id": resource_id, **values}
-            ).scalar_one()
+            (pk,) = compiled.execute(
+                conn, _UPDATE_RESOURCE, {"key_type": resource_type, "key_id": resource_id, **values}
+            )
             for statement in _DELETE_INDEX:
-                conn.execute(statement, {"pk": pk})
-        conn.execute(
-            _INSERT_VERSION,
-            {"resource_pk": pk, "type": resource_type, "id": resource_id, "method": method, **values},
-        )
+                compiled.execute(conn, statement, {"pk": pk})
+        version_row = {"resource_pk": pk, "type": resource_type, "id": resource_id, "method": method, **values}
+        compiled.execute(conn, _INSERT_VERSION, version_row)
         if stored_json is not None:
             self._index(pk, resource_type, stored_json)
         return Stored(resource_type, resource_id, version, now, content)
@@ -317,4 +316,4 @@ class Repository:
         for table, values in index_rows(resource_type, resource):
             rows.setdefault(table, []).append({**values, "resource_pk": pk, "res_type": resource_type})
         for table, batch in rows.items():
-            self.conn.execute(_INSERT_INDEX[table], batch)
+            compiled.executemany(self.conn, _INSERT_INDEX[table], batch)
