@@ -105,14 +105,22 @@ class WriteGroups:
         outcomes: list[tuple[bool, Any]] = []
         try:
             with self.db.begin(write=True) as conn:
+                # Savepoints straight to the driver: SQLAlchemy's begin_nested() compiles its
+                # SAVEPOINT and RELEASE anew each time, a fifth of the writer's time per create.
+                # Savepoints the work opens itself nest inside, and are its own to close.
+                driver = conn.connection.driver_connection
+                assert driver is not None
                 for work, _ in group:
+                    driver.execute("SAVEPOINT unit")
                     try:
-                        with conn.begin_nested():
-                            outcomes.append((True, work(conn)))
+                        outcomes.append((True, work(conn)))
                     except Rollback as undo:
+                        driver.execute("ROLLBACK TO unit")
                         outcomes.append((True, undo.value))
                     except Exception as exc:
+                        driver.execute("ROLLBACK TO unit")
                         outcomes.append((False, exc))
+                    driver.execute("RELEASE unit")
         except Exception as exc:  # the COMMIT failed: none of the group was written
             outcomes = [(False, exc)] * len(group)
         for (_, answer), (ok, value) in zip(group, outcomes, strict=True):
