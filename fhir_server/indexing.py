@@ -48,14 +48,26 @@ def split_reference(reference: str) -> tuple[str | None, str | None]:
 
 
 def index_rows(resource_type: str, resource: dict[str, Any]) -> Iterator[Row]:
-    keys = resource.keys()
+    present = _element_names(resource)
     for param in registry()[resource_type].values():
         if not param.expression:
             continue
-        if param.roots is not None and not any(key.startswith(root) for root in param.roots for key in keys):
-            continue  # FHIRPath costs tens of microseconds even when it finds nothing
+        if param.roots is not None and param.roots.isdisjoint(present):
+            continue  # even a walk that finds nothing costs more than this test
         for value in param.evaluate(resource):
             yield from _rows(param, value)
+
+
+def _element_names(resource: dict[str, Any]) -> set[str]:
+    """The resource's keys and their camelCase prefixes: a choice element's name ("deceased")
+    is a prefix of its key ("deceasedBoolean"), and a parameter's roots are element names."""
+    names = set(resource)
+    for key in resource:
+        names.update(key[: m.start()] for m in _CAMEL.finditer(key, 1))
+    return names
+
+
+_CAMEL = re.compile(r"[A-Z]")
 
 
 def _rows(param: SearchParam, value: Any) -> Iterator[Row]:
