@@ -116,11 +116,7 @@ def accept(body: bytes, supported: list[str]) -> tuple[Association | None, bytes
     abstract syntaxes taken, in any transfer syntax pynetdicom knows.
     """
     request = A_ASSOCIATE_RQ()
-    try:
-        request.decode(pdu(ASSOCIATE_RQ, body))
-        primitive = request.to_primitive()
-    except Exception as exc:  # pynetdicom's decoders raise whatever the bytes provoke
-        raise ProtocolError(f"an A-ASSOCIATE-RQ that does not decode: {exc}") from exc
+    primitive = _decoded(request, ASSOCIATE_RQ, body)
     if not request.protocol_version & 1:
         return None, reject(*REJECT_PROTOCOL_VERSION)
     if request.application_context_name != APPLICATION_CONTEXT:
@@ -166,12 +162,7 @@ def request(
 
 def accepted(body: bytes, proposed: list[PresentationContext]) -> tuple[Association, int]:
     """The association an A-ASSOCIATE-AC's body agrees to, and the peer's maximum PDU length (0: none)."""
-    ac = A_ASSOCIATE_AC()
-    try:
-        ac.decode(pdu(ASSOCIATE_AC, body))
-        primitive = ac.to_primitive()
-    except Exception as exc:  # pynetdicom's decoders raise whatever the bytes provoke
-        raise ProtocolError(f"an A-ASSOCIATE-AC that does not decode: {exc}") from exc
+    primitive = _decoded(A_ASSOCIATE_AC(), ASSOCIATE_AC, body)
     abstract = {cx.context_id: str(cx.abstract_syntax) for cx in proposed}
     contexts = {
         cast(int, cx.context_id): (abstract.get(cx.context_id, ""), UID(cx.transfer_syntax[0]))
@@ -191,6 +182,16 @@ def data_pdus(context_id: int, data: bytes, max_pdu: int) -> Iterator[bytes]:
         fragment = data[start : start + step]
         control = LAST if start + step >= len(data) else 0
         yield pdu(P_DATA_TF, struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment)
+
+
+def _decoded(item: A_ASSOCIATE_RQ | A_ASSOCIATE_AC, kind: int, body: bytes) -> A_ASSOCIATE:
+    """The primitive of an A-ASSOCIATE-RQ or -AC body, decoded into ``item`` by pynetdicom."""
+    try:
+        item.decode(pdu(kind, body))
+        return item.to_primitive()
+    except Exception as exc:  # pynetdicom's decoders raise whatever the bytes provoke
+        name = "A-ASSOCIATE-RQ" if kind == ASSOCIATE_RQ else "A-ASSOCIATE-AC"
+        raise ProtocolError(f"an {name} that does not decode: {exc}") from exc
 
 
 def _syntaxes(context: PresentationContext) -> tuple[str, UID]:
