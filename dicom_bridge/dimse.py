@@ -147,8 +147,10 @@ class DimseClient:
                     _, instance_syntax = association.contexts[message.context_id]
                     status, _ = c_store(store, message, instance_syntax, self.peer.ae_title)
                     sock.sendall(upper_layer.command_pdu(message.context_id, command_set.response(command, status)))
-                elif command.field == command_set.C_GET_RQ | command_set.RESPONSE and command.status not in PENDING:
-                    final = command
+                elif command.field == command_set.C_GET_RQ | command_set.RESPONSE:
+                    if command.status is None:
+                        raise ProtocolError("a C-GET response without a status")
+                    final = None if command.status in PENDING else command
         with suppress(OSError, ProtocolError):  # the study is in; a release the peer fumbles changes nothing
             sock.sendall(upper_layer.RELEASE_REQUEST)
             while (pdu := upper_layer.read_pdu(stream)) is not None and pdu[0] != upper_layer.RELEASE_RP:
@@ -174,11 +176,11 @@ class DimseClient:
     @contextmanager
     def _association(self, contexts: list[Any]) -> Iterator[Association]:
         ae = AE(self.calling_ae)
-        ae.maximum_pdu_size = 0  # no limit: C-GET brings whole images in fewer, larger PDUs
+        ae.maximum_pdu_size = 0  # no limit on the PDUs the PACS sends
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = min(self.timeout, 10.0)
         for context in contexts:
-            ae.add_requested_context(context, TRANSFER_SYNTAXES if context not in (FIND, GET, MOVE) else None)
+            ae.add_requested_context(context)
         assoc = ae.associate(
             self.peer.host,
             self.peer.port,
