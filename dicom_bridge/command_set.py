@@ -32,6 +32,7 @@ RESPONSE = 0x8000
 SUCCESS = 0x0000
 UNRECOGNIZED_OPERATION = 0x0211
 OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000  # C-STORE (PS3.4 B.2.3): e.g. an instance whose UIDs are not UIDs
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ accession number) it brought, so a case waiting for one of them can be linked at
 
 Each association is served on a thread of its own by :mod:`dicom_bridge.upper_layer`, which
 blocks on the socket instead of polling as pynetdicom's two threads per association do: that
-halved the CPU of a C-MOVE (docs/performance.md). Like pynetdicom, a failure to keep one
+cut the CPU of a C-MOVE to a third (docs/performance.md). Like pynetdicom, a failure to keep one
 instance is a failure status for that C-STORE (PS3.4 B.2.3), never the end of the
 association; a peer that breaks the protocol gets an A-ABORT saying why.
 """
@@ -22,7 +22,15 @@ import threading
 from collections.abc import Callable
 
 from dicom_bridge import command_set
-from dicom_bridge.command_set import C_CANCEL_RQ, C_ECHO_RQ, C_STORE_RQ, OUT_OF_RESOURCES, RESPONSE, SUCCESS
+from dicom_bridge.command_set import (
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    RESPONSE,
+    SUCCESS,
+)
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.part10 import Header
 from dicom_bridge.upper_layer import (
@@ -47,8 +55,6 @@ from dicom_bridge.upper_layer import (
 
 log = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO (PS3.4 Annex A)
-#: C-STORE status "Cannot understand" (PS3.4 B.2.3): an instance whose UIDs are not UIDs.
-CANNOT_UNDERSTAND = 0xC000
 
 #: (Study Instance UID, Accession Number) of each study an association brought.
 Received = Callable[[set[tuple[str, str]]], None]

@@ -29,9 +29,9 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 
 from dicom_bridge import command_set
-from dicom_bridge.command_set import OUT_OF_RESOURCES, SUCCESS
+from dicom_bridge.command_set import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from dicom_bridge.image_store import ImageStore
-from dicom_bridge.storage_scp import CANNOT_UNDERSTAND, StorageScp
+from dicom_bridge.storage_scp import StorageScp
 from dicom_bridge.upper_layer import ABORT, ASSOCIATE_RJ, Messages, ProtocolError, pdu
 
 AE_TITLE = "OVERREAD"
