@@ -72,7 +72,7 @@ def read_pdu(stream: BinaryIO, limit: int = 2 * MAX_PDU) -> tuple[int, bytes] | 
     if not ASSOCIATE_RQ <= kind <= ABORT:
         raise ProtocolError(f"not a DICOM PDU (type 0x{kind:02X})", ABORT_UNRECOGNIZED_PDU)
     if length > limit:
-        raise ProtocolError(f"a PDU of {length} bytes, over the {limit} this acceptor takes")
+        raise ProtocolError(f"a PDU of {length} bytes, over the {limit} we take")
     body = stream.read(length)
     if len(body) < length:
         raise ProtocolError("the connection closed inside a PDU", ABORT_UNRECOGNIZED_PDU)
@@ -101,7 +101,7 @@ def command_pdu(context_id: int, command: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Association:
-    """What the acceptor agreed to: who called, and the transfer syntax of each accepted context."""
+    """What an association agreed: who called whom, and the transfer syntax of each accepted context."""
 
     calling_ae: str
     called_ae: str
@@ -177,7 +177,7 @@ def accepted(body: bytes, proposed: list[PresentationContext]) -> tuple[Associat
 
 def data_pdus(context_id: int, data: bytes, max_pdu: int) -> Iterator[bytes]:
     """A data set as P-DATA-TF PDUs of one PDV each, within the peer's maximum length (PS3.8 D.1)."""
-    step = max_pdu - 6 if max_pdu else max(len(data), 1)  # 6: the PDV item's length and header
+    step = max(max_pdu - 6, 1) if max_pdu else max(len(data), 1)  # 6: the PDV item's length and header
     for start in range(0, max(len(data), 1), step):
         fragment = data[start : start + step]
         control = LAST if start + step >= len(data) else 0

@@ -32,7 +32,7 @@ from dicom_bridge import command_set
 from dicom_bridge.command_set import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.storage_scp import StorageScp
-from dicom_bridge.upper_layer import ABORT, ASSOCIATE_RJ, Messages, ProtocolError, pdu
+from dicom_bridge.upper_layer import ABORT, ASSOCIATE_RJ, Messages, ProtocolError, data_pdus, pdu
 
 AE_TITLE = "OVERREAD"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -297,3 +297,14 @@ def test_messages_reassemble_fragments_and_refuse_broken_pdvs():
         with pytest.raises(ProtocolError):
             list(Messages({1: (CTImageStorage, ExplicitVRLittleEndian)}).feed(body))
             pytest.fail(what)
+
+
+@pytest.mark.parametrize("max_pdu", [0, 7, 16, 1 << 22])
+def test_data_pdus_fit_the_peers_maximum_and_reassemble(max_pdu):
+    data = bytes(range(256)) * 3
+    messages = Messages({1: (CTImageStorage, ExplicitVRLittleEndian)})
+    assert list(messages.feed(pdv(3, store_rq()))) == []
+    pdus = list(data_pdus(1, data, max_pdu))
+    assert all(len(p) - 6 <= max_pdu for p in pdus) if max_pdu else len(pdus) == 1
+    assembled = [m for p in pdus for m in messages.feed(p[6:])]
+    assert [m.data for m in assembled] == [data]
