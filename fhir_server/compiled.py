@@ -37,11 +37,13 @@ class Compiled:
             self.params = lambda row: {k: processors[k](v) if k in processors else v for k, v in row.items()}
 
 
-_CACHE: dict[tuple[int, str, tuple[str, ...]], Compiled] = {}
+#: Keyed by the statement itself (kept alive, so its id is never reused): the write path's statements
+#: are module constants, a handful in all.
+_CACHE: dict[tuple[Executable, str, tuple[str, ...]], Compiled] = {}
 
 
 def _compiled(conn: Connection, statement: Executable, keys: tuple[str, ...]) -> Compiled:
-    key = (id(statement), conn.dialect.name, keys)  # the statements are module constants: ids are stable
+    key = (statement, conn.dialect.name, keys)
     found = _CACHE.get(key)
     if found is None:
         found = _CACHE.setdefault(key, Compiled(statement, conn.dialect, keys))
