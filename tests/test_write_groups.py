@@ -4,6 +4,9 @@ Every request is still all or nothing on its own, and none is answered before it
 """
 
 import asyncio
+import shutil
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,3 +100,21 @@ def test_a_group_is_at_most_limit_requests(db, groups, monkeypatch):
     assert {r.status_code for r in responses} == {201}
     assert max(groups) == 3 and sum(groups) == 10
     assert stored(db) == 10
+
+
+def test_what_groups_commit_reaches_the_database_file_within_a_checkpoint_interval(db, tmp_path, monkeypatch):
+    monkeypatch.setattr(WriteGroups, "CHECKPOINT_EVERY", 0.05)
+    checkpoints: list[float] = []
+    real = WriteGroups.checkpoint
+    monkeypatch.setattr(WriteGroups, "checkpoint", lambda self: (real(self), checkpoints.append(time.monotonic())))
+    (created,) = post_at_once(db, [patient(mrn="MRN-CHECKPOINT")])
+    deadline = time.monotonic() + 5
+    while not checkpoints and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The database file alone, without its WAL, has the resource: the checkpoint copied it there.
+    shutil.copy(tmp_path / "groups.db", tmp_path / "file-only.db")
+    with sqlite3.connect(tmp_path / "file-only.db") as file_only:
+        rows = file_only.execute("SELECT id FROM resource WHERE type = 'Patient'").fetchall()
+    assert rows == [(created.json()["id"],)]
+    time.sleep(0.3)  # nothing written since: no more checkpoints
+    assert len(checkpoints) == 1
