@@ -9,17 +9,19 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import Connection
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.applications import Starlette
 
 from fhir_server.api import mount
 from fhir_server.db import Database, WriteGroups
+from fhir_server.schema import ResourceRow
 from overread.migrate import upgrade
 from tests.builders import patient
 
@@ -118,3 +120,34 @@ def test_what_groups_commit_reaches_the_database_file_within_a_checkpoint_interv
     assert rows == [(created.json()["id"],)]
     time.sleep(0.3)  # nothing written since: no more checkpoints
     assert len(checkpoints) == 1
+
+
+def test_a_database_error_in_one_unit_undoes_that_unit_only(db):
+    """A unit whose statement fails in the database (here a unique key) is rolled back to its savepoint;
+    the units around it in the same group are committed."""
+    row = {"type": "Patient", "id": "p1", "version": 1, "last_updated": datetime(2026, 1, 1), "deleted": False}
+    insert = ResourceRow.__table__.insert()
+
+    def first(conn: Connection) -> str:
+        conn.execute(insert, row)
+        return "first"
+
+    def clash(conn: Connection) -> str:
+        conn.execute(insert, {**row, "id": "p2"})
+        conn.execute(insert, row)  # (type, id) is unique: p1 is there already
+        return "never"
+
+    def after(conn: Connection) -> str:
+        conn.execute(insert, {**row, "id": "p3"})
+        return "after"
+
+    async def at_once() -> list[Any]:
+        assert db.groups is not None
+        return list(await asyncio.gather(*(db.groups.submit(w) for w in (first, clash, after)), return_exceptions=True))
+
+    first_answer, clash_answer, after_answer = asyncio.run(at_once())
+    assert (first_answer, after_answer) == ("first", "after")
+    assert isinstance(clash_answer, IntegrityError)
+    with db.engine.connect() as conn:
+        ids = conn.exec_driver_sql("SELECT id FROM resource ORDER BY id").scalars().all()
+    assert ids == ["p1", "p3"]  # p2, written by the failed unit before its error, is undone with it
