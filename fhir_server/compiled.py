@@ -11,7 +11,8 @@ transaction, as Core would run it. A DBAPI error is raised as SQLAlchemy's (``In
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, exc
@@ -65,6 +66,21 @@ def executemany(conn: Connection, statement: Executable, rows: list[Row]) -> Non
     """Run ``statement`` once per row (the rows share their keys) on ``conn``'s driver."""
     compiled = _compiled(conn, statement, tuple(rows[0]))
     _run(conn, compiled, lambda cur: cur.executemany(compiled.sql, [compiled.params(row) for row in rows]))
+
+
+@contextmanager
+def pipeline(conn: Connection) -> Iterator[None]:
+    """The statements run inside, none of which returns rows, go to PostgreSQL in one round trip
+    (a psycopg pipeline) instead of one each; on SQLite, which has no round trips, they just run."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with conn.connection.driver_connection.pipeline():  # type: ignore[union-attr]
+            yield
+    except dbapi.Error as error:  # raised at the pipeline's sync, after the statement that caused it
+        raise exc.DBAPIError.instance("(pipeline)", None, error, dbapi.Error) from error
 
 
 def _run(conn: Connection, compiled: Compiled, work: Callable[[Any], Any]) -> Any:

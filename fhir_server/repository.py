@@ -303,12 +303,14 @@ class Repository:
             (pk,) = compiled.execute(
                 conn, _UPDATE_RESOURCE, {"key_type": resource_type, "key_id": resource_id, **values}
             )
-            for statement in _DELETE_INDEX:
-                compiled.execute(conn, statement, {"pk": pk})
-        version_row = {"resource_pk": pk, "type": resource_type, "id": resource_id, "method": method, **values}
-        compiled.execute(conn, _INSERT_VERSION, version_row)
-        if stored_json is not None:
-            self._index(pk, resource_type, stored_json)
+        with compiled.pipeline(conn):  # what needs only the pk: one round trip on PostgreSQL
+            if previous is not None:
+                for statement in _DELETE_INDEX:
+                    compiled.execute(conn, statement, {"pk": pk})
+            version_row = {"resource_pk": pk, "type": resource_type, "id": resource_id, "method": method, **values}
+            compiled.execute(conn, _INSERT_VERSION, version_row)
+            if stored_json is not None:
+                self._index(pk, resource_type, stored_json)
         return Stored(resource_type, resource_id, version, now, content)
 
     def _index(self, pk: int, resource_type: str, resource: dict[str, Any]) -> None:

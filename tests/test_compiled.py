@@ -45,3 +45,15 @@ def test_executemany_writes_every_row(db):
         compiled.executemany(conn, insert(ResourceRow), rows)
         versions = conn.execute(select(ResourceRow.version).where(ResourceRow.id.like("many-%")))
         assert sorted(versions.scalars()) == [1, 2, 3]
+
+
+def test_a_pipeline_writes_in_one_go_and_fails_as_core_would(db):
+    with db.begin() as conn, compiled.pipeline(conn):
+        for n in range(3):
+            compiled.execute(conn, insert(ResourceRow), row(f"piped-{n}"))
+    with pytest.raises(IntegrityError), db.begin() as conn, compiled.pipeline(conn):  # PostgreSQL: at the sync
+        compiled.execute(conn, insert(ResourceRow), row("piped-3"))
+        compiled.execute(conn, insert(ResourceRow), row("piped-0"))  # (type, id) is unique
+    with db.begin() as conn:
+        ids = conn.execute(select(ResourceRow.id).where(ResourceRow.id.like("piped-%")).order_by(ResourceRow.id))
+        assert list(ids.scalars()) == ["piped-0", "piped-1", "piped-2"]
