@@ -6,7 +6,8 @@ runs five or more of them (resource, version, the index tables). Here a statemen
 once per dialect and set of parameter names, with its bind processors (SQLite's DATETIME as
 text, for one), and run on the DBAPI cursor of the caller's connection: in the caller's
 transaction, as Core would run it. A DBAPI error is raised as SQLAlchemy's (``IntegrityError``
-…), as Core would raise it, so callers cannot tell the difference.
+…), as Core would raise it, so callers cannot tell the difference. On PostgreSQL, :func:`pipeline`
+sends statements that return nothing in one round trip.
 """
 
 from __future__ import annotations
