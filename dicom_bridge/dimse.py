@@ -146,7 +146,7 @@ class DimseClient:
                 if command.field == command_set.C_STORE_RQ:
                     _, instance_syntax = association.contexts[message.context_id]
                     status, _ = c_store(store, message, instance_syntax, self.peer.ae_title)
-                    sock.sendall(upper_layer.command_pdu(message.context_id, command_set.response(command, status)))
+                    sock.sendall(upper_layer.response_pdu(message, status))
                 elif command.field == command_set.C_GET_RQ | command_set.RESPONSE:
                     if command.status is None:
                         raise ProtocolError("a C-GET response without a status")

@@ -48,9 +48,9 @@ from dicom_bridge.upper_layer import (
     ProtocolError,
     abort,
     accept,
-    command_pdu,
     read_pdu,
     reject,
+    response_pdu,
 )
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class StorageScp:
             if kind == P_DATA_TF:
                 for message in messages.feed(body):
                     if (status := self._status(association, message, studies)) is not None:
-                        sock.sendall(command_pdu(message.context_id, command_set.response(message.command, status)))
+                        sock.sendall(response_pdu(message, status))
             elif kind == RELEASE_RQ:
                 sock.sendall(RELEASE_RESPONSE)
                 return

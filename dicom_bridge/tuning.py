@@ -8,12 +8,12 @@ association imports it for :data:`LOW_LATENCY_HANDLERS`, so no association goes 
   (~40 ms on Linux).
 - The DUL poll. pynetdicom's DUL thread sleeps 1 ms whenever it finds nothing to do, so every
   message it hands over or sends can wait that long (a C-MOVE of 100 instances: ~100 ms).
-- Unrestricted storage. Where pynetdicom plays Storage SCP (our SCU during a C-GET; our own
-  Storage SCP, :mod:`dicom_bridge.storage_scp`, negotiates the same way without it) every storage
-  SOP class, private ones included, is accepted in the first transfer syntax the peer proposes:
-  the bytes are kept as received, so no syntax needs converting and no PACS is made to
-  transcode. It also spares the deep copy of 170 listed storage contexts pynetdicom makes per
-  association (~25 ms per C-MOVE).
+- Unrestricted storage. Where pynetdicom accepts storage (the bundled sample PACS taking a
+  push; our own Storage SCP and C-GET, :mod:`dicom_bridge.upper_layer`, negotiate the same way
+  without pynetdicom's threads) every storage SOP class, private ones included, is accepted in
+  the first transfer syntax the peer proposes: the bytes are kept as received, so no syntax
+  needs converting and no PACS is made to transcode. It also spares the deep copy of 170 listed
+  storage contexts pynetdicom makes per association (~25 ms per association).
 - No per-message log. pynetdicom's "standard" handlers format every DIMSE message for its log
   (6% of the CPU of a C-MOVE) whether or not anything shows it; nothing here shows pynetdicom's
   INFO/DEBUG lines, and its warnings and errors are still logged. Set ``LOG_HANDLER_LEVEL`` back

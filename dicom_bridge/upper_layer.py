@@ -99,12 +99,16 @@ def command_pdu(context_id: int, command: bytes) -> bytes:
     return pdu(P_DATA_TF, struct.pack(">IBB", len(command) + 2, context_id, COMMAND | LAST) + command)
 
 
+def response_pdu(request: Message, status: int) -> bytes:
+    """The response to a DIMSE request, with ``status`` and no data set, on the request's context."""
+    return command_pdu(request.context_id, command_set.response(request.command, status))
+
+
 @dataclass(frozen=True)
 class Association:
-    """What an association agreed: who called whom, and the transfer syntax of each accepted context."""
+    """What an association agreed: who called, and the transfer syntax of each accepted context."""
 
     calling_ae: str
-    called_ae: str
     contexts: dict[int, tuple[str, UID]]  # context ID -> (abstract syntax, transfer syntax)
 
 
@@ -139,8 +143,7 @@ def accept(body: bytes, supported: list[str]) -> tuple[Association | None, bytes
     ac = A_ASSOCIATE_AC()
     ac.from_primitive(answer)
     accepted = {cast(int, cx.context_id): _syntaxes(cx) for cx in contexts if cx.result == 0x00}
-    association = Association(str(primitive.calling_ae_title), str(primitive.called_ae_title), accepted)
-    return association, ac.encode()
+    return Association(str(primitive.calling_ae_title), accepted), ac.encode()
 
 
 def request(
@@ -171,8 +174,7 @@ def accepted(body: bytes, proposed: list[PresentationContext]) -> tuple[Associat
     }
     user = primitive.user_information or []
     limit = next((i.maximum_length_received for i in user if isinstance(i, MaximumLengthNotification)), 0)
-    association = Association(str(primitive.calling_ae_title), str(primitive.called_ae_title), contexts)
-    return association, int(limit or 0)
+    return Association(str(primitive.calling_ae_title), contexts), int(limit or 0)
 
 
 def data_pdus(context_id: int, data: bytes, max_pdu: int) -> Iterator[bytes]:
