@@ -10,8 +10,10 @@ a read by id).
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -21,13 +23,15 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Lifespan
 
+from fhir_server.async_reads import AsyncReads
 from fhir_server.db import Database, Rollback
 from fhir_server.errors import FhirError, error
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.patch import JSON_PATCH, MERGE_PATCH
 from fhir_server.repository import Hook, Repository
-from fhir_server.router import handle, reads_one_row
+from fhir_server.router import handle, read_response, read_target
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir", JSON_PATCH, MERGE_PATCH)
@@ -41,13 +45,17 @@ log = logging.getLogger(__name__)
 
 def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: str = "", prefix: str = "/fhir") -> None:
     """Serve the FHIR REST API of ``db`` under ``prefix``."""
-    # A read of one resource (version) is one SELECT: it runs outside a transaction and,
-    # on SQLite, on the event loop itself, where it takes less time than handing it to a
-    # thread would. Other SQLite reads run on a few threads of their own, and its writes on
-    # one writer that commits the requests queued meanwhile together (``db.groups``).
+    # A read of one resource (version) is one SELECT: it runs outside a transaction, on the
+    # event loop itself: on SQLite, where it takes less time than handing it to a thread
+    # would, and on PostgreSQL with an async driver (``AsyncReads``), while the application
+    # runs. Other SQLite reads run on a few threads of their own, and its writes on one
+    # writer that commits the requests queued meanwhile together (``db.groups``). Other
     # PostgreSQL work (round trips, many concurrent writers) uses the shared thread pool.
     sqlite = db.engine.dialect.name == "sqlite"
     readers = ThreadPoolExecutor(4, thread_name_prefix="sqlite-reader") if sqlite else None
+    reads = AsyncReads(db.engine) if db.is_postgres else None
+    if reads is not None:
+        app.router.lifespan_context = _also(reads.opened, app.router.lifespan_context)
 
     def read_one(req: FhirRequest, base: str) -> FhirResponse:
         with db.autocommit() as conn:
@@ -62,7 +70,7 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
 
     def run(req: FhirRequest, base: str, write: bool) -> FhirResponse:
         try:
-            if reads_one_row(req):
+            if read_target(req) is not None:
                 return read_one(req, base)
             with db.begin(write=write) as conn:
                 response = apply(conn, req, base)
@@ -96,7 +104,14 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
             return _http(_outcome(exc), request)
         # POST _search reads, everything else that is not GET/HEAD may write.
         write = req.method not in READ_METHODS and not req.path.endswith("_search")
-        if sqlite and reads_one_row(req):
+        target = read_target(req)
+        if target is not None and reads is not None and reads.ready:
+            try:
+                found = await reads.fetch(target)
+            except Exception as exc:
+                return _http(_failure(exc, req), request)
+            return _http(read_response(req, target, found, base), request)
+        if sqlite and target is not None:
             return _http(run(req, base, write), request)
         if db.groups is not None and write:
             try:
@@ -108,6 +123,17 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
         return _http(await run_in_threadpool(run, req, base, write), request)
 
     app.add_route(f"{prefix}/{{path:path}}", fhir, methods=METHODS)
+
+
+def _also(opened: Callable[[], AbstractAsyncContextManager[None]], lifespan: Lifespan[Any]) -> Lifespan[Any]:
+    """The application's ``lifespan`` with ``opened()`` around it."""
+
+    @asynccontextmanager
+    async def both(app: Any) -> AsyncIterator[Any]:
+        async with opened(), lifespan(app) as state:
+            yield state
+
+    return both
 
 
 def _failure(exc: Exception, req: FhirRequest) -> FhirResponse:

@@ -20,7 +20,7 @@ from fhir_server import compiled, dates
 from fhir_server.errors import error
 from fhir_server.indexing import index_rows
 from fhir_server.schema import INDEX_TABLES, OutboxRow, ReferenceIndex, ResourceRow, TokenIndex, VersionRow
-from fhir_server.validation import check_id, check_type, validate
+from fhir_server.validation import ID, check_id, check_type, validate
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ class Versioned(Protocol):
 Hook = Callable[["Repository", Change], None]
 
 _r = ResourceRow.__table__.c
-_CURRENT = select(_r.version, _r.last_updated, _r.content).where(_r.type == bindparam("type"), _r.id == bindparam("id"))
-_CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+#: A read by id and a vread: one row each (also run on the event loop, ``fhir_server.async_reads``).
+CURRENT = select(_r.version, _r.last_updated, _r.content).where(_r.type == bindparam("type"), _r.id == bindparam("id"))
+_CURRENT_FOR_UPDATE = CURRENT.with_for_update()
 _STORED = (_r.id, _r.version, _r.last_updated, _r.content)
 _t, _ref = TokenIndex.__table__.c, ReferenceIndex.__table__.c
 
@@ -97,7 +98,7 @@ _REFERRING = _current_with(
     _ref.target_id == bindparam("target_id"),
 )
 _v = VersionRow.__table__.c
-_VERSION = (
+VERSION = (
     select(_v.last_updated, _v.content)
     .join_from(VersionRow, ResourceRow, _v.resource_pk == _r.pk)
     .where(_r.type == bindparam("type"), _r.id == bindparam("id"), _v.version == bindparam("version"))
@@ -124,6 +125,18 @@ def _require_version(if_match: str | None, current: Stored | None) -> None:
     actual = str(current.version) if current else None
     if expected != actual:
         raise error(412, "conflict", f"If-Match {if_match} but the current version is {actual or 'none'}")
+
+
+def readable(resource_type: str, resource_id: str, version: int | None, found: Stored | None) -> Stored:
+    """What a read (``version`` None) or vread found, or its 404 (never existed) or 410 (deleted)."""
+    if found is None:
+        known = f"has no version {version}" if version is not None else "is not known"
+        raise error(404, "not-found", f"{resource_type}/{resource_id} {known}")
+    if found.content is None:
+        if version is not None:
+            raise error(410, "deleted", f"Version {version} of {resource_type}/{resource_id} is a deletion")
+        raise error(410, "deleted", f"{resource_type}/{resource_id} was deleted (version {found.version})")
+    return found
 
 
 def _lock_id(key: str) -> int:
@@ -160,7 +173,9 @@ class Repository:
 
     def current(self, resource_type: str, resource_id: str, *, for_update: bool = False) -> Stored | None:
         """The current version (a deletion included), or None if the resource never existed."""
-        stmt = _CURRENT_FOR_UPDATE if for_update else _CURRENT  # built once: the hottest read
+        if not ID.fullmatch(resource_id):  # never stored; PostgreSQL would refuse a NUL in it (a 500)
+            return None
+        stmt = _CURRENT_FOR_UPDATE if for_update else CURRENT  # built once: the hottest read
         row = self.conn.execute(stmt, {"type": resource_type, "id": resource_id}).one_or_none()
         return None if row is None else Stored(resource_type, resource_id, *row)
 
@@ -177,22 +192,13 @@ class Repository:
 
     def read(self, resource_type: str, resource_id: str) -> Stored:
         check_type(resource_type)
-        found = self.current(resource_type, resource_id)
-        if found is None:
-            raise error(404, "not-found", f"{resource_type}/{resource_id} is not known")
-        if found.content is None:
-            raise error(410, "deleted", f"{resource_type}/{resource_id} was deleted (version {found.version})")
-        return found
+        return readable(resource_type, resource_id, None, self.current(resource_type, resource_id))
 
     def vread(self, resource_type: str, resource_id: str, version: int) -> Stored:
         check_type(resource_type)
-        row = self.conn.execute(_VERSION, {"type": resource_type, "id": resource_id, "version": version}).one_or_none()
-        if row is None:
-            raise error(404, "not-found", f"{resource_type}/{resource_id} has no version {version}")
-        stored = Stored(resource_type, resource_id, version, *row)
-        if stored.content is None:
-            raise error(410, "deleted", f"Version {version} of {resource_type}/{resource_id} is a deletion")
-        return stored
+        row = self.conn.execute(VERSION, {"type": resource_type, "id": resource_id, "version": version}).one_or_none()
+        found = None if row is None else Stored(resource_type, resource_id, version, *row)
+        return readable(resource_type, resource_id, version, found)
 
     # -- the write path ------------------------------------------------------------
 

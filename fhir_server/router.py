@@ -5,7 +5,7 @@ It knows nothing of HTTP servers: FastAPI (``fhir_server.api``) and transaction 
 """
 
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import orjson
@@ -15,7 +15,7 @@ from fhir_server import bundle, capability, conditional, dates, operations, sear
 from fhir_server.errors import FhirError, error, information
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.patch import patch
-from fhir_server.repository import Repository, Stored
+from fhir_server.repository import Repository, Stored, readable
 from fhir_server.schema import VersionRow
 from fhir_server.validation import SUPPORTED_TYPES, check_type
 
@@ -27,15 +27,41 @@ def handle(request: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     try:
         return _dispatch(request, repo, base.rstrip("/"))
     except FhirError as exc:
-        return FhirResponse(exc.status, exc.outcome, dict(exc.headers))
+        return _answer(exc)
 
 
-def reads_one_row(req: FhirRequest) -> bool:
-    """Whether the request is a read or vread: one SELECT of one row, nothing else."""
+class ReadTarget(NamedTuple):
+    """What a read or vread asks for."""
+
+    type: str
+    id: str
+    version: int | None  # a vread's
+
+
+def read_target(req: FhirRequest) -> ReadTarget | None:
+    """The resource (version) of a read or vread, one SELECT of one row and nothing else; else None."""
     if req.method not in ("GET", "HEAD"):
-        return False
+        return None
     parts = req.path.strip("/").split("/")
-    return (len(parts) == 2 and parts[1][:1] not in ("_", "$")) or (len(parts) == 4 and parts[2] == "_history")
+    if len(parts) == 2 and parts[1][:1] not in ("_", "$"):
+        return ReadTarget(parts[0], parts[1], None)
+    if len(parts) == 4 and parts[2] == "_history" and parts[3].isdigit():
+        return ReadTarget(parts[0], parts[1], int(parts[3]))
+    return None
+
+
+def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, base: str) -> FhirResponse:
+    """The answer to a read or vread of ``target`` that found ``found`` (``handle``'s answer, for a
+    caller that ran the SELECT itself: ``fhir_server.async_reads``)."""
+    try:
+        check_type(target.type)
+        return _read(req, readable(*target, found), base)
+    except FhirError as exc:
+        return _answer(exc)
+
+
+def _answer(exc: FhirError) -> FhirResponse:
+    return FhirResponse(exc.status, exc.outcome, dict(exc.headers))
 
 
 def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:

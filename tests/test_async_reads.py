@@ -1,0 +1,101 @@
+"""fhir_server.async_reads: reads by id on PostgreSQL's async driver answer what the repository
+reads, go to the database together, and survive a lost connection."""
+
+import asyncio
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from fhir_server.async_reads import AsyncReads
+from fhir_server.repository import Repository
+from fhir_server.router import ReadTarget
+from overread.app import create_app
+from overread.settings import Settings
+
+pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+
+
+def patient(n: int) -> dict[str, object]:
+    return {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": f"async-{n}"}]}
+
+
+def test_reads_waiting_together_are_one_select_per_type_and_each_gets_its_own_row(db):
+    with db.begin() as conn:
+        repo = Repository(conn)
+        patients = [repo.create(patient(n)).id for n in range(12)]
+        doctor = repo.create({"resourceType": "Practitioner", "name": [{"family": "Reader"}]}).id
+        repo.update("Patient", patients[0], {**patient(0), "id": patients[0], "gender": "female"}, None)
+        repo.delete("Patient", patients[1], None)
+    targets = [ReadTarget("Patient", rid, None) for rid in patients]
+    targets += [
+        ReadTarget("Patient", patients[2], None),  # the same resource twice in one batch
+        ReadTarget("Practitioner", doctor, None),
+        ReadTarget("Patient", "unknown", None),
+        ReadTarget("Patient", "not an id\x00", None),  # would fail the whole SELECT: never sent
+        ReadTarget("NoSuchType", "x", None),
+        ReadTarget("Patient", patients[0], 1),  # a vread
+        ReadTarget("Patient", patients[0], 9),
+    ]
+    reads = AsyncReads(db.engine)
+    selects: list[str] = []
+    rows = reads._rows
+
+    async def counted(compiled, params):
+        selects.append(params["type"])
+        return await rows(compiled, params)
+
+    reads._rows = counted  # type: ignore[method-assign]
+
+    async def read_all():
+        async with reads.opened():
+            return await asyncio.gather(*(reads.fetch(t) for t in targets))
+
+    found = asyncio.run(read_all())
+
+    with db.begin() as conn:
+        repo = Repository(conn)
+        expected = [repo.current(t.type, t.id) for t in targets[:-2]]
+        expected += [repo.vread("Patient", patients[0], 1), None]
+    assert found == expected
+    assert found[0].version == 2 and found[1].content is None  # updated, deleted
+    assert sorted(selects) == ["Patient", "Patient", "Patient", "Practitioner"]  # 1 per type + 2 vreads
+
+
+def test_a_lost_connection_fails_the_reads_waiting_on_it_and_the_next_ones_succeed(db):
+    with db.begin() as conn:
+        rid = Repository(conn).create(patient(1)).id
+    reads = AsyncReads(db.engine)
+    target = ReadTarget("Patient", rid, None)
+    dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def scenario():
+        async with reads.opened():
+            assert (await reads.fetch(target)).id == rid
+            with psycopg.connect(dsn, autocommit=True) as admin:  # what a PostgreSQL restart does to us
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name = ''"
+                )
+            lost = await asyncio.gather(*(reads.fetch(target) for _ in range(3)), return_exceptions=True)
+            return lost, await reads.fetch(target)
+
+    lost, after = asyncio.run(scenario())
+    assert all(isinstance(exc, psycopg.OperationalError) for exc in lost), lost
+    assert after is not None and after.id == rid
+
+
+def test_the_http_api_reads_on_the_async_driver_and_without_it(db):
+    app = create_app(Settings(database_url=db.url), db)
+    with TestClient(app) as client:  # the lifespan opens the async pool
+        created = client.post("/fhir/Patient", json=patient(7), headers={"content-type": "application/fhir+json"})
+        rid = created.json()["id"]
+        on_loop = client.get(f"/fhir/Patient/{rid}")
+        gone = client.get("/fhir/Patient/nobody")
+        nul = client.get("/fhir/Patient/a%00b")
+    plain = TestClient(app).get(f"/fhir/Patient/{rid}")  # no lifespan: the thread pool's connection
+    plain_nul = TestClient(app).get("/fhir/Patient/a%00b")
+    assert on_loop.status_code == plain.status_code == 200
+    assert on_loop.content == plain.content and on_loop.headers["etag"] == plain.headers["etag"] == 'W/"1"'
+    assert gone.status_code == nul.status_code == plain_nul.status_code == 404  # not a 500 from the driver
+    assert gone.json()["resourceType"] == plain_nul.json()["resourceType"] == "OperationOutcome"
