@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, exc
+from sqlalchemy import ARRAY, Connection, Insert, Table, bindparam, exc, func, insert, literal_column, select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import Executable
 
@@ -27,8 +28,15 @@ class Compiled:
     """One statement for one dialect and one set of parameter names."""
 
     def __init__(self, statement: Executable, dialect: Dialect, keys: Sequence[str]) -> None:
+        if isinstance(statement, Insert):
+            # Only a RETURNING the statement asks for: on PostgreSQL Core adds one of the primary
+            # key to every INSERT (for ``inserted_primary_key``, which nothing here reads), and an
+            # index row's then cost PostgreSQL a result and the pipeline a fetch per row.
+            statement = statement.inline()
         compiled = statement.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
         self.sql = str(compiled)
+        # Asked of the statement, not the cursor: in a pipeline the cursor knows only once synced.
+        self.returns_rows = statement.is_select or bool(compiled.effective_returning)
         processors: dict[str, Callable[[Any], Any]] = compiled._bind_processors  # no public name for them
         if compiled.positional:
             order = list(compiled.positiontup or ())
@@ -58,15 +66,36 @@ def execute(conn: Connection, statement: Executable, row: Row) -> Any:
 
     def work(cursor: Any) -> Any:
         cursor.execute(compiled.sql, compiled.params(row))
-        return cursor.fetchone() if cursor.description else None
+        return cursor.fetchone() if compiled.returns_rows else None
 
     return _run(conn, compiled, work)
 
 
-def executemany(conn: Connection, statement: Executable, rows: list[Row]) -> None:
-    """Run ``statement`` once per row (the rows share their keys) on ``conn``'s driver."""
-    compiled = _compiled(conn, statement, tuple(rows[0]))
-    _run(conn, compiled, lambda cur: cur.executemany(compiled.sql, [compiled.params(row) for row in rows]))
+def insert_rows(conn: Connection, table: Table, rows: list[Row]) -> None:
+    """INSERT ``rows`` (which share their keys) into ``table`` on ``conn``'s driver.
+
+    SQLite runs the INSERT once per row (``executemany``). PostgreSQL gets one statement,
+    ``INSERT … SELECT * FROM unnest(<each column's values as an array>, …)``: in a pipeline
+    psycopg sends an executemany row by row and waits on the socket after each, which cost
+    more than PostgreSQL took to insert them.
+    """
+    keys = tuple(rows[0])
+    if conn.dialect.name != "postgresql":
+        compiled = _compiled(conn, _insert(table), keys)
+        _run(conn, compiled, lambda cur: cur.executemany(compiled.sql, [compiled.params(row) for row in rows]))
+        return
+    execute(conn, _unnest_insert(table, keys), {key: [row[key] for row in rows] for key in keys})
+
+
+@cache
+def _insert(table: Table) -> Insert:
+    return insert(table)
+
+
+@cache
+def _unnest_insert(table: Table, keys: tuple[str, ...]) -> Insert:
+    arrays = [bindparam(key, type_=ARRAY(table.c[key].type)) for key in keys]
+    return insert(table).from_select(keys, select(literal_column("*")).select_from(func.unnest(*arrays)))
 
 
 @contextmanager

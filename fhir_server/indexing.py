@@ -14,6 +14,7 @@ from typing import Any
 
 from fhir_server import dates
 from fhir_server.schema import (
+    Base,
     DateIndex,
     NumberIndex,
     QuantityIndex,
@@ -24,7 +25,7 @@ from fhir_server.schema import (
 )
 from fhir_server.search_params import SearchParam, registry
 
-Row = tuple[type, dict[str, Any]]
+Row = tuple[type[Base], dict[str, Any]]
 
 CONTACT_SYSTEMS = {"phone", "fax", "email", "pager", "url", "sms", "other"}
 _LITERAL_REF = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")

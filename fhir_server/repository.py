@@ -10,16 +10,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
-from sqlalchemy import Connection, Insert, bindparam, delete, false, insert, select, text, update
+from sqlalchemy import Connection, Table, bindparam, delete, false, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from fhir_server import compiled, dates
 from fhir_server.errors import error
 from fhir_server.indexing import index_rows
-from fhir_server.schema import INDEX_TABLES, OutboxRow, ReferenceIndex, ResourceRow, TokenIndex, VersionRow
+from fhir_server.schema import INDEX_TABLES, Base, OutboxRow, ReferenceIndex, ResourceRow, TokenIndex, VersionRow
 from fhir_server.validation import ID, check_id, check_type, validate
 
 
@@ -111,7 +111,6 @@ _UPDATE_RESOURCE = (
 )
 _INSERT_VERSION = insert(VersionRow)
 _INSERT_OUTBOX = insert(OutboxRow)
-_INSERT_INDEX: dict[type, Insert] = {table: insert(table) for table in INDEX_TABLES}
 _DELETE_INDEX = [delete(t).where(t.resource_pk == bindparam("pk")) for t in INDEX_TABLES]
 _LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 _LOCK_ALL = text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:ks AS bigint[])) AS k")
@@ -303,14 +302,14 @@ class Repository:
 
         conn = self.conn
         values = {"version": version, "last_updated": now, "deleted": content is None, "content": content}
-        if previous is None:
-            (pk,) = compiled.execute(conn, _INSERT_RESOURCE, {"type": resource_type, "id": resource_id, **values})
-        else:
-            (pk,) = compiled.execute(
-                conn, _UPDATE_RESOURCE, {"key_type": resource_type, "key_id": resource_id, **values}
-            )
-        with compiled.pipeline(conn):  # what needs only the pk: one round trip on PostgreSQL
-            if previous is not None:
+        # On PostgreSQL two round trips: the resource row (with the transaction's BEGIN, when this
+        # is its first statement) for its pk, then everything that needs only the pk.
+        with compiled.pipeline(conn):
+            if previous is None:
+                (pk,) = compiled.execute(conn, _INSERT_RESOURCE, {"type": resource_type, "id": resource_id, **values})
+            else:
+                key = {"key_type": resource_type, "key_id": resource_id}
+                (pk,) = compiled.execute(conn, _UPDATE_RESOURCE, {**key, **values})
                 for statement in _DELETE_INDEX:
                     compiled.execute(conn, statement, {"pk": pk})
             version_row = {"resource_pk": pk, "type": resource_type, "id": resource_id, "method": method, **values}
@@ -320,8 +319,8 @@ class Repository:
         return Stored(resource_type, resource_id, version, now, content)
 
     def _index(self, pk: int, resource_type: str, resource: dict[str, Any]) -> None:
-        rows: dict[type, list[dict[str, Any]]] = {}
+        rows: dict[type[Base], list[dict[str, Any]]] = {}
         for table, values in index_rows(resource_type, resource):
             rows.setdefault(table, []).append({**values, "resource_pk": pk, "res_type": resource_type})
         for table, batch in rows.items():
-            compiled.executemany(self.conn, _INSERT_INDEX[table], batch)
+            compiled.insert_rows(self.conn, cast(Table, table.__table__), batch)

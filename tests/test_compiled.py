@@ -39,10 +39,10 @@ def test_driver_errors_are_sqlalchemys_and_roll_back_with_the_transaction(db):
         assert conn.execute(select(ResourceRow.pk).where(ResourceRow.id == "twice")).first() is None
 
 
-def test_executemany_writes_every_row(db):
+def test_insert_rows_writes_every_row(db):
     rows = [{**row(f"many-{n}"), "version": n} for n in range(1, 4)]
     with db.begin() as conn:
-        compiled.executemany(conn, insert(ResourceRow), rows)
+        compiled.insert_rows(conn, ResourceRow.__table__, rows)
         versions = conn.execute(select(ResourceRow.version).where(ResourceRow.id.like("many-%")))
         assert sorted(versions.scalars()) == [1, 2, 3]
 
