@@ -122,6 +122,13 @@ def test_what_groups_commit_reaches_the_database_file_within_a_checkpoint_interv
     assert len(checkpoints) == 1
 
 
+def test_every_commit_syncs_the_wal_so_an_answer_outlives_a_power_cut(db):
+    # synchronous=FULL (2); NORMAL (1) syncs only at checkpoints: an OS crash could take back an AA.
+    with db.begin() as writer, db.autocommit() as reader:
+        levels = {conn.exec_driver_sql("PRAGMA synchronous").scalar() for conn in (writer, reader)}
+    assert levels == {2}
+
+
 def test_a_database_error_in_one_unit_undoes_that_unit_only(db):
     """A unit whose statement fails in the database (here a unique key) is rolled back to its savepoint;
     the units around it in the same group are committed."""
