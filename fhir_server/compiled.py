@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
-from sqlalchemy import ARRAY, Connection, Insert, Table, bindparam, exc, func, insert, literal_column, select
+import orjson
+from sqlalchemy import Connection, Insert, Table, TextClause, exc, insert, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import Executable
 
@@ -74,17 +75,17 @@ def execute(conn: Connection, statement: Executable, row: Row) -> Any:
 def insert_rows(conn: Connection, table: Table, rows: list[Row]) -> None:
     """INSERT ``rows`` (which share their keys) into ``table`` on ``conn``'s driver.
 
-    SQLite runs the INSERT once per row (``executemany``). PostgreSQL gets one statement,
-    ``INSERT … SELECT * FROM unnest(<each column's values as an array>, …)``: in a pipeline
-    psycopg sends an executemany row by row and waits on the socket after each, which cost
-    more than PostgreSQL took to insert them.
+    SQLite runs the INSERT once per row (``executemany``). PostgreSQL gets one statement with
+    the rows as one JSON parameter (``json_populate_recordset``): in a pipeline psycopg sends an
+    executemany row by row and waits on the socket after each, and dumping each column as an
+    array (``unnest``) cost as much again in Python; orjson writes the lot in microseconds.
     """
     keys = tuple(rows[0])
     if conn.dialect.name != "postgresql":
         compiled = _compiled(conn, _insert(table), keys)
         _run(conn, compiled, lambda cur: cur.executemany(compiled.sql, [compiled.params(row) for row in rows]))
         return
-    execute(conn, _unnest_insert(table, keys), {key: [row[key] for row in rows] for key in keys})
+    execute(conn, _json_insert(table, keys), {"rows": orjson.dumps(rows).decode()})
 
 
 @cache
@@ -93,9 +94,12 @@ def _insert(table: Table) -> Insert:
 
 
 @cache
-def _unnest_insert(table: Table, keys: tuple[str, ...]) -> Insert:
-    arrays = [bindparam(key, type_=ARRAY(table.c[key].type)) for key in keys]
-    return insert(table).from_select(keys, select(literal_column("*")).select_from(func.unnest(*arrays)))
+def _json_insert(table: Table, keys: tuple[str, ...]) -> TextClause:
+    columns = ", ".join(table.c[key].name for key in keys)  # KeyError for a key that is no column
+    return text(
+        f"INSERT INTO {table.name} ({columns}) SELECT {columns} "
+        f"FROM json_populate_recordset(NULL::{table.name}, CAST(:rows AS json))"
+    )
 
 
 @contextmanager

@@ -39,12 +39,21 @@ def test_driver_errors_are_sqlalchemys_and_roll_back_with_the_transaction(db):
         assert conn.execute(select(ResourceRow.pk).where(ResourceRow.id == "twice")).first() is None
 
 
-def test_insert_rows_writes_every_row(db):
-    rows = [{**row(f"many-{n}"), "version": n} for n in range(1, 4)]
+def test_insert_rows_writes_every_row_as_core_would(db):
+    # Microseconds, a NULL and a quote: on PostgreSQL the rows travel as one JSON text.
+    later = WHEN.replace(microsecond=123456)
+    rows = [{**row(f"many-{n}"), "version": n, "last_updated": later, "content": '{"a": "\\"q"}'} for n in (1, 2)]
+    rows.append({**row("many-3"), "version": 3, "deleted": True, "content": None})
     with db.begin() as conn:
         compiled.insert_rows(conn, ResourceRow.__table__, rows)
-        versions = conn.execute(select(ResourceRow.version).where(ResourceRow.id.like("many-%")))
-        assert sorted(versions.scalars()) == [1, 2, 3]
+        stored = conn.execute(
+            select(ResourceRow.version, ResourceRow.last_updated, ResourceRow.deleted, ResourceRow.content)
+            .where(ResourceRow.id.like("many-%"))
+            .order_by(ResourceRow.version)
+        )
+        assert [tuple(r) for r in stored] == [
+            (r["version"], r["last_updated"], r["deleted"], r["content"]) for r in rows
+        ]
 
 
 def test_a_pipeline_writes_in_one_go_and_fails_as_core_would(db):
