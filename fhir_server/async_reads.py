@@ -12,8 +12,9 @@ together, as one ``id = ANY(…)`` SELECT per type (Prisma batches its ``findUni
 same way). Each read still sees a state committed before it arrived, and the server and
 PostgreSQL pay one round trip for the lot instead of one each.
 
-The statements are the repository's (``Repository.current``/``vread``) with the ids as an
-array, compiled once for the psycopg dialect (``fhir_server.compiled``).
+A vread is the repository's statement (``Repository.vread``); a read by id is
+``Repository.current``'s with the ids as an array. Both are compiled once for the psycopg
+dialect (``fhir_server.compiled``).
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ class AsyncReads:
 
     async def fetch(self, target: ReadTarget) -> Stored | None:
         """What ``Repository.current`` (a read) or ``Repository.vread`` (a vread) finds, or None."""
+        if target.type not in SUPPORTED_TYPES or not ID.fullmatch(target.id):
+            return None  # nothing stored has it, and it must not fail the reads it would go with
         if target.version is not None:
             rows = await self._rows(self._version, target._asdict())
             return Stored(target.type, target.id, target.version, *rows[0]) if rows else None
-        if target.type not in SUPPORTED_TYPES or not ID.fullmatch(target.id):
-            return None  # nothing stored has it, and it must not fail the reads it would go with
         found: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault((target.type, target.id), []).append(found)
         if self._sender is None:

@@ -72,9 +72,8 @@ class Versioned(Protocol):
 Hook = Callable[["Repository", Change], None]
 
 _r = ResourceRow.__table__.c
-#: A read by id and a vread: one row each (also run on the event loop, ``fhir_server.async_reads``).
-CURRENT = select(_r.version, _r.last_updated, _r.content).where(_r.type == bindparam("type"), _r.id == bindparam("id"))
-_CURRENT_FOR_UPDATE = CURRENT.with_for_update()
+_CURRENT = select(_r.version, _r.last_updated, _r.content).where(_r.type == bindparam("type"), _r.id == bindparam("id"))
+_CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
 _STORED = (_r.id, _r.version, _r.last_updated, _r.content)
 _t, _ref = TokenIndex.__table__.c, ReferenceIndex.__table__.c
 
@@ -98,6 +97,7 @@ _REFERRING = _current_with(
     _ref.target_id == bindparam("target_id"),
 )
 _v = VersionRow.__table__.c
+#: A vread (also run on the event loop, ``fhir_server.async_reads``).
 VERSION = (
     select(_v.last_updated, _v.content)
     .join_from(VersionRow, ResourceRow, _v.resource_pk == _r.pk)
@@ -174,7 +174,7 @@ class Repository:
         """The current version (a deletion included), or None if the resource never existed."""
         if not ID.fullmatch(resource_id):  # never stored; PostgreSQL would refuse a NUL in it (a 500)
             return None
-        stmt = _CURRENT_FOR_UPDATE if for_update else CURRENT  # built once: the hottest read
+        stmt = _CURRENT_FOR_UPDATE if for_update else _CURRENT  # built once: the hottest read
         row = self.conn.execute(stmt, {"type": resource_type, "id": resource_id}).one_or_none()
         return None if row is None else Stored(resource_type, resource_id, *row)
 
@@ -195,8 +195,11 @@ class Repository:
 
     def vread(self, resource_type: str, resource_id: str, version: int) -> Stored:
         check_type(resource_type)
-        row = self.conn.execute(VERSION, {"type": resource_type, "id": resource_id, "version": version}).one_or_none()
-        found = None if row is None else Stored(resource_type, resource_id, version, *row)
+        found = None
+        if ID.fullmatch(resource_id):  # as in ``current``
+            values = {"type": resource_type, "id": resource_id, "version": version}
+            row = self.conn.execute(VERSION, values).one_or_none()
+            found = None if row is None else Stored(resource_type, resource_id, version, *row)
         return readable(resource_type, resource_id, version, found)
 
     # -- the write path ------------------------------------------------------------

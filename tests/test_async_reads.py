@@ -93,9 +93,12 @@ def test_the_http_api_reads_on_the_async_driver_and_without_it(db):
         on_loop = client.get(f"/fhir/Patient/{rid}")
         gone = client.get("/fhir/Patient/nobody")
         nul = client.get("/fhir/Patient/a%00b")
+        nul_version = client.get("/fhir/Patient/a%00b/_history/1")
     plain = TestClient(app).get(f"/fhir/Patient/{rid}")  # no lifespan: the thread pool's connection
     plain_nul = TestClient(app).get("/fhir/Patient/a%00b")
+    plain_nul_version = TestClient(app).get("/fhir/Patient/a%00b/_history/1")
     assert on_loop.status_code == plain.status_code == 200
     assert on_loop.content == plain.content and on_loop.headers["etag"] == plain.headers["etag"] == 'W/"1"'
-    assert gone.status_code == nul.status_code == plain_nul.status_code == 404  # not a 500 from the driver
+    statuses = {r.status_code for r in (gone, nul, nul_version, plain_nul, plain_nul_version)}
+    assert statuses == {404}  # not a 500 from the driver
     assert gone.json()["resourceType"] == plain_nul.json()["resourceType"] == "OperationOutcome"
