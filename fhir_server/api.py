@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.types import Lifespan
 
 from fhir_server.async_reads import AsyncReads
+from fhir_server.async_units import AsyncUnits
 from fhir_server.db import Database, Rollback
 from fhir_server.errors import FhirError, error
 from fhir_server.http import FhirRequest, FhirResponse
@@ -47,15 +48,17 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
     """Serve the FHIR REST API of ``db`` under ``prefix``."""
     # A read of one resource (version) is one SELECT: it runs outside a transaction, on the
     # event loop itself: on SQLite, where it takes less time than handing it to a thread
-    # would, and on PostgreSQL with an async driver (``AsyncReads``), while the application
-    # runs. Other SQLite reads run on a few threads of their own, and its writes on one
-    # writer that commits the requests queued meanwhile together (``db.groups``). Other
-    # PostgreSQL work (round trips, many concurrent writers) uses the shared thread pool.
+    # would, and on PostgreSQL with an async driver (``AsyncReads``). Other SQLite reads run
+    # on a few threads of their own, and its writes on one writer that commits the requests
+    # queued meanwhile together (``db.groups``). Other PostgreSQL work runs on the event loop
+    # too, a transaction each (``AsyncUnits``). Both async paths need the application's
+    # lifespan (their pools live on its loop); without it PostgreSQL uses the thread pool.
     sqlite = db.engine.dialect.name == "sqlite"
     readers = ThreadPoolExecutor(4, thread_name_prefix="sqlite-reader") if sqlite else None
     reads = AsyncReads(db.engine) if db.is_postgres else None
-    if reads is not None:
-        app.router.lifespan_context = _also(reads.opened, app.router.lifespan_context)
+    units = AsyncUnits(db.engine.url) if db.is_postgres else None
+    if reads is not None and units is not None:
+        app.router.lifespan_context = _also(reads.opened, _also(units.opened, app.router.lifespan_context))
 
     def read_one(req: FhirRequest, base: str) -> FhirResponse:
         with db.autocommit() as conn:
@@ -80,7 +83,7 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
         except Exception as exc:
             return _failure(exc, req)
 
-    def in_group(req: FhirRequest, base: str) -> Callable[[Connection], FhirResponse]:
+    def unit(req: FhirRequest, base: str) -> Callable[[Connection], FhirResponse]:
         def work(conn: Connection) -> FhirResponse:
             response = apply(conn, req, base)
             if response.status >= 400:
@@ -115,7 +118,12 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
             return _http(run(req, base, write), request)
         if db.groups is not None and write:
             try:
-                return _http(await db.groups.submit(in_group(req, base)), request)
+                return _http(await db.groups.submit(unit(req, base)), request)
+            except Exception as exc:
+                return _http(_failure(exc, req), request)
+        if units is not None and units.ready:
+            try:
+                return _http(await units.run(unit(req, base)), request)
             except Exception as exc:
                 return _http(_failure(exc, req), request)
         if readers is not None:

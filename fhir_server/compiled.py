@@ -6,8 +6,9 @@ runs five or more of them (resource, version, the index tables). Here a statemen
 once per dialect and set of parameter names, with its bind processors (SQLite's DATETIME as
 text, for one), and run on the DBAPI cursor of the caller's connection: in the caller's
 transaction, as Core would run it. A DBAPI error is raised as SQLAlchemy's (``IntegrityError``
-…), as Core would raise it, so callers cannot tell the difference. On PostgreSQL, :func:`pipeline`
-sends statements that return nothing in one round trip.
+…), as Core would raise it, so callers cannot tell the difference. On PostgreSQL with psycopg,
+:func:`pipeline` sends statements that return nothing in one round trip. On the event loop
+(``fhir_server.async_units``) the cursor is SQLAlchemy's adapter of asyncpg.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
-from sqlalchemy import Connection, Insert, Table, TextClause, exc, insert, text
+from sqlalchemy import Connection, Insert, Table, TextClause, insert, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import Executable
 
@@ -48,13 +49,13 @@ class Compiled:
             self.params = lambda row: {k: processors[k](v) if k in processors else v for k, v in row.items()}
 
 
-#: Keyed by the statement itself (kept alive, so its id is never reused): the write path's statements
-#: are module constants, a handful in all.
+#: Keyed by the statement itself (kept alive, so its id is never reused) and the driver (psycopg and
+#: asyncpg mark parameters differently): the write path's statements are module constants, a handful.
 _CACHE: dict[tuple[Executable, str, tuple[str, ...]], Compiled] = {}
 
 
 def _compiled(conn: Connection, statement: Executable, keys: tuple[str, ...]) -> Compiled:
-    key = (statement, conn.dialect.name, keys)
+    key = (statement, f"{conn.dialect.name}+{conn.dialect.driver}", keys)
     found = _CACHE.get(key)
     if found is None:
         found = _CACHE.setdefault(key, Compiled(statement, conn.dialect, keys))
@@ -106,22 +107,30 @@ def _json_insert(table: Table, keys: tuple[str, ...]) -> TextClause:
 def pipeline(conn: Connection) -> Iterator[None]:
     """The statements run inside, none of which returns rows, go to PostgreSQL in one round trip
     (a psycopg pipeline) instead of one each; on SQLite, which has no round trips, they just run."""
-    if conn.dialect.name != "postgresql":
+    if conn.dialect.driver != "psycopg":  # SQLite has no round trips; SQLAlchemy's asyncpg adapter no pipeline
         yield
         return
-    dbapi = conn.dialect.loaded_dbapi
     try:
         with conn.connection.driver_connection.pipeline():  # type: ignore[union-attr]
             yield
-    except dbapi.Error as error:  # raised at the pipeline's sync, after the statement that caused it
-        raise exc.DBAPIError.instance("(pipeline)", None, error, dbapi.Error) from error
+    except conn.dialect.loaded_dbapi.Error as error:  # raised at the pipeline's sync, after its statement
+        _failed(conn, error, "(pipeline)", None)
 
 
 def _run(conn: Connection, compiled: Compiled, work: Callable[[Any], Any]) -> Any:
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    # The DBAPI connection: the driver's own, or on the event loop SQLAlchemy's adapter of asyncpg.
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         return work(cursor)
     except conn.dialect.loaded_dbapi.Error as error:
-        raise exc.DBAPIError.instance(compiled.sql, None, error, conn.dialect.loaded_dbapi.Error) from error
+        _failed(conn, error, compiled.sql, cursor)
     finally:
         cursor.close()
+
+
+def _failed(conn: Connection, error: Exception, sql: str, cursor: Any) -> NoReturn:
+    """Raise ``error`` as Core would: SQLAlchemy's exception (``IntegrityError`` …), and for a
+    connection the server dropped (a PostgreSQL restart) the pool's connections invalidated, so
+    that one request fails and the next gets a live one. Core's own handler does both; it has no
+    public name."""
+    conn._handle_dbapi_exception(error, sql, None, cursor, None)
