@@ -6,20 +6,16 @@ runs five or more of them (resource, version, the index tables). Here a statemen
 once per dialect and set of parameter names, with its bind processors (SQLite's DATETIME as
 text, for one), and run on the DBAPI cursor of the caller's connection: in the caller's
 transaction, as Core would run it. A DBAPI error is raised as SQLAlchemy's (``IntegrityError``
-…), as Core would raise it, so callers cannot tell the difference. On PostgreSQL with psycopg,
-:func:`pipeline` sends statements that return nothing in one round trip. On the event loop
+…), as Core would raise it, so callers cannot tell the difference. On the event loop
 (``fhir_server.async_units``) the cursor is SQLAlchemy's adapter of asyncpg.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from functools import cache
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import orjson
-from sqlalchemy import Connection, Insert, Table, TextClause, insert, text
+from sqlalchemy import Connection, Insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import Executable
 
@@ -32,13 +28,10 @@ class Compiled:
     def __init__(self, statement: Executable, dialect: Dialect, keys: Sequence[str]) -> None:
         if isinstance(statement, Insert):
             # Only a RETURNING the statement asks for: on PostgreSQL Core adds one of the primary
-            # key to every INSERT (for ``inserted_primary_key``, which nothing here reads), and an
-            # index row's then cost PostgreSQL a result and the pipeline a fetch per row.
+            # key to every INSERT (for ``inserted_primary_key``, which nothing here reads).
             statement = statement.inline()
         compiled = statement.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
         self.sql = str(compiled)
-        # Asked of the statement, not the cursor: in a pipeline the cursor knows only once synced.
-        self.returns_rows = statement.is_select or bool(compiled.effective_returning)
         processors: dict[str, Callable[[Any], Any]] = compiled._bind_processors  # no public name for them
         if compiled.positional:
             order = list(compiled.positiontup or ())
@@ -68,53 +61,15 @@ def execute(conn: Connection, statement: Executable, row: Row) -> Any:
 
     def work(cursor: Any) -> Any:
         cursor.execute(compiled.sql, compiled.params(row))
-        return cursor.fetchone() if compiled.returns_rows else None
+        return cursor.fetchone() if cursor.description else None
 
     return _run(conn, compiled, work)
 
 
-def insert_rows(conn: Connection, table: Table, rows: list[Row]) -> None:
-    """INSERT ``rows`` (which share their keys) into ``table`` on ``conn``'s driver.
-
-    SQLite runs the INSERT once per row (``executemany``). PostgreSQL gets one statement with
-    the rows as one JSON parameter (``json_populate_recordset``): in a pipeline psycopg sends an
-    executemany row by row and waits on the socket after each, and dumping each column as an
-    array (``unnest``) cost as much again in Python; orjson writes the lot in microseconds.
-    """
-    keys = tuple(rows[0])
-    if conn.dialect.name != "postgresql":
-        compiled = _compiled(conn, _insert(table), keys)
-        _run(conn, compiled, lambda cur: cur.executemany(compiled.sql, [compiled.params(row) for row in rows]))
-        return
-    execute(conn, _json_insert(table, keys), {"rows": orjson.dumps(rows).decode()})
-
-
-@cache
-def _insert(table: Table) -> Insert:
-    return insert(table)
-
-
-@cache
-def _json_insert(table: Table, keys: tuple[str, ...]) -> TextClause:
-    columns = ", ".join(table.c[key].name for key in keys)  # KeyError for a key that is no column
-    return text(
-        f"INSERT INTO {table.name} ({columns}) SELECT {columns} "
-        f"FROM json_populate_recordset(NULL::{table.name}, CAST(:rows AS json))"
-    )
-
-
-@contextmanager
-def pipeline(conn: Connection) -> Iterator[None]:
-    """The statements run inside, none of which returns rows, go to PostgreSQL in one round trip
-    (a psycopg pipeline) instead of one each; on SQLite, which has no round trips, they just run."""
-    if conn.dialect.driver != "psycopg":  # SQLite has no round trips; SQLAlchemy's asyncpg adapter no pipeline
-        yield
-        return
-    try:
-        with conn.connection.driver_connection.pipeline():  # type: ignore[union-attr]
-            yield
-    except conn.dialect.loaded_dbapi.Error as error:  # raised at the pipeline's sync, after its statement
-        _failed(conn, error, "(pipeline)", None)
+def executemany(conn: Connection, statement: Executable, rows: list[Row]) -> None:
+    """Run ``statement`` once per row (the rows share their keys) on ``conn``'s driver."""
+    compiled = _compiled(conn, statement, tuple(rows[0]))
+    _run(conn, compiled, lambda cur: cur.executemany(compiled.sql, [compiled.params(row) for row in rows]))
 
 
 def _run(conn: Connection, compiled: Compiled, work: Callable[[Any], Any]) -> Any:
@@ -123,14 +78,9 @@ def _run(conn: Connection, compiled: Compiled, work: Callable[[Any], Any]) -> An
     try:
         return work(cursor)
     except conn.dialect.loaded_dbapi.Error as error:
-        _failed(conn, error, compiled.sql, cursor)
+        # Core's own handler (it has no public name): SQLAlchemy's exception (``IntegrityError``
+        # …) and, for a connection the server dropped (a PostgreSQL restart), the pool's
+        # connections invalidated, so that one request fails and the next gets a live one.
+        conn._handle_dbapi_exception(error, compiled.sql, None, cursor, None)
     finally:
         cursor.close()
-
-
-def _failed(conn: Connection, error: Exception, sql: str, cursor: Any) -> NoReturn:
-    """Raise ``error`` as Core would: SQLAlchemy's exception (``IntegrityError`` …), and for a
-    connection the server dropped (a PostgreSQL restart) the pool's connections invalidated, so
-    that one request fails and the next gets a live one. Core's own handler does both; it has no
-    public name."""
-    conn._handle_dbapi_exception(error, sql, None, cursor, None)

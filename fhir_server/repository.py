@@ -10,16 +10,36 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any, Protocol, cast
 
 import orjson
-from sqlalchemy import Connection, Table, bindparam, delete, false, insert, select, text, update
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    DateTime,
+    Insert,
+    Integer,
+    String,
+    Table,
+    Text,
+    TextClause,
+    bindparam,
+    delete,
+    false,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.types import TypeEngine
 
 from fhir_server import compiled, dates
 from fhir_server.errors import error
 from fhir_server.indexing import index_rows
-from fhir_server.schema import INDEX_TABLES, Base, OutboxRow, ReferenceIndex, ResourceRow, TokenIndex, VersionRow
+from fhir_server.schema import INDEX_TABLES, OutboxRow, ReferenceIndex, ResourceRow, TokenIndex, VersionRow
 from fhir_server.validation import ID, check_id, check_type, validate
 
 
@@ -105,13 +125,15 @@ VERSION = (
 )
 # The write path's statements, built once and run as Core on the session's connection
 # (the ORM's bulk-insert machinery cost more than the inserts themselves).
+_INDEX = [cast(Table, t.__table__) for t in INDEX_TABLES]
 _INSERT_RESOURCE = insert(ResourceRow).returning(ResourceRow.pk)
 _UPDATE_RESOURCE = (
     update(ResourceRow).where(_r.type == bindparam("key_type"), _r.id == bindparam("key_id")).returning(ResourceRow.pk)
 )
 _INSERT_VERSION = insert(VersionRow)
 _INSERT_OUTBOX = insert(OutboxRow)
-_DELETE_INDEX = [delete(t).where(t.resource_pk == bindparam("pk")) for t in INDEX_TABLES]
+_INSERT_INDEX: dict[Table, Insert] = {t: insert(t) for t in _INDEX}
+_DELETE_INDEX = [delete(t).where(t.c.resource_pk == bindparam("pk")) for t in _INDEX]
 _LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 _LOCK_ALL = text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:ks AS bigint[])) AS k")
 
@@ -305,25 +327,79 @@ class Repository:
 
         conn = self.conn
         values = {"version": version, "last_updated": now, "deleted": content is None, "content": content}
-        # On PostgreSQL two round trips: the resource row (with the transaction's BEGIN, when this
-        # is its first statement) for its pk, then everything that needs only the pk.
-        with compiled.pipeline(conn):
-            if previous is None:
-                (pk,) = compiled.execute(conn, _INSERT_RESOURCE, {"type": resource_type, "id": resource_id, **values})
-            else:
-                key = {"key_type": resource_type, "key_id": resource_id}
-                (pk,) = compiled.execute(conn, _UPDATE_RESOURCE, {**key, **values})
-                for statement in _DELETE_INDEX:
-                    compiled.execute(conn, statement, {"pk": pk})
-            version_row = {"resource_pk": pk, "type": resource_type, "id": resource_id, "method": method, **values}
-            compiled.execute(conn, _INSERT_VERSION, version_row)
-            if stored_json is not None:
-                self._index(pk, resource_type, stored_json)
+        row = {"type": resource_type, "id": resource_id, **values}
+        index = _index_by_table(resource_type, stored_json) if stored_json is not None else {}
+        if conn.dialect.name == "postgresql":
+            tables = tuple((table.name, tuple(rows[0])) for table, rows in index.items())
+            json_rows = {table.name: orjson.dumps(rows).decode() for table, rows in index.items()}
+            compiled.execute(conn, _pg_write(previous is not None, tables), {**row, "method": method, **json_rows})
+            return Stored(resource_type, resource_id, version, now, content)
+        if previous is None:
+            (pk,) = compiled.execute(conn, _INSERT_RESOURCE, row)
+        else:
+            key = {"key_type": resource_type, "key_id": resource_id}
+            (pk,) = compiled.execute(conn, _UPDATE_RESOURCE, {**key, **values})
+            for statement in _DELETE_INDEX:
+                compiled.execute(conn, statement, {"pk": pk})
+        compiled.execute(conn, _INSERT_VERSION, {**row, "resource_pk": pk, "method": method})
+        for table, rows in index.items():
+            keyed = [{**r, "resource_pk": pk, "res_type": resource_type} for r in rows]
+            compiled.executemany(conn, _INSERT_INDEX[table], keyed)
         return Stored(resource_type, resource_id, version, now, content)
 
-    def _index(self, pk: int, resource_type: str, resource: dict[str, Any]) -> None:
-        rows: dict[type[Base], list[dict[str, Any]]] = {}
-        for table, values in index_rows(resource_type, resource):
-            rows.setdefault(table, []).append({**values, "resource_pk": pk, "res_type": resource_type})
-        for table, batch in rows.items():
-            compiled.insert_rows(self.conn, cast(Table, table.__table__), batch)
+
+def _index_by_table(resource_type: str, resource: dict[str, Any]) -> dict[Table, list[dict[str, Any]]]:
+    """The search index rows of a resource (``fhir_server.indexing``), by table."""
+    rows: dict[Table, list[dict[str, Any]]] = {}
+    for table, values in index_rows(resource_type, resource):
+        rows.setdefault(cast(Table, table.__table__), []).append(values)
+    return rows
+
+
+#: What the write statement of PostgreSQL binds besides the index rows, and as what.
+_PG_BINDS: dict[str, TypeEngine[Any]] = {
+    "type": String(),
+    "id": String(),
+    "version": Integer(),
+    "last_updated": DateTime(),
+    "deleted": Boolean(),
+    "content": Text(),
+    "method": String(),
+}
+
+
+@cache
+def _pg_write(update: bool, index: tuple[tuple[str, tuple[str, ...]], ...]) -> TextClause:
+    """One statement that writes a resource row, its version row and its index rows
+    (``index``: each table and its columns, the rows a JSON parameter named after the table),
+    on an update after deleting the resource's old index rows.
+
+    PostgreSQL's data-modifying CTEs (``WITH … AS (INSERT …)``): every part sees the snapshot the
+    statement started with, so the DELETEs find only the old index rows, and the statement is
+    atomic. One statement instead of one per table: on the event loop (SQLAlchemy's asyncpg
+    adapter, ``fhir_server.async_units``) each statement is a round trip of its own.
+    """
+    if update:
+        parts = [
+            "r AS (UPDATE resource SET version = :version, last_updated = :last_updated, deleted = :deleted,"
+            " content = :content WHERE type = :type AND id = :id RETURNING pk)",
+            *(f"d_{t.name} AS (DELETE FROM {t.name} WHERE resource_pk IN (SELECT pk FROM r))" for t in _INDEX),
+        ]
+    else:
+        parts = [
+            "r AS (INSERT INTO resource (type, id, version, last_updated, deleted, content)"
+            " VALUES (:type, :id, :version, :last_updated, :deleted, :content) RETURNING pk)"
+        ]
+    parts.append(
+        "v AS (INSERT INTO resource_version (resource_pk, version, type, id, last_updated, method, content)"
+        " SELECT pk, :version, :type, :id, :last_updated, :method, :content FROM r)"
+    )
+    for table, columns in index:
+        listed, picked = ", ".join(columns), ", ".join(f"x.{c}" for c in columns)
+        parts.append(
+            f"i_{table} AS (INSERT INTO {table} (resource_pk, res_type, {listed}) SELECT r.pk, :type, {picked}"
+            f" FROM r, json_populate_recordset(NULL::{table}, CAST(:{table} AS json)) AS x)"
+        )
+    binds: list[BindParameter[Any]] = [bindparam(k, type_=t) for k, t in _PG_BINDS.items()]
+    binds += [bindparam(table, type_=Text()) for table, _ in index]
+    return text("WITH " + ",\n".join(parts) + "\nSELECT pk FROM r").bindparams(*binds)

@@ -8,7 +8,8 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from fhir_server import compiled
-from fhir_server.schema import ResourceRow
+from fhir_server.repository import Repository
+from fhir_server.schema import ResourceRow, StringIndex, TokenIndex, VersionRow
 
 INSERT = insert(ResourceRow).returning(ResourceRow.pk)
 # Whole seconds: without SQLAlchemy's DATETIME processor sqlite3 would store "…15", which sorts before "…15.000000".
@@ -39,13 +40,13 @@ def test_driver_errors_are_sqlalchemys_and_roll_back_with_the_transaction(db):
         assert conn.execute(select(ResourceRow.pk).where(ResourceRow.id == "twice")).first() is None
 
 
-def test_insert_rows_writes_every_row_as_core_would(db):
-    # Microseconds, a NULL and a quote: on PostgreSQL the rows travel as one JSON text.
+def test_executemany_writes_every_row_as_core_would(db):
+    # Microseconds, a NULL, a quote and a backslash, as the driver must send them.
     later = WHEN.replace(microsecond=123456)
     rows = [{**row(f"many-{n}"), "version": n, "last_updated": later, "content": '{"a": "\\"q"}'} for n in (1, 2)]
     rows.append({**row("many-3"), "version": 3, "deleted": True, "content": None})
     with db.begin() as conn:
-        compiled.insert_rows(conn, ResourceRow.__table__, rows)
+        compiled.executemany(conn, insert(ResourceRow), rows)
         stored = conn.execute(
             select(ResourceRow.version, ResourceRow.last_updated, ResourceRow.deleted, ResourceRow.content)
             .where(ResourceRow.id.like("many-%"))
@@ -56,13 +57,25 @@ def test_insert_rows_writes_every_row_as_core_would(db):
         ]
 
 
-def test_a_pipeline_writes_in_one_go_and_fails_as_core_would(db):
-    with db.begin() as conn, compiled.pipeline(conn):
-        for n in range(3):
-            compiled.execute(conn, insert(ResourceRow), row(f"piped-{n}"))
-    with pytest.raises(IntegrityError), db.begin() as conn, compiled.pipeline(conn):  # PostgreSQL: at the sync
-        compiled.execute(conn, insert(ResourceRow), row("piped-3"))
-        compiled.execute(conn, insert(ResourceRow), row("piped-0"))  # (type, id) is unique
+def test_a_write_leaves_exactly_its_version_and_index_rows(db):
+    # On PostgreSQL one statement writes them all (repository._pg_write): an update must replace
+    # the index rows, not add to them, and a deletion must leave none.
+    def patient(mrn: str, family: str) -> dict[str, object]:
+        return {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": mrn}],
+                "name": [{"family": family}]}  # fmt: skip
+
+    def rows(conn, rid):
+        pk = conn.execute(select(ResourceRow.pk).where(ResourceRow.id == rid)).scalar_one()
+        v, t, n = VersionRow, TokenIndex, StringIndex
+        versions = conn.execute(select(v.version).where(v.resource_pk == pk).order_by(v.version))
+        tokens = conn.execute(select(t.code).where(t.resource_pk == pk, t.param == "identifier"))
+        names = conn.execute(select(n.value).where(n.resource_pk == pk, n.param == "family"))
+        return list(versions.scalars()), list(tokens.scalars()), list(names.scalars())
+
     with db.begin() as conn:
-        ids = conn.execute(select(ResourceRow.id).where(ResourceRow.id.like("piped-%")).order_by(ResourceRow.id))
-        assert list(ids.scalars()) == ["piped-0", "piped-1", "piped-2"]
+        rid = Repository(conn).create(patient("MRN-1", "Alpha")).id
+        assert rows(conn, rid) == ([1], ["MRN-1"], ["Alpha"])
+        Repository(conn).update("Patient", rid, {**patient("MRN-2", "Beta"), "id": rid}, None)
+        assert rows(conn, rid) == ([1, 2], ["MRN-2"], ["Beta"])
+        Repository(conn).delete("Patient", rid, None)
+        assert rows(conn, rid) == ([1, 2, 3], [], [])
