@@ -1,11 +1,11 @@
-"""Reads of one row on PostgreSQL, on the event loop (psycopg's async driver).
+"""Reads of one row on PostgreSQL, on the event loop (asyncpg).
 
 A read or vread is one SELECT. Run through the thread pool, as other PostgreSQL work is, the
 hop to a thread and back, the pool checkout and the GIL handovers while the thread waits for
 its round trip cost about three times the read itself: 1,500-1,700 reads/s against a bare
 endpoint's 10,000-11,900 (docs/performance.md, "Read by id"). Here they run on the event
-loop, on a connection pool of their own in autocommit (a single SELECT is its own snapshot),
-and the loop serves other requests while PostgreSQL answers.
+loop, on an asyncpg pool of their own outside any transaction (a single SELECT is its own
+snapshot), and the loop serves other requests while PostgreSQL answers.
 
 Reads by id that arrive while one is on its way to PostgreSQL wait for it and then go
 together, as one ``id = ANY(…)`` SELECT per type (Prisma batches its ``findUnique`` calls the
@@ -13,8 +13,9 @@ same way). Each read still sees a state committed before it arrived, and the ser
 PostgreSQL pay one round trip for the lot instead of one each.
 
 A vread is the repository's statement (``Repository.vread``); a read by id is
-``Repository.current``'s with the ids as an array. Both are compiled once for the psycopg
-dialect (``fhir_server.compiled``).
+``Repository.current``'s with the ids as an array. Both are compiled once for SQLAlchemy's
+asyncpg dialect (``fhir_server.compiled``), the one the rest of the event loop's PostgreSQL
+work uses (``fhir_server.async_units``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
+import asyncpg
 from sqlalchemy import ARRAY, Engine, String, any_, bindparam, select
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
 from fhir_server.compiled import Compiled
 from fhir_server.repository import VERSION, Stored
@@ -49,9 +51,10 @@ class AsyncReads:
     def __init__(self, engine: Engine, size: int = POOL_SIZE) -> None:
         self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._size = size
-        self._current = Compiled(_CURRENT_MANY, engine.dialect, ("type", "ids"))
-        self._version = Compiled(VERSION, engine.dialect, ("type", "id", "version"))
-        self._pool: AsyncConnectionPool | None = None
+        dialect = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
+        self._current = Compiled(_CURRENT_MANY, dialect, ("type", "ids"))
+        self._version = Compiled(VERSION, dialect, ("type", "id", "version"))
+        self._pool: asyncpg.Pool | None = None
         self._waiting: dict[tuple[str, str], list[asyncio.Future[Stored | None]]] = {}
         self._sender: asyncio.Task[None] | None = None
 
@@ -63,10 +66,7 @@ class AsyncReads:
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
         """Open the pool for the life of the application (its event loop); close it after."""
-        pool = AsyncConnectionPool(
-            self._conninfo, min_size=1, max_size=self._size, open=False, kwargs={"autocommit": True}
-        )
-        await pool.open()
+        pool = await asyncpg.create_pool(self._conninfo, min_size=1, max_size=self._size)
         self._pool = pool
         try:
             yield
@@ -106,8 +106,8 @@ class AsyncReads:
                         for future in futures:
                             if not future.done():
                                 future.set_exception(exc)
-                    if self._pool is not None:  # PostgreSQL restarted, say: the next reads get live connections
-                        await self._pool.check()
+                    if self._pool is not None:  # PostgreSQL restarted, say: the next reads get new connections
+                        await self._pool.expire_connections()
                     continue
                 for key, futures in batch.items():
                     for future in futures:
@@ -118,6 +118,6 @@ class AsyncReads:
 
     async def _rows(self, compiled: Compiled, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         assert self._pool is not None, "AsyncReads used outside opened()"
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(compiled.sql, compiled.params(params))
-            return await cursor.fetchall()
+        async with self._pool.acquire() as conn:
+            rows: list[tuple[Any, ...]] = await conn.fetch(compiled.sql, *compiled.params(params))
+            return rows
