@@ -40,7 +40,9 @@ class AsyncUnits:
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
         """The engine for the life of the application (its event loop); its connections closed after."""
-        engine = create_async_engine(self._url, pool_size=10, max_overflow=40, pool_recycle=1800)
+        # At most 20 transactions at once: one event loop gains nothing from more, and the sync
+        # engine (workers, HL7) keeps its own 50 under PostgreSQL's default max_connections (100).
+        engine = create_async_engine(self._url, pool_size=10, max_overflow=10, pool_recycle=1800)
         self._engine = engine
         try:
             yield
