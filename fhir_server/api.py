@@ -10,7 +10,7 @@ a read by id).
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -32,7 +32,7 @@ from fhir_server.errors import FhirError, error
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.patch import JSON_PATCH, MERGE_PATCH
 from fhir_server.repository import Hook, Repository
-from fhir_server.router import handle, read_response, read_target
+from fhir_server.router import ReadTarget, handle, read_response, read_target
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir", JSON_PATCH, MERGE_PATCH)
@@ -71,9 +71,9 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
             repo.complete()
         return response
 
-    def run(req: FhirRequest, base: str, write: bool) -> FhirResponse:
+    def run(req: FhirRequest, base: str, write: bool, one_row: bool) -> FhirResponse:
         try:
-            if read_target(req) is not None:
+            if one_row:
                 return read_one(req, base)
             with db.begin(write=write) as conn:
                 response = apply(conn, req, base)
@@ -104,31 +104,23 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
             if req.method not in READ_METHODS:
                 await _read_body(request, req)
         except FhirError as exc:
-            return _http(_outcome(exc), request)
+            return _http(FhirResponse.of(exc), request)
         # POST _search reads, everything else that is not GET/HEAD may write.
         write = req.method not in READ_METHODS and not req.path.endswith("_search")
         target = read_target(req)
+        one_row = target is not None
         if target is not None and reads is not None and reads.ready:
-            try:
-                found = await reads.fetch(target)
-            except Exception as exc:
-                return _http(_failure(exc, req), request)
-            return _http(read_response(req, target, found, base), request)
-        if sqlite and target is not None:
-            return _http(run(req, base, write), request)
+            return _http(await _answered(req, _read(reads, req, target, base)), request)
+        if sqlite and one_row:
+            return _http(run(req, base, write, one_row), request)
         if db.groups is not None and write:
-            try:
-                return _http(await db.groups.submit(unit(req, base)), request)
-            except Exception as exc:
-                return _http(_failure(exc, req), request)
+            return _http(await _answered(req, db.groups.submit(unit(req, base))), request)
         if units is not None and units.ready:
-            try:
-                return _http(await units.run(unit(req, base)), request)
-            except Exception as exc:
-                return _http(_failure(exc, req), request)
+            return _http(await _answered(req, units.run(unit(req, base))), request)
         if readers is not None:
-            return _http(await asyncio.get_running_loop().run_in_executor(readers, run, req, base, write), request)
-        return _http(await run_in_threadpool(run, req, base, write), request)
+            loop = asyncio.get_running_loop()
+            return _http(await loop.run_in_executor(readers, run, req, base, write, one_row), request)
+        return _http(await run_in_threadpool(run, req, base, write, one_row), request)
 
     app.add_route(f"{prefix}/{{path:path}}", fhir, methods=METHODS)
 
@@ -144,19 +136,31 @@ def _also(opened: Callable[[], AbstractAsyncContextManager[None]], lifespan: Lif
     return both
 
 
+async def _answered(req: FhirRequest, pending: Awaitable[FhirResponse]) -> FhirResponse:
+    """What ``pending`` answers, or the OperationOutcome of its exception (``_failure``)."""
+    try:
+        return await pending
+    except Exception as exc:
+        return _failure(exc, req)
+
+
+async def _read(reads: AsyncReads, req: FhirRequest, target: ReadTarget, base: str) -> FhirResponse:
+    return read_response(req, target, await reads.fetch(target), base)
+
+
 def _failure(exc: Exception, req: FhirRequest) -> FhirResponse:
     """The OperationOutcome of a request whose transaction (or savepoint) was rolled back."""
     if isinstance(exc, FhirError):  # deferred work refused the request
-        return _outcome(exc)
+        return FhirResponse.of(exc)
     if isinstance(exc, IntegrityError):
         log.warning("conflicting concurrent write on %s %s", req.method, req.path, exc_info=True)
-        return _outcome(error(409, "conflict", "A concurrent request changed the same resource; retry"))
+        return FhirResponse.of(error(409, "conflict", "A concurrent request changed the same resource; retry"))
     if isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
         log.warning("concurrent requests deadlocked on %s %s", req.method, req.path, exc_info=True)
-        return _outcome(error(409, "conflict", "A concurrent request held what this one needed; retry"))
+        return FhirResponse.of(error(409, "conflict", "A concurrent request held what this one needed; retry"))
     # like pynetdicom: a failure status, never a dead server or a stack trace
     log.error("internal error on %s %s", req.method, req.path, exc_info=exc)
-    return _outcome(error(500, "exception", "Internal server error; see the server log"))
+    return FhirResponse.of(error(500, "exception", "Internal server error; see the server log"))
 
 
 def _base(request: Request, prefix: str) -> str:
@@ -164,10 +168,6 @@ def _base(request: Request, prefix: str) -> str:
     scope = request.scope
     host = request.headers.get("host") or "{}:{}".format(*scope["server"])
     return f"{scope['scheme']}://{host}{scope.get('root_path', '')}{prefix}"
-
-
-def _outcome(exc: FhirError) -> FhirResponse:
-    return FhirResponse(exc.status, exc.outcome, dict(exc.headers))
 
 
 async def _read_body(request: Request, req: FhirRequest) -> None:

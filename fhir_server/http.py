@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_server import dates
+from fhir_server.errors import FhirError
 from fhir_server.repository import Stored
 
 
@@ -15,6 +16,7 @@ class FhirRequest:
     params: list[tuple[str, str]] = field(default_factory=list)
     #: Header names in lower case.
     headers: dict[str, str] = field(default_factory=dict)
+
     #: The parsed JSON body, if any.
     body: Any = None
 
@@ -36,6 +38,11 @@ class FhirResponse:
     #: A JSON-serialisable body (orjson.Fragment allowed for stored JSON), or None.
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, exc: FhirError) -> "FhirResponse":
+        """The OperationOutcome response of an error."""
+        return cls(exc.status, exc.outcome, dict(exc.headers))
 
 
 def version_headers(stored: Stored) -> dict[str, str]:

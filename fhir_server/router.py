@@ -27,7 +27,7 @@ def handle(request: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     try:
         return _dispatch(request, repo, base.rstrip("/"))
     except FhirError as exc:
-        return _answer(exc)
+        return FhirResponse.of(exc)
 
 
 class ReadTarget(NamedTuple):
@@ -57,11 +57,7 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
         check_type(target.type)
         return _read(req, readable(*target, found), base)
     except FhirError as exc:
-        return _answer(exc)
-
-
-def _answer(exc: FhirError) -> FhirResponse:
-    return FhirResponse(exc.status, exc.outcome, dict(exc.headers))
+        return FhirResponse.of(exc)
 
 
 def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
