@@ -8,10 +8,13 @@ each beside a bare FastAPI endpoint measured in the same run.
 Per database: a fresh store (SQLite file in a temporary directory, or a PostgreSQL database
 of its own, dropped at the end) is migrated and loaded with 1,000 resources through the
 repository write path; search by token is measured there; the store is then filled to
-100,000 resources and the bare endpoint (GET and POST), read by id, search by token and
-create are measured. Servers are separate uvicorn processes (one worker, 127.0.0.1, a free
-port, identical settings); the load comes from wrk (or, without it, an async httpx loop)
-in another process. Nothing is cached across runs unless ``--reuse`` says so.
+100,000 resources, and in each of ``--rounds`` rounds the bare GET, read by id, the bare
+POST and create are measured, each measurement of ours right after its ceiling; then search
+by token. Goals are judged on the median of the rounds' ratios. Beside req/s and latency,
+each line gives the server process's CPU time per request. Servers are separate uvicorn
+processes (one worker, 127.0.0.1, a free port, identical settings); the load comes from wrk
+(or, without it, an async httpx loop) in another process. Nothing is cached across runs
+unless ``--reuse`` says so.
 """
 
 import argparse
@@ -29,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 from urllib.parse import quote
 
@@ -39,7 +43,7 @@ from sqlalchemy import make_url
 
 from bench import data, loadgen
 from bench.load import load
-from bench.servers import ROOT, server
+from bench.servers import ROOT, Running, server
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 GOAL_READ, GOAL_CREATE, GOAL_SEARCH_GROWTH = 0.40, 0.08, 2.0
@@ -47,17 +51,29 @@ GOAL_READ, GOAL_CREATE, GOAL_SEARCH_GROWTH = 0.40, 0.08, 2.0
 
 @dataclass
 class Row:
-    """One line of the table."""
+    """One line of the table: one measurement, or the same one in each round."""
 
     key: str
     label: str
     store: int | None
-    result: loadgen.Result | None = None
+    results: list[loadgen.Result] = field(default_factory=list)
+    #: The server process's CPU time per request, in ms, per measurement.
+    cpu_ms: list[float] = field(default_factory=list)
+    #: Per round, req/s against the ceiling measured right before it (``bare``).
+    ratios: list[float] = field(default_factory=list)
     error: str = ""
     bare: str = ""  # key of the ceiling row
     goal: str = ""
     measured: str = ""
     passed: bool | None = None
+
+    @property
+    def rps(self) -> float | None:
+        return median(r.rps for r in self.results) if self.results else None
+
+    def ms(self, name: str) -> float | None:
+        """The median over the measurements of a latency (``p50_ms``, ``p99_ms``)."""
+        return median(getattr(r, name) for r in self.results) if self.results else None
 
 
 @dataclass
@@ -162,23 +178,41 @@ def preflight(base: str, key: str, paths_file: Path | None) -> None:
                 raise RuntimeError(f"POST /fhir/Patient: {response.status_code} {response.text[:300]}")
 
 
-def measure(console: Console, args: argparse.Namespace, base: str, row: Row, load_: loadgen.Load) -> None:
+def measure(console: Console, args: argparse.Namespace, at: Running, row: Row, load_: loadgen.Load) -> float | None:
+    """Measure ``row`` once more; its req/s, or None (and ``row.error``) if it failed."""
     try:
-        preflight(base, row.key, load_.paths_file)
+        preflight(at.base, row.key, load_.paths_file)
         with console.status(f"{row.label}: warm-up {args.warmup:g} s, then {args.duration:g} s "
                             f"({args.connections} connections, {args.loadgen})"):  # fmt: skip
             if args.warmup > 0:
                 warm = loadgen.Load(load_.paths_file, load_.post_path, load_.tag + "-warmup")
-                loadgen.run(args.loadgen, base, warm, args.connections, args.warmup)
-            row.result = loadgen.run(args.loadgen, base, load_, args.connections, args.duration)
-        if row.result.errors:
-            row.error = f"{row.result.errors} failed requests ({row.result.detail})"
-        r = row.result
-        console.print(f"  {row.label:<38} {r.rps:9.1f} req/s   p50 {r.p50_ms:7.2f} ms   p99 {r.p99_ms:7.2f} ms"
-                      + (f"   [red]{row.error}" if row.error else ""))  # fmt: skip
+                loadgen.run(args.loadgen, at.base, warm, args.connections, args.warmup)
+            cpu_before = at.cpu_seconds()
+            result = loadgen.run(args.loadgen, at.base, load_, args.connections, args.duration)
+            cpu_after = at.cpu_seconds()
+        row.results.append(result)
+        cpu = ""
+        if cpu_before is not None and cpu_after is not None and result.requests:
+            row.cpu_ms.append(1000 * (cpu_after - cpu_before) / result.requests)
+            cpu = f"   CPU {row.cpu_ms[-1]:6.3f} ms/req"
+        if result.errors:
+            row.error = f"{result.errors} failed requests ({result.detail})"
+        console.print(f"  {row.label:<38} {result.rps:9.1f} req/s   p50 {result.p50_ms:7.2f} ms   "
+                      f"p99 {result.p99_ms:7.2f} ms{cpu}" + (f"   [red]{row.error}" if row.error else ""))  # fmt: skip
+        return None if row.error else result.rps
     except Exception as exc:  # one failed measurement must not hide the others
         row.error = f"{type(exc).__name__}: {exc}"
         console.print(f"  [red]{row.label}: {row.error}")
+        return None
+
+
+def paired(console: Console, args: argparse.Namespace, bare: Running, fhir: Running, ceiling: Row, row: Row,
+           bare_load: loadgen.Load, load_: loadgen.Load) -> None:  # fmt: skip
+    """The ceiling, then ``row`` right after it: one round's ratio, little touched by this VM's drifts."""
+    top = measure(console, args, bare, ceiling, bare_load)
+    got = measure(console, args, fhir, row, load_)
+    if top and got is not None:
+        row.ratios.append(got / top)
 
 
 def progress_bar(console: Console) -> Progress:
@@ -229,8 +263,8 @@ def bench_database(kind: str, args: argparse.Namespace, console: Console) -> Rep
                 analyze(url)
             small_search = write_lines(work / "search-small.txt",
                                        (search_path(c) for c in range(data.cases_in(small))))  # fmt: skip
-            with server("overread", url, log) as base:
-                measure(console, args, base, rows["search_small"], loadgen.Load(small_search))
+            with server("overread", url, log) as fhir:
+                measure(console, args, fhir, rows["search_small"], loadgen.Load(small_search))
 
             fill(console, args, url, small, total, report)
             if not args.no_analyze:
@@ -241,13 +275,19 @@ def bench_database(kind: str, args: argparse.Namespace, console: Console) -> Rep
             bare_paths = write_lines(work / "bare.txt", iter(["/bare"]))
             tag = uuid.uuid4().hex[:8]
 
-            with server("bare", log=log) as base:
-                measure(console, args, base, rows["bare_get"], loadgen.Load(bare_paths))
-                measure(console, args, base, rows["bare_post"], loadgen.Load(post_path="/bare", tag=tag))
-            with server("overread", url, log) as base:
-                measure(console, args, base, rows["read"], loadgen.Load(read_paths))
-                measure(console, args, base, rows["search_large"], loadgen.Load(large_search))
-                measure(console, args, base, rows["create"], loadgen.Load(post_path="/fhir/Patient", tag=tag))
+            # Both servers run throughout (the idle one costs nothing). Each round measures a
+            # ceiling and then its measurement right after it, so that each ratio compares two
+            # measurements a few seconds apart: this VM's speed drifts by up to 2x in minutes.
+            with server("bare", log=log) as bare, server("overread", url, log) as fhir:
+                for n in range(args.rounds):
+                    if args.rounds > 1:
+                        console.print(f"  [dim]round {n + 1} of {args.rounds}")
+                    paired(console, args, bare, fhir, rows["bare_get"], rows["read"],
+                           loadgen.Load(bare_paths), loadgen.Load(read_paths))  # fmt: skip
+                    paired(console, args, bare, fhir, rows["bare_post"], rows["create"],
+                           loadgen.Load(post_path="/bare", tag=f"{tag}-{n}"),
+                           loadgen.Load(post_path="/fhir/Patient", tag=f"{tag}-{n}"))  # fmt: skip
+                measure(console, args, fhir, rows["search_large"], loadgen.Load(large_search))
         except Exception as exc:
             report.notes.append(f"aborted: {type(exc).__name__}: {exc}")
             console.print(f"[red]aborted: {type(exc).__name__}: {exc}")
@@ -264,18 +304,21 @@ def bench_database(kind: str, args: argparse.Namespace, console: Console) -> Rep
 
 
 def judge(report: Report) -> None:
+    """Each goal on the median over the rounds (the range beside it)."""
     rows = {r.key: r for r in report.rows}
     for key, goal in (("read", GOAL_READ), ("create", GOAL_CREATE)):
-        row, bare = rows[key], rows[rows[key].bare]
+        row = rows[key]
         row.goal = f"≥ {goal:.0%} of bare"
-        if row.result and bare.result and not row.error and not bare.error:
-            ratio = row.result.rps / bare.result.rps
-            row.measured, row.passed = f"{ratio:.1%}", ratio >= goal
+        if row.ratios and not row.error and not rows[row.bare].error:
+            ratio = median(row.ratios)
+            spread = f" ({min(row.ratios):.1%} to {max(row.ratios):.1%})" if len(row.ratios) > 1 else ""
+            row.measured, row.passed = f"{ratio:.1%}{spread}", ratio >= goal
     large, small = rows["search_large"], rows["search_small"]
     large.goal = f"p50 ≤ {GOAL_SEARCH_GROWTH:g}x p50 at {small.store:,}"
     small.goal = "(reference for the line below)"
-    if large.result and small.result and not large.error and not small.error:
-        growth = large.result.p50_ms / small.result.p50_ms
+    large_p50, small_p50 = large.ms("p50_ms"), small.ms("p50_ms")
+    if large_p50 and small_p50 and not large.error and not small.error:
+        growth = large_p50 / small_p50
         large.measured, large.passed = f"{growth:.2f}x", growth <= GOAL_SEARCH_GROWTH
 
 
@@ -283,20 +326,25 @@ def judge(report: Report) -> None:
 
 
 def table(report: Report) -> str:
+    """Medians over the rounds; the ratio to bare is the median of each round's (``judge``)."""
     rows = {r.key: r for r in report.rows}
-    head = ["measurement", "store", "req/s", "p50 ms", "p99 ms", "bare req/s", "ratio to bare", "goal",
-            "measured", "result"]  # fmt: skip
+    head = ["measurement", "store", "rounds", "req/s", "p50 ms", "p99 ms", "server CPU ms/req", "bare req/s",
+            "ratio to bare", "goal", "measured", "result"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in report.rows:
-        res, bare = r.result, rows[r.bare].result if r.bare else None
+        rps, bare = r.rps, rows[r.bare].rps if r.bare else None
+        p50, p99 = r.ms("p50_ms"), r.ms("p99_ms")
+        ratio = median(r.ratios) if r.ratios else rps / bare if rps and bare else None
         cells = [
             r.label.replace("|", "\\|"),  # a pipe would end the Markdown cell
             f"{r.store:,}" if r.store else "—",
-            f"{res.rps:,.0f}" if res else "—",
-            f"{res.p50_ms:.2f}" if res else "—",
-            f"{res.p99_ms:.2f}" if res else "—",
-            f"{bare.rps:,.0f}" if bare else "—",
-            f"{res.rps / bare.rps:.1%}" if res and bare else "—",
+            str(len(r.results)),
+            f"{rps:,.0f}" if rps else "—",
+            f"{p50:.2f}" if p50 else "—",
+            f"{p99:.2f}" if p99 else "—",
+            f"{median(r.cpu_ms):.3f}" if r.cpu_ms else "—",
+            f"{bare:,.0f}" if bare else "—",
+            f"{ratio:.1%}" if ratio else "—",
             r.goal or "—",
             r.measured or "—",
             "ERROR: " + r.error if r.error else {True: "**pass**", False: "**FAIL**", None: "—"}[r.passed],
@@ -382,6 +430,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small", type=int, default=1_000, help="size of the small store (%(default)s)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (%(default)s)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each (%(default)s)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of (bare GET, read, bare POST, create); goals are judged on the median (%(default)s)",
+    )
     parser.add_argument("--connections", type=int, default=8, help="concurrent connections (%(default)s)")
     parser.add_argument(
         "--loadgen",
@@ -424,6 +478,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.databases = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     if args.loadgen is None:
         args.loadgen = "wrk" if loadgen.have_wrk() else "httpx"
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.small >= args.resources:
         parser.error("--small must be below --resources")
     return args
@@ -442,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     console.rule("[bold]results")
     console.print(f"command: {command.strip()}")
     console.print(f"{args.duration:g} s per measurement after {args.warmup:g} s warm-up, {args.connections} "
-                  f"connections, load generator {info['load generator']}")  # fmt: skip
+                  f"connections, {args.rounds} round(s), load generator {info['load generator']}")  # fmt: skip
     for report in reports:
         console.print(f"\n[bold]{report.database}[/bold] ({report.seconds / 60:.1f} min)\n")
         console.print(table(report), markup=False)
@@ -469,6 +525,6 @@ def main(argv: list[str] | None = None) -> int:
 def _jsonable(report: Report) -> dict[str, Any]:
     out = asdict(report)
     for row, raw in zip(out["rows"], report.rows, strict=True):
-        if raw.result:
-            row["result"]["rps"] = raw.result.rps
+        for result, measured in zip(row["results"], raw.results, strict=True):
+            result["rps"] = measured.rps
     return out

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,9 +22,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Running:
+    """A server process of the benchmark: its base URL and its process id."""
+
+    base: str
+    pid: int
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user and system, all threads) the process has used, or None off Linux."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (proc(5))
+
+
 @contextmanager
-def server(app: str, database_url: str = "", log: Path | None = None) -> Iterator[str]:
-    """Run ``python -m bench.serve APP`` until the block ends; yields its base URL."""
+def server(app: str, database_url: str = "", log: Path | None = None) -> Iterator[Running]:
+    """Run ``python -m bench.serve APP`` until the block ends."""
     port = free_port()
     cmd = [sys.executable, "-m", "bench.serve", app, "--port", str(port)]
     if database_url:
@@ -34,7 +51,7 @@ def server(app: str, database_url: str = "", log: Path | None = None) -> Iterato
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, base + ("/bare" if app == "bare" else "/fhir/metadata"))
-        yield base
+        yield Running(base, proc.pid)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
