@@ -129,6 +129,13 @@ def test_every_commit_syncs_the_wal_so_an_answer_outlives_a_power_cut(db):
     assert levels == {2}
 
 
+def test_savepoint_journals_stay_in_memory(db):
+    # temp_store=MEMORY (2); the default (0, a file) wrote each unit's savepoint journal to /var/tmp.
+    with db.begin() as writer, db.autocommit() as reader:
+        stores = {conn.exec_driver_sql("PRAGMA temp_store").scalar() for conn in (writer, reader)}
+    assert stores == {2}
+
+
 def test_a_database_error_in_one_unit_undoes_that_unit_only(db):
     """A unit whose statement fails in the database (here a unique key) is rolled back to its savepoint;
     the units around it in the same group are committed."""
