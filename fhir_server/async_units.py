@@ -4,8 +4,14 @@ Through the thread pool a create on PostgreSQL cost the server 1.7-2.4 ms of CPU
 the repository's own work was 0.85 ms: each round trip handed the GIL between the pool's
 threads and the event loop, about 40 context switches per create (docs/performance.md).
 Here a request's unit of work, the same sync code on a ``Connection`` (``router.handle``),
-runs in a greenlet on the event loop (``AsyncConnection.run_sync``): each statement awaits
-asyncpg, and the loop serves other requests meanwhile. There is no thread to hand over to.
+runs in a greenlet on the event loop: each statement awaits asyncpg, and the loop serves other
+requests meanwhile. There is no thread to hand over to.
+
+The whole unit (checkout, BEGIN, the work, COMMIT, return to the pool) runs in one greenlet,
+on the async engine's ``sync_engine``, as ``AsyncConnection.run_sync`` runs its function:
+``AsyncEngine.begin()`` spawned one greenlet for each of those steps, and each new greenlet
+maps and unmaps a frame stack (mmap, munmap and page faults, strace): 10-20% of the server's
+CPU per create.
 
 The unit is still one transaction: committed when it answers below 400, rolled back (and
 still answered) otherwise, rolled back and raised on any exception. Workers and the HL7
@@ -19,6 +25,7 @@ from typing import TypeVar
 
 from sqlalchemy import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from fhir_server.db import Rollback
 
@@ -52,9 +59,14 @@ class AsyncUnits:
 
     async def run(self, work: Callable[[Connection], T]) -> T:
         """``work(conn)`` in a transaction of its own; its value (a :class:`Rollback`'s, rolled back)."""
-        assert self._engine is not None, "AsyncUnits used outside opened()"
+        engine = self._engine
+        assert engine is not None, "AsyncUnits used outside opened()"
+
+        def unit() -> T:
+            with engine.sync_engine.begin() as conn:
+                return work(conn)
+
         try:
-            async with self._engine.begin() as conn:
-                return await conn.run_sync(work)
+            return await greenlet_spawn(unit)
         except Rollback as undo:
             return undo.value  # type: ignore[no-any-return]
