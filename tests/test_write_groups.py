@@ -81,19 +81,44 @@ def test_a_group_keeps_its_good_requests_and_undoes_its_bad_ones(db, groups):
 def test_a_failed_commit_fails_every_request_of_its_group(
     db: Database, groups: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_begin = db.begin
+    real_writing = db.writing
+    failed: list[Connection] = []
 
     @contextmanager
-    def commit_fails(write: bool = True) -> Iterator[Connection]:
-        with real_begin(write) as conn:
-            yield conn
+    def commit_fails(conn: Connection) -> Iterator[None]:
+        with real_writing(conn):
+            yield
+            failed.append(conn)
             raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
 
-    monkeypatch.setattr(db, "begin", commit_fails)
+    monkeypatch.setattr(db, "writing", commit_fails)
     responses = post_at_once(db, [patient(mrn=f"MRN-{i}") for i in range(6)])
     assert {r.status_code for r in responses} == {500}
     assert all(r.json()["resourceType"] == "OperationOutcome" for r in responses)
     assert stored(db) == 0
+
+    # The writer drops the connection the COMMIT failed on, and goes on with a fresh one.
+    monkeypatch.setattr(db, "writing", real_writing)
+    assert [r.status_code for r in post_at_once(db, [patient(mrn="MRN-after")])] == [201]
+    assert stored(db) == 1
+    assert failed and all(conn.closed for conn in failed)
+
+
+def test_the_writer_keeps_its_connection_and_so_its_page_cache(db: Database) -> None:
+    # SQLite empties a connection's page cache after another connection's write: a pooled
+    # connection per group read every page it touched back from the WAL.
+    def driver(conn: Connection) -> Any:
+        return conn.connection.driver_connection
+
+    async def groups_one_after_another() -> list[Any]:
+        assert db.groups is not None
+        return [await db.groups.submit(driver) for _ in range(4)]
+
+    others = [db.engine.connect() for _ in range(3)]  # as a server's start-up leaves its pool
+    for conn in others:
+        conn.close()
+
+    assert len({id(c) for c in asyncio.run(groups_one_after_another())}) == 1
 
 
 def test_a_group_is_at_most_limit_requests(db, groups, monkeypatch):
