@@ -130,8 +130,8 @@ class WriteGroups:
 
         SQLite empties a connection's page cache when another connection has written since
         its last transaction. Taking a pooled connection per group, the writer got each of
-        the pool's in turn and read back from the WAL every page its group touched: 18 pread
-        calls per create (strace). Its own connection keeps its cache.
+        the pool's connections in turn and read back from the WAL every page its group
+        touched (18 pread calls per create, strace). Its own connection keeps its cache.
         """
         if self._conn is None:
             self._conn = self.db._write_engine.connect()
