@@ -1,9 +1,14 @@
 """fhir_server.async_units: on PostgreSQL a request's unit of work runs on the event loop over
 asyncpg, one transaction each, and writes what the sync path writes."""
 
+import asyncio
+from typing import Any
+
+import greenlet
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Connection
 
 from fhir_server.async_units import AsyncUnits
 from fhir_server.repository import Repository
@@ -84,3 +89,33 @@ def test_a_lost_connection_answers_500_and_the_next_request_succeeds(db, units_r
         again = client.post("/fhir/Patient", json=patient("loop-5"), headers=FHIR)
     assert lost.status_code == 500 and lost.json()["resourceType"] == "OperationOutcome"
     assert again.status_code == 201
+
+
+def test_a_unit_runs_whole_in_one_greenlet(db):
+    """Checkout, BEGIN, the work, COMMIT and checkin in one greenlet: each greenlet started maps a
+    frame stack of its own (docs/performance.md, "System calls"), and AsyncEngine.begin() with
+    run_sync started five per request."""
+    units = AsyncUnits(db.engine.url)
+    switched_to: set[Any] = set()
+
+    def trace(event: str, args: Any) -> None:
+        if event in ("switch", "throw"):
+            switched_to.add(args[1])  # (origin, target)
+
+    def work(conn: Connection) -> int:
+        return int(conn.exec_driver_sql("SELECT 41 + 1").scalar_one())
+
+    async def run_traced() -> int:
+        async with units.opened():
+            await units.run(work)  # the pool's first connection
+            loop_greenlet = greenlet.getcurrent()
+            previous = greenlet.settrace(trace)
+            try:
+                answer = await units.run(work)
+            finally:
+                greenlet.settrace(previous)
+        switched_to.discard(loop_greenlet)
+        return answer
+
+    assert asyncio.run(run_traced()) == 42
+    assert len(switched_to) == 1
