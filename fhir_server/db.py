@@ -137,6 +137,12 @@ class WriteGroups:
             self._conn = self.db._write_engine.connect()
         return self._conn
 
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.invalidate()
+            self._conn.close()
+            self._conn = None
+
     def _checkpoints(self) -> None:
         """Checkpoint within a second of any group's COMMIT, on a thread of its own.
 
@@ -166,8 +172,8 @@ class WriteGroups:
         if not group:
             return
         outcomes: list[tuple[bool, Any]] = []
-        conn = self._connection()
         try:
+            conn = self._connection()
             with self.db.writing(conn):
                 # Savepoints straight to the driver: SQLAlchemy's begin_nested() compiles its
                 # SAVEPOINT and RELEASE anew each time, a fifth of the writer's time per create.
@@ -185,11 +191,9 @@ class WriteGroups:
                         driver.execute("ROLLBACK TO unit")
                         outcomes.append((False, exc))
                     driver.execute("RELEASE unit")
-        except Exception as exc:  # the COMMIT failed: none of the group was written
+        except Exception as exc:  # no connection, or the COMMIT failed: none of the group was written
             outcomes = [(False, exc)] * len(group)
-            self._conn = None  # the next group starts on a fresh connection
-            conn.invalidate()
-            conn.close()
+            self._drop_connection()  # the next group starts on a fresh one
         else:
             self._written.set()
             if self._checkpointer is None:

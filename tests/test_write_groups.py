@@ -58,7 +58,8 @@ def post_at_once(db: Database, bodies: list[dict[str, Any]]) -> list[httpx.Respo
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             headers = {"content-type": "application/fhir+json"}
-            return list(await asyncio.gather(*(client.post("/fhir/Patient", json=b, headers=headers) for b in bodies)))
+            posts = asyncio.gather(*(client.post("/fhir/Patient", json=b, headers=headers) for b in bodies))
+            return list(await asyncio.wait_for(posts, 60))  # a request left unanswered fails, not hangs
 
     return asyncio.run(send())
 
@@ -102,6 +103,22 @@ def test_a_failed_commit_fails_every_request_of_its_group(
     assert [r.status_code for r in post_at_once(db, [patient(mrn="MRN-after")])] == [201]
     assert stored(db) == 1
     assert failed and all(conn.closed for conn in failed)
+
+
+def test_a_writer_without_a_connection_answers_its_group_and_connects_again(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_connection = WriteGroups._connection
+
+    def unable(self: WriteGroups) -> Connection:
+        raise OperationalError("connect", {}, Exception("unable to open database file"))
+
+    monkeypatch.setattr(WriteGroups, "_connection", unable)
+    responses = post_at_once(db, [patient(mrn=f"MRN-{i}") for i in range(3)])  # answered, none left hanging
+    assert {r.status_code for r in responses} == {500}
+    monkeypatch.setattr(WriteGroups, "_connection", real_connection)
+    assert [r.status_code for r in post_at_once(db, [patient(mrn="MRN-after")])] == [201]
+    assert stored(db) == 1
 
 
 def test_the_writer_keeps_its_connection_and_so_its_page_cache(db: Database) -> None:
