@@ -334,7 +334,11 @@ def table(report: Report) -> str:
     for r in report.rows:
         rps, bare = r.rps, rows[r.bare].rps if r.bare else None
         p50, p99 = r.ms("p50_ms"), r.ms("p99_ms")
-        ratio = median(r.ratios) if r.ratios else rps / bare if rps and bare else None
+        ratio = None
+        if r.ratios:
+            ratio = median(r.ratios)  # each round against its own ceiling
+        elif rps and bare:
+            ratio = rps / bare
         cells = [
             r.label.replace("|", "\\|"),  # a pipe would end the Markdown cell
             f"{r.store:,}" if r.store else "—",

@@ -121,9 +121,7 @@ class WriteGroups:
         self._closed.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._drop_connection()
 
     def _connection(self) -> Connection:
         """The writer's connection, kept from group to group.
@@ -138,6 +136,7 @@ class WriteGroups:
         return self._conn
 
     def _drop_connection(self) -> None:
+        """Close the writer's connection for good (not back to the pool: it may be broken)."""
         if self._conn is not None:
             self._conn.invalidate()
             self._conn.close()

@@ -16,7 +16,6 @@ class FhirRequest:
     params: list[tuple[str, str]] = field(default_factory=list)
     #: Header names in lower case.
     headers: dict[str, str] = field(default_factory=dict)
-
     #: The parsed JSON body, if any.
     body: Any = None
 
