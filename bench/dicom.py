@@ -15,7 +15,7 @@ namespace whose only interface is ``lo`` (``unshare -n``, as ``tests/run`` does)
   ``DimseClient.find`` (one association, study → series → instance) and ``DicomWebClient.find``
   (QIDO-RS, one keep-alive connection), each followed by ``imaging_study(...)``; retrieves,
   ``movescu`` beside ``DimseClient.move`` to our SCP, C-GET and WADO-RS, each into an emptied folder.
-- "Nagle on" rows drop the ``nodelay`` handler from ``dicom_bridge.dimse.LOW_LATENCY_HANDLERS`` (our SCU side)
+- "Nagle on" rows drop the ``nodelay`` handler from ``dicom_bridge.dimse.ASSOCIATION_HANDLERS`` (our SCU side)
   and move to a second SCP (NAGLE) with ``nodelay = False``: what TCP_NODELAY buys on our side.
 
 Goals (the issue): our query within 1.5x of findscu's, our retrieve within 2x of movescu's (medians).
@@ -145,15 +145,15 @@ class WrongAnswer(Exception):
 
 @contextmanager
 def nagle_on() -> Iterator[None]:
-    """Our SCU without its TCP_NODELAY handler: ``DimseClient`` reads ``dicom_bridge.dimse.LOW_LATENCY_HANDLERS``
+    """Our SCU without its TCP_NODELAY handler: ``DimseClient`` reads ``dicom_bridge.dimse.ASSOCIATION_HANDLERS``
     at each association."""
     module = dicom_bridge.dimse
-    saved = getattr(module, "LOW_LATENCY_HANDLERS")  # noqa: B009 (a module global, not re-exported)
-    setattr(module, "LOW_LATENCY_HANDLERS", [h for h in saved if h[1] is not nodelay])  # noqa: B010
+    saved = getattr(module, "ASSOCIATION_HANDLERS")  # noqa: B009 (a module global, not re-exported)
+    setattr(module, "ASSOCIATION_HANDLERS", [h for h in saved if h[1] is not nodelay])  # noqa: B010
     try:
         yield
     finally:
-        setattr(module, "LOW_LATENCY_HANDLERS", saved)  # noqa: B010
+        setattr(module, "ASSOCIATION_HANDLERS", saved)  # noqa: B010
 
 
 def dcmtk(command: list[str]) -> str:

@@ -25,7 +25,7 @@ from dicom_bridge.errors import MoveDestinationUnknown, PacsError, PacsUnavailab
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery, identifier, unique
 from dicom_bridge.storage_scp import c_store
-from dicom_bridge.tuning import LOW_LATENCY_HANDLERS
+from dicom_bridge.tuning import ASSOCIATION_HANDLERS
 from dicom_bridge.upper_layer import ProtocolError
 from mappings.imaging_study import Series, Study
 
@@ -185,7 +185,7 @@ class DimseClient:
             self.peer.host,
             self.peer.port,
             ae_title=self.peer.ae_title,
-            evt_handlers=LOW_LATENCY_HANDLERS,
+            evt_handlers=ASSOCIATION_HANDLERS,
         )
         if not assoc.is_established:
             why = "rejected the association" if assoc.is_rejected else "did not answer"

@@ -50,7 +50,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_bridge.dimse import TRANSFER_SYNTAXES
 from dicom_bridge.matching import matches
-from dicom_bridge.tuning import LOW_LATENCY_HANDLERS
+from dicom_bridge.tuning import ASSOCIATION_HANDLERS
 
 LOG = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class SamplePacs:
     def start(self) -> Self:
         if self._server is None:
             handlers: list[EventHandlerType] = [
-                *LOW_LATENCY_HANDLERS,
+                *ASSOCIATION_HANDLERS,
                 (evt.EVT_C_ECHO, lambda event: 0x0000),
                 (evt.EVT_C_FIND, self._on_find),
                 (evt.EVT_C_MOVE, self._on_move),
@@ -348,11 +348,11 @@ class SamplePacs:
         except Exception as exc:
             # pynetdicom takes a failure status only once the sub-association is open, so a refusal
             # opens one to ourselves (Verification) rather than bother the destination
-            yield self._loopback(), self.port, {"contexts": _contexts([]), "evt_handlers": LOW_LATENCY_HANDLERS}
+            yield self._loopback(), self.port, {"contexts": _contexts([]), "evt_handlers": ASSOCIATION_HANDLERS}
             yield 1
             yield self._refusal("C-MOVE", exc), None
             return
-        yield (*destination, {"contexts": _contexts(instances), "evt_handlers": LOW_LATENCY_HANDLERS})
+        yield (*destination, {"contexts": _contexts(instances), "evt_handlers": ASSOCIATION_HANDLERS})
         yield from self._sub_operations(event, instances)
 
     def _on_get(self, event: Event) -> Iterator[Any]:

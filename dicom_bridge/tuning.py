@@ -1,7 +1,7 @@
 """How this process runs pydicom and pynetdicom, and why (figures in docs/performance.md).
 
 Importing it sets the process-wide settings below; every module here that opens or accepts an
-association imports it for :data:`LOW_LATENCY_HANDLERS`, so no association goes without them.
+association imports it for :data:`ASSOCIATION_HANDLERS`, so no association goes without them.
 
 - TCP_NODELAY. DIMSE is request/response with small PDUs (a C-ECHO, a C-FIND response, the last
   fragment of a C-STORE); with Nagle's algorithm on, each can wait for the peer's delayed ACK
@@ -22,16 +22,25 @@ association imports it for :data:`LOW_LATENCY_HANDLERS`, so no association goes 
   (its default), then uses the value anyway; pynetdicom builds several Datasets per DIMSE
   message, so that is ~6% of a retrieve's CPU, for warnings nobody reads. The values are the
   same either way; answers are judged where they are mapped (:mod:`mappings.imaging_study`).
+- A reactor that does not steal responses. Each pynetdicom association has a reactor thread that
+  takes incoming DIMSE messages off the queue; a ``send_*`` call pauses it first, but the pause
+  races (pynetdicom 3.0.4, ``Association._run_reactor``; pydicom/pynetdicom#875): the reactor
+  says it is paused just before it passes its checkpoint; a caller that clears the checkpoint in
+  that instant sends its request while the reactor goes on, the reactor takes the peer's response
+  ("Received unexpected C-FIND service message") and the caller waits out the DIMSE timeout. It
+  failed a linking test in CI under load. :func:`reactor_keeps_its_pause` makes the reactor's
+  own, non-blocking take look at the checkpoint again.
 
-Bind :data:`LOW_LATENCY_HANDLERS` to every AE's ``start_server`` and ``associate`` call::
+Bind :data:`ASSOCIATION_HANDLERS` to every AE's ``start_server`` and ``associate`` call::
 
-    ae.start_server(address, evt_handlers=[*LOW_LATENCY_HANDLERS, ...])
-    ae.associate(host, port, evt_handlers=LOW_LATENCY_HANDLERS)
+    ae.start_server(address, evt_handlers=[*ASSOCIATION_HANDLERS, ...])
+    ae.associate(host, port, evt_handlers=ASSOCIATION_HANDLERS)
 """
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import pydicom.config
 from pynetdicom import _config, evt
@@ -60,6 +69,30 @@ def quick_poll(event: Event) -> None:
     event.assoc.dul._run_loop_delay = DUL_POLL  # the knob pynetdicom's run_reactor documents
 
 
-LOW_LATENCY_HANDLERS: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, quick_poll)]
+def reactor_keeps_its_pause(event: Event) -> None:
+    """``EVT_CONN_OPEN`` handler: the reactor takes no DIMSE message while a ``send_*`` call holds it paused.
 
-__all__ = ["DUL_POLL", "LOW_LATENCY_HANDLERS", "nodelay", "quick_poll"]
+    Only the reactor takes messages without blocking (``get_msg(block=False)``); every ``send_*``
+    call blocks for its response. A ``send_*`` call clears the checkpoint before it looks whether
+    the reactor is paused, so a reactor that slipped past the checkpoint finds it cleared here and
+    leaves the message on the queue for the caller.
+    """
+    assoc = event.assoc
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if not block and not assoc._reactor_checkpoint.is_set():
+            return None, None
+        return take(block)
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
+
+
+ASSOCIATION_HANDLERS: list[EventHandlerType] = [
+    (evt.EVT_CONN_OPEN, nodelay),
+    (evt.EVT_CONN_OPEN, quick_poll),
+    (evt.EVT_CONN_OPEN, reactor_keeps_its_pause),
+]
+
+__all__ = ["ASSOCIATION_HANDLERS", "DUL_POLL", "nodelay", "quick_poll", "reactor_keeps_its_pause"]

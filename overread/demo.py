@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SamplePacs, sample_path
-from dicom_bridge.tuning import LOW_LATENCY_HANDLERS
+from dicom_bridge.tuning import ASSOCIATION_HANDLERS
 from fhir_server import cases, dates
 from fhir_server.db import Database
 from hl7_bridge.ack import acknowledge
@@ -211,7 +211,7 @@ def _push(ae_title: str, port: int, accession: str) -> None:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ae = AE("MODALITY")
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title, evt_handlers=LOW_LATENCY_HANDLERS)
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title, evt_handlers=ASSOCIATION_HANDLERS)
     if assoc.is_established:
         status = assoc.send_c_store(ds)
         assoc.release()

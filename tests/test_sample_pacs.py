@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from dicom_bridge.sample_pacs import (
     SamplePacs,
     sample_path,
 )
-from dicom_bridge.tuning import DUL_POLL, LOW_LATENCY_HANDLERS, nodelay
+from dicom_bridge.tuning import ASSOCIATION_HANDLERS, DUL_POLL, nodelay
 from tests.orthanc import in_private_netns
 from tests.processes import free_port
 
@@ -96,7 +97,7 @@ def scu(port: int) -> Iterator[Association]:
         received.append(ds)
         return 0x0000
 
-    handlers = [*LOW_LATENCY_HANDLERS, (evt.EVT_C_STORE, on_store)]
+    handlers = [*ASSOCIATION_HANDLERS, (evt.EVT_C_STORE, on_store)]
     assoc = ae.associate("127.0.0.1", port, ae_title="SAMPLEPACS", ext_neg=roles, evt_handlers=handlers)
     assert assoc.is_established
     assoc.received = received  # type: ignore[attr-defined]
@@ -119,7 +120,7 @@ def store_scp(ae_title: str = "DEST") -> Iterator[SimpleNamespace]:
     for uid in STORAGE_CLASSES:
         ae.add_supported_context(uid)
     server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[*LOW_LATENCY_HANDLERS, (evt.EVT_C_STORE, on_store)]
+        ("127.0.0.1", 0), block=False, evt_handlers=[*ASSOCIATION_HANDLERS, (evt.EVT_C_STORE, on_store)]
     )
     assert server is not None and server.socket is not None
     try:
@@ -453,6 +454,39 @@ def test_low_latency_handlers_set_the_dul_poll_of_both_ends(pacs):
         assert [a.dul._run_loop_delay for a in pacs.ae.active_associations] == [DUL_POLL]
 
 
+class DawdlingCheckpoint(threading.Event):
+    """A reactor checkpoint that lingers, still "paused", after letting the reactor through: the race, made wide."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        passed = super().wait(timeout)
+        time.sleep(0.02)
+        return passed
+
+
+def test_the_reactor_leaves_a_response_to_its_caller(pacs):
+    # Without reactor_keeps_its_pause the first echo times out: the reactor takes its response.
+    ae = AE("PYSCU")
+    ae.add_requested_context(VERIFICATION)
+    ae.dimse_timeout = 2
+    assoc = ae.associate("127.0.0.1", pacs.port, ae_title=pacs.ae_title, evt_handlers=ASSOCIATION_HANDLERS)
+    assert assoc.is_established
+    take = assoc.dimse.get_msg
+
+    def a_caller_slow_to_take_its_response(block: bool = False) -> Any:
+        if block:
+            time.sleep(0.05)
+        return take(block)
+
+    assoc.dimse.get_msg = a_caller_slow_to_take_its_response  # type: ignore[method-assign]
+    checkpoint = DawdlingCheckpoint()
+    checkpoint.set()
+    assoc._reactor_checkpoint = checkpoint
+    try:
+        assert [assoc.send_c_echo().get("Status") for _ in range(5)] == [0x0000] * 5
+    finally:
+        assoc.release()
+
+
 def test_nodelay_sets_tcp_nodelay():
     with socket.socket() as sock:
         event = SimpleNamespace(assoc=SimpleNamespace(dul=SimpleNamespace(socket=SimpleNamespace(socket=sock))))
@@ -514,7 +548,7 @@ def scu_titled(port: int, called: str, *contexts: str) -> Iterator[Association]:
     ae = AE("PYSCU")
     for uid in (VERIFICATION, *contexts):
         ae.add_requested_context(uid)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=LOW_LATENCY_HANDLERS)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=ASSOCIATION_HANDLERS)
     assert assoc.is_established
     try:
         yield assoc
