@@ -21,7 +21,7 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
@@ -32,6 +32,7 @@ from dicom_bridge import command_set
 from dicom_bridge.command_set import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.storage_scp import StorageScp
+from dicom_bridge.tuning import reactor_keeps_its_pause
 from dicom_bridge.upper_layer import ABORT, ASSOCIATE_RJ, Messages, ProtocolError, data_pdus, pdu
 
 AE_TITLE = "OVERREAD"
@@ -103,7 +104,8 @@ def associate(port: int, *contexts: object, **options: object):
         ae.add_requested_context(context)  # type: ignore[arg-type]
     for name, value in options.items():
         setattr(ae, name, value)
-    return ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
+    race_fixed = [(evt.EVT_CONN_OPEN, reactor_keeps_its_pause)]  # pynetdicom as it comes but for its reactor's race
+    return ae.associate("127.0.0.1", port, ae_title=AE_TITLE, evt_handlers=race_fixed)
 
 
 def test_echoscu_is_answered(scp):
