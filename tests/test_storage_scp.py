@@ -25,6 +25,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
+from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 
@@ -104,7 +105,8 @@ def associate(port: int, *contexts: object, **options: object):
         ae.add_requested_context(context)  # type: ignore[arg-type]
     for name, value in options.items():
         setattr(ae, name, value)
-    race_fixed = [(evt.EVT_CONN_OPEN, reactor_keeps_its_pause)]  # pynetdicom as it comes but for its reactor's race
+    # pynetdicom as it comes, but for its reactor's race (dicom_bridge.tuning)
+    race_fixed: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, reactor_keeps_its_pause)]
     return ae.associate("127.0.0.1", port, ae_title=AE_TITLE, evt_handlers=race_fixed)
 
 
