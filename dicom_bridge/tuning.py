@@ -40,6 +40,7 @@ Bind :data:`ASSOCIATION_HANDLERS` to every AE's ``start_server`` and ``associate
 from __future__ import annotations
 
 import socket
+import threading
 from typing import Any
 
 import pydicom.config
@@ -78,6 +79,8 @@ def reactor_keeps_its_pause(event: Event) -> None:
     leaves the message on the queue for the caller.
     """
     assoc = event.assoc
+    if not isinstance(getattr(assoc, "_reactor_checkpoint", None), threading.Event):
+        return  # a pynetdicom whose reactor pauses otherwise: this mends 3.0's
     dimse = assoc.dimse
     take = dimse.get_msg
 

@@ -38,7 +38,7 @@ from dicom_bridge.sample_pacs import (
     SamplePacs,
     sample_path,
 )
-from dicom_bridge.tuning import ASSOCIATION_HANDLERS, DUL_POLL, nodelay
+from dicom_bridge.tuning import ASSOCIATION_HANDLERS, DUL_POLL, nodelay, reactor_keeps_its_pause
 from tests.orthanc import in_private_netns
 from tests.processes import free_port
 
@@ -485,6 +485,13 @@ def test_the_reactor_leaves_a_response_to_its_caller(pacs):
         assert [assoc.send_c_echo().get("Status") for _ in range(5)] == [0x0000] * 5
     finally:
         assoc.release()
+
+
+def test_a_reactor_without_the_checkpoint_is_left_alone():
+    take = lambda block=False: (None, None)  # noqa: E731
+    assoc = SimpleNamespace(dimse=SimpleNamespace(get_msg=take))  # no _reactor_checkpoint: not pynetdicom 3.0
+    reactor_keeps_its_pause(SimpleNamespace(assoc=assoc))  # type: ignore[arg-type]
+    assert assoc.dimse.get_msg is take
 
 
 def test_nodelay_sets_tcp_nodelay():
