@@ -488,7 +488,9 @@ def test_the_reactor_leaves_a_response_to_its_caller(pacs):
 
 
 def test_a_reactor_without_the_checkpoint_is_left_alone():
-    take = lambda block=False: (None, None)  # noqa: E731
+    def take(block: bool = False) -> tuple[None, None]:
+        return None, None
+
     assoc = SimpleNamespace(dimse=SimpleNamespace(get_msg=take))  # no _reactor_checkpoint: not pynetdicom 3.0
     reactor_keeps_its_pause(SimpleNamespace(assoc=assoc))  # type: ignore[arg-type]
     assert assoc.dimse.get_msg is take
