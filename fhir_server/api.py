@@ -37,6 +37,8 @@ from fhir_server.router import ReadTarget, handle, read_response, read_target
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir", JSON_PATCH, MERGE_PATCH)
 READ_METHODS = {"GET", "HEAD"}
+#: Bytes of body up to which a write of one resource runs on the event loop on SQLite (``_light``).
+INLINE_BODY = 256 * 1024
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
 #: PostgreSQL's deadlock_detected and serialization_failure: the request lost a race and
 #: was rolled back whole; the client can simply retry it (R4 http.html: 409 Conflict).
@@ -50,7 +52,8 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
     # event loop itself: on SQLite, where it takes less time than handing it to a thread
     # would, and on PostgreSQL with an async driver (``AsyncReads``). Other SQLite reads run
     # on a few threads of their own, and its writes on one writer that commits the requests
-    # queued meanwhile together (``db.groups``). Other PostgreSQL work runs on the event loop
+    # queued meanwhile together (``db.groups``): those of one resource (``_light``) on the
+    # event loop too, with their COMMIT on a thread. Other PostgreSQL work runs on the event loop
     # too, a transaction each (``AsyncUnits``). Both async paths need the application's
     # lifespan (their pools live on its loop); without it PostgreSQL uses the thread pool.
     sqlite = db.engine.dialect.name == "sqlite"
@@ -114,7 +117,8 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
         if sqlite and one_row:
             return _http(run(req, base, write, one_row), request)
         if db.groups is not None and write:
-            return _http(await _answered(req, db.groups.submit(unit(req, base))), request)
+            inline = _light(req, len(await request.body()))
+            return _http(await _answered(req, db.groups.submit(unit(req, base), inline=inline)), request)
         if units is not None and units.ready:
             return _http(await _answered(req, units.run(unit(req, base))), request)
         if readers is not None:
@@ -123,6 +127,13 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
         return _http(await run_in_threadpool(run, req, base, write, one_row), request)
 
     app.add_route(f"{prefix}/{{path:path}}", fhir, methods=METHODS)
+
+
+def _light(req: FhirRequest, body_size: int) -> bool:
+    """Whether a write is of one resource with a small body: one that may run on the event loop
+    (``WriteGroups.submit(inline=True)``), where it holds up other requests while it runs."""
+    parts = req.path.strip("/").split("/")
+    return bool(parts[0]) and len(parts) <= 2 and not any(p.startswith("$") for p in parts) and body_size <= INLINE_BODY
 
 
 def _also(opened: Callable[[], AbstractAsyncContextManager[None]], lifespan: Lifespan[Any]) -> Lifespan[Any]:

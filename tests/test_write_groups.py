@@ -6,21 +6,22 @@ Every request is still all or nothing on its own, and none is answered before it
 import asyncio
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Connection
+from sqlalchemy import Connection, event
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.applications import Starlette
 
-from fhir_server.api import mount
-from fhir_server.db import Database, WriteGroups
+from fhir_server.api import _light, mount
+from fhir_server.db import Database, Outcome, WriteGroups
+from fhir_server.http import FhirRequest
 from fhir_server.schema import ResourceRow
 from overread.migrate import upgrade
 from tests.builders import patient
@@ -38,14 +39,13 @@ def db(tmp_path: Path) -> Iterator[Database]:
 def groups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The size of every group the writer committed (or tried to)."""
     sizes: list[int] = []
-    drain = WriteGroups._drain
+    answer = WriteGroups._answer
 
-    def recording(self: WriteGroups) -> None:
-        if self._queue:
-            sizes.append(min(len(self._queue), self.LIMIT))
-        drain(self)
+    def recording(group: list[Any], outcomes: list[Outcome]) -> None:
+        sizes.append(len(group))
+        answer(group, outcomes)
 
-    monkeypatch.setattr(WriteGroups, "_drain", recording)
+    monkeypatch.setattr(WriteGroups, "_answer", staticmethod(recording))
     return sizes
 
 
@@ -82,24 +82,20 @@ def test_a_group_keeps_its_good_requests_and_undoes_its_bad_ones(db, groups):
 def test_a_failed_commit_fails_every_request_of_its_group(
     db: Database, groups: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_writing = db.writing
     failed: list[Connection] = []
 
-    @contextmanager
-    def commit_fails(conn: Connection) -> Iterator[None]:
-        with real_writing(conn):
-            yield
-            failed.append(conn)
-            raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+    def commit_fails(conn: Connection) -> None:
+        failed.append(conn)
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
 
-    monkeypatch.setattr(db, "writing", commit_fails)
+    event.listen(db.engine, "commit", commit_fails)
     responses = post_at_once(db, [patient(mrn=f"MRN-{i}") for i in range(6)])
     assert {r.status_code for r in responses} == {500}
     assert all(r.json()["resourceType"] == "OperationOutcome" for r in responses)
     assert stored(db) == 0
 
     # The writer drops the connection the COMMIT failed on, and goes on with a fresh one.
-    monkeypatch.setattr(db, "writing", real_writing)
+    event.remove(db.engine, "commit", commit_fails)
     assert [r.status_code for r in post_at_once(db, [patient(mrn="MRN-after")])] == [201]
     assert stored(db) == 1
     assert failed and all(conn.closed for conn in failed)
@@ -202,7 +198,8 @@ def _target(fd: Path) -> str:
         return ""
 
 
-def test_a_database_error_in_one_unit_undoes_that_unit_only(db):
+@pytest.mark.parametrize("inline", [True, False], ids=["on the event loop", "on the writer thread"])
+def test_a_database_error_in_one_unit_undoes_that_unit_only(db, inline):
     """A unit whose statement fails in the database (here a unique key) is rolled back to its savepoint;
     the units around it in the same group are committed."""
     row = {"type": "Patient", "id": "p1", "version": 1, "last_updated": datetime(2026, 1, 1), "deleted": False}
@@ -223,7 +220,8 @@ def test_a_database_error_in_one_unit_undoes_that_unit_only(db):
 
     async def at_once() -> list[Any]:
         assert db.groups is not None
-        return list(await asyncio.gather(*(db.groups.submit(w) for w in (first, clash, after)), return_exceptions=True))
+        units = (db.groups.submit(w, inline=inline) for w in (first, clash, after))
+        return list(await asyncio.gather(*units, return_exceptions=True))
 
     first_answer, clash_answer, after_answer = asyncio.run(at_once())
     assert (first_answer, after_answer) == ("first", "after")
@@ -231,3 +229,117 @@ def test_a_database_error_in_one_unit_undoes_that_unit_only(db):
     with db.engine.connect() as conn:
         ids = conn.exec_driver_sql("SELECT id FROM resource ORDER BY id").scalars().all()
     assert ids == ["p1", "p3"]  # p2, written by the failed unit before its error, is undone with it
+
+
+def thread_of(_conn: Connection) -> str:
+    return threading.current_thread().name
+
+
+def test_light_units_run_on_the_event_loop_and_only_their_commit_on_a_thread(db: Database) -> None:
+    commits: list[str] = []
+    event.listen(db.engine, "commit", lambda _conn: commits.append(threading.current_thread().name))
+
+    async def both() -> tuple[str, str, str]:
+        assert db.groups is not None
+        return (
+            threading.current_thread().name,
+            await db.groups.submit(thread_of, inline=True),
+            await db.groups.submit(thread_of),
+        )
+
+    loop_thread, light, other = asyncio.run(both())
+    assert light == loop_thread
+    assert other.startswith("sqlite-writer")
+    assert commits[0].startswith("sqlite-commit") and commits[1].startswith("sqlite-writer")
+
+
+def test_the_event_loop_never_waits_for_a_worker_holding_the_database(db: Database) -> None:
+    """A worker's transaction holds the write lock: the light unit moves to the writer thread, which
+    waits for the lock, while the event loop goes on serving."""
+
+    async def while_a_worker_writes() -> tuple[str, int]:
+        assert db.groups is not None
+        pending = asyncio.ensure_future(db.groups.submit(thread_of, inline=True))
+        ticks = 0
+        while ticks < 20:  # the loop is free: 20 turns of 10 ms while the unit waits
+            assert not pending.done()
+            await asyncio.sleep(0.01)
+            ticks += 1
+        db.write_lock.release()  # the worker commits
+        return await asyncio.wait_for(pending, 10), ticks
+
+    db.write_lock.acquire()
+    ran_on, ticks = asyncio.run(while_a_worker_writes())
+    assert ran_on.startswith("sqlite-writer") and ticks == 20
+    assert not db.write_lock.locked()
+
+
+def test_a_group_on_the_event_loop_commits_once_its_time_is_spent(db, groups, monkeypatch):
+    monkeypatch.setattr(WriteGroups, "INLINE_BUDGET", 0.01)
+
+    def slow(_conn: Connection) -> str:
+        time.sleep(0.004)
+        return threading.current_thread().name
+
+    async def at_once() -> list[str]:
+        assert db.groups is not None
+        return list(await asyncio.gather(*(db.groups.submit(slow, inline=True) for _ in range(12))))
+
+    names = asyncio.run(at_once())
+    assert len(set(names)) == 1 and not names[0].startswith("sqlite-")  # all on the event loop
+    assert sum(groups) == 12 and max(groups) <= 3  # 10 ms of 4 ms units: the third ends the group
+
+
+def test_a_unit_that_is_not_light_takes_the_queue_to_the_writer_thread(db: Database, groups: list[int]) -> None:
+    async def mixed() -> list[str]:
+        assert db.groups is not None
+        units = [db.groups.submit(thread_of, inline=i != 2) for i in range(6)]
+        return list(await asyncio.gather(*units))
+
+    names = asyncio.run(mixed())
+    assert not names[0].startswith("sqlite-") and names[1] == names[0]  # the first group, on the loop
+    assert all(name.startswith("sqlite-writer") for name in names[2:])  # from the heavy unit on
+    assert sum(groups) == 6
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "light"),
+    [
+        ("Patient", 700, True),  # create, conditional update or delete
+        ("Patient/123", 700, True),  # update, patch, delete
+        ("", 700, False),  # a batch or transaction Bundle
+        ("Patient/$merge", 700, False),  # an operation
+        ("Patient/123", 300_000, False),  # a big body
+    ],
+)
+def test_light_writes(path: str, size: int, light: bool) -> None:
+    assert _light(FhirRequest("POST", path), size) is light
+
+
+def test_a_drain_cancelled_with_its_event_loop_still_commits_and_hands_over(db: Database) -> None:
+    """The loop closes while a group it ran is committing: the group is committed and answered
+    all the same, and the next unit is written (the drain moved to the writer thread)."""
+    committing = threading.Event()
+
+    def slow_commit(_conn: Connection) -> None:
+        committing.set()
+        time.sleep(0.2)
+
+    event.listen(db.engine, "commit", slow_commit)
+
+    async def cancelled_mid_commit() -> str:
+        assert db.groups is not None
+        pending = asyncio.ensure_future(db.groups.submit(thread_of, inline=True))
+        while not committing.is_set():
+            await asyncio.sleep(0.01)
+        (drain,) = db.groups._inline
+        drain.cancel()
+        return await asyncio.wait_for(pending, 10)
+
+    async def next_unit() -> str:
+        assert db.groups is not None
+        return await asyncio.wait_for(db.groups.submit(thread_of, inline=True), 10)
+
+    assert asyncio.run(cancelled_mid_commit())
+    event.remove(db.engine, "commit", slow_commit)
+    assert asyncio.run(next_unit())
