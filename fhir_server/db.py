@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -92,7 +93,7 @@ Outcome = tuple[bool, Any]
 @dataclass(frozen=True)
 class _Unit:
     work: Callable[[Connection], Any]
-    answer: Future[Any]
+    answer: asyncio.Future[Any]  # of the event loop that queued the unit
     #: Light enough to run on the event loop that queued it (``WriteGroups.submit``).
     inline: bool
 
@@ -147,7 +148,7 @@ class WriteGroups:
 
         ``inline``: the unit is light (one resource, a small body) and may run on this event loop.
         """
-        answer: Future[T] = Future()
+        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self._lock:
             self._queue.append(_Unit(work, answer, inline))
             start, self._draining = not self._draining, True
@@ -157,7 +158,7 @@ class WriteGroups:
             task.add_done_callback(self._inline.discard)
         elif start:
             self._writer.submit(self._drain)
-        return await asyncio.wrap_future(answer)
+        return await answer
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -212,22 +213,25 @@ class WriteGroups:
         """On the writer thread: groups of whatever is queued, until nothing is."""
         while self._more():
             self.db.write_lock.acquire()
-            self._finish(*self._run_group(inline=False))
+            group, outcomes, conn = self._run_group(inline=False)
+            self._answer(group, self._finish(outcomes, conn))
 
     async def _drain_inline(self) -> None:
         """On the event loop: groups of inline units, until nothing is queued; the writer thread
         takes over the drain when the next unit is not inline or the write lock is taken."""
-        loop = asyncio.get_running_loop()
         while self._more():
             with self._lock:
                 if not self._queue[0].inline or not self.db.write_lock.acquire(blocking=False):
                     break
-            group = self._run_group(inline=True)
+            group, outcomes, conn = self._run_group(inline=True)
+            committed = self._committer.submit(self._finish, outcomes, conn)
             try:
-                await loop.run_in_executor(self._committer, self._finish, *group)
-            except asyncio.CancelledError:  # the loop is closing: the COMMIT goes on, the drain moves
+                outcomes = await asyncio.shield(asyncio.wrap_future(committed))
+            except asyncio.CancelledError:  # the loop is closing: the COMMIT goes on, and the drain moves
+                committed.add_done_callback(partial(self._answer_committed, group))
                 self._writer.submit(self._drain)  # it waits for the write lock, released after the COMMIT
                 raise
+            self._answer(group, outcomes)
         else:
             return
         self._writer.submit(self._drain)  # still owning the connection, the drain moves there
@@ -285,15 +289,13 @@ class WriteGroups:
             return group, [(False, exc)] * len(group), None
         return group, outcomes, conn
 
-    def _finish(self, group: list[_Unit], outcomes: list[Outcome], conn: Connection | None) -> None:
-        """COMMIT the group (on the writer thread, or for a group run on the event loop on the
-        committer's), release the write lock, and answer each unit."""
+    def _finish(self, outcomes: list[Outcome], conn: Connection | None) -> list[Outcome]:
+        """COMMIT a group (on the writer thread, or for a group run on the event loop on the
+        committer's) and release the write lock: what to answer its units."""
         try:
-            if conn is not None:
-                outcomes = self._commit(conn, outcomes)
+            return outcomes if conn is None else self._commit(conn, outcomes)
         finally:
             self.db.write_lock.release()
-        self._answer(group, outcomes)
 
     def _commit(self, conn: Connection, outcomes: list[Outcome]) -> list[Outcome]:
         """``outcomes`` once committed; if the COMMIT failed, its error for every unit."""
@@ -308,13 +310,34 @@ class WriteGroups:
             self._checkpointer.start()
         return outcomes
 
+    def _answer_committed(self, group: list[_Unit], committed: Future[list[Outcome]]) -> None:
+        self._answer(group, committed.result())
+
     @staticmethod
     def _answer(group: list[_Unit], outcomes: list[Outcome]) -> None:
-        for unit, (ok, value) in zip(group, outcomes, strict=True):
-            if ok:
-                unit.answer.set_result(value)
-            else:
-                unit.answer.set_exception(value)
+        """Settle each unit's future: at once on its own event loop, else with one call per loop."""
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # a thread
+            here = None
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Unit, Outcome]]] = {}
+        for unit, outcome in zip(group, outcomes, strict=True):
+            by_loop.setdefault(unit.answer.get_loop(), []).append((unit, outcome))
+        for loop, settled in by_loop.items():
+            if loop is here:
+                _settle(settled)
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list[tuple[_Unit, Outcome]]) -> None:
+    for unit, (ok, value) in settled:
+        if unit.answer.done():  # its request was cancelled meanwhile
+            continue
+        if ok:
+            unit.answer.set_result(value)
+        else:
+            unit.answer.set_exception(value)
 
 
 class Database:

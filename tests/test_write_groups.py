@@ -343,3 +343,28 @@ def test_a_drain_cancelled_with_its_event_loop_still_commits_and_hands_over(db: 
     assert asyncio.run(cancelled_mid_commit())
     event.remove(db.engine, "commit", slow_commit)
     assert asyncio.run(next_unit())
+
+
+def test_a_request_cancelled_while_queued_leaves_its_group_answered(db: Database) -> None:
+    """The task awaiting one unit is cancelled (its client gave up): the other units of its group
+    are answered all the same, and the server goes on."""
+    started = threading.Event()
+
+    def slow(_conn: Connection) -> str:
+        started.set()
+        time.sleep(0.1)
+        return "slow"
+
+    async def one_cancelled() -> list[Any]:
+        assert db.groups is not None
+        first = asyncio.ensure_future(db.groups.submit(slow))
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        given_up, last = (asyncio.ensure_future(db.groups.submit(thread_of)) for _ in range(2))
+        await asyncio.sleep(0.01)
+        given_up.cancel()
+        return list(await asyncio.wait_for(asyncio.gather(first, last, given_up, return_exceptions=True), 10))
+
+    first, last, given_up = asyncio.run(one_cancelled())
+    assert first == "slow" and last.startswith("sqlite-writer")
+    assert isinstance(given_up, asyncio.CancelledError)
