@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -96,6 +96,17 @@ class _Unit:
     answer: asyncio.Future[Any]  # of the event loop that queued the unit
     #: Light enough to run on the event loop that queued it (``WriteGroups.submit``).
     inline: bool
+
+
+@dataclass
+class _Group:
+    """One transaction of the writer: the units it took, and what each gave."""
+
+    inline: bool
+    deadline: float  # on the event loop, it takes no unit after this (``time.perf_counter``)
+    units: list[_Unit] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    conn: Connection | None = None  # None: the group failed whole
 
 
 class WriteGroups:
@@ -213,8 +224,10 @@ class WriteGroups:
         """On the writer thread: groups of whatever is queued, until nothing is."""
         while self._more():
             self.db.write_lock.acquire()
-            group, outcomes, conn = self._run_group(inline=False)
-            self._answer(group, self._finish(outcomes, conn))
+            group = self._begin(inline=False)
+            while self._step(group):
+                pass
+            self._answer(group.units, self._finish(group))
 
     async def _drain_inline(self) -> None:
         """On the event loop: groups of inline units, until nothing is queued; the writer thread
@@ -223,15 +236,21 @@ class WriteGroups:
             with self._lock:
                 if not self._queue[0].inline or not self.db.write_lock.acquire(blocking=False):
                     break
-            group, outcomes, conn = self._run_group(inline=True)
-            committed = self._committer.submit(self._finish, outcomes, conn)
+            group = self._begin(inline=True)
+            committed: Future[list[Outcome]] | None = None
             try:
+                while self._step(group):
+                    # Between units the loop serves requests: those that write join this group,
+                    # not the next (the clients its last group answered are sending theirs).
+                    await asyncio.sleep(0)
+                committed = self._committer.submit(self._finish, group)
                 outcomes = await asyncio.shield(asyncio.wrap_future(committed))
-            except asyncio.CancelledError:  # the loop is closing: the COMMIT goes on, and the drain moves
-                committed.add_done_callback(partial(self._answer_committed, group))
-                self._writer.submit(self._drain)  # it waits for the write lock, released after the COMMIT
+            except asyncio.CancelledError:  # the loop is closing: the group is committed all the same,
+                committed = committed or self._committer.submit(self._finish, group)
+                committed.add_done_callback(partial(self._answer_committed, group.units))
+                self._writer.submit(self._drain)  # and the drain moves (it waits for the write lock)
                 raise
-            self._answer(group, outcomes)
+            self._answer(group.units, outcomes)
         else:
             return
         self._writer.submit(self._drain)  # still owning the connection, the drain moves there
@@ -242,58 +261,69 @@ class WriteGroups:
             self._draining = bool(self._queue)
             return self._draining
 
-    def _take(self, group: list[_Unit], inline: bool, started: float) -> _Unit | None:
-        """The next unit of a group, or None when the group is complete.
+    def _take(self, group: _Group) -> _Unit | None:
+        """The next unit of ``group``, or None when the group is complete.
 
         A group ends when the queue is empty or it holds LIMIT units; on the event loop also
-        when the next unit is not inline or INLINE_BUDGET is spent.
+        when the next unit is not inline or the group has been open INLINE_BUDGET.
         """
         with self._lock:
-            if not self._queue or len(group) >= self.LIMIT:
+            if not self._queue or len(group.units) >= self.LIMIT:
                 return None
-            if inline and group and (not self._queue[0].inline or time.perf_counter() - started > self.INLINE_BUDGET):
+            head = self._queue[0]
+            if group.inline and group.units and (not head.inline or time.perf_counter() > group.deadline):
                 return None
             return self._queue.popleft()
 
-    def _run_group(self, inline: bool) -> tuple[list[_Unit], list[Outcome], Connection | None]:
-        """BEGIN, then the units of a group, each in a savepoint: the group, what each unit gave,
-        and the connection to COMMIT on (None when the group failed whole: no connection, or a
-        savepoint the database refused, and every unit of the group fails with that error)."""
-        group: list[_Unit] = []
-        outcomes: list[Outcome] = []
-        started = time.perf_counter()
+    def _begin(self, inline: bool) -> _Group:
+        """BEGIN a group on the writer's connection (the caller holds the write lock)."""
+        group = _Group(inline, time.perf_counter() + self.INLINE_BUDGET)
         try:
-            conn = self._connection()
-            conn.begin()
-            # Savepoints straight to the driver: SQLAlchemy's begin_nested() compiles its
-            # SAVEPOINT and RELEASE anew each time, a fifth of the writer's time per create.
-            # Savepoints the work opens itself nest inside, and are its own to close.
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            while (unit := self._take(group, inline, started)) is not None:
-                group.append(unit)
-                driver.execute("SAVEPOINT unit")
-                try:
-                    outcomes.append((True, unit.work(conn)))
-                except Rollback as undo:
-                    driver.execute("ROLLBACK TO unit")
-                    outcomes.append((True, undo.value))
-                except Exception as exc:
-                    driver.execute("ROLLBACK TO unit")
-                    outcomes.append((False, exc))
-                driver.execute("RELEASE unit")
-        except Exception as exc:
-            self._drop_connection()  # rolls back what the group wrote; the next group connects again
-            while (unit := self._take(group, inline, started)) is not None:
-                group.append(unit)
-            return group, [(False, exc)] * len(group), None
-        return group, outcomes, conn
+            group.conn = self._connection()
+            group.conn.begin()
+        except Exception as exc:  # no connection, or no transaction
+            self._fail(group, exc)
+        return group
 
-    def _finish(self, outcomes: list[Outcome], conn: Connection | None) -> list[Outcome]:
+    def _step(self, group: _Group) -> bool:
+        """Run the group's next unit in a savepoint of its own; False once the group is complete."""
+        if group.conn is None or (unit := self._take(group)) is None:
+            return False
+        group.units.append(unit)
+        # Savepoints straight to the driver: SQLAlchemy's begin_nested() compiles its SAVEPOINT
+        # and RELEASE anew each time, a fifth of the writer's time per create. Savepoints the
+        # work opens itself nest inside, and are its own to close.
+        driver = group.conn.connection.driver_connection
+        assert driver is not None
+        try:
+            driver.execute("SAVEPOINT unit")
+            try:
+                group.outcomes.append((True, unit.work(group.conn)))
+            except Rollback as undo:
+                driver.execute("ROLLBACK TO unit")
+                group.outcomes.append((True, undo.value))
+            except Exception as exc:
+                driver.execute("ROLLBACK TO unit")
+                group.outcomes.append((False, exc))
+            driver.execute("RELEASE unit")
+        except Exception as exc:  # the database refused a savepoint: the group fails whole
+            self._fail(group, exc)
+            return False
+        return True
+
+    def _fail(self, group: _Group, exc: Exception) -> None:
+        """Fail every unit of the group, and the units it would have taken, with ``exc``."""
+        self._drop_connection()  # rolls back what the group wrote; the next group connects again
+        group.conn = None
+        while (unit := self._take(group)) is not None:
+            group.units.append(unit)
+        group.outcomes = [(False, exc)] * len(group.units)
+
+    def _finish(self, group: _Group) -> list[Outcome]:
         """COMMIT a group (on the writer thread, or for a group run on the event loop on the
         committer's) and release the write lock: what to answer its units."""
         try:
-            return outcomes if conn is None else self._commit(conn, outcomes)
+            return group.outcomes if group.conn is None else self._commit(group.conn, group.outcomes)
         finally:
             self.db.write_lock.release()
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, insert
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.applications import Starlette
 
@@ -368,3 +368,47 @@ def test_a_request_cancelled_while_queued_leaves_its_group_answered(db: Database
     first, last, given_up = asyncio.run(one_cancelled())
     assert first == "slow" and last.startswith("sqlite-writer")
     assert isinstance(given_up, asyncio.CancelledError)
+
+
+def test_writes_that_arrive_while_a_group_runs_on_the_event_loop_join_it(db: Database, groups: list[int]) -> None:
+    """Between units the loop serves requests, and the writes among them join the open group
+    rather than wait for the next: under load, a group's COMMIT answers every client at once."""
+
+    async def two_arrive_meanwhile() -> list[str]:
+        writer = db.groups
+        assert writer is not None
+        arrived: list[asyncio.Future[str]] = []
+
+        def first(_conn: Connection) -> str:
+            arrived.extend(asyncio.ensure_future(writer.submit(thread_of, inline=True)) for _ in range(2))
+            return "first"
+
+        return [await writer.submit(first, inline=True), *await asyncio.gather(*arrived)]
+
+    assert len(asyncio.run(two_arrive_meanwhile())) == 3
+    assert groups == [3]
+
+
+def test_a_drain_cancelled_between_units_commits_what_ran_and_hands_over(db: Database) -> None:
+    row = {"type": "Patient", "id": "p1", "version": 1, "last_updated": datetime(2026, 1, 1), "deleted": False}
+
+    async def cancelled_mid_group() -> str:
+        writer = db.groups
+        assert writer is not None
+
+        def cancelling(conn: Connection) -> str:
+            conn.execute(insert(ResourceRow), row)
+            (drain,) = writer._inline
+            drain.cancel()  # the loop is closing: the drain's next await raises
+            return "written"
+
+        return await asyncio.wait_for(writer.submit(cancelling, inline=True), 10)
+
+    async def next_unit() -> str:
+        assert db.groups is not None
+        return await asyncio.wait_for(db.groups.submit(thread_of, inline=True), 10)
+
+    assert asyncio.run(cancelled_mid_group()) == "written"
+    assert asyncio.run(next_unit())
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT id FROM resource").scalars().all() == ["p1"]
