@@ -122,21 +122,24 @@ class WriteGroups:
 
     Where a group runs: one drain at a time owns the writer's connection. Units submitted
     ``inline`` (a REST write of one resource, ``api._light``) run on the event loop that queued
-    them, at most INLINE_BUDGET of them a group, and only their COMMIT runs on a thread of its
-    own: the COMMIT releases the GIL while it syncs the WAL, and the loop serves requests
-    meanwhile. On the writer thread, each statement hands the GIL over to the event loop and
-    waits to get it back: about 130 of the writer's 880 µs per create. On the loop, creates per
-    second rose by a tenth and their p99 latency fell by half (docs/performance.md). Anything
-    else (HL7 messages, Bundles) runs on the writer thread, and the drain moves there as soon as
-    the unit at the head of the queue is not inline, or the write lock is taken (a worker's
-    transaction): the event loop never waits for this process's other writers. (Its BEGIN
-    IMMEDIATE waits only for another process's, such as ``overread db upgrade``.)
+    them, and only their COMMIT runs on a thread of its own: the COMMIT releases the GIL while
+    it syncs the WAL, and the loop serves requests meanwhile. Between units too the loop serves
+    requests, and the writes among them join the open group (for at most INLINE_BUDGET): under
+    load a COMMIT answers every client that was waiting, instead of alternating groups of those
+    answered by the last COMMIT and the rest. On the writer thread, each statement hands the GIL
+    over to the event loop and waits to get it back: about 130 of the writer's 880 µs per create.
+    Both together cut the server's CPU per create by a sixth, and creates per second rose by as
+    much (docs/performance.md, "Writes on the event loop"). Anything else (HL7 messages,
+    Bundles) runs on the writer thread, and the drain moves there as soon as the unit at the
+    head of the queue is not inline, or the write lock is taken (a worker's transaction): the
+    event loop never waits for this process's other writers. (Its BEGIN IMMEDIATE waits only for
+    another process's, such as ``overread db upgrade``.)
     """
 
     #: The most units one transaction carries.
     LIMIT = 64
-    #: Seconds of units after which a group on the event loop commits, so that the loop serves
-    #: other requests at least as often as the GIL would let it (its switch interval).
+    #: Seconds a group on the event loop takes more units for: how long its first unit may wait
+    #: for its COMMIT beyond the group's work (the GIL's switch interval, as on a thread).
     INLINE_BUDGET = 0.005
     #: Seconds between checkpoints while groups commit (see ``_checkpoints``).
     CHECKPOINT_EVERY = 1.0
