@@ -81,9 +81,7 @@ def test_a_group_keeps_its_good_requests_and_undoes_its_bad_ones(db, groups):
     assert len(ids) == 8
 
 
-def test_a_failed_commit_fails_every_request_of_its_group(
-    db: Database, groups: list[int], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_commit_fails_every_request_of_its_group(db: Database, groups: list[int]) -> None:
     failed: list[Connection] = []
 
     def commit_fails(conn: Connection) -> None:
