@@ -162,12 +162,13 @@ class WriteGroups:
 
         ``inline``: the unit is light (one resource, a small body) and may run on this event loop.
         """
-        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[T] = loop.create_future()
         with self._lock:
             self._queue.append(_Unit(work, answer, inline))
             start, self._draining = not self._draining, True
         if start and inline:
-            task = asyncio.get_running_loop().create_task(self._drain_inline())
+            task = loop.create_task(self._drain_inline())
             self._inline.add(task)
             task.add_done_callback(self._inline.discard)
         elif start:
