@@ -27,7 +27,7 @@ from starlette.types import Lifespan
 
 from fhir_server.async_reads import AsyncReads
 from fhir_server.async_units import AsyncUnits
-from fhir_server.db import Database, Rollback
+from fhir_server.db import Database, Rollback, WriteGroups, deadline, interrupted
 from fhir_server.errors import FhirError, error
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.patch import JSON_PATCH, MERGE_PATCH
@@ -39,6 +39,8 @@ JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir", JSON_PATCH
 READ_METHODS = {"GET", "HEAD"}
 #: Bytes of body up to which a write of one resource runs on the event loop on SQLite (``_light``).
 INLINE_BODY = 256 * 1024
+#: Resources in a page up to which a search is tried on the event loop on SQLite (``_light_search``).
+LIGHT_PAGE = 100
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
 #: PostgreSQL's deadlock_detected and serialization_failure: the request lost a race and
 #: was rolled back whole; the client can simply retry it (R4 http.html: 409 Conflict).
@@ -66,6 +68,16 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
     def read_one(req: FhirRequest, base: str) -> FhirResponse:
         with db.autocommit() as conn:
             return handle(req, Repository(conn, hooks), base)
+
+    def search_here(req: FhirRequest, base: str) -> FhirResponse | None:
+        """A search on the event loop, on the loop's own connection; None when SQLite ran it past
+        ``WriteGroups.INLINE_BUDGET`` and was interrupted: the caller runs it on a reader thread."""
+        with db.autocommit() as conn:
+            try:
+                with deadline(conn, WriteGroups.INLINE_BUDGET):
+                    return handle(req, Repository(conn, hooks), base)
+            except Exception as exc:
+                return None if interrupted(exc) else _failure(exc, req)
 
     def apply(conn: Connection, req: FhirRequest, base: str) -> FhirResponse:
         repo = Repository(conn, hooks)
@@ -121,6 +133,8 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
             return _http(await _answered(req, db.groups.submit(unit(req, base), inline=inline)), request)
         if units is not None and units.ready:
             return _http(await _answered(req, units.run(unit(req, base))), request)
+        if readers is not None and _light_search(req) and (found := search_here(req, base)) is not None:
+            return _http(found, request)
         if readers is not None:
             loop = asyncio.get_running_loop()
             return _http(await loop.run_in_executor(readers, run, req, base, write, one_row), request)
@@ -134,6 +148,19 @@ def _light(req: FhirRequest, body_size: int) -> bool:
     (``WriteGroups.submit(inline=True)``), where it holds up other requests while it runs."""
     parts = req.path.strip("/").split("/")
     return bool(parts[0]) and len(parts) <= 2 and not any(p.startswith("$") for p in parts) and body_size <= INLINE_BODY
+
+
+def _light_search(req: FhirRequest) -> bool:
+    """Whether a read is a search of one type with a page of at most LIGHT_PAGE and no _include or
+    _revinclude: one tried on the event loop first on SQLite (``search_here``)."""
+    if req.method not in READ_METHODS or not req.path.strip("/") or "/" in req.path.strip("/"):
+        return False
+    for name, value in req.params:
+        if name.startswith(("_include", "_revinclude")):
+            return False
+        if name == "_count" and not (value.isdigit() and int(value) <= LIGHT_PAGE):
+            return False
+    return True
 
 
 def _also(opened: Callable[[], AbstractAsyncContextManager[None]], lifespan: Lifespan[Any]) -> Lifespan[Any]:

@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,28 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 T = TypeVar("T")
+
+#: SQLite virtual machine instructions between two looks at a ``deadline``'s clock.
+PROGRESS_STEPS = 10_000
+
+
+@contextmanager
+def deadline(conn: Connection, seconds: float) -> Iterator[None]:
+    """Interrupt SQLite's statements on ``conn`` once ``seconds`` have passed: they raise an
+    OperationalError that ``interrupted`` recognises, and leave the connection as it was."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    end = time.perf_counter() + seconds
+    driver.set_progress_handler(lambda: time.perf_counter() > end, PROGRESS_STEPS)
+    try:
+        yield
+    finally:
+        driver.set_progress_handler(None, 0)
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a SQLite statement stopped by a ``deadline``."""
+    return isinstance(exc, OperationalError) and str(exc.orig) == "interrupted"
 
 
 class Rollback(Exception):
