@@ -3,31 +3,24 @@
 A search that runs past it is interrupted by SQLite and answered from a reader thread instead.
 """
 
-import asyncio
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import event
-from starlette.applications import Starlette
 
 import fhir_server.db
-from fhir_server.api import _light_search, mount
+from fhir_server.api import _light_search
 from fhir_server.db import Database, WriteGroups
 from fhir_server.http import FhirRequest
-from overread.migrate import upgrade
+from tests.asgi import talk
 from tests.builders import patient
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'search.db'}")
-    upgrade(database.engine)
-    yield database
-    database.dispose()
+def db(sqlite_db: Database) -> Database:
+    return sqlite_db
 
 
 @pytest.fixture
@@ -48,16 +41,11 @@ Call = tuple[str, str, dict[str, Any] | None]
 
 def requests(db: Database, calls: list[Call]) -> list[httpx.Response]:
     """Send the calls one after the other through the ASGI app, on this thread's event loop."""
-    app = Starlette()
-    mount(app, db)
 
-    async def send() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            headers = {"content-type": "application/fhir+json"}
-            return [await client.request(m, u, json=b, headers=headers) for m, u, b in calls]
+    async def one_by_one(client: httpx.AsyncClient) -> list[httpx.Response]:
+        return [await client.request(method, url, json=body) for method, url, body in calls]
 
-    return asyncio.run(send())
+    return talk(db, one_by_one)
 
 
 def test_a_light_search_runs_on_the_event_loop(db: Database, selects_ran_on: list[str]) -> None:

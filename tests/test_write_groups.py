@@ -10,7 +10,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,22 +19,18 @@ import httpx
 import pytest
 from sqlalchemy import Connection, event, insert
 from sqlalchemy.exc import IntegrityError, OperationalError
-from starlette.applications import Starlette
 
-from fhir_server.api import _light, mount
+from fhir_server.api import _light
 from fhir_server.db import Database, Outcome, Rollback, WriteGroups
 from fhir_server.http import FhirRequest
 from fhir_server.schema import ResourceRow
-from overread.migrate import upgrade
+from tests.asgi import talk
 from tests.builders import patient
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'groups.db'}")
-    upgrade(database.engine)
-    yield database
-    database.dispose()
+def db(sqlite_db: Database) -> Database:
+    return sqlite_db
 
 
 @pytest.fixture
@@ -53,17 +49,7 @@ def groups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def post_at_once(db: Database, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
     """POST every body at the same time, through the ASGI app on one event loop."""
-    app = Starlette()
-    mount(app, db)
-
-    async def send() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            headers = {"content-type": "application/fhir+json"}
-            posts = asyncio.gather(*(client.post("/fhir/Patient", json=b, headers=headers) for b in bodies))
-            return list(await asyncio.wait_for(posts, 60))  # a request left unanswered fails, not hangs
-
-    return asyncio.run(send())
+    return list(talk(db, lambda client: asyncio.gather(*(client.post("/fhir/Patient", json=b) for b in bodies))))
 
 
 def stored(db: Database) -> int:
@@ -152,7 +138,7 @@ def test_what_groups_commit_reaches_the_database_file_within_a_checkpoint_interv
     while not checkpoints and time.monotonic() < deadline:
         time.sleep(0.01)
     # The database file alone, without its WAL, has the resource: the checkpoint copied it there.
-    shutil.copy(tmp_path / "groups.db", tmp_path / "file-only.db")
+    shutil.copy(tmp_path / "overread.db", tmp_path / "file-only.db")
     with sqlite3.connect(tmp_path / "file-only.db") as file_only:
         rows = file_only.execute("SELECT id FROM resource WHERE type = 'Patient'").fetchall()
     assert rows == [(created.json()["id"],)]
