@@ -159,8 +159,9 @@ def _light(req: FhirRequest, body_size: int) -> bool:
 def _light_search(req: FhirRequest) -> bool:
     """Whether a read is a search of one type with a page of at most LIGHT_PAGE and no _include or
     _revinclude: one tried on the event loop first on SQLite (``search_here``)."""
-    if req.method not in READ_METHODS or not req.path.strip("/") or "/" in req.path.strip("/"):
-        return False
+    path = req.path.strip("/")
+    if req.method not in READ_METHODS or not path[:1].isupper() or "/" in path:
+        return False  # not a search of a resource type: the system's history or search, an operation
     for name, value in req.params:
         if name.startswith(("_include", "_revinclude")):
             return False

@@ -81,7 +81,9 @@ def test_a_search_past_the_deadline_is_answered_from_a_reader_thread(
         ("GET", "Patient", [("_count", "x")], False),  # the search will say what is wrong
         ("GET", "ServiceRequest", [("_include", "ServiceRequest:subject")], False),
         ("GET", "Patient", [("_revinclude:iterate", "Task:focus")], False),
-        ("GET", "", [], False),  # a search of every type, or history
+        ("GET", "", [], False),  # a search of every type
+        ("GET", "_history", [], False),  # the system's history
+        ("GET", "$export", [], False),  # an operation
         ("GET", "Patient/1/_history", [], False),
         ("POST", "Patient/_search", [], False),
     ],
