@@ -73,8 +73,8 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
     def search_here(req: FhirRequest, base: str) -> FhirResponse | None:
         """A light search on the event loop, on the loop's own connection, outside a transaction:
         it is one statement, the page with its total (a page past the end, empty, counts in a
-        second). None when SQLite ran it past
-        ``WriteGroups.INLINE_BUDGET`` and interrupted it: the caller runs it on a reader thread.
+        second). None when SQLite ran it past the time a write group may hold the loop
+        (``WriteGroups.INLINE_BUDGET``) and interrupted it: the caller runs it on a reader thread.
 
         On a reader thread a search waits for the GIL at each SQLite call, while the event loop
         holds it: there, a search by identifier cost 1.2 ms of CPU; here 0.7 (docs/performance.md)."""
