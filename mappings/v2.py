@@ -218,7 +218,7 @@ def _unwrap(lines: list[str], enc: Encoding) -> list[str]:
     """Join lines that cannot start a segment (no field separator after three characters) to the one before.
 
     Some senders and transports break long segments, e.g. base64 data every 4,096 bytes
-    (the shared dcm4che ORU_R01-PDF sample has such a CR). A segment always starts with its
+    (the dcm4che ORU_R01-PDF sample has such a CR). A segment always starts with its
     three-character name and the field separator; anything else is the segment before it,
     continued, and the line end was not the sender's.
     """

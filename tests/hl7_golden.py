@@ -1,8 +1,7 @@
 """HL7 test material: the golden-file cases of intake (which .hl7 files, where their expected .json lives)
-and the shared dcm4che OMI^O23 order turned into as many distinct orders and order controls as a test needs."""
+and the dcm4che OMI^O23 order turned into as many distinct orders and order controls as a test needs."""
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +14,11 @@ from mappings.v2 import Message, parse
 from overread.config import load
 
 GOLDEN = Path(__file__).parent / "golden" / "hl7"
-# The shared fixtures sit beside the repository (``../shared/fixtures/hl7``), as ARCHITECTURE.md says.
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hl7"
-DCM4CHE = Path(os.environ.get("OVERREAD_HL7_FIXTURES", str(SHARED))) / "dcm4che"
-# A missing fixture folder fails the run rather than quietly skipping what it should prove.
-assert DCM4CHE.is_dir(), f"the shared HL7 fixtures are not at {DCM4CHE} (set OVERREAD_HL7_FIXTURES)"
-# The order messages among the shared fixtures (OMG^O19 is an order too, one Overread refuses).
-#: The shared OMI^O23 fixture, segments ending in CR as on the wire.
-#: The shared OMI^O23 fixture, segments ending in CR as on the wire.
+# Real-world radiology messages, copied into the repository with their source (tests/fixtures/SOURCES.md).
+DCM4CHE = Path(__file__).parent / "fixtures" / "hl7" / "dcm4che"
+#: The dcm4che OMI^O23 fixture, segments ending in CR as on the wire.
 OMI = (DCM4CHE / "OMI_O23-ImagingOrder.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+# The order messages among the fixtures (OMG^O19 is an order too, one Overread refuses).
 DCM4CHE_ORDERS = ["OMI_O23-ImagingOrder", "ORM_O01-GeneralOrder", "OMG_O19-GeneralClinicalOrder-Eyecare"]
 # The results (ORU^R01: an original report as the source RIS sends it). The PDF one breaks its OBX-5
 # with a bare CR after 4,096 bytes; the parser joins the piece back (mappings/v2.py ``_unwrap``).
@@ -31,11 +26,11 @@ DCM4CHE_REPORTS = ["ORU_R01-CDA", "ORU_R01-PDF", "ORU_R01-SR"]
 
 
 def cases() -> list[tuple[Path, Path]]:
-    """(message, expected) pairs: the shared dcm4che orders and reports, then our own edge cases."""
+    """(message, expected) pairs: the dcm4che orders and reports, then our own edge cases."""
     names = DCM4CHE_ORDERS + DCM4CHE_REPORTS
-    shared = [(DCM4CHE / f"{name}.hl7", GOLDEN / f"dcm4che-{name}.json") for name in names]
+    dcm4che = [(DCM4CHE / f"{name}.hl7", GOLDEN / f"dcm4che-{name}.json") for name in names]
     own = [(path, path.with_suffix(".json")) for path in sorted(GOLDEN.glob("*.hl7"))]
-    return shared + own
+    return dcm4che + own
 
 
 def sender_config(message: Path, parsed: Message) -> SenderConfig | None:

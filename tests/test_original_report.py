@@ -65,7 +65,7 @@ def test_the_pdf_report_keeps_the_pdf_and_the_order_numbers():
     assert report["resultsInterpreter"] == [{"reference": "#interpreter"}]
 
 
-def test_the_shared_pdf_fixture_breaks_its_segment_with_a_bare_cr_and_still_maps():
+def test_the_dcm4che_pdf_fixture_breaks_its_segment_with_a_bare_cr_and_still_maps():
     assert b"\rA0KJSVFT0YNCg==" in ORU_PDF  # the stray CR in the base64 of OBX-5
     assert "error" not in _golden("dcm4che-ORU_R01-PDF.json")
 
