@@ -118,7 +118,7 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
         try:
             req = FhirRequest(
                 method=request.method,
-                path=request.path_params["path"],
+                path=request.path_params.get("path", ""),
                 params=list(request.query_params.multi_items()),
                 headers=dict(request.headers),  # Starlette's names are lower case already
             )
@@ -146,6 +146,8 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
             return _http(await loop.run_in_executor(readers, run, req, base, write, one_row), request)
         return _http(await run_in_threadpool(run, req, base, write, one_row), request)
 
+    # [base] itself, as FHIR clients write it (a transaction POSTed to ".../fhir"): no redirect to "/fhir/".
+    app.add_route(prefix, fhir, methods=METHODS)
     app.add_route(f"{prefix}/{{path:path}}", fhir, methods=METHODS)
 
 

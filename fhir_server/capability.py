@@ -76,7 +76,12 @@ def statement(base: str) -> dict[str, Any]:
                 + ", ".join(CONTROL_PARAMS)
                 + "; reverse chaining with _has:Type:reference:parameter (R4 search.html#has)",
                 "resource": _resources(),
-                "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+                "interaction": [
+                    {"code": "transaction"},
+                    {"code": "batch"},
+                    {"code": "search-system", "documentation": "_type and the parameters common to the types searched"},
+                    {"code": "history-system"},
+                ],
             }
         ],
     }

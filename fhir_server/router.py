@@ -66,6 +66,10 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     match parts, method:
         case [], "POST":
             return FhirResponse(200, bundle.process(req.body, repo, base, handle))
+        case [], "GET" | "HEAD":
+            return _search(repo, base, req, "")
+        case ["_search"], "POST":
+            return _search(repo, base, req, "")
         case ["metadata"], "GET":
             return FhirResponse(200, capability.statement(base))
         case ["_history"], "GET":
@@ -215,7 +219,7 @@ def _conditional_delete(repo: Repository, req: FhirRequest, rtype: str) -> FhirR
 
 
 def _search(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirResponse:
-    check_type(rtype)
+    """Search one type, or the whole system when ``rtype`` is "" (R4 http.html#search)."""
     strict = req.prefer("handling") == "strict"
     query = search.parse(rtype, req.params, strict=strict, base=base)
     result = search.execute(repo.conn, query)

@@ -81,6 +81,7 @@ class Include:
 
 @dataclass
 class SearchQuery:
+    #: The type searched; "" for a search of the whole system (``types`` then says which).
     resource_type: str
     criteria: list[Criterion] = field(default_factory=list)
     count: int = DEFAULT_COUNT
@@ -92,6 +93,8 @@ class SearchQuery:
     elements: list[str] | None = None
     #: The parameters the search used, for the self/next/previous links.
     used: list[tuple[str, str]] = field(default_factory=list)
+    #: A system search's ``_type`` list (R4 search.html#_type); empty: every type.
+    types: tuple[str, ...] = ()
 
 
 @dataclass
@@ -110,17 +113,29 @@ class SearchResult:
 def parse(resource_type: str, params: list[tuple[str, str]], strict: bool = False, base: str = "") -> SearchQuery:
     """Parse a query string; unknown parameters are errors with ``strict``, else ignored.
 
-    ``base`` is this server's FHIR base: a reference value under it is a local reference.
+    ``resource_type`` "" is a search of the whole system (R4 http.html#search, ``GET [base]?``):
+    ``_type`` narrows it to a list of types, and its other parameters must be common to every
+    type searched (search.html#_type). ``base`` is this server's FHIR base: a reference value
+    under it is a local reference.
     """
-    check_type(resource_type)
+    if resource_type:
+        check_type(resource_type)
     query = SearchQuery(resource_type)
     for name, value in params:
         code = name.split(":", 1)[0]
+        if code == "_type" and not resource_type:
+            query.types = _types(name, value)
+            query.used.append((name, value))
+    for name, value in params:
+        code = name.split(":", 1)[0]
         try:
+            if code == "_type" and not resource_type:
+                continue
             if code in CONTROL:
                 _control(query, name, value)
             else:
-                query.criteria.append(_criterion(resource_type, name, value, base))
+                crit = _criterion(resource_type, name, value, base) if resource_type else _common(query, name, value)
+                query.criteria.append(crit)
         except UnknownParameter as exc:
             if strict:
                 raise error(400, "not-supported", str(exc), name) from None
@@ -134,6 +149,25 @@ class UnknownParameter(Exception):
     pass
 
 
+def _types(name: str, value: str) -> tuple[str, ...]:
+    types = tuple(t.strip() for t in value.split(",") if t.strip())
+    if not types:
+        raise error(400, "invalid", "_type needs at least one resource type", name)
+    for rtype in types:
+        check_type(rtype)
+    return types
+
+
+def _params(query: SearchQuery) -> dict[str, SearchParam]:
+    """The search parameters of the searched type; for a system search, those of every type searched."""
+    if query.resource_type:
+        return registry()[query.resource_type]
+    types = query.types or tuple(SUPPORTED_TYPES)
+    per_type = [registry()[t] for t in types]
+    first = per_type[0]
+    return {code: p for code, p in first.items() if all(code in o and o[code].url == p.url for o in per_type[1:])}
+
+
 def _control(query: SearchQuery, name: str, value: str) -> None:
     match name.split(":", 1):
         case ["_count"]:
@@ -143,8 +177,9 @@ def _control(query: SearchQuery, name: str, value: str) -> None:
         case ["_sort"]:
             for key in value.split(","):
                 code = key.lstrip("-")
-                if code not in registry()[query.resource_type] and code not in COLUMN_PARAMS:
-                    raise error(400, "invalid", f"Cannot sort {query.resource_type} by unknown {code!r}", name)
+                if code not in _params(query) and code not in COLUMN_PARAMS:
+                    searched = query.resource_type or "the types searched"
+                    raise error(400, "invalid", f"Cannot sort {searched} by unknown {code!r}", name)
                 query.sort.append((code, key.startswith("-")))
         case ["_include" | "_revinclude" as kind, *modifier]:
             query.includes.append(_include(value, kind == "_revinclude", modifier == ["iterate"]))
@@ -238,6 +273,14 @@ def _has(resource_type: str, name: str, value: str, base: str) -> Criterion:
     return Criterion(SearchParam("_has", "special", ""), None, (), has=has)
 
 
+def _common(query: SearchQuery, name: str, value: str) -> Criterion:
+    """A criterion of a system search: a parameter of every type searched, neither chained nor ``_has``."""
+    code = name.partition(":")[0]
+    if "." in name or code == "_has" or (code not in COLUMN_PARAMS and code not in _params(query)):
+        raise UnknownParameter(f"{name!r} is not a search parameter common to every type searched")
+    return _criterion((query.types or SUPPORTED_TYPES)[0], name, value)
+
+
 def _knows(resource_type: str, chained: str) -> bool:
     code = chained.partition(":")[0].partition(".")[0]
     return resource_type in SUPPORTED_TYPES and (code in COLUMN_PARAMS or code in registry()[resource_type])
@@ -285,7 +328,9 @@ def _where(res: Resource, resource_type: str, crit: Criterion) -> ColumnElement[
         return not_(clause) if crit.modifier == "not" else clause
 
     table = TABLES[param.type]
-    rows = select(table.resource_pk).where(table.res_type == resource_type, table.param == param.code)
+    rows = select(table.resource_pk).where(table.param == param.code)
+    if resource_type:  # a system search (no type) is bounded by ``statement``
+        rows = rows.where(table.res_type == resource_type)
     if crit.modifier == "missing":
         has = res.pk.in_(rows)
         return not_(has) if crit.values[0] == "true" else has
@@ -427,7 +472,7 @@ def _order(res: Resource, query: SearchQuery) -> list[Any]:
         elif code == "_lastUpdated":
             column = res.last_updated
         else:
-            param = registry()[query.resource_type][code]
+            param = _params(query)[code]
             table = TABLES[param.type]
             col = getattr(table, SORT_COLUMNS[param.type])
             if param.type == "date" and descending:
@@ -450,7 +495,9 @@ def statement(query: SearchQuery) -> Select[str, str, int, datetime, str | None]
     res = ResourceRow
     stmt = select(*STORED).where(res.deleted == false())
     narrowing = [c for c in query.criteria if _narrows_type(c)]
-    if not narrowing:
+    if query.types:
+        stmt = stmt.where(res.type.in_(query.types))
+    elif query.resource_type and not narrowing:
         stmt = stmt.where(res.type == query.resource_type)
     for crit in query.criteria:
         stmt = stmt.where(_where(res, query.resource_type, crit))
@@ -606,7 +653,8 @@ def page_bundle(
     def link(relation: str, at: int) -> dict[str, str]:
         query = [(k, v) for k, v in params if k not in ("_count", "_offset")]
         query += [("_count", str(count))] + ([("_offset", str(at))] if at else [])
-        return {"relation": relation, "url": f"{base}/{path}?{urlencode(query)}"}
+        where = f"{base}/{path}" if path else base  # a system search's links are on [base] itself
+        return {"relation": relation, "url": f"{where}?{urlencode(query)}"}
 
     links = [link("self", offset), link("first", 0)]
     if offset > 0:
