@@ -198,6 +198,12 @@ class WriteGroups:
             self._writer.submit(self._drain)
         return await answer
 
+    @property
+    def draining(self) -> bool:
+        """Whether a drain owns the writer's connection: units are queued or a group is running."""
+        with self._lock:
+            return self._draining
+
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._committer.shutdown(wait=True)

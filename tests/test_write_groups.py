@@ -401,23 +401,25 @@ def test_a_drain_cancelled_between_units_commits_what_ran_and_hands_over(db: Dat
 
 
 def test_mixed_units_under_contention_are_each_answered_once_and_written_or_not_as_answered(db: Database) -> None:
-    """Light and other units, some failing, queued in bursts while a worker thread keeps taking the
-    write lock: the drain moves between the event loop and the writer thread many times, and every
-    unit is answered, with exactly the rows of the units that succeeded committed."""
+    """Light and other units, some failing, in bursts, every third one while a worker's transaction
+    holds the write lock: the drain moves between the event loop and the writer thread many times,
+    and every unit is answered, with exactly the rows of the units that succeeded committed.
+
+    Each burst starts on an idle writer, so where its first unit runs follows from the rules alone:
+    on the loop when it is light and the lock is free, else on the writer thread."""
     rng = random.Random(7)
     plan = [(n, rng.random() < 0.7, rng.choice(["ok", "ok", "ok", "rollback", "error"])) for n in range(300)]
-    stop = threading.Event()
-    ran_on: list[str] = []
-
-    def worker() -> None:  # a worker's short transactions, as the outbox's
-        while not stop.is_set():
-            with db.write_lock:
-                time.sleep(0.001)
-            time.sleep(0.004)
+    bursts = [plan[start : start + 10] for start in range(0, len(plan), 10)]
+    for k, burst in enumerate(bursts):  # light heads and other heads, in turn
+        n, _, outcome = burst[0]
+        burst[0] = (n, k % 2 == 0, outcome)
+    plan = [unit for burst in bursts for unit in burst]
+    held = {k for k in range(len(bursts)) if k % 3 == 2}
+    ran_on: dict[int, str] = {}
 
     def unit(n: int, outcome: str) -> Callable[[Connection], str]:
         def work(conn: Connection) -> str:
-            ran_on.append(threading.current_thread().name)
+            ran_on[n] = threading.current_thread().name
             row = {"type": "Patient", "id": f"p{n}", "version": 1, "last_updated": datetime(2026, 1, 1)}
             conn.execute(insert(ResourceRow), {**row, "deleted": False})
             if outcome == "rollback":
@@ -428,28 +430,34 @@ def test_mixed_units_under_contention_are_each_answered_once_and_written_or_not_
 
         return work
 
-    async def bursts() -> list[Any]:
+    async def run_bursts() -> list[Any]:
         writer = db.groups
         assert writer is not None
-        pending = []
-        for start in range(0, len(plan), 10):
-            for n, inline, outcome in plan[start : start + 10]:
-                pending.append(asyncio.ensure_future(writer.submit(unit(n, outcome), inline=inline)))
-            await asyncio.sleep(0.003)
-        return list(await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 60))
+        answers: list[Any] = []
+        for k, burst in enumerate(bursts):
+            while writer.draining:  # the last burst's drain ends just after its answers
+                await asyncio.sleep(0.001)
+            if k in held:
+                db.write_lock.acquire()
+            pending = [asyncio.ensure_future(writer.submit(unit(n, o), inline=light)) for n, light, o in burst]
+            if k in held:
+                # The queued units start their drain and the drain finds the lock taken (two turns of
+                # the loop: one runs the submits, the next the drain they started); then the worker ends.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                db.write_lock.release()
+            answers += await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 60)
+        return answers
 
-    contender = threading.Thread(target=worker)
-    contender.start()
-    try:
-        answers = asyncio.run(bursts())
-    finally:
-        stop.set()
-        contender.join()
+    answers = asyncio.run(run_bursts())
     for (n, _, outcome), answer in zip(plan, answers, strict=True):
         expected = {"ok": f"written {n}", "rollback": f"undone {n}"}.get(outcome)
         assert (str(answer) if outcome == "error" else answer) == (expected or f"failed {n}")
     with db.engine.connect() as conn:
         ids = set(conn.exec_driver_sql("SELECT id FROM resource").scalars())
     assert ids == {f"p{n}" for n, _, outcome in plan if outcome == "ok"}
-    moves = sum(a != b for a, b in itertools.pairwise(ran_on))
-    assert len(ran_on) == len(plan) and moves > 2  # the drain went back and forth
+    assert len(ran_on) == len(plan)
+    on_the_loop = [ran_on[burst[0][0]] == threading.main_thread().name for burst in bursts]
+    assert on_the_loop == [k % 2 == 0 and k not in held for k in range(len(bursts))]
+    moves = sum(ran_on[a] != ran_on[b] for (a, _, _), (b, _, _) in itertools.pairwise(plan))
+    assert moves >= 2 * sum(on_the_loop) - 1  # onto the loop for each of those bursts (but the first), and off
