@@ -35,7 +35,11 @@ def db(sqlite_db: Database) -> Database:
 
 @pytest.fixture
 def groups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The size of every group the writer committed (or tried to)."""
+    """The size of every group the writer committed (or tried to).
+
+    A group on the event loop also closes when its INLINE_BUDGET is spent; here it closes on what
+    is queued alone, so the sizes do not depend on how loaded the machine is."""
+    monkeypatch.setattr(WriteGroups, "INLINE_BUDGET", 60.0)
     sizes: list[int] = []
     answer = WriteGroups._answer
 
@@ -305,11 +309,11 @@ def test_light_writes(path: str, size: int, light: bool) -> None:
 def test_a_drain_cancelled_with_its_event_loop_still_commits_and_hands_over(db: Database) -> None:
     """The loop closes while a group it ran is committing: the group is committed and answered
     all the same, and the next unit is written (the drain moved to the writer thread)."""
-    committing = threading.Event()
+    committing, cancelled = threading.Event(), threading.Event()
 
     def slow_commit(_conn: Connection) -> None:
         committing.set()
-        time.sleep(0.2)
+        assert cancelled.wait(10)
 
     event.listen(db.engine, "commit", slow_commit)
 
@@ -320,6 +324,8 @@ def test_a_drain_cancelled_with_its_event_loop_still_commits_and_hands_over(db: 
             await asyncio.sleep(0.01)
         (drain,) = db.groups._inline
         drain.cancel()
+        await asyncio.sleep(0)  # the drain takes its cancellation while the COMMIT is still running
+        cancelled.set()
         return await asyncio.wait_for(pending, 10)
 
     async def next_unit() -> str:
@@ -334,11 +340,11 @@ def test_a_drain_cancelled_with_its_event_loop_still_commits_and_hands_over(db: 
 def test_a_request_cancelled_while_queued_leaves_its_group_answered(db: Database) -> None:
     """The task awaiting one unit is cancelled (its client gave up): the other units of its group
     are answered all the same, and the server goes on."""
-    started = threading.Event()
+    started, given_up_on = threading.Event(), threading.Event()
 
     def slow(_conn: Connection) -> str:
         started.set()
-        time.sleep(0.1)
+        assert given_up_on.wait(10)
         return "slow"
 
     async def one_cancelled() -> list[Any]:
@@ -347,8 +353,10 @@ def test_a_request_cancelled_while_queued_leaves_its_group_answered(db: Database
         while not started.is_set():
             await asyncio.sleep(0.005)
         given_up, last = (asyncio.ensure_future(db.groups.submit(thread_of)) for _ in range(2))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # both are queued behind the slow unit
         given_up.cancel()
+        await asyncio.sleep(0)
+        given_up_on.set()
         return list(await asyncio.wait_for(asyncio.gather(first, last, given_up, return_exceptions=True), 10))
 
     first, last, given_up = asyncio.run(one_cancelled())
