@@ -9,7 +9,7 @@ from fhir_server.db import Database
 from hl7_bridge.mllp import serving_in_thread
 from mappings.errors import MappingError
 from mappings.orders import map_order
-from mappings.sender import SenderConfig
+from mappings.sender import SenderConfig, sender_settings
 from mappings.v2 import Message, parse
 from overread.config import load
 
@@ -38,8 +38,7 @@ def sender_config(message: Path, parsed: Message) -> SenderConfig | None:
     config = message.with_suffix(".config.yaml")
     if not config.exists():
         return None
-    msh = parsed.msh
-    return load(config).sender(msh.field(3).value, msh.field(4).value)
+    return sender_settings(parsed, load(config).sender)
 
 
 def outcome(message: Path) -> dict[str, Any]:
