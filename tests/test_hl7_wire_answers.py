@@ -15,15 +15,7 @@ from fhir_server.schema import ResourceRow
 from hl7_bridge.intake import receive, resend_form
 from hl7_bridge.store import InboundMessage
 from overread.config import OverreadConfig, load
-from tests.hl7_golden import DCM4CHE, OMI, mllp_listening
-
-#: A small RIS's order: no MSH-4 (optional in v2.3 to v2.8), a patient id without assigning authority.
-NO_MSH4 = (
-    b"MSH|^~\\&|SMALLRIS||OVERREAD|OVR|20250306090000||ORM^O01|S-0001|P|2.3\r"
-    b"PID|||MRN-9||Doe^Jane\r"
-    b"ORC|NW|PL-9\r"
-    b"OBR|1|PL-9||XRCH^XR chest^L\r"
-)
+from tests.hl7_golden import DCM4CHE, NO_MSH4, OMI, mllp_listening
 
 Send = Callable[[bytes], hl7.Message]
 
