@@ -87,7 +87,7 @@ from pydantic import (
 from fhir_server.outbox import Backoff
 from fhir_server.routing import Routing, Rule
 from mappings.concept_map import ConceptMap, ConceptMapError, parse_concept_map
-from mappings.sender import FieldOverrides, FieldPath, SenderConfig
+from mappings.sender import FieldOverrides, FieldPath, IdentifiedBy, SenderConfig
 
 
 class _Strict(BaseModel):
@@ -198,7 +198,7 @@ class Sender(_Strict):
     sending_facility: str = ""
     #: What identifies this sender, so keys its control ids (MSH-10): ``msh3`` or ``msh3+msh4``;
     #: absent = MSH-3 and MSH-4, or MSH-3 alone when MSH-4 is empty (``mappings.sender.sender_identity``).
-    identified_by: Literal["msh3", "msh3+msh4"] | None = None
+    identified_by: IdentifiedBy = None
     identifier_systems: dict[str, str] = Field(default_factory=dict)
     default_system: str | None = None
     timezone: str = "UTC"
