@@ -33,7 +33,7 @@ class InboundMessage(Base):
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
     received_at: Mapped[datetime] = mapped_column(DateTime)
-    #: MSH-3, MSH-4, MSH-10 as sent; None when the message could not be parsed.
+    #: MSH-3, MSH-4, MSH-10 as sent; None when the message could not be parsed (control_id: or has no MSH-10).
     sending_application: Mapped[str | None] = mapped_column(String(227))
     sending_facility: Mapped[str | None] = mapped_column(String(227))
     control_id: Mapped[str | None] = mapped_column(String(199))
