@@ -28,7 +28,8 @@ ERROR_TEXT = {
     206: "Application record locked",
     207: "Application internal error",
 }
-#: Codes that reject the message rather than its content (AR/CR instead of AE/CE).
+#: Codes that reject the message rather than its content (AR/CR instead of AE/CE), unless the error
+#: says otherwise (``MappingError.rejects``).
 REJECT_CODES = {100, 200, 201, 202, 203, 207}
 
 
@@ -37,7 +38,7 @@ def ack_code(message: Message | None, error: MappingError | None) -> str:
     enhanced = message is not None and not message.msh.field(15).is_empty()
     if error is None:
         return "CA" if enhanced else "AA"
-    rejected = message is None or error.code in REJECT_CODES
+    rejected = message is None or (error.code in REJECT_CODES if error.rejects is None else error.rejects)
     return ("CR" if rejected else "CE") if enhanced else ("AR" if rejected else "AE")
 
 

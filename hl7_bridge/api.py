@@ -3,6 +3,8 @@
 ``GET /hl7/messages`` (newest first; filters: status, sender = MSH-3 or MSH-4, control_id =
 MSH-10, placer = ORC-2, since/until on the time received), ``GET /hl7/messages/{id}`` (raw,
 mapped Bundle, what was written, ACK, error, timing) and ``POST /hl7/messages/{id}/replay``.
+A filter value they cannot use (an unknown status, a malformed time, a negative limit) is
+answered 400 with ``{"detail": "<what is wrong>"}``.
 
 The outbound store (``hl7_bridge.outbound``; docs/delivery.md) the same way: ``GET /hl7/outbound``
 (newest first; filters: status (``dead`` = the dead-letter list), destination, report = the
@@ -11,12 +13,15 @@ DiagnosticReport id, control_id = MSH-10, replayed, since/until on the time queu
 ``POST /hl7/outbound/{id}/replay`` (a sent or dead message sent again: a new row, a new MSH-10).
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import Connection, exists, or_, select
 from sqlalchemy.orm import aliased
@@ -26,7 +31,27 @@ from fhir_server.repository import Hook
 from hl7_bridge import delivery
 from hl7_bridge.intake import Senders, replay
 from hl7_bridge.outbound import OutboundMessage
-from hl7_bridge.store import InboundMessage
+from hl7_bridge.store import STATUSES, InboundMessage
+
+
+class _BadRequest(APIRoute):
+    """A request whose parameters do not validate is answered 400 saying what is wrong (not 422)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return JSONResponse({"detail": _problems(exc)}, status_code=400)
+
+        return route
+
+
+def _problems(exc: RequestValidationError) -> str:
+    """One line per bad parameter: its name, pydantic's reason and the value sent."""
+    return "; ".join(f"{error['loc'][-1]}: {error['msg']} (got {error.get('input')!r})" for error in exc.errors())
 
 
 class MessageSummary(BaseModel):
@@ -38,6 +63,8 @@ class MessageSummary(BaseModel):
     message_type: str | None
     placer_number: str | None
     status: str
+    #: A refused message: the id of the message whose MSH-10 it reused.
+    conflict_of: int | None
     ack_code: str | None
     error: str | None
     processing_ms: float | None
@@ -61,7 +88,7 @@ SUMMARY = [c for c in InboundMessage.__table__.c if c.name in MessageSummary.mod
 
 def messages_router(db: Database, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> APIRouter:
     """The endpoints; replays map with ``senders`` and write with ``hooks``, as the intake does."""
-    router = APIRouter(prefix="/hl7/messages", tags=["HL7 message store"])
+    router = APIRouter(prefix="/hl7/messages", tags=["HL7 message store"], route_class=_BadRequest)
 
     def connection() -> Iterator[Connection]:
         with db.begin(write=False) as conn:
@@ -72,7 +99,7 @@ def messages_router(db: Database, senders: Senders | None = None, hooks: Sequenc
     @router.get("")
     def list_messages(
         conn: ConnectionDep,
-        status: str | None = None,
+        status: Annotated[str | None, Query(description=", ".join(STATUSES))] = None,
         sender: Annotated[str | None, Query(description="MSH-3 or MSH-4")] = None,
         control_id: Annotated[str | None, Query(description="MSH-10")] = None,
         placer: Annotated[str | None, Query(description="ORC-2 placer order number")] = None,
@@ -81,6 +108,8 @@ def messages_router(db: Database, senders: Senders | None = None, hooks: Sequenc
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[MessageSummary]:
+        if status and status not in STATUSES:
+            raise HTTPException(400, f"status: must be one of {', '.join(STATUSES)} (got {status!r})")
         m = InboundMessage
         stmt = select(*SUMMARY).order_by(m.received_at.desc(), m.pk.desc()).limit(limit).offset(offset)
         if status:

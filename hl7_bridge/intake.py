@@ -8,19 +8,25 @@ with ERR 204 (unknown key identifier) at ORC-2.
 
 The message row, the resources its Bundle makes and the ACK are committed in one database
 transaction, and the ACK goes back only after that commit (v2.5.1 §2.9.2: the receiver
-acknowledges what it has safely stored). A message whose key (MSH-3, MSH-4, MSH-10) is
-already stored gets the stored ACK again and changes nothing. A message that cannot be
-parsed is stored as rejected and answered AR; one that cannot be mapped, or whose Bundle the
-FHIR store refuses, is stored with its error and answered AE; its resources are not written.
+acknowledges what it has safely stored). A message's key is what identifies its sender (MSH-3,
+or MSH-3 and MSH-4: ``mappings.sender.sender_identity``) with MSH-10. A message whose key is
+already stored and whose content is the same (``resend_form``) is a resend: it gets the stored
+ACK again and changes nothing. One with the same key and other content is not a resend: it is
+stored as refused, naming the first, and answered AE with ERR 207 at MSH-10; the first stays as
+it was. A message that cannot be parsed is stored as rejected and answered AR; one of a type
+Overread does not map is stored with its error and answered AR (ERR 200 or 201); one that cannot
+be mapped, or whose Bundle the FHIR store refuses, is stored with its error and answered AE; its
+resources are not written.
 
 An ORU^R01 (the original report from the source RIS) goes the same way, without order control:
 its DiagnosticReport is written and answered AA (ACK^R01); the store links it to its case
 (``fhir_server.cases``).
 """
 
+import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -34,19 +40,19 @@ from fhir_server.errors import FhirError
 from fhir_server.repository import Hook, Repository, Stored
 from fhir_server.router import handle
 from hl7_bridge.ack import ack_code, acknowledge
-from hl7_bridge.store import ERROR, PROCESSED, RECEIVED, REJECTED, InboundMessage
-from mappings.errors import DATA_TYPE_ERROR, UNKNOWN_KEY, MappingError
+from hl7_bridge.store import ERROR, PROCESSED, RECEIVED, REFUSED, REJECTED, InboundMessage, sender_key
+from mappings.errors import DATA_TYPE_ERROR, INTERNAL_ERROR, UNKNOWN_KEY, MappingError
 from mappings.order_control import OrderControl, order_control
-from mappings.orders import RESULTS, map_order
-from mappings.sender import SenderConfig
+from mappings.orders import RESULTS, check_supported, map_order
+from mappings.sender import SenderConfig, sender_identity, sender_settings
+from mappings.sender import Senders as Senders  # api and delivery take it from here
 from mappings.v2 import Message, parse
 
 #: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
 BASE = "urn:overread:hl7"
-_KEY = ("sending_application", "sending_facility", "control_id")
+_KEY = ("sender_key", "control_id")
 ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"
-#: The mapping settings of a sender, by MSH-3 and MSH-4 (``OverreadConfig.sender``).
-Senders = Callable[[str, str], SenderConfig | None]
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 # The statements every message runs, built once (building them cost more than running them).
 _CLAIM: dict[str, Insert] = {
     name: dialect.insert(InboundMessage).on_conflict_do_nothing(index_elements=_KEY).returning(InboundMessage.pk)
@@ -71,16 +77,12 @@ def receive_in(conn: Connection, raw: bytes, senders: Senders | None = None, hoo
         message = parse(raw)
     except MappingError as exc:
         return _reject(conn, raw, exc, started)
-    key = {
-        "sending_application": message.msh.field(3).value,
-        "sending_facility": message.msh.field(4).value,
-        "control_id": message.msh.field(10).value,
-    }
+    config = sender_settings(message, senders)
+    key = sender_key(sender_identity(message, config))
     pk = _claim(conn, raw, message, key)
-    if pk is None:  # a resend: the first one's answer, nothing else
-        stored = select(InboundMessage.ack).where(*(getattr(InboundMessage, k) == v for k, v in key.items()))
-        return conn.execute(stored).scalar_one() or b""
-    return _process(Repository(conn, hooks), pk, message, _settings(message, senders), started)
+    if pk is None:
+        return _key_taken(conn, raw, message, key, started)
+    return _process(Repository(conn, hooks), pk, message, config, started)
 
 
 def replay(db: Database, pk: int, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes | None:
@@ -98,12 +100,7 @@ def replay(db: Database, pk: int, senders: Senders | None = None, hooks: Sequenc
             message = parse(raw)
         except MappingError as exc:
             return _ack(None, exc)
-        return _process(Repository(conn, hooks), pk, message, _settings(message, senders), started)
-
-
-def _settings(message: Message, senders: Senders | None) -> SenderConfig | None:
-    msh = message.msh
-    return senders(msh.field(3).value, msh.field(4).value) if senders else None
+        return _process(Repository(conn, hooks), pk, message, sender_settings(message, senders), started)
 
 
 def _process(repo: Repository, pk: int, message: Message, config: SenderConfig | None, started: float) -> bytes:
@@ -114,6 +111,7 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
     # Everything the message writes, in a savepoint: on an error only its row stays.
     savepoint = repo.conn.begin_nested()
     try:
+        check_supported(message)  # before order control reads an ORC an ADT never has
         # A result (ORU^R01: the original report) has no order control; it is mapped like a new order.
         control = None if message.message_type in RESULTS else order_control(message, config)
         if control is None or control.code == "XO":
@@ -180,23 +178,85 @@ def _set(repo: Repository, stored: Stored, changes: dict[str, Any]) -> str:
     return f"{updated.type}/{updated.id}/_history/{updated.version}"
 
 
-def _claim(conn: Connection, raw: bytes, message: Message, key: dict[str, str]) -> int | None:
-    """Insert the message's row, or return None when its key is taken (a resend).
+def _claim(conn: Connection, raw: bytes, message: Message, key: str) -> int | None:
+    """Insert the message's row, or return None when its key is taken (a resend or a conflict).
 
     ON CONFLICT DO NOTHING: on PostgreSQL a concurrent transaction holding the same key makes
-    this one wait for its outcome, so two copies of one message never both go on.
+    this one wait for its outcome, so two copies of one message never both go on. A message
+    without MSH-10 has no key to take (NULL), so it is never taken for another.
     """
-    orc = message.segment("ORC") or message.segment("OBR")
-    row = {
-        "received_at": dates.now(),
-        "message_type": message.message_type,
-        "placer_number": orc.field(2).value if orc is not None else None,
-        "status": RECEIVED,
-        "raw": raw,
-        **key,
-    }
+    row = {**_row(raw, message), "sender_key": key, "status": RECEIVED}
     pk: int | None = conn.execute(_CLAIM[conn.dialect.name], row).scalar()
     return pk
+
+
+def _row(raw: bytes, message: Message) -> dict[str, Any]:
+    """The columns every row of a parsed message has."""
+    msh, orc = message.msh, message.segment("ORC") or message.segment("OBR")
+    return {
+        "received_at": dates.now(),
+        "sending_application": msh.field(3).value,
+        "sending_facility": msh.field(4).value,
+        "control_id": msh.field(10).value or None,
+        "message_type": message.message_type,
+        "placer_number": orc.field(2).value if orc is not None else None,
+        "raw": raw,
+    }
+
+
+def _key_taken(conn: Connection, raw: bytes, message: Message, key: str, started: float) -> bytes:
+    """A resend gets the first message's ACK and changes nothing; other content under its key is refused.
+
+    v2.5.1 §2.10.1 lets the receiver drop a duplicate, but a message with the same key and other
+    content is no duplicate: dropping it would lose an order. It is stored as refused and answered
+    AE with ERR 207 (table 0357, application internal error) at MSH-10: resent unchanged it
+    would be refused again; the sender needs a new MSH-10.
+    """
+    m = InboundMessage
+    first = conn.execute(
+        select(m.pk, m.raw, m.ack, m.received_at).where(
+            m.sender_key == key, m.control_id == message.msh.field(10).value
+        )
+    ).one()
+    if resend_form(first.raw) == resend_form(raw):
+        return first.ack or b""
+    error = MappingError(
+        INTERNAL_ERROR,
+        "MSH-10",
+        f"MSH-10 {message.msh.field(10).value} was already used by message #{first.pk} received at "
+        f"{first.received_at:%Y-%m-%dT%H:%M:%S}Z with other content",
+        rejects=False,
+    )
+    ack = _ack(message, error)
+    conn.execute(
+        insert(m).values(
+            **_row(raw, message), status=REFUSED, conflict_of=first.pk, ack=ack, ack_code=ack_code(message, error),
+            error=str(error), processing_ms=(time.perf_counter() - started) * 1000,
+        )
+    )  # fmt: skip
+    return ack
+
+
+def resend_form(raw: bytes) -> list[bytes]:
+    """A message as compared with the stored one of its key: a resend when the two are equal.
+
+    What may legitimately change when a sender (or an interface engine in between) sends the
+    same message again is left out: the segment terminators (CR, LF or CRLF) and blank lines,
+    a UTF-8 byte order mark, spaces, tabs and empty fields at the end of a segment, and MSH-7
+    (date/time of message, which engines stamp anew on each send). Everything else counts byte
+    for byte (another escape, character set or field value is other content): mistaking new
+    content for a resend would silently lose it, which is worse than refusing a resend.
+    """
+    segments = [s.rstrip(b" \t") for s in _LINE_END.split(raw.removeprefix(b"\xef\xbb\xbf"))]
+    segments = [s for s in segments if s]
+    if not segments or not segments[0].startswith(b"MSH") or len(segments[0]) < 4:
+        return segments
+    separator = segments[0][3:4]
+    msh = segments[0].split(separator)
+    if len(msh) > 6:
+        msh[6] = b""  # MSH-7: MSH-1 is the separator itself, so MSH-n is item n - 1
+    segments[0] = separator.join(msh)
+    return [s.rstrip(separator + b" \t") for s in segments]
 
 
 def _reject(conn: Connection, raw: bytes, error: MappingError, started: float) -> bytes:

@@ -1,13 +1,18 @@
 """The inbound message store: every message received, raw, with what became of it.
 
 One row per message: the raw bytes, the mapped Bundle, the transaction-response (which
-resources it made), the ACK sent, a status (received → processed | error | rejected) and
-timings, so an engineer can find any message and see each stage. The key (sending
-application, sending facility, MSH-10) is unique: a resent message meets the row of the
-first one and gets its ACK back; the database, not a lookup, decides (v2.5.1 §2.10.1,
-"the receiving application ... must not process a duplicate").
+resources it made), the ACK sent, a status (received → processed | error | rejected, or
+refused) and timings, so an engineer can find any message and see each stage.
+
+The key is what identifies the sender (``sender_key``: MSH-3, or MSH-3 and MSH-4;
+``mappings.sender.sender_identity``) with MSH-10, and is unique: a resent message meets the row
+of the first one and gets its ACK back; the database, not a lookup, decides (v2.5.1 §2.10.1,
+"the receiving application ... must not process a duplicate"). A message that reuses a key with
+other content is refused: its row has no key (NULLs never collide) and ``conflict_of`` names the
+row that holds the key.
 """
 
+import json
 from datetime import datetime
 
 from sqlalchemy import DateTime, Float, Index, LargeBinary, String, Text, UniqueConstraint
@@ -15,26 +20,31 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from fhir_server.schema import PK, Base
 
-RECEIVED, PROCESSED, ERROR, REJECTED = "received", "processed", "error", "rejected"
+RECEIVED, PROCESSED, ERROR, REJECTED, REFUSED = "received", "processed", "error", "rejected", "refused"
+STATUSES = (RECEIVED, PROCESSED, ERROR, REJECTED, REFUSED)
 
 
 class InboundMessage(Base):
     __tablename__ = "hl7_inbound"
     __table_args__ = (
-        UniqueConstraint("sending_application", "sending_facility", "control_id"),
+        UniqueConstraint("sender_key", "control_id"),
         Index("ix_hl7_inbound_status_received", "status", "received_at"),
     )
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
     received_at: Mapped[datetime] = mapped_column(DateTime)
-    #: MSH-3, MSH-4, MSH-10; None when the message could not be parsed (such rows never collide).
+    #: MSH-3, MSH-4, MSH-10 as sent; None when the message could not be parsed (control_id: or has no MSH-10).
     sending_application: Mapped[str | None] = mapped_column(String(227))
     sending_facility: Mapped[str | None] = mapped_column(String(227))
     control_id: Mapped[str | None] = mapped_column(String(199))
+    #: The sender's identity as a JSON array (["MSH-3"] or ["MSH-3", "MSH-4"]); None on rejected and refused rows.
+    sender_key: Mapped[str | None] = mapped_column(Text)
     message_type: Mapped[str | None] = mapped_column(String(16))
     #: ORC-2 (else OBR-2) placer order number, to find every message about one order.
     placer_number: Mapped[str | None] = mapped_column(String(199), index=True)
     status: Mapped[str] = mapped_column(String(16))
+    #: A refused message: the row of the message whose key it reused.
+    conflict_of: Mapped[int | None] = mapped_column(PK)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     bundle: Mapped[str | None] = mapped_column(Text)
     response: Mapped[str | None] = mapped_column(Text)
@@ -42,3 +52,8 @@ class InboundMessage(Base):
     ack_code: Mapped[str | None] = mapped_column(String(2))
     error: Mapped[str | None] = mapped_column(Text)
     processing_ms: Mapped[float | None] = mapped_column(Float)
+
+
+def sender_key(identity: tuple[str, ...]) -> str:
+    """The ``sender_key`` of a sender identity: a JSON array, so no value can run into the next."""
+    return json.dumps(list(identity), ensure_ascii=False, separators=(",", ":"))

@@ -12,16 +12,23 @@ DATA_TYPE_ERROR = 102
 TABLE_VALUE_NOT_FOUND = 103
 SEGMENT_SEQUENCE_ERROR = 100
 UNSUPPORTED_MESSAGE_TYPE = 200
+UNSUPPORTED_EVENT = 201
 UNKNOWN_KEY = 204
+INTERNAL_ERROR = 207
 
 
 @dataclass(frozen=True)
 class MappingError(Exception):
-    """A message that cannot be parsed or mapped: table 0357 ``code``, ERR-2 ``location``, readable ``text``."""
+    """A message that cannot be parsed or mapped: table 0357 ``code``, ERR-2 ``location``, readable ``text``.
+
+    ``rejects`` says whether the ACK rejects the message (AR) or its content (AE); None: as the
+    code implies (``hl7_bridge.ack.REJECT_CODES``).
+    """
 
     code: int
     location: str
     text: str
+    rejects: bool | None = None
 
     def __str__(self) -> str:
         return f"{self.code} at {self.location}: {self.text}"

@@ -18,7 +18,7 @@ from urllib.parse import quote
 from mappings.concept_map import add_translations
 from mappings.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
 from mappings.sender import FieldPath, SenderConfig
-from mappings.v2 import Message, Segment
+from mappings.v2 import Field, Message, Segment
 from mappings.v2_datatypes import (
     Json,
     address,
@@ -68,10 +68,20 @@ Picker = Callable[[OrderGroup, Message], str]
 
 
 def fallback_system(msg: Message, config: SenderConfig) -> str:
-    """The identifier system of ids without an assigning authority: configured, else the sending facility's."""
+    """The identifier system of ids without an assigning authority: configured, else the sending facility's.
+
+    A message without MSH-4 takes its sending application (MSH-3) as the authority, so ids from two
+    such senders never fall into one system.
+    """
+    hd = _sender_hd(msg)
+    sender_system = config.system_for(hd.component(1), hd.component(2), hd.component(3))
+    return config.default_system or sender_system or "urn:overread:assigning-authority:unknown"
+
+
+def _sender_hd(msg: Message) -> Field:
+    """MSH-4 (sending facility), else MSH-3 (sending application) when MSH-4 is empty."""
     msh4 = msg.msh.field(4)
-    facility_system = config.system_for(msh4.component(1), msh4.component(2), msh4.component(3))
-    return config.default_system or facility_system or "urn:overread:assigning-authority:unknown"
+    return msh4 if msh4.component(1) or msh4.component(2) else msg.msh.field(3)
 
 
 class _Builder:
@@ -112,7 +122,7 @@ def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Pick
 
     b = _Builder(msg, config)
     accession, study_uid = _override(config.fields.accession, accession), _override(config.fields.study_uid, study_uid)
-    org_ref = _organization(b)
+    author = _author(b)
     pid = msg.segment("PID")
     if pid is None:
         raise MappingError(REQUIRED_FIELD_MISSING, "PID", "The order has no PID segment")
@@ -129,7 +139,7 @@ def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Pick
         )
         _task(b, n, group, sr_ref, patient_ref, placer)
         original_report.from_order(b, n, group, sr_ref, patient_ref)  # OBX report text / ED sent with it
-    _provenance(b, org_ref)
+    _provenance(b, author)
     return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
 
 
@@ -148,17 +158,32 @@ def _groups(msg: Message) -> list[OrderGroup]:
     return groups
 
 
-def _organization(b: _Builder) -> str:
-    """MSH-4 sending facility (HD) → Organization (IG ``HD[Organization]``)."""
-    msh4 = b.msg.msh.field(4)
-    if not msh4.component(1) and not msh4.component(2):
+def _author(b: _Builder) -> Json:
+    """The message's author, as the reference its Provenance names.
+
+    MSH-4 sending facility (HD) → Organization (IG ``HD[Organization]``). A sender that leaves MSH-4
+    empty is its sending application, MSH-3: a logical reference to it (type Device, the HD as its
+    identifier, as IG ``HD[Device]`` would make it), unless its sender entry says MSH-4 identifies it
+    (``identified_by: msh3+msh4``).
+    """
+    msh = b.msg.msh
+    msh4 = msh.field(4)
+    if msh4.component(1) or msh4.component(2):
+        ident = _hd_identifier(msh4, "urn:overread:sending-facility")
+        org: Json = {"resourceType": "Organization", "identifier": [ident], "name": msh4.component(1) or ident["value"]}
+        return {"reference": b.add("Organization/sending-facility", org, ident)}
+    msh3 = msh.field(3)
+    if b.config.identified_by == "msh3+msh4" or not (msh3.component(1) or msh3.component(2)):
         raise MappingError(REQUIRED_FIELD_MISSING, "MSH-4", "Sending facility is missing")
-    if msh4.component(2) and msh4.component(3).upper() == "ISO":
-        ident = {"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{msh4.component(2)}"}
-    else:
-        ident = {"system": "urn:overread:sending-facility", "value": msh4.component(1)}
-    org: Json = {"resourceType": "Organization", "identifier": [ident], "name": msh4.component(1) or ident["value"]}
-    return b.add("Organization/sending-facility", org, ident)
+    ident = _hd_identifier(msh3, "urn:overread:sending-application")
+    return {"type": "Device", "identifier": ident, "display": msh3.component(1) or ident["value"]}
+
+
+def _hd_identifier(hd: Field, local_system: str) -> Json:
+    """An HD as an Identifier: its ISO OID as ``urn:oid:``, else its namespace id in ``local_system``."""
+    if hd.component(2) and hd.component(3).upper() == "ISO":
+        return {"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{hd.component(2)}"}
+    return {"system": local_system, "value": hd.component(1)}
 
 
 def _patient(b: _Builder, pid: Segment) -> str:
@@ -378,7 +403,7 @@ def _task(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref: str,
     b.add(f"Task/{n}", task, placer)
 
 
-def _provenance(b: _Builder, org_ref: str) -> None:
+def _provenance(b: _Builder, author: Json) -> None:
     """A Provenance (IG ``MSH[Provenance-Source]``) tying every resource to the message (MSH-10)."""
     recorded = instant(b.msg.msh.field(7).component(1), b.config, "MSH-7")
     if recorded is None:
@@ -394,7 +419,7 @@ def _provenance(b: _Builder, org_ref: str) -> None:
         "agent": [
             {
                 "type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": "author"}]},
-                "who": {"reference": org_ref},
+                "who": author,
             }
         ],
         "entity": [

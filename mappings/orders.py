@@ -6,7 +6,7 @@ original report a case is compared with (``mappings.original_report``).
 
 from collections.abc import Callable
 
-from mappings.errors import UNSUPPORTED_MESSAGE_TYPE, MappingError
+from mappings.errors import UNSUPPORTED_EVENT, UNSUPPORTED_MESSAGE_TYPE, MappingError
 from mappings.omi_o23 import map_omi_o23
 from mappings.original_report import map_oru_r01
 from mappings.orm_o01 import map_orm_o01
@@ -23,11 +23,26 @@ MAPPERS: dict[str, Callable[[Message, SenderConfig], Json]] = {
 RESULTS = frozenset({"ORU^R01"})
 
 
-def map_order(message: Message, config: SenderConfig | None = None) -> Json:
-    """Map an ORM^O01, OMI^O23 or ORU^R01 to one FHIR R4 transaction Bundle; anything else is error 200."""
-    mapper = MAPPERS.get(message.message_type)
-    if mapper is None:
+def check_supported(message: Message) -> None:
+    """Refuse what Overread does not map, before anything reads the message's body.
+
+    HL7 v2.5.1 §2.9.2 / table 0357: a message type (MSH-9.1) Overread has no mapping for at
+    all is error 200 (unsupported message type) at MSH-9; a known type with another trigger
+    event (MSH-9.2), such as ORU^R30, is error 201 (unsupported event code) at MSH-9.2.
+    Both are answered AR (``hl7_bridge.ack.REJECT_CODES``).
+    """
+    kind = message.message_type
+    if kind in MAPPERS:
+        return
+    known = sorted(t for t in MAPPERS if t.partition("^")[0] == kind.partition("^")[0])
+    if known:
         raise MappingError(
-            UNSUPPORTED_MESSAGE_TYPE, "MSH-9", f"Message type {message.message_type} is not an order Overread maps"
+            UNSUPPORTED_EVENT, "MSH-9.2", f"Message type {kind} is not supported: Overread maps {', '.join(known)}"
         )
-    return mapper(message, config or SenderConfig())
+    raise MappingError(UNSUPPORTED_MESSAGE_TYPE, "MSH-9", f"Message type {kind} is not an order Overread maps")
+
+
+def map_order(message: Message, config: SenderConfig | None = None) -> Json:
+    """Map an ORM^O01, OMI^O23 or ORU^R01 to one FHIR R4 transaction Bundle (else error 200 or 201)."""
+    check_supported(message)
+    return MAPPERS[message.message_type](message, config or SenderConfig())

@@ -50,8 +50,8 @@ from mappings.errors import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, TABLE_VALUE
 from mappings.order_bundle import (
     NAMESPACE,
     OrderGroup,
+    _author,
     _Builder,
-    _organization,
     _patient,
     _provenance,
 )
@@ -109,7 +109,7 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 def map_oru_r01(msg: Message, config: SenderConfig) -> Json:
     """ORU^R01 → transaction Bundle: Organization, Patient, a DiagnosticReport per OBR, Provenance."""
     b = _Builder(msg, config)
-    org_ref = _organization(b)
+    author = _author(b)
     pid = msg.segment("PID")
     if pid is None:
         raise MappingError(REQUIRED_FIELD_MISSING, "PID", "The report has no PID segment")
@@ -119,7 +119,7 @@ def map_oru_r01(msg: Message, config: SenderConfig) -> Json:
         raise MappingError(REQUIRED_FIELD_MISSING, "OBR", "The report has no OBR segment")
     for n, (orc, obr, members) in enumerate(groups, 1):
         _oru_report(b, n, orc, obr, members, patient_ref)
-    _provenance(b, org_ref)
+    _provenance(b, author)
     return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
 
 

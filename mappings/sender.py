@@ -1,14 +1,17 @@
 """Per-sender mapping settings, kept as plain data so the ``OVERREAD_CONFIG`` YAML can feed them."""
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import quote
 
 from mappings.concept_map import ConceptMap
 from mappings.v2 import EMPTY_FIELD, Field, Message, Segment
 
 AUTHORITY_PREFIX = "urn:overread:assigning-authority:"
+#: What identifies a sender: MSH-3 alone, or MSH-3 with MSH-4 (None: MSH-3 with MSH-4 when MSH-4 is sent).
+IdentifiedBy = Literal["msh3", "msh3+msh4"] | None
 _PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-([1-9][0-9]*)(?:\.([1-9][0-9]*))?$")
 
 
@@ -67,7 +70,8 @@ class SenderConfig:
     ``timezone`` is the IANA zone of times sent without an offset (FHIR needs one).
     ``concept_maps`` translate the sender's codes (codings added beside the sender's own);
     ``fields`` says where the sender puts things; ``default_priority`` (a request-priority code)
-    is the priority of orders that carry none.
+    is the priority of orders that carry none. ``identified_by`` says which MSH fields identify
+    the sender (``sender_identity``); ``name`` names the configuration entry, for people.
     """
 
     identifier_systems: Mapping[str, str] = field(default_factory=dict)
@@ -77,6 +81,8 @@ class SenderConfig:
     concept_maps: tuple[ConceptMap, ...] = ()
     fields: FieldOverrides = FieldOverrides()
     default_priority: str | None = None
+    identified_by: IdentifiedBy = None
+    name: str = ""
 
     def system_for(self, namespace: str, universal_id: str = "", universal_id_type: str = "") -> str | None:
         """The identifier system of an assigning authority (HD: namespace, universal id, its type)."""
@@ -89,3 +95,30 @@ class SenderConfig:
         if namespace:
             return f"{self.authority_prefix}{quote(namespace, safe='')}"
         return None
+
+
+#: The settings of the sender of MSH-3 and MSH-4 (``OverreadConfig.sender``), None for one not configured.
+Senders = Callable[[str, str], SenderConfig | None]
+
+
+def sender_settings(message: Message, senders: Senders | None) -> SenderConfig | None:
+    """The settings intake maps ``message`` with: those of the first sender entry matching its MSH-3 and MSH-4."""
+    msh = message.msh
+    return senders(msh.field(3).value, msh.field(4).value) if senders else None
+
+
+def sender_identity(message: Message, config: SenderConfig | None) -> tuple[str, ...]:
+    """What identifies the message's sender: (MSH-3, MSH-4), or (MSH-3,) alone.
+
+    HL7 v2.5.1 §2.15.9.3 and §2.15.9.4: MSH-3 and MSH-4 together name the sending system, but MSH-4 is
+    optional and many small RIS leave it empty. A sender entry's ``identified_by: msh3`` makes
+    MSH-3 alone the identity (MSH-4 may vary); ``msh3+msh4`` always uses both; by default MSH-3
+    alone identifies the sender when MSH-4 is empty. A message's control id (MSH-10) is unique
+    per identity.
+    """
+    msh = message.msh
+    application, facility = msh.field(3).value, msh.field(4).value
+    by = config.identified_by if config else None
+    if by == "msh3" or (by is None and not facility):
+        return (application,)
+    return (application, facility)

@@ -2,13 +2,17 @@
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fhir_server.db import Database
 from overread.migrate import upgrade
 from overread.settings import get_settings
+
+if TYPE_CHECKING:
+    from mappings.sender import SenderConfig
+    from mappings.v2 import Message
 
 app = typer.Typer(help="Overread: radiology second-opinion interoperability server", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema", no_args_is_help=True)
@@ -27,18 +31,59 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 
 
 @hl7_app.command("map")
-def hl7_map(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)]) -> None:
-    """Print the FHIR transaction Bundle an ORM^O01/OMI^O23 file becomes (no database is touched)."""
+def hl7_map(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    config: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="OVERREAD_CONFIG file (default: $OVERREAD_CONFIG)")
+    ] = None,
+    sender: Annotated[str, typer.Option(help="map with the hl7.senders entry of this name, whatever MSH-3/4 say")] = "",
+) -> None:
+    """Print the FHIR transaction Bundle an ORM^O01/OMI^O23/ORU^R01 file becomes (no database is touched).
+
+    The file is mapped as intake maps it, with the settings of the first ``hl7.senders`` entry of
+    the configuration that matches its MSH-3 and MSH-4 (or the entry ``--sender`` names). Which
+    entry applied goes to stderr; stdout holds the Bundle alone, to pipe.
+    """
     from mappings.errors import MappingError
     from mappings.orders import map_order
+    from mappings.sender import sender_settings
     from mappings.v2 import parse
+    from overread.config import ConfigError, load
 
     try:
-        bundle = map_order(parse(file.read_bytes()))
+        cfg = load(config or get_settings().config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    forced = cfg.sender_named(sender) if sender else None
+    if sender and forced is None:
+        named = [s.name for s in cfg.hl7.senders if s.name]
+        typer.echo(f"no hl7.senders entry is named {sender!r} (named: {', '.join(named) or 'none'})", err=True)
+        raise typer.Exit(2)
+    try:
+        message = parse(file.read_bytes())
+        settings = forced or sender_settings(message, cfg.sender)
+        typer.echo(_sender_line(message, settings, bool(forced)), err=True)
+        bundle = map_order(message, settings)
     except MappingError as exc:
         typer.echo(f"error {exc.code} at {exc.location}: {exc.text}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(json.dumps(bundle, indent=2, ensure_ascii=False))
+
+
+def _sender_line(message: "Message", settings: "SenderConfig | None", forced: bool) -> str:
+    """Which sender entry maps the message, and what identifies its sender (keys its MSH-10)."""
+    from mappings.sender import sender_identity
+
+    msh = message.msh
+    sent = f"MSH-3 {msh.field(3).value!r}, MSH-4 {msh.field(4).value!r}"
+    if settings is None:
+        entry = f"no hl7.senders entry matches {sent}: default settings"
+    else:
+        entry = f"{settings.name} ({'--sender' if forced else 'matches ' + sent})"
+    identity = sender_identity(message, settings)
+    fields = " + ".join(f"MSH-{n} {v!r}" for n, v in zip((3, 4), identity, strict=False))
+    return f"sender: {entry}; identified by {fields}"
 
 
 @hl7_app.command("oru")

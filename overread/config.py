@@ -6,8 +6,10 @@ sending system with, without code:
 
     hl7:
       senders:
-        - sending_application: EPIC        # MSH-3; "" or absent = any
+        - name: epic                       # optional; for ``overread hl7 map --sender``
+          sending_application: EPIC        # MSH-3; "" or absent = any
           sending_facility: STMARYS        # MSH-4; "" or absent = any
+          identified_by: msh3+msh4         # or msh3; absent = MSH-3 alone when MSH-4 is empty
           identifier_systems:              # assigning authority (CX-4 / EI-2) → identifier system
             STMARYS: urn:oid:2.16.840.1.113883.3.72.5.9.1.2
           default_system: urn:oid:2.16.840.1.113883.3.72.5.9.1
@@ -85,7 +87,7 @@ from pydantic import (
 from fhir_server.outbox import Backoff
 from fhir_server.routing import Routing, Rule
 from mappings.concept_map import ConceptMap, ConceptMapError, parse_concept_map
-from mappings.sender import FieldOverrides, FieldPath, SenderConfig
+from mappings.sender import FieldOverrides, FieldPath, IdentifiedBy, SenderConfig
 
 
 class _Strict(BaseModel):
@@ -190,8 +192,13 @@ class SenderDefaults(_Strict):
 
 
 class Sender(_Strict):
+    #: For people and ``overread hl7 map --sender``; unique when given.
+    name: str | None = None
     sending_application: str = ""
     sending_facility: str = ""
+    #: What identifies this sender, so keys its control ids (MSH-10): ``msh3`` or ``msh3+msh4``;
+    #: absent = MSH-3 and MSH-4, or MSH-3 alone when MSH-4 is empty (``mappings.sender.sender_identity``).
+    identified_by: IdentifiedBy = None
     identifier_systems: dict[str, str] = Field(default_factory=dict)
     default_system: str | None = None
     timezone: str = "UTC"
@@ -220,8 +227,8 @@ class Sender(_Strict):
     def matches(self, application: str, facility: str) -> bool:
         return self.sending_application in ("", application) and self.sending_facility in ("", facility)
 
-    def settings(self) -> SenderConfig:
-        """The mapping settings of this sender."""
+    def settings(self, label: str = "") -> SenderConfig:
+        """The mapping settings of this sender; ``label`` names the entry when it has no ``name``."""
         return SenderConfig(
             identifier_systems=self.identifier_systems,
             default_system=self.default_system,
@@ -229,6 +236,8 @@ class Sender(_Strict):
             concept_maps=self._concept_maps,
             fields=self.fields.overrides(),
             default_priority=self.defaults.priority,
+            identified_by=self.identified_by,
+            name=self.name or label,
         )
 
 
@@ -251,6 +260,14 @@ class Hl7(_Strict):
         names = [d.name for d in value]
         if len(set(names)) != len(names):
             raise ValueError(f"destination names must be unique: {names}")
+        return value
+
+    @field_validator("senders")
+    @classmethod
+    def _unique_sender_names(cls, value: list[Sender]) -> list[Sender]:
+        names = [s.name for s in value if s.name is not None]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sender names must be unique: {names}")
         return value
 
 
@@ -333,10 +350,14 @@ class OverreadConfig(_Strict):
 
     def sender(self, application: str, facility: str) -> SenderConfig | None:
         """The mapping settings of the first sender entry matching MSH-3 and MSH-4, if any."""
-        for sender in self.hl7.senders:
+        for n, sender in enumerate(self.hl7.senders):
             if sender.matches(application, facility):
-                return sender.settings()
+                return sender.settings(f"hl7.senders[{n}]")
         return None
+
+    def sender_named(self, name: str) -> SenderConfig | None:
+        """The mapping settings of the sender entry called ``name``, if any."""
+        return next((s.settings() for s in self.hl7.senders if s.name == name), None)
 
 
 class ConfigError(ValueError):

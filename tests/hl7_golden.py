@@ -9,7 +9,7 @@ from fhir_server.db import Database
 from hl7_bridge.mllp import serving_in_thread
 from mappings.errors import MappingError
 from mappings.orders import map_order
-from mappings.sender import SenderConfig
+from mappings.sender import SenderConfig, sender_settings
 from mappings.v2 import Message, parse
 from overread.config import load
 
@@ -18,6 +18,8 @@ GOLDEN = Path(__file__).parent / "golden" / "hl7"
 DCM4CHE = Path(__file__).parent / "fixtures" / "hl7" / "dcm4che"
 #: The dcm4che OMI^O23 fixture, segments ending in CR as on the wire.
 OMI = (DCM4CHE / "OMI_O23-ImagingOrder.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+#: A small RIS's ORM^O01 (v2.3): no MSH-4, a patient id without assigning authority.
+NO_MSH4 = (GOLDEN / "orm_no_msh4.hl7").read_bytes()
 # The order messages among the fixtures (OMG^O19 is an order too, one Overread refuses).
 DCM4CHE_ORDERS = ["OMI_O23-ImagingOrder", "ORM_O01-GeneralOrder", "OMG_O19-GeneralClinicalOrder-Eyecare"]
 # The results (ORU^R01: an original report as the source RIS sends it). The PDF one breaks its OBX-5
@@ -38,8 +40,7 @@ def sender_config(message: Path, parsed: Message) -> SenderConfig | None:
     config = message.with_suffix(".config.yaml")
     if not config.exists():
         return None
-    msh = parsed.msh
-    return load(config).sender(msh.field(3).value, msh.field(4).value)
+    return sender_settings(parsed, load(config).sender)
 
 
 def outcome(message: Path) -> dict[str, Any]:

@@ -3,11 +3,12 @@
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from fhir_server.db import Database
 from overread.migrate import METADATA
@@ -60,3 +61,42 @@ def test_demo_runs_a_case_and_a_rerun_adds_nothing(tmp_path: Path):
     studies = {line.split("ImagingStudy/")[1][:36] for line in second.stdout.splitlines() if "ImagingStudy/" in line}
     assert len(studies) == 2  # the study pushed again is the same study
     assert "sent to the EHR by an earlier run" in second.stdout and "ORU^R01^ORU_R01" not in second.stdout
+
+
+def _migrate(db: Database, revision: str) -> None:
+    """Upgrade or downgrade ``db`` to ``revision`` (upgrade() only goes up)."""
+    from alembic import command
+
+    from overread.migrate import alembic_config
+
+    with db.engine.begin() as conn:
+        config = alembic_config()
+        config.attributes["connection"] = conn
+        (command.downgrade if revision < "0004" else command.upgrade)(config, revision)
+
+
+def test_inbound_sender_key_migration_keeps_every_message_and_its_key(db: Database):
+    from sqlalchemy import select
+
+    from hl7_bridge.intake import receive
+    from hl7_bridge.store import InboundMessage
+    from tests.hl7_golden import NO_MSH4, OMI
+
+    receive(db, OMI)
+    receive(db, OMI.replace(b"PID_1^", b"PID_2^"))  # refused: shares the first one's old key
+    _migrate(db, "0003")
+    with db.engine.begin() as conn:
+        rows = conn.execute(text("SELECT status, control_id FROM hl7_inbound ORDER BY pk")).all()
+        assert [tuple(r) for r in rows] == [("processed", "1001125"), ("refused", None)]
+        conn.execute(
+            text(
+                "INSERT INTO hl7_inbound (received_at, sending_application, sending_facility, control_id, status, raw,"
+                " ack) VALUES (:at, 'SMALLRIS', '', 'S-0001', 'processed', :raw, :ack)"
+            ),
+            {"at": datetime(2026, 1, 1), "raw": NO_MSH4, "ack": b"STORED-ACK"},
+        )
+    _migrate(db, "head")
+    with db.begin(write=False) as conn:
+        keys = conn.execute(select(InboundMessage.sender_key).order_by(InboundMessage.pk)).scalars().all()
+    assert keys == ['["MESA_OF","XYZ_RADIOLOGY"]', None, '["SMALLRIS"]']
+    assert receive(db, NO_MSH4) == b"STORED-ACK"  # intake finds the stored key: a resend

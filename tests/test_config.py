@@ -59,6 +59,8 @@ def test_the_documented_shape_loads(tmp_path):
         "pacs:\n  - name: x\n    ae_titel: A\n    host: h\n    port: 1\n",
         "hl7: [unclosed",
         "pacs:\n  - retrieve: teleport\n",
+        "hl7: {senders: [{name: ris, sending_application: A}, {name: ris, sending_application: B}]}",
+        "hl7: {senders: [{sending_application: A, identified_by: msh4}]}",
     ],
 )
 def test_mistakes_are_refused_with_the_file_named(tmp_path, text):
@@ -172,3 +174,18 @@ def test_a_translated_code_is_stored_in_the_service_request(client, db, tmp_path
     assert (acsn, order["priority"]) == (["ACC-7"], "urgent")
     found = client.get("/fhir/ServiceRequest", params={"code": "http://radlex.org|RPID16"}).json()
     assert [e["resource"]["id"] for e in found["entry"]] == [order["id"]]  # searchable by the translated code
+
+
+def test_sender_entries_are_found_by_message_and_by_name(tmp_path):
+    config = load(
+        _write(
+            tmp_path,
+            "hl7: {senders: [{name: north, sending_application: RIS, sending_facility: NORTH, identified_by: msh3},"
+            " {sending_application: RIS}]}",
+        )
+    )
+    north = config.sender("RIS", "NORTH")
+    assert north is not None and (north.name, north.identified_by) == ("north", "msh3")
+    unnamed = config.sender("RIS", "")  # no MSH-4: the entry that names no facility
+    assert unnamed is not None and (unnamed.name, unnamed.identified_by) == ("hl7.senders[1]", None)
+    assert config.sender_named("north") == north and config.sender_named("south") is None

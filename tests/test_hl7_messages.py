@@ -1,6 +1,9 @@
 """The message store's REST endpoints: find messages, see their stages, replay one."""
 
+import pytest
+
 from hl7_bridge.intake import receive
+from hl7_bridge.store import STATUSES
 from tests.hl7_golden import OMI, case_status, omi_control, omi_order
 
 
@@ -40,3 +43,38 @@ def test_replay_processes_a_failed_message_again(client, db):
     assert case_status(db, "ServiceRequest")[0] == "revoked"
     assert client.get("/hl7/messages", params={"status": "error"}).json() == []
     assert client.post("/hl7/messages/999999/replay").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        ({"status": "bogus"}, "status: must be one of received, processed, error, rejected, refused (got 'bogus')"),
+        ({"since": "yesterday"}, "since: Input should be a valid datetime"),
+        ({"until": "2026-13-01"}, "until: Input should be a valid datetime"),
+        ({"limit": "-1"}, "limit: Input should be greater than or equal to 1 (got '-1')"),
+        ({"limit": "many"}, "limit: Input should be a valid integer"),
+        ({"offset": "-5"}, "offset: Input should be greater than or equal to 0 (got '-5')"),
+    ],
+)
+def test_a_filter_value_it_cannot_use_is_a_bad_request(client, db, params, says):
+    receive(db, OMI)
+    response = client.get("/hl7/messages", params=params)
+    assert response.status_code == 400
+    assert says in response.json()["detail"]
+
+
+def test_each_known_status_is_a_filter(client, db):
+    receive(db, OMI)
+    for status in STATUSES:
+        response = client.get("/hl7/messages", params={"status": status})
+        assert response.status_code == 200
+        assert [m["status"] for m in response.json()] == (["processed"] if status == "processed" else [])
+
+
+def test_a_refused_message_names_the_one_whose_control_id_it_reused(client, db):
+    receive(db, OMI)
+    receive(db, OMI.replace(b"PID_1^", b"PID_2^"))
+    refused, first = client.get("/hl7/messages").json()
+    assert (refused["status"], refused["conflict_of"], refused["ack_code"]) == ("refused", first["id"], "AE")
+    assert client.get("/hl7/messages", params={"status": "refused"}).json() == [refused]
+    assert f"already used by message #{first['id']}" in client.get(f"/hl7/messages/{refused['id']}").json()["ack"]

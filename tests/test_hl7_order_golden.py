@@ -9,12 +9,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from fhir_server.validation import validate
-from tests.hl7_golden import GOLDEN, cases, dump, outcome
+from tests.hl7_golden import DCM4CHE, GOLDEN, cases, dump, outcome
 
 UPDATE = os.environ.get("OVERREAD_UPDATE_GOLDEN") == "1"
 CASES = cases()
@@ -84,9 +85,13 @@ def test_edge_cases_read_as_sent():
     assert _golden("dcm4che-OMG_O19-GeneralClinicalOrder-Eyecare.json")["error"]["code"] == 200
 
 
-def _map_cli(message: Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "overread.cli", "hl7", "map", str(message)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+def _map_cli(message: Path, *options: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``overread hl7 map`` in a process of its own; ``config`` is its OVERREAD_CONFIG (none by default)."""
+    command = [sys.executable, "-m", "overread.cli", "hl7", "map", str(message), *options]
+    env = {k: v for k, v in os.environ.items() if k != "OVERREAD_CONFIG"}
+    if config is not None:
+        env["OVERREAD_CONFIG"] = str(config)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, env=env)
 
 
 def test_cli_prints_the_same_bundle():
@@ -101,3 +106,59 @@ def test_cli_reports_a_mapping_error_on_stderr():
     assert result.returncode == 1
     assert result.stdout == ""
     assert "101 at PID-3" in result.stderr
+
+
+RIS3 = GOLDEN / "omi_sender_ris3_fields.hl7"
+RIS3_CONFIG = GOLDEN / "omi_sender_ris3_fields.config.yaml"
+
+
+def _code(bundle: dict[str, Any]) -> dict[str, Any]:
+    (order,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
+    return dict(order["code"])
+
+
+@pytest.mark.parametrize("how", ["--config", "OVERREAD_CONFIG"])
+def test_cli_maps_with_the_matching_sender_of_the_configuration(how: str):
+    result = _map_cli(RIS3, "--config", str(RIS3_CONFIG)) if how == "--config" else _map_cli(RIS3, config=RIS3_CONFIG)
+    assert result.returncode == 0, result.stderr
+    bundle = json.loads(result.stdout)  # stdout is the Bundle alone
+    assert bundle == outcome(RIS3)  # the golden case's mapping, sender settings applied
+    assert _code(bundle)["coding"][0]["code"] == "10637-7"  # OBR-44, where RIS3 puts its code
+    assert "sender: hl7.senders[0] (matches MSH-3 'RIS3', MSH-4 'SOUTHCLINIC')" in result.stderr
+
+    without = _map_cli(RIS3)
+    assert _code(json.loads(without.stdout)) == {"text": "See OBR-44"}  # the standard place: a placeholder
+    assert "no hl7.senders entry matches MSH-3 'RIS3', MSH-4 'SOUTHCLINIC': default settings" in without.stderr
+
+
+def test_cli_sender_option_forces_a_named_entry(tmp_path: Path):
+    config = tmp_path / "overread.yaml"
+    config.write_text(
+        "hl7:\n  senders:\n"
+        "    - {name: plain, sending_application: RIS3}\n"
+        "    - {name: ris3-v23, sending_application: NOT_RIS3, identified_by: msh3,\n"
+        "       fields: {procedure_code: OBR-44, priority: OBR-27.6}}\n",
+        encoding="utf-8",
+    )
+    result = _map_cli(RIS3, "--config", str(config), "--sender", "ris3-v23")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == outcome(RIS3)
+    assert "sender: ris3-v23 (--sender); identified by MSH-3 'RIS3'\n" in result.stderr
+
+    unknown = _map_cli(RIS3, "--config", str(config), "--sender", "nobody")
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert "no hl7.senders entry is named 'nobody' (named: plain, ris3-v23)" in unknown.stderr
+
+
+def test_cli_answers_an_unsupported_message_as_intake_does():
+    result = _map_cli(DCM4CHE / "ADT_A40-PatientMerge.hl7")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "error 200 at MSH-9: Message type ADT^A40 is not an order Overread maps" in result.stderr
+
+
+def test_cli_refuses_a_broken_configuration(tmp_path: Path):
+    config = tmp_path / "overread.yaml"
+    config.write_text("hl7: {senders: [{sending_application: RIS3, identified_by: msh4}]}", encoding="utf-8")
+    result = _map_cli(RIS3, "--config", str(config))
+    assert result.returncode == 2 and result.stdout == ""
+    assert str(config) in result.stderr and "identified_by" in result.stderr
