@@ -30,8 +30,8 @@ DISCREPANCY = f"{BASE}CodeSystem/second-opinion-discrepancy"
 RADPEER = f"{BASE}CodeSystem/radpeer"
 #: ``meta.tag`` system of a report's role: ``original`` (the report re-read) or ``second-opinion``.
 REPORT_ROLE = f"{BASE}CodeSystem/report-role"
-#: The ServiceRequest a reference points to, as ``indexing.split_reference`` reads it.
-_ORDER = re.compile(r"(?:^|/)ServiceRequest/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+#: A relative reference to a ServiceRequest here (an absolute one names another server's order).
+_ORDER = re.compile(r"^ServiceRequest/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 
 Json = dict[str, Any]
 
@@ -80,15 +80,20 @@ def orders(report: Json) -> list[str]:
 
 def says_second_opinion(report: Json) -> bool:
     """The report says it is a second opinion: the profile claimed, the tag, or a discrepancy code."""
-    claimed = report.get("meta", {}).get("profile") if isinstance(report.get("meta"), dict) else None
-    profiled = any(isinstance(p, str) and p.split("|")[0] == SECOND_OPINION_REPORT for p in claimed or ())
+    meta = report.get("meta")
+    claimed = meta.get("profile") if isinstance(meta, dict) else None
+    profiled = isinstance(claimed, list) and any(str(p).split("|")[0] == SECOND_OPINION_REPORT for p in claimed)
     coded = any(c.get("system") == DISCREPANCY for cc in items(report, "conclusionCode") for c in items(cc, "coding"))
     return profiled or coded or "second-opinion" in roles(report)
 
 
+def _may_be_one(report: Json) -> bool:
+    return report.get("resourceType") == "DiagnosticReport" and not is_original(report)
+
+
 def is_second_opinion_report(report: Json | None, store: Lookup | None) -> bool:
     """The definition above; without a store (no database at hand) only what the report says counts."""
-    if not report or report.get("resourceType") != "DiagnosticReport" or is_original(report):
+    if report is None or not _may_be_one(report):
         return False
     if says_second_opinion(report):
         return True
@@ -97,7 +102,7 @@ def is_second_opinion_report(report: Json | None, store: Lookup | None) -> bool:
 
 def second_opinion_order(report: Json | None, store: Lookup | None) -> str | None:
     """The order a second-opinion report is about (its case's, else the first); None for any other report."""
-    if not report or report.get("resourceType") != "DiagnosticReport" or is_original(report):
+    if report is None or not _may_be_one(report):
         return None
     ids = orders(report)
     cased = next((i for i in ids if store is not None and is_case_order(store, i)), None)
