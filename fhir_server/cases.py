@@ -19,6 +19,10 @@ from typing import Any
 from fhir_server.errors import error
 from fhir_server.repository import Change, Hook, Repository, Stored
 from fhir_server.routing import NO_ROUTING, Routing, route
+from fhir_server.second_opinion import REPORT_ROLE, case_of, is_original
+
+#: Defined with the second-opinion report (below the profiles, which need them); used from here too.
+__all__ = ["REPORT_ROLE", "case_of", "is_original"]
 
 #: The outbox topic of the image-linking worker (dicom_bridge).
 LINK_IMAGING = "link-imaging"
@@ -104,33 +108,46 @@ IMAGES_PENDING = "images-pending"  # a linking job is looking (or will look agai
 IMAGES_AVAILABLE = "images-available"  # the ImagingStudy is linked (and retrieved, where configured)
 IMAGES_NOT_FOUND = "images-not-found"  # the job gave up: no PACS had a matching study
 IMAGES_UNAVAILABLE = "images-unavailable"  # the job gave up: the study was found but could not be retrieved
+REPORTED = "reported"  # a final (amended, corrected) second-opinion report is in (fhir_server.workflow)
 CASE_STATUS_DISPLAY = {
     IMAGES_PENDING: "Images pending",
     IMAGES_AVAILABLE: "Images available",
     IMAGES_NOT_FOUND: "Images not found",
     IMAGES_UNAVAILABLE: "Images found but not retrieved",
+    REPORTED: "Reported",
 }
-
-
-def case_of(repo: Repository, order_id: str) -> Stored | None:
-    """The Task that tracks the order's case (intent order: ``workflow.is_case``), not any Task about the order."""
-    tasks = repo.referring("Task", "focus", f"ServiceRequest/{order_id}")
-    return next((task for task in tasks if task.resource.get("intent") == "order"), None)
+#: The statuses a reported (completed) case can still take: news of its report, never of its images.
+#: Listed rather than excluded, so a status added later cannot undo ``reported`` by default.
+AFTER_REPORT = frozenset({REPORTED})
 
 
 def set_case_status(repo: Repository, order_id: str, code: str, reason: str | None = None) -> None:
-    """Task.businessStatus (and statusReason's text) of the order's case; no new version if unchanged."""
+    """Task.businessStatus (and statusReason's text) of the order's case; no new version if unchanged.
+
+    A case that is completed or reported takes only the statuses of ``AFTER_REPORT``: the report
+    is its news, and images found (or looked for again) after it do not make it pending.
+    """
     task = case_of(repo, order_id)
-    if task is None:
+    if task is None or (code not in AFTER_REPORT and _reported(task.resource)):
         return
-    resource = task.resource
+    updated = with_case_status(task.resource, code, reason)
+    if updated != task.resource:
+        repo.update("Task", task.id, updated, task.etag)
+
+
+def with_case_status(task: dict[str, Any], code: str, reason: str | None = None) -> dict[str, Any]:
+    """The Task with businessStatus ``code`` of the case-status CodeSystem (and statusReason's text, if any)."""
     status = {"coding": [{"system": CASE_STATUS, "code": code, "display": CASE_STATUS_DISPLAY[code]}]}
-    updated = {**resource, "businessStatus": status}
+    updated = {**task, "businessStatus": status}
     updated.pop("statusReason", None)
     if reason:
         updated["statusReason"] = {"text": reason}
-    if updated != resource:
-        repo.update("Task", task.id, updated, task.etag)
+    return updated
+
+
+def _reported(task: dict[str, Any]) -> bool:
+    codes = {c.get("code") for c in task.get("businessStatus", {}).get("coding", []) if c.get("system") == CASE_STATUS}
+    return task.get("status") == "completed" or REPORTED in codes
 
 
 def link_study(repo: Repository, study: dict[str, Any]) -> Stored:
@@ -166,15 +183,9 @@ def relink(repo: Repository, order_id: str) -> None:
 # -- the original report a case is compared with ---------------------------------------
 
 #: ``meta.tag`` of a DiagnosticReport that is the original report (``mappings.original_report``).
-REPORT_ROLE = "https://overread.org/fhir/CodeSystem/report-role"
 ORIGINAL_REPORT = {"system": REPORT_ROLE, "code": "original"}
 #: The order identifiers a report is matched on, in this order: accession, then placer number.
 LINK_TYPES = ("ACSN", "PLAC")
-
-
-def is_original(resource: dict[str, Any]) -> bool:
-    tags = resource.get("meta", {}).get("tag", [])
-    return any(t.get("system") == REPORT_ROLE and t.get("code") == "original" for t in tags)
 
 
 def _link_keys(resource: dict[str, Any]) -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ is always valid here (nothing in this server refuses a delete).
 from collections.abc import Callable
 from typing import Any
 
-from fhir_server import cases, profiles
+from fhir_server import cases
 from fhir_server.errors import FhirError, Issue, error, information, operation_outcome
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.repository import Repository
@@ -50,15 +50,14 @@ def validate(repo: Repository, req: FhirRequest, rtype: str, rid: str | None) ->
         raise error(400, "invalid", f"Expected a {rtype} but the resource is a {resource.get('resourceType')}")
     if rid is not None and mode in ("update", None) and resource.get("id", rid) != rid:
         raise error(400, "invalid", f"The resource's id {resource.get('id')!r} is not {rid!r}", "id")
-    from fhir_server.validation import validate as structural  # validation imports profiles, not us
+    from fhir_server.validation import check_structure, conformance_issues  # validation imports profiles, not us
 
     try:
-        structural(resource)  # the type's rules, then the profiles it claims or must conform to
-        issues: list[Issue] = []
+        check_structure(resource)  # the type's rules; then, as a write would, the profiles and their coding
     except FhirError as exc:
-        issues = exc.issues
-    if wanted and issues == profiles.check(resource):  # structurally sound: the asked profiles too
-        issues = profiles.check(resource, wanted)
+        issues: list[Issue] = exc.issues
+    else:
+        issues = conformance_issues(resource, wanted, repo)
     if not issues:
         return FhirResponse(200, information("valid", "informational"))
     unique = list(dict.fromkeys(issues))

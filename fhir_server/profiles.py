@@ -18,14 +18,11 @@ Extensions whose url is one of our extension StructureDefinitions (``compared-re
 checked against it wherever they appear.
 
 Which writes are checked (``required``): a resource that claims one of our profiles in
-``meta.profile``; and every DiagnosticReport that is a second opinion — one that is not tagged
-``report-role|original`` and that is based on a ServiceRequest, carries a code of the
-discrepancy scale, or is tagged ``report-role|second-opinion`` — must conform to
-``second-opinion-report`` whether it claims it or not. Every order in this server is a
-second-opinion order, so a report on one that is not the original report *is* the second
-opinion: a reader's client that forgets the discrepancy code, or sends two, is refused
-rather than trusted to claim the profile. Original reports (HL7 ORU^R01 and report lines in
-orders, tagged ``original`` by the mapping) are never held to it.
+``meta.profile``; and every second-opinion report (``fhir_server.second_opinion``: one based on
+an order that is a case here, or one that says it is a second opinion) must conform to
+``second-opinion-report`` whether it claims it or not: a reader's client that forgets the
+discrepancy code, or sends two, is refused rather than trusted to claim the profile. Any other
+DiagnosticReport (another service's, original reports) is not held to it.
 """
 
 import re
@@ -39,13 +36,10 @@ from fhirpathpy.models import models
 
 import conformance
 from fhir_server.errors import Issue
+from fhir_server.second_opinion import SECOND_OPINION_REPORT, Lookup, is_second_opinion_report, items
 
 BASE = "https://overread.org/fhir/"
-SD_BASE = f"{BASE}StructureDefinition/"
 CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
-SECOND_OPINION_REPORT = f"{SD_BASE}second-opinion-report"
-DISCREPANCY = f"{BASE}CodeSystem/second-opinion-discrepancy"
-REPORT_ROLE = f"{BASE}CodeSystem/report-role"
 #: A literal reference's type, read as ``indexing.split_reference`` reads it (importing it would be a cycle).
 _REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_history/[^/]+)?$")
 
@@ -209,36 +203,25 @@ def supported(rtype: str) -> list[str]:
 # -- checking ------------------------------------------------------------------------
 
 
-def required(resource: Json) -> list[str]:
-    """The profiles a resource must conform to: those it claims, and ours that it must (see above)."""
+def required(resource: Json, store: Lookup | None = None) -> list[str]:
+    """The profiles a resource must conform to: those it claims, and ours that it must (see above).
+
+    ``store`` answers whether a report's order is a case here; without it only what the
+    resource says counts.
+    """
     meta = resource.get("meta")
     claimed = meta.get("profile") if isinstance(meta, dict) else None
     urls = [p.split("|")[0] for p in claimed or () if isinstance(p, str) and p.startswith(BASE)]
-    if resource.get("resourceType") == "DiagnosticReport" and is_second_opinion_report(resource):
+    if is_second_opinion_report(resource, store):
         urls.append(SECOND_OPINION_REPORT)
     return list(dict.fromkeys(urls))
 
 
-def is_second_opinion_report(report: Json) -> bool:
-    roles = {t.get("code") for t in _items(report.get("meta"), "tag") if t.get("system") == REPORT_ROLE}
-    if "original" in roles:
-        return False
-    based_on_order = any(_reference_type(r) == "ServiceRequest" for r in _items(report, "basedOn"))
-    coded = any(c.get("system") == DISCREPANCY for cc in _items(report, "conclusionCode") for c in _items(cc, "coding"))
-    return based_on_order or coded or "second-opinion" in roles
-
-
-def _items(node: Any, key: str) -> list[Json]:
-    """The objects of the list ``node[key]``: ``check`` runs on any JSON, never raising on a malformed one."""
-    value = node.get(key) if isinstance(node, dict) else None
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
-
-
-def check(resource: Json, extra: list[str] | tuple[str, ...] = ()) -> list[Issue]:
+def check(resource: Json, extra: list[str] | tuple[str, ...] = (), store: Lookup | None = None) -> list[Issue]:
     """Every issue of ``resource`` against the profiles it must conform to (and ``extra`` ones)."""
     issues: list[Issue] = []
     rtype = resource.get("resourceType", "")
-    for url in dict.fromkeys([*required(resource), *(str(u).split("|")[0] for u in extra)]):
+    for url in applicable(resource, extra, store):
         profile = profiles().get(url)
         if profile is None or profile.type == "Extension":
             issues.append(Issue("not-supported", f"{url} is not a profile this server knows", expression=(rtype,)))
@@ -248,6 +231,11 @@ def check(resource: Json, extra: list[str] | tuple[str, ...] = ()) -> list[Issue
             issues += _check(profile, resource, rtype, resource)
     issues += _extensions(resource, rtype, resource)
     return issues
+
+
+def applicable(resource: Json, extra: list[str] | tuple[str, ...] = (), store: Lookup | None = None) -> list[str]:
+    """The profiles ``resource`` is checked against: those it must conform to, then ``extra`` ones."""
+    return list(dict.fromkeys([*required(resource, store), *(str(u).split("|")[0] for u in extra)]))
 
 
 def _extensions(node: Any, at: str, root: Json) -> Iterator[Issue]:
@@ -371,15 +359,19 @@ def _binding(rule: Rule, at: str, value: Any) -> Iterator[Issue]:
     if isinstance(value, str):
         ok = any(code == value for _, code in codes)
     elif isinstance(value, dict) and "coding" in value:
-        ok = any((c.get("system"), c.get("code")) in codes for c in _items(value, "coding"))
+        ok = any((c.get("system"), c.get("code")) in codes for c in items(value, "coding"))
     elif isinstance(value, dict):
         ok = (value.get("system"), value.get("code")) in codes
     else:
         ok = False
     if not ok:
+        allowed = "; ".join(
+            f"{system}: {', '.join(code for s, code in sorted(codes) if s == system)}"
+            for system in sorted({s for s, _ in codes})
+        )
         yield Issue(
             "code-invalid",
-            f"{_name(rule)}: the code is not in the value set {rule.valueset} (required binding)",
+            f"{_name(rule)}: the code is not in the value set {rule.valueset} (required binding): one of {allowed}",
             expression=(at,),
         )
 

@@ -248,7 +248,7 @@ class Repository:
 
     def create(self, resource: dict[str, Any], resource_id: str | None = None) -> Stored:
         """Create with a new server id (or the id a transaction Bundle assigned)."""
-        resource = validate(resource)
+        resource = validate(resource, store=self)
         return self._write("POST", resource["resourceType"], resource_id or str(uuid.uuid4()), resource, None)
 
     def update(
@@ -257,7 +257,7 @@ class Repository:
         """Update, or create with the client's id (update-as-create). Returns (stored, created)."""
         check_type(resource_type)
         check_id(resource_id)
-        resource = validate(resource, resource_type)
+        resource = validate(resource, resource_type, self)
         if resource.get("id") != resource_id:
             raise error(400, "invalid", f"The body's id {resource.get('id')!r} is not {resource_id!r}", "id")
         self.lock(f"{resource_type}/{resource_id}")

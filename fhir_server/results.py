@@ -1,7 +1,7 @@
 """Results out: each version of a second-opinion report leaves work for whoever delivers results.
 
-``results`` is a repository hook: when a second-opinion DiagnosticReport (basedOn a ServiceRequest,
-not tagged ``report-role|original``) is written with a status that is a result to send
+``results`` is a repository hook: when a second-opinion DiagnosticReport (``fhir_server.second_opinion``)
+is written with a status that is a result to send
 (preliminary, final, amended, corrected, appended), or withdrawn (entered-in-error, cancelled)
 after such a version, it leaves a ``result`` outbox row naming that report version, in the same
 transaction as the write; a version that says the same as the one before leaves none. The FHIR
@@ -11,7 +11,8 @@ it (preliminary reports only go where a destination asks for them).
 """
 
 from fhir_server.repository import Change, Repository
-from fhir_server.workflow import same_content, second_opinion_order
+from fhir_server.second_opinion import second_opinion_order
+from fhir_server.workflow import same_content
 
 #: The outbox topic of a report version to deliver.
 RESULT = "result"
@@ -26,7 +27,7 @@ def results(repo: Repository, change: Change) -> None:
     if change.type != "DiagnosticReport" or change.resource is None:
         return
     status = change.resource.get("status")
-    order_id = second_opinion_order(change.resource)
+    order_id = second_opinion_order(change.resource, repo)
     before = change.previous.resource if change.previous is not None and change.previous.content else None
     was_result = before is not None and before.get("status") in RESULT_STATUSES
     if order_id is None or not (status in RESULT_STATUSES or (status in RETRACTIONS and was_result)):

@@ -16,8 +16,9 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import BaseModel, ValidationError
 
-from fhir_server import profiles
+from fhir_server import discrepancy, profiles
 from fhir_server.errors import FhirError, Issue, error
+from fhir_server.second_opinion import Lookup
 
 SUPPORTED_TYPES = (
     "Patient", "Practitioner", "PractitionerRole", "Organization", "Endpoint", "Coverage", "Encounter",
@@ -44,12 +45,23 @@ def check_id(resource_id: str) -> None:
         raise error(400, "invalid", f"{resource_id!r} is not a valid resource id (R4 datatypes §id)")
 
 
-def validate(resource: Any, resource_type: str | None = None) -> dict[str, Any]:
+def validate(resource: Any, resource_type: str | None = None, store: Lookup | None = None) -> dict[str, Any]:
     """Return the resource if it is a valid R4 resource of a supported type, else raise.
 
     400 when the body is not a resource of the expected type at all, 422 when it is one
-    but breaks the rules of its type (unknown elements, wrong datatypes, cardinality).
+    but breaks the rules of its type (unknown elements, wrong datatypes, cardinality) or of
+    the profiles it must conform to. ``store`` (the repository writing it) tells whether a
+    report is about a case here (``fhir_server.second_opinion``) and holds its stored findings.
     """
+    checked = check_structure(resource, resource_type)
+    unmet = conformance_issues(checked, (), store)
+    if unmet:
+        raise FhirError(422, unmet)
+    return checked
+
+
+def check_structure(resource: Any, resource_type: str | None = None) -> dict[str, Any]:
+    """``resource`` if it is an R4 resource of a supported type (and ``resource_type``, if given), else raise."""
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise error(400, "structure", "The body must be a JSON object with a resourceType")
     actual = resource["resourceType"]
@@ -69,11 +81,17 @@ def validate(resource: Any, resource_type: str | None = None) -> dict[str, Any]:
     wrong = _json_type_issues(model(actual), resource, actual, [])
     if wrong:
         raise FhirError(422, wrong)
-    # The profiles it claims or must conform to (fhir_server.profiles), all issues at once.
-    unmet = profiles.check(resource)
-    if unmet:
-        raise FhirError(422, unmet)
     return resource
+
+
+def conformance_issues(
+    resource: dict[str, Any], extra: tuple[str, ...] | list[str], store: Lookup | None
+) -> list[Issue]:
+    """The issues of a structurally valid resource against the profiles it claims or must conform to
+    (``fhir_server.profiles``) and ``extra`` ones, and the coding consistency those profiles ask
+    (``fhir_server.discrepancy``): what a write refuses and ``$validate`` reports, all at once."""
+    urls = profiles.applicable(resource, extra, store)
+    return [*profiles.check(resource, extra, store), *discrepancy.check(resource, urls, store)]
 
 
 def _issue(resource_type: str, err: Any) -> Issue:

@@ -7,27 +7,32 @@
   release a case that was never started, CA/DC cancel one at any point before it ends.
 - The ServiceRequest follows its case: active while the Task is open, on-hold while it is,
   completed with it, revoked when it is cancelled, rejected or failed.
-- A second-opinion report (a DiagnosticReport basedOn a ServiceRequest, not tagged
-  ``report-role|original``) moves registered/partial/preliminary → final → amended/corrected/
-  appended; entered-in-error from anywhere. It gains the ``compared-report`` extension when the
-  case has an original report, and ``imagingStudy`` (the studies linked to the order) when it
-  names none; a final, amended, corrected or appended one completes the case
-  (Task.output → the report), in the same transaction.
+- A second-opinion report (``fhir_server.second_opinion``) moves registered/partial/preliminary →
+  final → amended/corrected/appended; entered-in-error from anywhere. It gains the
+  ``compared-report`` extension when the case has an original report, and ``imagingStudy`` (the
+  studies linked to the order) when it names none. A final, amended, corrected or appended one
+  needs the case's images (an ImagingStudy basedOn the order) or the reader's reason for reading
+  without them (extension ``no-images-reason``); it completes the case (Task.output → the
+  report, businessStatus ``reported``), in the same transaction.
 
 An illegal move is 409 Conflict with an OperationOutcome issue ``business-rule`` naming the
 current status, the asked one and the legal next ones: the request conflicts with the current
 state of the resource (RFC 9110 §15.5.10), like ``$link-imaging`` on an order that is not
-active. 422 stays for content that is wrong whatever the state (type rules, profiles).
+active; a final report without images is one too (the same report is fine once they are
+linked). 422 stays for content that is wrong whatever the state (type rules, profiles).
 """
 
 from typing import Any
 
 from fhir_server import search
-from fhir_server.cases import REPORT_ROLE, case_of, is_original
+from fhir_server.cases import REPORTED, with_case_status
 from fhir_server.errors import error
 from fhir_server.repository import Change, Repository, Stored
+from fhir_server.second_opinion import REPORT_ROLE, case_of, second_opinion_order
 
 COMPARED_REPORT = "https://overread.org/fhir/StructureDefinition/compared-report"
+#: The reader's reason for a final report without the case's images (docs/workflow.md).
+NO_IMAGES_REASON = "https://overread.org/fhir/StructureDefinition/no-images-reason"
 SECOND_OPINION_OUTPUT = "second-opinion report"
 
 # -- Task ----------------------------------------------------------------------------
@@ -143,30 +148,20 @@ def _illegal(what: str, old: str, new: str, legal: frozenset[str]) -> Exception:
 # -- reports ---------------------------------------------------------------------------
 
 
-def second_opinion_order(report: dict[str, Any] | None) -> str | None:
-    """The id of the ServiceRequest a second-opinion report is based on; None for any other report."""
-    if not report or is_original(report):
-        return None
-    for ref in report.get("basedOn", []):
-        reference = ref.get("reference", "")
-        if reference.startswith("ServiceRequest/"):
-            return str(reference.removeprefix("ServiceRequest/"))
-    return None
-
-
 def _report(repo: Repository, change: Change) -> None:
     report, before = change.resource, _previous(change)
-    order_id = second_opinion_order(report)
+    order_id = second_opinion_order(report, repo)
     if report is None or order_id is None:
         return
     new = report.get("status", "")
-    if before is not None and second_opinion_order(before) is not None:
+    if before is not None and second_opinion_order(before, repo) is not None:
         old = before.get("status", "")
         legal = REPORT_NEXT.get(old, frozenset(REPORT_NEXT)) | {"entered-in-error"}
         if old != new and new not in legal:
             raise _illegal(f"DiagnosticReport/{change.id}", old, new, legal)
     _compare_with_original(repo, change, report, order_id)
-    _reference_images(repo, change, order_id)
+    studies = linked_studies(repo, order_id)
+    _reference_images(change, studies)
     if before is not None and before.get("status") == new == "final" and not same_content(before, change.resource):
         # The referrer already has this final report: a change must reach it as a correction (OBR-25 C).
         raise error(
@@ -176,8 +171,9 @@ def _report(repo: Repository, change: Change) -> None:
             "DiagnosticReport.status",
         )
     if new in COMPLETING:
-        report_id = change.id
-        repo.defer(lambda r: _complete_case(r, order_id, report_id))
+        _require_images(change, order_id, studies)
+        report_id, news = change.id, not same_content(before, change.resource)
+        repo.defer(lambda r: _complete_case(r, order_id, report_id, news))
 
 
 def same_content(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
@@ -200,15 +196,32 @@ def _compare_with_original(repo: Repository, change: Change, report: dict[str, A
     change.resource = {**report, "extension": [*report.get("extension", []), extension]}
 
 
-def _reference_images(repo: Repository, change: Change, order_id: str) -> None:
+def linked_studies(repo: Repository, order_id: str) -> list[Stored]:
+    """The case's images: the ImagingStudies based on the order (``fhir_server.cases.link_study``)."""
+    return search.execute(repo.conn, search.parse("ImagingStudy", [("basedon", f"ServiceRequest/{order_id}")])).matches
+
+
+def _reference_images(change: Change, studies: list[Stored]) -> None:
     """A report that names no ImagingStudy gets those linked to its order: what the reader read."""
     report = change.resource
-    if report is None or report.get("imagingStudy"):
+    if report is None or report.get("imagingStudy") or not studies:
         return
-    linked = search.execute(repo.conn, search.parse("ImagingStudy", [("basedon", f"ServiceRequest/{order_id}")]))
-    if linked.matches:
-        studies = [{"reference": f"ImagingStudy/{study.id}"} for study in linked.matches]
-        change.resource = {**report, "imagingStudy": studies}
+    change.resource = {**report, "imagingStudy": [{"reference": f"ImagingStudy/{s.id}"} for s in studies]}
+
+
+def _require_images(change: Change, order_id: str, studies: list[Stored]) -> None:
+    """A final report reads the case's images, or says why the reader reported without them."""
+    report = change.resource or {}
+    if studies or any(e.get("url") == NO_IMAGES_REASON for e in report.get("extension", [])):
+        return
+    raise error(
+        409,
+        "business-rule",
+        f"DiagnosticReport/{change.id} cannot be {report.get('status')!r}: ServiceRequest/{order_id} has no"
+        f" ImagingStudy linked. Link the images (ServiceRequest/{order_id}/$link-imaging), send the report as"
+        f" preliminary, or state why it was read without them in the extension {NO_IMAGES_REASON}",
+        "DiagnosticReport.status",
+    )
 
 
 def _original_report(repo: Repository, order_id: str) -> Stored | None:
@@ -222,8 +235,8 @@ def _original_report(repo: Repository, order_id: str) -> Stored | None:
     return found.matches[0] if found.matches else None
 
 
-def _complete_case(repo: Repository, order_id: str, report_id: str) -> None:
-    """A final (amended, corrected, appended) report: its case is completed, with the report as output."""
+def _complete_case(repo: Repository, order_id: str, report_id: str, news: bool) -> None:
+    """A final (amended, corrected, appended) report: its case is completed and reported, with the report as output."""
     case = case_of(repo, order_id)
     if case is None:
         return
@@ -239,8 +252,10 @@ def _complete_case(repo: Repository, order_id: str, report_id: str) -> None:
     outputs = task.get("output", [])
     # The client's own output for the report may carry a display or type: the reference decides.
     listed = any(o.get("valueReference", {}).get("reference") == reference for o in outputs)
-    if listed and status == "completed":
-        return
     if not listed:
         outputs = [*outputs, {"type": {"text": SECOND_OPINION_OUTPUT}, "valueReference": {"reference": reference}}]
-    repo.update("Task", case.id, {**task, "status": "completed", "output": outputs}, case.etag)
+    completed = {**task, "status": "completed", "output": outputs}
+    if news or not (listed and status == "completed"):  # the same report sent again is no news to report
+        completed = with_case_status(completed, REPORTED)
+    if completed != task:
+        repo.update("Task", case.id, completed, case.etag)

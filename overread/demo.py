@@ -102,7 +102,8 @@ def run(settings: Settings | None = None) -> int:
                     time.sleep(0.1)
                 task = _case(fhir, on_pacs["id"])
                 print(f"   DiagnosticReport/{report['id']}: {report['status']}, {report['conclusion']}")
-                print(f"   Task/{task['id']}: status {task['status']}, output {task['output'][0]['valueReference']}")
+                output = task["output"][0]["valueReference"]
+                print(f"   Task/{task['id']}: status {task['status']}, output {output}, businessStatus {_status(task)}")
                 if not created:
                     print(
                         "   (sent to the EHR by an earlier run: each report version goes out once; GET /hl7/outbound)"

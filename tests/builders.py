@@ -83,6 +83,26 @@ def task(focus: str, patient_ref: str, **extra: Any) -> Json:
     }
 
 
+def imaging_study(order: str, patient_ref: str, uid: str = "1.2.826.0.1.3680043.8.498.1") -> Json:
+    """The case's images: an ImagingStudy based on the order (what the linking worker writes)."""
+    return {
+        "resourceType": "ImagingStudy",
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}],
+        "status": "available",
+        "subject": {"reference": patient_ref},
+        "basedOn": [{"reference": order}],
+        "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
+    }
+
+
+#: The extension that lets a second-opinion report be final without the case's images.
+NO_IMAGES_REASON = "https://overread.org/fhir/StructureDefinition/no-images-reason"
+
+
+def no_images_reason(text: str = "Read on the referring hospital's viewer") -> Json:
+    return {"url": NO_IMAGES_REASON, "valueString": text}
+
+
 # -- Bundle entries ------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +34,7 @@ from overread.app import HOOKS, create_app, results_out
 from overread.config import Delivery as DeliveryConfig
 from overread.config import Destination, Hl7, OverreadConfig
 from overread.settings import Settings
+from tests.builders import imaging_study
 from tests.conftest import FHIR_JSON
 from tests.hl7_golden import OMI
 from tests.peers import Receiver
@@ -67,7 +69,18 @@ def hl7_order(db: Database, message: bytes = OMI) -> str:
     assert b"|AA|" in receive(db, message, None, HOOKS)
     with db.begin(write=False) as conn:
         orders = search.execute(conn, search.parse("ServiceRequest", [("_sort", "-_lastUpdated")])).matches
+    link_images(db, orders[0].id)
     return orders[0].id
+
+
+def link_images(db: Database, order_id: str) -> None:
+    """The case's images (what the linking worker writes): a final report needs them."""
+    with db.begin() as conn:
+        repo = Repository(conn, HOOKS)
+        subject = repo.read("ServiceRequest", order_id).resource["subject"]["reference"]
+        uid = f"2.25.{uuid.UUID(order_id).int}"  # one study per order (ids are UUIDs)
+        repo.create(imaging_study(f"ServiceRequest/{order_id}", subject, uid))
+        repo.complete()
 
 
 def fhir_order(db: Database) -> str:
@@ -85,6 +98,7 @@ def fhir_order(db: Database) -> str:
             }
         )
         repo.complete()
+    link_images(db, order.id)
     return order.id
 
 

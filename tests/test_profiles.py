@@ -18,6 +18,7 @@ from fhir_server.conformance_seed import publish
 from fhir_server.errors import FhirError
 from fhir_server.validation import model, validate
 from mappings.concept_map import parse_concept_map, translate
+from tests.builders import service_request, task
 
 Json = dict[str, Any]
 GOLDEN = Path(__file__).parent / "golden" / "validation"
@@ -35,6 +36,13 @@ def _publish(client: TestClient) -> int:
 def _load(name: str) -> Json:
     data: Json = json.loads((GOLDEN / f"{name}.json").read_text(encoding="utf-8"))
     return data
+
+
+def _open_case(client: TestClient, order_id: str = "sr-1") -> None:
+    """The order the golden reports are based on, as a case of this server (its Task)."""
+    order = {**service_request("Patient/pat-1"), "id": order_id}
+    assert client.put(f"/fhir/ServiceRequest/{order_id}", json=order).status_code == 201
+    assert client.post("/fhir/Task", json=task(f"ServiceRequest/{order_id}", "Patient/pat-1")).status_code == 201
 
 
 def _issues(outcome: Json) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -131,6 +139,7 @@ def test_an_invalid_second_opinion_report_gets_one_outcome_with_every_issue(clie
 
 
 def test_a_code_of_another_system_is_not_a_discrepancy_code(client: TestClient) -> None:
+    _open_case(client)  # a report on a case here is a second opinion, claimed or not
     response = client.post("/fhir/DiagnosticReport", json=_load("report-other-system"))
     assert response.status_code == 422
     assert ("error", "required", ("DiagnosticReport.conclusionCode",)) in _issues(response.json())
@@ -170,6 +179,7 @@ def test_every_door_gets_the_check() -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda p: p.stem)
 def test_validation_outcome_matches_its_golden_file(client: TestClient, case: Path) -> None:
     resource = json.loads(case.read_text(encoding="utf-8"))
+    _open_case(client)
     response = client.post(f"/fhir/{resource['resourceType']}/$validate", json=resource)
     assert response.status_code == 200, response.text
     outcome = response.json()

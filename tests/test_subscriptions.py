@@ -16,7 +16,7 @@ from fhir_server.notifier import Notifier
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow, ResourceRow
 from overread.app import HOOKS
-from tests.builders import patient, service_request
+from tests.builders import imaging_study, patient, service_request
 from tests.peers import HttpReceiver as Receiver
 from tests.processes import free_port
 
@@ -266,6 +266,8 @@ def test_referrers_find_reports_by_order_patient_status_issued_and_discrepancy(c
         client.post("/fhir/ServiceRequest", json=service_request(f"Patient/{pid}", accession=a)).json()["id"]
         for a in ("ACSN-1", "ACSN-2")
     ]
+    study = imaging_study(f"ServiceRequest/{orders[0]}", f"Patient/{pid}")
+    assert client.post("/fhir/ImagingStudy", json=study).status_code == 201  # read for the final report
     reports = []
     for order, status, code, issued in (
         (orders[0], "final", "major", "2024-03-06T10:00:00Z"),

@@ -21,7 +21,7 @@ from hl7_bridge.intake import receive
 from overread.app import HOOKS, create_app
 from overread.config import ConfigError, OverreadConfig, load
 from overread.settings import Settings
-from tests.builders import assert_outcome, patient, service_request
+from tests.builders import assert_outcome, imaging_study, patient, service_request
 from tests.conftest import FHIR_JSON
 from tests.hl7_golden import OMI, omi_control
 
@@ -51,12 +51,21 @@ def routed(db: Database) -> Iterator[TestClient]:
         yield c
 
 
-def _open_case(client: TestClient, **order: Any) -> tuple[str, Json]:
-    """Post a Patient and an active order; return the order id and the case's Task."""
+def _open_case(client: TestClient, images: bool = True, **order: Any) -> tuple[str, Json]:
+    """Post a Patient and an active order (and its images); return the order id and the case's Task."""
     pid = client.post("/fhir/Patient", json=patient()).json()["id"]
     sr = client.post("/fhir/ServiceRequest", json=service_request(f"Patient/{pid}", **order))
     assert sr.status_code == 201, sr.text
+    if images:
+        _link_images(client, sr.json()["id"])
     return sr.json()["id"], _case(client, sr.json()["id"])
+
+
+def _link_images(client: TestClient, order_id: str) -> str:
+    study = client.post("/fhir/ImagingStudy", json=imaging_study(f"ServiceRequest/{order_id}", "Patient/p"))
+    assert study.status_code == 201, study.text
+    study_id: str = study.json()["id"]
+    return study_id
 
 
 def _case(client: TestClient, order_id: str) -> Json:
@@ -352,21 +361,15 @@ def test_hl7_hold_release_and_cancel_go_through_the_workflow(client, db):
 def test_hl7_cancel_of_a_completed_case_is_an_application_error(client, db):
     receive(db, OMI, hooks=HOOKS)
     (order,) = client.get("/fhir/ServiceRequest").json()["entry"]
+    _link_images(client, order["resource"]["id"])
     assert client.post("/fhir/DiagnosticReport", json=_report(order["resource"]["id"], "final")).status_code == 201
     assert _msa(receive(db, omi_control("CA", 1), hooks=HOOKS)) == "AE"
     assert _hl7_case(client) == ("completed", "completed")
 
 
 def test_a_report_that_names_no_images_gets_the_studies_linked_to_its_order(client):
-    order_id, _ = _open_case(client)
-    study = {
-        "resourceType": "ImagingStudy",
-        "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.4"}],
-        "status": "available",
-        "subject": {"reference": "Patient/p"},
-        "basedOn": [{"reference": f"ServiceRequest/{order_id}"}],
-    }
-    study_id = client.post("/fhir/ImagingStudy", json=study).json()["id"]
+    order_id, _ = _open_case(client, images=False)
+    study_id = _link_images(client, order_id)
     report = client.post("/fhir/DiagnosticReport", json=_report(order_id, "preliminary")).json()
     assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{study_id}"}]
     named = client.post(
@@ -377,7 +380,7 @@ def test_a_report_that_names_no_images_gets_the_studies_linked_to_its_order(clie
 
 
 def test_a_case_that_already_lists_the_final_report_is_not_written_again(client):
-    """The client's own output (with a display) counts: no second output, no new Task version."""
+    """The client's own output (with a display) counts: no second output; the same report again: no new version."""
     order_id, task = _open_case(client)
     report = client.post("/fhir/DiagnosticReport", json=_report(order_id, "preliminary")).json()
     output = {
@@ -386,10 +389,12 @@ def test_a_case_that_already_lists_the_final_report_is_not_written_again(client)
     }
     completed = _set(client, task, status="completed", output=[output])
     assert completed.status_code == 200, completed.text
-    assert _set(client, report, status="final").status_code == 200
+    final = _set(client, report, status="final")
+    assert final.status_code == 200
     case = _case(client, order_id)
-    assert case["output"] == [output]
-    assert case["meta"]["versionId"] == completed.json()["meta"]["versionId"]
+    assert case["output"] == [output] and case["businessStatus"]["coding"][0]["code"] == "reported"
+    assert client.put(f"/fhir/DiagnosticReport/{report['id']}", json=final.json()).status_code == 200
+    assert _case(client, order_id)["meta"]["versionId"] == case["meta"]["versionId"]
 
 
 def test_a_final_report_is_changed_by_correcting_it_not_by_another_final(client):
