@@ -291,7 +291,9 @@ class Linker:
     def _not_linked(self, pk: int, order_id: str, query: StudyQuery, found: Found, ours: Identity) -> None:
         """No study of the order's patient: a mismatch ends the job now (a person must look), else retry."""
         mismatches = [reasons.mismatch(m.source.label, m.study.uid, m.patient, ours) for m in found.mismatches]
-        empty = [reasons.not_found(found.empty, query.matching_keys())] if found.empty else []
+        # Where nothing was found matters only when nothing of another patient was found either.
+        nowhere = found.empty and not found.mismatches
+        empty = [reasons.not_found(found.empty, query.matching_keys())] if nowhere else []
         reason = reasons.join([*mismatches, *found.unreachable, *found.failed, *empty])
         if found.mismatches and not found.unreachable:
             return self._give_up(pk, order_id, reason, cases.IMAGES_MISMATCH)

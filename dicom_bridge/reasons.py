@@ -31,12 +31,11 @@ def identity(who: Identity) -> str:
 
 def not_found(wheres: Iterable[str], matching: Mapping[str, str]) -> str:
     """``No study on PACS "main" or in the image store matches AccessionNumber=ACC123.``"""
-    places = " or ".join(f"in {w}" if w == IMAGE_STORE else f"on {w}" for w in wheres)
-    return _sentence(f"No study {places} matches {keys(matching)}")
+    return _sentence(f"No study {' or '.join(map(_at, wheres))} matches {keys(matching)}")
 
 
 def unreachable(where: str, detail: str) -> str:
-    return _sentence(f"{_capital(where)} did not answer: {detail}")
+    return _sentence(f"Could not reach {where}: {detail}")
 
 
 def failed(where: str, detail: str) -> str:
@@ -45,7 +44,7 @@ def failed(where: str, detail: str) -> str:
 
 def mismatch(where: str, study_uid: str, study: Identity, order: Identity) -> str:
     return _sentence(
-        f"Study {study_uid} on {where} is not linked: its patient ({identity(study)}) does not match"
+        f"Study {study_uid} {_at(where)} is not linked: its patient ({identity(study)}) does not match"
         f" the order's patient ({identity(order)}); if it is the right study, confirm it with $link-imaging"
     )
 
@@ -74,6 +73,10 @@ def join(sentences: Iterable[str]) -> str:
 def _sentence(text: str) -> str:
     text = text.strip()
     return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
+def _at(where: str) -> str:
+    return f"in {where}" if where == IMAGE_STORE else f"on {where}"
 
 
 def _capital(text: str) -> str:
