@@ -247,7 +247,9 @@ class Linker:
             return self._not_linked(pk, order_id, query, found, ours)
         source, studies = found.source, found.studies
         retrieve = source.retrieves
-        audit = _Audit(confirmation, ours, source) if confirmation else None
+        # Audited once: a retry after a failed retrieve finds the confirmed study linked already.
+        confirmed = confirmation is not None and confirmation.study_uid not in linked
+        audit = _Audit(confirmation, ours, source) if confirmation and confirmed else None
         if not self._link(pk, order, studies, source, done=not retrieve, audit=audit):
             return
         if retrieve:

@@ -73,9 +73,9 @@ class Env:
     scp: StorageScp
     woken: threading.Event = field(default_factory=threading.Event)
 
-    def linker(self, port: int | None = None, backoff: Backoff = NOW) -> Linker:
+    def linker(self, port: int | None = None, backoff: Backoff = NOW, retrieve: str = "none") -> Linker:
         peer = PacsPeer(name="main", ae_title=self.pacs.ae_title, host="127.0.0.1", port=port or self.pacs.port)
-        peer.retrieve = "none"
+        peer.retrieve = retrieve  # type: ignore[assignment]
         sources = [Source("main", self.store, peer, "OVERREAD", 5, RULE), Source("image store", self.store, rule=RULE)]
         linker = Linker(self.db, sources, backoff, HOOKS)
         linker.publish_endpoints()
@@ -123,6 +123,7 @@ class Env:
 def env(client, db, tmp_path: Path) -> Iterator[Env]:
     store = ImageStore(tmp_path / "images")
     with StorageScp("OVERREAD", "127.0.0.1", 0, store) as scp, SamplePacs(files=[]) as pacs:
+        pacs.destinations["OVERREAD"] = ("127.0.0.1", scp.port)
         yield Env(client, db, store, pacs, scp)
 
 
@@ -199,6 +200,25 @@ def test_a_confirmed_study_is_linked_and_audited(env, twins):
     assert linker.run_once() == 1
     assert env.linked_uids(order_id) == [theirs.StudyInstanceUID]
     assert env.status(order_id) == cases.IMAGES_AVAILABLE and len(env.all("AuditEvent")) == 1
+
+
+def test_a_confirmed_link_whose_retrieve_is_retried_is_audited_once(env, twins):
+    _, theirs = twins
+    order_id = env.order("ACC-TWIN", mrn="MRN-888", family="Doe", given="John", gender="male")
+    linker = env.linker(retrieve="c-move", backoff=Backoff(max_attempts=5, first_delay=timedelta(0)))
+    linker.run_once()
+    destination = env.pacs.destinations.pop("OVERREAD")  # the first retrieve fails (0xA801)
+    uid = {"name": "studyInstanceUid", "valueString": theirs.StudyInstanceUID}
+    reason = {"name": "reason", "valueString": "Same patient, other site's MRN"}
+    assert env.confirm(order_id, uid, reason, {"name": "operator", "valueString": "Dr Lindgren"}).status_code == 202
+    assert linker.run_once() == 1
+    assert env.status(order_id) == cases.IMAGES_PENDING and "0xA801" in env.reason(order_id)
+    assert env.linked_uids(order_id) == [theirs.StudyInstanceUID]
+    env.pacs.destinations["OVERREAD"] = destination
+    assert linker.run_once() == 1
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.store.count(theirs.StudyInstanceUID) == 1
+    assert len(env.all("AuditEvent")) == 1
 
 
 def test_a_confirmation_may_name_the_imaging_study_resource(env, twins):
