@@ -52,7 +52,11 @@ def _confirmation(repo: Repository, body: Any) -> cases.Confirmation | None:
         if reason or operator:
             raise error(400, "required", "A confirmation names the study: studyInstanceUid or imagingStudy")
         return None
-    who = operator.get("valueReference") or ({"display": name} if (name := _string(operator)) else None)
+    reference = operator.get("valueReference")
+    named = {"display": name} if (name := _string(operator)) else None
+    who = (
+        reference if isinstance(reference, dict) and (reference.get("reference") or reference.get("display")) else named
+    )
     if not reason:
         raise error(400, "required", "Confirming a study needs a reason (parameter 'reason')", "reason")
     if not who:

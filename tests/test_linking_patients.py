@@ -174,6 +174,7 @@ def test_a_confirmed_study_is_linked_and_audited(env, twins):
     operator = {"name": "operator", "valueReference": {"reference": "Practitioner/p1", "display": "Dr Maja Lindgren"}}
     assert env.confirm(order_id, uid, operator).status_code == 400  # no reason
     assert env.confirm(order_id, uid, reason).status_code == 400  # no operator
+    assert env.confirm(order_id, uid, reason, {"name": "operator", "valueReference": {}}).status_code == 400
     assert env.confirm(order_id, reason, operator).status_code == 400  # no study
     assert env.all("AuditEvent") == [] and env.status(order_id) == cases.IMAGES_MISMATCH
     response = env.confirm(order_id, uid, reason, operator)
