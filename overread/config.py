@@ -23,7 +23,7 @@ read and checked once, when the configuration is loaded; docs/hl7-mapping-config
 how patiently the image-linking job tries (defaults shown)::
 
     linking:
-      max_attempts: 10             # then images-not-found / images-unavailable on the Task
+      max_attempts: 10             # then images-not-found / pacs-unreachable / images-unavailable on the Task
       first_retry_seconds: 30      # doubling after each attempt ...
       max_retry_seconds: 3600      # ... up to this
       timeout_seconds: 30          # of one DICOM or DICOMweb exchange
