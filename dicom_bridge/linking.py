@@ -3,10 +3,14 @@
 It consumes the ``link-imaging`` outbox rows that every new order leaves (and that
 ``$link-imaging`` and pushed studies add). For each: build the query from the order, ask
 the configured PACS peers in order and then the local image store, link what is found
-(an ImagingStudy per Study Instance UID, based on the order), retrieve it where the peer
-says so, and tell the case where it stands (Task.businessStatus). A PACS that is down, a
-study not there yet or a retrieve that fails means: try again later, with backoff, until
-the configured limit; then a final status and the reason on the Task.
+(an ImagingStudy per Study Instance UID, based on the order) when its patient is the
+order's (``fhir_server.patient_match``, each source with its own rule), retrieve it where
+the peer says so, and tell the case where it stands (Task.businessStatus, the reason a
+sentence of ``dicom_bridge.reasons``). A PACS that is down, a study not there yet or a
+retrieve that fails means: try again later, with backoff, until the configured limit; then
+a final status (``pacs-unreachable`` when no peer ever answered) and the reason on the Task.
+A study of another patient is never linked: the case ends ``images-mismatch`` at once, until
+an operator confirms the study (``$link-imaging`` with a reason) or another study arrives.
 
 A job is claimed with a lease (``fhir_server.outbox``), so a worker that dies mid-job
 loses nothing and several server processes can share one PostgreSQL database. The
@@ -15,23 +19,28 @@ network I/O runs outside any transaction; each outcome is one transaction.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from dicom_bridge import reasons
 from dicom_bridge.dicomweb import DicomWebClient
 from dicom_bridge.dimse import DimseClient, Peer
 from dicom_bridge.errors import PacsError, PacsUnavailable, RetrieveFailed
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery, missing
-from fhir_server import cases, dates, outbox, search
+from fhir_server import cases, dates, outbox, patient_match, search
+from fhir_server.cases import Confirmation
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
+from fhir_server.patient_match import STRICT, Identity, MatchRule
 from fhir_server.repository import Hook, Repository, Stored
 from fhir_server.schema import OutboxRow
 from mappings.imaging_study import Study, imaging_study
@@ -66,9 +75,15 @@ class Source:
     """One place studies can be found: a PACS peer (DIMSE or DICOMweb), or the image store."""
 
     def __init__(
-        self, name: str, store: ImageStore, peer: PeerConfig | None = None, our_ae: str = "", timeout: float = 30.0
+        self,
+        name: str,
+        store: ImageStore,
+        peer: PeerConfig | None = None,
+        our_ae: str = "",
+        timeout: float = 30.0,
+        rule: MatchRule = STRICT,
     ) -> None:
-        self.name, self.store, self.peer, self.our_ae = name, store, peer, our_ae
+        self.name, self.store, self.peer, self.our_ae, self.rule = name, store, peer, our_ae, rule
         self.endpoint: str | None = None  # "Endpoint/<id>", once written
         self.dimse = DimseClient(Peer(peer.ae_title, peer.host, peer.port), our_ae, timeout=timeout) if peer else None
         self.web = DicomWebClient(peer.qido_url, timeout=timeout) if peer and peer.qido_url else None
@@ -98,6 +113,15 @@ class Source:
             self.web.close()
 
     @property
+    def label(self) -> str:
+        """How a reason names this source: ``PACS "main"`` or ``the image store``."""
+        return reasons.source(self.name, self.peer is not None)
+
+    def identity(self, study: Study) -> Identity:
+        """The study's patient as this source's issuer mapping reads it."""
+        return patient_match.of_dicom(study.dataset, self.rule.issuers)
+
+    @property
     def retrieves(self) -> bool:
         return self.peer is not None and self.peer.retrieve != "none"
 
@@ -120,6 +144,34 @@ class Source:
         expected = sum(len(s.instances) for s in study.series)
         if (have := self.store.count(study.uid)) < expected:
             raise RetrieveFailed(f"{self.name}: {have} of {expected} instances of {study.uid} arrived")
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A study found for the order whose patient is someone else's."""
+
+    source: Source
+    study: Study
+    patient: Identity
+
+
+@dataclass
+class Found:
+    """What asking every source gave: the first source with studies of the order's patient, or why none."""
+
+    source: Source | None = None
+    studies: list[Study] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)  # reasons of peers that did not answer
+    failed: list[str] = field(default_factory=list)  # reasons of sources that answered with an error
+    empty: list[str] = field(default_factory=list)  # sources that answered: no study
+    peers: int = 0  # PACS peers asked
+
+    def final_status(self) -> str:
+        """The status of a job that gives up on this: mismatch, unreachable, else not found."""
+        if self.mismatches:
+            return cases.IMAGES_MISMATCH
+        return cases.PACS_UNREACHABLE if self.peers and len(self.unreachable) == self.peers else cases.IMAGES_NOT_FOUND
 
 
 class Linker:
@@ -161,34 +213,44 @@ class Linker:
     def run_once(self) -> int:
         """Claim due jobs and run them; how many there were."""
         with self.db.transaction() as session:
-            jobs = [(row.pk, row.resource_id) for row in outbox.claim(session, cases.LINK_IMAGING)]
-        for pk, order_id in jobs:
+            jobs = [
+                (row.pk, row.resource_id, Confirmation.of(_payload(row)))
+                for row in outbox.claim(session, cases.LINK_IMAGING)
+            ]
+        for pk, order_id, confirmation in jobs:
             try:
-                self._run(pk, order_id)
+                self._run(pk, order_id, confirmation)
             except Exception as exc:  # e.g. a PACS answer the mapping or validation refuses
                 log.exception("image linking for ServiceRequest/%s", order_id)
-                self._retry(pk, order_id, f"{type(exc).__name__}: {exc}")
+                self._retry(pk, order_id, reasons.error(exc))
         return len(jobs)
 
-    def _run(self, pk: int, order_id: str) -> None:
+    def _run(self, pk: int, order_id: str, confirmation: Confirmation | None = None) -> None:
         with self.db.begin(write=False) as conn:
             repo = Repository(conn)
             order = repo.current("ServiceRequest", order_id)
             patient = _subject(repo, order.resource) if order and order.content else None
+            linked = _linked_uids(repo, order_id)
         if order is None or order.content is None or order.resource.get("status") != "active":
             with self.db.transaction() as session:  # revoked, completed or gone: nothing to link
                 if _pending(session, pk):
                     outbox.complete(session, pk)
             return
-        query = order_query(order.resource, patient)
+        query = StudyQuery(study_uid=confirmation.study_uid) if confirmation else order_query(order.resource, patient)
         if not query:
-            return self._retry(pk, order_id, "the order has no accession number, Study Instance UID or patient id")
-        source, studies, errors = self._find(query)
-        if source is None:
-            reason = "; ".join(errors) or f"no study matches {query.matching_keys()}"
-            return self._retry(pk, order_id, reason)
+            return self._retry(pk, order_id, reasons.no_query())
+        ours = patient_match.of_patient(patient, order.resource.get("subject", {}).get("reference", ""))
+        # A study linked to this order before (matched, or confirmed) stays the order's.
+        accepted = linked | ({confirmation.study_uid} if confirmation else set())
+        found = self._find(query, ours, accepted)
+        if found.source is None:
+            return self._not_linked(pk, order_id, query, found, ours)
+        source, studies = found.source, found.studies
         retrieve = source.retrieves
-        if not self._link(pk, order, studies, source, done=not retrieve):
+        # Audited once: a retry after a failed retrieve finds the confirmed study linked already.
+        confirmed = confirmation is not None and confirmation.study_uid not in linked
+        audit = _Audit(confirmation, ours, source) if confirmation and confirmed else None
+        if not self._link(pk, order, studies, source, done=not retrieve, audit=audit):
             return
         if retrieve:
             try:
@@ -203,16 +265,41 @@ class Linker:
                 outbox.complete(session, pk)
                 repo.complete()
 
-    def _find(self, query: StudyQuery) -> tuple[Source | None, list[Study], list[str]]:
-        errors: list[str] = []
+    def _find(self, query: StudyQuery, ours: Identity, accepted: set[str]) -> Found:
+        """Ask each source in turn; the first with studies of the order's patient (or ``accepted``) wins."""
+        found = Found(peers=sum(1 for s in self.sources if s.peer is not None))
         for source in self.sources:
             try:
-                if studies := source.find(query):
-                    return source, studies, errors
+                studies = source.find(query)
+            except PacsUnavailable as exc:
+                log.warning("PACS %s: %s", source.name, exc)
+                found.unreachable.append(reasons.unreachable(source.label, str(exc)))
+                continue
             except PacsError as exc:
                 log.warning("PACS %s: %s", source.name, exc)
-                errors.append(f"{source.name}: {exc}")
-        return None, [], errors
+                found.failed.append(reasons.failed(source.label, str(exc)))
+                continue
+            theirs = [(study, source.identity(study)) for study in studies]
+            if mine := [
+                s for s, who in theirs if s.uid in accepted or patient_match.matches(ours, who, source.rule.mode)
+            ]:
+                found.source, found.studies = source, mine
+                return found
+            found.mismatches += [Mismatch(source, s, who) for s, who in theirs]
+            if not studies:
+                found.empty.append(source.label)
+        return found
+
+    def _not_linked(self, pk: int, order_id: str, query: StudyQuery, found: Found, ours: Identity) -> None:
+        """No study of the order's patient: a mismatch ends the job now (a person must look), else retry."""
+        mismatches = [reasons.mismatch(m.source.label, m.study.uid, m.patient, ours) for m in found.mismatches]
+        # Where nothing was found matters only when nothing of another patient was found either.
+        nowhere = found.empty and not found.mismatches
+        empty = [reasons.not_found(found.empty, query.matching_keys())] if nowhere else []
+        reason = reasons.join([*mismatches, *found.unreachable, *found.failed, *empty])
+        if found.mismatches and not found.unreachable:
+            return self._give_up(pk, order_id, reason, cases.IMAGES_MISMATCH)
+        return self._retry(pk, order_id, reason, final=found.final_status())
 
     def _retrieve(self, source: Source, studies: list[Study]) -> None:
         for study in studies:
@@ -222,8 +309,13 @@ class Linker:
             finally:
                 self._retrieving.discard(study.uid)
 
-    def _link(self, pk: int, order: Stored, studies: list[Study], source: Source, done: bool) -> bool:
-        """Link ``studies`` to the order; False when the job was no longer ours to finish."""
+    def _link(
+        self, pk: int, order: Stored, studies: list[Study], source: Source, done: bool, audit: _Audit | None = None
+    ) -> bool:
+        """Link ``studies`` to the order; False when the job was no longer ours to finish.
+
+        A confirmed link (``audit``) writes its AuditEvent in the same transaction.
+        """
         subject = order.resource["subject"]["reference"]
         endpoints = [source.endpoint] if source.endpoint else []
         tz = source.peer.timezone if source.peer else None
@@ -233,17 +325,21 @@ class Linker:
             repo = Repository(session, self.hooks)
             for study in studies:
                 based_on = [f"ServiceRequest/{order.id}"]
-                cases.link_study(
+                stored = cases.link_study(
                     repo, imaging_study(study, subject=subject, based_on=based_on, endpoints=endpoints, tz=tz)
                 )
+                if audit is not None and study.uid == audit.confirmation.study_uid:
+                    repo.create(audit.event(order, stored, study))
             status = cases.IMAGES_AVAILABLE if done else cases.IMAGES_PENDING
-            cases.set_case_status(repo, order.id, status, None if done else f"found on {source.name}; retrieving")
+            cases.set_case_status(repo, order.id, status, None if done else reasons.retrieving(source.label))
             if done:
                 outbox.complete(session, pk)
             repo.complete()
         return True
 
-    def _retry(self, pk: int, order_id: str, reason: str, found: bool = False) -> None:
+    def _retry(
+        self, pk: int, order_id: str, reason: str, found: bool = False, final: str = cases.IMAGES_NOT_FOUND
+    ) -> None:
         with self.db.transaction() as session:
             if (row := _pending(session, pk)) is None:
                 return
@@ -252,11 +348,22 @@ class Linker:
             # Backing off would undo the wake-up and leave the case waiting up to max_delay.
             delay = timedelta(0) if row.available_at <= dates.now() else self.backoff.delay(attempts)
             again = outbox.retry(session, pk, reason, delay, self.backoff.max_attempts)
-            status = cases.IMAGES_PENDING if again else cases.IMAGES_UNAVAILABLE if found else cases.IMAGES_NOT_FOUND
+            status = cases.IMAGES_PENDING if again else cases.IMAGES_UNAVAILABLE if found else final
             repo = Repository(session, self.hooks)
             cases.set_case_status(repo, order_id, status, reason)
             repo.complete()
         log.info("image linking for ServiceRequest/%s: %s (attempt %s)", order_id, reason, attempts)
+
+    def _give_up(self, pk: int, order_id: str, reason: str, status: str) -> None:
+        """End the job now with a final status: retrying cannot change what it found."""
+        with self.db.transaction() as session:
+            if _pending(session, pk) is None:
+                return
+            outbox.fail(session, pk, reason)
+            repo = Repository(session, self.hooks)
+            cases.set_case_status(repo, order_id, status, reason)
+            repo.complete()
+        log.warning("image linking for ServiceRequest/%s: %s", order_id, reason)
 
     def wake(self, studies: set[tuple[str, str]]) -> None:
         """A study arrived by itself (C-STORE push): run the jobs of the cases waiting for it now."""
@@ -279,6 +386,37 @@ def _pending(session: Session, pk: int) -> OutboxRow | None:
     """
     row = session.get(OutboxRow, pk, with_for_update=True)
     return row if row is not None and row.status == outbox.PENDING else None
+
+
+@dataclass(frozen=True)
+class _Audit:
+    """What the AuditEvent of a confirmed link needs besides the order and the stored study."""
+
+    confirmation: Confirmation
+    order_patient: Identity
+    source: Source
+
+    def event(self, order: Stored, stored: Stored, study: Study) -> dict[str, Any]:
+        patient = reasons.identity(self.source.identity(study))
+        return cases.confirmed_link_audit(
+            order, stored, self.confirmation, reasons.identity(self.order_patient), patient
+        )
+
+
+def _payload(row: OutboxRow) -> dict[str, Any]:
+    loaded = json.loads(row.payload or "{}")
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _linked_uids(repo: Repository, order_id: str) -> set[str]:
+    """Study Instance UIDs of the ImagingStudies already based on the order."""
+    studies = repo.referring("ImagingStudy", "basedon", f"ServiceRequest/{order_id}")
+    return {
+        str(i.get("value", "")).removeprefix("urn:oid:")
+        for s in studies
+        for i in s.resource.get("identifier", [])
+        if i.get("system") == "urn:dicom:uid"
+    }
 
 
 def order_query(order: dict[str, Any], patient: dict[str, Any] | None) -> StudyQuery:

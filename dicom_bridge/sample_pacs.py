@@ -62,6 +62,11 @@ DEMO_PATIENT = "MRN-004211"
 Source = str | PathLike[str] | Dataset
 """A file path or an in-memory Dataset."""
 
+SAMPLE_ISSUER = "OVERREAD-SAMPLES"
+"""The IssuerOfPatientID (0010,0021) of every sample study: which identifier system it stands for is
+the linking configuration's (``issuers``), as for any PACS; the demo maps it to its MRN system."""
+_ISSUED = {"IssuerOfPatientID": SAMPLE_ISSUER}
+
 _MR_STUDY = {  # reportsi.dcm joins the MR_small study as a second (SR) series
     "StudyInstanceUID": "1.3.6.1.4.1.5962.1.2.4.20040826185059.5457",
     "StudyID": "4MR1",
@@ -72,15 +77,16 @@ _MR_STUDY = {  # reportsi.dcm joins the MR_small study as a second (SR) series
     "PatientName": "CompressedSamples^MR1",
     "PatientBirthDate": "",
     "PatientSex": "F",
+    **_ISSUED,
     "ReferringPhysicianName": "",
     "StudyDescription": "MR with a report",
 }
 SAMPLE_FILES: tuple[tuple[str, Mapping[str, Any]], ...] = (
-    ("CT_small.dcm", {"AccessionNumber": DEMO_ACCESSION, "PatientID": DEMO_PATIENT}),  # CT, 1 instance
+    ("CT_small.dcm", {"AccessionNumber": DEMO_ACCESSION, "PatientID": DEMO_PATIENT, **_ISSUED}),  # CT, 1 instance
     ("MR_small.dcm", _MR_STUDY),  # MR + SR, 2 series
     ("reportsi.dcm", _MR_STUDY),
-    ("rtdose_1frame.dcm", {"AccessionNumber": "ACC-SAMPLE-RT"}),  # RTDOSE, implicit VR
-    ("chrJapMulti.dcm", {}),  # CR, Japanese patient name (ISO 2022 IR 87), accession 2008050417172310
+    ("rtdose_1frame.dcm", {"AccessionNumber": "ACC-SAMPLE-RT", **_ISSUED}),  # RTDOSE, implicit VR; id11111
+    ("chrJapMulti.dcm", _ISSUED),  # CR, Japanese patient name (ISO 2022 IR 87), accession 2008050417172310; 2008-4
 )
 """The curated default content: (bundled file name, attribute overrides)."""
 

@@ -6,19 +6,27 @@
   image-linking job in the outbox. Both are written in the transaction that created the order.
 - Where the case stands is the Task's businessStatus (``set_case_status``); the linking
   worker (``dicom_bridge.linking``) links one ImagingStudy per study to every order that
-  asked for it (``link_study``); ``$link-imaging`` queues the job again (``relink``).
+  asked for it (``link_study``), only when the study's patient is the order's
+  (``fhir_server.patient_match``); ``$link-imaging`` queues the job again (``relink``), or
+  with a ``Confirmation`` links a study whose patient did not match, audited
+  (``confirmed_link_audit``).
 - An original report (tagged ``report-role|original``) is linked to its order by accession
-  or placer number, whichever of the two arrives first.
+  or placer number, whichever of the two arrives first, when its patient is the order's.
 - A new case is routed (``fhir_server.routing``): Task.owner and the due date
   (Task.restriction.period.end) from the rules the hook was made with (``case_opener``).
   Status rules of the case and its reports are ``fhir_server.workflow``.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import update
+
+from fhir_server import dates, outbox, patient_match
 from fhir_server.errors import error
 from fhir_server.repository import Change, Hook, Repository, Stored
 from fhir_server.routing import NO_ROUTING, Routing, route
+from fhir_server.schema import OutboxRow
 from fhir_server.second_opinion import REPORT_ROLE, case_of, is_original
 
 #: Defined with the second-opinion report (below the profiles, which need them); used from here too.
@@ -108,12 +116,16 @@ IMAGES_PENDING = "images-pending"  # a linking job is looking (or will look agai
 IMAGES_AVAILABLE = "images-available"  # the ImagingStudy is linked (and retrieved, where configured)
 IMAGES_NOT_FOUND = "images-not-found"  # the job gave up: no PACS had a matching study
 IMAGES_UNAVAILABLE = "images-unavailable"  # the job gave up: the study was found but could not be retrieved
+IMAGES_MISMATCH = "images-mismatch"  # a study was found, but of another patient: not linked
+PACS_UNREACHABLE = "pacs-unreachable"  # the job gave up: no PACS peer answered at all
 REPORTED = "reported"  # a final (amended, corrected) second-opinion report is in (fhir_server.workflow)
 CASE_STATUS_DISPLAY = {
     IMAGES_PENDING: "Images pending",
     IMAGES_AVAILABLE: "Images available",
     IMAGES_NOT_FOUND: "Images not found",
     IMAGES_UNAVAILABLE: "Images found but not retrieved",
+    IMAGES_MISMATCH: "Images of another patient",
+    PACS_UNREACHABLE: "PACS unreachable",
     REPORTED: "Reported",
 }
 #: The statuses a reported (completed) case can still take: news of its report, never of its images.
@@ -171,13 +183,87 @@ def link_study(repo: Repository, study: dict[str, Any]) -> Stored:
     return repo.update("ImagingStudy", current.id, updated, current.etag)[0]
 
 
-def relink(repo: Repository, order_id: str) -> None:
-    """``ServiceRequest/[id]/$link-imaging``: look for the order's images again, now."""
+@dataclass(frozen=True)
+class Confirmation:
+    """An operator's word that a study is the order's although its patient did not match.
+
+    It travels in the linking job's payload; the worker links that study whatever its patient
+    and writes ``confirmed_link_audit`` in the transaction that links it.
+    """
+
+    study_uid: str
+    reason: str
+    operator: dict[str, Any]  # a FHIR Reference: who confirmed
+
+    def payload(self) -> dict[str, Any]:
+        return {"confirm": {"study_uid": self.study_uid, "reason": self.reason, "operator": self.operator}}
+
+    @classmethod
+    def of(cls, payload: dict[str, Any]) -> "Confirmation | None":
+        confirm = payload.get("confirm")
+        return cls(confirm["study_uid"], confirm["reason"], confirm["operator"]) if confirm else None
+
+
+def relink(repo: Repository, order_id: str, confirmation: Confirmation | None = None) -> None:
+    """``ServiceRequest/[id]/$link-imaging``: look for the order's images again, now.
+
+    With a confirmation the order's other pending jobs end: they would find the same study
+    and call it a mismatch again after the confirmed link.
+    """
     order = repo.read("ServiceRequest", order_id)
     if order.resource.get("status") != "active":
         raise error(409, "business-rule", f"ServiceRequest/{order_id} is {order.resource.get('status')}, not active")
-    repo.enqueue(LINK_IMAGING, order)
+    if confirmation is not None:
+        repo.conn.execute(
+            update(OutboxRow)
+            .where(
+                OutboxRow.topic == LINK_IMAGING,
+                OutboxRow.resource_id == order_id,
+                OutboxRow.status == outbox.PENDING,
+            )
+            .values(status=outbox.DONE)
+        )
+    repo.enqueue(LINK_IMAGING, order, confirmation.payload() if confirmation else None)
     set_case_status(repo, order_id, IMAGES_PENDING)
+
+
+#: The AuditEvent of a confirmed link: DICOM "Patient Record" (PS3.15 A.5.3.1), updated.
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+AUDIT_EVENT_TYPE = "https://overread.org/fhir/CodeSystem/audit-event-type"
+
+
+def confirmed_link_audit(
+    order: Stored, study: Stored, confirmation: Confirmation, order_patient: str, study_patient: str
+) -> dict[str, Any]:
+    """The R4 AuditEvent of a link an operator confirmed: who (agent), why (purposeOfEvent), what (entity).
+
+    ``order_patient`` and ``study_patient`` are the two identities as the reason printed them.
+    """
+    subject = order.resource.get("subject", {})
+    return {
+        "resourceType": "AuditEvent",
+        "type": {"system": DCM, "code": "110110", "display": "Patient Record"},
+        "subtype": [{"system": AUDIT_EVENT_TYPE, "code": "confirmed-image-link", "display": "Image link confirmed"}],
+        "action": "U",
+        "recorded": dates.instant(dates.now()),
+        "outcome": "0",
+        "purposeOfEvent": [{"text": confirmation.reason}],
+        "agent": [{"who": confirmation.operator, "requestor": True}],
+        "source": {"observer": {"display": "Overread image linking"}},
+        "entity": [
+            {"what": {"reference": f"ServiceRequest/{order.id}"}, "description": "The order"},
+            {"what": subject, "description": "The order's patient", "detail": [_detail("identity", order_patient)]},
+            {
+                "what": {"reference": f"ImagingStudy/{study.id}"},
+                "description": f"Study {confirmation.study_uid}",
+                "detail": [_detail("dicom-patient", study_patient)],
+            },
+        ],
+    }
+
+
+def _detail(kind: str, value: str) -> dict[str, str]:
+    return {"type": kind, "valueString": value}
 
 
 # -- the original report a case is compared with ---------------------------------------
@@ -211,22 +297,33 @@ def _link_report(repo: Repository, report_id: str) -> None:
     report = repo.read("DiagnosticReport", report_id)
     for key in _link_keys(report.resource):
         repo.lock(f"original-report|{'|'.join(key)}")
-        orders = [o for o in repo.with_token("ServiceRequest", "identifier", *key) if _same_subject(o, report)]
+        orders = [o for o in repo.with_token("ServiceRequest", "identifier", *key) if _same_subject(repo, o, report)]
         if len(orders) == 1:
             _add_based_on(repo, report, orders[0])
             return
 
 
-def _same_subject(order: Stored, report: Stored) -> bool:
-    subject = order.resource.get("subject", {}).get("reference")
-    return subject is not None and subject == report.resource.get("subject", {}).get("reference")
+def _same_subject(repo: Repository, order: Stored, report: Stored) -> bool:
+    """The report's patient is the order's: the same Patient, or one ``patient_match`` (strict) says is."""
+    ours = str(order.resource.get("subject", {}).get("reference", ""))
+    theirs = str(report.resource.get("subject", {}).get("reference", ""))
+    if not ours.startswith("Patient/") or not theirs.startswith("Patient/"):
+        return False
+    if ours == theirs:
+        return True
+    order_patient, report_patient = (repo.current("Patient", ref.removeprefix("Patient/")) for ref in (ours, theirs))
+    if order_patient is None or order_patient.content is None or report_patient is None or not report_patient.content:
+        return False
+    return patient_match.matches(
+        patient_match.of_patient(order_patient.resource), patient_match.of_patient(report_patient.resource)
+    )
 
 
 def _add_based_on(repo: Repository, report: Stored, order: Stored) -> None:
     """Link an original report to an order of the same patient; never anyone else's report."""
     resource = report.resource
     ref = {"reference": f"ServiceRequest/{order.id}"}
-    if not is_original(resource) or not _same_subject(order, report) or ref in resource.get("basedOn", []):
+    if not is_original(resource) or not _same_subject(repo, order, report) or ref in resource.get("basedOn", []):
         return
     repo.update(
         "DiagnosticReport", report.id, {**resource, "basedOn": [*resource.get("basedOn", []), ref]}, report.etag

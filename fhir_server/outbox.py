@@ -57,6 +57,12 @@ def complete(session: Session, pk: int) -> None:
     row.status, row.last_error = DONE, None
 
 
+def fail(session: Session, pk: int, reason: str) -> None:
+    """Give up now: the work cannot succeed by trying again (``dead``, with the reason)."""
+    row = session.get_one(OutboxRow, pk)
+    row.status, row.last_error = DEAD, reason
+
+
 def retry(session: Session, pk: int, reason: str, delay: timedelta, max_attempts: int) -> bool:
     """Try again after ``delay``, or give up (``dead``, returns False) once ``max_attempts`` are spent."""
     row = session.get_one(OutboxRow, pk)

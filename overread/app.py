@@ -79,8 +79,9 @@ def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
     """The image-linking worker: the PACS peers of OVERREAD_CONFIG in order, then our image store."""
     store = ImageStore(settings.image_store)
     timeout = cfg.linking.timeout_seconds
-    peers = [Source(p.name, store, p, settings.dicom_ae_title, timeout) for p in cfg.pacs]
-    return Linker(db, [*peers, Source("image store", store)], cfg.linking.backoff(), make_hooks(cfg))
+    rule = cfg.linking.rule
+    peers = [Source(p.name, store, p, settings.dicom_ae_title, timeout, rule(p)) for p in cfg.pacs]
+    return Linker(db, [*peers, Source("image store", store, rule=rule())], cfg.linking.backoff(), make_hooks(cfg))
 
 
 @contextmanager

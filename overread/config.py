@@ -25,10 +25,14 @@ read and checked once, when the configuration is loaded; docs/hl7-mapping-config
 how patiently the image-linking job tries (defaults shown)::
 
     linking:
-      max_attempts: 10             # then images-not-found / images-unavailable on the Task
+      max_attempts: 10             # then images-not-found / pacs-unreachable / images-unavailable on the Task
       first_retry_seconds: 30      # doubling after each attempt ...
       max_retry_seconds: 3600      # ... up to this
       timeout_seconds: 30          # of one DICOM or DICOMweb exchange
+      patient_match: strict        # strict | identifier | patient-id: for pushed studies and peers without one
+      issuers: {}                  # IssuerOfPatientID → FHIR identifier system, likewise
+
+Each ``pacs`` entry may set ``patient_match`` and ``issuers`` of its own (docs/image-linking.md).
 
 ``hl7.destinations`` receive ORU^R01 results and ``hl7.delivery`` sets how patiently (docs/delivery.md)::
 
@@ -85,6 +89,7 @@ from pydantic import (
 )
 
 from fhir_server.outbox import Backoff
+from fhir_server.patient_match import MatchRule, Mode
 from fhir_server.routing import Routing, Rule
 from mappings.concept_map import ConceptMap, ConceptMapError, parse_concept_map
 from mappings.sender import FieldOverrides, FieldPath, IdentifiedBy, SenderConfig
@@ -103,6 +108,10 @@ class PacsPeer(_Strict):
     retrieve: Literal["c-move", "c-get", "wado-rs", "none"] = "c-move"
     #: IANA zone of the PACS's local dates and times, for answers without TimezoneOffsetFromUTC.
     timezone: str | None = None
+    #: How this PACS's patients are reconciled with the order's (docs/image-linking.md); absent = ``linking:``'s.
+    patient_match: Mode | None = None
+    #: IssuerOfPatientID values this PACS sends → FHIR identifier systems; absent = ``linking:``'s.
+    issuers: dict[str, str] | None = None
 
 
 class _Retrying(_Strict):
@@ -119,6 +128,15 @@ class _Retrying(_Strict):
 
 class Linking(_Retrying):
     timeout_seconds: Annotated[float, Field(gt=0)] = 30
+    #: The patient match of the image store (pushed studies) and of peers that set none.
+    patient_match: Mode = "strict"
+    issuers: dict[str, str] = Field(default_factory=dict)
+
+    def rule(self, peer: PacsPeer | None = None) -> MatchRule:
+        """The patient match rule of ``peer`` (its own keys, else these), or of the image store."""
+        mode = peer.patient_match if peer is not None and peer.patient_match else self.patient_match
+        issuers = peer.issuers if peer is not None and peer.issuers is not None else self.issuers
+        return MatchRule(mode, dict(issuers))
 
 
 class Subscriptions(_Retrying):

@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SamplePacs, sample_path
+from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SAMPLE_ISSUER, SamplePacs, sample_path
 from dicom_bridge.tuning import ASSOCIATION_HANDLERS
 from fhir_server import cases, dates
 from fhir_server.db import Database
@@ -30,14 +30,17 @@ from hl7_bridge.ack import acknowledge
 from hl7_bridge.mllp import send, serving_in_thread
 from mappings.v2 import parse
 from overread.app import create_app, mllp_listener, workers
-from overread.config import Destination, Hl7, OverreadConfig, PacsPeer
+from overread.config import Destination, Hl7, Linking, OverreadConfig, PacsPeer
 from overread.migrate import upgrade
 from overread.server import running
 from overread.settings import Settings, get_settings
 
 ORM = "samples/second-opinion-order.hl7"
 FHIR_JSON = {"content-type": "application/fhir+json", "accept": "application/fhir+json"}
-MRN = "urn:oid:2.16.840.1.113883.3.72.5.9.1.2|MRN-004211"
+MRN_SYSTEM = "urn:oid:2.16.840.1.113883.3.72.5.9.1.2"
+MRN = f"{MRN_SYSTEM}|{DEMO_PATIENT}"
+#: The sample studies' IssuerOfPatientID is the demo hospital's MRN system: the patient match links them.
+ISSUERS = {SAMPLE_ISSUER: MRN_SYSTEM}
 CONFORMANCE = "https://overread.org/fhir"
 
 
@@ -76,7 +79,7 @@ def run(settings: Settings | None = None) -> int:
         with SamplePacs() as pacs, serving_in_thread(_ehr(received)) as ehr_port:
             peer = PacsPeer(name="sample", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, retrieve="c-move")
             ehr = Destination(name="ehr", host="127.0.0.1", port=ehr_port, ack_timeout_seconds=10)
-            cfg = OverreadConfig(pacs=[peer], hl7=Hl7(destinations=[ehr]))
+            cfg = OverreadConfig(pacs=[peer], linking=Linking(issuers=ISSUERS), hl7=Hl7(destinations=[ehr]))
             with workers(settings.model_copy(update={"dicom_port": 0}), db, cfg) as scp:
                 pacs.destinations[settings.dicom_ae_title] = ("127.0.0.1", scp.port)
                 print(
@@ -206,7 +209,7 @@ def _accession(order: dict[str, Any]) -> str:
 def _push(ae_title: str, port: int, accession: str) -> None:
     """Send a CT study for ``accession`` as a modality would: C-STORE, UIDs fixed so reruns resend it."""
     ds = dcmread(sample_path("CT_small.dcm"))
-    ds.AccessionNumber, ds.PatientID = accession, DEMO_PATIENT
+    ds.AccessionNumber, ds.PatientID, ds.IssuerOfPatientID = accession, DEMO_PATIENT, SAMPLE_ISSUER
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         setattr(ds, keyword, generate_uid(entropy_srcs=["overread demo", accession, keyword]))
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

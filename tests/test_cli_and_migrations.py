@@ -46,7 +46,9 @@ def test_demo_runs_a_case_and_a_rerun_adds_nothing(tmp_path: Path):
     linking, rest = first.stdout.split("4. Images")[1].split("5. The modality")
     pushed, report = rest.split("6. The second reader's report")
     assert "ACC-2026-55731: Task/" in linking and "images-available" in linking  # found on the sample PACS
-    assert "images-pending (no study matches" in linking  # the HL7 order's study is on no PACS yet
+    # the HL7 order's study is on no PACS yet
+    nowhere = 'No study on PACS "sample" or in the image store matches AccessionNumber=ACC-2026-55732.'
+    assert f"images-pending ({nowhere})" in linking
     assert "C-STORE ACC-2026-55732: status 0x0000" in pushed and pushed.count("businessStatus images-available") == 2
     assert first.stdout.count("ImagingStudy/") == 2
     assert "status completed, output {'reference': 'DiagnosticReport/" in report  # the final report closed the case

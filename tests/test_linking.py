@@ -21,20 +21,23 @@ from sqlalchemy import select
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
 from dicom_bridge.query import StudyQuery, missing
-from dicom_bridge.sample_pacs import DEMO_ACCESSION, SamplePacs, sample_path
+from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SAMPLE_ISSUER, SamplePacs, sample_path
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server import cases
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
+from fhir_server.patient_match import MatchRule
 from fhir_server.schema import OutboxRow
 from mappings.imaging_study import Series, Study
 from overread.app import HOOKS
 from overread.config import PacsPeer
-from tests.builders import patient, service_request
+from tests.builders import MRN_SYSTEM, patient, service_request
 from tests.processes import free_port
 
 CT_STUDY = str(dcmread(sample_path("CT_small.dcm"), stop_before_pixels=True).StudyInstanceUID)
 NOW = Backoff(max_attempts=3, first_delay=timedelta(0))
+#: The sample studies' issuer is our test MRN system: an order's patient with the study's PatientID matches.
+RULE = MatchRule(issuers={SAMPLE_ISSUER: MRN_SYSTEM})
 
 
 @dataclass
@@ -48,15 +51,17 @@ class Env:
     def linker(self, retrieve: str = "none", port: int | None = None, backoff: Backoff = NOW) -> Linker:
         peer = PacsPeer(name="main", ae_title=self.pacs.ae_title, host="127.0.0.1", port=port or self.pacs.port)
         peer.retrieve = retrieve  # type: ignore[assignment]
-        linker = Linker(
-            self.db, [Source("main", self.store, peer, "OVERREAD"), Source("image store", self.store)], backoff, HOOKS
-        )
+        sources = [
+            Source("main", self.store, peer, "OVERREAD", rule=RULE),
+            Source("image store", self.store, rule=RULE),
+        ]
+        linker = Linker(self.db, sources, backoff, HOOKS)
         linker.publish_endpoints()
         self.scp.on_received = linker.wake
         return linker
 
-    def order(self, accession: str = DEMO_ACCESSION, **extra) -> str:
-        pid = self.client.post("/fhir/Patient", json=patient()).json()["id"]
+    def order(self, accession: str = DEMO_ACCESSION, mrn: str = DEMO_PATIENT, **extra) -> str:
+        pid = self.client.post("/fhir/Patient", json=patient(mrn)).json()["id"]
         response = self.client.post("/fhir/ServiceRequest", json=service_request(f"Patient/{pid}", accession, **extra))
         assert response.status_code == 201, response.text
         return response.json()["id"]
@@ -101,7 +106,7 @@ def test_an_order_gets_its_imaging_study_from_the_pacs(env):
 
 @pytest.mark.parametrize("method", ["c-move", "c-get"])
 def test_retrieve_brings_every_instance_into_the_image_store(env, method):
-    order_id = env.order("ACC-SAMPLE-MR")
+    order_id = env.order("ACC-SAMPLE-MR", mrn="4MR1")
     env.linker(method).run_once()
     (study,) = env.studies()
     assert study["numberOfSeries"] == 2
@@ -140,7 +145,9 @@ def test_a_study_arriving_late_is_linked_on_a_later_attempt(env):
     linker = env.linker()
     linker.run_once()
     assert env.status(order_id) == cases.IMAGES_PENDING and env.studies() == []
-    assert "no study matches" in env.case(order_id)["statusReason"]["text"]
+    assert env.case(order_id)["statusReason"]["text"] == (
+        'No study on PACS "main" or in the image store matches AccessionNumber=ACC-LATE.'
+    )
     env.pacs.add(new_study("ACC-LATE"))
     linker.run_once()
     assert env.status(order_id) == cases.IMAGES_AVAILABLE and len(env.studies()) == 1
@@ -215,8 +222,9 @@ def test_link_imaging_refuses_what_it_cannot_do(client):
 
 
 def new_study(accession: str) -> Dataset:
-    """A study no PACS has yet: pydicom's MR_small with new UIDs and ``accession``."""
+    """A study no PACS has yet: pydicom's MR_small with new UIDs and ``accession``, of the orders' patient."""
     ds = dcmread(sample_path("MR_small.dcm"))
+    ds.PatientID, ds.IssuerOfPatientID = DEMO_PATIENT, SAMPLE_ISSUER
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.AccessionNumber = accession
@@ -237,7 +245,7 @@ def test_a_pacs_answer_that_cannot_be_mapped_is_a_retry_with_the_reason(env):
     env.linker().run_once()
     case = env.case(order_id)
     assert case["businessStatus"]["coding"][0]["code"] == cases.IMAGES_PENDING
-    assert case["statusReason"]["text"].startswith("ValueError")
+    assert case["statusReason"]["text"].startswith("Linking failed: ValueError: a series-level answer lacks")
     assert env.jobs() == [("pending", 1)] and env.studies() == []
 
 

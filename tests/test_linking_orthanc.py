@@ -4,7 +4,14 @@ The scenarios of test_linking.py against an independent implementation, on SQLit
 PostgreSQL: orders posted over FHIR (by accession number, Study Instance UID, or patient id
 + date + modality), the real worker finding the study by C-FIND or QIDO-RS and retrieving it
 by C-MOVE (to our own Storage SCP), C-GET or WADO-RS; a PACS down then up; a study arriving
-late; two orders for one study; a C-MOVE destination the PACS does not know.
+late; two orders for one study; a C-MOVE destination the PACS does not know. Patient reconciliation:
+two studies with one accession number for two patients, a study of another patient (not linked,
+``images-mismatch``) confirmed by an operator with ``$link-imaging``, pushed studies (storescu to our
+Storage SCP) of the right and of another patient, and a PACS that is down to the end
+(``pacs-unreachable``).
+
+Every sample's IssuerOfPatientID is the sample PACS's, mapped to the orders' MRN system, and each
+order's patient has the sample's PatientID as MRN: the orders' patients match their studies.
 
 Orthanc runs once for the module (only in a private network namespace: tests/run), loaded
 with the samples by storescu, and is emptied and loaded again before a test whenever an
@@ -14,6 +21,8 @@ that Orthanc can know it from the start (DicomModalities); each test gives it it
 
 from __future__ import annotations
 
+import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,15 +37,16 @@ from sqlalchemy import select, update
 
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import DCM, Linker, Source
-from dicom_bridge.sample_pacs import sample_files, sample_path
+from dicom_bridge.sample_pacs import SAMPLE_ISSUER, sample_files, sample_path
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server import cases
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
+from fhir_server.patient_match import MatchRule
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS
 from overread.config import PacsPeer
-from tests.builders import patient, service_request
+from tests.builders import MRN_SYSTEM, patient, service_request
 from tests.orthanc import Modalities, Orthanc
 
 pytestmark = pytest.mark.orthanc
@@ -45,6 +55,19 @@ OUR_AE = "OVERREAD"
 NOW = Backoff(max_attempts=3, first_delay=timedelta(0))
 LATER = Backoff(max_attempts=5, first_delay=timedelta(hours=1))
 Retrieve = Literal["c-move", "c-get", "wado-rs", "none"]
+OTHER_SYSTEM = "urn:oid:1.2.3.4.5"
+RULE = MatchRule(issuers={SAMPLE_ISSUER: MRN_SYSTEM, "STOLAV": MRN_SYSTEM, "OTHER-SITE": OTHER_SYSTEM})
+CT_PATIENT = "1CT1"  # CT_small's PatientID: the patient of every study made from it here
+#: The order's patient of the twin studies (tests.builders.patient) as the PACS knows her ...
+OURS = {
+    "PatientID": "MRN-100234",
+    "IssuerOfPatientID": "STOLAV",
+    "PatientName": "HAUGEN^INGRID",
+    "PatientBirthDate": "19610417",
+    "PatientSex": "F",
+}
+#: ... and another patient of the same name, at another site.
+THEIRS = {**OURS, "PatientID": "55501", "IssuerOfPatientID": "OTHER-SITE", "PatientBirthDate": "19700101"}
 
 
 @dataclass(frozen=True)
@@ -106,6 +129,7 @@ def renewed(ds: Dataset, *levels: str) -> Dataset:
 
 def ct_small(**overrides: str) -> Dataset:
     ds = dcmread(sample_path("CT_small.dcm"))
+    ds.IssuerOfPatientID = SAMPLE_ISSUER
     for keyword, value in overrides.items():
         setattr(ds, keyword, value)
     return ds
@@ -163,7 +187,10 @@ class Env:
             qido_url=o.qido_url if qido else None,
             retrieve=retrieve,
         )
-        sources = [Source("orthanc", self.store, peer, our_ae, timeout=10), Source("image store", self.store)]
+        sources = [
+            Source("orthanc", self.store, peer, our_ae, timeout=10, rule=RULE),
+            Source("image store", self.store, rule=RULE),
+        ]
         linker = Linker(self.db, sources, backoff, HOOKS)
         linker.publish_endpoints()
         self.scp.on_received = linker.wake
@@ -171,9 +198,12 @@ class Env:
 
     def order(self, accession: str | None = None, study_uid: str | None = None, **extra) -> str:
         """A ServiceRequest by accession (ACSN), by Study Instance UID, or else by patient id + date + modality."""
-        mrn = extra.pop("mrn", "MRN-100234")
+        samples = (self.samples.ct, self.samples.mr, self.samples.follow_up)
+        ordered = (s.patient_id for s in samples if accession == s.accession or study_uid == s.uid)
+        mrn = extra.pop("mrn", None) or next(ordered, CT_PATIENT)
+        who = extra.pop("who", {})
         if mrn not in self.patients:
-            self.patients[mrn] = self.client.post("/fhir/Patient", json=patient(mrn)).json()["id"]
+            self.patients[mrn] = self.client.post("/fhir/Patient", json=patient(mrn, **who)).json()["id"]
         pid = self.patients[mrn]
         request = service_request(f"Patient/{pid}", accession or "", **extra)
         if study_uid:
@@ -330,7 +360,7 @@ def test_a_study_arriving_late_is_linked_on_a_later_attempt(env, tmp_path):
     linker = env.linker("c-move", qido=True, backoff=LATER)
     assert linker.run_once() == 1
     assert env.status(order_id) == cases.IMAGES_PENDING and env.studies() == []
-    assert "no study matches" in env.reason(order_id) and "ACC-LATE" in env.reason(order_id)
+    assert env.reason(order_id) == 'No study on PACS "orthanc" or in the image store matches AccessionNumber=ACC-LATE.'
     late = Sample.write(
         tmp_path / "late", [renewed(ct_small(AccessionNumber="ACC-LATE"), "study", "series", "instance")]
     )
@@ -375,3 +405,143 @@ def test_an_unknown_move_destination_is_a_failed_retrieve_and_the_study_stays_li
     assert study["numberOfInstances"] == ct.instances
     assert env.jobs() == [("pending", 1)]
     assert env.store.count(ct.uid) == 0
+
+
+# -- patient reconciliation ------------------------------------------------------------
+
+
+def twin(accession: str, who: dict[str, str], folder: Path) -> Sample:
+    """CT_small as a new study of ``who`` with ``accession``, written for storescu."""
+    ds = renewed(ct_small(AccessionNumber=accession, **who), "study", "series", "instance")
+    del ds.OtherPatientIDsSequence  # CT_small's own would only add noise to the reasons
+    return Sample.write(folder, [ds])
+
+
+@pytest.fixture
+def twins(env: Env, tmp_path: Path) -> tuple[Sample, Sample]:
+    """Orthanc holds two ACC-TWIN studies as well: ours, and the other patient's."""
+    ours, theirs = twin("ACC-TWIN", OURS, tmp_path / "ours"), twin("ACC-TWIN", THEIRS, tmp_path / "theirs")
+    env.orthanc.load([*ours.files, *theirs.files])
+    return ours, theirs
+
+
+JOHN_DOE = {"family": "Doe", "given": "John", "gender": "male"}
+
+
+def linked_uids(env: Env, order_id: str) -> list[str]:
+    found = env.client.get("/fhir/ImagingStudy", params={"basedon": f"ServiceRequest/{order_id}"}).json()
+    return [e["resource"]["identifier"][0]["value"].removeprefix("urn:oid:") for e in found.get("entry", [])]
+
+
+@pytest.mark.parametrize("qido", [False, True], ids=["c-find", "qido-rs"])
+def test_an_order_links_only_its_own_patients_study_of_a_shared_accession(env, twins, qido: bool):
+    ours, _ = twins
+    order_id = env.order("ACC-TWIN", mrn="MRN-100234")
+    assert env.linker(qido=qido).run_once() == 1
+    assert linked_uids(env, order_id) == [ours.uid]
+    assert len(env.studies()) == 1
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE and env.jobs() == [("done", 1)]
+
+
+@pytest.mark.parametrize("qido", [False, True], ids=["c-find", "qido-rs"])
+def test_an_order_whose_patient_matches_neither_study_is_a_mismatch_naming_both(env, twins, qido: bool):
+    ours, theirs = twins
+    order_id = env.order("ACC-TWIN", mrn="MRN-888", who=JOHN_DOE)
+    assert env.linker(qido=qido).run_once() == 1
+    assert env.status(order_id) == cases.IMAGES_MISMATCH
+    assert env.studies() == [] and env.jobs() == [("dead", 1)]
+    reason = env.reason(order_id)
+    order_patient = f"identifier={MRN_SYSTEM}|MRN-888, name=Doe^John, birthDate=1961-04-17, gender=male"
+    for sample, who in ((ours, OURS), (theirs, THEIRS)):
+        identity = ", ".join(f"{k}={v}" for k, v in who.items())
+        assert f'Study {sample.uid} on PACS "orthanc" is not linked: its patient ({identity}) does not match' in reason
+    assert reason.count(order_patient) == 2
+
+
+def test_an_operator_confirms_a_study_of_another_patient_and_the_link_is_audited(env, twins):
+    _, theirs = twins
+    order_id = env.order("ACC-TWIN", mrn="MRN-888", who=JOHN_DOE)
+    linker = env.linker("c-get")
+    linker.run_once()
+    assert env.status(order_id) == cases.IMAGES_MISMATCH
+    reason = "The referring site registered the study under its own MRN; confirmed with them by phone."
+    body = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "studyInstanceUid", "valueString": theirs.uid},
+            {"name": "reason", "valueString": reason},
+            {"name": "operator", "valueReference": {"reference": "Practitioner/p1", "display": "Dr Maja Lindgren"}},
+        ],
+    }
+    without_reason = {**body, "parameter": [body["parameter"][0], body["parameter"][2]]}
+    assert env.client.post(f"/fhir/ServiceRequest/{order_id}/$link-imaging", json=without_reason).status_code == 400
+    response = env.client.post(f"/fhir/ServiceRequest/{order_id}/$link-imaging", json=body)
+    assert response.status_code == 202, response.text
+    assert linker.run_once() == 1
+    assert linked_uids(env, order_id) == [theirs.uid]
+    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.store.count(theirs.uid) == theirs.instances  # retrieved as any linked study
+    (study,) = env.studies()
+    (audit,) = [e["resource"] for e in env.client.get("/fhir/AuditEvent").json()["entry"]]
+    assert audit["agent"] == [
+        {"who": {"reference": "Practitioner/p1", "display": "Dr Maja Lindgren"}, "requestor": True}
+    ]
+    assert audit["purposeOfEvent"] == [{"text": reason}]
+    what = {e["what"]["reference"]: e for e in audit["entity"]}
+    assert set(what) == {
+        f"ServiceRequest/{order_id}",
+        f"ImagingStudy/{study['id']}",
+        env.case(order_id)["for"]["reference"],
+    }
+    assert what[f"ImagingStudy/{study['id']}"]["description"] == f"Study {theirs.uid}"
+    assert (
+        "PatientID=55501, IssuerOfPatientID=OTHER-SITE"
+        in what[f"ImagingStudy/{study['id']}"]["detail"][0]["valueString"]
+    )
+
+
+def test_pushed_studies_link_the_waiting_case_only_when_the_patient_matches(env, tmp_path):
+    order_id = env.order("ACC-PUSHED", mrn="MRN-100234")
+    linker = env.linker(backoff=LATER)
+    woken = threading.Event()
+
+    def wake(studies: set[tuple[str, str]]) -> None:
+        linker.wake(studies)
+        woken.set()
+
+    env.scp.on_received = wake
+    linker.run_once()
+    assert env.status(order_id) == cases.IMAGES_PENDING
+    for who, status in ((THEIRS, cases.IMAGES_MISMATCH), (OURS, cases.IMAGES_AVAILABLE)):
+        sample = twin("ACC-PUSHED", who, tmp_path / who["PatientID"])
+        woken.clear()
+        subprocess.run(
+            ["storescu", "-aec", OUR_AE, "127.0.0.1", str(env.scp.port), *map(str, sample.files)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        assert woken.wait(10), "the pushed study did not wake the case"  # the SCP's thread, after the release
+        assert linker.run_once() == 1
+        assert env.status(order_id) == status
+    assert linked_uids(env, order_id) == [sample.uid]  # the second, ours
+    assert len(env.studies()) == 1
+
+
+def test_a_pacs_that_is_down_to_the_end_is_unreachable_not_not_found(env):
+    ct = env.samples.ct
+    order_id = env.order(ct.accession)
+    linker = env.linker()
+    env.orthanc.kill()
+    try:
+        runs = [linker.run_once() for _ in range(NOW.max_attempts)]
+        assert runs == [1] * NOW.max_attempts
+        assert env.status(order_id) == cases.PACS_UNREACHABLE
+        o = env.orthanc
+        assert env.reason(order_id) == (
+            f'Could not reach PACS "orthanc": {o.aet} at {o.host}:{o.dicom_port} did not answer. '
+            f"No study in the image store matches AccessionNumber={ct.accession}."
+        )
+        assert env.jobs() == [("dead", NOW.max_attempts)] and env.studies() == []
+    finally:
+        env.orthanc.start()

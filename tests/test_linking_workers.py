@@ -19,15 +19,16 @@ from sqlalchemy import select, update
 
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
-from dicom_bridge.sample_pacs import DEMO_ACCESSION, SamplePacs, sample_path
+from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SAMPLE_ISSUER, SamplePacs, sample_path
 from fhir_server import cases, dates, outbox
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
+from fhir_server.patient_match import MatchRule
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS, imaging
 from overread.config import Linking, OverreadConfig, PacsPeer
 from overread.settings import Settings
-from tests.builders import patient, service_request
+from tests.builders import MRN_SYSTEM, patient, service_request
 from tests.processes import free_port
 
 NOW = Backoff(max_attempts=3, first_delay=timedelta(0))
@@ -39,6 +40,16 @@ STUDIES = {
     "ACC-SAMPLE-MR": ("1.3.6.1.4.1.5962.1.2.4.20040826185059.5457", 2),
     "ACC-SAMPLE-RT": ("1.2.999.999.99.9.9999.8888", 1),
 }
+
+#: The PatientID of each sample study: the MRN of the orders' patient, so that the patient matches.
+PATIENTS = {
+    DEMO_ACCESSION: DEMO_PATIENT,
+    "ACC-SAMPLE-MR": "4MR1",
+    "ACC-SAMPLE-RT": "id11111",
+    "2008050417172310": "2008-4",
+}
+ISSUERS = {SAMPLE_ISSUER: MRN_SYSTEM}
+RULE = MatchRule(issuers=ISSUERS)
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +66,16 @@ def peer(pacs: SamplePacs, retrieve: str = "none") -> PacsPeer:
 
 def linker(db: Database, pacs: SamplePacs, store: ImageStore, retrieve: str = "none") -> Linker:
     """A worker as ``overread serve`` wires one: the PACS, then the image store."""
-    sources = [Source("sample", store, peer(pacs, retrieve), "OVERREAD", timeout=10), Source("image store", store)]
+    sources = [
+        Source("sample", store, peer(pacs, retrieve), "OVERREAD", timeout=10, rule=RULE),
+        Source("image store", store, rule=RULE),
+    ]
     return Linker(db, sources, NOW, HOOKS)
 
 
 def order(client: TestClient, accession: str, patient_id: str | None = None) -> str:
     if patient_id is None:
-        patient_id = client.post("/fhir/Patient", json=patient()).json()["id"]
+        patient_id = client.post("/fhir/Patient", json=patient(PATIENTS[accession])).json()["id"]
     response = client.post("/fhir/ServiceRequest", json=service_request(f"Patient/{patient_id}", accession))
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
@@ -91,8 +105,7 @@ def wait_until(done: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 def test_two_workers_on_one_database_run_every_job_once(client, db, pacs, tmp_path: Path):
-    patient_id = client.post("/fhir/Patient", json=patient()).json()["id"]
-    ordered = {acc: [order(client, acc, patient_id) for _ in range(n)] for acc, n in ORDERS.items()}
+    ordered = {acc: [order(client, acc) for _ in range(n)] for acc, n in ORDERS.items()}
     store = ImageStore(tmp_path / "images")
     # Two Database objects, as two server processes have: on SQLite they meet at the file's lock.
     databases = [Database(db.url), Database(db.url)]
@@ -169,7 +182,8 @@ def test_after_a_restart_the_server_links_what_was_ordered_while_it_was_down(cli
     with SamplePacs(destinations={"OVERREAD": ("127.0.0.1", port)}) as pacs:
         settings = Settings(database_url=db.url, dicom_port=port, image_store=tmp_path / "images")
         cfg = OverreadConfig(
-            pacs=[peer(pacs, "c-move")], linking=Linking(first_retry_seconds=0, max_attempts=3, timeout_seconds=5)
+            pacs=[peer(pacs, "c-move")],
+            linking=Linking(first_retry_seconds=0, max_attempts=3, timeout_seconds=5, issuers=ISSUERS),
         )
         store = ImageStore(settings.image_store)
         first = order(client, DEMO_ACCESSION)  # before the server side ever ran

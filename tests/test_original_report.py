@@ -234,3 +234,22 @@ def test_unescaped_separators_in_nte_and_ascii_ed_are_kept():
     (report,) = _reports(map_order(parse(oru)))
     assert _text(report) == "Line one\nNote with caret ^ inside & amp"
     assert base64.b64decode(report["presentedForm"][1]["data"]) == b"a~b ^ c"
+
+
+def test_a_report_of_the_same_patient_from_another_identifier_domain_is_linked_by_demographics(db: Database):
+    """The patient match of image linking (fhir_server.patient_match, strict): no identifier in common,
+    so name, birth date and sex decide; the report's Patient is a resource of its own."""
+    receive(db, OMI, hooks=HOOKS)
+    elsewhere = ORU_PDF.replace(b"PID_1^^^ADT1", b"P-77^^^OTHERSITE")
+    assert _msa(receive(db, elsewhere, hooks=HOOKS))[0] == "AA"
+    assert len(_find(db, "Patient")) == 2
+    (linked,) = _linked_reports(db)
+    assert linked.resource["subject"] != _find(db, "ServiceRequest")[0].resource["subject"]
+
+
+def test_a_report_with_the_accession_but_another_birth_date_is_not_linked(db: Database):
+    receive(db, OMI, hooks=HOOKS)
+    other = ORU_PDF.replace(b"PID_1^^^ADT1", b"P-77^^^OTHERSITE").replace(b"|20141014|F|", b"|20141015|F|")
+    assert other.count(b"|20141015|F|") == 1
+    assert _msa(receive(db, other, hooks=HOOKS))[0] == "AA"
+    assert len(_find(db, "DiagnosticReport")) == 1 and _linked_reports(db) == []

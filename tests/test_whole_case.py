@@ -40,6 +40,7 @@ def server(database_url: str, orthanc: Orthanc, tmp_path: Path) -> Iterator[dict
     """``overread serve`` with Orthanc as its PACS and the two receivers as its destinations."""
     ct = dcmread(sample_path("CT_small.dcm"))
     ct.AccessionNumber = "AccessionNumber"  # IPC-1 of the OMI^O23 fixture
+    ct.PatientID, ct.IssuerOfPatientID = "PID_1", "ADT1"  # its PID-3, the issuer mapped in the config below
     ct.save_as(tmp_path / "ct.dcm")
     orthanc.clear()
     orthanc.load([tmp_path / "ct.dcm"])
@@ -51,7 +52,7 @@ def server(database_url: str, orthanc: Orthanc, tmp_path: Path) -> Iterator[dict
         config = tmp_path / "overread.yaml"
         config.write_text(
             f"pacs:\n  - {{name: orthanc, ae_title: ORTHANC, host: 127.0.0.1, port: {orthanc.dicom_port}}}\n"
-            "linking: {first_retry_seconds: 0.2}\n"
+            "linking: {first_retry_seconds: 0.2, issuers: {ADT1: 'urn:overread:assigning-authority:ADT1'}}\n"
             f"hl7:\n  destinations:\n    - {{name: ehr, host: 127.0.0.1, port: {ehr.port}, ack_timeout_seconds: 5}}\n"
             "  delivery: {first_retry_seconds: 0.2, poll_seconds: 0.05}\n"
             "subscriptions: {first_retry_seconds: 0.2}\n"
