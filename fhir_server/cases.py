@@ -104,11 +104,18 @@ IMAGES_PENDING = "images-pending"  # a linking job is looking (or will look agai
 IMAGES_AVAILABLE = "images-available"  # the ImagingStudy is linked (and retrieved, where configured)
 IMAGES_NOT_FOUND = "images-not-found"  # the job gave up: no PACS had a matching study
 IMAGES_UNAVAILABLE = "images-unavailable"  # the job gave up: the study was found but could not be retrieved
+#: Delivery of the final report's result (``hl7_bridge.delivery.case_delivery_status``; docs/delivery.md).
+RESULT_QUEUED = "result-queued"  # queued, or being retried, for a destination
+RESULT_SENT = "result-sent"  # every destination acknowledged it (AA)
+RESULT_FAILED = "result-failed"  # it could not be made, had no destination, or its attempts are spent
 CASE_STATUS_DISPLAY = {
     IMAGES_PENDING: "Images pending",
     IMAGES_AVAILABLE: "Images available",
     IMAGES_NOT_FOUND: "Images not found",
     IMAGES_UNAVAILABLE: "Images found but not retrieved",
+    RESULT_QUEUED: "Result queued",
+    RESULT_SENT: "Result sent",
+    RESULT_FAILED: "Result not delivered",
 }
 
 
@@ -124,13 +131,19 @@ def set_case_status(repo: Repository, order_id: str, code: str, reason: str | No
     if task is None:
         return
     resource = task.resource
+    updated = with_case_status(resource, code, reason)
+    if updated != resource:
+        repo.update("Task", task.id, updated, task.etag)
+
+
+def with_case_status(task: dict[str, Any], code: str, reason: str | None = None) -> dict[str, Any]:
+    """The Task with businessStatus ``code`` and statusReason's text ``reason`` (none when None)."""
     status = {"coding": [{"system": CASE_STATUS, "code": code, "display": CASE_STATUS_DISPLAY[code]}]}
-    updated = {**resource, "businessStatus": status}
+    updated = {**task, "businessStatus": status}
     updated.pop("statusReason", None)
     if reason:
         updated["statusReason"] = {"text": reason}
-    if updated != resource:
-        repo.update("Task", task.id, updated, task.etag)
+    return updated
 
 
 def link_study(repo: Repository, study: dict[str, Any]) -> Stored:

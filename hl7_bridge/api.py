@@ -5,10 +5,12 @@ MSH-10, placer = ORC-2, since/until on the time received), ``GET /hl7/messages/{
 mapped Bundle, what was written, ACK, error, timing) and ``POST /hl7/messages/{id}/replay``.
 
 The outbound store (``hl7_bridge.outbound``; docs/delivery.md) the same way: ``GET /hl7/outbound``
-(newest first; filters: status (``dead`` = the dead-letter list), destination, report = the
-DiagnosticReport id, control_id = MSH-10, replayed, since/until on the time queued),
+(newest first; filters: status (``dead`` = the dead-letter list, ``failed`` = results no message
+could be made of), destination, report = the DiagnosticReport id, control_id = MSH-10, replayed,
+since/until on the time queued; an unknown status or a malformed time is 400),
 ``GET /hl7/outbound/{id}`` (raw message, last ACK, error, attempts) and
-``POST /hl7/outbound/{id}/replay`` (a sent or dead message sent again: a new row, a new MSH-10).
+``POST /hl7/outbound/{id}/replay`` (a sent or dead message sent again: a new row, a new MSH-10; a
+failed one rebuilt from the data as it is now).
 """
 
 from collections.abc import Iterator, Sequence
@@ -21,11 +23,12 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, exists, or_, select
 from sqlalchemy.orm import aliased
 
+from fhir_server import dates
 from fhir_server.db import Database
 from fhir_server.repository import Hook
 from hl7_bridge import delivery
 from hl7_bridge.intake import Senders, replay
-from hl7_bridge.outbound import OutboundMessage
+from hl7_bridge.outbound import STATUSES, OutboundMessage
 from hl7_bridge.store import InboundMessage
 
 
@@ -133,7 +136,7 @@ class OutboundSummary(BaseModel):
     result_status: str
     sequence: int
     replay_of: int | None
-    control_id: str
+    control_id: str | None
     status: str
     attempts: int
     created_at: datetime
@@ -153,9 +156,11 @@ class OutboundDetail(OutboundSummary):
 OUTBOUND_SUMMARY = [c for c in OutboundMessage.__table__.c if c.name in OutboundSummary.model_fields or c.name == "pk"]
 
 
-def outbound_router(db: Database, hooks: Sequence[Hook] = ()) -> APIRouter:
-    """The outbound message store's endpoints; a replay shows itself on the case, written with ``hooks``."""
+def outbound_router(results: delivery.Delivery) -> APIRouter:
+    """The outbound message store's endpoints; a replay builds for ``results``' destinations and shows
+    itself on the case, written with its hooks."""
     router = APIRouter(prefix="/hl7/outbound", tags=["HL7 outbound messages"])
+    db = results.db
 
     def connection() -> Iterator[Connection]:
         with db.begin(write=False) as conn:
@@ -166,18 +171,20 @@ def outbound_router(db: Database, hooks: Sequence[Hook] = ()) -> APIRouter:
     @router.get("")
     def list_outbound(
         conn: ConnectionDep,
-        status: Annotated[str | None, Query(description="queued, error, sent, dead (the dead-letter list)")] = None,
+        status: Annotated[str | None, Query(description="queued, error, sent, dead, failed")] = None,
         destination: str | None = None,
         report: Annotated[str | None, Query(description="DiagnosticReport id")] = None,
         control_id: Annotated[str | None, Query(description="MSH-10")] = None,
         replayed: Annotated[bool | None, Query(description="whether an engineer has replayed it")] = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: Annotated[str | None, Query(description="queued at or after (FHIR dateTime)")] = None,
+        until: Annotated[str | None, Query(description="queued before (FHIR dateTime)")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[OutboundSummary]:
         m = OutboundMessage
         stmt = select(*OUTBOUND_SUMMARY).order_by(m.created_at.desc(), m.pk.desc()).limit(limit).offset(offset)
+        if status and status not in STATUSES:
+            raise HTTPException(400, f"status {status!r} is not one of {', '.join(STATUSES)}")
         if status:
             stmt = stmt.where(m.status == status)
         if destination:
@@ -191,9 +198,9 @@ def outbound_router(db: Database, hooks: Sequence[Hook] = ()) -> APIRouter:
             has_replay = exists().where(replay.replay_of == m.pk)
             stmt = stmt.where(has_replay if replayed else ~has_replay)
         if since:
-            stmt = stmt.where(m.created_at >= since)
+            stmt = stmt.where(m.created_at >= _instant("since", since))
         if until:
-            stmt = stmt.where(m.created_at < until)
+            stmt = stmt.where(m.created_at < _instant("until", until))
         return [_outbound(row._mapping) for row in conn.execute(stmt)]
 
     @router.get("/{message_id}")
@@ -203,15 +210,23 @@ def outbound_router(db: Database, hooks: Sequence[Hook] = ()) -> APIRouter:
     @router.post("/{message_id}/replay")
     def replay_outbound(message_id: int) -> OutboundDetail:
         try:
-            row = delivery.replay(db, message_id, hooks)
+            rows = results.replay(message_id)
         except delivery.NotReplayable as exc:
             raise HTTPException(409, str(exc)) from exc
-        if row is None:
+        if rows is None:
             raise HTTPException(404, f"No outbound message {message_id}")
-        with db.begin(write=False) as conn:
-            return _outbound_detail(conn, row.pk)
+        with db.begin(write=False) as conn:  # the first new row; the original's ``replays`` lists them all
+            return _outbound_detail(conn, rows[0].pk)
 
     return router
+
+
+def _instant(name: str, value: str) -> datetime:
+    """A ``since``/``until`` FHIR dateTime as the naive UTC the store keeps (its start, for a partial one)."""
+    try:
+        return dates.parse_range(value)[0]
+    except ValueError as exc:
+        raise HTTPException(400, f"{name}: {exc}") from exc
 
 
 def _outbound(fields: Any) -> OutboundSummary:
