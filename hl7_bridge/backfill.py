@@ -13,7 +13,7 @@ with the queueing worker, so nothing is queued twice.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from sqlalchemy import exists, select
@@ -65,12 +65,11 @@ def backfill(results: Delivery, names: Sequence[str] = (), dry_run: bool = False
     return done
 
 
-def _reports(results: Delivery) -> Iterator[str]:
+def _reports(results: Delivery) -> list[str]:
     """The ids of the DiagnosticReports that exist now, oldest first."""
     r = ResourceRow
     with results.db.begin(write=False) as conn:
-        ids = list(conn.scalars(select(r.id).where(r.type == "DiagnosticReport", ~r.deleted).order_by(r.pk)))
-    yield from ids
+        return list(conn.scalars(select(r.id).where(r.type == "DiagnosticReport", ~r.deleted).order_by(r.pk)))
 
 
 def _report(results: Delivery, report_id: str, wanted: set[str], dry_run: bool) -> list[Backfilled]:

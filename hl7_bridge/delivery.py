@@ -245,7 +245,9 @@ class Delivery:
                 with self.db.transaction() as session:
                     attempts = session.get_one(OutboxRow, pk).attempts
                     delay = self.backoff.delay(attempts)
-                    outbox.retry(session, pk, f"{type(exc).__name__}: {exc}", delay, self.backoff.max_attempts)
+                    reason = f"{type(exc).__name__}: {exc}"
+                    if not outbox.retry(session, pk, reason, delay, self.backoff.max_attempts):
+                        _given_up(session, self.hooks, pk, reason)
         return len(rows)
 
     def _behind_earlier_version(self, pk: int, report_id: str) -> bool:
@@ -275,9 +277,7 @@ class Delivery:
         """One message per destination of the report version, or a ``failed`` row saying why there is none."""
         with self.db.transaction() as session:
             repo = Repository(session, self.hooks)
-            payload = orjson.loads(session.get_one(OutboxRow, pk).payload or "{}")
-            result = Result(report_id, version, str(payload.get("order") or ""), str(payload.get("status") or ""))
-            gathered = self.gather(repo, result)
+            gathered = self.gather(repo, _result_of(session.get_one(OutboxRow, pk)))
             made: list[OutboundMessage] = []
             for destination in self.targets(gathered):
                 name = destination.name if destination else NO_DESTINATION
@@ -462,6 +462,29 @@ class Delivery:
         if not rows:
             raise NotReplayable(f"{what} already has a message for each of its destinations")
         return rows
+
+
+def _result_of(row: OutboxRow) -> Result:
+    """The result an outbox row names: the report version, and from its payload the order and the status."""
+    payload = orjson.loads(row.payload or "{}")
+    order_id, status = str(payload.get("order") or ""), str(payload.get("status") or "")
+    return Result(row.resource_id, row.resource_version, order_id, status)
+
+
+def _given_up(session: Session, hooks: Sequence[Hook], pk: int, reason: str) -> None:
+    """A result whose queueing kept failing is not left as a log line: a failed ``NO_DESTINATION`` row
+    (no destination could be chosen for it), which a replay queues again once the cause is fixed."""
+    row = session.get_one(OutboxRow, pk)
+    result = _result_of(row)
+    if message_of(session, NO_DESTINATION, result, 0) is not None:
+        return
+    problem = sentence(f"Queueing failed {row.attempts} times, the last with {reason}")
+    failed = _new_row(NO_DESTINATION, result.report_id, result.version, result.order_id,
+                      RESULT_STATUS.get(result.status, ""), None, problem=problem)  # fmt: skip
+    session.add(failed)
+    session.flush()
+    if result.order_id:
+        show_on_case(session, hooks, result.order_id, [failed])
 
 
 def _resend(session: Session, original: OutboundMessage) -> OutboundMessage:

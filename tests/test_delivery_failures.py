@@ -19,6 +19,7 @@ from sqlalchemy import select
 from fhir_server import search
 from fhir_server.db import Database
 from fhir_server.repository import Repository
+from hl7_bridge.delivery import Delivery, Gathered, Result
 from hl7_bridge.outbound import FAILED, NO_DESTINATION, QUEUED, SENT, OutboundMessage
 from overread.app import HOOKS, create_app
 from overread.config import Destination, Hl7, OverreadConfig
@@ -265,7 +266,32 @@ def test_a_report_deleted_before_it_was_queued_is_a_failed_row(db: Database) -> 
     worker(db, destination(free_port())).queue_once()
     (row,) = rows(db)
     assert (row.status, row.order_id, row.result_status) == (FAILED, order_id, "F")
-    assert "so-1" in (row.last_error or "")
+    assert row.last_error == "DiagnosticReport/so-1 was deleted (version 2)."
+
+
+def test_a_result_whose_queueing_keeps_failing_ends_as_a_failed_row_not_a_log_line(
+    db: Database, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order_id = fhir_order(db)
+    report(db, order_id)
+
+    def broken(self: Delivery, repo: Repository, result: Result) -> Gathered:
+        raise RuntimeError("a bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Delivery, "gather", broken)
+        delivery = worker(db, destination(receiver.port), attempts=2)
+        delivery.queue_once()
+        assert rows(db) == []  # tried again first
+        delivery.queue_once()
+    (row,) = rows(db)
+    assert (row.destination, row.status) == (NO_DESTINATION, FAILED)
+    assert row.last_error == "Queueing failed 2 times, the last with RuntimeError: a bug."
+    assert business_status(db, order_id)[0] == "result-failed"
+    with app_client(db, destination(receiver.port)) as client:  # the bug fixed
+        assert client.post(f"/hl7/outbound/{row.pk}/replay").status_code == 200
+    assert drain(delivery) == 1 and len(receiver.accepted) == 1
+    assert business_status(db, order_id) == ("result-sent", None)
 
 
 # -- the outbound list's filters -----------------------------------------------------------------
