@@ -45,7 +45,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote
 
 import orjson
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fhir_server import cases, dates, outbox, search
@@ -123,6 +123,11 @@ class Outcome:
     @property
     def sent(self) -> bool:
         return self.error is None
+
+
+class NotReplayable(Exception):
+    """A replay that is refused (nothing is written): the message is still queued, or the result
+    still cannot go out."""
 
 
 @dataclass(frozen=True)
@@ -464,6 +469,9 @@ class Delivery:
         return rows
 
 
+# -- giving up, replaying -----------------------------------------------------------------------
+
+
 def _result_of(row: OutboxRow) -> Result:
     """The result an outbox row names: the report version, and from its payload the order and the status."""
     payload = orjson.loads(row.payload or "{}")
@@ -497,16 +505,17 @@ def _resend(session: Session, original: OutboundMessage) -> OutboundMessage:
 
 
 def _superseding(session: Session, destination: str, original: OutboundMessage) -> str | None:
-    """Why a failed row must not be rebuilt for ``destination``: a message of this or a later version of
-    the report is there already (sending the older one now would overwrite the newer at the receiver)."""
+    """Why a failed row must not be rebuilt for ``destination``: this version already has a message
+    there, or a later version of the report has a row there (sending this one now would overwrite the
+    newer one at the receiver: replay that one)."""
     m = OutboundMessage
+    version = original.report_version
     found = session.execute(
         select(m.pk, m.report_version, m.status)
         .where(
             m.destination == destination,
             m.report_id == original.report_id,
-            m.report_version >= original.report_version,
-            m.status != FAILED,
+            or_(m.report_version > version, and_(m.report_version == version, m.status != FAILED)),
         )
         .order_by(m.report_version.desc(), m.pk.desc())
         .limit(1)
@@ -514,7 +523,10 @@ def _superseding(session: Session, destination: str, original: OutboundMessage) 
     if found is None:
         return None
     what = f"DiagnosticReport/{original.report_id}/_history/{found.report_version}"
-    return f"{what} is already {found.status} to {destination} (message {found.pk})"
+    if found.report_version == version:
+        return f"{what} is already {found.status} to {destination} (message {found.pk})"
+    return (f"a later version, {what}, is {found.status} to {destination} (message {found.pk}): sending "
+            f"version {version} now would overwrite it at the receiver")  # fmt: skip
 
 
 # -- choosing, building -----------------------------------------------------------------------
@@ -628,13 +640,6 @@ def no_destination(origin: tuple[str, str] | None) -> str:
         return (f"No destination is configured for results of orders from {origin[1]} (sending_facility), "
                 "and there is no default destination (sending_facility \"\").")  # fmt: skip
     return 'No default destination (sending_facility "") is configured for results of orders made over FHIR.'
-
-
-# -- the dead-letter list and failed rows: replay --------------------------------------------------
-
-
-class NotReplayable(Exception):
-    pass
 
 
 # -- the case shows it ----------------------------------------------------------------------------

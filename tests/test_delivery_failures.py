@@ -252,8 +252,27 @@ def test_a_correction_that_reached_the_receiver_supersedes_the_failed_version_it
     assert business_status(db, order_id) == ("result-sent", None)  # the latest version reached the EHR
     with app_client(db, destination(receiver.port)) as client:
         refused = client.post(f"/hl7/outbound/{first.pk}/replay")  # version 1 now would overwrite version 2
-        assert refused.status_code == 409 and "_history/2 is already sent to ehr" in refused.text
+        assert refused.status_code == 409
+        assert "a later version, DiagnosticReport/so-1/_history/2, is sent to ehr" in refused.text
     assert [str(m.segment("OBR")[25]) for m in receiver.accepted] == ["C"]
+
+
+def test_of_two_failed_versions_only_the_latest_is_replayed(db: Database, receiver: Receiver) -> None:
+    order_id = order_for(db, {"name": [{"family": "Doe"}]})
+    report(db, order_id)
+    report(db, order_id, status="corrected", conclusion="Corrected: a missed nodule.")
+    delivery = worker(db, destination(receiver.port))
+    drain(delivery)
+    first, second = rows(db)
+    assert [(r.report_version, r.status) for r in (first, second)] == [(1, FAILED), (2, FAILED)]
+    edit(db, "Patient", case(db, order_id)["for"]["reference"].split("/")[1], identifier=[MRN])
+    with app_client(db, destination(receiver.port)) as client:
+        refused = client.post(f"/hl7/outbound/{first.pk}/replay")
+        assert refused.status_code == 409 and "_history/2, is failed to ehr" in refused.text
+        assert client.post(f"/hl7/outbound/{second.pk}/replay").status_code == 200
+    assert drain(delivery) == 1
+    assert [str(m.segment("OBR")[25]) for m in receiver.accepted] == ["C"]
+    assert business_status(db, order_id) == ("result-sent", None)
 
 
 def test_a_report_deleted_before_it_was_queued_is_a_failed_row(db: Database) -> None:
