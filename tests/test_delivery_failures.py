@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from fhir_server import search
@@ -205,6 +206,11 @@ def test_no_destination_is_a_failed_row_replayed_to_the_destination_configured_l
     (shown,) = task_delivery(db, order_id)  # the "no destination" entry is gone: it has one now
     assert (shown["destination"], shown["status"]) == ("ehr", "sent")
     assert business_status(db, order_id) == ("result-sent", None)
+
+
+def test_no_destination_may_take_the_name_of_results_without_one() -> None:
+    with pytest.raises(ValidationError, match="marks results that have none"):
+        Hl7(destinations=[Destination(name=NO_DESTINATION, host="127.0.0.1", port=1)])
 
 
 def test_a_preliminary_report_no_destination_asks_for_is_no_failure(db: Database) -> None:
