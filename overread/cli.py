@@ -129,7 +129,9 @@ def hl7_send(
 
 @hl7_app.command("backfill")
 def hl7_backfill(
-    destination: Annotated[list[str] | None, typer.Option(help="only this destination (repeatable)")] = None,
+    destination: Annotated[
+        list[str] | None, typer.Option(metavar="NAME", help="only this destination (repeatable)")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be queued; queue nothing")] = False,
 ) -> None:
     """Queue the results a destination never had: the latest result version of each second-opinion report
