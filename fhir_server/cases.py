@@ -119,6 +119,10 @@ IMAGES_UNAVAILABLE = "images-unavailable"  # the job gave up: the study was foun
 IMAGES_MISMATCH = "images-mismatch"  # a study was found, but of another patient: not linked
 PACS_UNREACHABLE = "pacs-unreachable"  # the job gave up: no PACS peer answered at all
 REPORTED = "reported"  # a final (amended, corrected) second-opinion report is in (fhir_server.workflow)
+#: Delivery of the final report's result (``hl7_bridge.delivery.case_delivery_status``; docs/delivery.md).
+RESULT_QUEUED = "result-queued"  # queued, or being retried, for a destination
+RESULT_SENT = "result-sent"  # every destination acknowledged it (AA)
+RESULT_FAILED = "result-failed"  # it could not be made, had no destination, or its attempts are spent
 CASE_STATUS_DISPLAY = {
     IMAGES_PENDING: "Images pending",
     IMAGES_AVAILABLE: "Images available",
@@ -127,10 +131,13 @@ CASE_STATUS_DISPLAY = {
     IMAGES_MISMATCH: "Images of another patient",
     PACS_UNREACHABLE: "PACS unreachable",
     REPORTED: "Reported",
+    RESULT_QUEUED: "Result queued",
+    RESULT_SENT: "Result sent",
+    RESULT_FAILED: "Result not delivered",
 }
 #: The statuses a reported (completed) case can still take: news of its report, never of its images.
 #: Listed rather than excluded, so a status added later cannot undo ``reported`` by default.
-AFTER_REPORT = frozenset({REPORTED})
+AFTER_REPORT = frozenset({REPORTED, RESULT_QUEUED, RESULT_SENT, RESULT_FAILED})
 
 
 def set_case_status(repo: Repository, order_id: str, code: str, reason: str | None = None) -> None:
@@ -148,7 +155,8 @@ def set_case_status(repo: Repository, order_id: str, code: str, reason: str | No
 
 
 def with_case_status(task: dict[str, Any], code: str, reason: str | None = None) -> dict[str, Any]:
-    """The Task with businessStatus ``code`` of the case-status CodeSystem (and statusReason's text, if any)."""
+    """The Task with businessStatus ``code`` of the case-status CodeSystem and statusReason's text
+    ``reason`` (none when None)."""
     status = {"coding": [{"system": CASE_STATUS, "code": code, "display": CASE_STATUS_DISPLAY[code]}]}
     updated = {**task, "businessStatus": status}
     updated.pop("statusReason", None)
@@ -159,7 +167,7 @@ def with_case_status(task: dict[str, Any], code: str, reason: str | None = None)
 
 def _reported(task: dict[str, Any]) -> bool:
     codes = {c.get("code") for c in task.get("businessStatus", {}).get("coding", []) if c.get("system") == CASE_STATUS}
-    return task.get("status") == "completed" or REPORTED in codes
+    return task.get("status") == "completed" or bool(codes & AFTER_REPORT)
 
 
 def link_study(repo: Repository, study: dict[str, Any]) -> Stored:

@@ -7,10 +7,12 @@ A filter value they cannot use (an unknown status, a malformed time, a negative 
 answered 400 with ``{"detail": "<what is wrong>"}``.
 
 The outbound store (``hl7_bridge.outbound``; docs/delivery.md) the same way: ``GET /hl7/outbound``
-(newest first; filters: status (``dead`` = the dead-letter list), destination, report = the
-DiagnosticReport id, control_id = MSH-10, replayed, since/until on the time queued),
+(newest first; filters: status (``dead`` = the dead-letter list, ``failed`` = results no message
+could be made of), destination, report = the DiagnosticReport id, control_id = MSH-10, replayed,
+since/until on the time queued; an unknown status or a malformed time is 400),
 ``GET /hl7/outbound/{id}`` (raw message, last ACK, error, attempts) and
-``POST /hl7/outbound/{id}/replay`` (a sent or dead message sent again: a new row, a new MSH-10).
+``POST /hl7/outbound/{id}/replay`` (a sent or dead message sent again: a new row, a new MSH-10; a
+failed one rebuilt from the data as it is now).
 """
 
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -26,10 +28,12 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, exists, or_, select
 from sqlalchemy.orm import aliased
 
+from fhir_server import dates
 from fhir_server.db import Database
 from fhir_server.repository import Hook
 from hl7_bridge import delivery
 from hl7_bridge.intake import Senders, replay
+from hl7_bridge.outbound import STATUSES as OUTBOUND_STATUSES
 from hl7_bridge.outbound import OutboundMessage
 from hl7_bridge.store import STATUSES, InboundMessage
 
@@ -103,13 +107,12 @@ def messages_router(db: Database, senders: Senders | None = None, hooks: Sequenc
         sender: Annotated[str | None, Query(description="MSH-3 or MSH-4")] = None,
         control_id: Annotated[str | None, Query(description="MSH-10")] = None,
         placer: Annotated[str | None, Query(description="ORC-2 placer order number")] = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: Annotated[str | None, Query(description="received at or after (FHIR dateTime)")] = None,
+        until: Annotated[str | None, Query(description="received before (FHIR dateTime)")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[MessageSummary]:
-        if status and status not in STATUSES:
-            raise HTTPException(400, f"status: must be one of {', '.join(STATUSES)} (got {status!r})")
+        _one_of("status", status, STATUSES)
         m = InboundMessage
         stmt = select(*SUMMARY).order_by(m.received_at.desc(), m.pk.desc()).limit(limit).offset(offset)
         if status:
@@ -121,9 +124,9 @@ def messages_router(db: Database, senders: Senders | None = None, hooks: Sequenc
         if placer:
             stmt = stmt.where(m.placer_number == placer)
         if since:
-            stmt = stmt.where(m.received_at >= since)
+            stmt = stmt.where(m.received_at >= _instant("since", since))
         if until:
-            stmt = stmt.where(m.received_at < until)
+            stmt = stmt.where(m.received_at < _instant("until", until))
         return [_summary(row._mapping) for row in conn.execute(stmt)]
 
     @router.get("/{message_id}")
@@ -162,7 +165,7 @@ class OutboundSummary(BaseModel):
     result_status: str
     sequence: int
     replay_of: int | None
-    control_id: str
+    control_id: str | None
     status: str
     attempts: int
     created_at: datetime
@@ -182,9 +185,11 @@ class OutboundDetail(OutboundSummary):
 OUTBOUND_SUMMARY = [c for c in OutboundMessage.__table__.c if c.name in OutboundSummary.model_fields or c.name == "pk"]
 
 
-def outbound_router(db: Database, hooks: Sequence[Hook] = ()) -> APIRouter:
-    """The outbound message store's endpoints; a replay shows itself on the case, written with ``hooks``."""
-    router = APIRouter(prefix="/hl7/outbound", tags=["HL7 outbound messages"])
+def outbound_router(results: delivery.Delivery) -> APIRouter:
+    """The outbound message store's endpoints; a replay builds for ``results``' destinations and shows
+    itself on the case, written with its hooks."""
+    router = APIRouter(prefix="/hl7/outbound", tags=["HL7 outbound messages"], route_class=_BadRequest)
+    db = results.db
 
     def connection() -> Iterator[Connection]:
         with db.begin(write=False) as conn:
@@ -195,18 +200,19 @@ def outbound_router(db: Database, hooks: Sequence[Hook] = ()) -> APIRouter:
     @router.get("")
     def list_outbound(
         conn: ConnectionDep,
-        status: Annotated[str | None, Query(description="queued, error, sent, dead (the dead-letter list)")] = None,
+        status: Annotated[str | None, Query(description=", ".join(OUTBOUND_STATUSES))] = None,
         destination: str | None = None,
         report: Annotated[str | None, Query(description="DiagnosticReport id")] = None,
         control_id: Annotated[str | None, Query(description="MSH-10")] = None,
         replayed: Annotated[bool | None, Query(description="whether an engineer has replayed it")] = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: Annotated[str | None, Query(description="queued at or after (FHIR dateTime)")] = None,
+        until: Annotated[str | None, Query(description="queued before (FHIR dateTime)")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[OutboundSummary]:
         m = OutboundMessage
         stmt = select(*OUTBOUND_SUMMARY).order_by(m.created_at.desc(), m.pk.desc()).limit(limit).offset(offset)
+        _one_of("status", status, OUTBOUND_STATUSES)
         if status:
             stmt = stmt.where(m.status == status)
         if destination:
@@ -220,9 +226,9 @@ def outbound_router(db: Database, hooks: Sequence[Hook] = ()) -> APIRouter:
             has_replay = exists().where(replay.replay_of == m.pk)
             stmt = stmt.where(has_replay if replayed else ~has_replay)
         if since:
-            stmt = stmt.where(m.created_at >= since)
+            stmt = stmt.where(m.created_at >= _instant("since", since))
         if until:
-            stmt = stmt.where(m.created_at < until)
+            stmt = stmt.where(m.created_at < _instant("until", until))
         return [_outbound(row._mapping) for row in conn.execute(stmt)]
 
     @router.get("/{message_id}")
@@ -232,15 +238,28 @@ def outbound_router(db: Database, hooks: Sequence[Hook] = ()) -> APIRouter:
     @router.post("/{message_id}/replay")
     def replay_outbound(message_id: int) -> OutboundDetail:
         try:
-            row = delivery.replay(db, message_id, hooks)
+            rows = results.replay(message_id)
         except delivery.NotReplayable as exc:
             raise HTTPException(409, str(exc)) from exc
-        if row is None:
+        if rows is None:
             raise HTTPException(404, f"No outbound message {message_id}")
-        with db.begin(write=False) as conn:
-            return _outbound_detail(conn, row.pk)
+        with db.begin(write=False) as conn:  # the first new row; the original's ``replays`` lists them all
+            return _outbound_detail(conn, rows[0].pk)
 
     return router
+
+
+def _one_of(name: str, value: str | None, allowed: Sequence[str]) -> None:
+    if value and value not in allowed:
+        raise HTTPException(400, f"{name}: must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _instant(name: str, value: str) -> datetime:
+    """A ``since``/``until`` FHIR dateTime as the naive UTC the store keeps (its start, for a partial one)."""
+    try:
+        return dates.parse_range(value)[0]
+    except ValueError as exc:
+        raise HTTPException(400, f"{name}: {exc}") from exc
 
 
 def _outbound(fields: Any) -> OutboundSummary:

@@ -18,8 +18,14 @@ Two kinds of worker share the outbound message store (``hl7_bridge.outbound``):
   resend) until ``max_attempts``, then ``dead``: the dead-letter list. The queue waits behind a
   message that is being retried (order is kept); a dead one no longer holds it up.
 
+Nothing is dropped in silence: a result that cannot become a message (no usable PID-3, a mapping
+error, a deleted report) is a ``failed`` row per destination with the reason, and one that no
+destination wants (none configured for its facility, no default) a ``failed`` row for
+``NO_DESTINATION``; ``replay`` rebuilds a failed row from the data as it is now.
+
 Each outcome is one transaction that also shows the delivery on the case: the Task gets a
-``result-delivery`` extension per destination and report version, updated only when it changes.
+``result-delivery`` extension per destination and report version, updated only when it changes,
+and once the case is completed, a businessStatus that follows delivery (``case_delivery_status``).
 
 A sender that dies after the receiver's ACK but before recording it sends the message again, with
 the same MSH-10, when its lease runs out: at least once on the wire, once per MSH-10 at a receiver
@@ -38,7 +44,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import unquote
 
-from sqlalchemy import func, select, update
+import orjson
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fhir_server import cases, dates, outbox, search
@@ -51,9 +58,9 @@ from fhir_server.schema import OutboxRow
 from hl7_bridge import mllp
 from hl7_bridge.intake import Senders
 from hl7_bridge.oru_context import load_context
-from hl7_bridge.outbound import DEAD, ERROR, PENDING, QUEUED, SENT, OutboundMessage
+from hl7_bridge.outbound import DEAD, ERROR, FAILED, NO_DESTINATION, PENDING, QUEUED, SENT, OutboundMessage
 from mappings.errors import MappingError
-from mappings.oru_r01 import RESULT_STATUS, Envelope, oru_r01
+from mappings.oru_r01 import RESULT_STATUS, Envelope, OruContext, oru_r01
 from mappings.v2 import parse
 
 log = logging.getLogger(__name__)
@@ -116,6 +123,31 @@ class Outcome:
     @property
     def sent(self) -> bool:
         return self.error is None
+
+
+class NotReplayable(Exception):
+    """A replay that is refused (nothing is written): the message is still queued, or the result
+    still cannot go out."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """A report version to deliver: the report, its version, its order (case) and its status."""
+
+    report_id: str
+    version: int
+    order_id: str
+    status: str
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """What a result is made of: its ORU context, else why there is none; the ordering system (MSH-3, MSH-4)."""
+
+    result: Result
+    context: OruContext | None
+    problem: str | None
+    origin: tuple[str, str] | None
 
 
 def judge(ack: bytes, control_id: str) -> Outcome:
@@ -213,17 +245,14 @@ class Delivery:
                 continue
             try:
                 self._queue(pk, report_id, version)
-            except (FhirError, MappingError) as exc:  # the report cannot be an ORU: no retry will change that
-                reason = exc.text if isinstance(exc, MappingError) else str(exc)
-                log.warning("DiagnosticReport/%s/_history/%s is no ORU^R01: %s", report_id, version, reason)
-                with self.db.transaction() as session:
-                    outbox.retry(session, pk, f"{type(exc).__name__}: {reason}", timedelta(0), max_attempts=0)
-            except Exception as exc:
+            except Exception as exc:  # a database hiccup: the row is tried again (what cannot be sent is a failed row)
                 log.exception("queueing DiagnosticReport/%s/_history/%s", report_id, version)
                 with self.db.transaction() as session:
                     attempts = session.get_one(OutboxRow, pk).attempts
                     delay = self.backoff.delay(attempts)
-                    outbox.retry(session, pk, f"{type(exc).__name__}: {exc}", delay, self.backoff.max_attempts)
+                    reason = f"{type(exc).__name__}: {exc}"
+                    if not outbox.retry(session, pk, reason, delay, self.backoff.max_attempts):
+                        _given_up(session, self.hooks, pk, reason)
         return len(rows)
 
     def _behind_earlier_version(self, pk: int, report_id: str) -> bool:
@@ -250,36 +279,64 @@ class Delivery:
             return True
 
     def _queue(self, pk: int, report_id: str, version: int) -> None:
+        """One message per destination of the report version, or a ``failed`` row saying why there is none."""
         with self.db.transaction() as session:
             repo = Repository(session, self.hooks)
-            context = load_context(repo, report_id, version)
-            order_id = str(context.order.get("id") or "")
-            origin = ordering_system(repo, order_id)
-            status = str(context.report.get("status", ""))
+            gathered = self.gather(repo, _result_of(session.get_one(OutboxRow, pk)))
             made: list[OutboundMessage] = []
-            for destination in choose(self.destinations, origin[1] if origin else None, status):
-                exists = session.scalar(
-                    select(OutboundMessage.pk).where(
-                        OutboundMessage.destination == destination.name,
-                        OutboundMessage.report_id == report_id,
-                        OutboundMessage.report_version == version,
-                        OutboundMessage.sequence == 0,
-                    )
-                )
-                if exists is not None:
-                    continue
-                raw = oru_r01(context, self._envelope(destination, origin)).encode()
-                row = _new_row(destination.name, report_id, version, order_id, RESULT_STATUS[status], raw)
-                session.add(row)
-                made.append(row)
+            for destination in self.targets(gathered):
+                name = destination.name if destination else NO_DESTINATION
+                if message_of(session, name, gathered.result, 0) is None:
+                    made.append(self.build(gathered, destination))
+            session.add_all(made)
             session.flush()
             outbox.complete(session, pk)
-            if made:
-                show_on_case(session, self.hooks, order_id, made)
+            if made and gathered.result.order_id:
+                show_on_case(session, self.hooks, gathered.result.order_id, made)
             repo.complete()
         for row in made:
-            log.info("ORU^R01 %s for DiagnosticReport/%s/_history/%s queued to %s", row.control_id, report_id,
-                     version, row.destination)  # fmt: skip
+            log.log(logging.WARNING if row.status == FAILED else logging.INFO, "ORU^R01 for %s to %s: %s",
+                    report_ref(row), row.destination, row.last_error or f"queued, MSH-10 {row.control_id}")  # fmt: skip
+
+    # -- what a report version becomes ----------------------------------------------------
+
+    def gather(self, repo: Repository, result: Result) -> Gathered:
+        """The ORU context of the report version (or why there is none) and the ordering system."""
+        try:
+            context: OruContext | None = load_context(repo, result.report_id, result.version)
+            problem = None
+        except FhirError as exc:  # deleted, not basedOn an order, no patient: no retry will change that
+            context, problem = None, sentence(str(exc))
+        if context is not None:
+            order_id = str(context.order.get("id") or result.order_id)
+            result = Result(result.report_id, result.version, order_id, str(context.report.get("status", "")))
+        return Gathered(result, context, problem, ordering_system(repo, result.order_id))
+
+    def targets(self, gathered: Gathered) -> list[DestinationConfig | None]:
+        """The destinations of the result; ``[None]`` when none wants a result that must go somewhere.
+
+        A preliminary report no destination asks for goes nowhere, by design (docs/delivery.md).
+        """
+        facility = gathered.origin[1] if gathered.origin else None
+        chosen: list[DestinationConfig | None] = list(choose(self.destinations, facility, gathered.result.status))
+        return chosen or ([] if gathered.result.status == "preliminary" else [None])
+
+    def build(
+        self, gathered: Gathered, destination: DestinationConfig | None, sequence: int = 0, replay_of: int | None = None
+    ) -> OutboundMessage:
+        """The row of one destination: the ORU^R01 ``queued``, or ``failed`` with the reason there is none."""
+        result, raw, problem = gathered.result, None, gathered.problem
+        if destination is None:
+            problem = " ".join(p for p in (no_destination(gathered.origin), problem) if p)
+        elif gathered.context is not None:
+            try:
+                raw = oru_r01(gathered.context, self._envelope(destination, gathered.origin)).encode()
+            except MappingError as exc:
+                problem = sentence(f"{exc.text} ({exc.location})")
+        name = destination.name if destination else NO_DESTINATION
+        status = RESULT_STATUS.get(result.status, "")
+        return _new_row(name, result.report_id, result.version, result.order_id, status, raw, sequence, replay_of,
+                        problem)  # fmt: skip
 
     def _envelope(self, destination: DestinationConfig, origin: tuple[str, str] | None) -> Envelope:
         app, facility = origin or ("", "")
@@ -355,6 +412,122 @@ class Delivery:
         log.log(level, "ORU^R01 %s to %s: %s (attempt %s)", row.control_id, row.destination,
                 row.status if outcome.sent else f"{row.status}: {outcome.error}", row.attempts)  # fmt: skip
 
+    # -- replay -----------------------------------------------------------------------------
+
+    def replay(self, pk: int) -> list[OutboundMessage] | None:
+        """Send a message again, or try a failed result again: new rows at the end of the queue.
+
+        A sent or dead message is sent again as it was, with a new MSH-10. A ``failed`` row is rebuilt
+        from the data as it is now, for its destination, or for the destinations configured now when
+        it had none. None when there is no such row; ``NotReplayable`` (nothing written) while it is
+        still in the queue, or when the result still cannot go out.
+        """
+        with self.db.transaction() as session:
+            original = session.get(OutboundMessage, pk)
+            if original is None:
+                return None
+            if original.status in PENDING:
+                raise NotReplayable(
+                    f"message {pk} is {original.status}: it is still in the queue of {original.destination}"
+                )
+            rows = self._rebuild(session, original) if original.status == FAILED else [_resend(session, original)]
+            session.add_all(rows)
+            session.flush()
+            if original.order_id:
+                show_on_case(session, self.hooks, original.order_id, rows)
+            for row in rows:
+                session.expunge(row)
+        return rows
+
+    def _rebuild(self, session: Session, original: OutboundMessage) -> list[OutboundMessage]:
+        what = report_ref(original)
+        result = Result(original.report_id, original.report_version, original.order_id or "", "")
+        gathered = self.gather(Repository(session, self.hooks), result)
+        if gathered.context is None:
+            raise NotReplayable(f"{what} still cannot be made an ORU^R01: {gathered.problem}")
+        if original.destination == NO_DESTINATION:
+            targets = [d for d in self.targets(gathered) if d is not None]
+            if not targets:
+                raise NotReplayable(f"{what} still has no destination: {no_destination(gathered.origin)}")
+        elif (configured := self.by_name.get(original.destination)) is None:
+            raise NotReplayable(f"{what}: the destination {original.destination!r} is not configured")
+        else:
+            targets = [configured]
+        rows = []
+        for destination in targets:
+            if (there := _superseding(session, destination.name, original)) is not None:
+                if len(targets) == 1:
+                    raise NotReplayable(there)
+                continue
+            sequence = next_sequence(session, destination.name, original.report_id, original.report_version)
+            row = self.build(gathered, destination, sequence, replay_of=original.pk)
+            if row.status == FAILED:
+                raise NotReplayable(f"{what} still cannot be made an ORU^R01 for {destination.name}: {row.last_error}")
+            rows.append(row)
+        if not rows:
+            raise NotReplayable(f"{what} already has a message for each of its destinations")
+        return rows
+
+
+# -- giving up, replaying -----------------------------------------------------------------------
+
+
+def _result_of(row: OutboxRow) -> Result:
+    """The result an outbox row names: the report version, and from its payload the order and the status."""
+    payload = orjson.loads(row.payload or "{}")
+    order_id, status = str(payload.get("order") or ""), str(payload.get("status") or "")
+    return Result(row.resource_id, row.resource_version, order_id, status)
+
+
+def _given_up(session: Session, hooks: Sequence[Hook], pk: int, reason: str) -> None:
+    """A result whose queueing kept failing is not left as a log line: a failed ``NO_DESTINATION`` row
+    (no destination could be chosen for it), which a replay queues again once the cause is fixed."""
+    row = session.get_one(OutboxRow, pk)
+    result = _result_of(row)
+    if message_of(session, NO_DESTINATION, result, 0) is not None:
+        return
+    problem = sentence(f"Queueing failed {row.attempts} times, the last with {reason}")
+    failed = _new_row(NO_DESTINATION, result.report_id, result.version, result.order_id,
+                      RESULT_STATUS.get(result.status, ""), None, problem=problem)  # fmt: skip
+    session.add(failed)
+    session.flush()
+    if result.order_id:
+        show_on_case(session, hooks, result.order_id, [failed])
+
+
+def _resend(session: Session, original: OutboundMessage) -> OutboundMessage:
+    """A sent or dead message again, as it was but for a new MSH-10 (and MSH-7)."""
+    assert original.raw is not None  # only failed rows have no message
+    raw = with_control_id(original.raw, new_control_id(), local_now())
+    sequence = next_sequence(session, original.destination, original.report_id, original.report_version)
+    return _new_row(original.destination, original.report_id, original.report_version, original.order_id,
+                    original.result_status, raw, sequence, replay_of=original.pk)  # fmt: skip
+
+
+def _superseding(session: Session, destination: str, original: OutboundMessage) -> str | None:
+    """Why a failed row must not be rebuilt for ``destination``: this version already has a message
+    there, or a later version of the report has a row there (sending this one now would overwrite the
+    newer one at the receiver: replay that one)."""
+    m = OutboundMessage
+    version = original.report_version
+    found = session.execute(
+        select(m.pk, m.report_version, m.status)
+        .where(
+            m.destination == destination,
+            m.report_id == original.report_id,
+            or_(m.report_version > version, and_(m.report_version == version, m.status != FAILED)),
+        )
+        .order_by(m.report_version.desc(), m.pk.desc())
+        .limit(1)
+    ).first()
+    if found is None:
+        return None
+    what = f"DiagnosticReport/{original.report_id}/_history/{found.report_version}"
+    if found.report_version == version:
+        return f"{what} is already {found.status} to {destination} (message {found.pk})"
+    return (f"a later version, {what}, is {found.status} to {destination} (message {found.pk}): sending "
+            f"version {version} now would overwrite it at the receiver")  # fmt: skip
+
 
 # -- choosing, building -----------------------------------------------------------------------
 
@@ -389,10 +562,12 @@ def _new_row(
     version: int,
     order_id: str | None,
     result_status: str,
-    raw: bytes,
+    raw: bytes | None,
     sequence: int = 0,
     replay_of: int | None = None,
+    problem: str | None = None,
 ) -> OutboundMessage:
+    """A ``queued`` row for ``raw``; a ``failed`` one, with ``problem`` as its reason, when there is no message."""
     now = dates.now()
     return OutboundMessage(
         destination=destination,
@@ -403,12 +578,13 @@ def _new_row(
         result_status=result_status,
         sequence=sequence,
         replay_of=replay_of,
-        control_id=control_id_of(raw),
+        control_id=control_id_of(raw) if raw is not None else None,
         raw=raw,
-        status=QUEUED,
+        status=QUEUED if raw is not None else FAILED,
         attempts=0,
         created_at=now,
         available_at=now,
+        last_error=None if raw is not None else problem or "No ORU^R01 could be made.",
     )
 
 
@@ -424,58 +600,54 @@ def with_control_id(raw: bytes, control_id: str, timestamp: datetime) -> bytes:
     return "|".join(fields).encode() + sep + rest
 
 
-# -- the dead-letter list: replay ---------------------------------------------------------------
-
-
-class NotReplayable(Exception):
-    pass
-
-
-def replay(db: Database, pk: int, hooks: Sequence[Hook] = ()) -> OutboundMessage | None:
-    """Send a sent or dead message again: a new row at the end of its destination's queue, a new MSH-10.
-
-    None when there is no such message; ``NotReplayable`` while it is still in the queue.
-    """
-    with db.transaction() as session:
-        original = session.get(OutboundMessage, pk)
-        if original is None:
-            return None
-        if original.status in PENDING:
-            raise NotReplayable(
-                f"message {pk} is {original.status}: it is still in the queue of {original.destination}"
-            )
-        m = OutboundMessage
-        last = session.scalar(
-            select(func.max(m.sequence)).where(
-                m.destination == original.destination,
-                m.report_id == original.report_id,
-                m.report_version == original.report_version,
-            )
+def message_of(session: Session, destination: str, result: Result, sequence: int) -> int | None:
+    """The row of the report version for the destination with that sequence, if there is one."""
+    m = OutboundMessage
+    return session.scalar(
+        select(m.pk).where(
+            m.destination == destination,
+            m.report_id == result.report_id,
+            m.report_version == result.version,
+            m.sequence == sequence,
         )
-        raw = with_control_id(original.raw, new_control_id(), local_now())
-        row = _new_row(
-            original.destination,
-            original.report_id,
-            original.report_version,
-            original.order_id,
-            original.result_status,
-            raw,
-            sequence=(last or 0) + 1,
-            replay_of=original.pk,
+    )
+
+
+def next_sequence(session: Session, destination: str, report_id: str, version: int) -> int:
+    """The sequence of a new message of the report version for the destination: 0 for its first."""
+    m = OutboundMessage
+    last = session.scalar(
+        select(func.max(m.sequence)).where(
+            m.destination == destination, m.report_id == report_id, m.report_version == version
         )
-        session.add(row)
-        session.flush()
-        if row.order_id:
-            show_on_case(session, hooks, row.order_id, [row])
-        session.expunge(row)
-    return row
+    )
+    return 0 if last is None else last + 1
+
+
+def report_ref(row: OutboundMessage) -> str:
+    return f"DiagnosticReport/{row.report_id}/_history/{row.report_version}"
+
+
+def sentence(text: str) -> str:
+    """A reason as a sentence: a capital first, a full stop last."""
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+def no_destination(origin: tuple[str, str] | None) -> str:
+    """Why a result that must go somewhere has no destination (``choose`` found none)."""
+    if origin and origin[1]:
+        return (f"No destination is configured for results of orders from {origin[1]} (sending_facility), "
+                "and there is no default destination (sending_facility \"\").")  # fmt: skip
+    return 'No default destination (sending_facility "") is configured for results of orders made over FHIR.'
 
 
 # -- the case shows it ----------------------------------------------------------------------------
 
 
 def show_on_case(session: Session, hooks: Sequence[Hook], order_id: str, rows: Sequence[OutboundMessage]) -> None:
-    """Each row's delivery on the case's Task (one extension per destination and report version).
+    """Each row's delivery on the case's Task (one extension per destination and report version), and,
+    once the final report is in (the Task completed), where delivery stands as Task.businessStatus.
 
     In a savepoint: a Task that cannot take it (gone, refused) costs the case its status, never the
     delivery record.
@@ -491,17 +663,9 @@ def show_on_case(session: Session, hooks: Sequence[Hook], order_id: str, rows: S
             if current is None or current.content is None:
                 return
             resource = current.resource
-            extensions: list[dict[str, Any]] = list(resource.get("extension", []))
-            for row in rows:
-                entry = delivery_extension(row)
-                key = _key(entry)
-                at = next((n for n, e in enumerate(extensions) if e.get("url") == DELIVERY_EXTENSION and
-                           _key(e) == key), None)  # fmt: skip
-                if at is None:
-                    extensions.append(entry)
-                else:
-                    extensions[at] = entry
-            updated = {**resource, "extension": extensions}
+            updated = {**resource, "extension": _with_deliveries(resource.get("extension", []), rows)}
+            if updated.get("status") == "completed":
+                updated = cases.with_case_status(updated, *case_delivery_status(delivery_status(updated)))
             if updated != resource:
                 repo.update("Task", current.id, updated, current.etag)
             repo.complete()
@@ -509,20 +673,67 @@ def show_on_case(session: Session, hooks: Sequence[Hook], order_id: str, rows: S
         log.exception("showing the delivery of ServiceRequest/%s on its case", order_id)
 
 
+def _with_deliveries(extensions: Sequence[dict[str, Any]], rows: Sequence[OutboundMessage]) -> list[dict[str, Any]]:
+    """The Task's extensions with each row's entry added or replaced. A report version that reached a
+    destination no longer shows that it had none."""
+    found = list(extensions)
+    for row in rows:
+        entry = delivery_extension(row)
+        if row.destination != NO_DESTINATION:
+            found = [e for e in found if not _is_delivery(e, (NO_DESTINATION, report_ref(row)))]
+        at = next((n for n, e in enumerate(found) if _is_delivery(e, _key(entry))), None)
+        if at is None:
+            found.append(entry)
+        else:
+            found[at] = entry
+    return found
+
+
+def _is_delivery(extension: Mapping[str, Any], key: tuple[str, str]) -> bool:
+    return extension.get("url") == DELIVERY_EXTENSION and _key(extension) == key
+
+
+def case_delivery_status(deliveries: Sequence[Mapping[str, str]]) -> tuple[str, str | None]:
+    """Task.businessStatus (and the reason) from the case's deliveries (``delivery_status``).
+
+    Only the latest version of each report shown counts: a correction that reached the receiver makes
+    the failure of the version it corrects history. Any failed or dead message there = result-failed;
+    else any still queued or being retried = result-queued; else (all acknowledged) result-sent.
+    """
+    latest: dict[str, int] = {}
+    for entry in deliveries:
+        report, version = _report_version(entry)
+        latest[report] = max(latest.get(report, version), version)
+    current = [e for e in deliveries if _report_version(e)[1] == latest[_report_version(e)[0]]]
+    failed = [e["summary"] for e in current if e.get("status") in (FAILED, DEAD)]
+    if failed:
+        return cases.RESULT_FAILED, "; ".join(failed)
+    waiting = [e for e in current if e.get("status") in PENDING]
+    if waiting:
+        return cases.RESULT_QUEUED, "; ".join(e["summary"] for e in waiting if e.get("status") == ERROR) or None
+    return cases.RESULT_SENT, None
+
+
+def _report_version(entry: Mapping[str, str]) -> tuple[str, int]:
+    """("DiagnosticReport/<id>", version) of a delivery entry's report reference."""
+    report, _, version = entry.get("report", "").partition("/_history/")
+    return report, int(version) if version.isdigit() else 0
+
+
 def delivery_extension(row: OutboundMessage) -> dict[str, Any]:
     """The ``result-delivery`` extension of one message: where, which report version, MSH-10, status."""
-    report = f"DiagnosticReport/{row.report_id}/_history/{row.report_version}"
-    detail = ", ".join(p for p in (row.ack_code, f"MSH-10 {row.control_id}") if p)
-    summary = f"{row.message_type} to {row.destination}: {row.status} ({detail})"
+    detail = ", ".join(p for p in (row.ack_code, f"MSH-10 {row.control_id}" if row.control_id else "") if p)
+    summary = f"{row.message_type} to {row.destination}: {row.status}" + (f" ({detail})" if detail else "")
     if row.last_error and row.status != SENT:
         summary += f": {row.last_error}"
     parts: list[dict[str, Any]] = [
         {"url": "destination", "valueString": row.destination},
-        {"url": "report", "valueReference": {"reference": report}},
+        {"url": "report", "valueReference": {"reference": report_ref(row)}},
         {"url": "messageType", "valueString": row.message_type},
-        {"url": "controlId", "valueString": row.control_id},
-        {"url": "status", "valueCode": row.status},
     ]
+    if row.control_id:
+        parts.append({"url": "controlId", "valueString": row.control_id})
+    parts.append({"url": "status", "valueCode": row.status})
     if row.ack_code:
         parts.append({"url": "ackCode", "valueCode": row.ack_code})
     if row.last_error and row.status != SENT:
@@ -554,4 +765,4 @@ def _key(extension: Mapping[str, Any]) -> tuple[str, str]:
     return destination, report
 
 
-__all__ = ["DEAD", "ERROR", "QUEUED", "SENT", "Backoff", "Delivery", "NotReplayable", "judge", "replay"]
+__all__ = ["DEAD", "ERROR", "FAILED", "QUEUED", "SENT", "Backoff", "Delivery", "NotReplayable", "judge"]

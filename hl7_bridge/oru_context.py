@@ -3,9 +3,12 @@
 ``load_context`` reads the DiagnosticReport at its current version (or a given one) and resolves its basedOn
 ServiceRequest, subject Patient, resultsInterpreter[0] Practitioner, result Observations and the
 Encounter (the report's, else the order's). References may be relative (``Type/id``, with or without
-``/_history/n``), absolute URLs ending so, or ``#id`` into the report's ``contained``. The order and
-the patient are required (a ``FhirError`` 422 / the repository's 404 / 410 otherwise); the
-interpreter, findings and encounter are left out when they cannot be resolved.
+``/_history/n``), absolute URLs ending so, or ``#id`` into the report's ``contained``. The patient
+may also be a logical reference (R4 §2.3.0 references.html#logical: ``Reference.identifier``), the
+report's subject or else the order's: it is the Patient with that identifier when there is exactly
+one, else a Patient made of the identifier alone, so PID-3 carries it. The order and the patient
+are required (a ``FhirError`` 422 / the repository's 404 / 410 otherwise); the interpreter, findings
+and encounter are left out when they cannot be resolved.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from fhir_server import search
 from fhir_server.errors import FhirError, error
 from fhir_server.repository import Repository
 from mappings.oru_r01 import Envelope, OruContext
@@ -32,7 +36,7 @@ def load_context(repo: Repository, report_id: str, version: int | None = None) -
     order = _first(repo, report, report.get("basedOn") or [], "ServiceRequest")
     if order is None:
         raise error(422, "incomplete", f"DiagnosticReport/{report_id} is not basedOn a ServiceRequest", "basedOn")
-    patient = _resolve(repo, report, report.get("subject") or {}, "Patient", required=True)
+    patient = _patient(repo, report, order)
     if patient is None:
         raise error(422, "incomplete", f"DiagnosticReport/{report_id} has no Patient subject", "subject")
     interpreter = _first(repo, report, (report.get("resultsInterpreter") or [])[:1], "Practitioner")
@@ -67,6 +71,21 @@ def context_from_json(data: Json) -> tuple[OruContext, Envelope | None]:
         timestamp=datetime.fromisoformat(str(env["timestamp"])),
     )
     return context, envelope
+
+
+def _patient(repo: Repository, report: Json, order: Json) -> Json | None:
+    """The report's subject Patient, else the order's; a logical reference by its identifier."""
+    holder = report if report.get("subject") else order
+    ref: Json = holder.get("subject") or {}
+    if ref.get("reference"):
+        return _resolve(repo, holder, ref, "Patient", required=True)
+    identifier: Json = ref.get("identifier") or {}
+    if ref.get("type", "Patient") != "Patient" or not identifier.get("value"):
+        return None
+    token = f"{identifier.get('system', '')}|{identifier['value']}"
+    found = search.execute(repo.conn, search.parse("Patient", [("identifier", token), ("_count", "2")])).matches
+    # Two Patients with one identifier: neither is surely the one; the identifier itself is.
+    return found[0].resource if len(found) == 1 else {"resourceType": "Patient", "identifier": [identifier]}
 
 
 def _first(repo: Repository, holder: Json, refs: list[Json], rtype: str) -> Json | None:

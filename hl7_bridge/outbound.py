@@ -4,6 +4,11 @@ One row per message: the destination, the report version it carries, its MSH-10,
 a status (queued → sent | error → … → dead), the attempts, the last error and the last ACK. The
 rows of one destination, oldest first, are that destination's queue (``hl7_bridge.delivery``).
 
+A result that cannot become a message is a row too, never only a log line: status ``failed``,
+no MSH-10 and no raw message, the reason in ``last_error``. When no destination wants it at all,
+its destination is ``NO_DESTINATION`` (a name no configured destination may take, so the unique
+key below still holds).
+
 The key (destination, report id, report version, sequence) is unique: a worker that builds the
 message of a report version twice (a crash, two server processes) meets the first row, so the
 receiver is sent one message per report version. ``sequence`` is 0 for the message the report
@@ -20,8 +25,13 @@ from fhir_server.schema import PK, Base
 #: queued: waiting for its turn; error: the last attempt failed, it is tried again after a backoff;
 #: sent: the receiver answered AA (or CA); dead: the attempts are spent (the dead-letter list).
 QUEUED, ERROR, SENT, DEAD = "queued", "error", "sent", "dead"
+#: failed: no message could be made (no usable PID-3, a mapping error, no destination); never sent.
+FAILED = "failed"
+STATUSES = (QUEUED, ERROR, SENT, DEAD, FAILED)
 #: The rows still to be sent, in their destination's queue.
 PENDING = (QUEUED, ERROR)
+#: The destination of a result that no configured destination wants (docs/delivery.md).
+NO_DESTINATION = "(none)"
 
 
 class OutboundMessage(Base):
@@ -43,8 +53,9 @@ class OutboundMessage(Base):
     sequence: Mapped[int] = mapped_column(Integer, default=0)
     #: The row this one replays (None for the first message of a report version).
     replay_of: Mapped[int | None] = mapped_column(Integer)
-    control_id: Mapped[str] = mapped_column(String(20))  # MSH-10 (ST, 20 characters in v2.5.1)
-    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    #: MSH-10 (ST, 20 characters in v2.5.1) and the ER7 text; None for a ``failed`` row (no message).
+    control_id: Mapped[str | None] = mapped_column(String(20))
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime)

@@ -54,7 +54,7 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
     hooks = make_hooks(cfg)
     api.mount(app, db, hooks, base_url=settings.public_base_url)
     app.include_router(messages_router(db, cfg.sender, hooks))
-    app.include_router(outbound_router(db, hooks))
+    app.include_router(outbound_router(result_delivery(db, cfg)))
     return app
 
 

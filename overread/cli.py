@@ -172,6 +172,35 @@ def hl7_send(
     typer.echo(reply.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n"))
 
 
+@hl7_app.command("backfill")
+def hl7_backfill(
+    destination: Annotated[
+        list[str] | None, typer.Option(metavar="NAME", help="only this destination (repeatable)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be queued; queue nothing")] = False,
+) -> None:
+    """Queue the results a destination never had: the latest result version of each second-opinion report
+    with no message for it, as its filters (sending_facility, send_preliminary) want (docs/delivery.md)."""
+    from hl7_bridge.backfill import UnknownDestination, backfill, table
+    from overread.app import result_delivery
+    from overread.config import ConfigError, load
+
+    try:
+        cfg = load(get_settings().config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    db = Database(get_settings().database_url)
+    try:
+        done = backfill(result_delivery(db, cfg), destination or (), dry_run)
+    except UnknownDestination as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        db.dispose()
+    typer.echo(table(done, dry_run))
+
+
 @app.command()
 def serve() -> None:
     """Run the server (FHIR REST API and the HL7 MLLP listener) until interrupted."""

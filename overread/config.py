@@ -91,6 +91,7 @@ from pydantic import (
 from fhir_server.outbox import Backoff
 from fhir_server.patient_match import MatchRule, Mode
 from fhir_server.routing import Routing, Rule
+from hl7_bridge.outbound import NO_DESTINATION
 from mappings.concept_map import ConceptMap, ConceptMapError, parse_concept_map
 from mappings.sender import FieldOverrides, FieldPath, IdentifiedBy, SenderConfig
 
@@ -278,6 +279,8 @@ class Hl7(_Strict):
         names = [d.name for d in value]
         if len(set(names)) != len(names):
             raise ValueError(f"destination names must be unique: {names}")
+        if NO_DESTINATION in names:
+            raise ValueError(f"{NO_DESTINATION!r} is no destination name: it marks results that have none")
         return value
 
     @field_validator("senders")
