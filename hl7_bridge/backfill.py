@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from fhir_server.repository import Repository
 from fhir_server.results import RESULT_STATUSES
 from fhir_server.schema import ResourceRow
-from fhir_server.workflow import second_opinion_order
+from fhir_server.second_opinion import second_opinion_order
 from hl7_bridge.delivery import Delivery, Result, show_on_case
 from hl7_bridge.outbound import FAILED, NO_DESTINATION, OutboundMessage
 
@@ -78,7 +78,7 @@ def _report(results: Delivery, report_id: str, wanted: set[str], dry_run: bool) 
         repo = Repository(session, results.hooks)
         current = repo.current("DiagnosticReport", report_id)
         report = current.resource if current is not None else {}
-        order_id, status = second_opinion_order(report), str(report.get("status", ""))
+        order_id, status = second_opinion_order(report, repo), str(report.get("status", ""))
         if current is None or order_id is None or status not in RESULT_STATUSES:
             return []
         missing = {name for name in wanted if not _has_message(session, name, report_id)}
