@@ -259,7 +259,7 @@ def _instant(name: str, value: str) -> datetime:
     try:
         return dates.parse_range(value)[0]
     except ValueError as exc:
-        raise HTTPException(400, f"{name}: {exc}") from exc
+        raise HTTPException(400, f"{name}: not a FHIR dateTime: {exc} (got {value!r})") from exc
 
 
 def _outbound(fields: Any) -> OutboundSummary:

@@ -25,6 +25,7 @@ from hl7_bridge.outbound import FAILED, NO_DESTINATION, QUEUED, SENT, OutboundMe
 from overread.app import HOOKS, create_app
 from overread.config import Destination, Hl7, OverreadConfig
 from overread.settings import Settings
+from tests.builders import no_images_reason
 from tests.peers import Receiver
 from tests.processes import OVERREAD, free_port
 from tests.test_delivery import destination, drain, fhir_order, hl7_order, report_body, rows, task_delivery, worker
@@ -63,11 +64,12 @@ def order_for(db: Database, patient: Json, subject: Json | None = None, code: Js
 
 def report(db: Database, order_id: str, report_id: str = "so-1", status: str = "final", **changes: Any) -> int:
     """PUT the second-opinion report on the order (the order's subject as its own), with ``changes``
-    (None leaves an element out); its version."""
+    (None leaves an element out); its version. Read without linked images (these orders have none),
+    so it says why."""
     with db.begin() as conn:
         repo = Repository(conn, HOOKS)
         subject = repo.read("ServiceRequest", order_id).resource["subject"]
-        body = {**report_body(order_id, subject, status), "id": report_id, **changes}
+        body = {**report_body(order_id, subject, status), "id": report_id, "extension": [no_images_reason()], **changes}
         body = {k: v for k, v in body.items() if v is not None}
         stored, _ = repo.update("DiagnosticReport", report_id, body)
         repo.complete()
@@ -327,7 +329,8 @@ def test_the_outbound_list_refuses_an_unknown_status_or_a_malformed_time(db: Dat
     worker(db).queue_once()
     with app_client(db) as client:
         bogus = client.get("/hl7/outbound", params={"status": "bogus"})
-        assert bogus.status_code == 400 and "'bogus' is not one of queued, error, sent, dead, failed" in bogus.text
+        assert bogus.status_code == 400
+        assert "must be one of queued, error, sent, dead, failed (got 'bogus')" in bogus.text
         for name in ("since", "until"):
             bad = client.get("/hl7/outbound", params={name: "yesterday"})
             assert bad.status_code == 400 and name in bad.text and "yesterday" in bad.text

@@ -49,8 +49,8 @@ def test_replay_processes_a_failed_message_again(client, db):
     ("params", "says"),
     [
         ({"status": "bogus"}, "status: must be one of received, processed, error, rejected, refused (got 'bogus')"),
-        ({"since": "yesterday"}, "since: Input should be a valid datetime"),
-        ({"until": "2026-13-01"}, "until: Input should be a valid datetime"),
+        ({"since": "yesterday"}, "since: not a FHIR dateTime: 'yesterday' is not a FHIR date"),
+        ({"until": "2026-13-01"}, "until: not a FHIR dateTime: month must be in 1..12 (got '2026-13-01')"),
         ({"limit": "-1"}, "limit: Input should be greater than or equal to 1 (got '-1')"),
         ({"limit": "many"}, "limit: Input should be a valid integer"),
         ({"offset": "-5"}, "offset: Input should be greater than or equal to 0 (got '-5')"),

@@ -13,13 +13,16 @@ from tests.processes import OVERREAD, fhir_base, free_port, serve_env, start_ser
 
 def test_an_order_sent_over_mllp_becomes_a_case_with_its_images_linked_and_retrieved(tmp_path: Path):
     dicom_port = free_port()
-    # The source PACS holds the study the OMI^O23 fixture orders (IPC-1 accession "AccessionNumber").
-    pacs = SamplePacs(files=[(sample_path("CT_small.dcm"), {"AccessionNumber": "AccessionNumber"})])
+    # The source PACS holds the study the OMI^O23 fixture orders (IPC-1 accession "AccessionNumber"), of
+    # its patient (PID-3 PID_1^^^ADT1: PatientID with its issuer, mapped to the same identifier system).
+    patient = {"PatientID": "PID_1", "IssuerOfPatientID": "ADT1"}
+    pacs = SamplePacs(files=[(sample_path("CT_small.dcm"), {"AccessionNumber": "AccessionNumber", **patient})])
     pacs.destinations["OVERREAD"] = ("127.0.0.1", dicom_port)
     pacs.start()
     config = tmp_path / "overread.yaml"
     peer = f"{{name: source, ae_title: {pacs.ae_title}, host: 127.0.0.1, port: {pacs.port}, retrieve: c-move}}"
-    config.write_text(f"pacs:\n  - {peer}\n")
+    issuers = "{ADT1: 'urn:overread:assigning-authority:ADT1'}"
+    config.write_text(f"pacs:\n  - {peer}\nlinking:\n  issuers: {issuers}\n")
     env = serve_env(f"sqlite:///{tmp_path / 'serve.db'}", tmp_path, config, dicom_port=str(dicom_port))
     server = start_serve(env)
     try:
