@@ -48,6 +48,7 @@ from overread.app import HOOKS
 from overread.config import PacsPeer
 from tests.builders import MRN_SYSTEM, patient, service_request
 from tests.orthanc import Modalities, Orthanc
+from tests.test_linking_patients import OTHER_SYSTEM, OURS, THEIRS  # the twin patients
 
 pytestmark = pytest.mark.orthanc
 
@@ -55,19 +56,8 @@ OUR_AE = "OVERREAD"
 NOW = Backoff(max_attempts=3, first_delay=timedelta(0))
 LATER = Backoff(max_attempts=5, first_delay=timedelta(hours=1))
 Retrieve = Literal["c-move", "c-get", "wado-rs", "none"]
-OTHER_SYSTEM = "urn:oid:1.2.3.4.5"
 RULE = MatchRule(issuers={SAMPLE_ISSUER: MRN_SYSTEM, "STOLAV": MRN_SYSTEM, "OTHER-SITE": OTHER_SYSTEM})
 CT_PATIENT = "1CT1"  # CT_small's PatientID: the patient of every study made from it here
-#: The order's patient of the twin studies (tests.builders.patient) as the PACS knows her ...
-OURS = {
-    "PatientID": "MRN-100234",
-    "IssuerOfPatientID": "STOLAV",
-    "PatientName": "HAUGEN^INGRID",
-    "PatientBirthDate": "19610417",
-    "PatientSex": "F",
-}
-#: ... and another patient of the same name, at another site.
-THEIRS = {**OURS, "PatientID": "55501", "IssuerOfPatientID": "OTHER-SITE", "PatientBirthDate": "19700101"}
 
 
 @dataclass(frozen=True)
