@@ -9,6 +9,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -16,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import make_url, text
 
+from fhir_server import dates
 from fhir_server.db import Database
 from overread.app import create_app
 from overread.migrate import METADATA, upgrade
@@ -120,3 +122,24 @@ def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     from tests.search_data import module_client, radiology  # it imports this module
 
     yield from module_client(request, tmp_path_factory, radiology)
+
+
+class Clock:
+    """The server's clock (``fhir_server.dates.now``) in the test's hand: it stands still until moved,
+    so a lease or a backoff runs out when the test says, never because the machine was slow."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+    def advance(self, by: timedelta) -> None:
+        self.at += by
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    stopped = Clock(dates.now())
+    monkeypatch.setattr(dates, "now", stopped)
+    return stopped

@@ -35,7 +35,7 @@ from overread.config import Delivery as DeliveryConfig
 from overread.config import Destination, Hl7, OverreadConfig
 from overread.settings import Settings
 from tests.builders import imaging_study
-from tests.conftest import FHIR_JSON
+from tests.conftest import FHIR_JSON, Clock
 from tests.hl7_golden import OMI
 from tests.peers import Receiver
 from tests.processes import fhir_base, free_port, serve_env, start_serve
@@ -396,21 +396,23 @@ def test_msh7_is_the_time_now_whatever_the_servers_time_zone(db: Database, monke
 # -- crashes ------------------------------------------------------------------------------------------
 
 
-def test_a_crash_between_commit_and_send_delivers_each_version_once(db: Database, receiver: Receiver) -> None:
+def test_a_crash_between_commit_and_send_delivers_each_version_once(
+    db: Database, receiver: Receiver, clock: Clock
+) -> None:
     order_id = hl7_order(db)
     write_report(db, order_id, "so-1")
     # 1. A worker claimed the result row and died before queueing: the lease runs out, another does it.
     with db.transaction() as session:
-        assert len(outbox.claim(session, RESULT, lease=timedelta(seconds=0.2))) == 1
-    fresh = worker(db, destination(receiver.port), lease=0.2)
+        assert len(outbox.claim(session, RESULT, lease=timedelta(minutes=1))) == 1
+    fresh = worker(db, destination(receiver.port), lease=60)
     assert fresh.queue_once() == 0  # leased by the dead worker
-    time.sleep(0.3)
+    clock.advance(timedelta(minutes=2))
     assert fresh.queue_once() == 1
     # 2. The message is queued; the worker dies while it holds the head of the queue, before sending.
-    assert fresh._claim("ehr", timedelta(seconds=0.2)) is not None
-    again = worker(db, destination(receiver.port), lease=0.2)
+    assert fresh._claim("ehr", timedelta(minutes=1)) is not None
+    again = worker(db, destination(receiver.port), lease=60)
     assert not again.send_once("ehr")
-    time.sleep(0.3)
+    clock.advance(timedelta(minutes=2))
     assert again.send_once("ehr") and not again.send_once("ehr")
     # 3. A result row queued twice (two processes, a rerun) makes one message.
     with db.transaction() as session:
