@@ -10,6 +10,7 @@ from datetime import timedelta
 import uvicorn
 from fastapi import FastAPI
 
+from dicom_bridge import tuning
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
 from dicom_bridge.storage_scp import Limits, StorageScp
@@ -102,6 +103,7 @@ def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
 @contextmanager
 def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[tuple[Linker, StorageScp]]:
     """The DICOM side running: our Storage SCP, and the linking worker on a thread of its own."""
+    tuning.apply()  # the process serves DICOM from here on: pynetdicom and pydicom as it needs them
     worker = linker(settings, db, cfg)
     worker.publish_endpoints()
     stop = threading.Event()

@@ -156,6 +156,7 @@ def test_a_large_instance_in_pdus_of_the_maximum_we_announce(scp):
     assert stored(scp.store, ds).PixelData == ds.PixelData
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the bad UID is the point
 def test_a_store_that_fails_is_a_failure_status_and_the_association_goes_on(tmp_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("the image store cannot be created here")
