@@ -22,10 +22,13 @@ fails with 0xA700 (PS3.4 B.2.3) and nothing grows.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import socketserver
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -155,6 +158,11 @@ class StorageScp:
             del self._pending[oldest]
         _quietly(oldest.shutdown, socket.SHUT_RDWR)
 
+    def forget(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._pending.pop(sock, None)
+            self._associations.discard(sock)
+
     def serve(self, sock: socket.socket, peer: str) -> None:
         """One connection, from its A-ASSOCIATE-RQ to its release, abort or lost connection."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.nodelay))
@@ -169,9 +177,7 @@ class StorageScp:
             level = logging.INFO if sock in self._associations else logging.DEBUG
             log.log(level, "DICOM peer %s: the connection ended (%s)", peer, exc)
         finally:
-            with self._lock:
-                self._pending.pop(sock, None)
-                self._associations.discard(sock)
+            self.forget(sock)
             self._ended(studies)
 
     def _associate(self, sock: socket.socket, studies: set[tuple[str, str]]) -> None:
@@ -267,19 +273,54 @@ def c_store(store: ImageStore, message: Message, syntax: str, peer: str) -> tupl
         return OUT_OF_RESOURCES, None
 
 
+#: accept() errors of a process (or system) out of descriptors or memory: they pass when connections close.
+STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+STARVED_PAUSE = 0.1
+
+
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False  # stop() ends the open associations itself
     request_queue_size = 128  # a C-MOVE of many series may open associations in a burst
+    starved = False  # accept() is failing for want of file descriptors
 
     def __init__(self, address: tuple[str, int], scp: StorageScp) -> None:
         self.scp = scp
         super().__init__(address, _Handler)
 
+    def get_request(self) -> tuple[socket.socket, object]:
+        """The next connection; out of descriptors, a pause and one log line rather than a busy loop.
+
+        socketserver drops a failed accept() silently and selects again at once: with no descriptor left
+        the listening socket stays readable, so its thread would spin until one is freed.
+        """
+        try:
+            accepted = super().get_request()
+        except OSError as exc:
+            if exc.errno in STARVED:
+                self._starving(exc)
+            raise
+        if self.starved:
+            self.starved = False
+            log.warning("DICOM Storage SCP accepts connections again")
+        return accepted
+
+    def _starving(self, exc: OSError) -> None:
+        if not self.starved:
+            self.starved = True
+            log.warning("DICOM Storage SCP cannot accept a connection (%s); trying every %s s", exc, STARVED_PAUSE)
+        time.sleep(STARVED_PAUSE)
+
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         self.scp.admit(request)  # before its thread: the cap holds however fast connections come
         super().process_request(request, client_address)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A connection that could not be served (no thread to start): one line, not a traceback each."""
+        log.warning("DICOM Storage SCP could not serve %s: %s", client_address, sys.exc_info()[1])
+        if isinstance(request, socket.socket):
+            self.scp.forget(request)
 
 
 class _Handler(socketserver.BaseRequestHandler):

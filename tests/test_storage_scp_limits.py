@@ -6,6 +6,8 @@ A-ASSOCIATE-RQ a byte at a time, stop a data set midway)."""
 
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -330,3 +332,65 @@ def associate_rq_bytes() -> bytes:
     storage = build_context(CTImageStorage)
     storage.context_id = 1
     return request("TRICKLE", AE_TITLE, [storage], [])
+
+
+# Out of file descriptors.
+
+STARVED_SCP = """
+import logging, os, resource, sys
+from pathlib import Path
+from dicom_bridge.image_store import ImageStore
+from dicom_bridge.storage_scp import Limits, StorageScp, _Server
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+accepts = 0
+get_request = _Server.get_request
+
+def counted(self):
+    global accepts
+    accepts += 1
+    return get_request(self)
+
+_Server.get_request = counted
+scp = StorageScp("OVERREAD", "127.0.0.1", 0, ImageStore(Path(sys.argv[1])), limits=Limits(max_pending=1000)).start()
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+print(scp.port, flush=True)
+for _ in sys.stdin:
+    print(accepts, flush=True)
+"""
+
+
+def test_out_of_file_descriptors_the_scp_pauses_says_so_once_and_recovers(tmp_path, idle):
+    """A process at its descriptor limit: accept() fails while connections wait; no busy loop, no flood."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", STARVED_SCP, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    try:
+        port = int(child.stdout.readline())
+        sockets = idle(port, 20)  # 8 descriptors left: the rest wait in the listen queue
+        assert select.select([child.stderr], [], [], 10)[0], "no word of the failing accept()"
+        assert "cannot accept a connection" in child.stderr.readline()
+
+        def accepts() -> int:
+            child.stdin.write("\n")  # type: ignore[union-attr]
+            child.stdin.flush()  # type: ignore[union-attr]
+            return int(child.stdout.readline())  # type: ignore[union-attr]
+
+        before = accepts()
+        time.sleep(1)  # a window to count accept() calls in: a busy loop makes thousands
+        assert accepts() - before <= 20
+        for sock in sockets:
+            sock.close()
+        result = dcmtk("echoscu", "-aec", AE_TITLE, "127.0.0.1", str(port))
+        assert result.returncode == 0, result.stderr
+    finally:
+        child.kill()
+        _, errors = child.communicate(timeout=10)
+    assert "accepts connections again" in errors
+    assert errors.count("cannot accept") <= 2  # once per time it ran out (the queue's rush may be another)
