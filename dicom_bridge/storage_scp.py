@@ -159,6 +159,7 @@ class StorageScp:
         _quietly(oldest.shutdown, socket.SHUT_RDWR)
 
     def forget(self, sock: socket.socket) -> None:
+        """``sock`` is closed or about to be: neither waiting nor an association."""
         with self._lock:
             self._pending.pop(sock, None)
             self._associations.discard(sock)
@@ -186,13 +187,13 @@ class StorageScp:
             return  # a port probe, or a connection closed for a newer one (admit)
         if first[0] != ASSOCIATE_RQ:
             raise ProtocolError(f"PDU type 0x{first[0]:02X} before an A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
+        sock.settimeout(self.limits.idle_timeout)  # not what was left of the ARTIM, for the answer too
         association, answer = accept(first[1], [VERIFICATION])
         if association is not None and not self._associated(sock):
             association, answer = None, reject(*REJECT_TOO_MANY)
         sock.sendall(answer)
         if association is None:
             return
-        sock.settimeout(self.limits.idle_timeout)
         stream, messages = sock.makefile("rb"), Messages(association.contexts, self.budget)
         try:
             self._exchange(sock, stream, association, messages, studies)
