@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -36,9 +37,15 @@ def is_uid(value: str) -> bool:
     return len(value) <= 64 and UID.fullmatch(value) is not None
 
 
+class StoreFull(OSError):
+    """Writing the file would leave less free space than the store's floor (a C-STORE answers 0xA700)."""
+
+
 class ImageStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    """``min_free``: bytes of the file system to leave free; a file that would go below is refused."""
+
+    def __init__(self, root: Path, min_free: int = 0) -> None:
+        self.root, self.min_free = root, min_free
 
     def path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for uid in (study_uid, series_uid, sop_uid):
@@ -66,6 +73,7 @@ class ImageStore:
     def write(self, study_uid: str, series_uid: str, sop_uid: str, part10: bytes) -> Path:
         """Write an encoded Part 10 file as it is (what a Storage SCP received: no re-encoding)."""
         target = self.path(study_uid, series_uid, sop_uid)
+        self._room(len(part10))
         if not target.parent.parent.is_dir():  # the study's first instance: index it first
             header = dcmread(io.BytesIO(part10), stop_before_pixels=True, specific_tags=INDEXED, force=True)
             self._index(study_uid, header)
@@ -76,6 +84,17 @@ class ImageStore:
         partial.write_bytes(part10)
         partial.replace(target)
         return target
+
+    def _room(self, size: int) -> None:
+        """Refuse a file of ``size`` bytes that would take the file system below ``min_free``."""
+        if not self.min_free:
+            return
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:  # a store not created yet: its file system
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if free - size < self.min_free:
+            raise StoreFull(f"the image store keeps {self.min_free} bytes free and has {free}")
 
     def count(self, study_uid: str) -> int:
         """How many instances of the study are on disk."""

@@ -48,6 +48,7 @@ from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_bridge import tuning
 from dicom_bridge.dimse import TRANSFER_SYNTAXES
 from dicom_bridge.matching import matches
 from dicom_bridge.tuning import ASSOCIATION_HANDLERS
@@ -228,6 +229,7 @@ class SamplePacs:
 
     def start(self) -> Self:
         if self._server is None:
+            tuning.apply()  # pynetdicom's storage SCP role takes every storage SOP class only with it
             handlers: list[EventHandlerType] = [
                 *ASSOCIATION_HANDLERS,
                 (evt.EVT_C_ECHO, lambda event: 0x0000),

@@ -10,16 +10,27 @@ blocks on the socket instead of polling as pynetdicom's two threads per associat
 cut the CPU of a C-MOVE to a third (docs/performance.md). Like pynetdicom, a failure to keep one
 instance is a failure status for that C-STORE (PS3.4 B.2.3), never the end of the
 association; a peer that breaks the protocol gets an A-ABORT saying why.
+
+What it takes at once is bounded (:class:`Limits`): a connection is an association from its
+A-ASSOCIATE-RQ on, not from its TCP connect, so idle sockets cannot fill the associations; until
+then it has the ARTIM timeout (PS3.8 9.1.5) and a place among a capped number of waiting
+connections. Data sets are held in memory within one :class:`~dicom_bridge.upper_layer.Budget`
+shared by all associations, and the image store keeps a free-space floor: past either, a C-STORE
+fails with 0xA700 (PS3.4 B.2.3) and nothing grows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import socketserver
+import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dicom_bridge import command_set
 from dicom_bridge.command_set import (
@@ -31,7 +42,7 @@ from dicom_bridge.command_set import (
     RESPONSE,
     SUCCESS,
 )
-from dicom_bridge.image_store import ImageStore
+from dicom_bridge.image_store import ImageStore, StoreFull
 from dicom_bridge.part10 import Header
 from dicom_bridge.upper_layer import (
     ABORT,
@@ -43,9 +54,12 @@ from dicom_bridge.upper_layer import (
     RELEASE_RESPONSE,
     RELEASE_RQ,
     Association,
+    Budget,
+    Deadline,
     Message,
     Messages,
     ProtocolError,
+    Readable,
     abort,
     accept,
     read_pdu,
@@ -60,6 +74,24 @@ VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO (PS3.4 Annex A)
 Received = Callable[[set[tuple[str, str]]], None]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one Storage SCP takes at once (docs/reliability.md, "DICOM"); the defaults are Settings'."""
+
+    #: Associations at once, counted from their A-ASSOCIATE-RQ; the next is rejected as transient.
+    max_associations: int = 32
+    #: Connections that have not sent their A-ASSOCIATE-RQ yet; a new one closes the oldest.
+    max_pending: int = 64
+    #: Seconds a connection has to send its whole A-ASSOCIATE-RQ (ARTIM, PS3.8 9.1.5).
+    associate_timeout: float = 10.0
+    #: Seconds without a PDU that end an association.
+    idle_timeout: float = 60.0
+    #: Bytes of one data set held while it arrives; past it the C-STORE fails with 0xA700.
+    max_data_set: int = 512 << 20
+    #: Bytes of data sets held by all associations together; likewise.
+    max_buffered: int = 1 << 30
+
+
 class StorageScp:
     #: TCP_NODELAY on every association (see :mod:`dicom_bridge.tuning`); off only to measure what it buys.
     nodelay = True
@@ -72,12 +104,14 @@ class StorageScp:
         store: ImageStore,
         on_received: Received | None = None,
         *,
-        timeout: float = 60.0,
-        max_associations: int = 32,
+        limits: Limits = Limits(),
     ) -> None:
         self.ae_title, self.address, self.store, self.on_received = ae_title, (host, port), store, on_received
-        self.timeout, self.max_associations = timeout, max_associations
-        self._open: set[socket.socket] = set()
+        self.limits = limits
+        self.budget = Budget(limits.max_data_set, limits.max_buffered)
+        # Connections in the order they came, until their A-ASSOCIATE-RQ; then associations.
+        self._pending: dict[socket.socket, None] = {}
+        self._associations: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._server: _Server | None = None
 
@@ -100,8 +134,8 @@ class StorageScp:
         self._server.shutdown()
         self._server.server_close()
         self._server = None
-        with self._lock:  # the associations still open end as if their peers had gone
-            for sock in self._open:
+        with self._lock:  # the connections still open end as if their peers had gone
+            for sock in [*self._pending, *self._associations]:
                 _quietly(sock.shutdown, socket.SHUT_RDWR)
 
     def __enter__(self) -> StorageScp:
@@ -110,40 +144,80 @@ class StorageScp:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def serve(self, sock: socket.socket, peer: str) -> None:
-        """One association, from its A-ASSOCIATE-RQ to its release, abort or lost connection."""
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.nodelay))
-        sock.settimeout(self.timeout)
+    def admit(self, sock: socket.socket) -> None:
+        """A new connection waits for its A-ASSOCIATE-RQ; over ``max_pending`` the oldest waiting one is closed.
+
+        The oldest rather than the newest: a peer that means to associate sends its A-ASSOCIATE-RQ at
+        once, so idle sockets cannot keep it out; they can only shorten each other's wait.
+        """
         with self._lock:
-            self._open.add(sock)
-            busy = len(self._open) > self.max_associations
+            self._pending[sock] = None
+            if len(self._pending) <= self.limits.max_pending:
+                return
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+        _quietly(oldest.shutdown, socket.SHUT_RDWR)
+
+    def forget(self, sock: socket.socket) -> None:
+        """``sock`` is closed or about to be: neither waiting nor an association."""
+        with self._lock:
+            self._pending.pop(sock, None)
+            self._associations.discard(sock)
+
+    def serve(self, sock: socket.socket, peer: str) -> None:
+        """One connection, from its A-ASSOCIATE-RQ to its release, abort or lost connection."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.nodelay))
         studies: set[tuple[str, str]] = set()
         try:
-            self._associate(sock, busy, studies)
+            self._associate(sock, studies)
         except ProtocolError as exc:
             log.warning("DICOM peer %s broke the protocol: %s; association aborted", peer, exc)
             _quietly(sock.sendall, abort(*exc.abort))
         except OSError as exc:  # a timeout, a reset: the peer is gone, and so is the association
-            log.info("DICOM peer %s: the connection ended (%s)", peer, exc)
+            # Before an association there is nothing to tell, and idle sockets may come by the thousand.
+            level = logging.INFO if sock in self._associations else logging.DEBUG
+            log.log(level, "DICOM peer %s: the connection ended (%s)", peer, exc)
         finally:
-            with self._lock:
-                self._open.discard(sock)
+            self.forget(sock)
             self._ended(studies)
 
-    def _associate(self, sock: socket.socket, busy: bool, studies: set[tuple[str, str]]) -> None:
-        stream = sock.makefile("rb")
-        first = read_pdu(stream, MAX_ASSOCIATE_RQ)
+    def _associate(self, sock: socket.socket, studies: set[tuple[str, str]]) -> None:
+        first = read_pdu(Deadline(sock, self.limits.associate_timeout), MAX_ASSOCIATE_RQ)
         if first is None:
-            return  # a port probe
+            return  # a port probe, or a connection closed for a newer one (admit)
         if first[0] != ASSOCIATE_RQ:
             raise ProtocolError(f"PDU type 0x{first[0]:02X} before an A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
+        sock.settimeout(self.limits.idle_timeout)  # not what was left of the ARTIM, for the answer too
         association, answer = accept(first[1], [VERIFICATION])
-        if association is not None and busy:
+        if association is not None and not self._associated(sock):
             association, answer = None, reject(*REJECT_TOO_MANY)
         sock.sendall(answer)
         if association is None:
             return
-        messages = Messages(association.contexts)
+        stream, messages = sock.makefile("rb"), Messages(association.contexts, self.budget)
+        try:
+            self._exchange(sock, stream, association, messages, studies)
+        finally:  # a data set cut off by an abort or a lost connection holds the budget no longer
+            messages.release()
+
+    def _associated(self, sock: socket.socket) -> bool:
+        """Count ``sock`` as an association, if there is room for one more (PS3.8 9.3.4: else rejected)."""
+        with self._lock:
+            self._pending.pop(sock, None)
+            if len(self._associations) >= self.limits.max_associations:
+                return False
+            self._associations.add(sock)
+            return True
+
+    def _exchange(
+        self,
+        sock: socket.socket,
+        stream: Readable,
+        association: Association,
+        messages: Messages,
+        studies: set[tuple[str, str]],
+    ) -> None:
+        """The DIMSE messages of an association, until the peer releases or aborts it."""
         while (pdu := read_pdu(stream)) is not None:
             kind, body = pdu
             if kind == P_DATA_TF:
@@ -161,7 +235,7 @@ class StorageScp:
     def _status(self, association: Association, message: Message, studies: set[tuple[str, str]]) -> int | None:
         """The status to answer ``message`` with (PS3.7 9.1), or None for what has no answer."""
         command = message.command
-        if command.field == C_STORE_RQ and message.data is not None:
+        if command.field == C_STORE_RQ and (message.data is not None or message.too_large):
             _, syntax = association.contexts[message.context_id]
             status, found = c_store(self.store, message, syntax, association.calling_ae)
             if found is not None:
@@ -184,24 +258,70 @@ class StorageScp:
 def c_store(store: ImageStore, message: Message, syntax: str, peer: str) -> tuple[int, Header | None]:
     """Keep a C-STORE-RQ's instance in ``store``: the status to answer (PS3.4 B.2.3) and its header."""
     command = message.command
+    if message.too_large:
+        log.warning("C-STORE of %r from %s refused: its data set is over the bytes we hold", command.sop_instance, peer)
+        return OUT_OF_RESOURCES, None
     try:
         return SUCCESS, store.keep(message.data or b"", command.sop_class, command.sop_instance, syntax)
     except ValueError as exc:
         log.warning("C-STORE of %r from %s refused: %s", command.sop_instance, peer, exc)
         return CANNOT_UNDERSTAND, None
+    except StoreFull as exc:
+        log.warning("C-STORE of %r from %s refused: %s", command.sop_instance, peer, exc)
+        return OUT_OF_RESOURCES, None
     except Exception:
         log.exception("could not store %r from %s", command.sop_instance, peer)
         return OUT_OF_RESOURCES, None
+
+
+#: accept() errors of a process (or system) out of descriptors or memory: they pass when connections close.
+STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+STARVED_PAUSE = 0.1
 
 
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False  # stop() ends the open associations itself
+    request_queue_size = 128  # a C-MOVE of many series may open associations in a burst
+    starved = False  # accept() is failing for want of file descriptors
 
     def __init__(self, address: tuple[str, int], scp: StorageScp) -> None:
         self.scp = scp
         super().__init__(address, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        """The next connection; out of descriptors, a pause and one log line rather than a busy loop.
+
+        socketserver drops a failed accept() silently and selects again at once: with no descriptor left
+        the listening socket stays readable, so its thread would spin until one is freed.
+        """
+        try:
+            accepted = super().get_request()
+        except OSError as exc:
+            if exc.errno in STARVED:
+                self._starving(exc)
+            raise
+        if self.starved:
+            self.starved = False
+            log.warning("DICOM Storage SCP accepts connections again")
+        return accepted
+
+    def _starving(self, exc: OSError) -> None:
+        if not self.starved:
+            self.starved = True
+            log.warning("DICOM Storage SCP cannot accept a connection (%s); trying every %s s", exc, STARVED_PAUSE)
+        time.sleep(STARVED_PAUSE)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        self.scp.admit(request)  # before its thread: the cap holds however fast connections come
+        super().process_request(request, client_address)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A connection that could not be served (no thread to start): one line, not a traceback each."""
+        log.warning("DICOM Storage SCP could not serve %s: %s", client_address, sys.exc_info()[1])
+        if isinstance(request, socket.socket):
+            self.scp.forget(request)
 
 
 class _Handler(socketserver.BaseRequestHandler):

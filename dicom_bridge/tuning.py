@@ -1,7 +1,10 @@
 """How this process runs pydicom and pynetdicom, and why (figures in docs/performance.md).
 
-Importing it sets the process-wide settings below; every module here that opens or accepts an
-association imports it for :data:`ASSOCIATION_HANDLERS`, so no association goes without them.
+The settings below that are process-wide (pynetdicom's ``_config``, pydicom's validation modes) are set
+by :func:`apply`, called once where a process starts serving DICOM (``overread serve``'s imaging side,
+the sample PACS, the DICOM bench), never on import: a program that imports the DIMSE client keeps
+pydicom as it was. Every module here that opens or accepts an association imports this one for
+:data:`ASSOCIATION_HANDLERS`, which are per association, so no association goes without them.
 
 - TCP_NODELAY. DIMSE is request/response with small PDUs (a C-ECHO, a C-FIND response, the last
   fragment of a C-STORE); with Nagle's algorithm on, each can wait for the peer's delayed ACK
@@ -51,10 +54,13 @@ from pynetdicom.events import Event, EventHandlerType
 #: association is open: a server without associations does not poll.
 DUL_POLL = 0.0001
 
-_config.UNRESTRICTED_STORAGE_SERVICE = True
-_config.LOG_HANDLER_LEVEL = "none"
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+
+def apply() -> None:
+    """Unrestricted storage, no per-message log, no value validation, for the whole process (idempotent)."""
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _config.LOG_HANDLER_LEVEL = "none"
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
 
 def nodelay(event: Event) -> None:
@@ -98,4 +104,4 @@ ASSOCIATION_HANDLERS: list[EventHandlerType] = [
     (evt.EVT_CONN_OPEN, reactor_keeps_its_pause),
 ]
 
-__all__ = ["ASSOCIATION_HANDLERS", "DUL_POLL", "nodelay", "quick_poll", "reactor_keeps_its_pause"]
+__all__ = ["ASSOCIATION_HANDLERS", "DUL_POLL", "apply", "nodelay", "quick_poll", "reactor_keeps_its_pause"]

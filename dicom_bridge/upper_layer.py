@@ -12,10 +12,13 @@ as in pynetdicom's own SCP.
 
 from __future__ import annotations
 
+import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, cast
+from typing import Protocol, cast
 
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -61,7 +64,36 @@ class ProtocolError(Exception):
         self.abort = abort
 
 
-def read_pdu(stream: BinaryIO, limit: int = 2 * MAX_PDU) -> tuple[int, bytes] | None:
+class Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+class Deadline:
+    """Reads from ``sock`` until ``seconds`` from now, in all: the ARTIM timer of PS3.8 9.1.5.
+
+    A socket timeout counts per ``recv``, so a peer sending a byte now and then would never meet
+    it; this one ends the whole read, however the bytes come. Past it, :class:`TimeoutError`.
+    """
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock, self.end = sock, time.monotonic() + seconds
+
+    def read(self, size: int, /) -> bytes:
+        """Up to ``size`` bytes; fewer only at the end of the stream."""
+        data = bytearray()
+        while len(data) < size:
+            left = self.end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no A-ASSOCIATE-RQ in time (ARTIM)")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(min(size - len(data), 1 << 16))
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
+
+
+def read_pdu(stream: Readable, limit: int = 2 * MAX_PDU) -> tuple[int, bytes] | None:
     """The next PDU's type and body (the bytes after its 6-byte header); None at the end of the stream."""
     head = stream.read(6)
     if not head:
@@ -213,13 +245,47 @@ def _implementation() -> tuple[ImplementationClassUIDNotification, Implementatio
     return uid, version
 
 
+#: A command set is a handful of elements (PS3.7 E.1); one this long is not one.
+MAX_COMMAND = 1 << 16
+
+
+class Budget:
+    """Bytes of data sets held in memory while they arrive: at most ``per_message`` for one message,
+    ``total`` for all the messages sharing this budget (every association of a Storage SCP)."""
+
+    def __init__(self, per_message: int, total: int) -> None:
+        self.per_message, self.total = per_message, total
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self.used + size > self.total:
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
+
+
+#: What a requestor of our own (C-GET) takes from the PACS it chose: no limit.
+UNLIMITED = Budget(1 << 62, 1 << 62)
+
+
 @dataclass
 class Message:
-    """A DIMSE message: its command and, when it has one, its data set (still encoded)."""
+    """A DIMSE message: its command and, when it has one, its data set (still encoded).
+
+    ``too_large``: the data set went over the :class:`Budget`; its fragments were dropped as they
+    came, and ``data`` is None.
+    """
 
     context_id: int
     command: Command
     data: bytes | None = None
+    too_large: bool = False
 
 
 @dataclass
@@ -227,13 +293,23 @@ class Messages:
     """Reassembles DIMSE messages from the PDVs of P-DATA-TF PDUs (PS3.8 9.3.5, Annex E).
 
     A message is its command fragments, then, when the command says one follows (PS3.7 E.1,
-    Command Data Set Type), its data set fragments, all on one presentation context.
+    Command Data Set Type), its data set fragments, all on one presentation context. The data set
+    is held within ``budget``; past it, the rest of its fragments are read and dropped, and the
+    message comes out ``too_large`` (answered with a failure status, not memory without end).
+    A message's bytes count against the budget until the consumer has handled it.
     """
 
     contexts: dict[int, tuple[str, UID]]
+    budget: Budget = UNLIMITED
     _command: bytearray = field(default_factory=bytearray)
     _data: list[bytes] = field(default_factory=list)
     _pending: Message | None = None  # a complete command whose data set is still arriving
+    _held: int = 0  # bytes taken from the budget for the message arriving or being handled
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of data set fragments held now."""
+        return sum(len(f) for f in self._data)
 
     def feed(self, body: bytes) -> Iterator[Message]:
         """The messages a P-DATA-TF body completes."""
@@ -250,13 +326,23 @@ class Messages:
             fragment = body[position + 6 : end]
             position = end
             if message := self._fragment(context_id, control, fragment):
-                yield message
+                try:
+                    yield message
+                finally:  # the consumer is done with it (or gone): its bytes are free
+                    self.release()
+
+    def release(self) -> None:
+        """Give back what the current message took from the budget."""
+        self.budget.give(self._held)
+        self._held = 0
 
     def _fragment(self, context_id: int, control: int, fragment: bytes) -> Message | None:
         if control & COMMAND:
             if self._pending is not None:
                 raise ProtocolError("a command arrived before the data set of the previous one")
             self._command += fragment
+            if len(self._command) > MAX_COMMAND:
+                raise ProtocolError(f"a command set over {MAX_COMMAND} bytes")
             if not control & LAST:
                 return None
             try:
@@ -270,9 +356,21 @@ class Messages:
             return None
         if self._pending is None or self._pending.context_id != context_id:
             raise ProtocolError("a data set fragment without its command")
-        self._data.append(fragment)
+        self._hold(self._pending, fragment)
         if not control & LAST:
             return None
         message, self._pending = self._pending, None
-        message.data, self._data = b"".join(self._data), []
+        if not message.too_large:
+            message.data, self._data = b"".join(self._data), []
         return message
+
+    def _hold(self, message: Message, fragment: bytes) -> None:
+        if message.too_large:
+            return
+        size = len(fragment)
+        if self._held + size <= self.budget.per_message and self.budget.take(size):
+            self._held += size
+            self._data.append(fragment)
+            return
+        message.too_large, self._data = True, []
+        self.release()

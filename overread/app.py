@@ -10,9 +10,10 @@ from datetime import timedelta
 import uvicorn
 from fastapi import FastAPI
 
+from dicom_bridge import tuning
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
-from dicom_bridge.storage_scp import StorageScp
+from dicom_bridge.storage_scp import Limits, StorageScp
 from fhir_server import api
 from fhir_server.cases import case_opener
 from fhir_server.conformance_seed import publish
@@ -75,9 +76,24 @@ def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None =
     return MllpServer(handler, settings.mllp_host, settings.mllp_port)
 
 
+def image_store(settings: Settings) -> ImageStore:
+    return ImageStore(settings.image_store, settings.image_store_min_free_bytes)
+
+
+def scp_limits(settings: Settings) -> Limits:
+    return Limits(
+        max_associations=settings.dicom_max_associations,
+        max_pending=settings.dicom_max_pending,
+        associate_timeout=settings.dicom_associate_timeout,
+        idle_timeout=settings.dicom_idle_timeout,
+        max_data_set=settings.dicom_max_data_set_bytes,
+        max_buffered=settings.dicom_max_buffered_bytes,
+    )
+
+
 def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
     """The image-linking worker: the PACS peers of OVERREAD_CONFIG in order, then our image store."""
-    store = ImageStore(settings.image_store)
+    store = image_store(settings)
     timeout = cfg.linking.timeout_seconds
     rule = cfg.linking.rule
     peers = [Source(p.name, store, p, settings.dicom_ae_title, timeout, rule(p)) for p in cfg.pacs]
@@ -87,11 +103,17 @@ def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
 @contextmanager
 def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[tuple[Linker, StorageScp]]:
     """The DICOM side running: our Storage SCP, and the linking worker on a thread of its own."""
+    tuning.apply()  # the process serves DICOM from here on: pynetdicom and pydicom as it needs them
     worker = linker(settings, db, cfg)
     worker.publish_endpoints()
     stop = threading.Event()
     scp = StorageScp(
-        settings.dicom_ae_title, settings.dicom_host, settings.dicom_port, ImageStore(settings.image_store), worker.wake
+        settings.dicom_ae_title,
+        settings.dicom_host,
+        settings.dicom_port,
+        image_store(settings),
+        worker.wake,
+        limits=scp_limits(settings),
     )
     thread = threading.Thread(target=worker.run, args=(stop,), name="image-linking", daemon=True)
     with scp:

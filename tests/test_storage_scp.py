@@ -32,7 +32,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotific
 from dicom_bridge import command_set
 from dicom_bridge.command_set import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from dicom_bridge.image_store import ImageStore
-from dicom_bridge.storage_scp import StorageScp
+from dicom_bridge.storage_scp import Limits, StorageScp
 from dicom_bridge.tuning import reactor_keeps_its_pause
 from dicom_bridge.upper_layer import ABORT, ASSOCIATE_RJ, Messages, ProtocolError, data_pdus, pdu
 
@@ -156,6 +156,7 @@ def test_a_large_instance_in_pdus_of_the_maximum_we_announce(scp):
     assert stored(scp.store, ds).PixelData == ds.PixelData
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the bad UID is the point
 def test_a_store_that_fails_is_a_failure_status_and_the_association_goes_on(tmp_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("the image store cannot be created here")
@@ -189,7 +190,7 @@ def test_associations_over_the_limit_are_rejected_transiently(tmp_path):
     DCMTK's echoscu asks for it: pynetdicom as a requestor reports a rejection that arrives before
     its own thread looks at the connection as a failure to connect (its ACSE checks
     ``_is_connected`` after the reader has already closed the socket on the A-ASSOCIATE-RJ)."""
-    running = Scp(ImageStore(tmp_path), max_associations=1)
+    running = Scp(ImageStore(tmp_path), limits=Limits(max_associations=1))
     try:
         first = associate(running.port)
         assert first.is_established
