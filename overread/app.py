@@ -52,7 +52,7 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.db = db
     hooks = make_hooks(cfg)
-    api.mount(app, db, hooks, base_url=settings.public_base_url)
+    api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits())
     app.include_router(messages_router(db, cfg.sender, hooks))
     app.include_router(outbound_router(result_delivery(db, cfg)))
     return app
