@@ -28,6 +28,7 @@ from hl7_bridge.intake import receive, receive_in
 from hl7_bridge.mllp import MllpServer
 from overread import config
 from overread.config import OverreadConfig
+from overread.server import http_config
 from overread.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,9 @@ def workers(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[S
 async def serve_all(settings: Settings, db: Database, cfg: OverreadConfig) -> None:
     """Every listener and worker of ``overread serve`` in one process, until interrupted."""
     app = create_app(settings, db, cfg)
-    http = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info"))
+    http = uvicorn.Server(
+        http_config(app, settings, host=settings.http_host, port=settings.http_port, log_level="info")
+    )
     with workers(settings, db, cfg) as scp:
         log.warning("DICOM Storage SCP %s on %s:%s", settings.dicom_ae_title, settings.dicom_host, scp.port)
         async with mllp_listener(settings, db, cfg) as mllp:

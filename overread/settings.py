@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     fhir_max_string: int = DEFAULT.max_string
     fhir_max_bundle_entries: int = DEFAULT.max_bundle_entries
 
+    #: Seconds a request's headers may take to arrive whole (408 beyond); seconds an idle
+    #: keep-alive connection is kept; HTTP connections open at once (503 and closed beyond).
+    http_header_timeout: float = 10.0
+    http_keep_alive_timeout: int = 5
+    http_max_connections: int = 256
+
     def http_limits(self) -> Limits:
         """The limits of the FHIR API's requests, as ``fhir_server.api.mount`` takes them."""
         return Limits(
