@@ -70,7 +70,7 @@ def mount(
     sqlite = db.engine.dialect.name == "sqlite"
     readers = ThreadPoolExecutor(4, thread_name_prefix="sqlite-reader") if sqlite else None
     reads = AsyncReads(db.engine) if db.is_postgres else None
-    units = AsyncUnits(db.engine.url) if db.is_postgres else None
+    units = AsyncUnits(db.engine.url, db.engine.hide_parameters) if db.is_postgres else None
     if reads is not None and units is not None:
         app.router.lifespan_context = _also(reads.opened, _also(units.opened, app.router.lifespan_context))
 

@@ -48,7 +48,7 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
 
     ``cfg`` is the parsed OVERREAD_CONFIG; read from ``settings.config`` when not given.
     """
-    db = db or Database(settings.database_url)
+    db = db or Database(settings.database_url, hide_parameters=not settings.log_sensitive)
     cfg = cfg or config.load(settings.config)
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.db = db

@@ -5,6 +5,7 @@
 """
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -115,7 +116,25 @@ def http_config(app: Starlette, settings: Settings, **options: Any) -> uvicorn.C
             "max_connections": settings.http_max_connections,
         },
     )
-    return uvicorn.Config(app, http=protocol, timeout_keep_alive=settings.http_keep_alive_timeout, **options)
+    config = uvicorn.Config(app, http=protocol, timeout_keep_alive=settings.http_keep_alive_timeout, **options)
+    access = logging.getLogger("uvicorn.access")  # configured by the Config above
+    for old in [f for f in access.filters if isinstance(f, WithoutQuery)]:
+        access.removeFilter(old)
+    if not settings.log_sensitive:
+        access.addFilter(WithoutQuery())
+    return config
+
+
+class WithoutQuery(logging.Filter):
+    """Leaves the query string out of uvicorn's access log lines: searches carry PHI
+    (``Patient?name=Haugen&birthdate=1961-04-17``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's access record: (client, method, path with query, HTTP version, status)
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(path := args[2], str):
+            record.args = (*args[:2], path.split("?", 1)[0], *args[3:])
+        return True
 
 
 @contextmanager

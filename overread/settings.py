@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     http_keep_alive_timeout: int = 5
     http_max_connections: int = 256
 
+    #: Debugging only: show query strings in the access log and bound parameters in SQL errors,
+    #: which hold PHI (names, birth dates, identifiers); off, the logs leave them out.
+    log_sensitive: bool = False
+
     def http_limits(self) -> Limits:
         """The limits of the FHIR API's requests, as ``fhir_server.api.mount`` takes them."""
         return Limits(
