@@ -25,9 +25,9 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def searched(db: Database, **settings: bool) -> list[str]:
+def searched(db: Database, log_sensitive: bool = False) -> list[str]:
     """The access log lines of a search, at INFO (``running`` starts uvicorn at WARNING)."""
-    config = Settings(database_url=db.url, **settings)
+    config = Settings(database_url=db.url, log_sensitive=log_sensitive)
     with running(create_app(config, db), settings=config) as root:
         logger, lines = logging.getLogger("uvicorn.access"), Lines()
         level = logger.level
