@@ -30,6 +30,7 @@ from fhir_server.async_units import AsyncUnits
 from fhir_server.db import Database, Rollback, WriteGroups, deadline, interrupted
 from fhir_server.errors import FhirError, error
 from fhir_server.http import FhirRequest, FhirResponse
+from fhir_server.limits import DEFAULT, Limits, check_body
 from fhir_server.patch import JSON_PATCH, MERGE_PATCH
 from fhir_server.repository import Hook, Repository
 from fhir_server.router import ReadTarget, handle, read_response, read_target
@@ -48,8 +49,15 @@ RETRYABLE_SQLSTATES = {"40P01", "40001"}
 log = logging.getLogger(__name__)
 
 
-def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: str = "", prefix: str = "/fhir") -> None:
-    """Serve the FHIR REST API of ``db`` under ``prefix``."""
+def mount(
+    app: Starlette,
+    db: Database,
+    hooks: Sequence[Hook] = (),
+    base_url: str = "",
+    prefix: str = "/fhir",
+    limits: Limits = DEFAULT,
+) -> None:
+    """Serve the FHIR REST API of ``db`` under ``prefix``, refusing requests over ``limits``."""
     # A read of one resource (version) is one SELECT: it runs outside a transaction, on the
     # event loop itself: on SQLite, where it takes less time than handing it to a thread
     # would, and on PostgreSQL with an async driver (``AsyncReads``). Other SQLite reads run
@@ -62,7 +70,7 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
     sqlite = db.engine.dialect.name == "sqlite"
     readers = ThreadPoolExecutor(4, thread_name_prefix="sqlite-reader") if sqlite else None
     reads = AsyncReads(db.engine) if db.is_postgres else None
-    units = AsyncUnits(db.engine.url) if db.is_postgres else None
+    units = AsyncUnits(db.engine.url, db.engine.hide_parameters) if db.is_postgres else None
     if reads is not None and units is not None:
         app.router.lifespan_context = _also(reads.opened, _also(units.opened, app.router.lifespan_context))
 
@@ -120,10 +128,9 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
                 method=request.method,
                 path=request.path_params.get("path", ""),
                 params=list(request.query_params.multi_items()),
-                headers=dict(request.headers),  # Starlette's names are lower case already
+                headers=_headers(request, limits),
             )
-            if req.method not in READ_METHODS:
-                await _read_body(request, req)
+            size = 0 if req.method in READ_METHODS else await _read_body(request, req, limits)
         except FhirError as exc:
             return _http(FhirResponse.of(exc), request)
         # POST _search reads, everything else that is not GET/HEAD may write.
@@ -135,7 +142,7 @@ def mount(app: Starlette, db: Database, hooks: Sequence[Hook] = (), base_url: st
         if sqlite and one_row:
             return _http(run(req, base, write, one_row), request)
         if db.groups is not None and write:
-            inline = _light(req, len(await request.body()))
+            inline = _light(req, size)
             return _http(await _answered(req, db.groups.submit(unit(req, base), inline=inline)), request)
         if units is not None and units.ready:
             return _http(await _answered(req, units.run(unit(req, base))), request)
@@ -167,7 +174,9 @@ def _light_search(req: FhirRequest) -> bool:
     for name, value in req.params:
         if name.startswith(("_include", "_revinclude")):
             return False
-        if name == "_count" and not (value.isdigit() and int(value) <= LIGHT_PAGE):
+        if name == "_count" and not (
+            value.isascii() and value.isdigit() and len(value) <= 3 and int(value) <= LIGHT_PAGE
+        ):
             return False
     return True
 
@@ -217,20 +226,53 @@ def _base(request: Request, prefix: str) -> str:
     return f"{scope['scheme']}://{host}{scope.get('root_path', '')}{prefix}"
 
 
-async def _read_body(request: Request, req: FhirRequest) -> None:
-    body = await request.body()
+def _headers(request: Request, limits: Limits) -> dict[str, str]:
+    """The request's headers by lower-case name, the first of repeated ones, within ``limits``
+    (431, RFC 6585 §5). One pass over the raw list: ``dict(request.headers)`` looks each name
+    up again from the start, quadratic in the header count."""
+    raw: list[tuple[bytes, bytes]] = request.scope["headers"]
+    if len(raw) > limits.max_headers:
+        raise error(431, "too-costly", f"A request may have at most {limits.max_headers} header lines")
+    if sum(len(k) + len(v) for k, v in raw) > limits.max_header_bytes:
+        raise error(431, "too-costly", f"A request's headers may have at most {limits.max_header_bytes} bytes")
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(raw)}
+
+
+async def _read_body(request: Request, req: FhirRequest, limits: Limits) -> int:
+    """Read the body into ``req`` (a form ``_search``'s into its params); its size in bytes."""
+    body = await _body(request, limits.max_body_bytes)
     if not body:
-        return
+        return 0
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/x-www-form-urlencoded" and req.path.endswith("_search"):
-        req.params += parse_qsl(body.decode(), keep_blank_values=True)
-        return
+        try:
+            req.params += parse_qsl(body.decode(), keep_blank_values=True, errors="strict")
+        except UnicodeDecodeError:
+            raise error(400, "structure", "The form body is not UTF-8 (HTML 4.01 §17.13.4)") from None
+        return len(body)
     if content_type not in JSON_TYPES:
         raise error(415, "not-supported", f"Content-Type {content_type or 'none'} is not supported; use {FHIR_JSON}")
     try:
         req.body = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise error(400, "structure", f"The body is not valid JSON: {exc}") from None
+    check_body(req.body, limits)
+    return len(body)
+
+
+async def _body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused (413) as soon as more than ``max_bytes`` arrived or were announced."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 15 or int(declared) > max_bytes):
+        raise error(413, "too-costly", f"A request body may have at most {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise error(413, "too-costly", f"A request body may have at most {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _http(response: FhirResponse, request: Request) -> Response:

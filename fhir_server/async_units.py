@@ -35,8 +35,9 @@ T = TypeVar("T")
 class AsyncUnits:
     """Units of work on an asyncpg engine of their own, while ``opened`` lasts."""
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, hide_parameters: bool = True) -> None:
         self._url = url.set(drivername="postgresql+asyncpg")
+        self._hide_parameters = hide_parameters
         self._engine: AsyncEngine | None = None
 
     @property
@@ -49,7 +50,9 @@ class AsyncUnits:
         """The engine for the life of the application (its event loop); its connections closed after."""
         # At most 20 transactions at once: one event loop gains nothing from more, and the sync
         # engine (workers, HL7) keeps its own 50 under PostgreSQL's default max_connections (100).
-        engine = create_async_engine(self._url, pool_size=10, max_overflow=10, pool_recycle=1800)
+        engine = create_async_engine(
+            self._url, pool_size=10, max_overflow=10, pool_recycle=1800, hide_parameters=self._hide_parameters
+        )
         self._engine = engine
         try:
             yield

@@ -76,17 +76,26 @@ def process(body: Any, repo: Repository, base: str, handle: Handler, *, savepoin
 
 
 def _entry(index: int, raw: Any) -> Entry:
+    """An entry of the Bundle, its JSON types checked (R4 bundle.html: request.method a code,
+    request.url a uri, its headers strings, fullUrl a uri, resource a resource)."""
+    at = f"Bundle.entry[{index}]"
     request = raw.get("request") if isinstance(raw, dict) else None
-    if not isinstance(request, dict) or request.get("method") not in ORDER or not request.get("url"):
-        raise error(400, "invalid", f"Entry {index} needs request.method and request.url", f"Bundle.entry[{index}]")
+    method = request.get("method") if isinstance(request, dict) else None
+    if not isinstance(request, dict) or not isinstance(method, str) or method not in ORDER or not request.get("url"):
+        raise error(400, "invalid", f"Entry {index} needs request.method and request.url", at)
     headers = {
         header: request[key]
         for key, header in (("ifMatch", "if-match"), ("ifNoneExist", "if-none-exist"),
                             ("ifNoneMatch", "if-none-match"), ("ifModifiedSince", "if-modified-since"))
         if request.get(key)
     }  # fmt: skip
-    resource = raw.get("resource")
-    return Entry(index, request["method"], request["url"].lstrip("/"), raw.get("fullUrl"), resource, headers)
+    resource, full_url = raw.get("resource"), raw.get("fullUrl")
+    for name, value in [("request.url", request["url"]), ("fullUrl", full_url), *headers.items()]:
+        if value is not None and not isinstance(value, str):
+            raise error(400, "invalid", f"Entry {index}: {name} must be a string", f"{at}.{name}")
+    if resource is not None and not isinstance(resource, dict):
+        raise error(400, "invalid", f"Entry {index}: resource must be a JSON object", f"{at}.resource")
+    return Entry(index, method, request["url"].lstrip("/"), full_url, resource, headers)
 
 
 def _lock_in_order(entries: list[Entry], repo: Repository) -> None:

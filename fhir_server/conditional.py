@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Select, and_, bindparam, false, or_, select
 
-from fhir_server import search
+from fhir_server import limits, search
 from fhir_server.errors import error
 from fhir_server.repository import Repository, Stored
 from fhir_server.schema import ResourceRow, TokenIndex
@@ -24,7 +24,10 @@ TokenKey = tuple[str, str, str, str]
 
 
 def parse_qsl(query_string: str) -> list[tuple[str, str]]:
-    return urllib.parse.parse_qsl(query_string.lstrip("?"), keep_blank_values=True)
+    """The parameters of criteria or an entry's URL, as the databases can compare them (``limits.check_params``)."""
+    params = urllib.parse.parse_qsl(query_string.lstrip("?"), keep_blank_values=True)
+    limits.check_params(params)
+    return params
 
 
 def criteria_key(rtype: str, query_string: str) -> str:

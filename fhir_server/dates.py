@@ -34,12 +34,29 @@ def parse_range(value: str) -> tuple[datetime, datetime]:
     tz = m["tz"]
     if tz and tz != "Z":
         sign = 1 if tz[0] == "+" else -1
-        start -= sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
+        start = shifted(start, -sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])))
     if m["f"]:
-        micro = int((m["f"][1:] + "000000")[:6])
-        return start + timedelta(microseconds=micro), start + timedelta(microseconds=micro)
+        at = shifted(start, timedelta(microseconds=int((m["f"][1:] + "000000")[:6])))
+        return at, at
     span = timedelta(seconds=1) if m["S"] else timedelta(minutes=1)
-    return start, start + span - timedelta(microseconds=1)
+    return start, shifted(start, span - timedelta(microseconds=1))
+
+
+def shifted(t: datetime, delta: timedelta) -> datetime:
+    """``t + delta``, clamped to [MIN, MAX]: a valid dateTime whose zone puts its UTC instant
+    before year 1 or after 9999 (9999-12-31T23:30:00-05:00, R4 datatypes.html#dateTime allows
+    any zone) is as early or late as the index can say."""
+    try:
+        return t + delta
+    except OverflowError:
+        return MIN if delta < timedelta(0) else MAX
+
+
+def approximately(low: datetime, high: datetime, now: datetime) -> tuple[datetime, datetime]:
+    """The range the ``ap`` prefix matches around [low, high]: within 10% of the distance from
+    now, and at least a day (R4 search.html#prefix), clamped to the calendar."""
+    margin = max(abs(now - low) / 10, timedelta(days=1))
+    return shifted(low, -margin), shifted(high, margin)
 
 
 def now() -> datetime:

@@ -34,6 +34,9 @@ WAL_PAGES = 10_000
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
+    """The engine of ``url``; its errors and logs leave out bound parameters (resource content,
+    identifiers: PHI) unless ``hide_parameters=False`` is asked (``OVERREAD_LOG_SENSITIVE``)."""
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         # The driver must not open transactions by itself: we emit BEGIN ourselves.
         engine = create_engine(

@@ -43,7 +43,7 @@ def _confirmation(repo: Repository, body: Any) -> cases.Confirmation | None:
         return None
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise error(400, "structure", "$link-imaging takes no body or a Parameters resource")
-    values = {p.get("name"): p for p in body.get("parameter", []) if isinstance(p, dict)}
+    values = {p.get("name"): p for p in parameters(body)}
     study_uid = _string(values.get("studyInstanceUid"))
     if (reference := values.get("imagingStudy")) is not None:
         study_uid = _study_uid(repo, str(reference.get("valueReference", {}).get("reference", "")))
@@ -111,6 +111,14 @@ def validate(repo: Repository, req: FhirRequest, rtype: str, rid: str | None) ->
     return FhirResponse(200, operation_outcome(unique))
 
 
+def parameters(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Parameters resource's ``parameter`` list (R4 parameters.html: 0..* BackboneElement), else 400."""
+    found = body.get("parameter", [])
+    if not isinstance(found, list) or not all(isinstance(p, dict) for p in found):
+        raise error(400, "structure", "Parameters.parameter must be an array of objects", "Parameters.parameter")
+    return found
+
+
 def _validate_input(req: FhirRequest) -> tuple[Any, list[str], str | None]:
     """(resource, profiles, mode) from the query and the body (a resource, or a Parameters)."""
     wanted = [v for k, v in req.params if k == "profile"]
@@ -118,7 +126,7 @@ def _validate_input(req: FhirRequest) -> tuple[Any, list[str], str | None]:
     body = req.body
     if isinstance(body, dict) and body.get("resourceType") == "Parameters":
         resource = None
-        for parameter in body.get("parameter", []):
+        for parameter in parameters(body):
             name = parameter.get("name")
             if name == "resource":
                 resource = parameter.get("resource")

@@ -13,13 +13,14 @@ is not supported: 415.
 
 import base64
 import binascii
-import json
 from typing import Any
 
 import jsonpatch
 import jsonpointer
+import orjson
 
 from fhir_server.errors import error
+from fhir_server.limits import DEFAULT, check_json
 from fhir_server.repository import Repository, Stored
 
 JSON_PATCH = "application/json-patch+json"
@@ -32,10 +33,14 @@ def document(body: Any) -> list[dict[str, Any]] | dict[str, Any]:
     if isinstance(body, dict) and body.get("resourceType") == "Binary":
         if body.get("contentType") != JSON_PATCH:
             raise error(415, "not-supported", f"A patch Binary must have contentType {JSON_PATCH}")
+        data = body.get("data", "")
         try:
-            body = json.loads(base64.b64decode(body.get("data", ""), validate=True))
+            if not isinstance(data, str):
+                raise ValueError("Binary.data must be a string")
+            body = orjson.loads(base64.b64decode(data, validate=True))
         except (binascii.Error, ValueError) as exc:
             raise error(400, "structure", f"The Binary's data is not a base64 JSON Patch document: {exc}") from None
+        check_json(body, DEFAULT, "The patch document")
     if isinstance(body, dict) and body.get("resourceType") == "Parameters":
         raise error(415, "not-supported", f"FHIRPath Patch is not supported; send a JSON Patch ({JSON_PATCH})")
     if isinstance(body, dict):

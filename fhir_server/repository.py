@@ -352,8 +352,30 @@ def _index_by_table(resource_type: str, resource: dict[str, Any]) -> dict[Table,
     """The search index rows of a resource (``fhir_server.indexing``), by table."""
     rows: dict[Table, list[dict[str, Any]]] = {}
     for table, values in index_rows(resource_type, resource):
-        rows.setdefault(cast(Table, table.__table__), []).append(values)
+        sql_table = cast(Table, table.__table__)
+        _check_lengths(sql_table, values)
+        rows.setdefault(sql_table, []).append(values)
     return rows
+
+
+def _check_lengths(table: Table, values: dict[str, Any]) -> None:
+    """422 for a value longer than its index column holds, before the database sees it: PostgreSQL
+    refuses it with an error (SQLite would store it whole)."""
+    for name, length in _lengths(table).items():
+        value = values.get(name)
+        if isinstance(value, str) and len(value) > length:
+            param = values.get("param")
+            raise error(
+                422,
+                "too-long",
+                f"The value of search parameter {param!r} is over the {length} characters it can be indexed by",
+            )
+
+
+@cache
+def _lengths(table: Table) -> dict[str, int]:
+    """The length of each length-bound text column of an index table."""
+    return {c.name: c.type.length for c in table.columns if isinstance(c.type, String) and c.type.length}
 
 
 #: What the write statement of PostgreSQL binds besides the index rows, and as what.

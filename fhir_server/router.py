@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 import orjson
 from sqlalchemy import func, select
 
-from fhir_server import bundle, capability, conditional, dates, operations, search
+from fhir_server import bundle, capability, conditional, dates, limits, operations, search
 from fhir_server.errors import FhirError, error, information
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.patch import patch
@@ -25,6 +25,7 @@ DEFAULT_HISTORY_COUNT = 50
 def handle(request: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     """Dispatch one interaction. Raises nothing: errors become OperationOutcome responses."""
     try:
+        limits.check_params(request.params)
         return _dispatch(request, repo, base.rstrip("/"))
     except FhirError as exc:
         return FhirResponse.of(exc)
@@ -45,9 +46,17 @@ def read_target(req: FhirRequest) -> ReadTarget | None:
     parts = req.path.strip("/").split("/")
     if len(parts) == 2 and parts[1][:1] not in ("_", "$"):
         return ReadTarget(parts[0], parts[1], None)
-    if len(parts) == 4 and parts[2] == "_history" and parts[3].isdigit():
-        return ReadTarget(parts[0], parts[1], int(parts[3]))
+    if len(parts) == 4 and parts[2] == "_history" and (version := _version(parts[3])) is not None:
+        return ReadTarget(parts[0], parts[1], version)
     return None
+
+
+def _version(vid: str) -> int | None:
+    """A version id this server can have given (R4 http.html#vread), else None."""
+    try:
+        return limits.whole("_history", vid)
+    except FhirError:
+        return None
 
 
 def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, base: str) -> FhirResponse:
@@ -121,9 +130,9 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
                 raise error(404, "not-found", f"{rtype}/{rid} is not known")
             return _history(repo, base, req, rtype, rid)
         case [rtype, rid, "_history", vid], "GET":
-            if not vid.isdigit():
-                raise error(404, "not-found", f"{vid!r} is not a version id")
-            return _read(req, repo.vread(rtype, rid, int(vid)), base)
+            if (version := _version(vid)) is None:
+                raise error(404, "not-found", f"{vid[:64]!r} is not a version id")
+            return _read(req, repo.vread(rtype, rid, version), base)
     if parts and parts[0] not in SUPPORTED_TYPES and parts[0] not in ("metadata", "_history"):
         check_type(parts[0])
     raise error(405, "not-supported", f"{method} /{req.path} is not an interaction this server supports")
@@ -230,12 +239,10 @@ def _history(repo: Repository, base: str, req: FhirRequest, rtype: str | None, r
     """Instance, type and system history (R4 http.html#history), newest first, paged."""
     count, offset, since = DEFAULT_HISTORY_COUNT, 0, None
     for key, value in req.params:
-        if key in ("_count", "_offset") and not value.isdigit():
-            raise error(400, "invalid", f"{key} must be a non-negative integer")
         if key == "_count":
-            count = min(int(value), search.MAX_COUNT)
+            count = min(limits.whole(key, value), search.MAX_COUNT)
         elif key == "_offset":
-            offset = int(value)
+            offset = limits.whole(key, value)
         elif key == "_since":
             try:
                 since = dates.parse_range(value)[0]

@@ -8,7 +8,7 @@ targets. Parameters joined by ``&`` are ANDed, comma-separated values ORed (§3.
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlencode
@@ -17,7 +17,7 @@ import orjson
 from sqlalchemy import ColumnElement, Connection, Select, and_, false, func, not_, or_, select, true
 from sqlalchemy.orm import aliased
 
-from fhir_server import dates
+from fhir_server import dates, limits
 from fhir_server.errors import error
 from fhir_server.indexing import normalize, split_reference
 from fhir_server.repository import Stored
@@ -213,9 +213,7 @@ def _include(value: str, reverse: bool, iterate: bool) -> Include:
 
 
 def _int(name: str, value: str) -> int:
-    if not value.isdigit():
-        raise error(400, "invalid", f"{name} must be a non-negative integer, not {value!r}", name)
-    return int(value)
+    return limits.whole(name, value)
 
 
 def _lookup(resource_type: str, code: str) -> SearchParam:
@@ -424,8 +422,8 @@ def _date(low: Any, high: Any, value: str) -> ColumnElement[bool]:
         case "eb":
             return high < pl  # type: ignore[no-any-return]
     # ap: within 10% of the distance from now, and at least a day (search.html#prefix)
-    margin = max(abs(datetime.utcnow() - pl) / 10, timedelta(days=1))
-    return and_(low <= ph + margin, high >= pl - margin)
+    near_low, near_high = dates.approximately(pl, ph, datetime.utcnow())
+    return and_(low <= near_high, high >= near_low)
 
 
 def _number(column: Any, value: str) -> ColumnElement[bool]:
@@ -435,8 +433,10 @@ def _number(column: Any, value: str) -> ColumnElement[bool]:
         number = Decimal(literal)
     except InvalidOperation:
         raise error(400, "invalid", f"{value!r} is not a number") from None
-    if not number.is_finite():
-        raise error(400, "invalid", f"{value!r} is not a finite number")
+    if not number.is_finite() or not -1000 < number.adjusted() < 1000:
+        # The index holds IEEE doubles (about 1e±308); a Decimal exponent near its context's
+        # limit (1e-999999999) cannot even be scaled to its precision below.
+        raise error(400, "invalid", f"{value[:64]!r} is not a finite number between 1e-999 and 1e999")
     # Half a unit of the last digit given: "100" is [99.5, 100.5), "100.0" [99.95, 100.05),
     # "1.0e2" [95, 105). The exponent of a Decimal is the place of its last digit.
     exponent = number.as_tuple().exponent

@@ -41,7 +41,8 @@ def check_type(resource_type: str) -> None:
 
 
 def check_id(resource_id: str) -> None:
-    if not ID.match(resource_id):
+    """R4 datatypes.html#id, less "." and "..": URL dot-segments (RFC 3986 §5.2.4) name no resource."""
+    if not ID.match(resource_id) or resource_id in (".", ".."):
         raise error(400, "invalid", f"{resource_id!r} is not a valid resource id (R4 datatypes §id)")
 
 

@@ -29,6 +29,7 @@ from hl7_bridge.intake import receive, receive_in
 from hl7_bridge.mllp import MllpServer
 from overread import config
 from overread.config import OverreadConfig
+from overread.server import http_config
 from overread.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,12 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
 
     ``cfg`` is the parsed OVERREAD_CONFIG; read from ``settings.config`` when not given.
     """
-    db = db or Database(settings.database_url)
+    db = db or Database(settings.database_url, hide_parameters=not settings.log_sensitive)
     cfg = cfg or config.load(settings.config)
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.db = db
     hooks = make_hooks(cfg)
-    api.mount(app, db, hooks, base_url=settings.public_base_url)
+    api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits())
     app.include_router(messages_router(db, cfg.sender, hooks))
     app.include_router(outbound_router(result_delivery(db, cfg)))
     return app
@@ -175,7 +176,9 @@ def workers(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[S
 async def serve_all(settings: Settings, db: Database, cfg: OverreadConfig) -> None:
     """Every listener and worker of ``overread serve`` in one process, until interrupted."""
     app = create_app(settings, db, cfg)
-    http = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info"))
+    http = uvicorn.Server(
+        http_config(app, settings, host=settings.http_host, port=settings.http_port, log_level="info")
+    )
     with workers(settings, db, cfg) as scp:
         log.warning("DICOM Storage SCP %s on %s:%s", settings.dicom_ae_title, settings.dicom_host, scp.port)
         async with mllp_listener(settings, db, cfg) as mllp:

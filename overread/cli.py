@@ -215,7 +215,7 @@ def serve() -> None:
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, hide_parameters=not settings.log_sensitive)
     if db.engine.dialect.name == "sqlite":
         upgrade(db.engine)  # the embedded default keeps itself current
     asyncio.run(serve_all(settings, db, cfg))

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fhir_server.limits import DEFAULT, Limits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OVERREAD_")
@@ -33,6 +35,39 @@ class Settings(BaseSettings):
     #: Absolute base URL the server names itself by in Location headers and Bundle links.
     #: Empty means: derive it from each request.
     public_base_url: str = ""
+
+    # -- What the HTTP door accepts (docs/reliability.md#http-and-fhir; fhir_server.limits) --
+    #: Request header lines and their bytes together (431 beyond).
+    http_max_headers: int = DEFAULT.max_headers
+    http_max_header_bytes: int = DEFAULT.max_header_bytes
+    #: Bytes of a request body, counted as it arrives (413 beyond).
+    http_max_body_bytes: int = DEFAULT.max_body_bytes
+    #: Levels of JSON nesting in a body (400 beyond), characters of one JSON string (422 beyond),
+    #: entries of a batch or transaction Bundle (413 beyond).
+    fhir_max_json_depth: int = DEFAULT.max_depth
+    fhir_max_string: int = DEFAULT.max_string
+    fhir_max_bundle_entries: int = DEFAULT.max_bundle_entries
+
+    #: Seconds a request's headers may take to arrive whole (408 beyond); seconds an idle
+    #: keep-alive connection is kept; HTTP connections open at once (503 and closed beyond).
+    http_header_timeout: float = 10.0
+    http_keep_alive_timeout: int = 5
+    http_max_connections: int = 256
+
+    #: Debugging only: show query strings in the access log and bound parameters in SQL errors,
+    #: which hold PHI (names, birth dates, identifiers); off, the logs leave them out.
+    log_sensitive: bool = False
+
+    def http_limits(self) -> Limits:
+        """The limits of the FHIR API's requests, as ``fhir_server.api.mount`` takes them."""
+        return Limits(
+            max_headers=self.http_max_headers,
+            max_header_bytes=self.http_max_header_bytes,
+            max_body_bytes=self.http_max_body_bytes,
+            max_depth=self.fhir_max_json_depth,
+            max_string=self.fhir_max_string,
+            max_bundle_entries=self.fhir_max_bundle_entries,
+        )
 
 
 @lru_cache
