@@ -135,8 +135,14 @@ class MllpConnectionClosedError(ConnectionError):
 @contextlib.contextmanager
 def serving_in_thread(handler: Handler, host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
     """An MllpServer in an event loop of its own thread, for synchronous callers; yields its port."""
+    with running_in_thread(MllpServer(handler, host, port)) as bound:
+        yield bound
+
+
+@contextlib.contextmanager
+def running_in_thread(server: MllpServer) -> Iterator[int]:
+    """``server`` started in an event loop of its own thread; yields its port, closes it on exit."""
     loop = asyncio.new_event_loop()
-    server = MllpServer(handler, host, port)
     loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, name="mllp-server", daemon=True)
     thread.start()
