@@ -57,7 +57,7 @@ from mappings.order_control import OrderControl, order_control
 from mappings.orders import RESULTS, check_supported, map_order
 from mappings.sender import SenderConfig, sender_identity, sender_settings
 from mappings.sender import Senders as Senders  # api and delivery take it from here
-from mappings.v2 import Message, header, parse
+from mappings.v2 import MAX_SEGMENTS, Message, header, parse
 
 #: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
 BASE = "urn:overread:hl7"
@@ -81,12 +81,21 @@ def receive(db: Database, raw: bytes, senders: Senders | None = None, hooks: Seq
         return receive_in(conn, raw, senders, hooks)
 
 
-def receive_in(conn: Connection, raw: bytes, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes:
-    """:func:`receive` in the caller's transaction (on SQLite: a savepoint of a group, ``db.groups``)."""
+def receive_in(
+    conn: Connection,
+    raw: bytes,
+    senders: Senders | None = None,
+    hooks: Sequence[Hook] = (),
+    max_segments: int = MAX_SEGMENTS,
+) -> bytes:
+    """:func:`receive` in the caller's transaction (on SQLite: a savepoint of a group, ``db.groups``).
+
+    ``max_segments``: a message with more is refused (AR) before it is mapped.
+    """
     started = time.perf_counter()
     refused: MappingError | None = None
     try:
-        message = parse(raw)
+        message = parse(raw, max_segments)
     except MappingError as exc:
         head = header(raw)
         if head is None:  # not even its MSH can be read: nothing to key or to echo
@@ -119,6 +128,15 @@ def failed(conn: Connection, raw: bytes, exc: Exception) -> bytes:
 def last_resort(raw: bytes, exc: Exception) -> bytes:
     """The AR (ERR 207) for a message nothing could be stored for: MSA-2 echoes its MSH-10 when readable."""
     return _ack(header(raw), _internal(exc))
+
+
+def oversize(head: bytes, limit: int) -> bytes:
+    """The AE (ERR 102) for a message larger than the MLLP limit, from its first bytes: MSA-2 echoes its MSH-10.
+
+    Not stored: only its head arrived whole, and the connection drops the rest.
+    """
+    error = MappingError(DATA_TYPE_ERROR, "", f"The message is larger than {limit} bytes, the most accepted")
+    return _ack(header(head.split(b"\r", 1)[0]), error)
 
 
 def _internal(exc: Exception) -> MappingError:

@@ -51,6 +51,8 @@ _UTF8_PREFERRED = {"", "ASCII", "8859/1", "8859/15"}
 _UNFRAMEABLE = "utf-16"
 #: The shortest line whose next line may be its continuation (``_unwrap``): a transport's fixed line width.
 WRAP_WIDTH = 1024
+#: The most segments (lines) a message may have: ``overread.settings`` OVERREAD_MLLP_MAX_SEGMENTS.
+MAX_SEGMENTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -200,16 +202,19 @@ def _msh18(msh_line: str) -> str:
     return parts[17].split(rep)[0].strip()
 
 
-def parse(data: bytes | str) -> Message:
+def parse(data: bytes | str, max_segments: int = MAX_SEGMENTS) -> Message:
     """Parse one v2 message (chapter 2.5). Raises ``MappingError`` (rejecting it: AR) when it is unreadable.
 
     Unreadable: it does not start with an MSH segment, its delimiters (MSH-2) are missing or not
     distinct, a line is not a segment (``_unwrap``), or MSH-18 names a set that cannot travel
-    over MLLP. :func:`header` still reads the MSH of such a message, to key and answer it.
+    over MLLP, or it has more than ``max_segments`` lines. :func:`header` still reads the MSH of
+    such a message, to key and answer it.
     """
     text, charset = _text(data)
     lines = _lines(text)
     msh = _header_segment(lines)
+    if len(lines) > max_segments:  # refused before any work that grows with them
+        raise _unreadable("MSH", f"The message has {len(lines)} segments; at most {max_segments} are accepted")
     enc = _encoding(lines[0])
     if charset == _UNFRAMEABLE:
         raise _unreadable(

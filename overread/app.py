@@ -26,8 +26,8 @@ from fhir_server.subscriptions import notify
 from fhir_server.workflow import case_workflow
 from hl7_bridge.api import messages_router, outbound_router
 from hl7_bridge.delivery import Delivery
-from hl7_bridge.intake import failed, last_resort, receive_in
-from hl7_bridge.mllp import MllpServer
+from hl7_bridge.intake import failed, last_resort, oversize, receive_in
+from hl7_bridge.mllp import MllpServer, quiet_accept_errors
 from overread import config
 from overread.config import OverreadConfig
 from overread.settings import Settings
@@ -84,12 +84,22 @@ def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None =
 
     async def handler(message: bytes) -> bytes:
         try:
-            return await write(lambda conn: receive_in(conn, message, senders, hooks))
+            return await write(lambda conn: receive_in(conn, message, senders, hooks, settings.mllp_max_segments))
         except Exception as exc:
             log.exception("HL7 intake failed on a %d-byte message; storing it as rejected", len(message))
             return await write(partial(failed, raw=message, exc=exc))
 
-    return MllpServer(handler, settings.mllp_host, settings.mllp_port, on_error=last_resort)
+    return MllpServer(
+        handler,
+        settings.mllp_host,
+        settings.mllp_port,
+        on_error=last_resort,
+        on_oversize=oversize,
+        max_message_size=settings.mllp_max_message_size,
+        idle_timeout=settings.mllp_idle_timeout,
+        max_connections=settings.mllp_max_connections,
+        max_connections_per_address=settings.mllp_max_connections_per_address,
+    )
 
 
 def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
@@ -169,6 +179,7 @@ def workers(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[S
 
 async def serve_all(settings: Settings, db: Database, cfg: OverreadConfig) -> None:
     """Every listener and worker of ``overread serve`` in one process, until interrupted."""
+    quiet_accept_errors(asyncio.get_running_loop())  # out of descriptors: one log a minute, not a flood
     app = create_app(settings, db, cfg)
     http = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="info"))
     with workers(settings, db, cfg) as scp:

@@ -7,6 +7,8 @@ a bad segment after a readable MSH, ``MSH||``, UTF-16, and a failure of intake i
 """
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import hl7.client
 import pytest
@@ -25,10 +27,10 @@ from tests.hl7_golden import OMI, omi_order
 Send = Callable[[bytes], bytes]
 
 
-@pytest.fixture
-def send(db: Database) -> Iterator[Send]:
-    """Send one message to the listener of ``overread serve``; the content of its reply block."""
-    server = mllp_listener(Settings(database_url=db.url, mllp_port=0), db, OverreadConfig())
+@contextmanager
+def listening(db: Database, **settings: Any) -> Iterator[Send]:
+    """Send messages, on one connection, to the listener of ``overread serve``; the content of each reply."""
+    server = mllp_listener(Settings(database_url=db.url, mllp_port=0, **settings), db, OverreadConfig())
     with running_in_thread(server) as port:
         client = hl7.client.MLLPClient("127.0.0.1", port)
         client.socket.settimeout(20)  # a message left unanswered fails the test instead of hanging it
@@ -36,6 +38,12 @@ def send(db: Database) -> Iterator[Send]:
             yield lambda raw: client.send_message(raw).removeprefix(b"\x0b").removesuffix(b"\x1c\r")
         finally:
             client.close()
+
+
+@pytest.fixture
+def send(db: Database) -> Iterator[Send]:
+    with listening(db) as send:
+        yield send
 
 
 def with_msh(raw: bytes, n: int, value: bytes) -> bytes:
@@ -168,3 +176,20 @@ def test_when_nothing_can_be_stored_the_last_resort_still_answers(db, send, monk
 def test_the_last_resort_answers_anything():
     assert answer(last_resort(b"not hl7", RuntimeError()))["MSA-1"] == b"AR"
     assert answer(last_resort(with_msh(OMI, 10, rb"X\X1C\Y"), RuntimeError()))["MSA-2"] == rb"X\X1C\Y"
+
+
+def test_a_message_with_more_segments_than_the_limit_is_refused_before_mapping(db):
+    with listening(db, mllp_max_segments=20) as send:
+        message = omi_order(8).replace(b"\rPV1|", b"\rNTE|1||x" * 20 + b"\rPV1|")
+        assert answer(send(message)) == {"MSA-1": b"AR", "MSA-2": b"MSG0008", "ERR-2": b"MSH", "ERR-3": b"102"}
+        assert answer(send(omi_order(9)))["MSA-1"] == b"AA"
+    assert [r.status for r in rows(db)] == ["rejected", "processed"]
+    assert "at most 20 are accepted" in rows(db)[0].error
+
+
+def test_an_oversize_message_is_answered_ae_and_the_connection_serves_the_next(db):
+    with listening(db, mllp_max_message_size=4096) as send:
+        message = omi_order(10).replace(b"\rPV1|", b"\rNTE|1||" + b"x" * 100_000 + b"\rPV1|")
+        assert answer(send(message)) == {"MSA-1": b"AE", "MSA-2": b"MSG0010", "ERR-2": b"", "ERR-3": b"102"}
+        assert answer(send(omi_order(11)))["MSA-1"] == b"AA"
+    assert [r.control_id for r in rows(db)] == ["MSG0011"]
