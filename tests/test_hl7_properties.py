@@ -63,7 +63,7 @@ def _exchange(port: int, data: bytes, probe: bytes) -> tuple[list[bytes], bool]:
     async def talk() -> tuple[list[bytes], bool]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(data + frame(probe))
-        deframer, replies = Deframer(), []
+        deframer, replies = Deframer(), list[bytes]()
         try:
             async with asyncio.timeout(20):  # generous: a hang fails, a slow loaded machine does not
                 while not any(b"|MSA|" in b"|" + r.replace(b"\r", b"|") and b"|PROBE" in r for r in replies):
