@@ -13,10 +13,13 @@ or MSH-3 and MSH-4: ``mappings.sender.sender_identity``) with MSH-10. A message 
 already stored and whose content is the same (``resend_form``) is a resend: it gets the stored
 ACK again and changes nothing. One with the same key and other content is not a resend: it is
 stored as refused, naming the first, and answered AE with ERR 207 at MSH-10; the first stays as
-it was. A message that cannot be parsed is stored as rejected and answered AR; one of a type
-Overread does not map is stored with its error and answered AR (ERR 200 or 201); one that cannot
-be mapped, or whose Bundle the FHIR store refuses, is stored with its error and answered AE; its
-resources are not written.
+it was. A message that cannot be parsed is stored as rejected and answered AR (keyed, and so
+deduplicated, when its MSH can be read: ``mappings.v2.header``); one whose MSH-3, MSH-4, MSH-9,
+MSH-10 or ORC-2 its column cannot hold is answered AE with ERR 102 naming the field
+(``store.too_long``); one of a type Overread does not map is stored with its error and answered
+AR (ERR 200 or 201); one that cannot be mapped, or whose Bundle the FHIR store refuses, is stored
+with its error and answered AE; its resources are not written. Any other failure is stored by
+``failed`` and answered AR with ERR 207, or by ``last_resort`` when nothing can be stored.
 
 An ORU^R01 (the original report from the source RIS) goes the same way, without order control:
 its DiagnosticReport is written and answered AA (ACK^R01); the store links it to its case

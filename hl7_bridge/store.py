@@ -38,7 +38,8 @@ class InboundMessage(Base):
     sending_application: Mapped[str | None] = mapped_column(String(227))
     sending_facility: Mapped[str | None] = mapped_column(String(227))
     control_id: Mapped[str | None] = mapped_column(String(199))
-    #: The sender's identity as a JSON array (["MSH-3"] or ["MSH-3", "MSH-4"]); None on rejected and refused rows.
+    #: The sender's identity as a JSON array (["MSH-3"] or ["MSH-3", "MSH-4"]); None on refused rows, and on
+    #: rejected ones whose MSH is unreadable or whose MSH-3/4/10 its column cannot hold (``too_long``).
     sender_key: Mapped[str | None] = mapped_column(Text)
     message_type: Mapped[str | None] = mapped_column(String(16))
     #: ORC-2 (else OBR-2) placer order number, to find every message about one order.
