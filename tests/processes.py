@@ -1,5 +1,6 @@
 """``overread serve`` as a user runs it, for tests: free ports, its environment, start and wait."""
 
+import contextlib
 import os
 import resource
 import socket
@@ -48,14 +49,17 @@ def start_serve(
     workers start before it). ``fd_limit``: its RLIMIT_NOFILE soft limit (``ulimit -n``); ``log``:
     where its stderr goes."""
 
-    def limit_descriptors() -> None:
-        if fd_limit is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    def limit_descriptors(limit: int) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-    stderr = log.open("wb") if log is not None else subprocess.DEVNULL
-    server = subprocess.Popen(
-        [*OVERREAD, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=limit_descriptors
-    )
+    with log.open("wb") if log is not None else contextlib.nullcontext(subprocess.DEVNULL) as stderr:
+        server = subprocess.Popen(  # the child keeps its own copy of the log's descriptor
+            [*OVERREAD, "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=None if fd_limit is None else (lambda: limit_descriptors(fd_limit)),
+        )
     deadline = time.monotonic() + timeout
     while True:
         try:
