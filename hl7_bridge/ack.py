@@ -7,10 +7,16 @@ is not supported, the message is unreadable, or the receiver failed; the sender 
 Enhanced mode (MSH-15/MSH-16 present) answers the commit-level CA, CE or CR the same way.
 """
 
+import contextlib
+import re
 from datetime import datetime
 
+from hl7_bridge.mllp import END_BLOCK, START_BLOCK
 from mappings.errors import MappingError
 from mappings.v2 import Encoding, Message, encode_field, escape
+
+#: What no ACK value may hold raw: MLLP's block characters and line ends (they end a segment).
+_CONTROL = re.compile(r"[\x0b\x1c\r\n]")
 
 #: Table 0357 texts for ERR-3.2.
 ERROR_TEXT = {
@@ -47,13 +53,29 @@ def acknowledge(message: Message | None, error: MappingError | None, *, control_
 
     MSH-3..6 mirror the sender's MSH-5/6/3/4, MSA-2 echoes MSH-10, and an error adds an ERR
     segment with its location (ERR-2), table 0357 code (ERR-3), severity E (ERR-4) and the
-    readable text (ERR-8).
+    readable text (ERR-8). It is always framable and encodable (``_framable``): in the message's
+    character set (MSH-18) when every character fits, else in ASCII.
     """
+    charset = message.charset if message is not None else "ascii"
+    for codec in (charset, "ascii"):
+        with contextlib.suppress(UnicodeError, LookupError):
+            ack = _text(message, error, control_id, now, codec).encode(codec)
+            if START_BLOCK not in ack and END_BLOCK not in ack:
+                return ack
+    # Only delimiters (MSH-1, MSH-2) outside ASCII get here: answered in ASCII, those replaced.
+    return _text(message, error, control_id, now, "ascii").encode("ascii", errors="replace")
+
+
+def _text(message: Message | None, error: MappingError | None, control_id: str, now: datetime, codec: str) -> str:
+    """The ACK's segments, every value escaped for the message's delimiters and made fit for ``codec``."""
     enc = message.encoding if message is not None else Encoding()
     msh = message.msh if message is not None else None
 
+    def safe(text: str) -> str:
+        return _framable(text, enc, codec)
+
     def mirror(n: int) -> str:
-        return encode_field(msh.field(n), enc) if msh is not None else ""
+        return safe(encode_field(msh.field(n), enc)) if msh is not None else ""
 
     delimiters = f"{enc.component}{enc.repetition}{enc.escape}{enc.subcomponent}"
     trigger = msh.field(9).component(2) if msh is not None else ""
@@ -61,7 +83,7 @@ def acknowledge(message: Message | None, error: MappingError | None, *, control_
     segments = [
         f.join([
             "MSH", delimiters, mirror(5), mirror(6), mirror(3), mirror(4), now.strftime("%Y%m%d%H%M%S"), "",
-            f"ACK{enc.component}{escape(trigger, enc)}{enc.component}ACK", escape(control_id, enc),
+            f"ACK{enc.component}{safe(escape(trigger, enc))}{enc.component}ACK", safe(escape(control_id, enc)),
             mirror(11) or "P", mirror(12) or "2.5.1",
         ]),
         f.join(["MSA", ack_code(message, error), mirror(10)]),
@@ -70,8 +92,34 @@ def acknowledge(message: Message | None, error: MappingError | None, *, control_
         c = enc.component
         location = _error_location(error.location, c)
         code = f"{error.code}{c}{escape(ERROR_TEXT.get(error.code, ''), enc)}{c}HL70357"
-        segments.append(f.join(["ERR", "", location, code, "E", "", "", "", escape(error.text, enc)]))
-    return ("\r".join(segments) + "\r").encode(message.charset if message is not None else "utf-8")
+        segments.append(f.join(["ERR", "", location, code, "E", "", "", "", safe(escape(error.text, enc))]))
+    return "\r".join(segments) + "\r"
+
+
+def _framable(text: str, enc: Encoding, codec: str) -> str:
+    """``text`` (already escaped) with each of ``_CONTROL``, and every character ``codec`` cannot
+    encode, written as a hexadecimal escape of its UTF-8 bytes (v2.5.1 §2.7.3, ``\\Xhh\\``).
+
+    An ACK must be framable (MLLP R2: no 0x0B or 0x1C in a block; the CR ends a segment) and
+    encodable in the character set it is sent in; the original stays in the message store.
+    """
+    if _CONTROL.search(text) is None:
+        with contextlib.suppress(UnicodeError):
+            text.encode(codec)
+            return text
+    return "".join(_hex(ch, enc) if _CONTROL.match(ch) or not _fits(ch, codec) else ch for ch in text)
+
+
+def _fits(ch: str, codec: str) -> bool:
+    try:
+        ch.encode(codec)
+    except UnicodeError:
+        return False
+    return True
+
+
+def _hex(ch: str, enc: Encoding) -> str:
+    return f"{enc.escape}X{ch.encode('utf-8', errors='replace').hex().upper()}{enc.escape}"
 
 
 def _error_location(location: str, c: str) -> str:

@@ -13,10 +13,13 @@ or MSH-3 and MSH-4: ``mappings.sender.sender_identity``) with MSH-10. A message 
 already stored and whose content is the same (``resend_form``) is a resend: it gets the stored
 ACK again and changes nothing. One with the same key and other content is not a resend: it is
 stored as refused, naming the first, and answered AE with ERR 207 at MSH-10; the first stays as
-it was. A message that cannot be parsed is stored as rejected and answered AR; one of a type
-Overread does not map is stored with its error and answered AR (ERR 200 or 201); one that cannot
-be mapped, or whose Bundle the FHIR store refuses, is stored with its error and answered AE; its
-resources are not written.
+it was. A message that cannot be parsed is stored as rejected and answered AR (keyed, and so
+deduplicated, when its MSH can be read: ``mappings.v2.header``); one whose MSH-3, MSH-4, MSH-9,
+MSH-10 or ORC-2 its column cannot hold is answered AE with ERR 102 naming the field
+(``store.too_long``); one of a type Overread does not map is stored with its error and answered
+AR (ERR 200 or 201); one that cannot be mapped, or whose Bundle the FHIR store refuses, is stored
+with its error and answered AE; its resources are not written. Any other failure is stored by
+``failed`` and answered AR with ERR 207, or by ``last_resort`` when nothing can be stored.
 
 An ORU^R01 (the original report from the source RIS) goes the same way, without order control:
 its DiagnosticReport is written and answered AA (ACK^R01); the store links it to its case
@@ -40,13 +43,24 @@ from fhir_server.errors import FhirError
 from fhir_server.repository import Hook, Repository, Stored
 from fhir_server.router import handle
 from hl7_bridge.ack import ack_code, acknowledge
-from hl7_bridge.store import ERROR, PROCESSED, RECEIVED, REFUSED, REJECTED, InboundMessage, sender_key
+from hl7_bridge.store import (
+    ERROR,
+    KEY_FIELDS,
+    PROCESSED,
+    RECEIVED,
+    REFUSED,
+    REJECTED,
+    InboundMessage,
+    sender_key,
+    storable,
+    too_long,
+)
 from mappings.errors import DATA_TYPE_ERROR, INTERNAL_ERROR, UNKNOWN_KEY, MappingError
 from mappings.order_control import OrderControl, order_control
 from mappings.orders import RESULTS, check_supported, map_order
 from mappings.sender import SenderConfig, sender_identity, sender_settings
 from mappings.sender import Senders as Senders  # api and delivery take it from here
-from mappings.v2 import Message, parse
+from mappings.v2 import MAX_SEGMENTS, Message, header, parse
 
 #: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
 BASE = "urn:overread:hl7"
@@ -70,19 +84,87 @@ def receive(db: Database, raw: bytes, senders: Senders | None = None, hooks: Seq
         return receive_in(conn, raw, senders, hooks)
 
 
-def receive_in(conn: Connection, raw: bytes, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes:
-    """:func:`receive` in the caller's transaction (on SQLite: a savepoint of a group, ``db.groups``)."""
+def receive_in(
+    conn: Connection,
+    raw: bytes,
+    senders: Senders | None = None,
+    hooks: Sequence[Hook] = (),
+    max_segments: int = MAX_SEGMENTS,
+) -> bytes:
+    """:func:`receive` in the caller's transaction (on SQLite: a savepoint of a group, ``db.groups``).
+
+    ``max_segments``: a message with more is refused (AR) before it is mapped.
+    """
     started = time.perf_counter()
+    refused: MappingError | None = None
     try:
-        message = parse(raw)
+        message = parse(raw, max_segments)
     except MappingError as exc:
-        return _reject(conn, raw, exc, started)
+        head = header(raw)
+        if head is None:  # not even its MSH can be read: nothing to key or to echo
+            return _reject(conn, raw, exc, started)
+        message, refused = head, exc
+    row = _row(raw, message)
+    unstorable = too_long(row)
+    if unstorable is not None and unstorable[0] in KEY_FIELDS:
+        return _reject(conn, raw, _too_long(unstorable), started, message)  # no key to hold it by
     config = sender_settings(message, senders)
     key = sender_key(sender_identity(message, config))
-    pk = _claim(conn, raw, message, key)
+    pk = _claim(conn, storable(row), key)
     if pk is None:
         return _key_taken(conn, raw, message, key, started)
+    error = refused or (_too_long(unstorable) if unstorable is not None else None)
+    if error is not None:
+        return _record(conn, pk, message, REJECTED if refused else ERROR, error, started)
     return _process(Repository(conn, hooks), pk, message, config, started)
+
+
+def failed(conn: Connection, raw: bytes, exc: Exception) -> bytes:
+    """Store a message whose intake failed unexpectedly, with the reason, and return its AR (ERR 207).
+
+    Run in a transaction of its own after the failed one rolled back. The row has no key: the
+    failure is the receiver's, so a resend is processed anew rather than answered from this row.
+    """
+    return _reject(conn, raw, _internal(exc), time.perf_counter(), header(raw))
+
+
+def last_resort(raw: bytes, exc: Exception) -> bytes:
+    """The AR (ERR 207) for a message nothing could be stored for: MSA-2 echoes its MSH-10 when readable."""
+    return _ack(header(raw), _internal(exc))
+
+
+def oversize(head: bytes, limit: int) -> bytes:
+    """The AE (ERR 102) for a message larger than the MLLP limit, from its first bytes: MSA-2 echoes its MSH-10.
+
+    Not stored: only its head arrived whole, and the connection drops the rest.
+    """
+    error = MappingError(DATA_TYPE_ERROR, "", f"The message is larger than {limit} bytes, the most accepted")
+    return _ack(header(head.split(b"\r", 1)[0]), error)
+
+
+def _internal(exc: Exception) -> MappingError:
+    # The exception's text may be a database's, with values of other messages: only its type goes out.
+    text = f"The message could not be processed ({type(exc).__name__}); it may be sent again"
+    return MappingError(INTERNAL_ERROR, "", text, rejects=True)
+
+
+def _too_long(problem: tuple[str, str]) -> MappingError:
+    location, text = problem
+    return MappingError(DATA_TYPE_ERROR, location, text)
+
+
+def _record(conn: Connection, pk: int, message: Message, status: str, error: MappingError, started: float) -> bytes:
+    """The outcome of a keyed message refused before its mapping: its status, ACK and reason."""
+    ack = _ack(message, error)
+    conn.execute(
+        _OUTCOME,
+        {
+            "message_pk": pk, "status": status, "bundle": None, "response": None, "ack": ack,
+            "ack_code": ack_code(message, error), "error": str(error),
+            "processing_ms": (time.perf_counter() - started) * 1000,
+        },
+    )  # fmt: skip
+    return ack
 
 
 def replay(db: Database, pk: int, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes | None:
@@ -178,20 +260,21 @@ def _set(repo: Repository, stored: Stored, changes: dict[str, Any]) -> str:
     return f"{updated.type}/{updated.id}/_history/{updated.version}"
 
 
-def _claim(conn: Connection, raw: bytes, message: Message, key: str) -> int | None:
+def _claim(conn: Connection, row: dict[str, Any], key: str) -> int | None:
     """Insert the message's row, or return None when its key is taken (a resend or a conflict).
 
     ON CONFLICT DO NOTHING: on PostgreSQL a concurrent transaction holding the same key makes
     this one wait for its outcome, so two copies of one message never both go on. A message
     without MSH-10 has no key to take (NULL), so it is never taken for another.
     """
-    row = {**_row(raw, message), "sender_key": key, "status": RECEIVED}
-    pk: int | None = conn.execute(_CLAIM[conn.dialect.name], row).scalar()
+    pk: int | None = conn.execute(_CLAIM[conn.dialect.name], {**row, "sender_key": key, "status": RECEIVED}).scalar()
     return pk
 
 
-def _row(raw: bytes, message: Message) -> dict[str, Any]:
-    """The columns every row of a parsed message has."""
+def _row(raw: bytes, message: Message | None) -> dict[str, Any]:
+    """The columns every row has; those read from the message only when its MSH could be read."""
+    if message is None:
+        return {"received_at": dates.now(), "raw": raw}
     msh, orc = message.msh, message.segment("ORC") or message.segment("OBR")
     return {
         "received_at": dates.now(),
@@ -230,8 +313,8 @@ def _key_taken(conn: Connection, raw: bytes, message: Message, key: str, started
     ack = _ack(message, error)
     conn.execute(
         insert(m).values(
-            **_row(raw, message), status=REFUSED, conflict_of=first.pk, ack=ack, ack_code=ack_code(message, error),
-            error=str(error), processing_ms=(time.perf_counter() - started) * 1000,
+            **storable(_row(raw, message)), status=REFUSED, conflict_of=first.pk, ack=ack,
+            ack_code=ack_code(message, error), error=str(error), processing_ms=(time.perf_counter() - started) * 1000,
         )
     )  # fmt: skip
     return ack
@@ -259,11 +342,15 @@ def resend_form(raw: bytes) -> list[bytes]:
     return [s.rstrip(separator + b" \t") for s in segments]
 
 
-def _reject(conn: Connection, raw: bytes, error: MappingError, started: float) -> bytes:
-    ack = _ack(None, error)
+def _reject(conn: Connection, raw: bytes, error: MappingError, started: float, message: Message | None = None) -> bytes:
+    """Store a message without a key (its MSH unreadable, or a key field unstorable) and answer it.
+
+    The ACK echoes what of the MSH could be read; the row keeps only the values its columns hold.
+    """
+    ack = _ack(message, error)
     conn.execute(
         insert(InboundMessage).values(
-            received_at=dates.now(), status=REJECTED, raw=raw, ack=ack, ack_code=ack_code(None, error),
+            **storable(_row(raw, message)), status=REJECTED, ack=ack, ack_code=ack_code(message, error),
             error=str(error), processing_ms=(time.perf_counter() - started) * 1000,
         )
     )  # fmt: skip

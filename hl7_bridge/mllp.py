@@ -22,20 +22,26 @@ Choices, and why:
 * **An EB not followed by CR** is kept as content. Only ``EB CR`` ends a block, exactly as the
   spec writes it; it is not ours to guess a looser terminator.
 * **Oversize blocks** (more than ``max_message_size`` bytes of content, default 10 MiB): the
-  server handles the complete blocks that came before it, sends nothing for the oversize one,
-  logs a warning and **closes the connection**. The limit is checked while bytes arrive, so
-  memory stays bounded by the limit, not by what the sender pushes. Closing (rather than
-  silently skipping the block and keeping the connection) is chosen because MLLP R2 is strictly
-  one reply per block: an unanswered block leaves the sender waiting for a reply that never
-  comes, and a reply for a *later* block would be taken as the answer to the oversize one. A
-  closed connection is an unambiguous, immediate signal; the sender sees an error instead of a
-  timeout, and no later block is answered out of turn.
-* **Idle timeout** (``idle_timeout`` seconds, default 600, ``None`` disables): the longest the
+  server handles the complete blocks that came before it, and the limit is checked while bytes
+  arrive, so memory stays bounded by the limit (plus one read), not by what the sender pushes.
+  With ``on_oversize`` (the HL7 layer answers an AE from the block's MSH) the block is answered
+  at once, the rest of it is dropped without a log line per read, and the connection goes on:
+  one reply per block, in order. Without it (or when it returns ``None``) nothing is sent, a
+  warning is logged and the connection is **closed**: MLLP R2 is strictly one reply per block,
+  and a reply for a *later* block would be taken as the answer to the oversize one; a closed
+  connection is an unambiguous, immediate signal.
+* **Idle timeout** (``idle_timeout`` seconds, default 60, ``None`` disables): the longest the
   server waits for the next bytes from a connection, including in the middle of a block (so a
   sender that stalls mid-block, or trickles bytes forever, cannot hold a connection and its
   buffer) and for a reply write to drain (a peer that stops reading cannot either). Time spent
   in the handler does not count. On expiry the connection is closed; senders reconnect, as
   MLLP R2 expects of them.
+* **Connection limits** (``max_connections_per_address``, default 64, and ``max_connections``,
+  default 256): a connection past either closes the one idle the longest (of the same address
+  first), so idle sockets cannot lock out a sender that sends; only when every connection is
+  busy in the handler is the new one closed. The file descriptors MLLP holds stay bounded.
+* **Out of file descriptors**: asyncio pauses accepting for a second and reports each failure;
+  :func:`quiet_accept_errors` logs that once a minute with a count, not as a flood of tracebacks.
 * **Ordering**: one connection's blocks are handled strictly one after another; the reply to
   block *n* is written before block *n+1* reaches the handler (MLLP R2 content exchange is
   request/reply per block). Different connections run concurrently, each in its own task.
@@ -69,6 +75,7 @@ import logging
 import socket
 import ssl as ssl_module
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -103,7 +110,13 @@ _EB = END_BLOCK[0]
 _CR = CARRIAGE_RETURN[0]
 
 DEFAULT_MAX_MESSAGE_SIZE = 10 * 1024 * 1024
-DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 64
+#: How much of an oversize block is kept for ``on_oversize`` (enough for its MSH).
+OVERSIZE_HEAD = 64 * 1024
+#: Seconds between two logs of the event loop's "accept() out of system resource" (``quiet_accept_errors``).
+ACCEPT_ERROR_LOG_INTERVAL = 60.0
 _READ_CHUNK = 64 * 1024
 _WHITESPACE = b"\r\n\t \x00"
 
@@ -113,6 +126,9 @@ Handler = Callable[[bytes], Awaitable[bytes | None]]
 ErrorReply = Callable[[bytes, Exception], bytes | None]
 """Called when the handler raised; returns the reply content for that block (``None``: no reply)."""
 
+OversizeReply = Callable[[bytes, int], bytes | None]
+"""Called with the head of an oversize block and the limit; returns its reply (``None``: close instead)."""
+
 
 class FrameTooLargeError(ValueError):
     """A block's content exceeded the deframer's limit (see module docstring, "Oversize blocks").
@@ -121,11 +137,13 @@ class FrameTooLargeError(ValueError):
     same :meth:`Deframer.feed` call, so a caller can still answer them.
     """
 
-    def __init__(self, limit: int, size: int, messages: list[bytes]) -> None:
+    def __init__(self, limit: int, size: int, messages: list[bytes], head: bytes = b"") -> None:
         super().__init__(f"MLLP block exceeds {limit} bytes (at least {size} received)")
         self.limit = limit
         self.size = size
         self.messages = messages
+        #: The first ``OVERSIZE_HEAD`` bytes of the oversize block (its MSH, to answer it by).
+        self.head = head
 
 
 class MllpConnectionClosedError(ConnectionError):
@@ -135,8 +153,14 @@ class MllpConnectionClosedError(ConnectionError):
 @contextlib.contextmanager
 def serving_in_thread(handler: Handler, host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
     """An MllpServer in an event loop of its own thread, for synchronous callers; yields its port."""
+    with running_in_thread(MllpServer(handler, host, port)) as bound:
+        yield bound
+
+
+@contextlib.contextmanager
+def running_in_thread(server: MllpServer) -> Iterator[int]:
+    """``server`` started in an event loop of its own thread; yields its port, closes it on exit."""
     loop = asyncio.new_event_loop()
-    server = MllpServer(handler, host, port)
     loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, name="mllp-server", daemon=True)
     thread.start()
@@ -147,6 +171,52 @@ def serving_in_thread(handler: Handler, host: str = "127.0.0.1", port: int = 0) 
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+class AcceptErrorLog:
+    """An event loop exception handler that logs "accept() out of system resource" once per interval.
+
+    When the process runs out of file descriptors, asyncio stops accepting on that listener for a
+    second and reports each failed accept with a traceback: under a socket flood, many per
+    second for as long as it lasts. This keeps the first report of each ``interval`` (with the
+    count of those left out); any other context goes to the handler that was there before.
+    """
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(
+        self,
+        interval: float = ACCEPT_ERROR_LOG_INTERVAL,
+        previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self.previous = previous
+        self.clock = clock
+        self.suppressed = 0
+        self._last: float | None = None
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != self.MESSAGE:
+            if self.previous is not None:
+                self.previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = self.clock()
+        if self._last is not None and now - self._last < self.interval:
+            self.suppressed += 1
+            return
+        log.error(
+            "%s: %s (%d more since the last report); accepting again after a pause",
+            self.MESSAGE, context.get("exception"), self.suppressed,
+        )  # fmt: skip
+        self._last, self.suppressed = now, 0
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = ACCEPT_ERROR_LOG_INTERVAL) -> None:
+    """Install :class:`AcceptErrorLog` on ``loop`` (every listener of the process shares its loop)."""
+    loop.set_exception_handler(AcceptErrorLog(interval, loop.get_exception_handler()))
 
 
 def frame(message: bytes) -> bytes:
@@ -183,6 +253,9 @@ class Deframer:
         """Bytes dropped so far: outside blocks, or in partial blocks abandoned for a new SB."""
         self.discarded_whitespace = 0
         """The part of :attr:`discarded` that was only CR/LF/space/tab/NUL between blocks."""
+        self.discarded_oversize = 0
+        """The part of :attr:`discarded` that was the rest of an oversize block (already reported)."""
+        self._oversize_tail = False  # dropping the rest of an oversize block, until the next SB
         self._buf = bytearray()
         self._in_block = False
         # An EB was the last byte of the previous chunk; only the next byte says whether it ends
@@ -213,6 +286,7 @@ class Deframer:
                     self._discard_outside(data[i:])
                     break
                 self._discard_outside(data[i:start])
+                self._oversize_tail = False
                 self._in_block = True
                 i = start + 1
                 continue
@@ -259,6 +333,9 @@ class Deframer:
 
     def _discard_outside(self, chunk: bytes) -> None:
         self.discarded += len(chunk)
+        if self._oversize_tail:
+            self.discarded_oversize += len(chunk)
+            return
         # Many senders put a line end after each block; that is noise, not a faulty sender.
         if not chunk.strip(_WHITESPACE):
             self.discarded_whitespace += len(chunk)
@@ -266,8 +343,10 @@ class Deframer:
     def _check_size(self, decoded: list[bytes]) -> None:
         size = len(self._buf)
         if size > self.max_size:
+            head = bytes(self._buf[:OVERSIZE_HEAD])
             self.reset()
-            raise FrameTooLargeError(self.max_size, size, decoded)
+            self._oversize_tail = True
+            raise FrameTooLargeError(self.max_size, size, decoded, head)
 
 
 @dataclass(frozen=True)
@@ -308,6 +387,14 @@ class _Connection:
     info: ConnectionInfo
     task: asyncio.Task[None]
     busy: bool = False
+    #: ``loop.time()`` of its last bytes (or its accept): the least recent idle one is evicted first.
+    last_active: float = 0.0
+    evicted: bool = False
+
+    @property
+    def address(self) -> Any:
+        peer = self.info.peername
+        return peer[0] if isinstance(peer, tuple) else peer
 
 
 class MllpServer:
@@ -335,8 +422,11 @@ class MllpServer:
         port: int = 2575,
         *,
         on_error: ErrorReply | None = None,
+        on_oversize: OversizeReply | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
         ssl: ssl_module.SSLContext | None = None,
         ssl_handshake_timeout: float | None = None,
         close_grace: float = 5.0,
@@ -345,8 +435,11 @@ class MllpServer:
         self.host = host
         self._requested_port = port
         self.on_error = on_error
+        self.on_oversize = on_oversize
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
         self.ssl = ssl
         self.ssl_handshake_timeout = ssl_handshake_timeout
         self.close_grace = close_grace
@@ -431,7 +524,11 @@ class MllpServer:
             peer_certificate=ssl_object.getpeercert() if ssl_object is not None else None,
             tcp_nodelay=_set_nodelay(writer.get_extra_info("socket")),
         )
-        conn = _Connection(info, task)
+        conn = _Connection(info, task, last_active=asyncio.get_running_loop().time())
+        if not self._make_room(conn):
+            log.warning("MLLP connection %d from %s refused: every connection is busy", info.id, conn.address)
+            writer.close()
+            return
         self._connections.add(conn)
         _current.set(info)  # this task's own context: visible to the handler, to no other connection
         log.info("MLLP connection %d from %s%s", info.id, info.peername, " (TLS)" if info.tls else "")
@@ -440,7 +537,10 @@ class MllpServer:
                 return
             await self._read_loop(conn, reader, writer)
         except asyncio.CancelledError:
-            log.info("MLLP connection %d cancelled (server closing)", info.id)
+            if conn.evicted:
+                log.info("MLLP connection %d closed to make room: idle the longest", info.id)
+            else:
+                log.info("MLLP connection %d cancelled (server closing)", info.id)
         except OSError as exc:  # reset, broken pipe, TLS errors: this connection only
             log.info("MLLP connection %d: %s", info.id, exc)
         finally:
@@ -449,6 +549,25 @@ class MllpServer:
             with contextlib.suppress(OSError, TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
             log.info("MLLP connection %d closed", info.id)
+
+    def _make_room(self, new: _Connection) -> bool:
+        """Keep within ``max_connections_per_address`` and ``max_connections`` by closing the connection
+        idle the longest (of the new one's address first); False when every one is busy.
+
+        Evicting rather than refusing: a flood of idle sockets cannot lock out a sender that sends,
+        and MLLP senders reconnect when their connection closes (MLLP R2).
+        """
+        same = [c for c in self._connections if c.address == new.address]
+        for pool, limit in ((same, self.max_connections_per_address), (self._connections, self.max_connections)):
+            if len(pool) >= limit:
+                idle = [c for c in pool if not c.busy and not c.evicted]
+                if not idle:
+                    return False
+                oldest = min(idle, key=lambda c: c.last_active)
+                oldest.evicted = True
+                oldest.task.cancel()
+                self._connections.discard(oldest)
+        return True
 
     async def _read_loop(self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cid = conn.info.id
@@ -464,19 +583,20 @@ class MllpServer:
                     deframer.pending,
                 )
                 return
+            conn.last_active = asyncio.get_running_loop().time()
             if not data:
                 if deframer.pending:
                     log.warning("MLLP connection %d closed by peer mid-block, %d bytes lost", cid, deframer.pending)
                 return
             discarded_before = deframer.discarded
-            whitespace_before = deframer.discarded_whitespace
+            whitespace_before = deframer.discarded_whitespace + deframer.discarded_oversize
             oversize: FrameTooLargeError | None = None
             try:
                 messages = deframer.feed(data)
             except FrameTooLargeError as exc:
                 messages, oversize = exc.messages, exc
             dropped = deframer.discarded - discarded_before
-            noise = deframer.discarded_whitespace - whitespace_before
+            noise = deframer.discarded_whitespace + deframer.discarded_oversize - whitespace_before
             if dropped and oversize is None:
                 # Real garbage says something is wrong with the sender; line ends between blocks do not.
                 level = logging.WARNING if dropped > noise else logging.DEBUG
@@ -484,10 +604,32 @@ class MllpServer:
             for message in messages:
                 if not await self._answer(conn, message, writer):
                     return
-            if oversize is not None:
-                # See module docstring "Oversize blocks": no reply, close the connection.
-                log.warning("MLLP connection %d: %s; closing the connection", cid, oversize)
+            if oversize is not None and not await self._refuse_oversize(conn, oversize, writer):
                 return
+
+    async def _refuse_oversize(
+        self, conn: _Connection, oversize: FrameTooLargeError, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Answer an oversize block with ``on_oversize``'s reply and go on; False (close) without one."""
+        reply = None
+        if self.on_oversize is not None:
+            try:
+                reply = self.on_oversize(oversize.head, oversize.limit)
+                reply = None if reply is None else frame(reply)
+            except Exception:
+                log.exception("MLLP connection %d: on_oversize failed", conn.info.id)
+                reply = None
+        if reply is None:
+            # See module docstring "Oversize blocks": no reply, close the connection.
+            log.warning("MLLP connection %d: %s; closing the connection", conn.info.id, oversize)
+            return False
+        log.warning("MLLP connection %d: %s; refused, the rest of the block is dropped", conn.info.id, oversize)
+        writer.write(reply)
+        try:
+            await asyncio.wait_for(writer.drain(), self.idle_timeout)
+        except TimeoutError:
+            return False
+        return not self._closing
 
     async def _answer(self, conn: _Connection, message: bytes, writer: asyncio.StreamWriter) -> bool:
         """Handle one block and write its reply; False when the connection must end."""

@@ -47,6 +47,12 @@ CHARSETS = {
 # Declared sets that are byte-compatible subsets of UTF-8's single-byte range, where bytes that
 # happen to be valid UTF-8 almost certainly are UTF-8 (see ``decode``).
 _UTF8_PREFERRED = {"", "ASCII", "8859/1", "8859/15"}
+#: The codec of a set whose bytes may include MLLP's block characters: such a message is refused.
+_UNFRAMEABLE = "utf-16"
+#: The shortest line whose next line may be its continuation (``_unwrap``): a transport's fixed line width.
+WRAP_WIDTH = 1024
+#: The most segments (lines) a message may have: ``overread.settings`` OVERREAD_MLLP_MAX_SEGMENTS.
+MAX_SEGMENTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,8 @@ def decode(data: bytes) -> tuple[str, str]:
     head = data.split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1")
     declared = _msh18(head)
     codec = CHARSETS.get(declared.upper(), "iso-8859-1")
+    if codec == _UNFRAMEABLE:  # refused by ``parse``; read as UTF-8 so its MSH can be answered
+        return data.decode("utf-8", errors="replace"), codec
     if declared.upper() in _UTF8_PREFERRED:
         try:
             return data.decode("utf-8"), "utf-8"
@@ -194,51 +202,104 @@ def _msh18(msh_line: str) -> str:
     return parts[17].split(rep)[0].strip()
 
 
-def parse(data: bytes | str) -> Message:
-    """Parse one v2 message (chapter 2.5). Raises ``MappingError`` when it does not start with MSH."""
-    if isinstance(data, bytes):
-        text, charset = decode(data)
-    else:
-        text, charset = data.removeprefix("\ufeff"), "str"
-    lines = [line for line in _SEGMENT_END.split(text) if line.strip()]
-    if not lines or not lines[0].startswith("MSH") or len(lines[0]) < 8:
-        raise MappingError(SEGMENT_SEQUENCE_ERROR, "MSH", "The message does not start with an MSH segment")
+def parse(data: bytes | str, max_segments: int = MAX_SEGMENTS) -> Message:
+    """Parse one v2 message (chapter 2.5). Raises ``MappingError`` (rejecting it: AR) when it is unreadable.
+
+    Unreadable: it does not start with an MSH segment, its delimiters (MSH-2) are missing or not
+    distinct, a line is not a segment (``_unwrap``), or MSH-18 names a set that cannot travel
+    over MLLP, or it has more than ``max_segments`` lines. :func:`header` still reads the MSH of
+    such a message, to key and answer it.
+    """
+    text, charset = _text(data)
+    lines = _lines(text)
+    msh = _header_segment(lines)
+    if len(lines) > max_segments:  # refused before any work that grows with them
+        raise _unreadable("MSH", f"The message has {len(lines)} segments; at most {max_segments} are accepted")
     enc = _encoding(lines[0])
-    segments = [_msh(lines[0], enc)]
+    if charset == _UNFRAMEABLE:
+        raise _unreadable(
+            "MSH-18", "UNICODE UTF-16 cannot travel over MLLP (its bytes may hold 0x0B or 0x1C): send UNICODE UTF-8"
+        )
+    segments = [msh]
     for n, line in enumerate(_unwrap(lines[1:], enc), start=2):
         parts = line.split(enc.field)
         name = parts[0].strip()
         if not _SEGMENT_NAME.match(name):
-            raise MappingError(DATA_TYPE_ERROR, f"segment {n}", f"{name[:20]!r} is not a segment name")
+            raise _unreadable(f"segment {n}", f"{name[:20]!r} is not a segment name")
         segments.append(Segment(name, tuple(_field(p, enc) for p in parts[1:])))
     return Message(tuple(segments), enc, charset)
 
 
+def header(data: bytes) -> Message | None:
+    """The message's MSH alone (a Message of one segment), or None when even the MSH is unreadable.
+
+    For answering and keying a message that :func:`parse` rejects for what follows its MSH.
+    A message declaring UTF-16 is read as UTF-8 here: its ACK is sent in UTF-8 (see ``parse``).
+    """
+    try:
+        text, charset = _text(data)
+        lines = _lines(text)
+        return Message((_header_segment(lines),), _encoding(lines[0]), "utf-8" if charset == _UNFRAMEABLE else charset)
+    except MappingError:
+        return None
+
+
+def _text(data: bytes | str) -> tuple[str, str]:
+    if isinstance(data, bytes):
+        return decode(data)
+    return data.removeprefix("\ufeff"), "str"
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in _SEGMENT_END.split(text) if line.strip()]
+
+
+def _header_segment(lines: list[str]) -> Segment:
+    if not lines or not lines[0].startswith("MSH") or len(lines[0]) < 8:
+        raise _unreadable("MSH", "The message does not start with an MSH segment", SEGMENT_SEQUENCE_ERROR)
+    return _msh(lines[0], _encoding(lines[0]))
+
+
+def _unreadable(location: str, text: str, code: int = DATA_TYPE_ERROR) -> MappingError:
+    """A parse error: the message cannot be read, so it is rejected (AR), not its content (AE)."""
+    return MappingError(code, location, text, rejects=True)
+
+
 def _unwrap(lines: list[str], enc: Encoding) -> list[str]:
-    """Join lines that cannot start a segment (no field separator after three characters) to the one before.
+    """Join a line broken off a long segment back to it; any other line that is not a segment is an error.
 
     Some senders and transports break long segments, e.g. base64 data every 4,096 bytes
     (the dcm4che ORU_R01-PDF sample has such a CR). A segment always starts with its
-    three-character name and the field separator; anything else is the segment before it,
-    continued, and the line end was not the sender's.
+    three-character name and the field separator. A line that does not, after a line of at
+    least ``WRAP_WIDTH`` characters, is that line continued (the line end was not the
+    sender's); after a shorter line it is no segment at all, and the message is refused
+    (v2.5.1 §2.5.2: a segment ends with the CR), rather than glued onto a field it does not belong to.
     """
     joined: list[str] = []
-    for line in lines:
+    previous = ""
+    for n, line in enumerate(lines, start=2):
         if joined and line[3:4] not in (enc.field, ""):
+            if len(previous) < WRAP_WIDTH:
+                raise _unreadable(f"segment {n}", f"Line {n} ({line[:20]!r}) is not a segment")
             joined[-1] += line
         else:
             joined.append(line)
+        previous = line
     return joined
 
 
 def _encoding(msh: str) -> Encoding:
     sep = msh[3]
     chars = msh[4:].split(sep, 1)[0]
-    defaults = Encoding()
+    if not chars:  # the fields after it would be read shifted by one
+        raise _unreadable("MSH-2", "MSH-2 (encoding characters) is empty")
     pick = [chars[i] if len(chars) > i else d for i, d in enumerate("^~\\&")]
     if len({sep, *pick}) != 5:
-        raise MappingError(DATA_TYPE_ERROR, "MSH-2", f"Encoding characters {chars!r} are not five distinct characters")
-    return Encoding(sep, pick[0], pick[1], pick[2], pick[3]) if chars else defaults
+        raise _unreadable("MSH-2", f"Encoding characters {chars!r} are not five distinct characters")
+    if any(not c.isprintable() or c.isspace() for c in (sep, *pick)):
+        # A control character as a delimiter could not be mirrored into a framable ACK.
+        raise _unreadable("MSH-2", f"Encoding characters {sep + chars!r} include a control character or space")
+    return Encoding(sep, pick[0], pick[1], pick[2], pick[3])
 
 
 def _msh(line: str, enc: Encoding) -> Segment:

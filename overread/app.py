@@ -3,12 +3,14 @@
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import Connection
 
 from dicom_bridge import tuning
 from dicom_bridge.image_store import ImageStore
@@ -25,8 +27,8 @@ from fhir_server.subscriptions import notify
 from fhir_server.workflow import case_workflow
 from hl7_bridge.api import messages_router, outbound_router
 from hl7_bridge.delivery import Delivery
-from hl7_bridge.intake import receive, receive_in
-from hl7_bridge.mllp import MllpServer
+from hl7_bridge.intake import failed, last_resort, oversize, receive_in
+from hl7_bridge.mllp import MllpServer, quiet_accept_errors
 from overread import config
 from overread.config import OverreadConfig
 from overread.server import http_config
@@ -64,17 +66,42 @@ def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None =
     """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT (storage runs off the event loop).
 
     On SQLite each message is a unit of the writer's groups (``db.groups``), with the FHIR
-    requests that write: committed together, each acknowledged after the commit.
+    requests that write: committed together, each acknowledged after the commit. Every message
+    is answered: one whose intake fails unexpectedly is stored in a transaction of its own and
+    answered AR (``intake.failed``); if even that fails, the AR is built without the database
+    (``intake.last_resort``).
     """
     cfg = cfg or config.load(settings.config)
     senders, hooks = cfg.sender, make_hooks(cfg)
 
-    async def handler(message: bytes) -> bytes:
+    async def write(work: Callable[[Connection], bytes]) -> bytes:
         if db.groups is not None:
-            return await db.groups.submit(lambda conn: receive_in(conn, message, senders, hooks))
-        return await asyncio.get_running_loop().run_in_executor(None, receive, db, message, senders, hooks)
+            return await db.groups.submit(work)
 
-    return MllpServer(handler, settings.mllp_host, settings.mllp_port)
+        def in_transaction() -> bytes:
+            with db.begin() as conn:
+                return work(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(None, in_transaction)
+
+    async def handler(message: bytes) -> bytes:
+        try:
+            return await write(lambda conn: receive_in(conn, message, senders, hooks, settings.mllp_max_segments))
+        except Exception as exc:
+            log.exception("HL7 intake failed on a %d-byte message; storing it as rejected", len(message))
+            return await write(partial(failed, raw=message, exc=exc))
+
+    return MllpServer(
+        handler,
+        settings.mllp_host,
+        settings.mllp_port,
+        on_error=last_resort,
+        on_oversize=oversize,
+        max_message_size=settings.mllp_max_message_size,
+        idle_timeout=settings.mllp_idle_timeout,
+        max_connections=settings.mllp_max_connections,
+        max_connections_per_address=settings.mllp_max_connections_per_address,
+    )
 
 
 def image_store(settings: Settings) -> ImageStore:
@@ -175,6 +202,7 @@ def workers(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[S
 
 async def serve_all(settings: Settings, db: Database, cfg: OverreadConfig) -> None:
     """Every listener and worker of ``overread serve`` in one process, until interrupted."""
+    quiet_accept_errors(asyncio.get_running_loop())  # out of descriptors: one log a minute, not a flood
     app = create_app(settings, db, cfg)
     http = uvicorn.Server(
         http_config(app, settings, host=settings.http_host, port=settings.http_port, log_level="info")

@@ -1,6 +1,8 @@
 """``overread serve`` as a user runs it, for tests: free ports, its environment, start and wait."""
 
+import contextlib
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -40,10 +42,24 @@ def fhir_base(env: dict[str, str]) -> str:
     return f"http://127.0.0.1:{env['OVERREAD_HTTP_PORT']}/fhir"
 
 
-def start_serve(env: dict[str, str], timeout: float = 30) -> subprocess.Popen[bytes]:
+def start_serve(
+    env: dict[str, str], timeout: float = 30, *, fd_limit: int | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
     """``overread serve`` in a process of its own, once its FHIR API answers (its MLLP listener and
-    workers start before it)."""
-    server = subprocess.Popen([*OVERREAD, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers start before it). ``fd_limit``: its RLIMIT_NOFILE soft limit (``ulimit -n``); ``log``:
+    where its stderr goes."""
+
+    def limit_descriptors(limit: int) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    with log.open("wb") if log is not None else contextlib.nullcontext(subprocess.DEVNULL) as stderr:
+        server = subprocess.Popen(  # the child keeps its own copy of the log's descriptor
+            [*OVERREAD, "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=None if fd_limit is None else (lambda: limit_descriptors(fd_limit)),
+        )
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -4,7 +4,7 @@ import pytest
 
 from mappings.errors import MappingError
 from mappings.sender import SenderConfig
-from mappings.v2 import parse
+from mappings.v2 import WRAP_WIDTH, parse
 from mappings.v2_datatypes import date, date_time, instant
 
 MSH = r"MSH|^~\&|RIS|HOSP|OVR|OVR|20250101120000||ORM^O01|1|P|2.5.1"
@@ -113,7 +113,24 @@ def test_assigning_authority_systems():
     assert config.system_for("") is None
 
 
-def test_a_line_that_cannot_start_a_segment_continues_the_one_before():
-    message = parse(f"{MSH}\rOBX|1|ED|PDF||^application^pdf^Base64^JVBERi0x\rLjQK|\rNTE|1".encode())
+def test_a_line_broken_off_a_long_segment_continues_it():
+    base64 = "JVBERi0x" * 128  # a transport's fixed-width break inside OBX-5, as in the dcm4che PDF sample
+    line = f"OBX|1|ED|PDF||^application^pdf^Base64^{base64}"
+    assert len(line) >= WRAP_WIDTH
+    message = parse(f"{MSH}\r{line}\rLjQK|\rNTE|1".encode())
     assert [s.name for s in message.segments()] == ["MSH", "OBX", "NTE"]
-    assert message.segments("OBX")[0].field(5).component(5) == "JVBERi0xLjQK"
+    assert message.segments("OBX")[0].field(5).component(5) == f"{base64}LjQK"
+
+
+def test_a_line_that_is_not_a_segment_is_refused_not_glued_on():
+    with pytest.raises(MappingError) as raised:
+        parse(f"{MSH}\rPID|1||P1\rHELLO WORLD\rNTE|1".encode())
+    assert (raised.value.code, raised.value.location, raised.value.rejects) == (102, "segment 3", True)
+    assert raised.value.text == "Line 3 ('HELLO WORLD') is not a segment"
+
+
+@pytest.mark.parametrize("msh", ["MSH||~\\&|RIS||OVERREAD||20240101||ORM^O01|C1|P|2.3", "MSH|^~\x1c&|RIS|"])
+def test_missing_or_control_delimiters_are_refused_at_msh_2(msh):
+    with pytest.raises(MappingError) as raised:
+        parse(msh.encode())
+    assert (raised.value.code, raised.value.location) == (102, "MSH-2")

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from hl7_bridge.mllp import (
+    OVERSIZE_HEAD,
     Deframer,
     FrameTooLargeError,
     MllpConnectionClosedError,
@@ -584,3 +585,94 @@ def test_mllp_send_command_line_tool(tmp_path):
     out = run(serving(ack_handler, test))
     for n in names:
         assert b"MSA|AA|" + control_id(fixture_messages()[n]) in out
+
+
+# --- limits (issue 15: no input freezes the door) ----------------------------------------
+
+
+def test_an_oversize_block_is_answered_by_on_oversize_and_the_connection_goes_on(caplog):
+    caplog.set_level(logging.WARNING, logger="hl7_bridge.mllp")
+    heads: list[bytes] = []
+
+    def refuse(head: bytes, limit: int) -> bytes:
+        heads.append(head)
+        return ack(head.split(b"\r", 1)[0] + b"\r", b"AE")
+
+    async def test(server: MllpServer):
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        big = msg(1) + b"NTE|" + b"x" * 200_000 + b"\r"  # in many chunks: its tail is dropped quietly
+        writer.write(frame(big) + frame(msg(2)))
+        assert await read_replies(reader, 2) == [ack(msg(1), b"AE"), ack(msg(2))]
+        writer.close()
+
+    run(serving(ack_handler, test, max_message_size=4096, on_oversize=refuse))
+    assert [h[:60] for h in heads] == [msg(1)[:60]] and len(heads[0]) <= OVERSIZE_HEAD
+    assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()] != []
+    assert not [r for r in caplog.records if "discarded" in r.getMessage()]  # no log per chunk of the tail
+
+
+def test_connections_past_the_cap_close_the_one_idle_the_longest():
+    async def test(server: MllpServer):
+        idle = [await asyncio.open_connection(HOST, server.port) for _ in range(5)]
+        while sorted(c.id for c in server.connections) != [3, 4, 5]:
+            await asyncio.sleep(0.01)  # the server evicts as it accepts (run() bounds the wait)
+        # The first two, idle the longest, were closed; a sender still gets through.
+        assert [await is_closed_by_server(r, timeout=5) for r, _ in idle[:2]] == [True, True]
+        assert await send(HOST, server.port, msg(1), timeout=5) == ack(msg(1))
+        assert len(server.connections) <= 3
+        for _, w in idle:
+            w.close()
+
+    run(serving(ack_handler, test, max_connections_per_address=3))
+    run(serving(ack_handler, test, max_connections=3))
+
+
+def test_a_busy_connection_is_never_evicted_the_new_one_is_refused():
+    release = asyncio.Event()
+
+    async def blocking(message: bytes) -> bytes:
+        await release.wait()
+        return ack(message)
+
+    async def test(server: MllpServer):
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        writer.write(frame(msg(1)))
+        while not any(c.busy for c in server._connections):
+            await asyncio.sleep(0.01)
+        other, _ = await asyncio.open_connection(HOST, server.port)
+        assert await is_closed_by_server(other, timeout=5)
+        release.set()
+        assert await read_replies(reader, 1) == [ack(msg(1))]
+        writer.close()
+
+    run(serving(blocking, test, max_connections=1))
+
+
+def test_accept_errors_are_logged_once_per_interval(caplog):
+    from hl7_bridge.mllp import AcceptErrorLog
+
+    now = [0.0]
+    others: list[dict[str, Any]] = []
+    handler = AcceptErrorLog(60.0, lambda loop, context: others.append(context), clock=lambda: now[0])
+    loop = asyncio.new_event_loop()
+    try:
+        context = {"message": AcceptErrorLog.MESSAGE, "exception": OSError(24, "Too many open files")}
+        with caplog.at_level(logging.ERROR, logger="hl7_bridge.mllp"):
+            for second in range(120):  # asyncio retries once a second per listener
+                now[0] = float(second)
+                for _ in range(50):
+                    handler(loop, context)
+            handler(loop, {"message": "something else"})
+    finally:
+        loop.close()
+    reports = [r.getMessage() for r in caplog.records]
+    assert len(reports) == 2
+    assert "(2999 more since the last report)" in reports[1]
+    assert others == [{"message": "something else"}]
+
+
+def test_the_default_idle_timeout_is_well_under_ten_minutes():
+    from hl7_bridge.mllp import DEFAULT_IDLE_TIMEOUT
+    from overread.settings import Settings
+
+    assert DEFAULT_IDLE_TIMEOUT == Settings().mllp_idle_timeout == 60.0
