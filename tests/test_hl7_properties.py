@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fhir_server.db import Database
 from hl7_bridge.ack import acknowledge
@@ -20,10 +22,6 @@ from overread.app import mllp_listener
 from overread.config import OverreadConfig
 from overread.settings import Settings
 from tests.hl7_golden import omi_order
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 # Pieces HL7 is made of, and the ones that broke it: escapes of the block characters, charsets, NUL.
 PIECES = [
