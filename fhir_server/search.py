@@ -416,7 +416,9 @@ def _value(table: Any, crit: Criterion, value: str) -> ColumnElement[bool]:
             return clause
         case "uri":
             if crit.modifier == "below":
-                return table.value.like(_like(value) + "%", escape="\\")  # type: ignore[no-any-return]
+                # URIs are case-sensitive (RFC 3986 §6.2.2.1); SQLite's LIKE is not: substr decides.
+                below = table.value.like(_like(value) + "%", escape="\\")
+                return and_(below, func.substr(table.value, 1, len(value)) == value)
             return table.value == value  # type: ignore[no-any-return]
     raise error(400, "not-supported", f"Search on {crit.param.type} parameters is not supported")
 
