@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, Select, and_, false, func, not_, or_, select, true
+from sqlalchemy import ColumnElement, Connection, Select, and_, false, func, not_, or_, select, true, tuple_
 from sqlalchemy.orm import aliased
 
 from fhir_server import dates
@@ -667,8 +667,9 @@ def _forward_include(rule: Include, frontier: list[Stored]) -> ColumnElement[boo
         refs = refs.where(ReferenceIndex.param == rule.param)
     if rule.target:
         refs = refs.where(ReferenceIndex.target_type == rule.target)
-    pairs = refs.subquery()
-    return select(pairs).where(pairs.c.target_type == ResourceRow.type, pairs.c.target_id == ResourceRow.id).exists()
+    # (type, id) IN (…): each target looked up by the (type, id) key; a correlated EXISTS made
+    # SQLite scan every resource and test each.
+    return tuple_(ResourceRow.type, ResourceRow.id).in_(refs)
 
 
 def _reverse_include(rule: Include, frontier: list[Stored]) -> ColumnElement[bool]:
