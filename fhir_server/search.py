@@ -618,12 +618,13 @@ def execute(conn: Connection, query: SearchQuery) -> SearchResult:
     """Run ``query`` within ``SearchLimits.timeout``, on either database: past it, the statement is
     stopped and the search answered 503 ``too-costly`` (search.html#errors; docs/reliability.md)."""
     seconds = limits().timeout
+    own: Deadline | None = None
     try:
         with statement_deadline(conn, seconds) as own:
             return _execute(conn, query, own)
     except Exception as exc:
         # Only its own deadline: an outer one (``api.search_here``'s) hands the search to a reader thread.
-        if timed_out(exc) and own.passed:
+        if own is not None and timed_out(exc) and own.passed:
             raise _too_slow(seconds) from None
         raise
 
