@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -85,23 +85,77 @@ T = TypeVar("T")
 PROGRESS_STEPS = 10_000
 
 
+#: The end of the ``deadline`` in force on each SQLite driver connection (by ``id``), for nesting.
+_ends: dict[int, float] = {}
+#: PostgreSQL's query_canceled: a statement stopped by statement_timeout (or a cancel request).
+QUERY_CANCELED = "57014"
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a piece of work must be done by (``time.perf_counter``)."""
+
+    end: float
+
+    @property
+    def passed(self) -> bool:
+        return time.perf_counter() > self.end
+
+
 @contextmanager
-def deadline(conn: Connection, seconds: float) -> Iterator[None]:
+def deadline(conn: Connection, seconds: float) -> Iterator[Deadline]:
     """Interrupt SQLite's statements on ``conn`` once ``seconds`` have passed: they raise an
-    OperationalError that ``interrupted`` recognises, and leave the connection as it was."""
+    OperationalError that ``interrupted`` recognises, and leave the connection as it was.
+
+    Deadlines nest: the earlier end is in force, and the outer one again after the inner ends.
+    """
     driver = conn.connection.driver_connection
     assert driver is not None
-    end = time.perf_counter() + seconds
-    driver.set_progress_handler(lambda: time.perf_counter() > end, PROGRESS_STEPS)
+    own = Deadline(time.perf_counter() + seconds)
+    outer = _ends.get(id(driver))
+    _interrupt_at(driver, own.end if outer is None else min(outer, own.end))
     try:
-        yield
+        yield own
     finally:
+        _interrupt_at(driver, outer)
+
+
+def _interrupt_at(driver: Any, end: float | None) -> None:
+    if end is None:
+        _ends.pop(id(driver), None)
         driver.set_progress_handler(None, 0)
+    else:
+        _ends[id(driver)] = end
+        driver.set_progress_handler(lambda: time.perf_counter() > end, PROGRESS_STEPS)
+
+
+@contextmanager
+def statement_deadline(conn: Connection, seconds: float) -> Iterator[Deadline]:
+    """Stop the statements ``conn`` runs in this block once ``seconds`` have passed, on either database.
+
+    SQLite: a ``deadline``. PostgreSQL: ``SET LOCAL statement_timeout`` (runtime-config-client), which
+    bounds each statement, its planning included, and cancels it in the server (the work stops, also
+    when the client has left); the session's own value again after the block. It needs the
+    transaction ``conn`` is in (every search runs in one); ``timed_out`` recognises what it raises.
+    """
+    if conn.dialect.name == "sqlite":
+        with deadline(conn, seconds) as own:
+            yield own
+        return
+    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}")
+    yield Deadline(time.perf_counter() + seconds)
+    # Not after a failure: the transaction is aborted, and ends with it.
+    conn.exec_driver_sql("SET LOCAL statement_timeout TO DEFAULT")
 
 
 def interrupted(exc: BaseException) -> bool:
     """Whether ``exc`` is a SQLite statement stopped by a ``deadline``."""
     return isinstance(exc, OperationalError) and str(exc.orig) == "interrupted"
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a statement stopped by a ``statement_deadline`` (either database)."""
+    return interrupted(exc) or (isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) == QUERY_CANCELED)
 
 
 class Rollback(Exception):

@@ -14,12 +14,31 @@ from typing import Any
 from urllib.parse import urlencode
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, Select, and_, false, func, not_, or_, select, true
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Connection,
+    Select,
+    String,
+    and_,
+    bindparam,
+    false,
+    func,
+    not_,
+    or_,
+    select,
+    true,
+    tuple_,
+)
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql.visitors import InternalTraversal
 
-from fhir_server import dates, limits
-from fhir_server.errors import error
+from fhir_server import dates
+from fhir_server.db import Deadline, statement_deadline, timed_out
+from fhir_server.errors import FhirError, Issue, error, operation_outcome
 from fhir_server.indexing import normalize, split_reference
+from fhir_server.limits import whole
 from fhir_server.repository import Stored
 from fhir_server.schema import (
     DateIndex,
@@ -31,11 +50,12 @@ from fhir_server.schema import (
     TokenIndex,
     UriIndex,
 )
+from fhir_server.search_limits import exceeded, limits
 from fhir_server.search_params import COLUMN_PARAMS, SearchParam, registry
 from fhir_server.validation import SUPPORTED_TYPES, check_type
 
+#: The default page, and the largest a history serves (a search's is ``SearchLimits.max_count``).
 DEFAULT_COUNT, MAX_COUNT = 20, 1000
-MAX_INCLUDES, MAX_ITERATE_DEPTH = 1000, 3
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 CONTROL = {
     "_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_total", "_elements",
@@ -105,6 +125,8 @@ class SearchResult:
     included: list[Stored]
     #: Whether matches follow this page (known without a total: one row more is fetched).
     more: bool = False
+    #: What the search left out, for an OperationOutcome entry (search.html#errors).
+    warnings: list[str] = field(default_factory=list)
 
 
 # -- parsing ---------------------------------------------------------------------
@@ -121,6 +143,7 @@ def parse(resource_type: str, params: list[tuple[str, str]], strict: bool = Fals
     if resource_type:
         check_type(resource_type)
     query = SearchQuery(resource_type)
+    terms = values = 0  # criteria and values so far
     for name, value in params:
         code = name.split(":", 1)[0]
         if code == "_type" and not resource_type:
@@ -134,8 +157,12 @@ def parse(resource_type: str, params: list[tuple[str, str]], strict: bool = Fals
             if code in CONTROL:
                 _control(query, name, value)
             else:
+                _check_depth(name)
                 crit = _criterion(resource_type, name, value, base) if resource_type else _common(query, name, value)
                 query.criteria.append(crit)
+                more_terms, more_values = _size(crit)
+                terms, values = terms + more_terms, values + more_values
+                _check_size(terms, values, name)
         except UnknownParameter as exc:
             if strict:
                 raise error(400, "not-supported", str(exc), name) from None
@@ -171,17 +198,22 @@ def _params(query: SearchQuery) -> dict[str, SearchParam]:
 def _control(query: SearchQuery, name: str, value: str) -> None:
     match name.split(":", 1):
         case ["_count"]:
-            query.count = min(_int(name, value), MAX_COUNT)
+            query.count = min(_int(name, value), limits().max_count)
         case ["_offset"]:
             query.offset = _int(name, value)
         case ["_sort"]:
-            for key in value.split(","):
+            keys = value.split(",")
+            if len(query.sort) + len(keys) > (most := limits().max_sort_keys):
+                raise exceeded("max_sort_keys", most, "Too many _sort keys", name)
+            for key in keys:
                 code = key.lstrip("-")
                 if code not in _params(query) and code not in COLUMN_PARAMS:
                     searched = query.resource_type or "the types searched"
                     raise error(400, "invalid", f"Cannot sort {searched} by unknown {code!r}", name)
                 query.sort.append((code, key.startswith("-")))
         case ["_include" | "_revinclude" as kind, *modifier]:
+            if len(query.includes) >= (most := limits().max_includes):
+                raise exceeded("max_includes", most, "Too many _include and _revinclude parameters", name)
             query.includes.append(_include(value, kind == "_revinclude", modifier == ["iterate"]))
         case ["_summary"]:
             if value not in ("true", "false", "text", "data", "count"):
@@ -213,7 +245,7 @@ def _include(value: str, reverse: bool, iterate: bool) -> Include:
 
 
 def _int(name: str, value: str) -> int:
-    return limits.whole(name, value)
+    return whole(name, value)
 
 
 def _lookup(resource_type: str, code: str) -> SearchParam:
@@ -244,6 +276,8 @@ def _criterion(resource_type: str, name: str, value: str, base: str = "") -> Cri
     if modifier_or_none and modifier_or_none not in MODIFIERS[param.type] and not typed_reference:
         raise error(400, "not-supported", f"Modifier :{modifier} is not supported on {code!r}", name)
     values = tuple(v.replace("\\,", ",") for v in re.split(r"(?<!\\),", value))
+    if any(len(v) > (longest := limits().max_value_length) for v in values):
+        raise exceeded("max_value_length", longest, "A search value is too long", name)
     if param.type == "reference" and base:
         values = tuple(v.removeprefix(f"{base}/") for v in values)
     if modifier_or_none == "missing" and value not in ("true", "false"):
@@ -277,6 +311,37 @@ def _common(query: SearchQuery, name: str, value: str) -> Criterion:
     if "." in name or code == "_has" or (code not in COLUMN_PARAMS and code not in _params(query)):
         raise UnknownParameter(f"{name!r} is not a search parameter common to every type searched")
     return _criterion((query.types or SUPPORTED_TYPES)[0], name, value)
+
+
+def _check_depth(name: str) -> None:
+    """Refuse a chain or ``_has`` nested deeper than the limit, before it is expanded: each link is a
+    subquery per target type, and parsing it recurses (search.html#chaining, #has)."""
+    depth = name.count(".") + name.count("_has:")
+    if depth > (most := limits().max_chain_depth):
+        raise exceeded("max_chain_depth", most, "The chain or _has is nested too deep", name)
+
+
+def _size(crit: Criterion) -> tuple[int, int]:
+    """The criteria (``crit``, and each its chain or ``_has`` expands into) and the values they hold."""
+    terms = values = 0
+    pending = [crit]
+    while pending:
+        one = pending.pop()
+        terms += 1
+        values += len(one.values)
+        pending += [chained for _, chained in one.chain]
+        if one.has is not None:
+            pending.append(one.has[2])
+    return terms, values
+
+
+def _check_size(terms: int, values: int, name: str) -> None:
+    """Refuse a search whose criteria (chains expanded) or OR-ed values pass their limits: SQLite
+    refuses an expression tree over 1,000 deep, PostgreSQL plans every term in memory."""
+    if terms > (most := limits().max_terms):
+        raise exceeded("max_terms", most, "Too many search criteria (chains count once per target type)", name)
+    if values > (most := limits().max_values):
+        raise exceeded("max_values", most, "Too many search values (comma-separated values count each)", name)
 
 
 def _knows(resource_type: str, chained: str) -> bool:
@@ -348,8 +413,9 @@ def _value(table: Any, crit: Criterion, value: str) -> ColumnElement[bool]:
         case "string":
             if crit.modifier == "exact":
                 return table.value == value  # type: ignore[no-any-return]
-            pattern = _like(normalize(value))
-            return table.norm.like(("%" if crit.modifier == "contains" else "") + pattern + "%", escape="\\")  # type: ignore[no-any-return]
+            if crit.modifier == "contains":
+                return table.norm.like(f"%{_like(normalize(value))}%", escape="\\")  # type: ignore[no-any-return]
+            return StartsWith(table.norm, normalize(value))
         case "reference":
             return _reference(crit, value)
         case "date":
@@ -367,7 +433,9 @@ def _value(table: Any, crit: Criterion, value: str) -> ColumnElement[bool]:
             return clause
         case "uri":
             if crit.modifier == "below":
-                return table.value.like(_like(value) + "%", escape="\\")  # type: ignore[no-any-return]
+                # URIs are case-sensitive (RFC 3986 §6.2.2.1); SQLite's LIKE is not: substr decides.
+                below = table.value.like(_like(value) + "%", escape="\\")
+                return and_(below, func.substr(table.value, 1, len(value)) == value)
             return table.value == value  # type: ignore[no-any-return]
     raise error(400, "not-supported", f"Search on {crit.param.type} parameters is not supported")
 
@@ -460,6 +528,37 @@ def _number(column: Any, value: str) -> ColumnElement[bool]:
     return and_(column >= exact - margin, column <= exact + margin)
 
 
+class StartsWith(ColumnElement[bool]):
+    """``column`` starts with ``prefix`` in a form the index answers: on SQLite ``GLOB``, whose
+    optimisation uses the column's index (its ``LIKE`` ignores case, so cannot: optoverview.html#like_opt),
+    elsewhere ``LIKE``. Both case-sensitive, as the case-folded ``norm`` needs."""
+
+    inherit_cache = True
+    type = Boolean()
+    _is_implicitly_boolean = True  # a condition by itself, not "… = 1"
+    _traverse_internals = [
+        ("column", InternalTraversal.dp_clauseelement),
+        ("pattern", InternalTraversal.dp_clauseelement),
+        ("glob", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, column: Any, prefix: str) -> None:
+        self.column = column
+        self.pattern = bindparam(None, _like(prefix) + "%", unique=True, type_=String())
+        # GLOB has no escape character: its wildcards become one-character classes.
+        self.glob = bindparam(None, re.sub(r"([*?\[])", r"[\1]", prefix) + "*", unique=True, type_=String())
+
+
+@compiles(StartsWith)
+def _starts_with(element: StartsWith, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(element.column, **kw)} LIKE {compiler.process(element.pattern, **kw)} ESCAPE '\\'"
+
+
+@compiles(StartsWith, "sqlite")
+def _starts_with_sqlite(element: StartsWith, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(element.column, **kw)} GLOB {compiler.process(element.glob, **kw)}"
+
+
 def _like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -517,6 +616,25 @@ def _narrows_type(crit: Criterion) -> bool:
 
 
 def execute(conn: Connection, query: SearchQuery) -> SearchResult:
+    """Run ``query`` within ``SearchLimits.timeout``, on either database: past it, the statement is
+    stopped and the search answered 503 ``too-costly`` (search.html#errors; docs/reliability.md)."""
+    seconds = limits().timeout
+    own: Deadline | None = None
+    try:
+        with statement_deadline(conn, seconds) as own:
+            return _execute(conn, query, own)
+    except Exception as exc:
+        # Only its own deadline: an outer one (``api.search_here``'s) hands the search to a reader thread.
+        if own is not None and timed_out(exc) and own.passed:
+            raise _too_slow(seconds) from None
+        raise
+
+
+def _too_slow(seconds: float) -> FhirError:
+    return error(503, "too-costly", f"The search ran past its time limit: timeout={seconds:g} seconds")
+
+
+def _execute(conn: Connection, query: SearchQuery, own: Deadline) -> SearchResult:
     stmt = statement(query)
     wants_total = query.total != "none"
     if query.summary == "count" or query.count == 0:
@@ -529,34 +647,53 @@ def execute(conn: Connection, query: SearchQuery) -> SearchResult:
     total = None
     if wants_total:  # a page past the end has no row to carry the total
         total = rows[0][5] if rows else (_count(conn, stmt) if query.offset else 0)
-    return SearchResult(query, total, matches, _included(conn, query, matches), len(rows) > query.count)
+    result = SearchResult(query, total, matches, [], len(rows) > query.count)
+    result.included = _included(conn, query, matches, own, result.warnings)
+    return result
 
 
 def _count(conn: Connection, stmt: Select[str, str, int, datetime, str | None]) -> int:
     return int(conn.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
 
 
-def _included(conn: Connection, query: SearchQuery, matches: list[Stored]) -> list[Stored]:
+def _included(
+    conn: Connection, query: SearchQuery, matches: list[Stored], own: Deadline, warnings: list[str]
+) -> list[Stored]:
+    """The resources the page's ``_include``/``_revinclude`` bring, round after round of ``:iterate``,
+    at most ``max_included`` of them over ``max_iterate_depth`` rounds; ``warnings`` says what was cut."""
     if not query.includes or not matches:
         return []
+    most, rounds = limits().max_included, limits().max_iterate_depth
     seen = {(m.type, m.id) for m in matches}
     found: list[Stored] = []
     frontier = matches
-    for depth in range(MAX_ITERATE_DEPTH + 1):
+    for depth in range(rounds + 1):
         rules = [i for i in query.includes if depth == 0 or i.iterate]
         new: list[Stored] = []
         for rule in rules:
             clause = _reverse_include(rule, frontier) if rule.reverse else _forward_include(rule, frontier)
             if clause is None:
                 continue
-            for row in conn.execute(select(*STORED).where(ResourceRow.deleted == false(), clause)):
-                if (row.type, row.id) not in seen and len(found) + len(new) < MAX_INCLUDES:
-                    seen.add((row.type, row.id))
-                    new.append(Stored(*row))
+            if own.passed:  # between statements: each is stopped by the database itself
+                raise _too_slow(limits().timeout)
+            # Rows already seen come back too: fetch enough for them and the room left, no more.
+            room = most - len(found) - len(new)
+            rows = conn.execute(
+                select(*STORED).where(ResourceRow.deleted == false(), clause).limit(room + len(seen) + 1)
+            )
+            for row in rows:
+                if (row.type, row.id) in seen:
+                    continue
+                if len(found) + len(new) >= most:
+                    warnings.append(f"Included resources were cut at max_included={most}")
+                    return found + new
+                seen.add((row.type, row.id))
+                new.append(Stored(*row))
         found += new
         frontier = new
         if not new or not any(i.iterate for i in query.includes):
-            break
+            return found
+    warnings.append(f"_include:iterate stopped after max_iterate_depth={rounds} rounds")
     return found
 
 
@@ -581,8 +718,9 @@ def _forward_include(rule: Include, frontier: list[Stored]) -> ColumnElement[boo
         refs = refs.where(ReferenceIndex.param == rule.param)
     if rule.target:
         refs = refs.where(ReferenceIndex.target_type == rule.target)
-    pairs = refs.subquery()
-    return select(pairs).where(pairs.c.target_type == ResourceRow.type, pairs.c.target_id == ResourceRow.id).exists()
+    # (type, id) IN (…): each target looked up by the (type, id) key; a correlated EXISTS made
+    # SQLite scan every resource and test each.
+    return tuple_(ResourceRow.type, ResourceRow.id).in_(refs)
 
 
 def _reverse_include(rule: Include, frontier: list[Stored]) -> ColumnElement[bool]:
@@ -681,6 +819,9 @@ def bundle(result: SearchResult, base: str) -> dict[str, Any]:
     query = result.query
     entries = [_entry(s, base, "match", query) for s in result.matches]
     entries += [_entry(s, base, "include", query) for s in result.included]
+    if result.warnings:  # what the search left out (R4 search.html#errors: an entry of mode "outcome")
+        issues = [Issue("too-costly", w, severity="warning") for w in result.warnings]
+        entries.append({"resource": operation_outcome(issues), "search": {"mode": "outcome"}})
     return page_bundle(
         "searchset", base, query.resource_type, query.used, result.total, query.offset, query.count, entries,
         more=result.more,  # counted in matches: included entries do not fill a page

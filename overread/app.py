@@ -16,7 +16,7 @@ from dicom_bridge import tuning
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
 from dicom_bridge.storage_scp import Limits, StorageScp
-from fhir_server import api
+from fhir_server import api, search_limits
 from fhir_server.cases import case_opener
 from fhir_server.conformance_seed import publish
 from fhir_server.db import Database
@@ -55,6 +55,7 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
     cfg = cfg or config.load(settings.config)
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.db = db
+    search_limits.configure(settings.search)
     hooks = make_hooks(cfg)
     api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits())
     app.include_router(messages_router(db, cfg.sender, hooks))

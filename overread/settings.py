@@ -6,10 +6,12 @@ from pathlib import Path
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fhir_server.limits import DEFAULT, Limits
+from fhir_server.search_limits import SearchLimits
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OVERREAD_")
+    # A nested group's fields by OVERREAD_<GROUP>__<FIELD>, e.g. OVERREAD_SEARCH__TIMEOUT.
+    model_config = SettingsConfigDict(env_prefix="OVERREAD_", env_nested_delimiter="__")
 
     database_url: str = "sqlite:///./overread.db"
     http_host: str = "127.0.0.1"
@@ -42,6 +44,8 @@ class Settings(BaseSettings):
     #: Absolute base URL the server names itself by in Location headers and Bundle links.
     #: Empty means: derive it from each request.
     public_base_url: str = ""
+    #: What one search may ask of the database (docs/reliability.md, "Search and the index").
+    search: SearchLimits = SearchLimits()
 
     # -- What the HTTP door accepts (docs/reliability.md#http-and-fhir; fhir_server.limits) --
     #: Request header lines and their bytes together (431 beyond).

@@ -6,6 +6,8 @@ that delete or add resources use the per-test ``client`` fixture instead.
 
 import pytest
 
+from fhir_server import search_limits
+from fhir_server.search_limits import SearchLimits, limits
 from tests.search_data import (
     EXTERNAL_PATIENT,
     XR_CHEST,
@@ -290,23 +292,19 @@ def test_deleted_resources_are_neither_matched_nor_included(client):
 
 
 def test_iterate_stops_at_the_depth_limit(client):
-    from fhir_server import search as search_module
-
     # a chain of cases, each part of the one before: t0 <- t1 <- ... <- t6
     put_all(client, [task(f"t{n}", "ServiceRequest/sr-x", "Patient/p-x", partOf=[{"reference": f"Task/t{n - 1}"}]
                           if n else []) for n in range(7)])  # fmt: skip
     bundle = search(client, "Task?_id=t6&_include:iterate=Task:part-of")
-    depth = search_module.MAX_ITERATE_DEPTH
+    depth = limits().max_iterate_depth
     assert typed_ids(bundle, "include") == {f"Task/t{6 - k}" for k in range(1, depth + 2)}
     assert ids(bundle) == ["t6"]
 
 
 def test_the_number_of_included_resources_is_capped(client, monkeypatch):
-    from fhir_server import search as search_module
-
     put_all(client, [service_request("sr-x", "Patient/p-x", XR_CHEST, "ACC-X")])
     put_all(client, [task(f"t{n}", "ServiceRequest/sr-x", "Patient/p-x") for n in range(5)])
     assert len(typed_ids(search(client, "ServiceRequest?_revinclude=Task:focus"), "include")) == 5
-    monkeypatch.setattr(search_module, "MAX_INCLUDES", 3)
+    monkeypatch.setattr(search_limits, "_current", SearchLimits(max_included=3))
     bundle = search(client, "ServiceRequest?_revinclude=Task:focus")
     assert ids(bundle) == ["sr-x"] and len(typed_ids(bundle, "include")) == 3

@@ -235,6 +235,7 @@ PROTOCOL = "https://overread.org/fhir/protocols/second-opinion/ct-chest"
         (f"ServiceRequest?instantiates-uri={PROTOCOL.upper()}", set()),  # uris are case-sensitive
         ("ServiceRequest?instantiates-uri:below=https://overread.org/fhir/protocols/", {"sr-1"}),
         ("ServiceRequest?instantiates-uri:below=https://example.org/", set()),
+        ("ServiceRequest?instantiates-uri:below=https://overread.org/FHIR/protocols/", set()),  # on SQLite too
     ],
 )
 def test_uri_matches_exactly_or_below(store, query, expected):
