@@ -95,6 +95,7 @@ class _Builder:
             raise MappingError(REQUIRED_FIELD_MISSING, "MSH-10", "Message control id is missing")
         self.fallback = fallback_system(msg, config)
         self.entries: list[Json] = []
+        self._urls: set[str] = set()
 
     def full_url(self, role: str) -> str:
         key = f"{self.app}|{self.facility}|{self.control_id}|{role}"
@@ -103,7 +104,7 @@ class _Builder:
     def add(self, role: str, resource: Json, match: Json | None = None, replace: bool = False) -> str:
         """Add a conditional create on ``match``, or with ``replace`` a conditional update (PUT)."""
         url = self.full_url(role)
-        if any(entry["fullUrl"] == url for entry in self.entries):
+        if url in self._urls:
             return url  # one person in two roles (PV1-8 referrer, ORC-12 orderer): one entry
         request: Json = {"method": "POST", "url": resource["resourceType"]}
         if match:
@@ -112,8 +113,13 @@ class _Builder:
                 request = {"method": "PUT", "url": f"{resource['resourceType']}?{criteria}"}
             else:
                 request["ifNoneExist"] = criteria
-        self.entries.append({"fullUrl": url, "resource": resource, "request": request})
+        self.append({"fullUrl": url, "resource": resource, "request": request})
         return url
+
+    def append(self, entry: Json) -> None:
+        """Add a Bundle entry as it is, remembering its fullUrl (a set: a check per entry stays O(1))."""
+        self._urls.add(entry["fullUrl"])
+        self.entries.append(entry)
 
 
 def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Picker) -> Json:
@@ -149,13 +155,10 @@ def _override(path: FieldPath | None, standard: Picker) -> Picker:
 
 
 def _groups(msg: Message) -> list[OrderGroup]:
-    groups: list[OrderGroup] = []
-    for seg in msg.segments():
-        if seg.name == "ORC":
-            groups.append(OrderGroup(seg, ()))
-        elif groups:
-            groups[-1] = OrderGroup(groups[-1].orc, (*groups[-1].members, seg))
-    return groups
+    """Split the message at each ORC; one pass, each segment appended once (linear in the segments)."""
+    starts = [i for i, seg in enumerate(msg.all_segments) if seg.name == "ORC"]
+    ends = [*starts[1:], len(msg.all_segments)]
+    return [OrderGroup(msg.all_segments[i], msg.all_segments[i + 1 : end]) for i, end in zip(starts, ends, strict=True)]
 
 
 def _author(b: _Builder) -> Json:

@@ -125,8 +125,8 @@ def map_oru_r01(msg: Message, config: SenderConfig) -> Json:
 
 def from_order(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref: str) -> None:
     """The original report an order's OBX lines carry (TX/FT/ED/RP), basedOn the order's entry."""
-    obr = group.first("OBR")
-    members = tuple(group.members[group.members.index(obr) + 1 :]) if obr else group.members
+    at_obr = next((i for i, s in enumerate(group.members) if s.name == "OBR"), None)
+    members = group.members[at_obr + 1 :] if at_obr is not None else group.members
     if not any(s.name == "OBX" and s.field(2).value in ORDER_REPORT_TYPES for s in members):
         return
     report_lines = _report_lines(members)
@@ -149,18 +149,17 @@ def from_order(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref:
 
 def _observation_groups(msg: Message) -> list[tuple[Segment | None, Segment, tuple[Segment, ...]]]:
     """ORU order observations: (ORC if any, OBR, the segments after the OBR up to the next ORC/OBR)."""
-    groups: list[tuple[Segment | None, Segment, tuple[Segment, ...]]] = []
+    groups: list[tuple[Segment | None, Segment, list[Segment]]] = []
     orc: Segment | None = None
     for seg in msg.segments():
         if seg.name == "ORC":
             orc = seg
         elif seg.name == "OBR":
-            groups.append((orc, seg, ()))
+            groups.append((orc, seg, []))
             orc = None
         elif seg.name in ("OBX", "NTE") and groups:
-            o, r, members = groups[-1]
-            groups[-1] = (o, r, (*members, seg))
-    return groups
+            groups[-1][2].append(seg)  # appended in place: linear in the segments
+    return [(o, r, tuple(members)) for o, r, members in groups]
 
 
 def _oru_report(
@@ -219,9 +218,7 @@ def _add(b: _Builder, role: str, report: Json) -> None:
     key = report["identifier"][0]
     url = b.full_url(role)
     criteria = "identifier=" + quote(f"{key['system']}|{key['value']}", safe=":/|")
-    b.entries.append(
-        {"fullUrl": url, "resource": report, "request": {"method": "PUT", "url": f"DiagnosticReport?{criteria}"}}
-    )
+    b.append({"fullUrl": url, "resource": report, "request": {"method": "PUT", "url": f"DiagnosticReport?{criteria}"}})
 
 
 def _key(identifiers: list[Json], code: Json) -> Json:
