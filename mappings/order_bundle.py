@@ -18,7 +18,7 @@ from urllib.parse import quote
 from mappings.concept_map import add_translations
 from mappings.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
 from mappings.sender import FieldPath, SenderConfig
-from mappings.v2 import Field, Message, Segment
+from mappings.v2 import Encoding, Field, Message, Segment
 from mappings.v2_datatypes import (
     Json,
     address,
@@ -27,6 +27,7 @@ from mappings.v2_datatypes import (
     date,
     date_time,
     ei_identifier,
+    free_text,
     human_name,
     identifier_type,
     instant,
@@ -355,7 +356,7 @@ def _service_request(
         sr["reasonCode"] = [add_translations(c, b.config.concept_maps) for c in reasons]
     if coverage_refs:
         sr["insurance"] = [{"reference": r} for r in coverage_refs]
-    notes = _notes(group)
+    notes = _notes(group, b.msg.encoding)
     if notes:
         sr["note"] = notes
     # Re-ordering the same placer number is the same order: match on it. A change order (XO)
@@ -374,8 +375,8 @@ def _priority(b: _Builder, group: OrderGroup, tq1: Segment | None) -> str | None
     return code or b.config.default_priority
 
 
-def _notes(group: OrderGroup) -> list[Json]:
-    """NTE after the OBR → Annotation (IG ``NTE[ServiceRequest]``): NTE-3 lines joined by newlines."""
+def _notes(group: OrderGroup, enc: Encoding) -> list[Json]:
+    """NTE after the OBR → Annotation (IG ``NTE[ServiceRequest]``): NTE-3 lines (whole) joined by newlines."""
     notes: list[Json] = []
     seen_obr = False
     for seg in group.members:
@@ -384,7 +385,7 @@ def _notes(group: OrderGroup) -> list[Json]:
         elif seg.name == "OBX":
             seen_obr = False  # NTEs after an OBX annotate that observation, not the order
         elif seg.name == "NTE" and seen_obr:
-            text = "\n".join(r.value for r in seg.field(3).present())
+            text = "\n".join(free_text(r, enc) for r in seg.field(3).present())
             if text:
                 notes.append({"text": text})
     return notes

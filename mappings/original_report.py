@@ -62,6 +62,7 @@ from mappings.v2_datatypes import (
     codeable_concept,
     date_time,
     ei_identifier,
+    free_text,
     identifier_type,
     instant,
     practitioner,
@@ -303,7 +304,7 @@ def _text(members: tuple[Segment, ...], enc: Encoding) -> tuple[str, str]:
                 continue
             chunks.append((heading, lines, is_impression))
         elif seg.name == "NTE":
-            note = "\n".join(_leaf_text(r, enc) for r in seg.field(3).present())
+            note = "\n".join(free_text(r, enc) for r in seg.field(3).present())
             if note:
                 chunks.append((heading, note, is_impression))
     headings = {h for h, _, _ in chunks}
@@ -325,7 +326,7 @@ def _obx_text(obx: Segment, enc: Encoding) -> str | None:
         if _is_dicom_reference(obx.field(3).first):
             return None
         # TX/FT/ST: each repetition a line; the parser already turned \.br\ into newlines.
-        lines = [_leaf_text(r, enc) for r in obx.field(5).present()]
+        lines = [free_text(r, enc) for r in obx.field(5).present()]
     elif kind in CODED_TYPES:
         lines = [r.component(2) or r.component(9) or r.component(1) for r in obx.field(5).present()]
     elif kind == "NM":
@@ -335,11 +336,6 @@ def _obx_text(obx: Segment, enc: Encoding) -> str | None:
         return None
     text = "\n".join(line for line in lines if line)
     return text or None
-
-
-def _leaf_text(rep: Repetition, enc: Encoding) -> str:
-    """A text value as sent: a literal ^ or & in unescaped free text (OBX-5, NTE-3) split it; join it again."""
-    return enc.component.join(enc.subcomponent.join(sub) for sub in rep.components)
 
 
 def _is_dicom_reference(obx3: Repetition) -> bool:
@@ -359,7 +355,7 @@ def _attachment(obx: Segment, at: str, msg: Message) -> Json:
     data = enc.repetition.join(
         [
             enc.component.join(enc.subcomponent.join(sub) for sub in rep.components[4:]),
-            *(_leaf_text(r, enc) for r in obx.field(5).repetitions[1:]),
+            *(free_text(r, enc) for r in obx.field(5).repetitions[1:]),
         ]
     )
     encoding = rep.component(4).upper()

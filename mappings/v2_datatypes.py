@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 from mappings.errors import DATA_TYPE_ERROR, MappingError
 from mappings.sender import SenderConfig
-from mappings.v2 import Repetition
+from mappings.v2 import Encoding, Repetition
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 Json = dict[str, Any]
@@ -70,6 +70,16 @@ def codeable_concept(rep: Repetition) -> Json | None:
     if text:
         result["text"] = text
     return result
+
+
+def free_text(rep: Repetition, enc: Encoding) -> str:
+    """A free-text value (ST/TX/FT: NTE-3, OBX-5) as sent: whole, even with unescaped delimiters.
+
+    Senders often leave a literal ``^`` or ``&`` in free text unescaped ("BP 120^80", "R&L knee"); the
+    parser splits it into components, and reading component 1 alone would cut the text short. Joining
+    them with the delimiters they were split on gives back what the sender wrote.
+    """
+    return enc.component.join(enc.subcomponent.join(sub) for sub in rep.components)
 
 
 def identifier_type(code: str) -> Json:
@@ -161,9 +171,22 @@ def address(rep: Repetition) -> Json | None:
 
 
 def _parts(value: str, location: str) -> re.Match[str]:
+    """A DTM's parts (v2.5.1 2.A.22), refused (ERR 102 at ``location``) unless it names a real calendar time.
+
+    Checked here, at every precision, so that ``19800230`` is refused where ``198002301200`` is: at
+    mapping, with the field's location, rather than later by the store.
+    """
     m = _DTM.match(value.strip())
     if not m:
         raise MappingError(DATA_TYPE_ERROR, location, f"{value!r} is not a DTM (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
+    year, month, day, hour, minute, second = (int(g) if g else None for g in m.groups()[:6])
+    try:
+        datetime(year or 0, month or 1, day or 1, hour or 0, minute or 0, second or 0)
+    except ValueError as exc:
+        raise MappingError(DATA_TYPE_ERROR, location, f"{value!r} is not a valid date/time: {exc}") from exc
+    offset = m.group(8)
+    if offset and (int(offset[1:3]) > 14 or int(offset[3:]) > 59):
+        raise MappingError(DATA_TYPE_ERROR, location, f"{value!r} has no valid time-zone offset")
     return m
 
 
