@@ -43,7 +43,8 @@ ENCOUNTER_CLASS = {
     "O": ("http://terminology.hl7.org/CodeSystem/v3-ActCode", "AMB", "ambulatory"),
     "P": ("http://terminology.hl7.org/CodeSystem/v3-ActCode", "PRENC", "pre-admission"),
 }
-# Table 0027 priority (TQ-6, TQ1-9) to request-priority; codes without a FHIR peer are left out.
+# Table 0027 priority (TQ-6, TQ1-9, OBR-5) to request-priority (IG ExtendedPriorityCodes for S, A, R);
+# P (pre-op) and T (timing critical) as urgent; codes without a FHIR peer (C, PRN) are left out.
 PRIORITY = {"S": "stat", "A": "asap", "R": "routine", "P": "urgent", "T": "urgent"}
 STUDY_UID_SYSTEM = "urn:dicom:uid"
 PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
@@ -96,7 +97,7 @@ class _Builder:
             raise MappingError(REQUIRED_FIELD_MISSING, "MSH-10", "Message control id is missing")
         self.fallback = fallback_system(msg, config)
         self.entries: list[Json] = []
-        self._urls: set[str] = set()
+        self._by_url: dict[str, Json] = {}
 
     def full_url(self, role: str) -> str:
         key = f"{self.app}|{self.facility}|{self.control_id}|{role}"
@@ -105,7 +106,7 @@ class _Builder:
     def add(self, role: str, resource: Json, match: Json | None = None, replace: bool = False) -> str:
         """Add a conditional create on ``match``, or with ``replace`` a conditional update (PUT)."""
         url = self.full_url(role)
-        if url in self._urls:
+        if url in self._by_url:
             return url  # one person in two roles (PV1-8 referrer, ORC-12 orderer): one entry
         request: Json = {"method": "POST", "url": resource["resourceType"]}
         if match:
@@ -118,14 +119,19 @@ class _Builder:
         return url
 
     def append(self, entry: Json) -> None:
-        """Add a Bundle entry as it is, remembering its fullUrl (a set: a check per entry stays O(1))."""
-        self._urls.add(entry["fullUrl"])
+        """Add a Bundle entry as it is, indexed by its fullUrl (a check per entry stays O(1))."""
+        self._by_url[entry["fullUrl"]] = entry
         self.entries.append(entry)
+
+    def resource(self, url: str) -> Json:
+        """The resource of the entry at ``url`` (already added)."""
+        resource: Json = self._by_url[url]["resource"]
+        return resource
 
 
 def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Picker) -> Json:
     """Map an order message (already known to be ORM^O01 or OMI^O23) to a transaction Bundle."""
-    from mappings import original_report  # not at the top: original_report builds on this module
+    from mappings import order_details, original_report  # not at the top: they build on this module
 
     b = _Builder(msg, config)
     accession, study_uid = _override(config.fields.accession, accession), _override(config.fields.study_uid, study_uid)
@@ -140,14 +146,38 @@ def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Pick
     groups = _groups(msg)
     if not groups:
         raise MappingError(REQUIRED_FIELD_MISSING, "ORC", "The order has no ORC segment")
+    patient_key = b.resource(patient_ref)["identifier"][0]
+    order_details.allergies(b, msg.segments("AL1"), patient_key, patient_ref)
+    # DG1 before the first ORC (patient/visit level) are reasons of every order of the message.
+    visit_dg1 = [s for s in msg.all_segments[: msg.all_segments.index(groups[0].orc)] if s.name == "DG1"]
+    visit_reasons = order_details.conditions(b, visit_dg1, patient_key, patient_ref, encounter_ref)
     for n, group in enumerate(groups, 1):
         sr_ref, placer = _service_request(
             b, n, group, patient_ref, encounter_ref, coverage_refs, accession(group, msg), study_uid(group, msg)
         )
+        reasons = visit_reasons + order_details.conditions(b, group.all("DG1"), patient_key, patient_ref, encounter_ref)
+        supporting = order_details.observations(b, n, group, placer, patient_ref, encounter_ref)
+        _link_details(b, sr_ref, encounter_ref, reasons, supporting)
         _task(b, n, group, sr_ref, patient_ref, placer)
         original_report.from_order(b, n, group, sr_ref, patient_ref)  # OBX report text / ED sent with it
     _provenance(b, author)
     return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
+
+
+def _link_details(
+    b: _Builder, sr_ref: str, encounter_ref: str | None, reasons: list[str], supporting: list[str]
+) -> None:
+    """DG1 Conditions as the order's ``reasonReference`` and the Encounter's ``diagnosis``; OBX/OBR-13
+    Observations as its ``supportingInfo`` (IG message maps ORM_O01 / OMI_O23)."""
+    order = b.resource(sr_ref)
+    if reasons:
+        order["reasonReference"] = [{"reference": r} for r in reasons]
+    if supporting:
+        order["supportingInfo"] = [{"reference": r} for r in supporting]
+    if reasons and encounter_ref:
+        diagnosis = b.resource(encounter_ref).setdefault("diagnosis", [])
+        known = {d["condition"]["reference"] for d in diagnosis}
+        diagnosis.extend({"condition": {"reference": r}} for r in reasons if r not in known)
 
 
 def _override(path: FieldPath | None, standard: Picker) -> Picker:
@@ -337,9 +367,7 @@ def _service_request(
     sr["subject"] = {"reference": patient_ref}
     if encounter_ref:
         sr["encounter"] = {"reference": encounter_ref}
-    start = date_time(tq1.field(7).component(1), b.config, "TQ1-7") if tq1 else None
-    if start:
-        sr["occurrencePeriod"] = {"start": start}
+    sr |= _occurrence(b, at, group, tq1)
     authored = date_time(orc.field(9).component(1), b.config, f"{at}-9") or date_time(
         b.msg.msh.field(7).component(1), b.config, "MSH-7"
     )
@@ -365,14 +393,47 @@ def _service_request(
 
 
 def _priority(b: _Builder, group: OrderGroup, tq1: Segment | None) -> str | None:
-    """Table 0027 in ORC-7.6, else TQ1-9 (or the sender's own field); else the sender's default priority."""
+    """The order's priority (table 0027 / 0485, IG ``ExtendedPriorityCodes``) from every place v2 carries it.
+
+    The first code with a FHIR peer in: TQ1-9 (the place since v2.5), ORC-7.6 (TQ-6), OBR-27.6 (the IG
+    reads OBR-27 only where ORC-7 is empty), OBR-5 (kept for backward compatibility only); or the
+    sender's own field instead of all of them; else the sender's default priority. A code without a
+    peer (PRN, C) does not hide a STAT sent in another place.
+    """
     at = b.config.fields.priority
     if at is not None:
-        code = PRIORITY.get(at.value((group.orc, *group.members), b.msg))
+        sent = [at.value((group.orc, *group.members), b.msg)]
     else:
-        in_tq1 = PRIORITY.get(tq1.field(9).component(1)) if tq1 else None
-        code = PRIORITY.get(group.orc.field(7).component(6)) or in_tq1
+        obr = group.first("OBR")
+        sent = [tq1.field(9).component(1) if tq1 else "", group.orc.field(7).component(6)]
+        sent += [obr.field(27).component(6), obr.field(5).value] if obr else []
+    code = next((PRIORITY[c] for c in sent if c in PRIORITY), None)
     return code or b.config.default_priority
+
+
+def _occurrence(b: _Builder, at: str, group: OrderGroup, tq1: Segment | None) -> Json:
+    """When the order is to be done: TQ1-7/8, else ORC-7.4/7.5 (TQ), else OBR-27.4/27.5 → ``occurrencePeriod``;
+    else OBR-6 requested date/time → ``occurrenceDateTime`` (IG ``TQ1``, ``TQ``, ``OBR[ServiceRequest]``).
+
+    A Period rather than the IG's ``occurrenceTiming.repeat.boundsPeriod``: a radiology order is done once.
+    """
+    obr = group.first("OBR")
+    places: list[tuple[str, str, str]] = []
+    if tq1:
+        places.append((tq1.field(7).component(1), tq1.field(8).component(1), "TQ1"))
+    orc7, obr27 = group.orc.field(7), obr.field(27) if obr else group.orc.field(0)
+    places.append((orc7.subcomponent(4, 1), orc7.subcomponent(5, 1), f"{at}-7"))
+    places.append((obr27.subcomponent(4, 1), obr27.subcomponent(5, 1), "OBR-27"))
+    for start, end, where in places:
+        if start or end:
+            period: Json = {}
+            if start:
+                period["start"] = date_time(start, b.config, f"{where}-7" if where == "TQ1" else f"{where}.4")
+            if end:
+                period["end"] = date_time(end, b.config, f"{where}-8" if where == "TQ1" else f"{where}.5")
+            return {"occurrencePeriod": period}
+    requested = date_time(obr.field(6).component(1), b.config, "OBR-6") if obr else None
+    return {"occurrenceDateTime": requested} if requested else {}
 
 
 def _notes(group: OrderGroup, enc: Encoding) -> list[Json]:

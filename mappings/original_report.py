@@ -131,7 +131,7 @@ def from_order(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref:
     if not any(s.name == "OBX" and s.field(2).value in ORDER_REPORT_TYPES for s in members):
         return
     report_lines = _report_lines(members)
-    order = next(e["resource"] for e in b.entries if e["fullUrl"] == sr_ref)
+    order = b.resource(sr_ref)
     identifiers = [i for i in order["identifier"] if _type_code(i) in ("PLAC", "FILL", "ACSN")]
     first = next(s for s in report_lines if s.name == "OBX")
     report: Json = {

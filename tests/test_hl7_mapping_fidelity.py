@@ -84,3 +84,59 @@ def test_impossible_dates_are_refused_at_mapping_with_their_location(segment: st
         map_order(msg)
     assert (caught.value.code, caught.value.location) == (DATA_TYPE_ERROR, location)
     assert outcome(GOLDEN / "orm_impossible_order_date.hl7")["error"]["location"] == "ORC-9"
+
+
+def _order(orc: str, obr: str, tq1: str = "") -> dict[str, Any]:
+    segments = ["MSH|^~\\&|RIS|H|O|O|20250101||ORM^O01|1|P|2.5.1", "PID|||P-1^^^H^MR||Doe^Jo", orc]
+    segments += [tq1] if tq1 else []
+    (order,) = _resources(map_order(parse("\r".join([*segments, obr]))), "ServiceRequest")
+    return order
+
+
+@pytest.mark.parametrize(
+    ("orc", "tq1", "obr", "priority"),
+    [
+        ("ORC|NW|PL-1", "", "OBR|1|PL-1||X^X^L|||||||||||||||||||||||^^^^^S", "stat"),  # OBR-27.6
+        ("ORC|NW|PL-1", "", "OBR|1|PL-1||X^X^L|A", "asap"),  # OBR-5
+        ("ORC|NW|PL-1|||||^^^^^PRN", "", "OBR|1|PL-1||X^X^L|S", "stat"),  # PRN has no peer: OBR-5 still counts
+        ("ORC|NW|PL-1|||||^^^^^R", "TQ1|1||||||||S", "OBR|1|PL-1||X^X^L", "stat"),  # TQ1-9 first
+        ("ORC|NW|PL-1|||||^^^^^A", "", "OBR|1|PL-1||X^X^L|R|||||||||||||||||||||||^^^^^S", "asap"),  # ORC-7 first
+    ],
+)
+def test_priority_from_every_place_the_standard_carries_it(orc: str, tq1: str, obr: str, priority: str):
+    assert _order(orc, obr, tq1)["priority"] == priority
+
+
+def test_occurrence_from_tq1_orc7_obr27_else_obr6():
+    obr6 = "OBR|1|PL-1||X^X^L||20250102"
+    assert _order("ORC|NW|PL-1", obr6)["occurrenceDateTime"] == "2025-01-02"
+    orc7 = _order("ORC|NW|PL-1|||||^^^20250103^20250104", obr6)
+    assert orc7["occurrencePeriod"] == {"start": "2025-01-03", "end": "2025-01-04"}
+    tq1 = _order("ORC|NW|PL-1|||||^^^20250103", obr6, "TQ1|1||||||20250105|20250106")
+    assert tq1["occurrencePeriod"] == {"start": "2025-01-05", "end": "2025-01-06"}
+
+
+def test_order_context_reaches_the_second_reader():
+    bundle = outcome(GOLDEN / "orm_order_context.hl7")
+    by_url = {e["fullUrl"]: e["resource"] for e in bundle["entry"]}
+    (order,) = _resources(bundle, "ServiceRequest")
+    reasons = [by_url[r["reference"]] for r in order["reasonReference"]]
+    # DG1 at visit level and in the order; the indication the order carries only in DG1 arrives.
+    assert [c["code"]["coding"][0]["code"] for c in reasons] == ["R52", "S82.6"]
+    assert {c["category"][0]["coding"][0]["code"] for c in reasons} == {"encounter-diagnosis"}
+    (encounter,) = _resources(bundle, "Encounter")
+    assert [d["condition"] for d in encounter["diagnosis"]] == order["reasonReference"]
+    info = [by_url[r["reference"]] for r in order["supportingInfo"]]
+    assert info[0]["valueString"] == "Fall from stairs, swelling lateral malleolus"  # OBR-13
+    assert info[1]["valueQuantity"] == {
+        "value": 62.5,
+        "unit": "kilogram",
+        "system": "http://unitsofmeasure.org",
+        "code": "kg",
+    }
+    assert info[2]["valueCodeableConcept"]["coding"][0]["display"] == "Pregnant"
+    assert info[2]["note"] == [{"text": "Week 12^confirmed by LMP"}]  # the NTE after that OBX, whole
+    assert "note" not in order  # an NTE after an OBX annotates the observation, not the order
+    contrast = _resources(bundle, "AllergyIntolerance")[0]
+    assert (contrast["category"], contrast["criticality"]) == (["medication"], "high")
+    assert contrast["reaction"] == [{"manifestation": [{"text": "Hives"}, {"text": "Dyspnoea"}], "severity": "severe"}]
