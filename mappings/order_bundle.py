@@ -157,9 +157,9 @@ def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Pick
         )
         reasons = visit_reasons + order_details.conditions(b, group.all("DG1"), patient_key, patient_ref, encounter_ref)
         supporting = order_details.observations(b, n, group, placer, patient_ref, encounter_ref)
-        _link_details(b, sr_ref, encounter_ref, reasons, supporting)
+        document = original_report.from_order(b, n, group, sr_ref, patient_ref)  # report / document OBX
+        _link_details(b, sr_ref, encounter_ref, reasons, [*supporting, *([document] if document else [])])
         _task(b, n, group, sr_ref, patient_ref, placer)
-        original_report.from_order(b, n, group, sr_ref, patient_ref)  # OBX report text / ED sent with it
     _provenance(b, author)
     return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
 

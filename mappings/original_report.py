@@ -49,11 +49,13 @@ from urllib.parse import quote
 from mappings.errors import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
 from mappings.order_bundle import (
     NAMESPACE,
+    STUDY_UID_SYSTEM,
     OrderGroup,
     _author,
     _Builder,
     _patient,
     _provenance,
+    study_uid_from_zds,
 )
 from mappings.sender import SenderConfig
 from mappings.v2 import Encoding, Message, Repetition, Segment
@@ -71,6 +73,8 @@ from mappings.v2_datatypes import (
 REPORT_ROLE = "https://overread.org/fhir/CodeSystem/report-role"
 ORIGINAL_TAG = {"system": REPORT_ROLE, "code": "original", "display": "Original report"}
 KEY_SYSTEM = "urn:overread:original-report"
+DOCUMENT_KEY_SYSTEM = "urn:overread:order-document"
+REPORT_TITLE = "Original report"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 # IG ConceptMap ResultStatus[Non-Queries] (table 0123 → diagnostic-report-status); A per its comment.
 RESULT_STATUS = {
@@ -88,8 +92,10 @@ RESULT_STATUS = {
 OBSERVATION_STATUS = {"F": "final", "P": "preliminary", "C": "corrected", "R": "partial"}
 TEXT_TYPES = {"TX", "FT", "ST"}
 CODED_TYPES = {"CE", "CWE", "CNE"}
-#: OBX value types that make an order's OBX lines an original report.
+#: OBX value types that make an order's OBX lines a report or a document.
 ORDER_REPORT_TYPES = {"TX", "FT", "ED", "RP"}
+#: OBX-3 codes of a radiology report or its parts (LOINC; IHE SINR section suffixes of OBX-3.1).
+REPORT_CODES = {"18782-3", "18748-4", "19005-8", "18834-2", "11525-3", "GDT", "IMP", "ADT", "REC"}
 #: Table 0191 (type of referenced data) to MIME top-level types.
 MIME_TYPES = {
     "AP": "application",
@@ -124,16 +130,21 @@ def map_oru_r01(msg: Message, config: SenderConfig) -> Json:
     return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
 
 
-def from_order(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref: str) -> None:
-    """The original report an order's OBX lines carry (TX/FT/ED/RP), basedOn the order's entry."""
+def from_order(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref: str) -> str | None:
+    """What an order's TX/FT/ED/RP OBX lines are: the original report, basedOn the order's entry, when
+    they say they are one (``_is_report``); else an attached document (DocumentReference, no conclusion),
+    whose entry is returned for the order's ``supportingInfo``."""
     at_obr = next((i for i, s in enumerate(group.members) if s.name == "OBR"), None)
+    obr = group.members[at_obr] if at_obr is not None else None
     members = group.members[at_obr + 1 :] if at_obr is not None else group.members
     if not any(s.name == "OBX" and s.field(2).value in ORDER_REPORT_TYPES for s in members):
-        return
+        return None
     report_lines = _report_lines(members)
     order = b.resource(sr_ref)
     identifiers = [i for i in order["identifier"] if _type_code(i) in ("PLAC", "FILL", "ACSN")]
     first = next(s for s in report_lines if s.name == "OBX")
+    if not _is_report(obr, report_lines):
+        return _document(b, n, report_lines, first, identifiers, order, sr_ref, patient_ref)
     report: Json = {
         "resourceType": "DiagnosticReport",
         "meta": {"tag": [ORIGINAL_TAG]},
@@ -146,6 +157,53 @@ def from_order(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref:
     }
     _add_content(b, report, report_lines)
     _add(b, f"DiagnosticReport/original/{n}", report)
+    return None
+
+
+def _is_report(obr: Segment | None, lines: tuple[Segment, ...]) -> bool:
+    """Whether an order's text/document OBX are a report: OBR-25 carries a result status, or an OBX-3
+    names a report or a section of one (``REPORT_CODES``, an IHE SINR section suffix, an impression).
+
+    An order may carry other documents (a referral letter, a prior's PDF); taking those for the report
+    would fabricate the original a second opinion is compared with.
+    """
+    if obr is not None and obr.field(25).value in RESULT_STATUS:
+        return True
+    for seg in lines:
+        if seg.name != "OBX" or seg.field(2).value not in ORDER_REPORT_TYPES:
+            continue
+        obx3 = seg.field(3).first
+        subs = {sub.upper() for comp in obx3.components for sub in comp}
+        if subs & REPORT_CODES or _is_impression(obx3):
+            return True
+    return False
+
+
+def _document(
+    b: _Builder,
+    n: int,
+    lines: tuple[Segment, ...],
+    first: Segment,
+    identifiers: list[Json],
+    order: Json,
+    sr_ref: str,
+    patient_ref: str,
+) -> str:
+    """OBX lines that are no report → DocumentReference (IG ``OBX[DocumentReference]``), content only."""
+    holder: Json = {}
+    _add_content(b, holder, lines)
+    code = codeable_concept(first.field(3).first)
+    title = first.field(3).component(2) or "Document sent with the order"
+    forms = [{**f, "title": title} if f.get("title") == REPORT_TITLE else f for f in holder.get("presentedForm", [])]
+    key = {**_key(identifiers, code or order["code"]), "system": DOCUMENT_KEY_SYSTEM}
+    document: Json = {"resourceType": "DocumentReference", "identifier": [key], "status": "current"}
+    if code:
+        document["type"] = code
+    document["subject"] = {"reference": patient_ref}
+    document["content"] = [{"attachment": form} for form in forms]
+    document["context"] = {"related": [{"reference": sr_ref}]}
+    ident = document["identifier"][0]
+    return b.add(f"DocumentReference/{n}", document, ident, replace=True)
 
 
 def _observation_groups(msg: Message) -> list[tuple[Segment | None, Segment, tuple[Segment, ...]]]:
@@ -174,7 +232,10 @@ def _oru_report(
         )
         if ident:
             identifiers.append(ident)
-    accession = obr.field(18).value  # IHE SWF: OBR-18, as the order mappings read it (mappings.orm_o01)
+    near = (*([orc] if orc else []), obr, *members)
+    override = b.config.fields.accession
+    # IHE SWF: OBR-18, as the order mappings read it (mappings.orm_o01), unless the sender puts it elsewhere.
+    accession = override.value(near, b.msg) if override else obr.field(18).value
     if accession:
         identifiers.append({"type": identifier_type("ACSN"), "system": b.fallback, "value": accession})
     if not identifiers:
@@ -210,8 +271,22 @@ def _oru_report(
         report["contained"] = [contained]
     if interpreter:
         report["resultsInterpreter"] = [interpreter]
+    study_uid = _study_uid(b, near, members)
+    if study_uid:
+        study = {"system": STUDY_UID_SYSTEM, "value": f"urn:oid:{study_uid}"}
+        report["imagingStudy"] = [{"type": "ImagingStudy", "identifier": study}]
     _add_content(b, report, members)
     _add(b, f"DiagnosticReport/{n}", report)
+
+
+def _study_uid(b: _Builder, near: tuple[Segment, ...], members: tuple[Segment, ...]) -> str:
+    """The Study Instance UID a report is of: the sender's field (``fields.study_uid``), else an OBX with
+    OBX-3 ``113014`` (DICOM "Study", as DICOM SR / IHE SINR send it), else ZDS-1.1 (dcm4che)."""
+    override = b.config.fields.study_uid
+    if override:
+        return override.value(near, b.msg)
+    in_obx = next((s.field(5).value for s in members if s.name == "OBX" and s.field(3).component(1) == "113014"), "")
+    return in_obx or study_uid_from_zds(b.msg)
 
 
 def _add(b: _Builder, role: str, report: Json) -> None:
@@ -265,7 +340,7 @@ def _add_content(b: _Builder, report: Json, members: tuple[Segment, ...]) -> Non
             {
                 "contentType": "text/plain; charset=utf-8",
                 "data": base64.b64encode(text.encode("utf-8")).decode("ascii"),
-                "title": "Original report",
+                "title": REPORT_TITLE,
             }
         )
     for n, seg in enumerate((s for s in members if s.name == "OBX"), 1):

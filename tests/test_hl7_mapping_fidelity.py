@@ -2,6 +2,7 @@
 formatting escapes, impossible dates. The golden files hold the whole Bundles; these tests name what
 each case must show."""
 
+import base64
 import json
 from typing import Any
 
@@ -140,3 +141,28 @@ def test_order_context_reaches_the_second_reader():
     contrast = _resources(bundle, "AllergyIntolerance")[0]
     assert (contrast["category"], contrast["criticality"]) == (["medication"], "high")
     assert contrast["reaction"] == [{"manifestation": [{"text": "Hives"}, {"text": "Dyspnoea"}], "severity": "severe"}]
+
+
+def test_a_document_in_an_order_is_no_original_report():
+    bundle = outcome(GOLDEN / "orm_document_not_report.hl7")
+    assert _resources(bundle, "DiagnosticReport") == []  # no report fabricated from a referral letter
+    (document,) = _resources(bundle, "DocumentReference")
+    (order,) = _resources(bundle, "ServiceRequest")
+    url = next(e["fullUrl"] for e in bundle["entry"] if e["resource"] is document)
+    assert order["supportingInfo"] == [{"reference": url}]
+    assert "conclusion" not in document
+    assert document["type"]["coding"][0]["code"] == "57133-1"
+    (content,) = document["content"]
+    text = base64.b64decode(content["attachment"]["data"]).decode()
+    assert text == "Knee pain for 3 months^ please compare R&L\nPatient prefers afternoon slots"
+    # The same lines named as a report (OBX-3 a report code) or with a result status are the original.
+    reports = _resources(outcome(GOLDEN / "orm_original_report.hl7"), "DiagnosticReport")
+    assert [r["meta"]["tag"][0]["code"] for r in reports] == ["original"]
+
+
+def test_an_oru_honours_the_senders_accession_field_and_keeps_the_study_uid_from_obx():
+    (report,) = _resources(outcome(GOLDEN / "oru_accession_obr20_override.hl7"), "DiagnosticReport")
+    acsn = [i["value"] for i in report["identifier"] if i.get("type", {}).get("coding", [{}])[0].get("code") == "ACSN"]
+    assert acsn == ["ACC-400"]  # OBR-20, as the sender's entry says; OBR-18 is empty
+    study = {"system": "urn:dicom:uid", "value": "urn:oid:1.2.826.0.1.3680043.2.1125.400"}
+    assert report["imagingStudy"] == [{"type": "ImagingStudy", "identifier": study}]

@@ -57,3 +57,13 @@ def test_the_order_context_is_stored_and_linked_and_a_resend_adds_nothing(client
     again = client.post("/fhir", json=bundle)  # a resend (or an XO) updates the same resources
     assert again.status_code == 200, again.text
     assert {rtype: _count(client, rtype) for rtype in counted} == counts
+
+
+def test_a_document_sent_with_an_order_and_a_report_with_its_study_are_stored(client):
+    document = client.post("/fhir", json=outcome(GOLDEN / "orm_document_not_report.hl7"))
+    assert document.status_code == 200, document.text
+    assert (_count(client, "DocumentReference"), _count(client, "DiagnosticReport")) == (1, 0)
+    report = client.post("/fhir", json=outcome(GOLDEN / "oru_accession_obr20_override.hl7"))
+    assert report.status_code == 200, report.text
+    stored = client.get("/fhir/DiagnosticReport").json()["entry"][0]["resource"]
+    assert stored["imagingStudy"][0]["identifier"]["value"] == "urn:oid:1.2.826.0.1.3680043.2.1125.400"
