@@ -214,10 +214,21 @@ def _author(b: _Builder) -> Json:
 
 
 def _hd_identifier(hd: Field, local_system: str) -> Json:
-    """An HD as an Identifier: its ISO OID as ``urn:oid:``, else its namespace id in ``local_system``."""
+    """An HD as an Identifier: its ISO OID as ``urn:oid:``, else its namespace id in ``local_system``,
+    else its universal id of another type (``^1234^CLIA``) in ``<local_system>:<type>``."""
     if hd.component(2) and hd.component(3).upper() == "ISO":
         return {"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{hd.component(2)}"}
-    return {"system": local_system, "value": hd.component(1)}
+    if hd.component(1) or not hd.component(2):
+        return {"system": local_system, "value": hd.component(1)}
+    return {"system": f"{local_system}:{quote(hd.component(3).upper() or 'HD', safe='')}", "value": hd.component(2)}
+
+
+def policy_system(fallback: str) -> str:
+    """The system of IN1-36 policy numbers: the sender's fallback system with ``:policy``, unless that
+    would not be a URI of its kind (``urn:oid:1.2:policy`` is no OID): then ``urn:overread:policy:<system>``."""
+    if fallback.startswith(("urn:oid:", "urn:uuid:")):
+        return f"urn:overread:policy:{fallback}"
+    return f"{fallback}:policy"
 
 
 def _patient(b: _Builder, pid: Segment) -> str:
@@ -301,7 +312,7 @@ def _coverage(b: _Builder, n: int, in1: Segment, patient_ref: str) -> str:
         payor["name"] = payor_name
     coverage: Json = {"resourceType": "Coverage", "status": "active"}
     policy = in1.field(36).value
-    policy_id = {"system": f"{b.fallback}:policy", "value": policy} if policy else None
+    policy_id = {"system": policy_system(b.fallback), "value": policy} if policy else None
     if policy_id:
         coverage["identifier"] = [policy_id]
     plan = codeable_concept(in1.field(2).first)

@@ -4,6 +4,7 @@ each case must show."""
 
 import base64
 import json
+import re
 from typing import Any
 
 import pytest
@@ -166,3 +167,33 @@ def test_an_oru_honours_the_senders_accession_field_and_keeps_the_study_uid_from
     assert acsn == ["ACC-400"]  # OBR-20, as the sender's entry says; OBR-18 is empty
     study = {"system": "urn:dicom:uid", "value": "urn:oid:1.2.826.0.1.3680043.2.1125.400"}
     assert report["imagingStudy"] == [{"type": "ImagingStudy", "identifier": study}]
+
+
+def _is_uri(system: str) -> bool:
+    """RFC 3986 scheme, and for urn:oid an OID (FHIR's oid type), for urn:uuid a UUID."""
+    if system.startswith("urn:oid:"):
+        return re.fullmatch(r"urn:oid:[0-2](\.(0|[1-9]\d*))+", system) is not None
+    if system.startswith("urn:uuid:"):
+        return re.fullmatch(r"urn:uuid:[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", system) is not None
+    return re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:\S+", system) is not None
+
+
+def _systems(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["system"]] if isinstance(node.get("system"), str) else []
+        return own + [s for v in node.values() for s in _systems(v)]
+    return [s for v in node for s in _systems(v)] if isinstance(node, list) else []
+
+
+def test_identifier_systems_are_uris_with_an_oid_default_system_and_a_clia_facility():
+    bundle = outcome(GOLDEN / "orm_identifier_uris.hl7")
+    bad = [s for s in _systems(bundle) if not _is_uri(s)]
+    assert bad == []
+    (coverage,) = _resources(bundle, "Coverage")  # IN1-36 was urn:oid:<oid>:policy, no OID
+    assert coverage["identifier"][0]["system"] == "urn:overread:policy:urn:oid:2.16.840.1.113883.3.72.5.9.1"
+    facility, payor = _resources(bundle, "Organization")  # MSH-4 ^1234^CLIA had an empty id and name
+    assert (facility["identifier"], facility["name"]) == (
+        [{"system": "urn:overread:sending-facility:CLIA", "value": "1234"}],
+        "1234",
+    )
+    assert payor["identifier"][0]["system"] == "urn:overread:assigning-authority:CLIA:5678"
