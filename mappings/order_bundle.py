@@ -32,6 +32,8 @@ from mappings.v2_datatypes import (
     identifier_type,
     instant,
     practitioner,
+    telecom,
+    yes_no,
 )
 
 NAMESPACE = uuid.UUID("5b0f3c1e-8f4e-4d7a-9a51-0c6a2f4b7e10")
@@ -249,8 +251,46 @@ def _patient(b: _Builder, pid: Segment) -> str:
     addresses = [a for rep in pid.field(11).present() if (a := address(rep))]
     if addresses:
         patient["address"] = addresses
+    _more_demographics(b, pid, patient)
     # The first PID-3 repetition is the sender's primary id: the one a patient is matched on.
     return b.add("Patient", patient, identifiers[0])
+
+
+SSN = "http://hl7.org/fhir/sid/us-ssn"
+MOTHERS_MAIDEN_NAME = "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"
+
+
+def _more_demographics(b: _Builder, pid: Segment, patient: Json) -> None:
+    """The rest of IG ``PID[Patient]``: PID-2/4/19 identifiers (after PID-3, whose first is the match
+    key), PID-6 mother's maiden name, PID-13/14 telecom, PID-15 language, PID-16 marital status,
+    PID-24/25 multiple birth, PID-29/30 deceased."""
+    more = [i for n in (2, 4) for rep in pid.field(n).present() if (i := cx_identifier(rep, b.config, b.fallback))]
+    ssn = pid.field(19).value
+    if ssn:
+        more.append({"type": identifier_type("SS"), "system": SSN, "value": ssn})
+    patient["identifier"] = patient["identifier"] + more
+    maiden = human_name(pid.field(6).first)
+    if maiden:
+        patient["extension"] = [{"url": MOTHERS_MAIDEN_NAME, "valueString": maiden.get("family", "")}]
+    points = [p for n, use in ((13, "home"), (14, "work")) for r in pid.field(n).present() if (p := telecom(r, use))]
+    if points:
+        patient["telecom"] = points
+    language = codeable_concept(pid.field(15).first)
+    if language:
+        patient["communication"] = [{"language": language}]
+    marital = codeable_concept(pid.field(16).first)
+    if marital:
+        patient["maritalStatus"] = marital
+    order, multiple = pid.field(25).value, yes_no(pid.field(24).value)
+    if order.isdigit():
+        patient["multipleBirthInteger"] = int(order)
+    elif multiple is not None:
+        patient["multipleBirthBoolean"] = multiple
+    died, deceased = date_time(pid.field(29).component(1), b.config, "PID-29"), yes_no(pid.field(30).value)
+    if died:
+        patient["deceasedDateTime"] = died
+    elif deceased is not None:
+        patient["deceasedBoolean"] = deceased
 
 
 def _contained_practitioner(seg: Segment, field_no: int, b: _Builder, local_id: str) -> tuple[Json | None, Json | None]:
@@ -284,12 +324,30 @@ def _encounter(b: _Builder, pv1: Segment, patient_ref: str) -> str:
         visit.setdefault("type", identifier_type("VN"))
         enc["identifier"] = [visit]
     enc["subject"] = {"reference": patient_ref}
-    ref, contained = _contained_practitioner(pv1, 8, b, "referrer")
-    if ref:
+    for field_no, code, local_id in (
+        (7, "ATND", "attender"),
+        (8, "REF", "referrer"),
+        (9, "CON", "consultant"),
+        (17, "ADM", "admitter"),
+    ):
+        ref, contained = _contained_practitioner(pv1, field_no, b, local_id)
         if contained:
-            enc["contained"] = [contained]
-        part_type = {"coding": [{"system": PARTICIPATION_TYPE, "code": "REF"}]}
-        enc["participant"] = [{"type": [part_type], "individual": ref}]
+            enc.setdefault("contained", []).append(contained)
+        if ref:
+            part_type = {"coding": [{"system": PARTICIPATION_TYPE, "code": code}]}
+            enc.setdefault("participant", []).append({"type": [part_type], "individual": ref})
+    service = codeable_concept(pv1.field(10).first)
+    if service:
+        enc["serviceType"] = service
+    admitted = date_time(pv1.field(44).component(1), b.config, "PV1-44")
+    discharged = date_time(pv1.field(45).component(1), b.config, "PV1-45")
+    if admitted or discharged:
+        enc["period"] = {k: v for k, v in (("start", admitted), ("end", discharged)) if v}
+    if discharged:
+        enc["status"] = "finished"  # IG: PV1-45 valued
+    source = codeable_concept(pv1.field(14).first)
+    if source:
+        enc["hospitalization"] = {"admitSource": source}
     return b.add("Encounter", enc, visit)
 
 
@@ -319,6 +377,13 @@ def _coverage(b: _Builder, n: int, in1: Segment, patient_ref: str) -> str:
     if plan:
         plan_type = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/coverage-class", "code": "plan"}]}
         coverage["class"] = [{"type": plan_type, "value": in1.field(2).component(1) or plan.get("text", "")}]
+    insurance_type = codeable_concept(in1.field(15).first)
+    if insurance_type:
+        coverage["type"] = insurance_type
+    effective = date_time(in1.field(12).component(1), b.config, f"IN1[{n}]-12")
+    expires = date_time(in1.field(13).component(1), b.config, f"IN1[{n}]-13")
+    if effective or expires:
+        coverage["period"] = {k: v for k, v in (("start", effective), ("end", expires)) if v}
     subscriber = in1.field(49).component(1)
     if subscriber:
         coverage["subscriberId"] = subscriber
@@ -393,6 +458,7 @@ def _service_request(
     reasons = [c for rep in obr.field(31).present() if (c := codeable_concept(rep))]
     if reasons:
         sr["reasonCode"] = [add_translations(c, b.config.concept_maps) for c in reasons]
+    _more_order(b, sr, orc, obr)
     if coverage_refs:
         sr["insurance"] = [{"reference": r} for r in coverage_refs]
     notes = _notes(group, b.msg.encoding)
@@ -401,6 +467,33 @@ def _service_request(
     # Re-ordering the same placer number is the same order: match on it. A change order (XO)
     # replaces what the order says (conditional update); the case (Task) stays as it is.
     return b.add(f"ServiceRequest/{n}", sr, placer, replace=control == "XO"), placer
+
+
+def _more_order(b: _Builder, sr: Json, orc: Segment, obr: Segment) -> None:
+    """The rest of IG ``ORC``/``OBR[ServiceRequest]``: ORC-4 placer group → requisition, OBR-53 (else
+    ORC-33) alternate placer number → identifier, OBR-29 parent order → basedOn (logical), ORC-29 order
+    type → locationCode, OBR-46/47 placer/filler supplemental service information → orderDetail."""
+    group_number = ei_identifier(orc.field(4).first, b.config, b.fallback, "PGN")
+    if group_number:
+        sr["requisition"] = group_number
+    alternate = obr.field(53).first if not obr.field(53).is_empty() else orc.field(33).first
+    alternate_id = cx_identifier(alternate, b.config, b.fallback)
+    if alternate_id:
+        sr["identifier"].append({**alternate_id, "type": identifier_type("PLAC")})
+    parent = [
+        {"type": "ServiceRequest", "identifier": {"type": identifier_type(kind), "system": system, "value": value}}
+        for n, kind in ((1, "PLAC"), (2, "FILL"))
+        if (value := obr.field(29).subcomponent(n, 1))
+        and (system := b.config.system_for(*(obr.field(29).subcomponent(n, m) for m in (2, 3, 4))) or b.fallback)
+    ]
+    if parent:
+        sr["basedOn"] = parent
+    location = [c for rep in orc.field(29).present() if (c := codeable_concept(rep))]
+    if location:
+        sr["locationCode"] = location
+    details = [c for n in (46, 47) for rep in obr.field(n).present() if (c := codeable_concept(rep))]
+    if details:
+        sr["orderDetail"] = details
 
 
 def _priority(b: _Builder, group: OrderGroup, tq1: Segment | None) -> str | None:

@@ -170,6 +170,34 @@ def address(rep: Repetition) -> Json | None:
     return result or None
 
 
+# XTN-3 telecommunication equipment type (table 0202) → ContactPoint.system (IG XTN[ContactPoint]).
+XTN_SYSTEM = {"PH": "phone", "CP": "phone", "FX": "fax", "BP": "pager", "Internet": "email", "X.400": "email"}
+# XTN-2 telecommunication use code (table 0201) → ContactPoint.use.
+XTN_USE = {"PRN": "home", "ORN": "home", "VHN": "home", "WPN": "work", "PRS": "mobile", "EMR": "temp"}
+
+
+def telecom(rep: Repetition, default_use: str) -> Json | None:
+    """XTN → ContactPoint (IG ``XTN[ContactPoint]``): e-mail XTN-4, else XTN-12 unformatted, else area
+    code XTN-6 and number XTN-7 (+ extension XTN-8), else the old XTN-1; system XTN-3, use XTN-2."""
+    kind = rep.component(3)
+    local = " ".join(p for p in (rep.component(6), rep.component(7)) if p)
+    if rep.component(8):
+        local += f" ext. {rep.component(8)}"
+    value = (rep.component(4) if kind in ("Internet", "X.400") else "") or rep.component(12) or local or rep.value
+    if not value:
+        return None
+    point: Json = {"system": XTN_SYSTEM.get(kind, "email" if "@" in value else "phone"), "value": value}
+    use = "mobile" if kind == "CP" else XTN_USE.get(rep.component(2), default_use if not rep.component(2) else "")
+    if use:
+        point["use"] = use
+    return point
+
+
+def yes_no(value: str) -> bool | None:
+    """Table 0136 (Y/N) → boolean; anything else is no value."""
+    return {"Y": True, "N": False}.get(value.upper())
+
+
 def _parts(value: str, location: str) -> re.Match[str]:
     """A DTM's parts (v2.5.1 2.A.22), refused (ERR 102 at ``location``) unless it names a real calendar time.
 
