@@ -7,9 +7,11 @@ Two ways in:
   one DiagnosticReport per OBR and a Provenance (IG message map ``ORU_R01``, segment maps
   ``OBR[DiagnosticReport]``; the OBX/NTE lines become the report's ``presentedForm``);
 - OBX lines carrying report text (TX, FT) or the report itself (ED, RP) inside an **order**
-  (ORM^O01/OMI^O23): ``from_order`` adds the same kind of DiagnosticReport to the order's Bundle,
-  ``basedOn`` the order's ServiceRequest entry. Other OBX value types in an order (ST, NM, CE ...
-  e.g. body weight) are order details, not a report, and are not mapped here.
+  (ORM^O01/OMI^O23), when they say they are a report (OBR-25, a report OBX-3 code, ``_is_report``):
+  ``from_order`` adds the same kind of DiagnosticReport to the order's Bundle, ``basedOn`` the order's
+  ServiceRequest entry; other such lines are a DocumentReference in the order's ``supportingInfo``.
+  Other OBX value types in an order (ST, NM, CE ... e.g. body weight) are order details
+  (``mappings.order_details``).
 
 Rules (see also ``docs/hl7-parsing.md``):
 
