@@ -19,8 +19,8 @@ Rules (see also ``docs/hl7-parsing.md``):
   (``fhir_server.cases.ORIGINAL_REPORT`` is the same tag on the store's side), category RAD (v2-0074,
   or OBR-24 when sent), identifiers PLAC/FILL/ACSN as in the order mapping (ORC-2/OBR-2, ORC-3/OBR-3,
   OBR-18), status from OBR-25 (IG ConceptMap ``ResultStatus[Non-Queries]``; A → partial per its note;
-  unmapped or missing codes are errors), effective OBR-7 (OBR-8), issued OBR-22, resultsInterpreter
-  OBR-32 (a Practitioner; contained when it has no id).
+  unmapped codes are errors 103; without OBR-25, the first OBX-11, else unknown), effective OBR-7
+  (OBR-8), issued OBR-22, resultsInterpreter OBR-32 (a Practitioner; contained when it has no id).
 - Text OBX (TX, FT, ST) and coded/numeric ones (CE/CWE/CNE, NM with units) and their NTEs become one
   ``text/plain; charset=utf-8`` presentedForm, a heading per OBX-3 when the report has several; ST
   OBX that carry DICOM UIDs (OBX-3 ``113014`` DICOM Study or a name ending in "UID", the IHE/dcm4che
@@ -246,15 +246,13 @@ def _oru_report(
     if code is None:
         raise MappingError(REQUIRED_FIELD_MISSING, f"{at}-4", "Universal service identifier is missing")
     result_status = obr.field(25).value
-    if not result_status:
-        raise MappingError(REQUIRED_FIELD_MISSING, f"{at}-25", "Result status is missing")
-    if result_status not in RESULT_STATUS:
+    if result_status and result_status not in RESULT_STATUS:
         raise MappingError(TABLE_VALUE_NOT_FOUND, f"{at}-25", f"Result status {result_status!r} has no FHIR status")
     report: Json = {
         "resourceType": "DiagnosticReport",
         "meta": {"tag": [ORIGINAL_TAG]},
         "identifier": [_key(identifiers, code), *identifiers],
-        "status": RESULT_STATUS[result_status],
+        "status": RESULT_STATUS[result_status] if result_status else _status_of_lines(members),
         "category": [_category(obr.field(24).value)],
         "code": code,
         "subject": {"reference": patient_ref},
@@ -279,6 +277,12 @@ def _oru_report(
         report["imagingStudy"] = [{"type": "ImagingStudy", "identifier": study}]
     _add_content(b, report, members)
     _add(b, f"DiagnosticReport/{n}", report)
+
+
+def _status_of_lines(members: tuple[Segment, ...]) -> str:
+    """A report sent without OBR-25: as final as its first OBX says (OBX-11, table 0085), else unknown."""
+    first = next((s for s in members if s.name == "OBX"), None)
+    return OBSERVATION_STATUS.get(first.field(11).value, "unknown") if first else "unknown"
 
 
 def _study_uid(b: _Builder, near: tuple[Segment, ...], members: tuple[Segment, ...]) -> str:

@@ -197,3 +197,18 @@ def test_identifier_systems_are_uris_with_an_oid_default_system_and_a_clia_facil
         "1234",
     )
     assert payor["identifier"][0]["system"] == "urn:overread:assigning-authority:CLIA:5678"
+
+
+def test_an_oru_without_result_status_takes_its_observations_status():
+    lines = [
+        "MSH|^~\\&|RIS|H|O|O|20250101||ORU^R01|1|P|2.5.1",
+        "PID|||P-1^^^H^MR||Doe^Jo",
+        "OBR|1|PL-1|FI-1|X^X^L",
+        "OBX|1|TX|18782-3^Findings^LN||Normal.||||||P",
+    ]
+    (report,) = _resources(map_order(parse("\r".join(lines))), "DiagnosticReport")
+    assert report["status"] == "preliminary"  # once 101 at OBR-25
+    (unknown,) = _resources(
+        map_order(parse("\r".join([*lines[:3], "OBX|1|TX|18782-3^F^LN||Normal."]))), "DiagnosticReport"
+    )
+    assert unknown["status"] == "unknown"
