@@ -25,6 +25,7 @@ SUPPORTED_TYPES = (
     "ServiceRequest", "Task", "ImagingStudy", "DiagnosticReport", "Observation", "DocumentReference",
     "Binary", "Communication", "Subscription", "AuditEvent", "Provenance", "CodeSystem", "ValueSet",
     "ConceptMap", "StructureDefinition", "SearchParameter", "OperationDefinition",
+    "Condition", "AllergyIntolerance",  # an order's diagnoses (DG1) and the patient's allergies (AL1)
 )  # fmt: skip
 
 ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")

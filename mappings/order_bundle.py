@@ -18,7 +18,7 @@ from urllib.parse import quote
 from mappings.concept_map import add_translations
 from mappings.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
 from mappings.sender import FieldPath, SenderConfig
-from mappings.v2 import Field, Message, Segment
+from mappings.v2 import Encoding, Field, Message, Segment
 from mappings.v2_datatypes import (
     Json,
     address,
@@ -27,10 +27,13 @@ from mappings.v2_datatypes import (
     date,
     date_time,
     ei_identifier,
+    free_text,
     human_name,
     identifier_type,
     instant,
     practitioner,
+    telecom,
+    yes_no,
 )
 
 NAMESPACE = uuid.UUID("5b0f3c1e-8f4e-4d7a-9a51-0c6a2f4b7e10")
@@ -42,7 +45,8 @@ ENCOUNTER_CLASS = {
     "O": ("http://terminology.hl7.org/CodeSystem/v3-ActCode", "AMB", "ambulatory"),
     "P": ("http://terminology.hl7.org/CodeSystem/v3-ActCode", "PRENC", "pre-admission"),
 }
-# Table 0027 priority (TQ-6, TQ1-9) to request-priority; codes without a FHIR peer are left out.
+# Table 0027 priority (TQ-6, TQ1-9, OBR-5) to request-priority (IG ExtendedPriorityCodes for S, A, R);
+# P (pre-op) and T (timing critical) as urgent; codes without a FHIR peer (C, PRN) are left out.
 PRIORITY = {"S": "stat", "A": "asap", "R": "routine", "P": "urgent", "T": "urgent"}
 STUDY_UID_SYSTEM = "urn:dicom:uid"
 PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
@@ -95,6 +99,7 @@ class _Builder:
             raise MappingError(REQUIRED_FIELD_MISSING, "MSH-10", "Message control id is missing")
         self.fallback = fallback_system(msg, config)
         self.entries: list[Json] = []
+        self._by_url: dict[str, Json] = {}
 
     def full_url(self, role: str) -> str:
         key = f"{self.app}|{self.facility}|{self.control_id}|{role}"
@@ -103,7 +108,7 @@ class _Builder:
     def add(self, role: str, resource: Json, match: Json | None = None, replace: bool = False) -> str:
         """Add a conditional create on ``match``, or with ``replace`` a conditional update (PUT)."""
         url = self.full_url(role)
-        if any(entry["fullUrl"] == url for entry in self.entries):
+        if url in self._by_url:
             return url  # one person in two roles (PV1-8 referrer, ORC-12 orderer): one entry
         request: Json = {"method": "POST", "url": resource["resourceType"]}
         if match:
@@ -112,13 +117,23 @@ class _Builder:
                 request = {"method": "PUT", "url": f"{resource['resourceType']}?{criteria}"}
             else:
                 request["ifNoneExist"] = criteria
-        self.entries.append({"fullUrl": url, "resource": resource, "request": request})
+        self.append({"fullUrl": url, "resource": resource, "request": request})
         return url
+
+    def append(self, entry: Json) -> None:
+        """Add a Bundle entry as it is, indexed by its fullUrl (a check per entry stays O(1))."""
+        self._by_url[entry["fullUrl"]] = entry
+        self.entries.append(entry)
+
+    def resource(self, url: str) -> Json:
+        """The resource of the entry at ``url`` (already added)."""
+        resource: Json = self._by_url[url]["resource"]
+        return resource
 
 
 def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Picker) -> Json:
     """Map an order message (already known to be ORM^O01 or OMI^O23) to a transaction Bundle."""
-    from mappings import original_report  # not at the top: original_report builds on this module
+    from mappings import order_details, original_report  # not at the top: they build on this module
 
     b = _Builder(msg, config)
     accession, study_uid = _override(config.fields.accession, accession), _override(config.fields.study_uid, study_uid)
@@ -133,14 +148,38 @@ def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Pick
     groups = _groups(msg)
     if not groups:
         raise MappingError(REQUIRED_FIELD_MISSING, "ORC", "The order has no ORC segment")
+    patient_key = b.resource(patient_ref)["identifier"][0]
+    order_details.allergies(b, msg.segments("AL1"), patient_key, patient_ref)
+    # DG1 before the first ORC (patient/visit level) are reasons of every order of the message.
+    visit_dg1 = [s for s in msg.all_segments[: msg.all_segments.index(groups[0].orc)] if s.name == "DG1"]
+    visit_reasons = order_details.conditions(b, visit_dg1, patient_key, patient_ref, encounter_ref)
     for n, group in enumerate(groups, 1):
         sr_ref, placer = _service_request(
             b, n, group, patient_ref, encounter_ref, coverage_refs, accession(group, msg), study_uid(group, msg)
         )
+        reasons = visit_reasons + order_details.conditions(b, group.all("DG1"), patient_key, patient_ref, encounter_ref)
+        supporting = order_details.observations(b, n, group, placer, patient_ref, encounter_ref)
+        document = original_report.from_order(b, n, group, sr_ref, patient_ref)  # report / document OBX
+        _link_details(b, sr_ref, encounter_ref, reasons, [*supporting, *([document] if document else [])])
         _task(b, n, group, sr_ref, patient_ref, placer)
-        original_report.from_order(b, n, group, sr_ref, patient_ref)  # OBX report text / ED sent with it
     _provenance(b, author)
     return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
+
+
+def _link_details(
+    b: _Builder, sr_ref: str, encounter_ref: str | None, reasons: list[str], supporting: list[str]
+) -> None:
+    """DG1 Conditions as the order's ``reasonReference`` and the Encounter's ``diagnosis``; OBX/OBR-13
+    Observations as its ``supportingInfo`` (IG message maps ORM_O01 / OMI_O23)."""
+    order = b.resource(sr_ref)
+    if reasons:
+        order["reasonReference"] = [{"reference": r} for r in reasons]
+    if supporting:
+        order["supportingInfo"] = [{"reference": r} for r in supporting]
+    if reasons and encounter_ref:
+        diagnosis = b.resource(encounter_ref).setdefault("diagnosis", [])
+        known = {d["condition"]["reference"] for d in diagnosis}
+        diagnosis.extend({"condition": {"reference": r}} for r in reasons if r not in known)
 
 
 def _override(path: FieldPath | None, standard: Picker) -> Picker:
@@ -149,13 +188,10 @@ def _override(path: FieldPath | None, standard: Picker) -> Picker:
 
 
 def _groups(msg: Message) -> list[OrderGroup]:
-    groups: list[OrderGroup] = []
-    for seg in msg.segments():
-        if seg.name == "ORC":
-            groups.append(OrderGroup(seg, ()))
-        elif groups:
-            groups[-1] = OrderGroup(groups[-1].orc, (*groups[-1].members, seg))
-    return groups
+    """Split the message at each ORC; one pass, each segment appended once (linear in the segments)."""
+    starts = [i for i, seg in enumerate(msg.all_segments) if seg.name == "ORC"]
+    ends = [*starts[1:], len(msg.all_segments)]
+    return [OrderGroup(msg.all_segments[i], msg.all_segments[i + 1 : end]) for i, end in zip(starts, ends, strict=True)]
 
 
 def _author(b: _Builder) -> Json:
@@ -180,10 +216,21 @@ def _author(b: _Builder) -> Json:
 
 
 def _hd_identifier(hd: Field, local_system: str) -> Json:
-    """An HD as an Identifier: its ISO OID as ``urn:oid:``, else its namespace id in ``local_system``."""
+    """An HD as an Identifier: its ISO OID as ``urn:oid:``, else its namespace id in ``local_system``,
+    else its universal id of another type (``^1234^CLIA``) in ``<local_system>:<type>``."""
     if hd.component(2) and hd.component(3).upper() == "ISO":
         return {"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{hd.component(2)}"}
-    return {"system": local_system, "value": hd.component(1)}
+    if hd.component(1) or not hd.component(2):
+        return {"system": local_system, "value": hd.component(1)}
+    return {"system": f"{local_system}:{quote(hd.component(3).upper() or 'HD', safe='')}", "value": hd.component(2)}
+
+
+def policy_system(fallback: str) -> str:
+    """The system of IN1-36 policy numbers: the sender's fallback system with ``:policy``, unless that
+    would not be a URI of its kind (``urn:oid:1.2:policy`` is no OID): then ``urn:overread:policy:<system>``."""
+    if fallback.startswith(("urn:oid:", "urn:uuid:")):
+        return f"urn:overread:policy:{fallback}"
+    return f"{fallback}:policy"
 
 
 def _patient(b: _Builder, pid: Segment) -> str:
@@ -204,8 +251,46 @@ def _patient(b: _Builder, pid: Segment) -> str:
     addresses = [a for rep in pid.field(11).present() if (a := address(rep))]
     if addresses:
         patient["address"] = addresses
+    _more_demographics(b, pid, patient)
     # The first PID-3 repetition is the sender's primary id: the one a patient is matched on.
     return b.add("Patient", patient, identifiers[0])
+
+
+SSN = "http://hl7.org/fhir/sid/us-ssn"
+MOTHERS_MAIDEN_NAME = "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"
+
+
+def _more_demographics(b: _Builder, pid: Segment, patient: Json) -> None:
+    """The rest of IG ``PID[Patient]``: PID-2/4/19 identifiers (after PID-3, whose first is the match
+    key), PID-6 mother's maiden name, PID-13/14 telecom, PID-15 language, PID-16 marital status,
+    PID-24/25 multiple birth, PID-29/30 deceased."""
+    more = [i for n in (2, 4) for rep in pid.field(n).present() if (i := cx_identifier(rep, b.config, b.fallback))]
+    ssn = pid.field(19).value
+    if ssn:
+        more.append({"type": identifier_type("SS"), "system": SSN, "value": ssn})
+    patient["identifier"] = patient["identifier"] + more
+    maiden = human_name(pid.field(6).first)
+    if maiden:
+        patient["extension"] = [{"url": MOTHERS_MAIDEN_NAME, "valueString": maiden.get("family", "")}]
+    points = [p for n, use in ((13, "home"), (14, "work")) for r in pid.field(n).present() if (p := telecom(r, use))]
+    if points:
+        patient["telecom"] = points
+    language = codeable_concept(pid.field(15).first)
+    if language:
+        patient["communication"] = [{"language": language}]
+    marital = codeable_concept(pid.field(16).first)
+    if marital:
+        patient["maritalStatus"] = marital
+    order, multiple = pid.field(25).value, yes_no(pid.field(24).value)
+    if order.isdigit():
+        patient["multipleBirthInteger"] = int(order)
+    elif multiple is not None:
+        patient["multipleBirthBoolean"] = multiple
+    died, deceased = date_time(pid.field(29).component(1), b.config, "PID-29"), yes_no(pid.field(30).value)
+    if died:
+        patient["deceasedDateTime"] = died
+    elif deceased is not None:
+        patient["deceasedBoolean"] = deceased
 
 
 def _contained_practitioner(seg: Segment, field_no: int, b: _Builder, local_id: str) -> tuple[Json | None, Json | None]:
@@ -239,12 +324,30 @@ def _encounter(b: _Builder, pv1: Segment, patient_ref: str) -> str:
         visit.setdefault("type", identifier_type("VN"))
         enc["identifier"] = [visit]
     enc["subject"] = {"reference": patient_ref}
-    ref, contained = _contained_practitioner(pv1, 8, b, "referrer")
-    if ref:
+    for field_no, code, local_id in (
+        (7, "ATND", "attender"),
+        (8, "REF", "referrer"),
+        (9, "CON", "consultant"),
+        (17, "ADM", "admitter"),
+    ):
+        ref, contained = _contained_practitioner(pv1, field_no, b, local_id)
         if contained:
-            enc["contained"] = [contained]
-        part_type = {"coding": [{"system": PARTICIPATION_TYPE, "code": "REF"}]}
-        enc["participant"] = [{"type": [part_type], "individual": ref}]
+            enc.setdefault("contained", []).append(contained)
+        if ref:
+            part_type = {"coding": [{"system": PARTICIPATION_TYPE, "code": code}]}
+            enc.setdefault("participant", []).append({"type": [part_type], "individual": ref})
+    service = codeable_concept(pv1.field(10).first)
+    if service:
+        enc["serviceType"] = service
+    admitted = date_time(pv1.field(44).component(1), b.config, "PV1-44")
+    discharged = date_time(pv1.field(45).component(1), b.config, "PV1-45")
+    if admitted or discharged:
+        enc["period"] = {k: v for k, v in (("start", admitted), ("end", discharged)) if v}
+    if discharged:
+        enc["status"] = "finished"  # IG: PV1-45 valued
+    source = codeable_concept(pv1.field(14).first)
+    if source:
+        enc["hospitalization"] = {"admitSource": source}
     return b.add("Encounter", enc, visit)
 
 
@@ -267,13 +370,20 @@ def _coverage(b: _Builder, n: int, in1: Segment, patient_ref: str) -> str:
         payor["name"] = payor_name
     coverage: Json = {"resourceType": "Coverage", "status": "active"}
     policy = in1.field(36).value
-    policy_id = {"system": f"{b.fallback}:policy", "value": policy} if policy else None
+    policy_id = {"system": policy_system(b.fallback), "value": policy} if policy else None
     if policy_id:
         coverage["identifier"] = [policy_id]
     plan = codeable_concept(in1.field(2).first)
     if plan:
         plan_type = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/coverage-class", "code": "plan"}]}
         coverage["class"] = [{"type": plan_type, "value": in1.field(2).component(1) or plan.get("text", "")}]
+    insurance_type = codeable_concept(in1.field(15).first)
+    if insurance_type:
+        coverage["type"] = insurance_type
+    effective = date_time(in1.field(12).component(1), b.config, f"IN1[{n}]-12")
+    expires = date_time(in1.field(13).component(1), b.config, f"IN1[{n}]-13")
+    if effective or expires:
+        coverage["period"] = {k: v for k, v in (("start", effective), ("end", expires)) if v}
     subscriber = in1.field(49).component(1)
     if subscriber:
         coverage["subscriberId"] = subscriber
@@ -333,9 +443,7 @@ def _service_request(
     sr["subject"] = {"reference": patient_ref}
     if encounter_ref:
         sr["encounter"] = {"reference": encounter_ref}
-    start = date_time(tq1.field(7).component(1), b.config, "TQ1-7") if tq1 else None
-    if start:
-        sr["occurrencePeriod"] = {"start": start}
+    sr |= _occurrence(b, at, group, tq1)
     authored = date_time(orc.field(9).component(1), b.config, f"{at}-9") or date_time(
         b.msg.msh.field(7).component(1), b.config, "MSH-7"
     )
@@ -350,9 +458,10 @@ def _service_request(
     reasons = [c for rep in obr.field(31).present() if (c := codeable_concept(rep))]
     if reasons:
         sr["reasonCode"] = [add_translations(c, b.config.concept_maps) for c in reasons]
+    _more_order(b, sr, orc, obr)
     if coverage_refs:
         sr["insurance"] = [{"reference": r} for r in coverage_refs]
-    notes = _notes(group)
+    notes = _notes(group, b.msg.encoding)
     if notes:
         sr["note"] = notes
     # Re-ordering the same placer number is the same order: match on it. A change order (XO)
@@ -360,19 +469,79 @@ def _service_request(
     return b.add(f"ServiceRequest/{n}", sr, placer, replace=control == "XO"), placer
 
 
+def _more_order(b: _Builder, sr: Json, orc: Segment, obr: Segment) -> None:
+    """The rest of IG ``ORC``/``OBR[ServiceRequest]``: ORC-4 placer group → requisition, OBR-53 (else
+    ORC-33) alternate placer number → identifier, OBR-29 parent order → basedOn (logical), ORC-29 order
+    type → locationCode, OBR-46/47 placer/filler supplemental service information → orderDetail."""
+    group_number = ei_identifier(orc.field(4).first, b.config, b.fallback, "PGN")
+    if group_number:
+        sr["requisition"] = group_number
+    alternate = obr.field(53).first if not obr.field(53).is_empty() else orc.field(33).first
+    alternate_id = cx_identifier(alternate, b.config, b.fallback)
+    if alternate_id:
+        sr["identifier"].append({**alternate_id, "type": identifier_type("PLAC")})
+    parent = [
+        {"type": "ServiceRequest", "identifier": {"type": identifier_type(kind), "system": system, "value": value}}
+        for n, kind in ((1, "PLAC"), (2, "FILL"))
+        if (value := obr.field(29).subcomponent(n, 1))
+        and (system := b.config.system_for(*(obr.field(29).subcomponent(n, m) for m in (2, 3, 4))) or b.fallback)
+    ]
+    if parent:
+        sr["basedOn"] = parent
+    location = [c for rep in orc.field(29).present() if (c := codeable_concept(rep))]
+    if location:
+        sr["locationCode"] = location
+    details = [c for n in (46, 47) for rep in obr.field(n).present() if (c := codeable_concept(rep))]
+    if details:
+        sr["orderDetail"] = details
+
+
 def _priority(b: _Builder, group: OrderGroup, tq1: Segment | None) -> str | None:
-    """Table 0027 in ORC-7.6, else TQ1-9 (or the sender's own field); else the sender's default priority."""
+    """The order's priority (table 0027 / 0485, IG ``ExtendedPriorityCodes``) from every place v2 carries it.
+
+    The first code with a FHIR peer in: TQ1-9 (the place since v2.5), ORC-7.6 (TQ-6), OBR-27.6 (the IG
+    reads OBR-27 only where ORC-7 is empty), OBR-5 (kept for backward compatibility only); or the
+    sender's own field instead of all of them; else the sender's default priority. A code without a
+    peer (PRN, C) does not hide a STAT sent in another place.
+    """
     at = b.config.fields.priority
     if at is not None:
-        code = PRIORITY.get(at.value((group.orc, *group.members), b.msg))
+        sent = [at.value((group.orc, *group.members), b.msg)]
     else:
-        in_tq1 = PRIORITY.get(tq1.field(9).component(1)) if tq1 else None
-        code = PRIORITY.get(group.orc.field(7).component(6)) or in_tq1
+        obr = group.first("OBR")
+        sent = [tq1.field(9).component(1) if tq1 else "", group.orc.field(7).component(6)]
+        sent += [obr.field(27).component(6), obr.field(5).value] if obr else []
+    code = next((PRIORITY[c] for c in sent if c in PRIORITY), None)
     return code or b.config.default_priority
 
 
-def _notes(group: OrderGroup) -> list[Json]:
-    """NTE after the OBR → Annotation (IG ``NTE[ServiceRequest]``): NTE-3 lines joined by newlines."""
+def _occurrence(b: _Builder, at: str, group: OrderGroup, tq1: Segment | None) -> Json:
+    """When the order is to be done: TQ1-7/8, else ORC-7.4/7.5 (TQ), else OBR-27.4/27.5 → ``occurrencePeriod``;
+    else OBR-6 requested date/time → ``occurrenceDateTime`` (IG ``TQ1``, ``TQ``, ``OBR[ServiceRequest]``).
+
+    A Period rather than the IG's ``occurrenceTiming.repeat.boundsPeriod``: a radiology order is done once.
+    """
+    obr = group.first("OBR")
+    places: list[tuple[str, str, str]] = []
+    if tq1:
+        places.append((tq1.field(7).component(1), tq1.field(8).component(1), "TQ1"))
+    orc7, obr27 = group.orc.field(7), obr.field(27) if obr else group.orc.field(0)
+    places.append((orc7.subcomponent(4, 1), orc7.subcomponent(5, 1), f"{at}-7"))
+    places.append((obr27.subcomponent(4, 1), obr27.subcomponent(5, 1), "OBR-27"))
+    for start, end, where in places:
+        if start or end:
+            period: Json = {}
+            if start:
+                period["start"] = date_time(start, b.config, f"{where}-7" if where == "TQ1" else f"{where}.4")
+            if end:
+                period["end"] = date_time(end, b.config, f"{where}-8" if where == "TQ1" else f"{where}.5")
+            return {"occurrencePeriod": period}
+    requested = date_time(obr.field(6).component(1), b.config, "OBR-6") if obr else None
+    return {"occurrenceDateTime": requested} if requested else {}
+
+
+def _notes(group: OrderGroup, enc: Encoding) -> list[Json]:
+    """NTE after the OBR → Annotation (IG ``NTE[ServiceRequest]``): NTE-3 lines (whole) joined by newlines."""
     notes: list[Json] = []
     seen_obr = False
     for seg in group.members:
@@ -381,7 +550,7 @@ def _notes(group: OrderGroup) -> list[Json]:
         elif seg.name == "OBX":
             seen_obr = False  # NTEs after an OBX annotate that observation, not the order
         elif seg.name == "NTE" and seen_obr:
-            text = "\n".join(r.value for r in seg.field(3).present())
+            text = "\n".join(free_text(r, enc) for r in seg.field(3).present())
             if text:
                 notes.append({"text": text})
     return notes

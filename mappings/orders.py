@@ -7,6 +7,7 @@ original report a case is compared with (``mappings.original_report``).
 from collections.abc import Callable
 
 from mappings.errors import UNSUPPORTED_EVENT, UNSUPPORTED_MESSAGE_TYPE, MappingError
+from mappings.hl7_null import without_nulls
 from mappings.omi_o23 import map_omi_o23
 from mappings.original_report import map_oru_r01
 from mappings.orm_o01 import map_orm_o01
@@ -43,6 +44,9 @@ def check_supported(message: Message) -> None:
 
 
 def map_order(message: Message, config: SenderConfig | None = None) -> Json:
-    """Map an ORM^O01, OMI^O23 or ORU^R01 to one FHIR R4 transaction Bundle (else error 200 or 201)."""
+    """Map an ORM^O01, OMI^O23 or ORU^R01 to one FHIR R4 transaction Bundle (else error 200 or 201).
+
+    HL7 nulls (``""``) are no value in every field (``mappings.hl7_null``).
+    """
     check_supported(message)
-    return MAPPERS[message.message_type](message, config or SenderConfig())
+    return MAPPERS[message.message_type](without_nulls(message), config or SenderConfig())

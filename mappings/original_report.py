@@ -7,9 +7,11 @@ Two ways in:
   one DiagnosticReport per OBR and a Provenance (IG message map ``ORU_R01``, segment maps
   ``OBR[DiagnosticReport]``; the OBX/NTE lines become the report's ``presentedForm``);
 - OBX lines carrying report text (TX, FT) or the report itself (ED, RP) inside an **order**
-  (ORM^O01/OMI^O23): ``from_order`` adds the same kind of DiagnosticReport to the order's Bundle,
-  ``basedOn`` the order's ServiceRequest entry. Other OBX value types in an order (ST, NM, CE ...
-  e.g. body weight) are order details, not a report, and are not mapped here.
+  (ORM^O01/OMI^O23), when they say they are a report (OBR-25, a report OBX-3 code, ``_is_report``):
+  ``from_order`` adds the same kind of DiagnosticReport to the order's Bundle, ``basedOn`` the order's
+  ServiceRequest entry; other such lines are a DocumentReference in the order's ``supportingInfo``.
+  Other OBX value types in an order (ST, NM, CE ... e.g. body weight) are order details
+  (``mappings.order_details``).
 
 Rules (see also ``docs/hl7-parsing.md``):
 
@@ -17,8 +19,8 @@ Rules (see also ``docs/hl7-parsing.md``):
   (``fhir_server.cases.ORIGINAL_REPORT`` is the same tag on the store's side), category RAD (v2-0074,
   or OBR-24 when sent), identifiers PLAC/FILL/ACSN as in the order mapping (ORC-2/OBR-2, ORC-3/OBR-3,
   OBR-18), status from OBR-25 (IG ConceptMap ``ResultStatus[Non-Queries]``; A → partial per its note;
-  unmapped or missing codes are errors), effective OBR-7 (OBR-8), issued OBR-22, resultsInterpreter
-  OBR-32 (a Practitioner; contained when it has no id).
+  unmapped codes are errors 103; without OBR-25, the first OBX-11, else unknown), effective OBR-7
+  (OBR-8), issued OBR-22, resultsInterpreter OBR-32 (a Practitioner; contained when it has no id).
 - Text OBX (TX, FT, ST) and coded/numeric ones (CE/CWE/CNE, NM with units) and their NTEs become one
   ``text/plain; charset=utf-8`` presentedForm, a heading per OBX-3 when the report has several; ST
   OBX that carry DICOM UIDs (OBX-3 ``113014`` DICOM Study or a name ending in "UID", the IHE/dcm4che
@@ -49,11 +51,13 @@ from urllib.parse import quote
 from mappings.errors import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
 from mappings.order_bundle import (
     NAMESPACE,
+    STUDY_UID_SYSTEM,
     OrderGroup,
     _author,
     _Builder,
     _patient,
     _provenance,
+    study_uid_from_zds,
 )
 from mappings.sender import SenderConfig
 from mappings.v2 import Encoding, Message, Repetition, Segment
@@ -62,6 +66,7 @@ from mappings.v2_datatypes import (
     codeable_concept,
     date_time,
     ei_identifier,
+    free_text,
     identifier_type,
     instant,
     practitioner,
@@ -70,6 +75,8 @@ from mappings.v2_datatypes import (
 REPORT_ROLE = "https://overread.org/fhir/CodeSystem/report-role"
 ORIGINAL_TAG = {"system": REPORT_ROLE, "code": "original", "display": "Original report"}
 KEY_SYSTEM = "urn:overread:original-report"
+DOCUMENT_KEY_SYSTEM = "urn:overread:order-document"
+REPORT_TITLE = "Original report"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 # IG ConceptMap ResultStatus[Non-Queries] (table 0123 → diagnostic-report-status); A per its comment.
 RESULT_STATUS = {
@@ -87,8 +94,10 @@ RESULT_STATUS = {
 OBSERVATION_STATUS = {"F": "final", "P": "preliminary", "C": "corrected", "R": "partial"}
 TEXT_TYPES = {"TX", "FT", "ST"}
 CODED_TYPES = {"CE", "CWE", "CNE"}
-#: OBX value types that make an order's OBX lines an original report.
+#: OBX value types that make an order's OBX lines a report or a document.
 ORDER_REPORT_TYPES = {"TX", "FT", "ED", "RP"}
+#: OBX-3 codes of a radiology report or its parts (LOINC; IHE SINR section suffixes of OBX-3.1).
+REPORT_CODES = {"18782-3", "18748-4", "19005-8", "18834-2", "11525-3", "GDT", "IMP", "ADT", "REC"}
 #: Table 0191 (type of referenced data) to MIME top-level types.
 MIME_TYPES = {
     "AP": "application",
@@ -123,16 +132,21 @@ def map_oru_r01(msg: Message, config: SenderConfig) -> Json:
     return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
 
 
-def from_order(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref: str) -> None:
-    """The original report an order's OBX lines carry (TX/FT/ED/RP), basedOn the order's entry."""
-    obr = group.first("OBR")
-    members = tuple(group.members[group.members.index(obr) + 1 :]) if obr else group.members
+def from_order(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref: str) -> str | None:
+    """What an order's TX/FT/ED/RP OBX lines are: the original report, basedOn the order's entry, when
+    they say they are one (``_is_report``); else an attached document (DocumentReference, no conclusion),
+    whose entry is returned for the order's ``supportingInfo``."""
+    at_obr = next((i for i, s in enumerate(group.members) if s.name == "OBR"), None)
+    obr = group.members[at_obr] if at_obr is not None else None
+    members = group.members[at_obr + 1 :] if at_obr is not None else group.members
     if not any(s.name == "OBX" and s.field(2).value in ORDER_REPORT_TYPES for s in members):
-        return
+        return None
     report_lines = _report_lines(members)
-    order = next(e["resource"] for e in b.entries if e["fullUrl"] == sr_ref)
+    order = b.resource(sr_ref)
     identifiers = [i for i in order["identifier"] if _type_code(i) in ("PLAC", "FILL", "ACSN")]
     first = next(s for s in report_lines if s.name == "OBX")
+    if not _is_report(obr, report_lines):
+        return _document(b, n, report_lines, first, identifiers, order, sr_ref, patient_ref)
     report: Json = {
         "resourceType": "DiagnosticReport",
         "meta": {"tag": [ORIGINAL_TAG]},
@@ -145,22 +159,68 @@ def from_order(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref:
     }
     _add_content(b, report, report_lines)
     _add(b, f"DiagnosticReport/original/{n}", report)
+    return None
+
+
+def _is_report(obr: Segment | None, lines: tuple[Segment, ...]) -> bool:
+    """Whether an order's text/document OBX are a report: OBR-25 carries a result status, or an OBX-3
+    names a report or a section of one (``REPORT_CODES``, an IHE SINR section suffix, an impression).
+
+    An order may carry other documents (a referral letter, a prior's PDF); taking those for the report
+    would fabricate the original a second opinion is compared with.
+    """
+    if obr is not None and obr.field(25).value in RESULT_STATUS:
+        return True
+    for seg in lines:
+        if seg.name != "OBX" or seg.field(2).value not in ORDER_REPORT_TYPES:
+            continue
+        obx3 = seg.field(3).first
+        subs = {sub.upper() for comp in obx3.components for sub in comp}
+        if subs & REPORT_CODES or _is_impression(obx3):
+            return True
+    return False
+
+
+def _document(
+    b: _Builder,
+    n: int,
+    lines: tuple[Segment, ...],
+    first: Segment,
+    identifiers: list[Json],
+    order: Json,
+    sr_ref: str,
+    patient_ref: str,
+) -> str:
+    """OBX lines that are no report → DocumentReference (IG ``OBX[DocumentReference]``), content only."""
+    holder: Json = {}
+    _add_content(b, holder, lines)
+    code = codeable_concept(first.field(3).first)
+    title = first.field(3).component(2) or "Document sent with the order"
+    forms = [{**f, "title": title} if f.get("title") == REPORT_TITLE else f for f in holder.get("presentedForm", [])]
+    key = {**_key(identifiers, code or order["code"]), "system": DOCUMENT_KEY_SYSTEM}
+    document: Json = {"resourceType": "DocumentReference", "identifier": [key], "status": "current"}
+    if code:
+        document["type"] = code
+    document["subject"] = {"reference": patient_ref}
+    document["content"] = [{"attachment": form} for form in forms]
+    document["context"] = {"related": [{"reference": sr_ref}]}
+    ident = document["identifier"][0]
+    return b.add(f"DocumentReference/{n}", document, ident, replace=True)
 
 
 def _observation_groups(msg: Message) -> list[tuple[Segment | None, Segment, tuple[Segment, ...]]]:
     """ORU order observations: (ORC if any, OBR, the segments after the OBR up to the next ORC/OBR)."""
-    groups: list[tuple[Segment | None, Segment, tuple[Segment, ...]]] = []
+    groups: list[tuple[Segment | None, Segment, list[Segment]]] = []
     orc: Segment | None = None
     for seg in msg.segments():
         if seg.name == "ORC":
             orc = seg
         elif seg.name == "OBR":
-            groups.append((orc, seg, ()))
+            groups.append((orc, seg, []))
             orc = None
         elif seg.name in ("OBX", "NTE") and groups:
-            o, r, members = groups[-1]
-            groups[-1] = (o, r, (*members, seg))
-    return groups
+            groups[-1][2].append(seg)  # appended in place: linear in the segments
+    return [(o, r, tuple(members)) for o, r, members in groups]
 
 
 def _oru_report(
@@ -174,7 +234,10 @@ def _oru_report(
         )
         if ident:
             identifiers.append(ident)
-    accession = obr.field(18).value  # IHE SWF: OBR-18, as the order mappings read it (mappings.orm_o01)
+    near = (*([orc] if orc else []), obr, *members)
+    override = b.config.fields.accession
+    # IHE SWF: OBR-18, as the order mappings read it (mappings.orm_o01), unless the sender puts it elsewhere.
+    accession = override.value(near, b.msg) if override else obr.field(18).value
     if accession:
         identifiers.append({"type": identifier_type("ACSN"), "system": b.fallback, "value": accession})
     if not identifiers:
@@ -183,15 +246,13 @@ def _oru_report(
     if code is None:
         raise MappingError(REQUIRED_FIELD_MISSING, f"{at}-4", "Universal service identifier is missing")
     result_status = obr.field(25).value
-    if not result_status:
-        raise MappingError(REQUIRED_FIELD_MISSING, f"{at}-25", "Result status is missing")
-    if result_status not in RESULT_STATUS:
+    if result_status and result_status not in RESULT_STATUS:
         raise MappingError(TABLE_VALUE_NOT_FOUND, f"{at}-25", f"Result status {result_status!r} has no FHIR status")
     report: Json = {
         "resourceType": "DiagnosticReport",
         "meta": {"tag": [ORIGINAL_TAG]},
         "identifier": [_key(identifiers, code), *identifiers],
-        "status": RESULT_STATUS[result_status],
+        "status": RESULT_STATUS[result_status] if result_status else _status_of_lines(members),
         "category": [_category(obr.field(24).value)],
         "code": code,
         "subject": {"reference": patient_ref},
@@ -210,8 +271,28 @@ def _oru_report(
         report["contained"] = [contained]
     if interpreter:
         report["resultsInterpreter"] = [interpreter]
+    study_uid = _study_uid(b, near, members)
+    if study_uid:
+        study = {"system": STUDY_UID_SYSTEM, "value": f"urn:oid:{study_uid}"}
+        report["imagingStudy"] = [{"type": "ImagingStudy", "identifier": study}]
     _add_content(b, report, members)
     _add(b, f"DiagnosticReport/{n}", report)
+
+
+def _status_of_lines(members: tuple[Segment, ...]) -> str:
+    """A report sent without OBR-25: as final as its first OBX says (OBX-11, table 0085), else unknown."""
+    first = next((s for s in members if s.name == "OBX"), None)
+    return OBSERVATION_STATUS.get(first.field(11).value, "unknown") if first else "unknown"
+
+
+def _study_uid(b: _Builder, near: tuple[Segment, ...], members: tuple[Segment, ...]) -> str:
+    """The Study Instance UID a report is of: the sender's field (``fields.study_uid``), else an OBX with
+    OBX-3 ``113014`` (DICOM "Study", as DICOM SR / IHE SINR send it), else ZDS-1.1 (dcm4che)."""
+    override = b.config.fields.study_uid
+    if override:
+        return override.value(near, b.msg)
+    in_obx = next((s.field(5).value for s in members if s.name == "OBX" and s.field(3).component(1) == "113014"), "")
+    return in_obx or study_uid_from_zds(b.msg)
 
 
 def _add(b: _Builder, role: str, report: Json) -> None:
@@ -219,9 +300,7 @@ def _add(b: _Builder, role: str, report: Json) -> None:
     key = report["identifier"][0]
     url = b.full_url(role)
     criteria = "identifier=" + quote(f"{key['system']}|{key['value']}", safe=":/|")
-    b.entries.append(
-        {"fullUrl": url, "resource": report, "request": {"method": "PUT", "url": f"DiagnosticReport?{criteria}"}}
-    )
+    b.append({"fullUrl": url, "resource": report, "request": {"method": "PUT", "url": f"DiagnosticReport?{criteria}"}})
 
 
 def _key(identifiers: list[Json], code: Json) -> Json:
@@ -267,7 +346,7 @@ def _add_content(b: _Builder, report: Json, members: tuple[Segment, ...]) -> Non
             {
                 "contentType": "text/plain; charset=utf-8",
                 "data": base64.b64encode(text.encode("utf-8")).decode("ascii"),
-                "title": "Original report",
+                "title": REPORT_TITLE,
             }
         )
     for n, seg in enumerate((s for s in members if s.name == "OBX"), 1):
@@ -306,7 +385,7 @@ def _text(members: tuple[Segment, ...], enc: Encoding) -> tuple[str, str]:
                 continue
             chunks.append((heading, lines, is_impression))
         elif seg.name == "NTE":
-            note = "\n".join(_leaf_text(r, enc) for r in seg.field(3).present())
+            note = "\n".join(free_text(r, enc) for r in seg.field(3).present())
             if note:
                 chunks.append((heading, note, is_impression))
     headings = {h for h, _, _ in chunks}
@@ -328,7 +407,7 @@ def _obx_text(obx: Segment, enc: Encoding) -> str | None:
         if _is_dicom_reference(obx.field(3).first):
             return None
         # TX/FT/ST: each repetition a line; the parser already turned \.br\ into newlines.
-        lines = [_leaf_text(r, enc) for r in obx.field(5).present()]
+        lines = [free_text(r, enc) for r in obx.field(5).present()]
     elif kind in CODED_TYPES:
         lines = [r.component(2) or r.component(9) or r.component(1) for r in obx.field(5).present()]
     elif kind == "NM":
@@ -338,11 +417,6 @@ def _obx_text(obx: Segment, enc: Encoding) -> str | None:
         return None
     text = "\n".join(line for line in lines if line)
     return text or None
-
-
-def _leaf_text(rep: Repetition, enc: Encoding) -> str:
-    """A text value as sent: a literal ^ or & in unescaped free text (OBX-5, NTE-3) split it; join it again."""
-    return enc.component.join(enc.subcomponent.join(sub) for sub in rep.components)
 
 
 def _is_dicom_reference(obx3: Repetition) -> bool:
@@ -362,7 +436,7 @@ def _attachment(obx: Segment, at: str, msg: Message) -> Json:
     data = enc.repetition.join(
         [
             enc.component.join(enc.subcomponent.join(sub) for sub in rep.components[4:]),
-            *(_leaf_text(r, enc) for r in obx.field(5).repetitions[1:]),
+            *(free_text(r, enc) for r in obx.field(5).repetitions[1:]),
         ]
     )
     encoding = rep.component(4).upper()

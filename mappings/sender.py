@@ -94,7 +94,20 @@ class SenderConfig:
             return self.identifier_systems[universal_id]
         if namespace:
             return f"{self.authority_prefix}{quote(namespace, safe='')}"
+        if universal_id:
+            return universal_id_system(universal_id, universal_id_type, self.authority_prefix)
         return None
+
+
+def universal_id_system(universal_id: str, universal_id_type: str, prefix: str) -> str:
+    """A URI for an HD universal id (HD-2) of type HD-3 (table 0301) that is no OID: ``urn:uuid:`` for
+    UUID, the id itself for a URI, else ``<prefix><type>:<id>`` (``...:CLIA:1234``), never a bare id."""
+    kind = universal_id_type.upper()
+    if kind == "UUID" and re.fullmatch(r"[0-9A-Fa-f-]{36}", universal_id):
+        return f"urn:uuid:{universal_id.lower()}"
+    if kind == "URI" and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", universal_id):
+        return universal_id
+    return f"{prefix}{quote(kind or 'HD', safe='')}:{quote(universal_id, safe='')}"
 
 
 #: The settings of the sender of MSH-3 and MSH-4 (``OverreadConfig.sender``), None for one not configured.

@@ -20,6 +20,8 @@ from mappings.errors import DATA_TYPE_ERROR, SEGMENT_SEQUENCE_ERROR, MappingErro
 BOM = b"\xef\xbb\xbf"
 _SEGMENT_END = re.compile(r"\r\n|\r|\n")
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+#: The most blank lines or spaces one formatting command (``\\.sp 5\\``, ``\\.in 4\\``) renders.
+MAX_FORMAT_COUNT = 100
 
 # MSH-18 values (HL7 table 0211) and the Python codec that reads them.
 CHARSETS = {
@@ -328,8 +330,9 @@ def unescape(text: str, enc: Encoding) -> str:
     """Resolve the escape sequences of chapter 2.7 in one leaf value.
 
     ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` become the delimiters, ``\\Xhh..\\`` the bytes it spells (read as
-    Latin-1 unless they form UTF-8), ``\\.br\\`` a newline; highlighting (``\\H\\ \\N\\``) is dropped;
-    anything else (``\\Zxx\\``, ``\\Cxxyy\\``, ``\\.sp\\`` ...) is kept verbatim rather than lost.
+    Latin-1 unless they form UTF-8), ``\\.br\\`` a newline, the other formatting commands of 2.7.6 their
+    plain-text form (``_formatting``); highlighting (``\\H\\ \\N\\``) is dropped; anything else (``\\Zxx\\``
+    locally defined, ``\\Cxxyy\\``/``\\Mxxyyzz\\`` character set switches) is kept verbatim rather than lost.
     """
     esc = enc.escape
     if esc not in text:
@@ -357,6 +360,8 @@ def _escape_value(seq: str, enc: Encoding, verbatim: str) -> str:
         return ""
     if seq == ".br":
         return "\n"
+    if seq[:1] == ".":
+        return _formatting(seq, verbatim)
     if seq[:1] == "X" and len(seq) > 1 and len(seq) % 2 == 1:
         try:
             raw = bytes.fromhex(seq[1:])
@@ -367,6 +372,22 @@ def _escape_value(seq: str, enc: Encoding, verbatim: str) -> str:
         except UnicodeDecodeError:
             return raw.decode("latin-1")
     return verbatim
+
+
+def _formatting(seq: str, verbatim: str) -> str:
+    """A formatting command of FT (2.7.6) as plain text: ``.sp n`` ends the line and skips n (1) lines,
+    ``.in n``/``.ti n``/``.sk n`` indent or skip n spaces, ``.ce`` ends the line, ``.fi``/``.nf`` (fill
+    mode) have no plain-text form and are dropped; an unknown or malformed command stays verbatim.
+    Counts are capped at ``MAX_FORMAT_COUNT``: a 10-character escape must not become megabytes."""
+    m = re.fullmatch(r"\.(sp|in|ti|sk|ce|fi|nf) *([+-]?\d{0,6})", seq)
+    if m is None:
+        return verbatim
+    command, number = m.group(1), int(m.group(2)) if m.group(2).lstrip("+-") else None
+    if command == "sp":
+        return "\n" * (1 + min(1 if number is None else max(number, 0), MAX_FORMAT_COUNT))
+    if command in ("in", "ti", "sk"):
+        return " " * min(max(number or 0, 0), MAX_FORMAT_COUNT)
+    return "\n" if command == "ce" else ""
 
 
 def escape(text: str, enc: Encoding) -> str:

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 from mappings.errors import DATA_TYPE_ERROR, MappingError
 from mappings.sender import SenderConfig
-from mappings.v2 import Repetition
+from mappings.v2 import Encoding, Repetition
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 Json = dict[str, Any]
@@ -70,6 +70,16 @@ def codeable_concept(rep: Repetition) -> Json | None:
     if text:
         result["text"] = text
     return result
+
+
+def free_text(rep: Repetition, enc: Encoding) -> str:
+    """A free-text value (ST/TX/FT: NTE-3, OBX-5) as sent: whole, even with unescaped delimiters.
+
+    Senders often leave a literal ``^`` or ``&`` in free text unescaped ("BP 120^80", "R&L knee"); the
+    parser splits it into components, and reading component 1 alone would cut the text short. Joining
+    them with the delimiters they were split on gives back what the sender wrote.
+    """
+    return enc.component.join(enc.subcomponent.join(sub) for sub in rep.components)
 
 
 def identifier_type(code: str) -> Json:
@@ -160,10 +170,51 @@ def address(rep: Repetition) -> Json | None:
     return result or None
 
 
+# XTN-3 telecommunication equipment type (table 0202) → ContactPoint.system (IG XTN[ContactPoint]).
+XTN_SYSTEM = {"PH": "phone", "CP": "phone", "FX": "fax", "BP": "pager", "Internet": "email", "X.400": "email"}
+# XTN-2 telecommunication use code (table 0201) → ContactPoint.use.
+XTN_USE = {"PRN": "home", "ORN": "home", "VHN": "home", "WPN": "work", "PRS": "mobile", "EMR": "temp"}
+
+
+def telecom(rep: Repetition, default_use: str) -> Json | None:
+    """XTN → ContactPoint (IG ``XTN[ContactPoint]``): e-mail XTN-4, else XTN-12 unformatted, else area
+    code XTN-6 and number XTN-7 (+ extension XTN-8), else the old XTN-1; system XTN-3, use XTN-2."""
+    kind = rep.component(3)
+    local = " ".join(p for p in (rep.component(6), rep.component(7)) if p)
+    if rep.component(8):
+        local += f" ext. {rep.component(8)}"
+    value = (rep.component(4) if kind in ("Internet", "X.400") else "") or rep.component(12) or local or rep.value
+    if not value:
+        return None
+    point: Json = {"system": XTN_SYSTEM.get(kind, "email" if "@" in value else "phone"), "value": value}
+    use = "mobile" if kind == "CP" else XTN_USE.get(rep.component(2), default_use if not rep.component(2) else "")
+    if use:
+        point["use"] = use
+    return point
+
+
+def yes_no(value: str) -> bool | None:
+    """Table 0136 (Y/N) → boolean; anything else is no value."""
+    return {"Y": True, "N": False}.get(value.upper())
+
+
 def _parts(value: str, location: str) -> re.Match[str]:
+    """A DTM's parts (v2.5.1 2.A.22), refused (ERR 102 at ``location``) unless it names a real calendar time.
+
+    Checked here, at every precision, so that ``19800230`` is refused where ``198002301200`` is: at
+    mapping, with the field's location, rather than later by the store.
+    """
     m = _DTM.match(value.strip())
     if not m:
         raise MappingError(DATA_TYPE_ERROR, location, f"{value!r} is not a DTM (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
+    year, month, day, hour, minute, second = (int(g) if g else None for g in m.groups()[:6])
+    try:
+        datetime(year or 0, month or 1, day or 1, hour or 0, minute or 0, second or 0)
+    except ValueError as exc:
+        raise MappingError(DATA_TYPE_ERROR, location, f"{value!r} is not a valid date/time: {exc}") from exc
+    offset = m.group(8)
+    if offset and (int(offset[1:3]) > 14 or int(offset[3:]) > 59):
+        raise MappingError(DATA_TYPE_ERROR, location, f"{value!r} has no valid time-zone offset")
     return m
 
 
