@@ -15,9 +15,6 @@ from fhir_server.errors import error
 #: The largest integer a count, offset or version id may be: PostgreSQL's ``integer``, which
 #: the version column is and what OFFSET is bound as, whatever the database.
 MAX_INT = 2**31 - 1
-#: Characters of one query parameter's value: SQLite refuses a LIKE pattern over 50,000 bytes,
-#: and no search value of R4's types needs more than an identifier or URL does.
-MAX_QUERY_VALUE = 4096
 
 
 @dataclass(frozen=True)
@@ -52,13 +49,11 @@ def whole(name: str, value: str, maximum: int = MAX_INT) -> int:
 
 
 def check_params(params: Iterable[tuple[str, str]]) -> None:
-    """Query parameters the databases can compare: no NUL (PostgreSQL refuses it in text) and
-    values of at most ``MAX_QUERY_VALUE`` characters."""
+    """Query parameters the databases can compare: no NUL (PostgreSQL refuses it in text). How long
+    a search value may be is a search limit (``fhir_server.search_limits``, ``max_value_length``)."""
     for name, value in params:
         if "\x00" in name or "\x00" in value:
             raise error(400, "invalid", f"The parameter {name[:64]!r} contains a NUL character", name[:64])
-        if len(value) > MAX_QUERY_VALUE:
-            raise error(400, "too-costly", f"The value of {name!r} is over {MAX_QUERY_VALUE} characters", name)
 
 
 def check_json(value: Any, limits: Limits, what: str = "The body") -> None:

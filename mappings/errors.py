@@ -17,7 +17,7 @@ UNKNOWN_KEY = 204
 INTERNAL_ERROR = 207
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: raising sets __traceback__ (and ``with`` blocks set it again)
 class MappingError(Exception):
     """A message that cannot be parsed or mapped: table 0357 ``code``, ERR-2 ``location``, readable ``text``.
 

@@ -1,5 +1,8 @@
 """The v2 parser (mappings.v2) against the encoding rules of v2.5.1 chapter 2."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 
 from mappings.errors import MappingError
@@ -134,3 +137,16 @@ def test_missing_or_control_delimiters_are_refused_at_msh_2(msh):
     with pytest.raises(MappingError) as raised:
         parse(msh.encode())
     assert (raised.value.code, raised.value.location) == (102, "MSH-2")
+
+
+def test_a_mapping_error_passes_through_a_with_block_as_itself():
+    """A transaction or a deadline (``@contextmanager``) sets ``__traceback__`` on the error it lets
+    through: the error must take it and reach the caller as itself, not as a FrozenInstanceError."""
+
+    @contextmanager
+    def block() -> Iterator[None]:
+        yield
+
+    with pytest.raises(MappingError) as raised, block():
+        raise MappingError(102, "PID-7", "not a date")
+    assert (raised.value.code, raised.value.location) == (102, "PID-7")
