@@ -483,9 +483,7 @@ def _orders_for(repo: Repository, study_uid: str, accession: str) -> list[Stored
 
 
 def _wake(session: Any, repo: Repository, order: Stored) -> None:
-    task = cases.case_of(repo, order.id)
-    codes = [c.get("code") for c in (task.resource.get("businessStatus", {}) if task else {}).get("coding", [])]
-    if cases.IMAGES_AVAILABLE in codes:
+    if _linked(repo, order.id):
         return
     woken = session.execute(
         update(OutboxRow)
@@ -496,5 +494,14 @@ def _wake(session: Any, repo: Repository, order: Stored) -> None:
         )
         .values(available_at=dates.now())
     ).rowcount
-    if not woken:
+    # The UPDATE may have waited for the order's own job to commit (PostgreSQL): its row is done then,
+    # and the case linked, which a read now sees. Only a case still waiting needs a new job.
+    if not woken and not _linked(repo, order.id):
         repo.enqueue(cases.LINK_IMAGING, order)
+
+
+def _linked(repo: Repository, order_id: str) -> bool:
+    """The case has its images, or is past needing them (reported)."""
+    task = cases.case_of(repo, order_id)
+    codes = {c.get("code") for c in (task.resource.get("businessStatus", {}) if task else {}).get("coding", [])}
+    return bool(codes & {cases.IMAGES_AVAILABLE, *cases.AFTER_REPORT})
