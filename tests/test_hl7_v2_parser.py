@@ -139,7 +139,7 @@ def test_missing_or_control_delimiters_are_refused_at_msh_2(msh):
     assert (raised.value.code, raised.value.location) == (102, "MSH-2")
 
 
-def test_a_mapping_error_passes_through_a_with_block_as_itself():
+def test_a_mapping_error_passes_through_a_with_block_as_itself() -> None:
     """A transaction or a deadline (``@contextmanager``) sets ``__traceback__`` on the error it lets
     through: the error must take it and reach the caller as itself, not as a FrozenInstanceError."""
 
