@@ -1,6 +1,6 @@
 """What can go wrong talking to a PACS, whichever door (DIMSE or DICOMweb) was used.
 
-The job that links images (ARCHITECTURE.md, "Images linked") retries with backoff on
+The job that links images (docs/image-linking.md) retries with backoff on
 :class:`PacsUnavailable` and on a study not there yet; it never loses the case.
 """
 

@@ -1,4 +1,4 @@
-"""The image-linking worker: every case gets its ImagingStudy (ARCHITECTURE.md, "Images linked").
+"""The image-linking worker: every case gets its ImagingStudy (docs/image-linking.md).
 
 It consumes the ``link-imaging`` outbox rows that every new order leaves (and that
 ``$link-imaging`` and pushed studies add). For each: build the query from the order, ask

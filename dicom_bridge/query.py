@@ -1,6 +1,6 @@
 """What to look for on a PACS, and how an answer becomes one :class:`Study` tree.
 
-The order gives the keys (ARCHITECTURE.md, "Images linked"): accession number, else the
+The order gives the keys (docs/image-linking.md): accession number, else the
 Study Instance UID, else patient id + study date + modality. Every door (C-FIND,
 QIDO-RS) asks level by level (PS3.4 C.6.2: study, then series, then instance) and
 de-duplicates by UID, because some PACS (pynetdicom's own qrscp) answer a study-level

@@ -110,7 +110,7 @@ def _typed(identifier: dict[str, Any], code: str) -> bool:
 
 # -- where the case stands: Task.businessStatus ---------------------------------------
 
-#: Task.businessStatus codes of a case (ARCHITECTURE.md "Images linked").
+#: Task.businessStatus codes of a case (docs/image-linking.md, docs/workflow.md).
 CASE_STATUS = "https://overread.org/fhir/CodeSystem/case-status"
 IMAGES_PENDING = "images-pending"  # a linking job is looking (or will look again)
 IMAGES_AVAILABLE = "images-available"  # the ImagingStudy is linked (and retrieved, where configured)

@@ -1,4 +1,4 @@
-"""Results delivered as ORU^R01 over MLLP, reliably (ARCHITECTURE.md, "Results out"; docs/delivery.md).
+"""Results delivered as ORU^R01 over MLLP, reliably (docs/delivery.md).
 
 Two kinds of worker share the outbound message store (``hl7_bridge.outbound``):
 

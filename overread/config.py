@@ -1,6 +1,6 @@
 """The ``OVERREAD_CONFIG`` YAML file: PACS peers, image linking, HL7 senders and destinations.
 
-The shape of ARCHITECTURE.md ("Interfaces other systems and tests rely on") plus
+The documented shape (README, "Settings"; docs/image-linking.md, docs/delivery.md) plus
 ``hl7.senders``, the per-sender mapping settings an integration engineer adapts a new
 sending system with, without code:
 
