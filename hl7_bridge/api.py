@@ -3,8 +3,8 @@
 ``GET /hl7/messages`` (newest first; filters: status, sender = MSH-3 or MSH-4, control_id =
 MSH-10, placer = ORC-2, since/until on the time received), ``GET /hl7/messages/{id}`` (raw,
 mapped Bundle, what was written, ACK, error, timing) and ``POST /hl7/messages/{id}/replay``.
-A filter value they cannot use (an unknown status, a malformed time, a negative limit) is
-answered 400 with ``{"detail": "<what is wrong>"}``.
+A filter value they cannot use (an unknown status, a malformed time, a negative limit, an offset
+past 2^31-1 or an id past the store's 64-bit keys) is answered 400 with ``{"detail": "<what is wrong>"}``.
 
 The outbound store (``hl7_bridge.outbound``; docs/delivery.md) the same way: ``GET /hl7/outbound``
 (newest first; filters: status (``dead`` = the dead-letter list, ``failed`` = results no message
@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -30,12 +30,19 @@ from sqlalchemy.orm import aliased
 
 from fhir_server import dates
 from fhir_server.db import Database
+from fhir_server.limits import MAX_INT
 from fhir_server.repository import Hook
 from hl7_bridge import delivery
 from hl7_bridge.intake import Senders, replay
 from hl7_bridge.outbound import STATUSES as OUTBOUND_STATUSES
 from hl7_bridge.outbound import OutboundMessage
 from hl7_bridge.store import STATUSES, InboundMessage
+
+#: A page's size and start, and a message's id (the ``pk``, 64-bit on both databases): bounded,
+#: so a number the database cannot bind is a 400, not a 500.
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=MAX_INT)]
+MessageId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 class _BadRequest(APIRoute):
@@ -109,8 +116,8 @@ def messages_router(db: Database, senders: Senders | None = None, hooks: Sequenc
         placer: Annotated[str | None, Query(description="ORC-2 placer order number")] = None,
         since: Annotated[str | None, Query(description="received at or after (FHIR dateTime)")] = None,
         until: Annotated[str | None, Query(description="received before (FHIR dateTime)")] = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Limit = 50,
+        offset: Offset = 0,
     ) -> list[MessageSummary]:
         _one_of("status", status, STATUSES)
         m = InboundMessage
@@ -130,7 +137,7 @@ def messages_router(db: Database, senders: Senders | None = None, hooks: Sequenc
         return [_summary(row._mapping) for row in conn.execute(stmt)]
 
     @router.get("/{message_id}")
-    def get_message(message_id: int, conn: ConnectionDep) -> MessageDetail:
+    def get_message(message_id: MessageId, conn: ConnectionDep) -> MessageDetail:
         row = conn.execute(select(InboundMessage.__table__).where(InboundMessage.pk == message_id)).first()
         if row is None:
             raise HTTPException(404, f"No message {message_id}")
@@ -144,7 +151,7 @@ def messages_router(db: Database, senders: Senders | None = None, hooks: Sequenc
         )
 
     @router.post("/{message_id}/replay")
-    def replay_message(message_id: int) -> Replayed:
+    def replay_message(message_id: MessageId) -> Replayed:
         ack = replay(db, message_id, senders, hooks)
         if ack is None:
             raise HTTPException(404, f"No message {message_id}")
@@ -207,8 +214,8 @@ def outbound_router(results: delivery.Delivery) -> APIRouter:
         replayed: Annotated[bool | None, Query(description="whether an engineer has replayed it")] = None,
         since: Annotated[str | None, Query(description="queued at or after (FHIR dateTime)")] = None,
         until: Annotated[str | None, Query(description="queued before (FHIR dateTime)")] = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Limit = 50,
+        offset: Offset = 0,
     ) -> list[OutboundSummary]:
         m = OutboundMessage
         stmt = select(*OUTBOUND_SUMMARY).order_by(m.created_at.desc(), m.pk.desc()).limit(limit).offset(offset)
@@ -232,11 +239,11 @@ def outbound_router(results: delivery.Delivery) -> APIRouter:
         return [_outbound(row._mapping) for row in conn.execute(stmt)]
 
     @router.get("/{message_id}")
-    def get_outbound(message_id: int, conn: ConnectionDep) -> OutboundDetail:
+    def get_outbound(message_id: MessageId, conn: ConnectionDep) -> OutboundDetail:
         return _outbound_detail(conn, message_id)
 
     @router.post("/{message_id}/replay")
-    def replay_outbound(message_id: int) -> OutboundDetail:
+    def replay_outbound(message_id: MessageId) -> OutboundDetail:
         try:
             rows = results.replay(message_id)
         except delivery.NotReplayable as exc:

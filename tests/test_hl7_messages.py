@@ -78,3 +78,33 @@ def test_a_refused_message_names_the_one_whose_control_id_it_reused(client, db):
     assert (refused["status"], refused["conflict_of"], refused["ack_code"]) == ("refused", first["id"], "AE")
     assert client.get("/hl7/messages", params={"status": "refused"}).json() == [refused]
     assert f"already used by message #{first['id']}" in client.get(f"/hl7/messages/{refused['id']}").json()["ack"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "says"),
+    [
+        ("GET", f"/hl7/messages?offset={2**63}", "offset: Input should be less than or equal to"),
+        ("GET", f"/hl7/messages?offset={2**31}", "offset: Input should be less than or equal to"),
+        ("GET", f"/hl7/outbound?offset={2**63}", "offset: Input should be less than or equal to"),
+        ("GET", f"/hl7/messages?limit={2**63}", "limit: Input should be less than or equal to 500"),
+        ("GET", f"/hl7/messages/{2**63}", "message_id: Input should be less than or equal to"),
+        ("GET", f"/hl7/messages/{-(2**63) - 1}", "message_id: Input should be greater than or equal to 1"),
+        ("POST", f"/hl7/messages/{2**63}/replay", "message_id: Input should be less than or equal to"),
+        ("GET", f"/hl7/outbound/{2**63}", "message_id: Input should be less than or equal to"),
+        ("POST", f"/hl7/outbound/{2**64}/replay", "message_id: Input should be less than or equal to"),
+        ("GET", "/hl7/messages/%C2%B2", "message_id: Input should be a valid integer"),
+    ],
+)
+def test_a_number_past_what_the_store_holds_is_a_bad_request(client, db, method, path, says):
+    receive(db, OMI)
+    response = client.request(method, path)
+    assert response.status_code == 400, response.text
+    assert says in response.json()["detail"]
+
+
+def test_the_largest_numbers_the_store_holds_are_answered(client, db):
+    receive(db, OMI)
+    assert client.get("/hl7/messages", params={"offset": 2**31 - 1}).json() == []
+    assert client.get("/hl7/outbound", params={"offset": 2**31 - 1}).json() == []
+    assert client.get(f"/hl7/messages/{2**63 - 1}").status_code == 404
+    assert client.get(f"/hl7/outbound/{2**63 - 1}").status_code == 404
