@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 
 #: Pages (4 KiB) of WAL after which a COMMIT on SQLite checkpoints by itself (SQLite's default: 1,000).
 WAL_PAGES = 10_000
+#: Milliseconds a connection waits for SQLite's lock held by another process before it fails.
+BUSY_TIMEOUT_MS = 30_000
+#: Bytes the WAL file may keep once checkpointed: past them a checkpoint truncates it, and so does
+#: the first COMMIT after the WAL restarts (``journal_size_limit``). Above WAL_PAGES' 40 MB, so
+#: everyday writes never shrink and regrow it; a large import no longer leaves its size on disk.
+WAL_LIMIT = 64 << 20
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -56,13 +62,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             # not a temporary file in /var/tmp written a page at a time (70 of a create's 110 pwrite
             # calls, strace). It lives only until its transaction ends; durability is the WAL's.
             cur.execute("PRAGMA temp_store=MEMORY")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             # Reads by id over a large store hit random pages: keep them mapped and cached.
             cur.execute("PRAGMA mmap_size=1073741824")
             cur.execute("PRAGMA cache_size=-65536")
             # Checkpoints run off the writer's path (WriteGroups._checkpoints); a COMMIT checkpoints
             # by itself only past 40 MB of WAL, the bound if nothing else does.
             cur.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            cur.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -303,10 +310,22 @@ class WriteGroups:
                 self.checkpoint()
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database file and sync it (PRAGMA wal_checkpoint(PASSIVE))."""
+        """Copy the WAL into the database file and sync it (PRAGMA wal_checkpoint(PASSIVE)); a WAL
+        of more than WAL_LIMIT bytes is then truncated (TRUNCATE, sqlite.org/pragma.html#pragma_wal_checkpoint).
+
+        TRUNCATE takes the write lock and waits for every reader to leave the WAL: here it waits for
+        no one (busy_timeout 0) and gives up if anyone is there; the next checkpoint tries again, and
+        the first COMMIT after the WAL restarts truncates it anyway (``journal_size_limit``).
+        """
         try:
             with self.db._autocommit.connect() as conn:  # no transaction around it
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+                _, frames, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+                if frames * conn.exec_driver_sql("PRAGMA page_size").scalar_one() > WAL_LIMIT:
+                    conn.exec_driver_sql("PRAGMA busy_timeout=0")
+                    try:
+                        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                    finally:
+                        conn.exec_driver_sql(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         except Exception:  # the next one, or the COMMIT's own past WAL_PAGES, does it
             log.warning("SQLite checkpoint failed", exc_info=True)
 
