@@ -59,9 +59,11 @@ class Settings(BaseSettings):
     fhir_max_string: int = DEFAULT.max_string
     fhir_max_bundle_entries: int = DEFAULT.max_bundle_entries
 
-    #: Seconds a request's headers may take to arrive whole (408 beyond); seconds an idle
-    #: keep-alive connection is kept; HTTP connections open at once (503 and closed beyond).
+    #: Seconds a request's headers may take to arrive whole, and its body after them (408 beyond);
+    #: seconds an idle keep-alive connection is kept; HTTP connections open at once (503 and
+    #: closed beyond).
     http_header_timeout: float = 10.0
+    http_body_timeout: float = 30.0
     http_keep_alive_timeout: int = 5
     http_max_connections: int = 256
 

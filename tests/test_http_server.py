@@ -1,6 +1,8 @@
 """The HTTP server's own limits against idle and partial connections (docs/reliability.md#http-and-fhir):
 a real uvicorn on 127.0.0.1 with ``overread.server.GuardedHttp``, raw sockets as the clients."""
 
+import logging
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -22,8 +24,8 @@ WAIT = 20.0
 
 @pytest.fixture
 def server(sqlite_db: Database) -> Iterator[tuple[str, tuple[str, int]]]:
-    settings = Settings(database_url=sqlite_db.url, http_header_timeout=0.5, http_max_connections=5,
-                        http_max_header_bytes=8192)  # fmt: skip
+    settings = Settings(database_url=sqlite_db.url, http_header_timeout=0.5, http_body_timeout=0.5,
+                        http_max_connections=5, http_max_header_bytes=8192)  # fmt: skip
     with running(create_app(settings, sqlite_db), settings=settings) as root:
         host, port = root.removeprefix("http://").split(":")
         yield root, (host, int(port))
@@ -84,6 +86,47 @@ def test_connections_over_the_cap_get_503_and_requests_are_served_again_after(se
         while (status_code := client.get(f"{root}/fhir/metadata").status_code) == 503 and time.monotonic() < deadline:
             continue
     assert status_code == 200
+
+
+POST = b"POST /fhir/Patient HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+
+
+def test_a_body_that_stalls_gets_408_and_the_socket_is_closed(server, caplog):
+    root, address = server
+    logging.getLogger("uvicorn.error").addHandler(caplog.handler)  # it does not propagate to the root
+    with connect(address) as sock:
+        sock.sendall(POST + b"Content-Length: 100\r\n\r\n" + b'{"resourceType": "Patient"')  # and no more
+        status, body = answer(sock)
+    assert status.startswith(b"HTTP/1.1 408")
+    assert body["issue"][0]["code"] == "timeout" and "body" in body["issue"][0]["diagnostics"]
+    # the request's task ends after the close: a request served after it is served after that too
+    assert httpx.get(f"{root}/fhir/metadata", timeout=WAIT).status_code == 200
+    logging.getLogger("uvicorn.error").removeHandler(caplog.handler)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_body_that_trickles_is_cut_at_the_timeout_too(server):
+    _, address = server
+    with connect(address) as sock:
+        sock.sendall(POST + b"Transfer-Encoding: chunked\r\n\r\n")
+        # A byte of body every 50 ms never leaves the connection idle for the timeout: only a
+        # deadline for the whole body ends it. The loop ends when the server answers or closes.
+        deadline = time.monotonic() + WAIT
+        while not select.select([sock], [], [], 0.05)[0] and time.monotonic() < deadline:
+            sock.sendall(b"1\r\n \r\n")
+        status, _ = answer(sock)
+    assert status.startswith(b"HTTP/1.1 408")
+
+
+def test_a_body_that_arrives_in_pieces_in_time_is_served(server):
+    _, address = server
+    payload = b'{"resourceType": "Patient"}'
+    with connect(address) as sock:
+        sock.sendall(POST + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        for piece in (payload[:10], payload[10:]):
+            sock.sendall(piece)
+        status, body = answer(sock)
+    assert status.startswith(b"HTTP/1.1 201") and body["resourceType"] == "Patient"
 
 
 def test_a_request_whose_headers_arrive_in_pieces_in_time_is_served(server):
