@@ -14,9 +14,10 @@ association; a peer that breaks the protocol gets an A-ABORT saying why.
 What it takes at once is bounded (:class:`Limits`): a connection is an association from its
 A-ASSOCIATE-RQ on, not from its TCP connect, so idle sockets cannot fill the associations; until
 then it has the ARTIM timeout (PS3.8 9.1.5) and a place among a capped number of waiting
-connections. Data sets are held in memory within one :class:`~dicom_bridge.upper_layer.Budget`
-shared by all associations, and the image store keeps a free-space floor: past either, a C-STORE
-fails with 0xA700 (PS3.4 B.2.3) and nothing grows.
+connections. One peer address holds only so many of the associations, and an association lasts
+only so long: past its time it is aborted wherever it waits. Data sets are held in memory within
+one :class:`~dicom_bridge.upper_layer.Budget` shared by all associations, and the image store keeps
+a free-space floor: past either, a C-STORE fails with 0xA700 (PS3.4 B.2.3) and nothing grows.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from dicom_bridge.image_store import ImageStore, StoreFull
 from dicom_bridge.part10 import Header
 from dicom_bridge.upper_layer import (
     ABORT,
+    ABORT_BY_US,
     ABORT_UNEXPECTED_PDU,
     ASSOCIATE_RQ,
     MAX_ASSOCIATE_RQ,
@@ -90,6 +92,10 @@ class Limits:
     max_data_set: int = 512 << 20
     #: Bytes of data sets held by all associations together; likewise.
     max_buffered: int = 1 << 30
+    #: Associations of one peer address at once, so that one host cannot take them all; likewise rejected.
+    max_associations_per_address: int = 16
+    #: Seconds an association may last, however busy; then it is aborted.
+    max_association_time: float = 3600.0
 
 
 class StorageScp:
@@ -109,9 +115,9 @@ class StorageScp:
         self.ae_title, self.address, self.store, self.on_received = ae_title, (host, port), store, on_received
         self.limits = limits
         self.budget = Budget(limits.max_data_set, limits.max_buffered)
-        # Connections in the order they came, until their A-ASSOCIATE-RQ; then associations.
+        # Connections in the order they came, until their A-ASSOCIATE-RQ; then associations, by peer address.
         self._pending: dict[socket.socket, None] = {}
-        self._associations: set[socket.socket] = set()
+        self._associations: dict[socket.socket, str] = {}
         self._lock = threading.Lock()
         self._server: _Server | None = None
 
@@ -162,14 +168,15 @@ class StorageScp:
         """``sock`` is closed or about to be: neither waiting nor an association."""
         with self._lock:
             self._pending.pop(sock, None)
-            self._associations.discard(sock)
+            self._associations.pop(sock, None)
 
-    def serve(self, sock: socket.socket, peer: str) -> None:
+    def serve(self, sock: socket.socket, host: str, port: int) -> None:
         """One connection, from its A-ASSOCIATE-RQ to its release, abort or lost connection."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.nodelay))
         studies: set[tuple[str, str]] = set()
+        peer = f"{host}:{port}"
         try:
-            self._associate(sock, studies)
+            self._associate(sock, host, peer, studies)
         except ProtocolError as exc:
             log.warning("DICOM peer %s broke the protocol: %s; association aborted", peer, exc)
             _quietly(sock.sendall, abort(*exc.abort))
@@ -181,7 +188,7 @@ class StorageScp:
             self.forget(sock)
             self._ended(studies)
 
-    def _associate(self, sock: socket.socket, studies: set[tuple[str, str]]) -> None:
+    def _associate(self, sock: socket.socket, host: str, peer: str, studies: set[tuple[str, str]]) -> None:
         first = read_pdu(Deadline(sock, self.limits.associate_timeout), MAX_ASSOCIATE_RQ)
         if first is None:
             return  # a port probe, or a connection closed for a newer one (admit)
@@ -189,25 +196,41 @@ class StorageScp:
             raise ProtocolError(f"PDU type 0x{first[0]:02X} before an A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
         sock.settimeout(self.limits.idle_timeout)  # not what was left of the ARTIM, for the answer too
         association, answer = accept(first[1], [VERIFICATION])
-        if association is not None and not self._associated(sock):
+        if association is not None and (full := self._associated(sock, host)):
+            log.warning("DICOM association of %s from %s rejected: %s", association.calling_ae, peer, full)
             association, answer = None, reject(*REJECT_TOO_MANY)
         sock.sendall(answer)
         if association is None:
             return
         stream, messages = sock.makefile("rb"), Messages(association.contexts, self.budget)
+        expired = threading.Event()
+        timer = threading.Timer(self.limits.max_association_time, _expire, (sock, expired))
+        timer.daemon = True
+        timer.start()
         try:
             self._exchange(sock, stream, association, messages, studies)
+        except (ProtocolError, OSError):
+            if not expired.is_set():
+                raise
         finally:  # a data set cut off by an abort or a lost connection holds the budget no longer
+            timer.cancel()
             messages.release()
+        if expired.is_set():
+            limit = self.limits.max_association_time
+            log.warning("DICOM association of %s from %s aborted: open for %s s", association.calling_ae, peer, limit)
+            _quietly(sock.sendall, abort(*ABORT_BY_US))
 
-    def _associated(self, sock: socket.socket) -> bool:
-        """Count ``sock`` as an association, if there is room for one more (PS3.8 9.3.4: else rejected)."""
+    def _associated(self, sock: socket.socket, host: str) -> str | None:
+        """Count ``sock`` as an association of ``host``, if there is room for one more; else the limit
+        it would pass, and it is rejected (PS3.8 9.3.4)."""
         with self._lock:
             self._pending.pop(sock, None)
             if len(self._associations) >= self.limits.max_associations:
-                return False
-            self._associations.add(sock)
-            return True
+                return f"{self.limits.max_associations} associations at once"
+            if sum(other == host for other in self._associations.values()) >= self.limits.max_associations_per_address:
+                return f"{self.limits.max_associations_per_address} associations of {host} at once"
+            self._associations[sock] = host
+            return None
 
     def _exchange(
         self,
@@ -329,7 +352,14 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         host, port = self.client_address[:2]
-        self.server.scp.serve(self.request, f"{host}:{port}")
+        self.server.scp.serve(self.request, host, port)
+
+
+def _expire(sock: socket.socket, expired: threading.Event) -> None:
+    """An association past its time: the thread serving it finds the end of its stream, wherever it
+    waits (a socket timeout counts per read, and a busy peer never meets one), and aborts it."""
+    expired.set()
+    _quietly(sock.shutdown, socket.SHUT_RD)
 
 
 def _quietly(call: Callable[..., object], *args: object) -> None:

@@ -51,6 +51,8 @@ COMMAND, LAST = 0x01, 0x02
 REJECT_APPLICATION_CONTEXT = (1, 1, 2)
 REJECT_PROTOCOL_VERSION = (1, 2, 2)
 REJECT_TOO_MANY = (2, 3, 2)
+#: A-ABORT (source, reason), PS3.8 9.3.8: ours, as the service-user (reason not significant).
+ABORT_BY_US = (0, 0)
 ABORT_UNRECOGNIZED_PDU = (2, 1)
 ABORT_UNEXPECTED_PDU = (2, 2)
 ABORT_INVALID_PARAMETER = (2, 6)

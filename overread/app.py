@@ -117,6 +117,8 @@ def scp_limits(settings: Settings) -> Limits:
         idle_timeout=settings.dicom_idle_timeout,
         max_data_set=settings.dicom_max_data_set_bytes,
         max_buffered=settings.dicom_max_buffered_bytes,
+        max_associations_per_address=settings.dicom_max_associations_per_address,
+        max_association_time=settings.dicom_max_association_time,
     )
 
 

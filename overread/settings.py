@@ -32,8 +32,11 @@ class Settings(BaseSettings):
     image_store: Path = Path("./images")
     #: The Storage SCP's limits (docs/reliability.md, "DICOM"): associations at once (from their
     #: A-ASSOCIATE-RQ), connections still without one, seconds to send it (ARTIM) and of silence in an
-    #: association, bytes of one data set and of all held while they arrive, free bytes the store keeps.
+    #: association, bytes of one data set and of all held while they arrive, free bytes the store keeps;
+    #: associations of one peer address at once, seconds an association may last.
     dicom_max_associations: int = 32
+    dicom_max_associations_per_address: int = 16
+    dicom_max_association_time: float = 3600.0
     dicom_max_pending: int = 64
     dicom_associate_timeout: float = 10.0
     dicom_idle_timeout: float = 60.0

@@ -6,7 +6,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from io import BytesIO
 from pathlib import Path
 
@@ -99,15 +99,22 @@ def dcmtk(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(command), capture_output=True, text=True, timeout=60)
 
 
-def associate(port: int, *contexts: object, **options: object):
+def associate(
+    port: int,
+    *contexts: object,
+    source: str = "127.0.0.1",
+    evt_handlers: Sequence[EventHandlerType] = (),
+    **options: object,
+):
+    """An association from ``source`` with ``contexts`` (storage and verification), ``options`` set on the AE."""
     ae = AE("SCU")
     for context in contexts or (CTImageStorage, MRImageStorage, VERIFICATION):
         ae.add_requested_context(context)  # type: ignore[arg-type]
     for name, value in options.items():
         setattr(ae, name, value)
     # pynetdicom as it comes, but for its reactor's race (dicom_bridge.tuning)
-    race_fixed: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, reactor_keeps_its_pause)]
-    return ae.associate("127.0.0.1", port, ae_title=AE_TITLE, evt_handlers=race_fixed)
+    handlers: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, reactor_keeps_its_pause), *evt_handlers]
+    return ae.associate("127.0.0.1", port, ae_title=AE_TITLE, evt_handlers=handlers, bind_address=(source, 0))
 
 
 def test_echoscu_is_answered(scp):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import build_context
+from pynetdicom import build_context, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
@@ -27,6 +27,7 @@ from dicom_bridge.command_set import OUT_OF_RESOURCES, SUCCESS
 from dicom_bridge.image_store import ImageStore, StoreFull
 from dicom_bridge.storage_scp import Limits
 from dicom_bridge.upper_layer import (
+    ABORT,
     ASSOCIATE_AC,
     P_DATA_TF,
     Budget,
@@ -42,6 +43,8 @@ from overread.settings import Settings
 from tests.test_storage_scp import AE_TITLE, VERIFICATION, Scp, associate, dcmtk, sample, saved, stored
 
 IDLE = 40  # more than the 32 associations the SCP takes at once
+#: Generous: a bound for a loaded machine, not a latency claim.
+WAIT = 20.0
 
 
 @pytest.fixture
@@ -169,9 +172,59 @@ def test_settings_set_the_scps_limits():
         dicom_idle_timeout=6,
         dicom_max_data_set_bytes=7,
         dicom_max_buffered_bytes=8,
+        dicom_max_associations_per_address=9,
+        dicom_max_association_time=10,
     )
-    assert scp_limits(settings) == Limits(3, 4, 5.0, 6.0, 7, 8)
+    assert scp_limits(settings) == Limits(3, 4, 5.0, 6.0, 7, 8, 9, 10.0)
     assert scp_limits(Settings()) == Limits()
+
+
+# Associations per peer address, and in time.
+
+
+def test_one_address_holds_only_its_share_of_the_associations(start):
+    running = start(max_associations_per_address=2)
+    held = [associate(running.port) for _ in range(2)]
+    assert all(assoc.is_established for assoc in held)
+    refused = dcmtk("echoscu", "-aec", AE_TITLE, "127.0.0.1", str(running.port))
+    assert refused.returncode != 0 and "Reason: Local Limit Exceeded" in refused.stderr, refused.stderr
+    other = associate(running.port, source="127.0.0.2")  # another host still gets in
+    assert other.is_established and other.send_c_echo().Status == SUCCESS
+    other.release()
+    held.pop().release()
+    assert dcmtk("echoscu", "-aec", AE_TITLE, "127.0.0.1", str(running.port)).returncode == 0  # room again
+    held.pop().release()
+
+
+def test_an_association_past_its_time_is_aborted_however_busy(start, caplog):
+    running = start(max_association_time=0.5)
+    aborted = threading.Event()
+    assoc = associate(running.port, evt_handlers=[(evt.EVT_ABORTED, lambda _: aborted.set())])
+    # A C-ECHO every 50 ms: never idle; only the association's time ends it.
+    deadline = time.monotonic() + WAIT
+    while assoc.is_established and time.monotonic() < deadline:
+        assoc.send_c_echo()
+        aborted.wait(0.05)
+    assert aborted.wait(WAIT) and assoc.is_aborted
+    wait_for(lambda: not running.scp._associations)
+    assert [r.getMessage() for r in caplog.records if "aborted" in r.getMessage()] == [
+        f"DICOM association of SCU from 127.0.0.1:{assoc.local['port']} aborted: open for 0.5 s"
+    ]
+    assert dcmtk("echoscu", "-aec", AE_TITLE, "127.0.0.1", str(running.port)).returncode == 0
+
+
+def test_an_association_past_its_time_is_aborted_inside_a_pdu(start):
+    """A PDU sent a byte every 50 ms: a socket timeout, which counts per read, would never end it."""
+    running = start(max_association_time=0.5)
+    scu = RawScu(running.port)
+    scu.sock.sendall(data_pdu(b"x" * 1000, last=False)[:10])
+    deadline = time.monotonic() + WAIT
+    while not select.select([scu.sock], [], [], 0.05)[0] and time.monotonic() < deadline:
+        scu.sock.sendall(b"x")
+    scu.sock.settimeout(WAIT)
+    answer = read_pdu(scu.stream)
+    assert answer is not None and answer[0] == ABORT
+    scu.close()
 
 
 # Data sets held while they arrive.
