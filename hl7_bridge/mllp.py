@@ -585,8 +585,8 @@ class MllpServer:
                 return
             conn.last_active = asyncio.get_running_loop().time()
             if not data:
-                if deframer.pending:
-                    log.warning("MLLP connection %d closed by peer mid-block, %d bytes lost", cid, deframer.pending)
+                if deframer.pending:  # unacknowledged, so the sender resends; INFO, as idle ones: floods come so
+                    log.info("MLLP connection %d closed by peer mid-block, %d bytes lost", cid, deframer.pending)
                 return
             discarded_before = deframer.discarded
             whitespace_before = deframer.discarded_whitespace + deframer.discarded_oversize
