@@ -21,7 +21,7 @@ is always valid here (nothing in this server refuses a delete).
 from collections.abc import Callable
 from typing import Any
 
-from fhir_server import cases
+from cases import task
 from fhir_server.errors import FhirError, Issue, error, information, operation_outcome
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.repository import Repository
@@ -32,12 +32,12 @@ BASE = "https://overread.org/fhir/OperationDefinition"
 
 def link_imaging(repo: Repository, req: FhirRequest, order_id: str) -> FhirResponse:
     confirmation = _confirmation(repo, req.body)
-    cases.relink(repo, order_id, confirmation)
+    task.relink(repo, order_id, confirmation)
     what = f" linking study {confirmation.study_uid} as confirmed" if confirmation else ""
     return FhirResponse(202, information(f"An image-linking job for ServiceRequest/{order_id}{what} is queued"))
 
 
-def _confirmation(repo: Repository, body: Any) -> cases.Confirmation | None:
+def _confirmation(repo: Repository, body: Any) -> task.Confirmation | None:
     """The confirmation a ``$link-imaging`` Parameters body carries, if it names a study (400 if half of one)."""
     if body is None:
         return None
@@ -61,7 +61,7 @@ def _confirmation(repo: Repository, body: Any) -> cases.Confirmation | None:
         raise error(400, "required", "Confirming a study needs a reason (parameter 'reason')", "reason")
     if not who:
         raise error(400, "required", "Confirming a study needs the operator (parameter 'operator')", "operator")
-    return cases.Confirmation(study_uid.removeprefix("urn:oid:"), reason, who)
+    return task.Confirmation(study_uid.removeprefix("urn:oid:"), reason, who)
 
 
 def _string(parameter: dict[str, Any] | None) -> str:

@@ -18,7 +18,7 @@ Extensions whose url is one of our extension StructureDefinitions (``compared-re
 checked against it wherever they appear.
 
 Which writes are checked (``required``): a resource that claims one of our profiles in
-``meta.profile``; and every second-opinion report (``fhir_server.second_opinion``: one based on
+``meta.profile``; and every second-opinion report (``cases.second_opinion``: one based on
 an order that is a case here, or one that says it is a second opinion) must conform to
 ``second-opinion-report`` whether it claims it or not: a reader's client that forgets the
 discrepancy code, or sends two, is refused rather than trusted to claim the profile. Any other
@@ -35,8 +35,8 @@ from fhirpathpy import compile as fhirpath
 from fhirpathpy.models import models
 
 import conformance
+from cases.second_opinion import SECOND_OPINION_REPORT, Lookup, is_second_opinion_report, items
 from fhir_server.errors import Issue
-from fhir_server.second_opinion import SECOND_OPINION_REPORT, Lookup, is_second_opinion_report, items
 
 BASE = "https://overread.org/fhir/"
 CORE_SD = "http://hl7.org/fhir/StructureDefinition/"

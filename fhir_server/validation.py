@@ -16,9 +16,10 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import BaseModel, ValidationError
 
-from fhir_server import discrepancy, profiles
+from cases import discrepancy
+from cases.second_opinion import Lookup
+from fhir_server import profiles
 from fhir_server.errors import FhirError, Issue, error
-from fhir_server.second_opinion import Lookup
 
 SUPPORTED_TYPES = (
     "Patient", "Practitioner", "PractitionerRole", "Organization", "Endpoint", "Coverage", "Encounter",
@@ -53,7 +54,7 @@ def validate(resource: Any, resource_type: str | None = None, store: Lookup | No
     400 when the body is not a resource of the expected type at all, 422 when it is one
     but breaks the rules of its type (unknown elements, wrong datatypes, cardinality) or of
     the profiles it must conform to. ``store`` (the repository writing it) tells whether a
-    report is about a case here (``fhir_server.second_opinion``) and holds its stored findings.
+    report is about a case here (``cases.second_opinion``) and holds its stored findings.
     """
     checked = check_structure(resource, resource_type)
     unmet = conformance_issues(checked, (), store)
@@ -91,7 +92,7 @@ def conformance_issues(
 ) -> list[Issue]:
     """The issues of a structurally valid resource against the profiles it claims or must conform to
     (``fhir_server.profiles``) and ``extra`` ones, and the coding consistency those profiles ask
-    (``fhir_server.discrepancy``): what a write refuses and ``$validate`` reports, all at once."""
+    (``cases.discrepancy``): what a write refuses and ``$validate`` reports, all at once."""
     urls = profiles.applicable(resource, extra, store)
     return [*profiles.check(resource, extra, store), *discrepancy.check(resource, urls, store)]
 

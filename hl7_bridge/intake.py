@@ -23,7 +23,7 @@ with its error and answered AE; its resources are not written. Any other failure
 
 An ORU^R01 (the original report from the source RIS) goes the same way, without order control:
 its DiagnosticReport is written and answered AA (ACK^R01); the store links it to its case
-(``fhir_server.cases``).
+(``cases.task``).
 """
 
 import re

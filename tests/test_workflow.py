@@ -1,4 +1,4 @@
-"""The case workflow and the report rules (fhir_server.workflow), and routing (fhir_server.routing).
+"""The case workflow and the report rules (cases.workflow), and routing (cases.routing).
 
 Task status moves along the R4 state machine (409 business-rule otherwise), the ServiceRequest
 follows its case, a final second-opinion report completes it, reports move preliminary → final →
@@ -14,9 +14,9 @@ import hl7
 import pytest
 from fastapi.testclient import TestClient
 
-from fhir_server.cases import REPORT_ROLE
+from cases.task import REPORT_ROLE
+from cases.workflow import COMPARED_REPORT
 from fhir_server.db import Database
-from fhir_server.workflow import COMPARED_REPORT
 from hl7_bridge.intake import receive
 from overread.app import HOOKS, create_app
 from overread.config import ConfigError, OverreadConfig, load

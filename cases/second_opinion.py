@@ -1,7 +1,7 @@
 """What a second-opinion case and a second-opinion report are: one definition for every rule.
 
 The profiles (``fhir_server.profiles``: which reports must conform to ``second-opinion-report``),
-the report workflow (``fhir_server.workflow``) and result delivery (``fhir_server.results``) all
+the report workflow (``cases.workflow``) and result delivery (``cases.results``) all
 ask ``second_opinion_order``. A DiagnosticReport not tagged ``report-role|original`` is a
 second-opinion report when
 

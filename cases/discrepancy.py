@@ -19,9 +19,9 @@ from dataclasses import replace
 from functools import cache
 from typing import Any
 
+from cases.second_opinion import BASE, DISCREPANCY, RADPEER, SECOND_OPINION_REPORT, Lookup, items
 from fhir_server import profiles
 from fhir_server.errors import Issue
-from fhir_server.second_opinion import BASE, DISCREPANCY, RADPEER, SECOND_OPINION_REPORT, Lookup, items
 from mappings.concept_map import ConceptMap, parse_concept_map, translate
 
 CONCEPT_MAP = f"{BASE}ConceptMap/radpeer-to-discrepancy"

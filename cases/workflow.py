@@ -7,7 +7,7 @@
   release a case that was never started, CA/DC cancel one at any point before it ends.
 - The ServiceRequest follows its case: active while the Task is open, on-hold while it is,
   completed with it, revoked when it is cancelled, rejected or failed.
-- A second-opinion report (``fhir_server.second_opinion``) moves registered/partial/preliminary →
+- A second-opinion report (``cases.second_opinion``) moves registered/partial/preliminary →
   final → amended/corrected/appended; entered-in-error from anywhere. It gains the
   ``compared-report`` extension when the case has an original report, and ``imagingStudy`` (the
   studies linked to the order) when it names none. A final, amended, corrected or appended one
@@ -24,11 +24,11 @@ linked). 422 stays for content that is wrong whatever the state (type rules, pro
 
 from typing import Any
 
+from cases.second_opinion import REPORT_ROLE, case_of, second_opinion_order
+from cases.task import REPORTED, with_case_status
 from fhir_server import search
-from fhir_server.cases import REPORTED, with_case_status
 from fhir_server.errors import error
 from fhir_server.repository import Change, Repository, Stored
-from fhir_server.second_opinion import REPORT_ROLE, case_of, second_opinion_order
 
 COMPARED_REPORT = "https://overread.org/fhir/StructureDefinition/compared-report"
 #: The reader's reason for a final report without the case's images (docs/workflow.md).
@@ -197,7 +197,7 @@ def _compare_with_original(repo: Repository, change: Change, report: dict[str, A
 
 
 def linked_studies(repo: Repository, order_id: str) -> list[Stored]:
-    """The case's images: the ImagingStudies based on the order (``fhir_server.cases.link_study``)."""
+    """The case's images: the ImagingStudies based on the order (``cases.task.link_study``)."""
     return search.execute(repo.conn, search.parse("ImagingStudy", [("basedon", f"ServiceRequest/{order_id}")])).matches
 
 

@@ -7,14 +7,14 @@
 - Where the case stands is the Task's businessStatus (``set_case_status``); the linking
   worker (``dicom_bridge.linking``) links one ImagingStudy per study to every order that
   asked for it (``link_study``), only when the study's patient is the order's
-  (``fhir_server.patient_match``); ``$link-imaging`` queues the job again (``relink``), or
+  (``cases.patient_match``); ``$link-imaging`` queues the job again (``relink``), or
   with a ``Confirmation`` links a study whose patient did not match, audited
   (``confirmed_link_audit``).
 - An original report (tagged ``report-role|original``) is linked to its order by accession
   or placer number, whichever of the two arrives first, when its patient is the order's.
-- A new case is routed (``fhir_server.routing``): Task.owner and the due date
+- A new case is routed (``cases.routing``): Task.owner and the due date
   (Task.restriction.period.end) from the rules the hook was made with (``case_opener``).
-  Status rules of the case and its reports are ``fhir_server.workflow``.
+  Status rules of the case and its reports are ``cases.workflow``.
 """
 
 from dataclasses import dataclass
@@ -22,12 +22,13 @@ from typing import Any
 
 from sqlalchemy import update
 
-from fhir_server import dates, outbox, patient_match
+from cases import patient_match
+from cases.routing import NO_ROUTING, Routing, route
+from cases.second_opinion import REPORT_ROLE, case_of, is_original
+from fhir_server import dates, outbox
 from fhir_server.errors import error
 from fhir_server.repository import Change, Hook, Repository, Stored
-from fhir_server.routing import NO_ROUTING, Routing, route
 from fhir_server.schema import OutboxRow
-from fhir_server.second_opinion import REPORT_ROLE, case_of, is_original
 
 #: Defined with the second-opinion report (below the profiles, which need them); used from here too.
 __all__ = ["REPORT_ROLE", "case_of", "is_original"]
@@ -118,7 +119,7 @@ IMAGES_NOT_FOUND = "images-not-found"  # the job gave up: no PACS had a matching
 IMAGES_UNAVAILABLE = "images-unavailable"  # the job gave up: the study was found but could not be retrieved
 IMAGES_MISMATCH = "images-mismatch"  # a study was found, but of another patient: not linked
 PACS_UNREACHABLE = "pacs-unreachable"  # the job gave up: no PACS peer answered at all
-REPORTED = "reported"  # a final (amended, corrected) second-opinion report is in (fhir_server.workflow)
+REPORTED = "reported"  # a final (amended, corrected) second-opinion report is in (cases.workflow)
 #: Delivery of the final report's result (``hl7_bridge.delivery.case_delivery_status``; docs/delivery.md).
 RESULT_QUEUED = "result-queued"  # queued, or being retried, for a destination
 RESULT_SENT = "result-sent"  # every destination acknowledged it (AA)
