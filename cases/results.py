@@ -11,8 +11,7 @@ it (preliminary reports only go where a destination asks for them).
 """
 
 from cases.second_opinion import second_opinion_order
-from cases.workflow import same_content
-from fhir_server.repository import Change, Repository
+from fhir_server.repository import Change, Repository, same_content
 
 #: The outbox topic of a report version to deliver.
 RESULT = "result"

@@ -24,14 +24,14 @@ from sqlalchemy import update
 
 from cases import patient_match
 from cases.routing import NO_ROUTING, Routing, route
-from cases.second_opinion import REPORT_ROLE, case_of, is_original
+from cases.second_opinion import case_of, is_case, is_original, order_of
 from fhir_server import dates, outbox
 from fhir_server.errors import error
-from fhir_server.repository import Change, Hook, Repository, Stored
+from fhir_server.repository import Change, Hook, Repository, Stored, same_content
 from fhir_server.schema import OutboxRow
 
-#: Defined with the second-opinion report (below the profiles, which need them); used from here too.
-__all__ = ["REPORT_ROLE", "case_of", "is_original"]
+#: Defined with the second-opinion report; the bridges find the case Task here too.
+__all__ = ["case_of"]
 
 #: The outbox topic of the image-linking worker (dicom_bridge).
 LINK_IMAGING = "link-imaging"
@@ -69,10 +69,10 @@ open_case = case_opener()
 
 def _routed(repo: Repository, task: dict[str, Any], routing: Routing) -> dict[str, Any]:
     """A new Task of a case, routed by its order when the order is already written."""
-    reference = task.get("focus", {}).get("reference", "")
-    if task.get("intent") not in ORDER_INTENTS or not reference.startswith("ServiceRequest/"):
+    order_id = order_of(task)
+    if not is_case(task) or order_id is None:
         return task
-    order = repo.current("ServiceRequest", reference.removeprefix("ServiceRequest/"))
+    order = repo.current("ServiceRequest", order_id)
     return task if order is None or order.content is None else route(routing, task, order.resource)
 
 
@@ -155,6 +155,24 @@ def set_case_status(repo: Repository, order_id: str, code: str, reason: str | No
         repo.update("Task", task.id, updated, task.etag)
 
 
+def control_case(
+    repo: Repository, order_id: str, status: str | None, business_status: dict[str, Any] | None
+) -> dict[str, str]:
+    """The placer's order control on the order's case (HL7 ORC-1 CA/DC/HD/RL/SC: ``hl7_bridge.intake``).
+
+    The case Task takes ``status`` and ``business_status`` (a CodeableConcept: where the placer
+    says the order stands), each when given; the workflow judges the move (``cases.workflow``).
+    Returns ``{"Task/id": versioned reference}`` of what changed; empty when the order has no case.
+    """
+    case = case_of(repo, order_id)
+    changes = {"status": status, "businessStatus": business_status}
+    update = {k: v for k, v in changes.items() if v is not None}
+    if case is None or not update:
+        return {}
+    updated, _ = repo.update("Task", case.id, {**case.resource, **update}, case.etag)
+    return {f"Task/{updated.id}": f"Task/{updated.id}/_history/{updated.version}"}
+
+
 def with_case_status(task: dict[str, Any], code: str, reason: str | None = None) -> dict[str, Any]:
     """The Task with businessStatus ``code`` of the case-status CodeSystem and statusReason's text
     ``reason`` (none when None)."""
@@ -187,7 +205,7 @@ def link_study(repo: Repository, study: dict[str, Any]) -> Stored:
     based_on = [*current.resource.get("basedOn", [])]
     based_on += [ref for ref in study.get("basedOn", []) if ref not in based_on]
     updated = {**study, "id": current.id, "basedOn": based_on}
-    if {k: v for k, v in current.resource.items() if k != "meta"} == updated:
+    if same_content(current.resource, updated):
         return current
     return repo.update("ImagingStudy", current.id, updated, current.etag)[0]
 
@@ -277,8 +295,6 @@ def _detail(kind: str, value: str) -> dict[str, str]:
 
 # -- the original report a case is compared with ---------------------------------------
 
-#: ``meta.tag`` of a DiagnosticReport that is the original report (``mappings.original_report``).
-ORIGINAL_REPORT = {"system": REPORT_ROLE, "code": "original"}
 #: The order identifiers a report is matched on, in this order: accession, then placer number.
 LINK_TYPES = ("ACSN", "PLAC")
 

@@ -24,11 +24,12 @@ linked). 422 stays for content that is wrong whatever the state (type rules, pro
 
 from typing import Any
 
-from cases.second_opinion import REPORT_ROLE, case_of, second_opinion_order
+from cases.second_opinion import case_of, is_case, order_of, second_opinion_order
 from cases.task import REPORTED, with_case_status
 from fhir_server import search
 from fhir_server.errors import error
-from fhir_server.repository import Change, Repository, Stored
+from fhir_server.repository import Change, Repository, Stored, same_content
+from mappings.original_report import REPORT_ROLE
 
 COMPARED_REPORT = "https://overread.org/fhir/StructureDefinition/compared-report"
 #: The reader's reason for a final report without the case's images (docs/workflow.md).
@@ -92,16 +93,6 @@ def case_workflow(repo: Repository, change: Change) -> None:
         _report(repo, change)
 
 
-def is_case(task: dict[str, Any] | None) -> bool:
-    """A Task that tracks a second-opinion case: intent order, focus a ServiceRequest."""
-    return task is not None and task.get("intent") == "order" and _order_id(task) is not None
-
-
-def _order_id(task: dict[str, Any]) -> str | None:
-    reference = task.get("focus", {}).get("reference", "")
-    return reference.removeprefix("ServiceRequest/") if reference.startswith("ServiceRequest/") else None
-
-
 def _previous(change: Change) -> dict[str, Any] | None:
     """The current content before this write (None for a create or for bringing back a deleted one)."""
     return change.previous.resource if change.previous is not None and change.previous.content else None
@@ -118,7 +109,7 @@ def _task(repo: Repository, change: Change) -> None:
     by_report = new == "completed" and old in COMPLETED_BY_REPORT and _outputs_report(task)
     if new not in legal and not by_report:
         raise _illegal(f"Task/{change.id}", old, new, legal)
-    if (order_id := _order_id(task)) is not None and new in ORDER_STATUS:
+    if (order_id := order_of(task)) is not None and new in ORDER_STATUS:
         repo.defer(lambda r: _follow(r, order_id))
 
 
@@ -174,15 +165,6 @@ def _report(repo: Repository, change: Change) -> None:
         _require_images(change, order_id, studies)
         report_id, news = change.id, not same_content(before, change.resource)
         repo.defer(lambda r: _complete_case(r, order_id, report_id, news))
-
-
-def same_content(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """Whether two versions of a resource say the same (``id`` and ``meta`` aside)."""
-    if a is None or b is None:
-        return a is b
-    return {k: v for k, v in a.items() if k not in ("id", "meta")} == {
-        k: v for k, v in b.items() if k not in ("id", "meta")
-    }
 
 
 def _compare_with_original(repo: Repository, change: Change, report: dict[str, Any], order_id: str) -> None:

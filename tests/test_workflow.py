@@ -14,10 +14,10 @@ import hl7
 import pytest
 from fastapi.testclient import TestClient
 
-from cases.task import REPORT_ROLE
 from cases.workflow import COMPARED_REPORT
 from fhir_server.db import Database
 from hl7_bridge.intake import receive
+from mappings.original_report import REPORT_ROLE
 from overread.app import HOOKS, create_app
 from overread.config import ConfigError, OverreadConfig, load
 from overread.settings import Settings
