@@ -6,8 +6,8 @@ placer's order control (``control_case``, from the HL7 intake) all find it this 
 
 The profile rule (``required_profiles``, which ``overread.app`` gives ``fhir_server.profiles``:
 which reports must conform to ``second-opinion-report``), the report workflow and result delivery
-(``cases.results``) all ask ``second_opinion_order``. A DiagnosticReport not tagged ``report-role|original`` is a
-second-opinion report when
+(``cases.results``) all ask ``second_opinion_order``. A DiagnosticReport not tagged
+``report-role|original`` is a second-opinion report when
 
 - it is based on an order that is a case here: the ServiceRequest is stored and a Task of intent
   ``order`` has it as focus (docs/workflow.md); or

@@ -15,6 +15,8 @@
 - A new case is routed (``cases.routing``): Task.owner and the due date
   (Task.restriction.period.end) from the rules the hook was made with (``case_opener``).
   Status rules of the case and its reports are ``cases.workflow``.
+- The placer's order control (HL7 ORC-1 CA/DC/HD/RL/SC, ``hl7_bridge.intake``) reaches the
+  case Task through ``control_case``.
 """
 
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ __all__ = ["case_of"]
 
 #: The outbox topic of the image-linking worker (dicom_bridge).
 LINK_IMAGING = "link-imaging"
+#: ServiceRequest.intent of an order that opens a case (R4 request-intent, the order codes).
 ORDER_INTENTS = {"order", "original-order", "reflex-order", "filler-order", "instance-order"}
 
 
