@@ -66,7 +66,8 @@ from mappings.v2 import MAX_SEGMENTS, Message, header, parse
 #: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
 BASE = "urn:overread:hl7"
 _KEY = ("sender_key", "control_id")
-ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"
+#: Table 0038 (order status): ORC-5 as the case Task's businessStatus.
+V2_ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 # The statements every message runs, built once (building them cost more than running them).
 _CLAIM: dict[str, Insert] = {
@@ -239,7 +240,7 @@ def _change_case(repo: Repository, control: OrderControl) -> dict[str, Any]:
         updated, _ = repo.update("ServiceRequest", order.id, {**order.resource, "status": request_status}, order.etag)
         changed["ServiceRequest"] = f"ServiceRequest/{updated.id}/_history/{updated.version}"
     code = control.order_status  # table 0038: where the placer says the order stands
-    placer_status = {"coding": [{"system": ORDER_STATUS, "code": code}]} if code else None
+    placer_status = {"coding": [{"system": V2_ORDER_STATUS, "code": code}]} if code else None
     changed |= control_case(repo, order.id, task_status, placer_status)
     return {"orderControl": control.code, "changed": changed}
 
