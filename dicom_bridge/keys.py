@@ -2,7 +2,7 @@
 
 One list serves C-FIND (empty elements as return keys) and QIDO-RS (``includefield``),
 so both doors return what the ImagingStudy mapping and the patient match
-(``fhir_server.patient_match``: the Patient module's identity, PS3.3 C.7.1.1) need.
+(``cases.patient_match``: the Patient module's identity, PS3.3 C.7.1.1) need.
 """
 
 STUDY = (

@@ -4,7 +4,7 @@ It consumes the ``link-imaging`` outbox rows that every new order leaves (and th
 ``$link-imaging`` and pushed studies add). For each: build the query from the order, ask
 the configured PACS peers in order and then the local image store, link what is found
 (an ImagingStudy per Study Instance UID, based on the order) when its patient is the
-order's (``fhir_server.patient_match``, each source with its own rule), retrieve it where
+order's (``cases.patient_match``, each source with its own rule), retrieve it where
 the peer says so, and tell the case where it stands (Task.businessStatus, the reason a
 sentence of ``dicom_bridge.reasons``). A PACS that is down, a study not there yet or a
 retrieve that fails means: try again later, with backoff, until the configured limit; then
@@ -30,17 +30,19 @@ from typing import Any, Literal, Protocol
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from cases import patient_match
+from cases import task as cases
+from cases.patient_match import STRICT, Identity, MatchRule
+from cases.task import Confirmation
 from dicom_bridge import reasons
 from dicom_bridge.dicomweb import DicomWebClient
 from dicom_bridge.dimse import DimseClient, Peer
 from dicom_bridge.errors import PacsError, PacsUnavailable, RetrieveFailed
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery, missing
-from fhir_server import cases, dates, outbox, patient_match, search
-from fhir_server.cases import Confirmation
+from fhir_server import dates, outbox, search
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
-from fhir_server.patient_match import STRICT, Identity, MatchRule
 from fhir_server.repository import Hook, Repository, Stored
 from fhir_server.schema import OutboxRow
 from mappings.imaging_study import Study, imaging_study

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from fhir_server.patient_match import Identity
+from cases.patient_match import Identity
 
 IMAGE_STORE = "the image store"
 

@@ -1,13 +1,7 @@
 """The FHIR operations this server implements (R4 operations.html), by type and name.
 
-``POST [base]/ServiceRequest/[id]/$link-imaging``: queue the order's image-linking job
-again now, e.g. after the study reached the PACS or a PACS peer was fixed. The job runs
-in the background (``dicom_bridge.linking``), so the answer is 202 Accepted; the case's
-Task.businessStatus tells how it went. With a Parameters body naming a study
-(``studyInstanceUid``, or ``imagingStudy`` a reference) it is an operator's confirmation
-that the study is the order's although its patient did not match: ``reason`` (why) and
-``operator`` (who: a reference, or a name) are then required, and the link writes an
-AuditEvent (docs/image-linking.md, "Confirming a study").
+Instance-level operations of one resource type (``INSTANCE``) come from the application, which
+registers them at start-up (``register``; ``$link-imaging`` is the second-opinion case's).
 
 ``[base]/[type]/$validate`` and ``[base]/[type]/[id]/$validate`` (R4 resource-operation-validate):
 the structural rules of the type and the profiles the resource claims or must conform to
@@ -19,63 +13,30 @@ is always valid here (nothing in this server refuses a delete).
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from fhir_server import cases
+from fhir_server import profiles
 from fhir_server.errors import FhirError, Issue, error, information, operation_outcome
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.repository import Repository
 
-Operation = Callable[[Repository, FhirRequest, str], FhirResponse]
-BASE = "https://overread.org/fhir/OperationDefinition"
+
+@dataclass(frozen=True)
+class Operation:
+    """An instance-level operation: ``run(repo, request, id)``, and the canonical url of its OperationDefinition."""
+
+    run: Callable[[Repository, FhirRequest, str], FhirResponse]
+    definition: str
 
 
-def link_imaging(repo: Repository, req: FhirRequest, order_id: str) -> FhirResponse:
-    confirmation = _confirmation(repo, req.body)
-    cases.relink(repo, order_id, confirmation)
-    what = f" linking study {confirmation.study_uid} as confirmed" if confirmation else ""
-    return FhirResponse(202, information(f"An image-linking job for ServiceRequest/{order_id}{what} is queued"))
+#: (resource type, operation name without "$") → the instance-level operation (``register``).
+INSTANCE: dict[tuple[str, str], Operation] = {}
 
 
-def _confirmation(repo: Repository, body: Any) -> cases.Confirmation | None:
-    """The confirmation a ``$link-imaging`` Parameters body carries, if it names a study (400 if half of one)."""
-    if body is None:
-        return None
-    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
-        raise error(400, "structure", "$link-imaging takes no body or a Parameters resource")
-    values = {p.get("name"): p for p in parameters(body)}
-    study_uid = _string(values.get("studyInstanceUid"))
-    if (reference := values.get("imagingStudy")) is not None:
-        study_uid = _study_uid(repo, str(reference.get("valueReference", {}).get("reference", "")))
-    reason, operator = _string(values.get("reason")), values.get("operator", {})
-    if not study_uid:
-        if reason or operator:
-            raise error(400, "required", "A confirmation names the study: studyInstanceUid or imagingStudy")
-        return None
-    reference = operator.get("valueReference")
-    named = {"display": name} if (name := _string(operator)) else None
-    who = (
-        reference if isinstance(reference, dict) and (reference.get("reference") or reference.get("display")) else named
-    )
-    if not reason:
-        raise error(400, "required", "Confirming a study needs a reason (parameter 'reason')", "reason")
-    if not who:
-        raise error(400, "required", "Confirming a study needs the operator (parameter 'operator')", "operator")
-    return cases.Confirmation(study_uid.removeprefix("urn:oid:"), reason, who)
-
-
-def _string(parameter: dict[str, Any] | None) -> str:
-    value = next((v for k, v in (parameter or {}).items() if k in ("valueString", "valueOid", "valueId")), "")
-    return str(value).strip()
-
-
-def _study_uid(repo: Repository, reference: str) -> str:
-    kind, _, rid = reference.partition("/")
-    found = repo.current(kind, rid) if kind == "ImagingStudy" and rid else None
-    if found is None or found.content is None:
-        raise error(400, "not-found", f"imagingStudy {reference!r} is not an ImagingStudy here", "imagingStudy")
-    uids = [i["value"] for i in found.resource.get("identifier", []) if i.get("system") == "urn:dicom:uid"]
-    return str(uids[0]) if uids else ""
+def register(rtype: str, name: str, operation: Operation) -> None:
+    """Serve ``POST [base]/[rtype]/[id]/$[name]`` in this process (the application does, at start-up)."""
+    INSTANCE[(rtype, name)] = operation
 
 
 VALIDATE = "http://hl7.org/fhir/OperationDefinition/Resource-validate"
@@ -97,14 +58,14 @@ def validate(repo: Repository, req: FhirRequest, rtype: str, rid: str | None) ->
         raise error(400, "invalid", f"Expected a {rtype} but the resource is a {resource.get('resourceType')}")
     if rid is not None and mode in ("update", None) and resource.get("id", rid) != rid:
         raise error(400, "invalid", f"The resource's id {resource.get('id')!r} is not {rid!r}", "id")
-    from fhir_server.validation import check_structure, conformance_issues  # validation imports profiles, not us
+    from fhir_server.validation import check_structure  # validation imports profiles, not us
 
     try:
         check_structure(resource)  # the type's rules; then, as a write would, the profiles and their coding
     except FhirError as exc:
         issues: list[Issue] = exc.issues
     else:
-        issues = conformance_issues(resource, wanted, repo)
+        issues = profiles.check(resource, wanted, repo)
     if not issues:
         return FhirResponse(200, information("valid", "informational"))
     unique = list(dict.fromkeys(issues))
@@ -138,8 +99,6 @@ def _validate_input(req: FhirRequest) -> tuple[Any, list[str], str | None]:
     return body, wanted, mode
 
 
-#: (resource type, operation name without "$") → the instance-level operation.
-INSTANCE: dict[tuple[str, str], Operation] = {("ServiceRequest", "link-imaging"): link_imaging}
 #: Operations on every type, at type and instance level, and the methods they answer.
 EVERY_TYPE: dict[str, tuple[str, ...]] = {"validate": ("POST", "GET")}
 
@@ -154,7 +113,7 @@ def instance(repo: Repository, req: FhirRequest, rtype: str, rid: str, name: str
             "not-supported",
             f"{req.method} {rtype}/[id]/{name} is not an operation here",
         )
-    return operation(repo, req, rid)
+    return operation.run(repo, req, rid)
 
 
 def type_level(repo: Repository, req: FhirRequest, rtype: str, name: str, rid: str | None = None) -> FhirResponse:
@@ -170,5 +129,5 @@ def type_level(repo: Repository, req: FhirRequest, rtype: str, name: str, rid: s
 
 def capability(rtype: str) -> list[dict[str, str]]:
     """The CapabilityStatement's ``rest.resource.operation`` entries of ``rtype``."""
-    own = [{"name": name, "definition": f"{BASE}/{t}-{name}"} for t, name in INSTANCE if t == rtype]
+    own = [{"name": name, "definition": op.definition} for (t, name), op in INSTANCE.items() if t == rtype]
     return [*own, {"name": "validate", "definition": VALIDATE}]

@@ -18,11 +18,11 @@ Extensions whose url is one of our extension StructureDefinitions (``compared-re
 checked against it wherever they appear.
 
 Which writes are checked (``required``): a resource that claims one of our profiles in
-``meta.profile``; and every second-opinion report (``fhir_server.second_opinion``: one based on
-an order that is a case here, or one that says it is a second opinion) must conform to
-``second-opinion-report`` whether it claims it or not: a reader's client that forgets the
-discrepancy code, or sends two, is refused rather than trusted to claim the profile. Any other
-DiagnosticReport (another service's, original reports) is not held to it.
+``meta.profile``, and one that a rule the application registered (``require``) holds to one of
+ours whether it claims it or not (Overread: every second-opinion report, ``cases.second_opinion``).
+A profile may ask more than its differential says: the application registers those checks too
+(``add_check``; Overread: the RADPEER score and the discrepancy level agree, ``cases.discrepancy``).
+Both registries are process-wide and empty here: this module knows no domain.
 """
 
 import re
@@ -36,7 +36,7 @@ from fhirpathpy.models import models
 
 import conformance
 from fhir_server.errors import Issue
-from fhir_server.second_opinion import SECOND_OPINION_REPORT, Lookup, is_second_opinion_report, items
+from fhir_server.lookup import Lookup
 
 BASE = "https://overread.org/fhir/"
 CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
@@ -44,6 +44,24 @@ CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
 _REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_history/[^/]+)?$")
 
 Json = dict[str, Any]
+#: The profiles of ours a resource must conform to whether it claims them or not (``require``).
+Requirement = Callable[[Json, Lookup | None], list[str]]
+#: What a profile asks beyond its differential: the issues of a resource checked against ``urls`` (``add_check``).
+Check = Callable[[Json, list[str], Lookup | None], list[Issue]]
+_requirements: list[Requirement] = []
+_checks: list[Check] = []
+
+
+def require(requirement: Requirement) -> None:
+    """Hold resources to the profiles ``requirement`` names, in this process (the application does, at start-up)."""
+    if requirement not in _requirements:
+        _requirements.append(requirement)
+
+
+def add_check(check: Check) -> None:
+    """Run ``check`` with the profiles of every resource checked, in this process (at start-up)."""
+    if check not in _checks:
+        _checks.append(check)
 
 
 # -- the artifacts ------------------------------------------------------------------
@@ -195,6 +213,12 @@ def _matches(value: Any, pattern: Any) -> bool:
     return bool(value == pattern)
 
 
+def items(node: Any, key: str) -> list[Json]:
+    """The objects of the list ``node[key]``: this runs on any JSON, never raising on a malformed one."""
+    value = node.get(key) if isinstance(node, dict) else None
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
 def supported(rtype: str) -> list[str]:
     """The canonical urls of our profiles of ``rtype`` (CapabilityStatement ``supportedProfile``)."""
     return sorted(url for url, p in profiles().items() if p.type == rtype)
@@ -204,24 +228,22 @@ def supported(rtype: str) -> list[str]:
 
 
 def required(resource: Json, store: Lookup | None = None) -> list[str]:
-    """The profiles a resource must conform to: those it claims, and ours that it must (see above).
-
-    ``store`` answers whether a report's order is a case here; without it only what the
-    resource says counts.
-    """
+    """The profiles a resource must conform to: those of ours it claims, and those the rules of
+    ``require`` name. ``store`` lets a rule read the store; without it only the resource counts."""
     meta = resource.get("meta")
     claimed = meta.get("profile") if isinstance(meta, dict) else None
     urls = [p.split("|")[0] for p in claimed or () if isinstance(p, str) and p.startswith(BASE)]
-    if is_second_opinion_report(resource, store):
-        urls.append(SECOND_OPINION_REPORT)
+    urls += [url for requirement in _requirements for url in requirement(resource, store)]
     return list(dict.fromkeys(urls))
 
 
 def check(resource: Json, extra: list[str] | tuple[str, ...] = (), store: Lookup | None = None) -> list[Issue]:
-    """Every issue of ``resource`` against the profiles it must conform to (and ``extra`` ones)."""
+    """Every issue of ``resource`` against the profiles it must conform to (and ``extra`` ones),
+    with what the checks of ``add_check`` find."""
     issues: list[Issue] = []
     rtype = resource.get("resourceType", "")
-    for url in applicable(resource, extra, store):
+    urls = applicable(resource, extra, store)
+    for url in urls:
         profile = profiles().get(url)
         if profile is None or profile.type == "Extension":
             issues.append(Issue("not-supported", f"{url} is not a profile this server knows", expression=(rtype,)))
@@ -230,7 +252,7 @@ def check(resource: Json, extra: list[str] | tuple[str, ...] = (), store: Lookup
         else:
             issues += _check(profile, resource, rtype, resource)
     issues += _extensions(resource, rtype, resource)
-    return issues
+    return [*issues, *(issue for check in _checks for issue in check(resource, urls, store))]
 
 
 def applicable(resource: Json, extra: list[str] | tuple[str, ...] = (), store: Lookup | None = None) -> list[str]:

@@ -78,6 +78,15 @@ class Change:
         return self.previous.version + 1 if self.previous else 1
 
 
+def same_content(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two versions of a resource say the same: ``id`` and ``meta`` are the server's (R4 resource.html)."""
+    if a is None or b is None:
+        return a is b
+    return {k: v for k, v in a.items() if k not in ("id", "meta")} == {
+        k: v for k, v in b.items() if k not in ("id", "meta")
+    }
+
+
 class Versioned(Protocol):
     """One version of a resource: a ``Stored`` after a write, or a ``Change`` inside a hook."""
 

@@ -16,9 +16,9 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import BaseModel, ValidationError
 
-from fhir_server import discrepancy, profiles
+from fhir_server import profiles
 from fhir_server.errors import FhirError, Issue, error
-from fhir_server.second_opinion import Lookup
+from fhir_server.lookup import Lookup
 
 SUPPORTED_TYPES = (
     "Patient", "Practitioner", "PractitionerRole", "Organization", "Endpoint", "Coverage", "Encounter",
@@ -52,11 +52,11 @@ def validate(resource: Any, resource_type: str | None = None, store: Lookup | No
 
     400 when the body is not a resource of the expected type at all, 422 when it is one
     but breaks the rules of its type (unknown elements, wrong datatypes, cardinality) or of
-    the profiles it must conform to. ``store`` (the repository writing it) tells whether a
-    report is about a case here (``fhir_server.second_opinion``) and holds its stored findings.
+    the profiles it must conform to (``fhir_server.profiles``, with the rules the application
+    registered there). ``store`` (the repository writing it) is what those rules may read.
     """
     checked = check_structure(resource, resource_type)
-    unmet = conformance_issues(checked, (), store)
+    unmet = profiles.check(checked, (), store)
     if unmet:
         raise FhirError(422, unmet)
     return checked
@@ -84,16 +84,6 @@ def check_structure(resource: Any, resource_type: str | None = None) -> dict[str
     if wrong:
         raise FhirError(422, wrong)
     return resource
-
-
-def conformance_issues(
-    resource: dict[str, Any], extra: tuple[str, ...] | list[str], store: Lookup | None
-) -> list[Issue]:
-    """The issues of a structurally valid resource against the profiles it claims or must conform to
-    (``fhir_server.profiles``) and ``extra`` ones, and the coding consistency those profiles ask
-    (``fhir_server.discrepancy``): what a write refuses and ``$validate`` reports, all at once."""
-    urls = profiles.applicable(resource, extra, store)
-    return [*profiles.check(resource, extra, store), *discrepancy.check(resource, urls, store)]
 
 
 def _issue(resource_type: str, err: Any) -> Issue:

@@ -20,10 +20,10 @@ from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cases.results import RESULT_STATUSES
+from cases.second_opinion import second_opinion_order
 from fhir_server.repository import Repository
-from fhir_server.results import RESULT_STATUSES
 from fhir_server.schema import ResourceRow
-from fhir_server.second_opinion import second_opinion_order
 from hl7_bridge.delivery import Delivery, Result, show_on_case
 from hl7_bridge.outbound import FAILED, NO_DESTINATION, OutboundMessage
 

@@ -3,7 +3,7 @@
 Two kinds of worker share the outbound message store (``hl7_bridge.outbound``):
 
 - **Queueing** claims the ``result`` outbox rows that second-opinion reports leave
-  (``fhir_server.results``), gathers the report version's ORU context, chooses the destinations
+  (``cases.results``), gathers the report version's ORU context, chooses the destinations
   (those of the ordering facility, MSH-4 of the order, else the default ones: ``sending_facility``
   ""), builds one ORU^R01 per destination with a fresh MSH-10, stores it ``queued`` and completes
   the outbox row: one transaction. The unique key (destination, report, version, sequence) means a
@@ -48,12 +48,13 @@ import orjson
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from fhir_server import cases, dates, outbox, search
+from cases import task as cases
+from cases.results import RESULT
+from fhir_server import dates, outbox, search
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
 from fhir_server.outbox import Backoff
 from fhir_server.repository import Hook, Repository
-from fhir_server.results import RESULT
 from fhir_server.schema import OutboxRow
 from hl7_bridge import mllp
 from hl7_bridge.intake import Senders

@@ -23,7 +23,7 @@ with its error and answered AE; its resources are not written. Any other failure
 
 An ORU^R01 (the original report from the source RIS) goes the same way, without order control:
 its DiagnosticReport is written and answered AA (ACK^R01); the store links it to its case
-(``fhir_server.cases``).
+(``cases.task``).
 """
 
 import re
@@ -37,7 +37,8 @@ import orjson
 from sqlalchemy import Connection, Insert, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from fhir_server import bundle, conditional, dates, search
+from cases.task import control_case
+from fhir_server import bundle, conditional, dates
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
 from fhir_server.repository import Hook, Repository, Stored
@@ -65,7 +66,8 @@ from mappings.v2 import MAX_SEGMENTS, Message, header, parse
 #: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
 BASE = "urn:overread:hl7"
 _KEY = ("sender_key", "control_id")
-ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"
+#: Table 0038 (order status): ORC-5 as the case Task's businessStatus.
+V2_ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 # The statements every message runs, built once (building them cost more than running them).
 _CLAIM: dict[str, Insert] = {
@@ -230,19 +232,16 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
 
 
 def _change_case(repo: Repository, control: OrderControl) -> dict[str, Any]:
-    """Apply CA/DC/HD/RL/SC to the order's ServiceRequest and its Task; return what changed."""
+    """Apply CA/DC/HD/RL/SC to the order's ServiceRequest, and through ``control_case`` to its case."""
     order = _find_order(repo, control)
-    tasks = search.execute(repo.conn, search.parse("Task", [("focus", f"ServiceRequest/{order.id}")])).matches
     request_status, task_status = control.statuses
     changed = {}
     if request_status:
-        changed["ServiceRequest"] = _set(repo, order, {"status": request_status})
-    for task in tasks:
-        update: dict[str, Any] = {"status": task_status} if task_status else {}
-        if control.order_status:  # table 0038: where the placer says the order stands
-            update["businessStatus"] = {"coding": [{"system": ORDER_STATUS, "code": control.order_status}]}
-        if update:
-            changed[f"Task/{task.id}"] = _set(repo, task, update)
+        updated, _ = repo.update("ServiceRequest", order.id, {**order.resource, "status": request_status}, order.etag)
+        changed["ServiceRequest"] = f"ServiceRequest/{updated.id}/_history/{updated.version}"
+    code = control.order_status  # table 0038: where the placer says the order stands
+    placer_status = {"coding": [{"system": V2_ORDER_STATUS, "code": code}]} if code else None
+    changed |= control_case(repo, order.id, task_status, placer_status)
     return {"orderControl": control.code, "changed": changed}
 
 
@@ -253,11 +252,6 @@ def _find_order(repo: Repository, control: OrderControl) -> Stored:
     if not orders:
         raise MappingError(UNKNOWN_KEY, "ORC-2", f"No order with placer number {control.placer['value']} is known")
     return orders[0]
-
-
-def _set(repo: Repository, stored: Stored, changes: dict[str, Any]) -> str:
-    updated, _ = repo.update(stored.type, stored.id, {**stored.resource, **changes}, stored.etag)
-    return f"{updated.type}/{updated.id}/_history/{updated.version}"
 
 
 def _claim(conn: Connection, row: dict[str, Any], key: str) -> int | None:

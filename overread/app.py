@@ -12,19 +12,20 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import Connection
 
+from cases import discrepancy, link_imaging, second_opinion
+from cases.results import results
+from cases.task import case_opener
+from cases.workflow import case_workflow
 from dicom_bridge import tuning
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
 from dicom_bridge.storage_scp import Limits, StorageScp
-from fhir_server import api, search_limits
-from fhir_server.cases import case_opener
+from fhir_server import api, operations, profiles, search_limits
 from fhir_server.conformance_seed import publish
 from fhir_server.db import Database
 from fhir_server.notifier import Notifier
 from fhir_server.repository import Hook
-from fhir_server.results import results
 from fhir_server.subscriptions import notify
-from fhir_server.workflow import case_workflow
 from hl7_bridge.api import messages_router, outbound_router
 from hl7_bridge.delivery import Delivery
 from hl7_bridge.intake import failed, last_resort, oversize, receive_in
@@ -35,6 +36,17 @@ from overread.server import http_config
 from overread.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def wire_cases() -> None:
+    """The second-opinion case in the generic FHIR store, for the whole process: ``$link-imaging``,
+    the profile every second-opinion report must conform to, and its RADPEER/discrepancy check."""
+    operations.register("ServiceRequest", "link-imaging", link_imaging.OPERATION)
+    profiles.require(second_opinion.required_profiles)
+    profiles.add_check(discrepancy.check)
+
+
+wire_cases()  # on import: every door of this process (HTTP, MLLP, workers, CLI) writes through the same rules
 
 
 def make_hooks(cfg: OverreadConfig) -> tuple[Hook, ...]:

@@ -54,7 +54,7 @@ Each ``pacs`` entry may set ``patient_match`` and ``issuers`` of its own (docs/i
         poll_seconds: 1
 
 ``routing`` assigns a new case's reader (Task.owner) and ``due`` its due date by priority
-(``fhir_server.routing``; docs/workflow.md)::
+(``cases.routing``; docs/workflow.md)::
 
     routing:                       # the first rule that matches wins; criteria left out match anything
       - owner: {reference: Organization/neuro-group, display: Neuroradiology}   # or Practitioner/...
@@ -88,9 +88,9 @@ from pydantic import (
     model_validator,
 )
 
+from cases.patient_match import MatchRule, Mode
+from cases.routing import Routing, Rule
 from fhir_server.outbox import Backoff
-from fhir_server.patient_match import MatchRule, Mode
-from fhir_server.routing import Routing, Rule
 from hl7_bridge.outbound import NO_DESTINATION
 from mappings.concept_map import ConceptMap, ConceptMapError, parse_concept_map
 from mappings.sender import FieldOverrides, FieldPath, IdentifiedBy, SenderConfig

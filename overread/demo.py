@@ -22,9 +22,10 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from cases.task import IMAGES_AVAILABLE, IMAGES_PENDING
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SAMPLE_ISSUER, SamplePacs, sample_path
 from dicom_bridge.tuning import ASSOCIATION_HANDLERS
-from fhir_server import cases, dates
+from fhir_server import dates
 from fhir_server.db import Database
 from hl7_bridge.ack import acknowledge
 from hl7_bridge.mllp import send, serving_in_thread
@@ -86,12 +87,12 @@ def run(settings: Settings | None = None) -> int:
                     f"   sample PACS {pacs.ae_title} on 127.0.0.1:{pacs.port}, our Storage SCP on 127.0.0.1:{scp.port}"
                 )
                 on_pacs, missing = sorted(orders, key=lambda o: _accession(o) != DEMO_ACCESSION)
-                _wait(fhir, on_pacs, cases.IMAGES_AVAILABLE)
-                _wait(fhir, missing, cases.IMAGES_PENDING, cases.IMAGES_AVAILABLE)  # the latter on a rerun
+                _wait(fhir, on_pacs, IMAGES_AVAILABLE)
+                _wait(fhir, missing, IMAGES_PENDING, IMAGES_AVAILABLE)  # the latter on a rerun
                 _show_cases(fhir, orders)
                 print("\n5. The modality pushes the second order's study to our Storage SCP (C-STORE)")
                 _push(settings.dicom_ae_title, scp.port, _accession(missing))
-                _wait(fhir, missing, cases.IMAGES_AVAILABLE)
+                _wait(fhir, missing, IMAGES_AVAILABLE)
                 _show_cases(fhir, orders)
                 for study in fhir.get("ImagingStudy", params={"subject.identifier": MRN}).json().get("entry", []):
                     _describe(study["resource"])

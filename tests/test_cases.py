@@ -54,7 +54,7 @@ def test_an_hl7_order_opens_its_case_once_with_its_linking_job(client, db):
 
 
 def test_a_task_of_another_intent_about_the_order_is_not_its_case(client, db):
-    """Only an intent-order Task is the case (workflow.is_case): a plan about the order does not stand in for it."""
+    """Only an intent-order Task is the case (second_opinion.is_case): a plan about the order is not it."""
     transaction = case_transaction()
     plan = transaction["entry"][2]
     plan["resource"] = {**plan["resource"], "intent": "plan"}

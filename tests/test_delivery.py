@@ -21,11 +21,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from cases.results import RESULT
 from fhir_server import outbox, search
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
 from fhir_server.repository import Repository
-from fhir_server.results import RESULT
 from fhir_server.schema import OutboxRow
 from hl7_bridge.delivery import Delivery, choose, delivery_status, judge
 from hl7_bridge.intake import receive

@@ -18,15 +18,15 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from cases.patient_match import MatchRule
+from cases.task import IMAGES_AVAILABLE, IMAGES_NOT_FOUND, IMAGES_PENDING
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
 from dicom_bridge.query import StudyQuery, missing
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SAMPLE_ISSUER, SamplePacs, sample_path
 from dicom_bridge.storage_scp import StorageScp
-from fhir_server import cases
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
-from fhir_server.patient_match import MatchRule
 from fhir_server.schema import OutboxRow
 from mappings.imaging_study import Series, Study
 from overread.app import HOOKS
@@ -99,7 +99,7 @@ def test_an_order_gets_its_imaging_study_from_the_pacs(env):
     assert (study["numberOfSeries"], study["numberOfInstances"], study["modality"][0]["code"]) == (1, 1, "CT")
     endpoint = env.client.get(f"/fhir/{study['endpoint'][0]['reference']}").json()
     assert endpoint["address"] == f"dicom://SAMPLEPACS@127.0.0.1:{env.pacs.port}"
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.status(order_id) == IMAGES_AVAILABLE
     assert env.jobs() == [("done", 1)]
     assert env.store.count(CT_STUDY) == 0  # retrieve: none
 
@@ -111,7 +111,7 @@ def test_retrieve_brings_every_instance_into_the_image_store(env, method):
     (study,) = env.studies()
     assert study["numberOfSeries"] == 2
     assert env.store.count(study["identifier"][0]["value"].removeprefix("urn:oid:")) == study["numberOfInstances"] == 2
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.status(order_id) == IMAGES_AVAILABLE
     assert env.jobs() == [("done", 1)]
 
 
@@ -121,7 +121,7 @@ def test_two_orders_for_one_study_share_one_imaging_study(env):
     (study,) = env.studies()
     assert study["basedOn"] == [{"reference": f"ServiceRequest/{first}"}, {"reference": f"ServiceRequest/{second}"}]
     assert env.linker().run_once() == 0  # nothing left to do; relinking changes nothing
-    assert env.status(first) == env.status(second) == cases.IMAGES_AVAILABLE
+    assert env.status(first) == env.status(second) == IMAGES_AVAILABLE
 
 
 def test_a_pacs_that_is_down_means_retry_then_linked_when_it_is_back(env):
@@ -130,13 +130,13 @@ def test_a_pacs_that_is_down_means_retry_then_linked_when_it_is_back(env):
     down.sources.pop()  # the image store would not have it either
     assert down.run_once() == 1
     case = env.case(order_id)
-    assert case["businessStatus"]["coding"][0]["code"] == cases.IMAGES_PENDING
+    assert case["businessStatus"]["coding"][0]["code"] == IMAGES_PENDING
     assert "did not answer" in case["statusReason"]["text"]
     assert down.run_once() == 0  # backing off
     with env.db.transaction() as session:  # time passes
         session.execute(OutboxRow.__table__.update().values(available_at=OutboxRow.created_at))
     assert env.linker().run_once() == 1
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.status(order_id) == IMAGES_AVAILABLE
     assert "statusReason" not in env.case(order_id)
 
 
@@ -144,13 +144,13 @@ def test_a_study_arriving_late_is_linked_on_a_later_attempt(env):
     order_id = env.order("ACC-LATE")
     linker = env.linker()
     linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_PENDING and env.studies() == []
+    assert env.status(order_id) == IMAGES_PENDING and env.studies() == []
     assert env.case(order_id)["statusReason"]["text"] == (
         'No study on PACS "main" or in the image store matches AccessionNumber=ACC-LATE.'
     )
     env.pacs.add(new_study("ACC-LATE"))
     linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE and len(env.studies()) == 1
+    assert env.status(order_id) == IMAGES_AVAILABLE and len(env.studies()) == 1
 
 
 def test_the_job_gives_up_after_its_limit_with_a_final_status(env):
@@ -158,7 +158,7 @@ def test_the_job_gives_up_after_its_limit_with_a_final_status(env):
     linker = env.linker()
     for _ in range(3):
         linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_NOT_FOUND
+    assert env.status(order_id) == IMAGES_NOT_FOUND
     assert env.jobs() == [("dead", 3)]
     assert linker.run_once() == 0
 
@@ -168,7 +168,7 @@ def test_an_unknown_move_destination_is_a_clear_reason_and_the_study_stays_linke
     order_id = env.order()
     env.linker("c-move").run_once()
     case = env.case(order_id)
-    assert case["businessStatus"]["coding"][0]["code"] == cases.IMAGES_PENDING
+    assert case["businessStatus"]["coding"][0]["code"] == IMAGES_PENDING
     assert "0xA801" in case["statusReason"]["text"]
     assert len(env.studies()) == 1  # the radiologist can already open it on the PACS
 
@@ -177,7 +177,7 @@ def test_a_pushed_study_links_the_waiting_case(env, tmp_path):
     order_id = env.order("ACC-PUSHED")
     linker = env.linker(backoff=Backoff(max_attempts=5, first_delay=timedelta(hours=1)))
     linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_PENDING
+    assert env.status(order_id) == IMAGES_PENDING
     pushed = new_study("ACC-PUSHED")
     pushed.save_as(tmp_path / "pushed.dcm")
     _storescu(env.scp.port, tmp_path / "pushed.dcm")
@@ -186,7 +186,7 @@ def test_a_pushed_study_links_the_waiting_case(env, tmp_path):
     while not linker.run_once():
         assert time.monotonic() < deadline, "the pushed study did not wake the job"
         time.sleep(0.05)
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.status(order_id) == IMAGES_AVAILABLE
     (study,) = env.studies()
     assert study["identifier"][0]["value"] == f"urn:oid:{pushed.StudyInstanceUID}"
     assert "endpoint" not in study  # found in our own image store
@@ -204,13 +204,13 @@ def test_link_imaging_operation_runs_the_job_again(env):
     order_id = env.order("ACC-LATER")
     linker = env.linker(backoff=Backoff(max_attempts=1))
     linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_NOT_FOUND
+    assert env.status(order_id) == IMAGES_NOT_FOUND
     env.pacs.add(new_study("ACC-LATER"))
     response = env.client.post(f"/fhir/ServiceRequest/{order_id}/$link-imaging")
     assert response.status_code == 202 and response.json()["resourceType"] == "OperationOutcome"
-    assert env.status(order_id) == cases.IMAGES_PENDING
+    assert env.status(order_id) == IMAGES_PENDING
     linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.status(order_id) == IMAGES_AVAILABLE
 
 
 def test_link_imaging_refuses_what_it_cannot_do(client):
@@ -244,7 +244,7 @@ def test_a_pacs_answer_that_cannot_be_mapped_is_a_retry_with_the_reason(env):
     order_id = env.order("ACC-BROKEN")
     env.linker().run_once()
     case = env.case(order_id)
-    assert case["businessStatus"]["coding"][0]["code"] == cases.IMAGES_PENDING
+    assert case["businessStatus"]["coding"][0]["code"] == IMAGES_PENDING
     assert case["statusReason"]["text"].startswith("Linking failed: ValueError: a series-level answer lacks")
     assert env.jobs() == [("pending", 1)] and env.studies() == []
 
@@ -284,7 +284,7 @@ def test_a_job_finished_by_another_run_is_not_undone(env):
         (pk,) = session.scalars(select(OutboxRow.pk))
     linker._retry(pk, order_id, "the late run failed")
     assert env.jobs() == [("done", 1)]
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE and "statusReason" not in env.case(order_id)
+    assert env.status(order_id) == IMAGES_AVAILABLE and "statusReason" not in env.case(order_id)
 
 
 def test_close_closes_the_dicomweb_client(env):
@@ -306,10 +306,10 @@ def test_a_push_while_the_job_runs_is_not_undone_by_its_backoff(env):
         return found
 
     linker.sources[0].find = find_then_pushed  # type: ignore[method-assign]
-    assert linker.run_once() == 1 and env.status(order_id) == cases.IMAGES_PENDING
+    assert linker.run_once() == 1 and env.status(order_id) == IMAGES_PENDING
     linker.sources[0].find = pacs_find  # type: ignore[method-assign]
     assert linker.run_once() == 1  # due at once, not in an hour
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.status(order_id) == IMAGES_AVAILABLE
 
 
 def test_the_image_store_finds_studies_by_accession_and_by_patient(tmp_path):

@@ -35,14 +35,14 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
+from cases.patient_match import MatchRule
+from cases.task import IMAGES_AVAILABLE, IMAGES_MISMATCH, IMAGES_PENDING, PACS_UNREACHABLE
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import DCM, Linker, Source
 from dicom_bridge.sample_pacs import SAMPLE_ISSUER, sample_files, sample_path
 from dicom_bridge.storage_scp import StorageScp
-from fhir_server import cases
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
-from fhir_server.patient_match import MatchRule
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS
 from overread.config import PacsPeer
@@ -289,7 +289,7 @@ def assert_linked(env: Env, order_ids: list[str], sample: Sample, qido: bool = F
     o = env.orthanc
     assert endpoint["address"] == (o.qido_url if qido else f"dicom://{o.aet}@{o.host}:{o.dicom_port}")
     for order_id in order_ids:
-        assert env.status(order_id) == cases.IMAGES_AVAILABLE
+        assert env.status(order_id) == IMAGES_AVAILABLE
         assert "statusReason" not in env.case(order_id)
     return study
 
@@ -332,7 +332,7 @@ def test_a_pacs_that_is_down_means_retry_then_linked_when_it_is_back(env):
     env.orthanc.kill()
     try:
         assert linker.run_once() == 1
-        assert env.status(order_id) == cases.IMAGES_PENDING
+        assert env.status(order_id) == IMAGES_PENDING
         assert "did not answer" in env.reason(order_id)
         assert env.studies() == [] and env.jobs() == [("pending", 1)]
         assert linker.run_once() == 0  # backing off
@@ -349,7 +349,7 @@ def test_a_study_arriving_late_is_linked_on_a_later_attempt(env, tmp_path):
     order_id = env.order("ACC-LATE")
     linker = env.linker("c-move", qido=True, backoff=LATER)
     assert linker.run_once() == 1
-    assert env.status(order_id) == cases.IMAGES_PENDING and env.studies() == []
+    assert env.status(order_id) == IMAGES_PENDING and env.studies() == []
     assert env.reason(order_id) == 'No study on PACS "orthanc" or in the image store matches AccessionNumber=ACC-LATE.'
     late = Sample.write(
         tmp_path / "late", [renewed(ct_small(AccessionNumber="ACC-LATE"), "study", "series", "instance")]
@@ -381,7 +381,7 @@ def test_an_unknown_move_destination_is_a_failed_retrieve_and_the_study_stays_li
     order_id = env.order(ct.accession)
     assert "STRANGER" not in [m[0] for m in env.orthanc.modalities.values()]
     assert env.linker("c-move", our_ae="STRANGER").run_once() == 1
-    assert env.status(order_id) == cases.IMAGES_PENDING
+    assert env.status(order_id) == IMAGES_PENDING
     # Orthanc 1.10 does not answer 0xA801 (Refused: Move Destination unknown): its C-MOVE SCP turns
     # every exception of its move handler, "Unknown modality for AET" included, into 0xC000
     # (Failed: Unable to process; OrthancFramework MoveScp.cpp). The sample PACS answers 0xA801
@@ -430,7 +430,7 @@ def test_an_order_links_only_its_own_patients_study_of_a_shared_accession(env, t
     assert env.linker(qido=qido).run_once() == 1
     assert linked_uids(env, order_id) == [ours.uid]
     assert len(env.studies()) == 1
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE and env.jobs() == [("done", 1)]
+    assert env.status(order_id) == IMAGES_AVAILABLE and env.jobs() == [("done", 1)]
 
 
 @pytest.mark.parametrize("qido", [False, True], ids=["c-find", "qido-rs"])
@@ -438,7 +438,7 @@ def test_an_order_whose_patient_matches_neither_study_is_a_mismatch_naming_both(
     ours, theirs = twins
     order_id = env.order("ACC-TWIN", mrn="MRN-888", who=JOHN_DOE)
     assert env.linker(qido=qido).run_once() == 1
-    assert env.status(order_id) == cases.IMAGES_MISMATCH
+    assert env.status(order_id) == IMAGES_MISMATCH
     assert env.studies() == [] and env.jobs() == [("dead", 1)]
     reason = env.reason(order_id)
     order_patient = f"identifier={MRN_SYSTEM}|MRN-888, name=Doe^John, birthDate=1961-04-17, gender=male"
@@ -453,7 +453,7 @@ def test_an_operator_confirms_a_study_of_another_patient_and_the_link_is_audited
     order_id = env.order("ACC-TWIN", mrn="MRN-888", who=JOHN_DOE)
     linker = env.linker("c-get")
     linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_MISMATCH
+    assert env.status(order_id) == IMAGES_MISMATCH
     reason = "The referring site registered the study under its own MRN; confirmed with them by phone."
     body = {
         "resourceType": "Parameters",
@@ -469,7 +469,7 @@ def test_an_operator_confirms_a_study_of_another_patient_and_the_link_is_audited
     assert response.status_code == 202, response.text
     assert linker.run_once() == 1
     assert linked_uids(env, order_id) == [theirs.uid]
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.status(order_id) == IMAGES_AVAILABLE
     assert env.store.count(theirs.uid) == theirs.instances  # retrieved as any linked study
     (study,) = env.studies()
     (audit,) = [e["resource"] for e in env.client.get("/fhir/AuditEvent").json()["entry"]]
@@ -501,8 +501,8 @@ def test_pushed_studies_link_the_waiting_case_only_when_the_patient_matches(env,
 
     env.scp.on_received = wake
     linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_PENDING
-    for who, status in ((THEIRS, cases.IMAGES_MISMATCH), (OURS, cases.IMAGES_AVAILABLE)):
+    assert env.status(order_id) == IMAGES_PENDING
+    for who, status in ((THEIRS, IMAGES_MISMATCH), (OURS, IMAGES_AVAILABLE)):
         sample = twin("ACC-PUSHED", who, tmp_path / who["PatientID"])
         woken.clear()
         subprocess.run(
@@ -526,7 +526,7 @@ def test_a_pacs_that_is_down_to_the_end_is_unreachable_not_not_found(env):
     try:
         runs = [linker.run_once() for _ in range(NOW.max_attempts)]
         assert runs == [1] * NOW.max_attempts
-        assert env.status(order_id) == cases.PACS_UNREACHABLE
+        assert env.status(order_id) == PACS_UNREACHABLE
         o = env.orthanc
         assert env.reason(order_id) == (
             f'Could not reach PACS "orthanc": {o.aet} at {o.host}:{o.dicom_port} did not answer. '

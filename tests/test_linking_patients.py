@@ -22,14 +22,23 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from cases.patient_match import MatchRule
+from cases.task import (
+    CASE_STATUS,
+    CASE_STATUS_DISPLAY,
+    IMAGES_AVAILABLE,
+    IMAGES_MISMATCH,
+    IMAGES_NOT_FOUND,
+    IMAGES_PENDING,
+    PACS_UNREACHABLE,
+)
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
 from dicom_bridge.sample_pacs import SamplePacs, sample_path
 from dicom_bridge.storage_scp import StorageScp
-from fhir_server import cases, profiles
+from fhir_server import profiles
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
-from fhir_server.patient_match import MatchRule
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS
 from overread.config import PacsPeer
@@ -139,14 +148,14 @@ def test_an_order_links_only_its_own_patients_study(env, twins):
     assert env.linker().run_once() == 1
     assert env.linked_uids(order_id) == [ours.StudyInstanceUID]
     assert len(env.all("ImagingStudy")) == 1
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE and env.jobs() == [("done", 1)]
+    assert env.status(order_id) == IMAGES_AVAILABLE and env.jobs() == [("done", 1)]
 
 
 def test_an_order_whose_patient_matches_neither_study_is_a_mismatch_with_both_identities(env, twins):
     ours, theirs = twins
     order_id = env.order("ACC-TWIN", mrn="MRN-888", family="Doe", given="John", gender="male")
     assert env.linker().run_once() == 1
-    assert env.status(order_id) == cases.IMAGES_MISMATCH
+    assert env.status(order_id) == IMAGES_MISMATCH
     assert env.all("ImagingStudy") == []
     assert env.jobs() == [("dead", 1)]  # final at once: trying again finds the same studies
     patient_ref = env.case(order_id)["for"]["reference"]
@@ -168,7 +177,7 @@ def test_a_confirmed_study_is_linked_and_audited(env, twins):
     order_id = env.order("ACC-TWIN", mrn="MRN-888", family="Doe", given="John", gender="male")
     linker = env.linker()
     linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_MISMATCH
+    assert env.status(order_id) == IMAGES_MISMATCH
     uid = {"name": "studyInstanceUid", "valueString": theirs.StudyInstanceUID}
     reason = {"name": "reason", "valueString": "Registered under the wrong MRN at the referring site; checked by phone"}
     operator = {"name": "operator", "valueReference": {"reference": "Practitioner/p1", "display": "Dr Maja Lindgren"}}
@@ -176,13 +185,13 @@ def test_a_confirmed_study_is_linked_and_audited(env, twins):
     assert env.confirm(order_id, uid, reason).status_code == 400  # no operator
     assert env.confirm(order_id, uid, reason, {"name": "operator", "valueReference": {}}).status_code == 400
     assert env.confirm(order_id, reason, operator).status_code == 400  # no study
-    assert env.all("AuditEvent") == [] and env.status(order_id) == cases.IMAGES_MISMATCH
+    assert env.all("AuditEvent") == [] and env.status(order_id) == IMAGES_MISMATCH
     response = env.confirm(order_id, uid, reason, operator)
     assert response.status_code == 202, response.text
-    assert env.status(order_id) == cases.IMAGES_PENDING
+    assert env.status(order_id) == IMAGES_PENDING
     assert linker.run_once() == 1
     assert env.linked_uids(order_id) == [theirs.StudyInstanceUID]
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.status(order_id) == IMAGES_AVAILABLE
     (audit,) = env.all("AuditEvent")
     (imaging,) = env.all("ImagingStudy")
     assert audit["agent"] == [{"who": operator["valueReference"], "requestor": True}]
@@ -200,7 +209,7 @@ def test_a_confirmed_study_is_linked_and_audited(env, twins):
     assert env.client.post(f"/fhir/ServiceRequest/{order_id}/$link-imaging").status_code == 202
     assert linker.run_once() == 1
     assert env.linked_uids(order_id) == [theirs.StudyInstanceUID]
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE and len(env.all("AuditEvent")) == 1
+    assert env.status(order_id) == IMAGES_AVAILABLE and len(env.all("AuditEvent")) == 1
 
 
 def test_a_confirmed_link_whose_retrieve_is_retried_is_audited_once(env, twins):
@@ -213,11 +222,11 @@ def test_a_confirmed_link_whose_retrieve_is_retried_is_audited_once(env, twins):
     reason = {"name": "reason", "valueString": "Same patient, other site's MRN"}
     assert env.confirm(order_id, uid, reason, {"name": "operator", "valueString": "Dr Lindgren"}).status_code == 202
     assert linker.run_once() == 1
-    assert env.status(order_id) == cases.IMAGES_PENDING and "0xA801" in env.reason(order_id)
+    assert env.status(order_id) == IMAGES_PENDING and "0xA801" in env.reason(order_id)
     assert env.linked_uids(order_id) == [theirs.StudyInstanceUID]
     env.pacs.destinations["OVERREAD"] = destination
     assert linker.run_once() == 1
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.status(order_id) == IMAGES_AVAILABLE
     assert env.store.count(theirs.StudyInstanceUID) == 1
     assert len(env.all("AuditEvent")) == 1
 
@@ -228,7 +237,7 @@ def test_a_confirmation_may_name_the_imaging_study_resource(env, twins):
     other = env.order("ACC-TWIN", mrn="MRN-888", family="Doe", given="John", gender="male")
     linker = env.linker()
     assert linker.run_once() == 2
-    assert env.status(other) == cases.IMAGES_MISMATCH
+    assert env.status(other) == IMAGES_MISMATCH
     (imaging,) = env.all("ImagingStudy")
     reference = {"name": "imagingStudy", "valueReference": {"reference": f"ImagingStudy/{imaging['id']}"}}
     reason = {"name": "reason", "valueString": "Same patient, merged records"}
@@ -247,10 +256,10 @@ def test_a_pacs_that_refuses_connections_ends_unreachable_not_not_found(env):
     unreachable = f'Could not reach PACS "main": SAMPLEPACS at 127.0.0.1:{port} did not answer.'
     nowhere = "No study in the image store matches AccessionNumber=ACC-TWIN."
     assert linker.run_once() == 1
-    assert env.status(order_id) == cases.IMAGES_PENDING
+    assert env.status(order_id) == IMAGES_PENDING
     assert env.reason(order_id) == f"{unreachable} {nowhere}"
     assert linker.run_once() == 1  # NOW: due again at once; the second of two attempts
-    assert env.status(order_id) == cases.PACS_UNREACHABLE
+    assert env.status(order_id) == PACS_UNREACHABLE
     assert env.reason(order_id) == f"{unreachable} {nowhere}"
     assert env.jobs() == [("dead", 2)]
 
@@ -259,7 +268,7 @@ def test_a_pacs_that_answers_nothing_ends_not_found(env):
     order_id = env.order("ACC-NOWHERE")
     linker = env.linker()
     linker.run_once(), linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_NOT_FOUND
+    assert env.status(order_id) == IMAGES_NOT_FOUND
     assert env.reason(order_id) == 'No study on PACS "main" or in the image store matches AccessionNumber=ACC-NOWHERE.'
 
 
@@ -281,21 +290,21 @@ def test_a_pushed_study_of_another_patient_is_not_linked_and_the_right_one_is(en
     order_id = env.order("ACC-PUSH")
     linker = env.linker(backoff=LATER)
     linker.run_once()
-    assert env.status(order_id) == cases.IMAGES_PENDING
+    assert env.status(order_id) == IMAGES_PENDING
     theirs, ours = study("ACC-PUSH", THEIRS), study("ACC-PUSH", OURS)
     pushed(env, linker, theirs, tmp_path / "theirs.dcm")
-    assert env.status(order_id) == cases.IMAGES_MISMATCH and env.all("ImagingStudy") == []
+    assert env.status(order_id) == IMAGES_MISMATCH and env.all("ImagingStudy") == []
     assert env.reason(order_id).startswith(f"Study {theirs.StudyInstanceUID} in the image store is not linked")
     assert "PatientID=55501, IssuerOfPatientID=OTHER-SITE" in env.reason(order_id)
     pushed(env, linker, ours, tmp_path / "ours.dcm")
-    assert env.status(order_id) == cases.IMAGES_AVAILABLE
+    assert env.status(order_id) == IMAGES_AVAILABLE
     assert env.linked_uids(order_id) == [ours.StudyInstanceUID]
 
 
 def test_the_case_status_codes_are_in_the_code_system():
-    system = profiles.by_url()[cases.CASE_STATUS]
+    system = profiles.by_url()[CASE_STATUS]
     defined = {c["code"]: c["display"] for c in system["concept"]}
-    assert {code: defined.get(code) for code in cases.CASE_STATUS_DISPLAY} == cases.CASE_STATUS_DISPLAY
+    assert {code: defined.get(code) for code in CASE_STATUS_DISPLAY} == CASE_STATUS_DISPLAY
     assert system["count"] == len(system["concept"])
     expansion = profiles.expand("https://overread.org/fhir/ValueSet/case-status")
-    assert {(cases.CASE_STATUS, cases.IMAGES_MISMATCH), (cases.CASE_STATUS, cases.PACS_UNREACHABLE)} <= expansion
+    assert {(CASE_STATUS, IMAGES_MISMATCH), (CASE_STATUS, PACS_UNREACHABLE)} <= expansion

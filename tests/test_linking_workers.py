@@ -17,13 +17,14 @@ from fastapi.testclient import TestClient
 from pydicom import dcmread
 from sqlalchemy import select, update
 
+from cases.patient_match import MatchRule
+from cases.task import IMAGES_AVAILABLE, LINK_IMAGING
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SAMPLE_ISSUER, SamplePacs, sample_path
-from fhir_server import cases, dates, outbox
+from fhir_server import dates, outbox
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
-from fhir_server.patient_match import MatchRule
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS, imaging
 from overread.config import Linking, OverreadConfig, PacsPeer
@@ -152,14 +153,14 @@ def test_two_workers_on_one_database_run_every_job_once(client, db, pacs, tmp_pa
             uid, instances = STUDIES[accession]
             assert study["identifier"][0]["value"] == f"urn:oid:{uid}"
             assert store.count(uid) == instances == study["numberOfInstances"]
-    assert {status(client, o) for ids in ordered.values() for o in ids} == {cases.IMAGES_AVAILABLE}
+    assert {status(client, o) for ids in ordered.values() for o in ids} == {IMAGES_AVAILABLE}
     assert len(resources(client, "Endpoint")) == 1  # published by both, created once
 
 
 def test_a_worker_that_dies_mid_job_loses_nothing(client, db, pacs, tmp_path: Path):
     order_ids = [order(client, DEMO_ACCESSION), order(client, "ACC-SAMPLE-MR")]
     with db.transaction() as session:  # a worker claims the jobs, as Linker.run_once does ...
-        claimed = outbox.claim(session, cases.LINK_IMAGING)
+        claimed = outbox.claim(session, LINK_IMAGING)
         leased_until = {row.available_at for row in claimed}
     assert len(claimed) == 2  # ... and dies before it has done anything
     assert min(leased_until) > dates.now() + timedelta(minutes=1)
@@ -172,7 +173,7 @@ def test_a_worker_that_dies_mid_job_loses_nothing(client, db, pacs, tmp_path: Pa
         session.execute(update(OutboxRow).values(available_at=dates.now() - timedelta(seconds=1)))
     assert survivor.run_once() == 2
     assert jobs(db) == [(outbox.DONE, 2)] * 2
-    assert [status(client, o) for o in order_ids] == [cases.IMAGES_AVAILABLE] * 2
+    assert [status(client, o) for o in order_ids] == [IMAGES_AVAILABLE] * 2
     assert len(resources(client, "ImagingStudy")) == 2
     assert survivor.run_once() == 0
 
@@ -188,11 +189,11 @@ def test_after_a_restart_the_server_links_what_was_ordered_while_it_was_down(cli
         store = ImageStore(settings.image_store)
         first = order(client, DEMO_ACCESSION)  # before the server side ever ran
         with imaging(settings, db, cfg):
-            wait_until(lambda: status(client, first) == cases.IMAGES_AVAILABLE)
+            wait_until(lambda: status(client, first) == IMAGES_AVAILABLE)
         second = order(client, "ACC-SAMPLE-MR")  # while it is down
         assert status(client, second) is None and jobs(db)[-1] == (outbox.PENDING, 0)
         with imaging(settings, db, cfg):  # started again
-            wait_until(lambda: status(client, second) == cases.IMAGES_AVAILABLE)
+            wait_until(lambda: status(client, second) == IMAGES_AVAILABLE)
     assert jobs(db) == [(outbox.DONE, 1)] * 2  # no job lost or added by the restart
     for accession in (DEMO_ACCESSION, "ACC-SAMPLE-MR"):
         uid, instances = STUDIES[accession]

@@ -237,7 +237,7 @@ def test_unescaped_separators_in_nte_and_ascii_ed_are_kept():
 
 
 def test_a_report_of_the_same_patient_from_another_identifier_domain_is_linked_by_demographics(db: Database):
-    """The patient match of image linking (fhir_server.patient_match, strict): no identifier in common,
+    """The patient match of image linking (cases.patient_match, strict): no identifier in common,
     so name, birth date and sex decide; the report's Patient is a resource of its own."""
     receive(db, OMI, hooks=HOOKS)
     elsewhere = ORU_PDF.replace(b"PID_1^^^ADT1", b"P-77^^^OTHERSITE")

@@ -1,4 +1,4 @@
-"""The patient match rule (fhir_server.patient_match): identifiers with their issuer, else name + birth
+"""The patient match rule (cases.patient_match): identifiers with their issuer, else name + birth
 date + sex, under each mode; pure functions over FHIR Patients and DICOM datasets."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydicom import Dataset
 
-from fhir_server.patient_match import MatchRule, matches, name_key, of_dicom, of_patient
+from cases.patient_match import MatchRule, matches, name_key, of_dicom, of_patient
 from overread.config import Linking, OverreadConfig, PacsPeer
 from tests.builders import MRN_SYSTEM, patient
 

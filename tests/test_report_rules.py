@@ -22,7 +22,15 @@ from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import OperationOutcome as FhirpyOutcome
 from sqlalchemy import select
 
-from fhir_server import cases
+from cases.task import (
+    CASE_STATUS,
+    IMAGES_AVAILABLE,
+    IMAGES_NOT_FOUND,
+    IMAGES_PENDING,
+    IMAGES_UNAVAILABLE,
+    REPORTED,
+    set_case_status,
+)
 from fhir_server.db import Database
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.repository import Repository
@@ -102,7 +110,7 @@ def _case(client: TestClient, order_id: str) -> Json:
 
 
 def _business_status(task: Json) -> str | None:
-    codes = [c["code"] for c in task.get("businessStatus", {}).get("coding", []) if c["system"] == cases.CASE_STATUS]
+    codes = [c["code"] for c in task.get("businessStatus", {}).get("coding", []) if c["system"] == CASE_STATUS]
     return codes[0] if codes else None
 
 
@@ -228,7 +236,7 @@ def test_a_final_report_without_images_is_refused_naming_the_override(client, db
     assert NO_IMAGES_REASON in issue["diagnostics"]
     assert client.get("/fhir/DiagnosticReport").json()["total"] == 0  # nothing of the request written
     case = _case(client, order_id)
-    assert case["status"] == "requested" and _business_status(case) != cases.REPORTED
+    assert case["status"] == "requested" and _business_status(case) != REPORTED
     routed, routed_body = _route(db, "POST", "DiagnosticReport", _report(order_id))  # the core's other doors
     assert routed.status == 409 and NO_IMAGES_REASON in routed_body["issue"][0]["diagnostics"]
 
@@ -255,7 +263,7 @@ def test_a_preliminary_report_needs_no_images(client):
 def test_the_override_lets_the_report_be_final_and_is_kept_on_it(client, db):
     order_id = _open_case(client, images=False)
     with db.transaction() as session:  # the linking worker is still looking
-        cases.set_case_status(Repository(session, HOOKS), order_id, cases.IMAGES_PENDING, "no study matches yet")
+        set_case_status(Repository(session, HOOKS), order_id, IMAGES_PENDING, "no study matches yet")
     report = client.post("/fhir/DiagnosticReport", json=_report(order_id, "preliminary")).json()
     reason = no_images_reason("Read on the referring hospital's viewer; the study never reached our PACS")
     final = client.put(
@@ -265,7 +273,7 @@ def test_the_override_lets_the_report_be_final_and_is_kept_on_it(client, db):
     stored = client.get(f"/fhir/DiagnosticReport/{report['id']}").json()
     assert stored["status"] == "final" and reason in stored["extension"]
     case = _case(client, order_id)
-    assert case["status"] == "completed" and _business_status(case) == cases.REPORTED  # not images-pending
+    assert case["status"] == "completed" and _business_status(case) == REPORTED  # not images-pending
     assert "statusReason" not in case  # the linking worker's reason went with its status
 
 
@@ -356,32 +364,30 @@ def test_fhirpy_stores_the_pgx_example(live_server):
 def test_the_final_report_marks_the_case_reported_in_its_transaction(client):
     order_id = _open_case(client, images=True)
     report = client.post("/fhir/DiagnosticReport", json=_report(order_id, "preliminary")).json()
-    assert _business_status(_case(client, order_id)) != cases.REPORTED
+    assert _business_status(_case(client, order_id)) != REPORTED
     final = client.put(f"/fhir/DiagnosticReport/{report['id']}", json={**report, "status": "final"})
     assert final.status_code == 200
     case = _case(client, order_id)
-    assert case["status"] == "completed" and _business_status(case) == cases.REPORTED
+    assert case["status"] == "completed" and _business_status(case) == REPORTED
     history = client.get(f"/fhir/Task/{case['id']}/_history").json()["entry"]
-    assert [_business_status(e["resource"]) for e in history].count(cases.REPORTED) == 1
+    assert [_business_status(e["resource"]) for e in history].count(REPORTED) == 1
 
 
-@pytest.mark.parametrize(
-    "news", [cases.IMAGES_PENDING, cases.IMAGES_AVAILABLE, cases.IMAGES_NOT_FOUND, cases.IMAGES_UNAVAILABLE]
-)
+@pytest.mark.parametrize("news", [IMAGES_PENDING, IMAGES_AVAILABLE, IMAGES_NOT_FOUND, IMAGES_UNAVAILABLE])
 def test_image_news_never_overwrites_a_reported_case(client, db, news):
     order_id = _open_case(client, images=True)
     assert client.post("/fhir/DiagnosticReport", json=_report(order_id)).status_code == 201
     version = _case(client, order_id)["meta"]["versionId"]
     with db.transaction() as session:  # what the image-linking worker calls, found or not, after the report
         repo = Repository(session, HOOKS)
-        cases.set_case_status(repo, order_id, news, "found on main")
+        set_case_status(repo, order_id, news, "found on main")
         repo.complete()
     case = _case(client, order_id)
-    assert _business_status(case) == cases.REPORTED and case["meta"]["versionId"] == version
+    assert _business_status(case) == REPORTED and case["meta"]["versionId"] == version
 
 
 def test_an_open_case_still_takes_image_news(client, db):
     order_id = _open_case(client, images=False)
     with db.transaction() as session:
-        cases.set_case_status(Repository(session, HOOKS), order_id, cases.IMAGES_AVAILABLE)
-    assert _business_status(_case(client, order_id)) == cases.IMAGES_AVAILABLE
+        set_case_status(Repository(session, HOOKS), order_id, IMAGES_AVAILABLE)
+    assert _business_status(_case(client, order_id)) == IMAGES_AVAILABLE

@@ -1,4 +1,4 @@
-"""The case workflow and the report rules (fhir_server.workflow), and routing (fhir_server.routing).
+"""The case workflow and the report rules (cases.workflow), and routing (cases.routing).
 
 Task status moves along the R4 state machine (409 business-rule otherwise), the ServiceRequest
 follows its case, a final second-opinion report completes it, reports move preliminary → final →
@@ -14,10 +14,11 @@ import hl7
 import pytest
 from fastapi.testclient import TestClient
 
-from fhir_server.cases import REPORT_ROLE
+from cases.workflow import COMPARED_REPORT, ORDER_STATUS
 from fhir_server.db import Database
-from fhir_server.workflow import COMPARED_REPORT
 from hl7_bridge.intake import receive
+from mappings.order_control import STATUSES
+from mappings.original_report import REPORT_ROLE
 from overread.app import HOOKS, create_app
 from overread.config import ConfigError, OverreadConfig, load
 from overread.settings import Settings
@@ -365,6 +366,27 @@ def test_hl7_cancel_of_a_completed_case_is_an_application_error(client, db):
     assert client.post("/fhir/DiagnosticReport", json=_report(order["resource"]["id"], "final")).status_code == 201
     assert _msa(receive(db, omi_control("CA", 1), hooks=HOOKS)) == "AE"
     assert _hl7_case(client) == ("completed", "completed")
+
+
+def test_hl7_order_control_changes_the_case_not_another_task_about_the_order(client, db):
+    receive(db, OMI, hooks=HOOKS)
+    (order,) = client.get("/fhir/ServiceRequest").json()["entry"]
+    case_id = _case(client, order["resource"]["id"])["id"]
+    focus = {"reference": f"ServiceRequest/{order['resource']['id']}"}
+    plan = {"resourceType": "Task", "status": "requested", "intent": "plan", "focus": focus}
+    plan_id = client.post("/fhir/Task", json=plan).json()["id"]
+    assert _msa(receive(db, omi_control("SC", 1, order_status="IP"), hooks=HOOKS)) == "AA"
+    assert _msa(receive(db, omi_control("CA", 2), hooks=HOOKS)) == "AA"
+    case = client.get(f"/fhir/Task/{case_id}").json()
+    assert (case["status"], case["businessStatus"]["coding"][0]["code"]) == ("cancelled", "IP")
+    untouched = client.get(f"/fhir/Task/{plan_id}").json()
+    assert (untouched["status"], untouched["meta"]["versionId"]) == ("requested", "1")
+
+
+def test_order_control_sets_the_order_status_its_case_task_gives_the_order():
+    """HL7 order control (mappings.order_control) and the workflow (ORDER_STATUS) say the same of the order."""
+    for request_status, task_status in STATUSES.values():
+        assert request_status == (ORDER_STATUS[task_status] if task_status else None)
 
 
 def test_a_report_that_names_no_images_gets_the_studies_linked_to_its_order(client):

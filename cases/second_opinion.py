@@ -1,9 +1,13 @@
 """What a second-opinion case and a second-opinion report are: one definition for every rule.
 
-The profiles (``fhir_server.profiles``: which reports must conform to ``second-opinion-report``),
-the report workflow (``fhir_server.workflow``) and result delivery (``fhir_server.results``) all
-ask ``second_opinion_order``. A DiagnosticReport not tagged ``report-role|original`` is a
-second-opinion report when
+The case is the Task of intent ``order`` whose focus is the ServiceRequest (``is_case``,
+``case_of``): the case rules (``cases.task``), the workflow (``cases.workflow``) and the
+placer's order control (``control_case``, from the HL7 intake) all find it this way.
+
+The profile rule (``required_profiles``, which ``overread.app`` gives ``fhir_server.profiles``:
+which reports must conform to ``second-opinion-report``), the report workflow and result delivery
+(``cases.results``) all ask ``second_opinion_order``. A DiagnosticReport not tagged
+``report-role|original`` is a second-opinion report when
 
 - it is based on an order that is a case here: the ServiceRequest is stored and a Task of intent
   ``order`` has it as focus (docs/workflow.md); or
@@ -14,12 +18,16 @@ Any other report (another service's report on another order, R4 ``DiagnosticRepo
 is an ordinary R4 DiagnosticReport. Original reports (HL7 ORU^R01, tagged ``original`` by the
 mapping) never are.
 
-It reads the store through ``Lookup`` (a ``Repository`` is one), so the profiles, which run
-before the repository exists for a write, can ask without importing it.
+It reads the store through ``fhir_server.lookup.Lookup`` (a ``Repository`` is one): the
+profile rule runs inside validation, before the repository writes.
 """
 
 import re
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
+
+from fhir_server.lookup import Lookup
+from fhir_server.profiles import items
+from mappings.original_report import REPORT_ROLE
 
 if TYPE_CHECKING:
     from fhir_server.repository import Stored
@@ -28,26 +36,10 @@ BASE = "https://overread.org/fhir/"
 SECOND_OPINION_REPORT = f"{BASE}StructureDefinition/second-opinion-report"
 DISCREPANCY = f"{BASE}CodeSystem/second-opinion-discrepancy"
 RADPEER = f"{BASE}CodeSystem/radpeer"
-#: ``meta.tag`` system of a report's role: ``original`` (the report re-read) or ``second-opinion``.
-REPORT_ROLE = f"{BASE}CodeSystem/report-role"
 #: A relative reference to a ServiceRequest here (an absolute one names another server's order).
 _ORDER = re.compile(r"^ServiceRequest/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 
 Json = dict[str, Any]
-
-
-class Lookup(Protocol):
-    """The reads the definition needs (``fhir_server.repository.Repository`` has them)."""
-
-    def current(self, resource_type: str, resource_id: str) -> "Stored | None": ...
-
-    def referring(self, resource_type: str, param: str, target: str) -> "list[Stored]": ...
-
-
-def items(node: Any, key: str) -> list[Json]:
-    """The objects of the list ``node[key]``: this runs on any JSON, never raising on a malformed one."""
-    value = node.get(key) if isinstance(node, dict) else None
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def roles(resource: Json) -> set[str]:
@@ -60,10 +52,21 @@ def is_original(resource: Json) -> bool:
     return "original" in roles(resource)
 
 
+def is_case(task: Json | None) -> bool:
+    """A Task that tracks a second-opinion case: intent order, focus a ServiceRequest."""
+    return task is not None and task.get("intent") == "order" and order_of(task) is not None
+
+
+def order_of(task: Json) -> str | None:
+    """The id of the ServiceRequest a Task is focused on, if it is one."""
+    reference = task.get("focus", {}).get("reference", "")
+    return reference.removeprefix("ServiceRequest/") if reference.startswith("ServiceRequest/") else None
+
+
 def case_of(store: Lookup, order_id: str) -> "Stored | None":
-    """The Task that tracks the order's case (intent order, focus the order), not any Task about the order."""
+    """The Task that tracks the order's case (``is_case``), not any Task about the order."""
     tasks = store.referring("Task", "focus", f"ServiceRequest/{order_id}")
-    return next((task for task in tasks if task.resource.get("intent") == "order"), None)
+    return next((task for task in tasks if is_case(task.resource)), None)
 
 
 def is_case_order(store: Lookup, order_id: str) -> bool:
@@ -109,3 +112,9 @@ def second_opinion_order(report: Json | None, store: Lookup | None) -> str | Non
     if cased is not None:
         return cased
     return ids[0] if ids and says_second_opinion(report) else None
+
+
+def required_profiles(resource: Json, store: Lookup | None) -> list[str]:
+    """The profile rule of ``fhir_server.profiles``: every second-opinion report must conform to
+    ``second-opinion-report``, claimed or not (a client that forgets the discrepancy code is refused)."""
+    return [SECOND_OPINION_REPORT] if is_second_opinion_report(resource, store) else []

@@ -1,7 +1,7 @@
 """Routing a new case: who reads it (Task.owner) and by when (Task.restriction.period.end).
 
 Pure rules over plain data: the app package builds ``Routing`` from ``OVERREAD_CONFIG``
-(``routing:`` and ``due:``) and hands it to the case hook (``fhir_server.cases.case_opener``).
+(``routing:`` and ``due:``) and hands it to the case hook (``cases.task.case_opener``).
 
 A rule matches an order when every criterion it names matches (case-insensitively):
 

@@ -8,7 +8,7 @@ its ``valueCodeableConcept`` or ``interpretation``. The ConceptMap ``radpeer-to-
 ``mappings.concept_map``); a level that is not the one mapped contradicts the score, and the
 referrer would get both. Each contradiction is an issue ``business-rule`` naming the two codes,
 the expected level and the ConceptMap, with expressions pointing at both codes (422 on a write,
-the same issues from ``$validate``: ``fhir_server.validation.conformance_issues`` runs it).
+the same issues from ``$validate``: ``overread.app`` adds ``check`` to ``fhir_server.profiles``).
 
 A code outside its ValueSet is the required binding's issue (``fhir_server.profiles``, which
 lists the allowed codes); a finding's RADPEER code, which no profile binds, is checked here.
@@ -19,9 +19,11 @@ from dataclasses import replace
 from functools import cache
 from typing import Any
 
+from cases.second_opinion import BASE, DISCREPANCY, RADPEER, SECOND_OPINION_REPORT
 from fhir_server import profiles
 from fhir_server.errors import Issue
-from fhir_server.second_opinion import BASE, DISCREPANCY, RADPEER, SECOND_OPINION_REPORT, Lookup, items
+from fhir_server.lookup import Lookup
+from fhir_server.profiles import items
 from mappings.concept_map import ConceptMap, parse_concept_map, translate
 
 CONCEPT_MAP = f"{BASE}ConceptMap/radpeer-to-discrepancy"

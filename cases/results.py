@@ -1,6 +1,6 @@
 """Results out: each version of a second-opinion report leaves work for whoever delivers results.
 
-``results`` is a repository hook: when a second-opinion DiagnosticReport (``fhir_server.second_opinion``)
+``results`` is a repository hook: when a second-opinion DiagnosticReport (``cases.second_opinion``)
 is written with a status that is a result to send
 (preliminary, final, amended, corrected, appended), or withdrawn (entered-in-error, cancelled)
 after such a version, it leaves a ``result`` outbox row naming that report version, in the same
@@ -10,9 +10,8 @@ store knows nothing of HL7: the
 it (preliminary reports only go where a destination asks for them).
 """
 
-from fhir_server.repository import Change, Repository
-from fhir_server.second_opinion import second_opinion_order
-from fhir_server.workflow import same_content
+from cases.second_opinion import second_opinion_order
+from fhir_server.repository import Change, Repository, same_content
 
 #: The outbox topic of a report version to deliver.
 RESULT = "result"

@@ -7,7 +7,7 @@
   release a case that was never started, CA/DC cancel one at any point before it ends.
 - The ServiceRequest follows its case: active while the Task is open, on-hold while it is,
   completed with it, revoked when it is cancelled, rejected or failed.
-- A second-opinion report (``fhir_server.second_opinion``) moves registered/partial/preliminary →
+- A second-opinion report (``cases.second_opinion``) moves registered/partial/preliminary →
   final → amended/corrected/appended; entered-in-error from anywhere. It gains the
   ``compared-report`` extension when the case has an original report, and ``imagingStudy`` (the
   studies linked to the order) when it names none. A final, amended, corrected or appended one
@@ -24,11 +24,12 @@ linked). 422 stays for content that is wrong whatever the state (type rules, pro
 
 from typing import Any
 
+from cases.second_opinion import case_of, is_case, order_of, second_opinion_order
+from cases.task import REPORTED, with_case_status
 from fhir_server import search
-from fhir_server.cases import REPORTED, with_case_status
 from fhir_server.errors import error
-from fhir_server.repository import Change, Repository, Stored
-from fhir_server.second_opinion import REPORT_ROLE, case_of, second_opinion_order
+from fhir_server.repository import Change, Repository, Stored, same_content
+from mappings.original_report import REPORT_ROLE
 
 COMPARED_REPORT = "https://overread.org/fhir/StructureDefinition/compared-report"
 #: The reader's reason for a final report without the case's images (docs/workflow.md).
@@ -92,16 +93,6 @@ def case_workflow(repo: Repository, change: Change) -> None:
         _report(repo, change)
 
 
-def is_case(task: dict[str, Any] | None) -> bool:
-    """A Task that tracks a second-opinion case: intent order, focus a ServiceRequest."""
-    return task is not None and task.get("intent") == "order" and _order_id(task) is not None
-
-
-def _order_id(task: dict[str, Any]) -> str | None:
-    reference = task.get("focus", {}).get("reference", "")
-    return reference.removeprefix("ServiceRequest/") if reference.startswith("ServiceRequest/") else None
-
-
 def _previous(change: Change) -> dict[str, Any] | None:
     """The current content before this write (None for a create or for bringing back a deleted one)."""
     return change.previous.resource if change.previous is not None and change.previous.content else None
@@ -118,7 +109,7 @@ def _task(repo: Repository, change: Change) -> None:
     by_report = new == "completed" and old in COMPLETED_BY_REPORT and _outputs_report(task)
     if new not in legal and not by_report:
         raise _illegal(f"Task/{change.id}", old, new, legal)
-    if (order_id := _order_id(task)) is not None and new in ORDER_STATUS:
+    if (order_id := order_of(task)) is not None and new in ORDER_STATUS:
         repo.defer(lambda r: _follow(r, order_id))
 
 
@@ -176,15 +167,6 @@ def _report(repo: Repository, change: Change) -> None:
         repo.defer(lambda r: _complete_case(r, order_id, report_id, news))
 
 
-def same_content(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """Whether two versions of a resource say the same (``id`` and ``meta`` aside)."""
-    if a is None or b is None:
-        return a is b
-    return {k: v for k, v in a.items() if k not in ("id", "meta")} == {
-        k: v for k, v in b.items() if k not in ("id", "meta")
-    }
-
-
 def _compare_with_original(repo: Repository, change: Change, report: dict[str, Any], order_id: str) -> None:
     """Add ``compared-report`` (the case's original report) to the report about to be written."""
     if any(e.get("url") == COMPARED_REPORT for e in report.get("extension", [])):
@@ -197,7 +179,7 @@ def _compare_with_original(repo: Repository, change: Change, report: dict[str, A
 
 
 def linked_studies(repo: Repository, order_id: str) -> list[Stored]:
-    """The case's images: the ImagingStudies based on the order (``fhir_server.cases.link_study``)."""
+    """The case's images: the ImagingStudies based on the order (``cases.task.link_study``)."""
     return search.execute(repo.conn, search.parse("ImagingStudy", [("basedon", f"ServiceRequest/{order_id}")])).matches
 
 

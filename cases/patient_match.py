@@ -3,7 +3,7 @@
 An accession number or a Study Instance UID finds a study; it does not say whose it is
 (accession numbers are reused across sites and years). Every linking path asks this module
 before it links: the linking worker for a PACS answer or a pushed study
-(``dicom_bridge.linking``), and the case rules for an original report (``fhir_server.cases``).
+(``dicom_bridge.linking``), and the case rules for an original report (``cases.task``).
 docs/image-linking.md ("Patient match") is the rule in prose.
 
 The rule, by mode (``pacs[].patient_match`` in OVERREAD_CONFIG, ``strict`` by default):

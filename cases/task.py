@@ -7,14 +7,16 @@
 - Where the case stands is the Task's businessStatus (``set_case_status``); the linking
   worker (``dicom_bridge.linking``) links one ImagingStudy per study to every order that
   asked for it (``link_study``), only when the study's patient is the order's
-  (``fhir_server.patient_match``); ``$link-imaging`` queues the job again (``relink``), or
+  (``cases.patient_match``); ``$link-imaging`` queues the job again (``relink``), or
   with a ``Confirmation`` links a study whose patient did not match, audited
   (``confirmed_link_audit``).
 - An original report (tagged ``report-role|original``) is linked to its order by accession
   or placer number, whichever of the two arrives first, when its patient is the order's.
-- A new case is routed (``fhir_server.routing``): Task.owner and the due date
+- A new case is routed (``cases.routing``): Task.owner and the due date
   (Task.restriction.period.end) from the rules the hook was made with (``case_opener``).
-  Status rules of the case and its reports are ``fhir_server.workflow``.
+  Status rules of the case and its reports are ``cases.workflow``.
+- The placer's order control (HL7 ORC-1 CA/DC/HD/RL/SC, ``hl7_bridge.intake``) reaches the
+  case Task through ``control_case``.
 """
 
 from dataclasses import dataclass
@@ -22,18 +24,20 @@ from typing import Any
 
 from sqlalchemy import update
 
-from fhir_server import dates, outbox, patient_match
+from cases import patient_match
+from cases.routing import NO_ROUTING, Routing, route
+from cases.second_opinion import case_of, is_case, is_original, order_of
+from fhir_server import dates, outbox
 from fhir_server.errors import error
-from fhir_server.repository import Change, Hook, Repository, Stored
-from fhir_server.routing import NO_ROUTING, Routing, route
+from fhir_server.repository import Change, Hook, Repository, Stored, same_content
 from fhir_server.schema import OutboxRow
-from fhir_server.second_opinion import REPORT_ROLE, case_of, is_original
 
-#: Defined with the second-opinion report (below the profiles, which need them); used from here too.
-__all__ = ["REPORT_ROLE", "case_of", "is_original"]
+#: Defined with the second-opinion report; the bridges find the case Task here too.
+__all__ = ["case_of"]
 
 #: The outbox topic of the image-linking worker (dicom_bridge).
 LINK_IMAGING = "link-imaging"
+#: ServiceRequest.intent of an order that opens a case (R4 request-intent, the order codes).
 ORDER_INTENTS = {"order", "original-order", "reflex-order", "filler-order", "instance-order"}
 
 
@@ -68,10 +72,10 @@ open_case = case_opener()
 
 def _routed(repo: Repository, task: dict[str, Any], routing: Routing) -> dict[str, Any]:
     """A new Task of a case, routed by its order when the order is already written."""
-    reference = task.get("focus", {}).get("reference", "")
-    if task.get("intent") not in ORDER_INTENTS or not reference.startswith("ServiceRequest/"):
+    order_id = order_of(task)
+    if not is_case(task) or order_id is None:
         return task
-    order = repo.current("ServiceRequest", reference.removeprefix("ServiceRequest/"))
+    order = repo.current("ServiceRequest", order_id)
     return task if order is None or order.content is None else route(routing, task, order.resource)
 
 
@@ -118,7 +122,7 @@ IMAGES_NOT_FOUND = "images-not-found"  # the job gave up: no PACS had a matching
 IMAGES_UNAVAILABLE = "images-unavailable"  # the job gave up: the study was found but could not be retrieved
 IMAGES_MISMATCH = "images-mismatch"  # a study was found, but of another patient: not linked
 PACS_UNREACHABLE = "pacs-unreachable"  # the job gave up: no PACS peer answered at all
-REPORTED = "reported"  # a final (amended, corrected) second-opinion report is in (fhir_server.workflow)
+REPORTED = "reported"  # a final (amended, corrected) second-opinion report is in (cases.workflow)
 #: Delivery of the final report's result (``hl7_bridge.delivery.case_delivery_status``; docs/delivery.md).
 RESULT_QUEUED = "result-queued"  # queued, or being retried, for a destination
 RESULT_SENT = "result-sent"  # every destination acknowledged it (AA)
@@ -154,6 +158,24 @@ def set_case_status(repo: Repository, order_id: str, code: str, reason: str | No
         repo.update("Task", task.id, updated, task.etag)
 
 
+def control_case(
+    repo: Repository, order_id: str, status: str | None, business_status: dict[str, Any] | None
+) -> dict[str, str]:
+    """The placer's order control on the order's case (HL7 ORC-1 CA/DC/HD/RL/SC: ``hl7_bridge.intake``).
+
+    The case Task takes ``status`` and ``business_status`` (a CodeableConcept: where the placer
+    says the order stands), each when given; the workflow judges the move (``cases.workflow``).
+    Returns ``{"Task/id": versioned reference}`` of what changed; empty when the order has no case.
+    """
+    case = case_of(repo, order_id)
+    changes = {"status": status, "businessStatus": business_status}
+    update = {k: v for k, v in changes.items() if v is not None}
+    if case is None or not update:
+        return {}
+    updated, _ = repo.update("Task", case.id, {**case.resource, **update}, case.etag)
+    return {f"Task/{updated.id}": f"Task/{updated.id}/_history/{updated.version}"}
+
+
 def with_case_status(task: dict[str, Any], code: str, reason: str | None = None) -> dict[str, Any]:
     """The Task with businessStatus ``code`` of the case-status CodeSystem and statusReason's text
     ``reason`` (none when None)."""
@@ -186,7 +208,7 @@ def link_study(repo: Repository, study: dict[str, Any]) -> Stored:
     based_on = [*current.resource.get("basedOn", [])]
     based_on += [ref for ref in study.get("basedOn", []) if ref not in based_on]
     updated = {**study, "id": current.id, "basedOn": based_on}
-    if {k: v for k, v in current.resource.items() if k != "meta"} == updated:
+    if same_content(current.resource, updated):
         return current
     return repo.update("ImagingStudy", current.id, updated, current.etag)[0]
 
@@ -276,8 +298,6 @@ def _detail(kind: str, value: str) -> dict[str, str]:
 
 # -- the original report a case is compared with ---------------------------------------
 
-#: ``meta.tag`` of a DiagnosticReport that is the original report (``mappings.original_report``).
-ORIGINAL_REPORT = {"system": REPORT_ROLE, "code": "original"}
 #: The order identifiers a report is matched on, in this order: accession, then placer number.
 LINK_TYPES = ("ACSN", "PLAC")
 
