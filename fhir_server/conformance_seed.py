@@ -7,10 +7,9 @@ unchanged costs one read by id and writes nothing, so a restart writes no new ve
 
 from typing import Any
 
-from fhir_server import search
 from fhir_server.db import Database
 from fhir_server.profiles import artifacts
-from fhir_server.repository import Repository
+from fhir_server.repository import Repository, same_content
 
 
 def publish(db: Database) -> int:
@@ -23,20 +22,14 @@ def publish(db: Database) -> int:
     return written
 
 
-def _same(stored: dict[str, Any], artifact: dict[str, Any]) -> bool:
-    return {k: v for k, v in stored.items() if k not in ("id", "meta")} == {
-        k: v for k, v in artifact.items() if k not in ("id", "meta")
-    }
-
-
 def _publish(repo: Repository, artifact: dict[str, Any]) -> int:
     rtype, rid = artifact["resourceType"], artifact["id"]
     current = repo.current(rtype, rid)
-    if current is not None and current.content is not None and _same(current.resource, artifact):
+    if current is not None and current.content is not None and same_content(current.resource, artifact):
         return 0  # the usual case at start-up: one read, nothing written
     criteria = [("url", artifact["url"]), ("version", artifact["version"])]
-    found = search.execute(repo.conn, search.parse(rtype, criteria)).matches
-    if found and _same(found[0].resource, artifact):
+    found = repo.search(rtype, criteria)
+    if found and same_content(found[0].resource, artifact):
         return 0
     if found:
         rid = found[0].id

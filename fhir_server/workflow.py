@@ -198,7 +198,7 @@ def _compare_with_original(repo: Repository, change: Change, report: dict[str, A
 
 def linked_studies(repo: Repository, order_id: str) -> list[Stored]:
     """The case's images: the ImagingStudies based on the order (``fhir_server.cases.link_study``)."""
-    return search.execute(repo.conn, search.parse("ImagingStudy", [("basedon", f"ServiceRequest/{order_id}")])).matches
+    return repo.search("ImagingStudy", [("basedon", f"ServiceRequest/{order_id}")])
 
 
 def _reference_images(change: Change, studies: list[Stored]) -> None:

@@ -37,11 +37,11 @@ import orjson
 from sqlalchemy import Connection, Insert, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from fhir_server import bundle, conditional, dates, search
+from fhir_server import conditional, dates
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
 from fhir_server.repository import Hook, Repository, Stored
-from fhir_server.router import handle
+from fhir_server.transaction import transaction
 from hl7_bridge.ack import ack_code, acknowledge
 from hl7_bridge.store import (
     ERROR,
@@ -201,7 +201,7 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
                 _find_order(repo, control)  # a change order needs its order
             mapped = map_order(message, config)
             # In the savepoint above, which any error rolls back: the Bundle needs none of its own.
-            response = bundle.process(mapped, repo, BASE, handle, savepoint=False)
+            response = transaction(repo, mapped, BASE, savepoint=False)
         else:
             response = _change_case(repo, control)
         repo.complete()
@@ -232,7 +232,7 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
 def _change_case(repo: Repository, control: OrderControl) -> dict[str, Any]:
     """Apply CA/DC/HD/RL/SC to the order's ServiceRequest and its Task; return what changed."""
     order = _find_order(repo, control)
-    tasks = search.execute(repo.conn, search.parse("Task", [("focus", f"ServiceRequest/{order.id}")])).matches
+    tasks = repo.search("Task", [("focus", f"ServiceRequest/{order.id}")])
     request_status, task_status = control.statuses
     changed = {}
     if request_status:

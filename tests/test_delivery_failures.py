@@ -20,8 +20,8 @@ from sqlalchemy import select
 from fhir_server import search
 from fhir_server.db import Database
 from fhir_server.repository import Repository
-from hl7_bridge.delivery import Delivery, Gathered, Result
 from hl7_bridge.outbound import FAILED, NO_DESTINATION, QUEUED, SENT, OutboundMessage
+from hl7_bridge.results_queue import Gathered, Result, ResultsQueue
 from overread.app import HOOKS, create_app
 from overread.config import Destination, Hl7, OverreadConfig
 from overread.settings import Settings
@@ -302,11 +302,11 @@ def test_a_result_whose_queueing_keeps_failing_ends_as_a_failed_row_not_a_log_li
     order_id = fhir_order(db)
     report(db, order_id)
 
-    def broken(self: Delivery, repo: Repository, result: Result) -> Gathered:
+    def broken(self: ResultsQueue, repo: Repository, result: Result) -> Gathered:
         raise RuntimeError("a bug")
 
     with monkeypatch.context() as patched:
-        patched.setattr(Delivery, "gather", broken)
+        patched.setattr(ResultsQueue, "gather", broken)
         delivery = worker(db, destination(receiver.port), attempts=2)
         delivery.queue_once()
         assert rows(db) == []  # tried again first
