@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from fhir_server import outbox, search
+from fhir_server import outbox
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
 from fhir_server.outbox_worker import Job
@@ -72,7 +72,7 @@ def hl7_order(db: Database, message: bytes = OMI) -> str:
     """An order in over HL7 (MSH-3 MESA_OF, MSH-4 XYZ_RADIOLOGY); its ServiceRequest id."""
     assert b"|AA|" in receive(db, message, None, HOOKS)
     with db.begin(write=False) as conn:
-        orders = search.execute(conn, search.parse("ServiceRequest", [("_sort", "-_lastUpdated")])).matches
+        orders = Repository(conn).search("ServiceRequest", [("_sort", "-_lastUpdated")])
     link_images(db, orders[0].id)
     return orders[0].id
 
@@ -143,7 +143,7 @@ def rows(db: Database) -> list[OutboundMessage]:
 
 def task_delivery(db: Database, order_id: str) -> list[dict[str, str]]:
     with db.begin(write=False) as conn:
-        found = search.execute(conn, search.parse("Task", [("focus", f"ServiceRequest/{order_id}")])).matches
+        found = Repository(conn).search("Task", [("focus", f"ServiceRequest/{order_id}")])
     return delivery_status(found[0].resource)
 
 

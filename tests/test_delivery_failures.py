@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from fhir_server import search
 from fhir_server.db import Database
 from fhir_server.repository import Repository
 from hl7_bridge.outbound import FAILED, NO_DESTINATION, QUEUED, SENT, OutboundMessage
@@ -86,7 +85,7 @@ def edit(db: Database, rtype: str, rid: str, **changes: Any) -> None:
 
 def case(db: Database, order_id: str) -> Json:
     with db.begin(write=False) as conn:
-        found = search.execute(conn, search.parse("Task", [("focus", f"ServiceRequest/{order_id}")])).matches
+        found = Repository(conn).search("Task", [("focus", f"ServiceRequest/{order_id}")])
     return found[0].resource
 
 
