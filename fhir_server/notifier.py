@@ -51,8 +51,6 @@ DEFAULT_BACKOFF = Backoff(24, timedelta(seconds=5), timedelta(minutes=10))
 class Delivery:
     """One claimed row, read: what to send where."""
 
-    pk: int
-    attempts: int
     subscription: Stored | None
     kind: str
     resource: Stored | None  # the notified version, for a notification
@@ -98,10 +96,9 @@ class Notifier(OutboxWorker):
     def handle(self, job: Job) -> None:
         delivery = self._read(job)
         request = _request(delivery)
-        pk, attempts = job.pk, job.attempts
         if request is None:  # the Subscription is gone or off, the version deleted: nothing to send
             with self.db.transaction() as session:
-                outbox.complete(session, pk)
+                outbox.complete(session, job.pk)
             return
         try:
             response = self.http.request(request.method, request.url, headers=request.headers, content=request.content)
@@ -112,12 +109,12 @@ class Notifier(OutboxWorker):
         subscription_id = subscription.id if subscription else None
         if reason is None:
             with self.db.transaction() as session:
-                outbox.complete(session, pk)
+                outbox.complete(session, job.pk)
             sub = subscription.resource if subscription else {}
             if subscription_id and (sub.get("status") != "active" or "error" in sub):  # else nothing to change
                 self._set_status(subscription_id, "active", None, delivery.kind == subscriptions.HANDSHAKE)
         else:
-            log.info("subscription delivery %s failed (attempt %s): %s", pk, attempts, reason)
+            log.info("subscription delivery %s failed (attempt %s): %s", job.pk, job.attempts, reason)
             self._failed(job, subscription_id, reason)
 
     def failed(self, job: Job, exc: Exception) -> None:
@@ -135,7 +132,7 @@ class Notifier(OutboxWorker):
                     resource = repo.vread(payload["type"], payload["id"], int(payload["version"]))
                 except FhirError:
                     resource = None  # the version was a deletion, or is gone
-        return Delivery(job.pk, job.attempts, sub if sub and sub.content else None, str(payload.get("kind")), resource)
+        return Delivery(sub if sub and sub.content else None, str(payload.get("kind")), resource)
 
     def _failed(self, job: Job, subscription_id: str | None, reason: str) -> None:
         with self.db.transaction() as session:

@@ -1,4 +1,4 @@
-"""Workers: the loop each one runs, and the base of those that work an outbox topic (docs/architecture.md).
+"""Workers: the loop each one runs, and the base of those that work an outbox topic (docs/fhir-server.md).
 
 ``Loop`` runs a worker's step until stopped: at once again after a step that found work, else
 after ``poll`` seconds or a ``wake``; an exception is logged and the loop goes on (a broken row or
