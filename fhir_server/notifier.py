@@ -35,7 +35,7 @@ from fhir_server import outbox, subscriptions
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
 from fhir_server.outbox import Backoff
-from fhir_server.outbox_worker import Job, OutboxWorker
+from fhir_server.outbox_worker import Job, OutboxWorker, describe
 from fhir_server.repository import Hook, Repository, Stored
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class Notifier(OutboxWorker):
 
     def failed(self, job: Job, exc: Exception) -> None:
         """E.g. a stored Subscription this version cannot read: retried, and the Subscription left as it is."""
-        self._failed(job, None, f"{type(exc).__name__}: {exc}")
+        self._failed(job, None, describe(exc))
 
     def _read(self, job: Job) -> Delivery:
         payload = job.payload

@@ -14,11 +14,12 @@ loses nothing: its lease runs out and another worker claims the row again. Tests
 
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import orjson
 from sqlalchemy.orm import Session
@@ -75,6 +76,11 @@ def running(loops: Sequence[Loop]) -> Iterator[None]:
             thread.join(JOIN_TIMEOUT)
 
 
+def describe(exc: Exception) -> str:
+    """An exception as the reason a row records (``last_error``)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 @dataclass(frozen=True)
 class Job:
     """One claimed outbox row, read in the claim's transaction: what it names, its attempt, its payload."""
@@ -87,13 +93,13 @@ class Job:
     payload: dict[str, Any]
 
     @classmethod
-    def of(cls, row: OutboxRow) -> "Job":
+    def of(cls, row: OutboxRow) -> Self:
         payload = orjson.loads(row.payload or "{}")
         return cls(row.pk, row.resource_type, row.resource_id, row.resource_version, row.attempts,
                    payload if isinstance(payload, dict) else {})  # fmt: skip
 
 
-class OutboxWorker:
+class OutboxWorker(ABC):
     """Claims due rows of ``topic`` and works them: ``handle`` each, ``failed`` when it raises.
 
     ``in_order``: a resource's rows one at a time, oldest first (``outbox.claim``).
@@ -128,14 +134,14 @@ class OutboxWorker:
             log.exception("%s: outbox row %s", self.topic, job.pk)
             self.failed(job, exc)
 
+    @abstractmethod
     def handle(self, job: Job) -> None:
-        """Do the job's work and record its outcome (``complete``, ``retry``, ``outbox.fail``)."""
-        raise NotImplementedError
+        """Do the job's work and record its outcome (``outbox.complete``, ``retry``, ``outbox.fail``)."""
 
     def failed(self, job: Job, exc: Exception) -> None:
         """``handle`` raised: try again after the backoff."""
         with self.db.transaction() as session:
-            self.retry(session, job, f"{type(exc).__name__}: {exc}")
+            self.retry(session, job, describe(exc))
 
     def retry(self, session: Session, job: Job, reason: str, delay: timedelta | None = None) -> bool:
         """Try the job again after ``delay`` (else the backoff of its attempt); False once it is dead."""

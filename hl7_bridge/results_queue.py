@@ -32,7 +32,7 @@ from fhir_server import dates, outbox
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
 from fhir_server.outbox import Backoff
-from fhir_server.outbox_worker import Job, OutboxWorker
+from fhir_server.outbox_worker import Job, OutboxWorker, describe
 from fhir_server.repository import Hook, Repository
 from fhir_server.results import RESULT
 from hl7_bridge.delivery_status import report_ref, show_on_case
@@ -91,7 +91,7 @@ class ResultsQueue(OutboxWorker):
 
     def failed(self, job: Job, exc: Exception) -> None:
         """A database hiccup: the row is tried again (what cannot be sent is a failed row, not an exception)."""
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = describe(exc)
         with self.db.transaction() as session:
             if not self.retry(session, job, reason):
                 _given_up(session, self.hooks, job, reason)
