@@ -3,7 +3,7 @@
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import timedelta
 from functools import partial
 
@@ -143,12 +143,8 @@ def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[t
         worker.wake,
         limits=scp_limits(settings),
     )
-    with scp:
-        try:
-            with running([worker.loop]):
-                yield worker, scp
-        finally:
-            worker.close()
+    with scp, closing(worker), running([worker.loop]):
+        yield worker, scp
 
 
 @contextmanager
@@ -156,11 +152,8 @@ def notifications(db: Database, cfg: OverreadConfig) -> Iterator[Notifier]:
     """The Subscription worker (handshakes, rest-hook notifications) on a thread of its own."""
     s = cfg.subscriptions
     worker = Notifier(db, make_hooks(cfg), s.backoff(), s.timeout_seconds)
-    try:
-        with running([worker.loop]):
-            yield worker
-    finally:
-        worker.close()
+    with closing(worker), running([worker.loop]):
+        yield worker
 
 
 def result_delivery(db: Database, cfg: OverreadConfig) -> Delivery:
