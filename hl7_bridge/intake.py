@@ -59,7 +59,7 @@ from mappings.errors import DATA_TYPE_ERROR, INTERNAL_ERROR, UNKNOWN_KEY, Mappin
 from mappings.order_control import OrderControl, order_control
 from mappings.orders import RESULTS, check_supported, map_order
 from mappings.sender import SenderConfig, sender_identity, sender_settings
-from mappings.sender import Senders as Senders  # api and delivery take it from here
+from mappings.sender import Senders as Senders  # api and the results queue take it from here
 from mappings.v2 import MAX_SEGMENTS, Message, header, parse
 
 #: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
