@@ -22,18 +22,12 @@
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
-
 from cases import patient_match
 from cases.routing import NO_ROUTING, Routing, route
 from cases.second_opinion import case_of, is_case, is_original, order_of
 from fhir_server import dates, outbox
 from fhir_server.errors import error
 from fhir_server.repository import Change, Hook, Repository, Stored, same_content
-from fhir_server.schema import OutboxRow
-
-#: Defined with the second-opinion report; the bridges find the case Task here too.
-__all__ = ["case_of"]
 
 #: The outbox topic of the image-linking worker (dicom_bridge).
 LINK_IMAGING = "link-imaging"
@@ -244,15 +238,7 @@ def relink(repo: Repository, order_id: str, confirmation: Confirmation | None = 
     if order.resource.get("status") != "active":
         raise error(409, "business-rule", f"ServiceRequest/{order_id} is {order.resource.get('status')}, not active")
     if confirmation is not None:
-        repo.conn.execute(
-            update(OutboxRow)
-            .where(
-                OutboxRow.topic == LINK_IMAGING,
-                OutboxRow.resource_id == order_id,
-                OutboxRow.status == outbox.PENDING,
-            )
-            .values(status=outbox.DONE)
-        )
+        outbox.supersede(repo.conn, LINK_IMAGING, order_id)
     repo.enqueue(LINK_IMAGING, order, confirmation.payload() if confirmation else None)
     set_case_status(repo, order_id, IMAGES_PENDING)
 

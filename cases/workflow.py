@@ -26,7 +26,6 @@ from typing import Any
 
 from cases.second_opinion import case_of, is_case, order_of, second_opinion_order
 from cases.task import REPORTED, with_case_status
-from fhir_server import search
 from fhir_server.errors import error
 from fhir_server.repository import Change, Repository, Stored, same_content
 from mappings.original_report import REPORT_ROLE
@@ -180,7 +179,7 @@ def _compare_with_original(repo: Repository, change: Change, report: dict[str, A
 
 def linked_studies(repo: Repository, order_id: str) -> list[Stored]:
     """The case's images: the ImagingStudies based on the order (``cases.task.link_study``)."""
-    return search.execute(repo.conn, search.parse("ImagingStudy", [("basedon", f"ServiceRequest/{order_id}")])).matches
+    return repo.search("ImagingStudy", [("basedon", f"ServiceRequest/{order_id}")])
 
 
 def _reference_images(change: Change, studies: list[Stored]) -> None:
@@ -213,8 +212,8 @@ def _original_report(repo: Repository, order_id: str) -> Stored | None:
         ("_tag", f"{REPORT_ROLE}|original"),
         ("_sort", "-_lastUpdated"),
     ]
-    found = search.execute(repo.conn, search.parse("DiagnosticReport", query))
-    return found.matches[0] if found.matches else None
+    found = repo.search("DiagnosticReport", query)
+    return found[0] if found else None
 
 
 def _complete_case(repo: Repository, order_id: str, report_id: str, news: bool) -> None:

@@ -12,27 +12,24 @@ a final status (``pacs-unreachable`` when no peer ever answered) and the reason 
 A study of another patient is never linked: the case ends ``images-mismatch`` at once, until
 an operator confirms the study (``$link-imaging`` with a reason) or another study arrives.
 
-A job is claimed with a lease (``fhir_server.outbox``), so a worker that dies mid-job
-loses nothing and several server processes can share one PostgreSQL database. The
-network I/O runs outside any transaction; each outcome is one transaction.
+A job is claimed with a lease (``fhir_server.outbox_worker.OutboxWorker``), so a worker that
+dies mid-job loses nothing and several server processes can share one PostgreSQL database.
+The network I/O runs outside any transaction; each outcome is one transaction.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from cases import patient_match
-from cases import task as cases
+from cases import patient_match, task
 from cases.patient_match import STRICT, Identity, MatchRule
+from cases.second_opinion import case_of
 from cases.task import Confirmation
 from dicom_bridge import reasons
 from dicom_bridge.dicomweb import DicomWebClient
@@ -40,11 +37,11 @@ from dicom_bridge.dimse import DimseClient, Peer
 from dicom_bridge.errors import PacsError, PacsUnavailable, RetrieveFailed
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery, missing
-from fhir_server import dates, outbox, search
+from fhir_server import dates, outbox
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
+from fhir_server.outbox_worker import Job, OutboxWorker
 from fhir_server.repository import Hook, Repository, Stored
-from fhir_server.schema import OutboxRow
 from mappings.imaging_study import Study, imaging_study
 
 log = logging.getLogger(__name__)
@@ -172,12 +169,14 @@ class Found:
     def final_status(self) -> str:
         """The status of a job that gives up on this: mismatch, unreachable, else not found."""
         if self.mismatches:
-            return cases.IMAGES_MISMATCH
-        return cases.PACS_UNREACHABLE if self.peers and len(self.unreachable) == self.peers else cases.IMAGES_NOT_FOUND
+            return task.IMAGES_MISMATCH
+        return task.PACS_UNREACHABLE if self.peers and len(self.unreachable) == self.peers else task.IMAGES_NOT_FOUND
 
 
-class Linker:
-    """Claims ``link-imaging`` jobs and runs them; ``run`` loops until ``stop`` is set."""
+class Linker(OutboxWorker):
+    """Claims ``link-imaging`` jobs and runs them (``loop``: ``run_once`` until stopped)."""
+
+    topic = task.LINK_IMAGING
 
     def __init__(
         self,
@@ -185,8 +184,10 @@ class Linker:
         sources: Sequence[Source],
         backoff: Backoff = DEFAULT_BACKOFF,
         hooks: Sequence[Hook] = (),
+        poll: float = 1.0,
     ) -> None:
-        self.db, self.sources, self.backoff, self.hooks = db, list(sources), backoff, hooks
+        super().__init__(db, backoff, poll=poll)
+        self.sources, self.hooks = list(sources), hooks
         self._retrieving: set[str] = set()  # studies our own retrieves are bringing in right now
 
     def close(self) -> None:
@@ -203,29 +204,12 @@ class Linker:
                     source.endpoint = _publish(repo, source.peer)
             repo.complete()
 
-    def run(self, stop: threading.Event, poll: float = 1.0) -> None:
-        while not stop.is_set():
-            try:
-                if self.run_once():
-                    continue
-            except Exception:  # a broken job or database hiccup must not end the worker
-                log.exception("image-linking worker")
-            stop.wait(poll)
+    def handle(self, job: Job) -> None:
+        self._run(job.pk, job.resource_id, Confirmation.of(job.payload))
 
-    def run_once(self) -> int:
-        """Claim due jobs and run them; how many there were."""
-        with self.db.transaction() as session:
-            jobs = [
-                (row.pk, row.resource_id, Confirmation.of(_payload(row)))
-                for row in outbox.claim(session, cases.LINK_IMAGING)
-            ]
-        for pk, order_id, confirmation in jobs:
-            try:
-                self._run(pk, order_id, confirmation)
-            except Exception as exc:  # e.g. a PACS answer the mapping or validation refuses
-                log.exception("image linking for ServiceRequest/%s", order_id)
-                self._retry(pk, order_id, reasons.error(exc))
-        return len(jobs)
+    def failed(self, job: Job, exc: Exception) -> None:
+        """E.g. a PACS answer the mapping or validation refuses: a retry, with the reason on the case."""
+        self._retry(job.pk, job.resource_id, reasons.error(exc))
 
     def _run(self, pk: int, order_id: str, confirmation: Confirmation | None = None) -> None:
         with self.db.begin(write=False) as conn:
@@ -235,7 +219,7 @@ class Linker:
             linked = _linked_uids(repo, order_id)
         if order is None or order.content is None or order.resource.get("status") != "active":
             with self.db.transaction() as session:  # revoked, completed or gone: nothing to link
-                if _pending(session, pk):
+                if outbox.pending(session, pk):
                     outbox.complete(session, pk)
             return
         query = StudyQuery(study_uid=confirmation.study_uid) if confirmation else order_query(order.resource, patient)
@@ -260,10 +244,10 @@ class Linker:
             except PacsError as exc:
                 return self._retry(pk, order_id, str(exc), found=True)
             with self.db.transaction() as session:
-                if not _pending(session, pk):
+                if not outbox.pending(session, pk):
                     return
                 repo = Repository(session, self.hooks)
-                cases.set_case_status(repo, order_id, cases.IMAGES_AVAILABLE)
+                task.set_case_status(repo, order_id, task.IMAGES_AVAILABLE)
                 outbox.complete(session, pk)
                 repo.complete()
 
@@ -300,7 +284,7 @@ class Linker:
         empty = [reasons.not_found(found.empty, query.matching_keys())] if nowhere else []
         reason = reasons.join([*mismatches, *found.unreachable, *found.failed, *empty])
         if found.mismatches and not found.unreachable:
-            return self._give_up(pk, order_id, reason, cases.IMAGES_MISMATCH)
+            return self._give_up(pk, order_id, reason, task.IMAGES_MISMATCH)
         return self._retry(pk, order_id, reason, final=found.final_status())
 
     def _retrieve(self, source: Source, studies: list[Study]) -> None:
@@ -322,48 +306,48 @@ class Linker:
         endpoints = [source.endpoint] if source.endpoint else []
         tz = source.peer.timezone if source.peer else None
         with self.db.transaction() as session:
-            if not _pending(session, pk):
+            if not outbox.pending(session, pk):
                 return False
             repo = Repository(session, self.hooks)
             for study in studies:
                 based_on = [f"ServiceRequest/{order.id}"]
-                stored = cases.link_study(
+                stored = task.link_study(
                     repo, imaging_study(study, subject=subject, based_on=based_on, endpoints=endpoints, tz=tz)
                 )
                 if audit is not None and study.uid == audit.confirmation.study_uid:
                     repo.create(audit.event(order, stored, study))
-            status = cases.IMAGES_AVAILABLE if done else cases.IMAGES_PENDING
-            cases.set_case_status(repo, order.id, status, None if done else reasons.retrieving(source.label))
+            status = task.IMAGES_AVAILABLE if done else task.IMAGES_PENDING
+            task.set_case_status(repo, order.id, status, None if done else reasons.retrieving(source.label))
             if done:
                 outbox.complete(session, pk)
             repo.complete()
         return True
 
     def _retry(
-        self, pk: int, order_id: str, reason: str, found: bool = False, final: str = cases.IMAGES_NOT_FOUND
+        self, pk: int, order_id: str, reason: str, found: bool = False, final: str = task.IMAGES_NOT_FOUND
     ) -> None:
         with self.db.transaction() as session:
-            if (row := _pending(session, pk)) is None:
+            if (row := outbox.pending(session, pk)) is None:
                 return
             attempts = row.attempts
             # Due already: a push woke the job while it ran (``wake``), so the study may be here now.
             # Backing off would undo the wake-up and leave the case waiting up to max_delay.
-            delay = timedelta(0) if row.available_at <= dates.now() else self.backoff.delay(attempts)
-            again = outbox.retry(session, pk, reason, delay, self.backoff.max_attempts)
-            status = cases.IMAGES_PENDING if again else cases.IMAGES_UNAVAILABLE if found else final
+            delay = timedelta(0) if row.available_at <= dates.now() else None
+            again = self.retry(session, Job.of(row), reason, delay)
+            status = task.IMAGES_PENDING if again else task.IMAGES_UNAVAILABLE if found else final
             repo = Repository(session, self.hooks)
-            cases.set_case_status(repo, order_id, status, reason)
+            task.set_case_status(repo, order_id, status, reason)
             repo.complete()
         log.info("image linking for ServiceRequest/%s: %s (attempt %s)", order_id, reason, attempts)
 
     def _give_up(self, pk: int, order_id: str, reason: str, status: str) -> None:
         """End the job now with a final status: retrying cannot change what it found."""
         with self.db.transaction() as session:
-            if _pending(session, pk) is None:
+            if outbox.pending(session, pk) is None:
                 return
             outbox.fail(session, pk, reason)
             repo = Repository(session, self.hooks)
-            cases.set_case_status(repo, order_id, status, reason)
+            task.set_case_status(repo, order_id, status, reason)
             repo.complete()
         log.warning("image linking for ServiceRequest/%s: %s", order_id, reason)
 
@@ -377,17 +361,7 @@ class Linker:
                 for order in _orders_for(repo, study_uid, accession):
                     _wake(session, repo, order)
             repo.complete()
-
-
-def _pending(session: Session, pk: int) -> OutboxRow | None:
-    """The job's row, locked, if it is still pending; None once another run finished it.
-
-    A lease that ran out during a long retrieve, or a C-STORE push that woke the job, lets a
-    second worker run the same job. Whichever finishes second must not undo the first: move
-    a done row back into retry (or to dead), or set a linked case back to "pending".
-    """
-    row = session.get(OutboxRow, pk, with_for_update=True)
-    return row if row is not None and row.status == outbox.PENDING else None
+        self.loop.wake()
 
 
 @dataclass(frozen=True)
@@ -400,14 +374,9 @@ class _Audit:
 
     def event(self, order: Stored, stored: Stored, study: Study) -> dict[str, Any]:
         patient = reasons.identity(self.source.identity(study))
-        return cases.confirmed_link_audit(
+        return task.confirmed_link_audit(
             order, stored, self.confirmation, reasons.identity(self.order_patient), patient
         )
-
-
-def _payload(row: OutboxRow) -> dict[str, Any]:
-    loaded = json.loads(row.payload or "{}")
-    return loaded if isinstance(loaded, dict) else {}
 
 
 def _linked_uids(repo: Repository, order_id: str) -> set[str]:
@@ -465,45 +434,35 @@ def _publish(repo: Repository, peer: PeerConfig) -> str:
     else:
         endpoint |= {"connectionType": DIMSE_CONNECTION, "address": f"dicom://{peer.ae_title}@{peer.host}:{peer.port}"}
     repo.lock(f"Endpoint|{peer.name}")
-    found = search.execute(repo.conn, search.parse("Endpoint", [("identifier", f"{PEER_SYSTEM}|{peer.name}")]))
-    if not found.matches:
+    found = repo.search("Endpoint", [("identifier", f"{PEER_SYSTEM}|{peer.name}")])
+    if not found:
         return f"Endpoint/{repo.create(endpoint).id}"
-    current = found.matches[0]
-    if {k: v for k, v in current.resource.items() if k not in ("id", "meta")} != endpoint:
-        repo.update("Endpoint", current.id, {**endpoint, "id": current.id}, current.etag)
-    return f"Endpoint/{current.id}"
+    repo.update_if_changed(found[0], endpoint)
+    return f"Endpoint/{found[0].id}"
 
 
 def _orders_for(repo: Repository, study_uid: str, accession: str) -> list[Stored]:
     criteria = [f"urn:dicom:uid|urn:oid:{study_uid}"] + ([accession] if accession else [])
     found: dict[str, Stored] = {}
     for value in criteria:
-        for order in search.execute(repo.conn, search.parse("ServiceRequest", [("identifier", value)])).matches:
+        for order in repo.search("ServiceRequest", [("identifier", value)]):
             if order.resource.get("status") == "active":
                 found[order.id] = order
     return list(found.values())
 
 
-def _wake(session: Any, repo: Repository, order: Stored) -> None:
+def _wake(session: Session, repo: Repository, order: Stored) -> None:
     if _linked(repo, order.id):
         return
-    woken = session.execute(
-        update(OutboxRow)
-        .where(
-            OutboxRow.topic == cases.LINK_IMAGING,
-            OutboxRow.resource_id == order.id,
-            OutboxRow.status == outbox.PENDING,
-        )
-        .values(available_at=dates.now())
-    ).rowcount
+    woken = outbox.wake(session, task.LINK_IMAGING, order.id)
     # The UPDATE may have waited for the order's own job to commit (PostgreSQL): its row is done then,
     # and the case linked, which a read now sees. Only a case still waiting needs a new job.
     if not woken and not _linked(repo, order.id):
-        repo.enqueue(cases.LINK_IMAGING, order)
+        repo.enqueue(task.LINK_IMAGING, order)
 
 
 def _linked(repo: Repository, order_id: str) -> bool:
     """The case has its images, or is past needing them (reported)."""
-    task = cases.case_of(repo, order_id)
-    codes = {c.get("code") for c in (task.resource.get("businessStatus", {}) if task else {}).get("coding", [])}
-    return bool(codes & {cases.IMAGES_AVAILABLE, *cases.AFTER_REPORT})
+    case = case_of(repo, order_id)
+    codes = {c.get("code") for c in (case.resource.get("businessStatus", {}) if case else {}).get("coding", [])}
+    return bool(codes & {task.IMAGES_AVAILABLE, *task.AFTER_REPORT})

@@ -7,7 +7,6 @@ unchanged costs one read by id and writes nothing, so a restart writes no new ve
 
 from typing import Any
 
-from fhir_server import search
 from fhir_server.db import Database
 from fhir_server.profiles import artifacts
 from fhir_server.repository import Repository, same_content
@@ -29,7 +28,7 @@ def _publish(repo: Repository, artifact: dict[str, Any]) -> int:
     if current is not None and current.content is not None and same_content(current.resource, artifact):
         return 0  # the usual case at start-up: one read, nothing written
     criteria = [("url", artifact["url"]), ("version", artifact["version"])]
-    found = search.execute(repo.conn, search.parse(rtype, criteria)).matches
+    found = repo.search(rtype, criteria)
     if found and same_content(found[0].resource, artifact):
         return 0
     if found:

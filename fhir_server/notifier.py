@@ -15,7 +15,7 @@ names), send it over HTTP outside any transaction, and record the outcome:
 A Subscription's rows are delivered one at a time, in the order they were written: only the
 oldest pending row of each Subscription is claimed, so a row waiting for its retry holds the
 ones behind it (version 3 of a report never overtakes version 2). Rows of different
-Subscriptions are delivered side by side. Claims are leased (``fhir_server.outbox``), so a
+Subscriptions are delivered side by side. Claims are leased (``fhir_server.outbox_worker``), so a
 worker that dies mid-delivery loses nothing, and several server processes can share one
 PostgreSQL database (``FOR UPDATE SKIP LOCKED``).
 """
@@ -23,7 +23,6 @@ PostgreSQL database (``FOR UPDATE SKIP LOCKED``).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,16 +30,13 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-import orjson
-from sqlalchemy import exists, select
-from sqlalchemy.orm import Session, aliased
 
-from fhir_server import dates, outbox, subscriptions
+from fhir_server import outbox, subscriptions
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
 from fhir_server.outbox import Backoff
+from fhir_server.outbox_worker import Job, OutboxWorker, describe
 from fhir_server.repository import Hook, Repository, Stored
-from fhir_server.schema import OutboxRow
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +51,6 @@ DEFAULT_BACKOFF = Backoff(24, timedelta(seconds=5), timedelta(minutes=10))
 class Delivery:
     """One claimed row, read: what to send where."""
 
-    pk: int
-    attempts: int
     subscription: Stored | None
     kind: str
     resource: Stored | None  # the notified version, for a notification
@@ -70,8 +64,11 @@ class Request:
     content: bytes
 
 
-class Notifier:
-    """Claims ``subscription`` rows and delivers them; ``run`` loops until ``stop`` is set."""
+class Notifier(OutboxWorker):
+    """Claims ``subscription`` rows, the oldest of each Subscription, and delivers them side by side."""
+
+    topic = subscriptions.TOPIC
+    in_order = True
 
     def __init__(
         self,
@@ -81,8 +78,10 @@ class Notifier:
         timeout: float = 10.0,
         limit: int = 20,
         threads: int = 8,
+        poll: float = 0.5,
     ) -> None:
-        self.db, self.hooks, self.backoff, self.limit = db, hooks, backoff, limit
+        super().__init__(db, backoff, limit=limit, poll=poll)
+        self.hooks = hooks
         self.http = httpx.Client(timeout=timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT})
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="subscription-delivery")
 
@@ -90,34 +89,16 @@ class Notifier:
         self.pool.shutdown(wait=True)
         self.http.close()
 
-    def run(self, stop: threading.Event, poll: float = 0.5) -> None:
-        while not stop.is_set():
-            try:
-                if self.run_once():
-                    continue
-            except Exception:  # a broken row or a database hiccup must not end the worker
-                log.exception("subscription worker")
-            stop.wait(poll)
-
-    def run_once(self) -> int:
-        """Claim the oldest due row of each Subscription and deliver them; how many there were."""
-        with self.db.transaction() as session:
-            rows = [(row.pk, row.attempts) for row in claim(session, self.limit)]
-        for future in [self.pool.submit(self._deliver, pk, attempts) for pk, attempts in rows]:
+    def work(self, jobs: list[Job]) -> None:
+        for future in [self.pool.submit(self.attempt, job) for job in jobs]:
             future.result()
-        return len(rows)
 
-    def _deliver(self, pk: int, attempts: int) -> None:
-        try:
-            delivery = self._read(pk, attempts)
-            request = _request(delivery)
-        except Exception as exc:  # e.g. a stored Subscription this version cannot read
-            log.exception("subscription outbox row %s", pk)
-            self._failed(pk, attempts, None, f"{type(exc).__name__}: {exc}")
-            return
+    def handle(self, job: Job) -> None:
+        delivery = self._read(job)
+        request = _request(delivery)
         if request is None:  # the Subscription is gone or off, the version deleted: nothing to send
             with self.db.transaction() as session:
-                outbox.complete(session, pk)
+                outbox.complete(session, job.pk)
             return
         try:
             response = self.http.request(request.method, request.url, headers=request.headers, content=request.content)
@@ -128,34 +109,36 @@ class Notifier:
         subscription_id = subscription.id if subscription else None
         if reason is None:
             with self.db.transaction() as session:
-                outbox.complete(session, pk)
+                outbox.complete(session, job.pk)
             sub = subscription.resource if subscription else {}
             if subscription_id and (sub.get("status") != "active" or "error" in sub):  # else nothing to change
                 self._set_status(subscription_id, "active", None, delivery.kind == subscriptions.HANDSHAKE)
         else:
-            log.info("subscription delivery %s failed (attempt %s): %s", pk, attempts, reason)
-            self._failed(pk, attempts, subscription_id, reason)
+            log.info("subscription delivery %s failed (attempt %s): %s", job.pk, job.attempts, reason)
+            self._failed(job, subscription_id, reason)
 
-    def _read(self, pk: int, attempts: int) -> Delivery:
+    def failed(self, job: Job, exc: Exception) -> None:
+        """E.g. a stored Subscription this version cannot read: retried, and the Subscription left as it is."""
+        self._failed(job, None, describe(exc))
+
+    def _read(self, job: Job) -> Delivery:
+        payload = job.payload
         with self.db.begin(write=False) as conn:
-            row = conn.execute(select(OutboxRow.resource_id, OutboxRow.payload).where(OutboxRow.pk == pk)).one()
-            payload = orjson.loads(row.payload)
             repo = Repository(conn)
-            sub = repo.current("Subscription", row.resource_id)
+            sub = repo.current("Subscription", job.resource_id)
             resource = None
             if payload.get("kind") == subscriptions.NOTIFICATION:
                 try:
                     resource = repo.vread(payload["type"], payload["id"], int(payload["version"]))
                 except FhirError:
                     resource = None  # the version was a deletion, or is gone
-        return Delivery(pk, attempts, sub if sub and sub.content else None, str(payload.get("kind")), resource)
+        return Delivery(sub if sub and sub.content else None, str(payload.get("kind")), resource)
 
-    def _failed(self, pk: int, attempts: int, subscription_id: str | None, reason: str) -> None:
+    def _failed(self, job: Job, subscription_id: str | None, reason: str) -> None:
         with self.db.transaction() as session:
-            again = outbox.retry(session, pk, reason, self.backoff.delay(attempts), self.backoff.max_attempts)
+            again = self.retry(session, job, reason)
         if not again:
-            reason = f"{reason} (gave up after {attempts} attempts)"
-            log.warning("subscription outbox row %s is dead: %s", pk, reason)
+            reason = f"{reason} (gave up after {job.attempts} attempts)"
         if subscription_id:
             self._set_status(subscription_id, "error", reason)
 
@@ -182,49 +165,12 @@ class Notifier:
                 updated["status"] = status
                 if reason:
                     updated["error"] = reason
-                if updated == {k: v for k, v in sub.items() if k != "meta"}:
-                    return
-                if "meta" in sub:
-                    updated["meta"] = {k: v for k, v in sub["meta"].items() if k not in ("versionId", "lastUpdated")}
-                repo.update("Subscription", subscription_id, updated, current.etag)
+                written = repo.update_if_changed(current, updated) is not None
                 repo.complete()
-                written = True
         except Exception:  # the row's outcome is recorded; a status we cannot write must not undo it
             log.exception("could not set Subscription/%s to %s", subscription_id, status)
         if written:  # again, once committed: a load between the hook's invalidation and the commit was stale
             subscriptions.invalidate()
-
-
-def claim(session: Session, limit: int = 20, lease: timedelta = outbox.LEASE) -> list[OutboxRow]:
-    """The oldest pending row of each Subscription, when it is due, leased to the caller.
-
-    A row with an older pending row of its Subscription (due later, or leased to a worker)
-    waits for it: that keeps each Subscription's notifications in order.
-    """
-    now = dates.now()
-    earlier = aliased(OutboxRow)
-    older_pending = exists().where(
-        earlier.topic == subscriptions.TOPIC,
-        earlier.status == outbox.PENDING,
-        earlier.resource_id == OutboxRow.resource_id,
-        earlier.pk < OutboxRow.pk,
-    )
-    rows = session.scalars(
-        select(OutboxRow)
-        .where(
-            OutboxRow.topic == subscriptions.TOPIC,
-            OutboxRow.status == outbox.PENDING,
-            OutboxRow.available_at <= now,
-            ~older_pending,
-        )
-        .order_by(OutboxRow.pk)
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=OutboxRow)
-    ).all()
-    for row in rows:
-        row.available_at = now + lease
-        row.attempts += 1
-    return list(rows)
 
 
 def _request(delivery: Delivery) -> Request | None:

@@ -10,8 +10,8 @@ from one table without blocking or double-claiming; SQLite serialises writers an
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, exists, select, update
+from sqlalchemy.orm import Session, aliased
 
 from fhir_server import dates
 from fhir_server.schema import OutboxRow
@@ -36,20 +36,71 @@ class Backoff:
         return min(delay, self.max_delay)
 
 
-def claim(session: Session, topic: str, limit: int = 10, lease: timedelta = LEASE) -> list[OutboxRow]:
-    """Due rows of ``topic``, oldest first, leased to the caller for ``lease``."""
+def claim(
+    session: Session, topic: str, limit: int = 10, lease: timedelta = LEASE, *, in_order: bool = False
+) -> list[OutboxRow]:
+    """Due rows of ``topic``, oldest first, leased to the caller for ``lease``.
+
+    ``in_order``: only the oldest pending row of each resource, so a resource's rows are worked
+    one at a time in the order they were written; one waiting for its retry (or leased to another
+    worker) holds the ones behind it.
+    """
     now = dates.now()
+    criteria = [OutboxRow.topic == topic, OutboxRow.status == PENDING, OutboxRow.available_at <= now]
+    if in_order:
+        earlier = aliased(OutboxRow)
+        criteria.append(
+            ~exists().where(
+                earlier.topic == topic,
+                earlier.status == PENDING,
+                earlier.resource_id == OutboxRow.resource_id,
+                earlier.pk < OutboxRow.pk,
+            )
+        )
     rows = session.scalars(
         select(OutboxRow)
-        .where(OutboxRow.topic == topic, OutboxRow.status == PENDING, OutboxRow.available_at <= now)
+        .where(*criteria)
         .order_by(OutboxRow.pk)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, of=OutboxRow)
     ).all()
     for row in rows:
         row.available_at = now + lease
         row.attempts += 1
     return list(rows)
+
+
+def pending(session: Session, pk: int) -> OutboxRow | None:
+    """The row, locked, while it is still pending; None once another run finished it.
+
+    A lease that ran out mid-work, or a ``wake``, lets a second worker run the same row: whichever
+    finishes second checks here, so it neither revives nor kills a row the first one finished.
+    """
+    row = session.get(OutboxRow, pk, with_for_update=True)
+    return row if row is not None and row.status == PENDING else None
+
+
+def wake(session: Session, topic: str, resource_id: str) -> int:
+    """Make the pending rows of ``topic`` for ``resource_id`` due now (leased ones too); how many there were."""
+    woken: int = (
+        session.connection()
+        .execute(
+            update(OutboxRow)
+            .where(OutboxRow.topic == topic, OutboxRow.resource_id == resource_id, OutboxRow.status == PENDING)
+            .values(available_at=dates.now())
+        )
+        .rowcount
+    )
+    return woken
+
+
+def supersede(conn: Connection, topic: str, resource_id: str) -> None:
+    """End the pending rows of ``topic`` for ``resource_id``: newer work replaces them."""
+    conn.execute(
+        update(OutboxRow)
+        .where(OutboxRow.topic == topic, OutboxRow.resource_id == resource_id, OutboxRow.status == PENDING)
+        .values(status=DONE)
+    )
 
 
 def complete(session: Session, pk: int) -> None:

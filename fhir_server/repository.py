@@ -9,7 +9,6 @@ import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cache
 from typing import Any, Protocol, cast
 
@@ -36,30 +35,12 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import TypeEngine
 
-from fhir_server import compiled, dates
+from fhir_server import compiled, dates, search
 from fhir_server.errors import error
 from fhir_server.indexing import index_rows
 from fhir_server.schema import INDEX_TABLES, OutboxRow, ReferenceIndex, ResourceRow, TokenIndex, VersionRow
+from fhir_server.stored import Stored as Stored  # the type of every read; its home breaks a cycle with search
 from fhir_server.validation import ID, check_id, check_type, validate
-
-
-@dataclass(frozen=True)
-class Stored:
-    """One version of a resource as stored: its JSON text and version metadata."""
-
-    type: str
-    id: str
-    version: int
-    last_updated: datetime
-    content: str | None  # None for a deletion
-
-    @property
-    def etag(self) -> str:
-        return f'W/"{self.version}"'
-
-    @property
-    def resource(self) -> dict[str, Any]:
-        return orjson.loads(self.content) if self.content else {}
 
 
 @dataclass
@@ -82,9 +63,11 @@ def same_content(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     """Whether two versions of a resource say the same: ``id`` and ``meta`` are the server's (R4 resource.html)."""
     if a is None or b is None:
         return a is b
-    return {k: v for k, v in a.items() if k not in ("id", "meta")} == {
-        k: v for k, v in b.items() if k not in ("id", "meta")
-    }
+    return _content(a) == _content(b)
+
+
+def _content(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k not in ("id", "meta")}
 
 
 class Versioned(Protocol):
@@ -220,6 +203,10 @@ class Repository:
         values = {"type": resource_type, "param": param, "target_type": target_type, "target_id": target_id}
         return [Stored(resource_type, *row) for row in self.conn.execute(_REFERRING, {**values, "limit": limit})]
 
+    def search(self, resource_type: str, params: Sequence[tuple[str, str]]) -> list[Stored]:
+        """What ``resource_type?params`` finds (R4 search.html), as the REST API would: its first page."""
+        return search.execute(self.conn, search.parse(resource_type, list(params))).matches
+
     def read(self, resource_type: str, resource_id: str) -> Stored:
         check_type(resource_type)
         return readable(resource_type, resource_id, None, self.current(resource_type, resource_id))
@@ -278,6 +265,17 @@ class Repository:
         # did not exist (a read said 410), so this is a create, 201, at the next version number.
         created = previous is None or previous.content is None
         return self._write(method, resource_type, resource_id, resource, previous), created
+
+    def update_if_changed(self, current: Stored, resource: dict[str, Any]) -> Stored | None:
+        """Update ``current`` to ``resource`` unless the two say the same (``same_content``); the new
+        version, or None when there was nothing to write. ``current``'s meta is kept unless
+        ``resource`` has one; the update fails (412) if ``current`` is no longer the current version.
+        """
+        before = current.resource
+        if same_content(before, resource):
+            return None
+        updated = {"meta": before.get("meta", {}), **resource, "id": current.id}
+        return self.update(current.type, current.id, updated, current.etag)[0]
 
     def delete(self, resource_type: str, resource_id: str, if_match: str | None = None) -> Stored | None:
         """Delete (a versioned tombstone). None when there was nothing to delete."""

@@ -39,7 +39,6 @@ from fhir_server.db import Deadline, statement_deadline, timed_out
 from fhir_server.errors import FhirError, Issue, error, operation_outcome
 from fhir_server.indexing import normalize, split_reference
 from fhir_server.limits import whole
-from fhir_server.repository import Stored
 from fhir_server.schema import (
     DateIndex,
     NumberIndex,
@@ -52,6 +51,7 @@ from fhir_server.schema import (
 )
 from fhir_server.search_limits import exceeded, limits
 from fhir_server.search_params import COLUMN_PARAMS, SearchParam, registry
+from fhir_server.stored import Stored
 from fhir_server.validation import SUPPORTED_TYPES, check_type
 
 #: The default page, and the largest a history serves (a search's is ``SearchLimits.max_count``).

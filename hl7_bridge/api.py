@@ -32,10 +32,10 @@ from fhir_server import dates
 from fhir_server.db import Database
 from fhir_server.limits import MAX_INT
 from fhir_server.repository import Hook
-from hl7_bridge import delivery
 from hl7_bridge.intake import Senders, replay
 from hl7_bridge.outbound import STATUSES as OUTBOUND_STATUSES
 from hl7_bridge.outbound import OutboundMessage
+from hl7_bridge.results_queue import NotReplayable, ResultsQueue
 from hl7_bridge.store import STATUSES, InboundMessage
 
 #: A page's size and start, and a message's id (the ``pk``, 64-bit on both databases): bounded,
@@ -192,7 +192,7 @@ class OutboundDetail(OutboundSummary):
 OUTBOUND_SUMMARY = [c for c in OutboundMessage.__table__.c if c.name in OutboundSummary.model_fields or c.name == "pk"]
 
 
-def outbound_router(results: delivery.Delivery) -> APIRouter:
+def outbound_router(results: ResultsQueue) -> APIRouter:
     """The outbound message store's endpoints; a replay builds for ``results``' destinations and shows
     itself on the case, written with its hooks."""
     router = APIRouter(prefix="/hl7/outbound", tags=["HL7 outbound messages"], route_class=_BadRequest)
@@ -246,7 +246,7 @@ def outbound_router(results: delivery.Delivery) -> APIRouter:
     def replay_outbound(message_id: MessageId) -> OutboundDetail:
         try:
             rows = results.replay(message_id)
-        except delivery.NotReplayable as exc:
+        except NotReplayable as exc:
             raise HTTPException(409, str(exc)) from exc
         if rows is None:
             raise HTTPException(404, f"No outbound message {message_id}")

@@ -2,7 +2,7 @@
 
 A destination added after reports were made final has none of them. For each destination (or the
 ones named), ``backfill`` finds the second-opinion reports whose current version is a result that
-destination wants — ``hl7_bridge.delivery.choose`` decides, so its ``sending_facility`` and
+destination wants — ``hl7_bridge.results_queue.choose`` decides, so its ``sending_facility`` and
 ``send_preliminary`` are honoured — and that have no message of any version for it, and queues the
 ORU^R01 of that version like the queueing worker does (a result that cannot be made is a ``failed``
 row with its reason). A dry run only lists them. One transaction per report; a second run finds the
@@ -24,8 +24,9 @@ from cases.results import RESULT_STATUSES
 from cases.second_opinion import second_opinion_order
 from fhir_server.repository import Repository
 from fhir_server.schema import ResourceRow
-from hl7_bridge.delivery import Delivery, Result, show_on_case
+from hl7_bridge.delivery_status import show_on_case
 from hl7_bridge.outbound import FAILED, NO_DESTINATION, OutboundMessage
+from hl7_bridge.results_queue import Result, ResultsQueue
 
 WOULD_QUEUE, QUEUED, FAILED_NOW = "would queue", "queued", "failed"
 
@@ -48,7 +49,7 @@ class UnknownDestination(ValueError):
     pass
 
 
-def backfill(results: Delivery, names: Sequence[str] = (), dry_run: bool = False) -> list[Backfilled]:
+def backfill(results: ResultsQueue, names: Sequence[str] = (), dry_run: bool = False) -> list[Backfilled]:
     """Queue (or list, ``dry_run``) the latest result version of each second-opinion report that
     has no message for a destination; all of ``results``' destinations, or those ``names``d."""
     unknown = [n for n in names if n not in results.by_name]
@@ -65,14 +66,14 @@ def backfill(results: Delivery, names: Sequence[str] = (), dry_run: bool = False
     return done
 
 
-def _reports(results: Delivery) -> list[str]:
+def _reports(results: ResultsQueue) -> list[str]:
     """The ids of the DiagnosticReports that exist now, oldest first."""
     r = ResourceRow
     with results.db.begin(write=False) as conn:
         return list(conn.scalars(select(r.id).where(r.type == "DiagnosticReport", ~r.deleted).order_by(r.pk)))
 
 
-def _report(results: Delivery, report_id: str, wanted: set[str], dry_run: bool) -> list[Backfilled]:
+def _report(results: ResultsQueue, report_id: str, wanted: set[str], dry_run: bool) -> list[Backfilled]:
     """One report, in one transaction: a message for each wanted destination that has none of it."""
     with results.db.transaction() as session:
         repo = Repository(session, results.hooks)

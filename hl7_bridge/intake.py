@@ -38,11 +38,11 @@ from sqlalchemy import Connection, Insert, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cases.task import control_case
-from fhir_server import bundle, conditional, dates
+from fhir_server import conditional, dates
 from fhir_server.db import Database
 from fhir_server.errors import FhirError
 from fhir_server.repository import Hook, Repository, Stored
-from fhir_server.router import handle
+from fhir_server.transaction import transaction
 from hl7_bridge.ack import ack_code, acknowledge
 from hl7_bridge.store import (
     ERROR,
@@ -60,7 +60,7 @@ from mappings.errors import DATA_TYPE_ERROR, INTERNAL_ERROR, UNKNOWN_KEY, Mappin
 from mappings.order_control import OrderControl, order_control
 from mappings.orders import RESULTS, check_supported, map_order
 from mappings.sender import SenderConfig, sender_identity, sender_settings
-from mappings.sender import Senders as Senders  # api and delivery take it from here
+from mappings.sender import Senders as Senders  # api and the results queue take it from here
 from mappings.v2 import MAX_SEGMENTS, Message, header, parse
 
 #: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
@@ -203,7 +203,7 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
                 _find_order(repo, control)  # a change order needs its order
             mapped = map_order(message, config)
             # In the savepoint above, which any error rolls back: the Bundle needs none of its own.
-            response = bundle.process(mapped, repo, BASE, handle, savepoint=False)
+            response = transaction(repo, mapped, BASE, savepoint=False)
         else:
             response = _change_case(repo, control)
         repo.complete()

@@ -16,7 +16,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fhir_server import search
 from fhir_server.errors import FhirError, error
 from fhir_server.repository import Repository
 from mappings.oru_r01 import Envelope, OruContext
@@ -83,7 +82,7 @@ def _patient(repo: Repository, report: Json, order: Json) -> Json | None:
     if ref.get("type", "Patient") != "Patient" or not identifier.get("value"):
         return None
     token = f"{identifier.get('system', '')}|{identifier['value']}"
-    found = search.execute(repo.conn, search.parse("Patient", [("identifier", token), ("_count", "2")])).matches
+    found = repo.search("Patient", [("identifier", token), ("_count", "2")])
     # Two Patients with one identifier: neither is surely the one; the identifier itself is.
     return found[0].resource if len(found) == 1 else {"resourceType": "Patient", "identifier": [identifier]}
 

@@ -2,7 +2,7 @@
 
 One row per message: the destination, the report version it carries, its MSH-10, the raw ER7,
 a status (queued → sent | error → … → dead), the attempts, the last error and the last ACK. The
-rows of one destination, oldest first, are that destination's queue (``hl7_bridge.delivery``).
+rows of one destination, oldest first, are that destination's queue (``hl7_bridge.sender``).
 
 A result that cannot become a message is a row too, never only a log line: status ``failed``,
 no MSH-10 and no raw message, the reason in ``last_error``. When no destination wants it at all,
@@ -16,6 +16,7 @@ made and n for the n-th replay an engineer asked for (a replay is a new message:
 """
 
 from datetime import datetime
+from typing import Protocol
 
 from sqlalchemy import DateTime, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
@@ -32,6 +33,29 @@ STATUSES = (QUEUED, ERROR, SENT, DEAD, FAILED)
 PENDING = (QUEUED, ERROR)
 #: The destination of a result that no configured destination wants (docs/delivery.md).
 NO_DESTINATION = "(none)"
+
+
+class DestinationConfig(Protocol):
+    """A destination of OVERREAD_CONFIG (``overread.config.Destination`` has this shape)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def sending_facility(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def ack_timeout_seconds(self) -> float: ...
+    @property
+    def receiving_application(self) -> str: ...
+    @property
+    def receiving_facility(self) -> str: ...
+    @property
+    def send_preliminary(self) -> bool: ...
 
 
 class OutboundMessage(Base):

@@ -2,9 +2,8 @@
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import timedelta
 from functools import partial
 
@@ -24,6 +23,7 @@ from fhir_server import api, operations, profiles, search_limits
 from fhir_server.conformance_seed import publish
 from fhir_server.db import Database
 from fhir_server.notifier import Notifier
+from fhir_server.outbox_worker import running
 from fhir_server.repository import Hook
 from fhir_server.subscriptions import notify
 from hl7_bridge.api import messages_router, outbound_router
@@ -71,7 +71,7 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
     hooks = make_hooks(cfg)
     api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits())
     app.include_router(messages_router(db, cfg.sender, hooks))
-    app.include_router(outbound_router(result_delivery(db, cfg)))
+    app.include_router(outbound_router(result_delivery(db, cfg).queue))
     return app
 
 
@@ -149,7 +149,6 @@ def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[t
     tuning.apply()  # the process serves DICOM from here on: pynetdicom and pydicom as it needs them
     worker = linker(settings, db, cfg)
     worker.publish_endpoints()
-    stop = threading.Event()
     scp = StorageScp(
         settings.dicom_ae_title,
         settings.dicom_host,
@@ -158,15 +157,8 @@ def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[t
         worker.wake,
         limits=scp_limits(settings),
     )
-    thread = threading.Thread(target=worker.run, args=(stop,), name="image-linking", daemon=True)
-    with scp:
-        thread.start()
-        try:
-            yield worker, scp
-        finally:
-            stop.set()
-            thread.join(timeout=60)
-            worker.close()
+    with scp, closing(worker), running([worker.loop]):
+        yield worker, scp
 
 
 @contextmanager
@@ -174,36 +166,23 @@ def notifications(db: Database, cfg: OverreadConfig) -> Iterator[Notifier]:
     """The Subscription worker (handshakes, rest-hook notifications) on a thread of its own."""
     s = cfg.subscriptions
     worker = Notifier(db, make_hooks(cfg), s.backoff(), s.timeout_seconds)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), name="subscriptions", daemon=True)
-    thread.start()
-    try:
+    with closing(worker), running([worker.loop]):
         yield worker
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-        worker.close()
 
 
 def result_delivery(db: Database, cfg: OverreadConfig) -> Delivery:
     """The ORU^R01 workers: results of second-opinion reports to the HL7 destinations of OVERREAD_CONFIG."""
     d = cfg.hl7.delivery
     lease = timedelta(seconds=d.lease_seconds)
-    return Delivery(db, cfg.hl7.destinations, d.backoff(), make_hooks(cfg), cfg.sender, lease)
+    return Delivery(db, cfg.hl7.destinations, d.backoff(), make_hooks(cfg), cfg.sender, lease, d.poll_seconds)
 
 
 @contextmanager
 def results_out(db: Database, cfg: OverreadConfig) -> Iterator[Delivery]:
     """The result delivery workers (queueing, one sender per destination) on threads of their own."""
     worker = result_delivery(db, cfg)
-    stop = threading.Event()
-    threads = worker.start(stop, cfg.hl7.delivery.poll_seconds)
-    try:
+    with running(worker.loops):
         yield worker
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
 
 
 @contextmanager

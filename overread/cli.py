@@ -192,7 +192,7 @@ def hl7_backfill(
         raise typer.Exit(2) from exc
     db = Database(get_settings().database_url)
     try:
-        done = backfill(result_delivery(db, cfg), destination or (), dry_run)
+        done = backfill(result_delivery(db, cfg).queue, destination or (), dry_run)
     except UnknownDestination as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc

@@ -22,14 +22,18 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from cases.results import RESULT
-from fhir_server import outbox, search
+from fhir_server import outbox
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
+from fhir_server.outbox_worker import Job
 from fhir_server.repository import Repository
 from fhir_server.schema import OutboxRow
-from hl7_bridge.delivery import Delivery, choose, delivery_status, judge
+from hl7_bridge.delivery import Delivery
+from hl7_bridge.delivery_status import delivery_status
 from hl7_bridge.intake import receive
 from hl7_bridge.outbound import DEAD, ERROR, QUEUED, SENT, OutboundMessage
+from hl7_bridge.results_queue import ResultsQueue, choose
+from hl7_bridge.sender import judge
 from overread.app import HOOKS, create_app, results_out
 from overread.config import Delivery as DeliveryConfig
 from overread.config import Destination, Hl7, OverreadConfig
@@ -68,7 +72,7 @@ def hl7_order(db: Database, message: bytes = OMI) -> str:
     """An order in over HL7 (MSH-3 MESA_OF, MSH-4 XYZ_RADIOLOGY); its ServiceRequest id."""
     assert b"|AA|" in receive(db, message, None, HOOKS)
     with db.begin(write=False) as conn:
-        orders = search.execute(conn, search.parse("ServiceRequest", [("_sort", "-_lastUpdated")])).matches
+        orders = Repository(conn).search("ServiceRequest", [("_sort", "-_lastUpdated")])
     link_images(db, orders[0].id)
     return orders[0].id
 
@@ -139,7 +143,7 @@ def rows(db: Database) -> list[OutboundMessage]:
 
 def task_delivery(db: Database, order_id: str) -> list[dict[str, str]]:
     with db.begin(write=False) as conn:
-        found = search.execute(conn, search.parse("Task", [("focus", f"ServiceRequest/{order_id}")])).matches
+        found = Repository(conn).search("Task", [("focus", f"ServiceRequest/{order_id}")])
     return delivery_status(found[0].resource)
 
 
@@ -148,8 +152,9 @@ def obr25(message: hl7.Message) -> str:
 
 
 def drain(delivery: Delivery, name: str = "ehr", limit: int = 20) -> int:
-    """Queue what is due and send until the queue has nothing due; how many sends."""
-    delivery.queue_once()
+    """Queue what is due (a report's versions one at a time) and send until nothing is due; how many sends."""
+    while delivery.queue_once():
+        pass
     sends = 0
     while sends < limit and delivery.send_once(name):
         sends += 1
@@ -358,19 +363,21 @@ def test_a_correction_is_not_queued_before_the_final_report_whose_queueing_faile
     write_report(db, order_id, "so-1")
     write_report(db, order_id, "so-1", "corrected")
     delivery = worker(db, destination(free_port()))
-    build = Delivery._queue
+    build = ResultsQueue.handle
     failed: list[int] = []
 
-    def flaky(self: Delivery, pk: int, report_id: str, version: int) -> None:
-        if version == 1 and not failed:  # a transient failure (a lock timeout, a dropped connection)
-            failed.append(version)
+    def flaky(self: ResultsQueue, job: Job) -> None:
+        if job.version == 1 and not failed:  # a transient failure (a lock timeout, a dropped connection)
+            failed.append(job.version)
             raise RuntimeError("database hiccup")
-        build(self, pk, report_id, version)
+        build(self, job)
 
-    monkeypatch.setattr(Delivery, "_queue", flaky)
-    delivery.queue_once()
+    monkeypatch.setattr(ResultsQueue, "handle", flaky)
+    assert delivery.queue_once() == 1
     assert rows(db) == []  # version 2 waits for version 1
-    delivery.queue_once()
+    assert delivery.queue_once() == 1
+    assert [(r.report_version, r.result_status) for r in rows(db)] == [(1, "F")]  # version 2 claimed next
+    assert delivery.queue_once() == 1
     assert [(r.report_version, r.result_status) for r in rows(db)] == [(1, "F"), (2, "C")]
     with db.transaction() as session:
         attempts = list(session.scalars(select(OutboxRow.attempts).where(OutboxRow.topic == RESULT)))
@@ -409,7 +416,7 @@ def test_a_crash_between_commit_and_send_delivers_each_version_once(
     clock.advance(timedelta(minutes=2))
     assert fresh.queue_once() == 1
     # 2. The message is queued; the worker dies while it holds the head of the queue, before sending.
-    assert fresh._claim("ehr", timedelta(minutes=1)) is not None
+    assert fresh.senders["ehr"].claim(timedelta(minutes=1)) is not None
     again = worker(db, destination(receiver.port), lease=60)
     assert not again.send_once("ehr")
     clock.advance(timedelta(minutes=2))

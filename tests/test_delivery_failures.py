@@ -17,11 +17,10 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from fhir_server import search
 from fhir_server.db import Database
 from fhir_server.repository import Repository
-from hl7_bridge.delivery import Delivery, Gathered, Result
 from hl7_bridge.outbound import FAILED, NO_DESTINATION, QUEUED, SENT, OutboundMessage
+from hl7_bridge.results_queue import Gathered, Result, ResultsQueue
 from overread.app import HOOKS, create_app
 from overread.config import Destination, Hl7, OverreadConfig
 from overread.settings import Settings
@@ -86,7 +85,7 @@ def edit(db: Database, rtype: str, rid: str, **changes: Any) -> None:
 
 def case(db: Database, order_id: str) -> Json:
     with db.begin(write=False) as conn:
-        found = search.execute(conn, search.parse("Task", [("focus", f"ServiceRequest/{order_id}")])).matches
+        found = Repository(conn).search("Task", [("focus", f"ServiceRequest/{order_id}")])
     return found[0].resource
 
 
@@ -302,11 +301,11 @@ def test_a_result_whose_queueing_keeps_failing_ends_as_a_failed_row_not_a_log_li
     order_id = fhir_order(db)
     report(db, order_id)
 
-    def broken(self: Delivery, repo: Repository, result: Result) -> Gathered:
+    def broken(self: ResultsQueue, repo: Repository, result: Result) -> Gathered:
         raise RuntimeError("a bug")
 
     with monkeypatch.context() as patched:
-        patched.setattr(Delivery, "gather", broken)
+        patched.setattr(ResultsQueue, "gather", broken)
         delivery = worker(db, destination(receiver.port), attempts=2)
         delivery.queue_once()
         assert rows(db) == []  # tried again first

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from fhir_server.db import Database
+from fhir_server.repository import Repository
 from fhir_server.schema import ResourceRow
 from hl7_bridge.intake import receive, resend_form
 from hl7_bridge.store import InboundMessage
@@ -68,10 +69,8 @@ def _count(db: Database, rtype: str) -> int:
 
 
 def _resources(db: Database, rtype: str) -> list[dict[str, object]]:
-    from fhir_server.search import execute, parse
-
     with db.begin(write=False) as conn:
-        return [m.resource for m in execute(conn, parse(rtype, [])).matches]
+        return [m.resource for m in Repository(conn).search(rtype, [])]
 
 
 # -- unsupported messages ---------------------------------------------------------------------

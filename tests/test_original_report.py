@@ -7,9 +7,8 @@ from typing import Any
 import hl7
 import pytest
 
-from fhir_server import search
 from fhir_server.db import Database
-from fhir_server.repository import Stored
+from fhir_server.repository import Repository, Stored
 from hl7_bridge.intake import receive
 from mappings.errors import MappingError
 from mappings.orders import map_order
@@ -147,7 +146,7 @@ def _msa(ack: bytes) -> tuple[str, str, str]:
 
 def _find(db: Database, rtype: str, *params: tuple[str, str]) -> list[Stored]:
     with db.begin(write=False) as conn:
-        return search.execute(conn, search.parse(rtype, list(params))).matches
+        return Repository(conn).search(rtype, params)
 
 
 def _order_id(db: Database) -> str:

@@ -1,6 +1,7 @@
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
 from fhir_server import outbox
 from fhir_server.repository import Repository
@@ -60,3 +61,52 @@ def test_concurrent_claims_on_postgresql_skip_locked_rows(db):
         held = {r.pk for r in outbox.claim(s1, "link-imaging", limit=2)}
         other = {r.pk for r in outbox.claim(s2, "link-imaging", limit=4)}  # does not block on s1's rows
         assert len(held) == 2 and len(other) == 2 and not held & other
+
+
+def _enqueue_for(db, resources: list[str]) -> list[int]:
+    """One row per name, each for a Patient of its own name (rows of one name: one resource)."""
+    with db.transaction() as session:
+        repo = Repository(session)
+        made = {name: repo.create(PATIENT) for name in dict.fromkeys(resources)}
+        for name in resources:
+            repo.enqueue("subscription", made[name])
+    with db.transaction() as session:
+        return list(session.scalars(select(OutboxRow.pk).order_by(OutboxRow.pk)))
+
+
+def test_an_in_order_claim_takes_only_the_oldest_pending_row_of_each_resource(db, clock):
+    a1, b1, a2 = _enqueue_for(db, ["a", "b", "a"])
+    with db.transaction() as s:
+        first = [r.pk for r in outbox.claim(s, "subscription", in_order=True)]
+    assert first == [a1, b1]
+    with db.transaction() as s:
+        assert outbox.claim(s, "subscription", in_order=True) == []  # a2 waits while a1 is leased
+        outbox.retry(s, a1, "refused", timedelta(minutes=5), max_attempts=3)
+        outbox.complete(s, b1)
+    clock.advance(outbox.LEASE)
+    with db.transaction() as s:
+        assert outbox.claim(s, "subscription", in_order=True) == []  # ... and while it waits for its retry
+        assert [r.pk for r in outbox.claim(s, "subscription")] == [a2]  # an unordered claim would not wait
+    clock.advance(outbox.LEASE + timedelta(minutes=5))
+    with db.transaction() as s:
+        assert [r.pk for r in outbox.claim(s, "subscription", in_order=True)] == [a1]
+        outbox.fail(s, a1, "gone")
+    with db.transaction() as s:
+        assert [r.pk for r in outbox.claim(s, "subscription", in_order=True)] == [a2]  # a dead row holds nothing
+
+
+def test_wake_makes_a_resource_s_leased_rows_due_and_pending_tells_a_finished_row(db):
+    a1, _ = _enqueue_for(db, ["a", "b"])
+    with db.transaction() as s:
+        outbox.claim(s, "subscription")
+        resource_id = s.get_one(OutboxRow, a1).resource_id
+    with db.transaction() as s:
+        assert outbox.wake(s, "subscription", resource_id) == 1
+        assert outbox.wake(s, "link-imaging", resource_id) == 0  # another topic's rows only
+    with db.transaction() as s:
+        assert [r.pk for r in outbox.claim(s, "subscription")] == [a1]  # b1 is still leased
+        assert outbox.pending(s, a1) is not None
+        outbox.complete(s, a1)
+    with db.transaction() as s:
+        assert outbox.pending(s, a1) is None
+        assert outbox.wake(s, "subscription", resource_id) == 0  # done rows stay done

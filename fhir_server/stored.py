@@ -1,0 +1,26 @@
+"""One stored version of a resource: what every read of the store returns."""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One version of a resource as stored: its JSON text and version metadata."""
+
+    type: str
+    id: str
+    version: int
+    last_updated: datetime
+    content: str | None  # None for a deletion
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+    @property
+    def resource(self) -> dict[str, Any]:
+        return orjson.loads(self.content) if self.content else {}
