@@ -4,6 +4,7 @@ It knows nothing of HTTP servers: FastAPI (``fhir_server.api``) and transaction 
 (``fhir_server.bundle``) both call it. Every failure comes back as an OperationOutcome.
 """
 
+import dataclasses
 import uuid
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
@@ -11,7 +12,7 @@ from urllib.parse import urlencode
 import orjson
 from sqlalchemy import func, select
 
-from fhir_server import bundle, capability, conditional, dates, limits, operations, search
+from fhir_server import access, bundle, capability, conditional, dates, limits, operations, search
 from fhir_server.errors import FhirError, error, information
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.patch import patch
@@ -64,6 +65,7 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
     caller that ran the SELECT itself: ``fhir_server.async_reads``)."""
     try:
         check_type(target.type)
+        access.authorize(req.access, req.method, target[:2], req.params, None)
         return _read(req, readable(*target, found), base)
     except FhirError as exc:
         return FhirResponse.of(exc)
@@ -72,9 +74,10 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
 def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     parts = [p for p in req.path.strip("/").split("/") if p]
     method = req.method.upper()
+    access.authorize(req.access, method, parts, req.params, req.body)
     match parts, method:
         case [], "POST":
-            return FhirResponse(200, bundle.process(req.body, repo, base, handle))
+            return FhirResponse(200, bundle.process(req.body, repo, base, _as_of(req)))
         case [], "GET" | "HEAD":
             return _search(repo, base, req, "")
         case ["_search"], "POST":
@@ -138,6 +141,11 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     raise error(405, "not-supported", f"{method} /{req.path} is not an interaction this server supports")
 
 
+def _as_of(req: FhirRequest) -> bundle.Handler:
+    """``handle`` for the entries of ``req``'s Bundle: each with ``req``'s access, checked as a request."""
+    return lambda entry, repo, base: handle(dataclasses.replace(entry, access=req.access), repo, base)
+
+
 def _body(req: FhirRequest) -> dict[str, Any]:
     if not isinstance(req.body, dict):
         raise error(400, "structure", "This interaction needs a FHIR resource as its JSON body")
@@ -149,6 +157,8 @@ def _location(base: str, stored: Stored) -> str:
 
 
 def _read(req: FhirRequest, stored: Stored, base: str) -> FhirResponse:
+    if not access.may_read(req.access, stored):  # answered as missing: the answer tells nothing
+        readable(stored.type, stored.id, target.version if (target := read_target(req)) else None, None)
     if req.header("if-none-match") in (stored.etag, f'"{stored.version}"'):
         return FhirResponse(304, None, version_headers(stored))
     elements = _elements(req)
@@ -231,7 +241,9 @@ def _search(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirRe
     """Search one type, or the whole system when ``rtype`` is "" (R4 http.html#search)."""
     strict = req.prefer("handling") == "strict"
     query = search.parse(rtype, req.params, strict=strict, base=base)
+    access.authorize_query(req.access, query)
     result = search.execute(repo.conn, query)
+    result.included = [s for s in result.included if access.may_read(req.access, s)]
     return FhirResponse(200, search.bundle(result, base))
 
 
