@@ -11,6 +11,7 @@ resources matching it (§"Finer-grained resource constraints using search parame
 Pure: no database, no I/O. ``fhir_server.access`` applies these to requests.
 """
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
@@ -20,6 +21,7 @@ V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 #: The areas of this server that are no FHIR type, each named by scope explicitly.
 AREAS = frozenset({"hl7"})
 Interaction = str  # one letter of PERMISSIONS
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 
 
 class ScopeError(ValueError):
@@ -60,7 +62,7 @@ def parse(text: str) -> Scope | None:
         return None
     body, _, query = text.removeprefix("system/").partition("?")
     rtype, dot, letters = body.partition(".")
-    if not dot or not rtype or not (rtype == "*" or rtype.isalpha()):
+    if not dot or not (rtype == "*" or _NAME.fullmatch(rtype)):
         raise ScopeError(f"{text!r} is not system/Type.permissions")
     return Scope(rtype, _permissions(text, letters), _query(text, query), text)
 

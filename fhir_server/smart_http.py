@@ -9,6 +9,7 @@ token's ``Access`` (in ``request.state.access``); the open paths are these three
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +28,8 @@ CONFIGURATION_PATH = "/.well-known/smart-configuration"
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 SCOPES_SUPPORTED = ["system/*.cruds", "system/*.rs", "system/*.read", "system/*.write", "system/*.*",
                     "system/hl7.r", "system/hl7.u", "system/hl7.*"]  # fmt: skip
+#: A token request is a few fields and a signed JWT of a few kilobytes.
+MAX_FORM_BYTES = 64 * 1024
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
 
 
@@ -53,7 +56,7 @@ def routes(smart: Smart, prefix: str = "/fhir", base_url: str = "") -> list[Rout
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
             return _token_error(TokenError("invalid_request", "The body must be application/x-www-form-urlencoded"))
         try:
-            form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+            form = await _form(request)
             granted = await run_in_threadpool(smart.token, form, base(request) + TOKEN_PATH)
         except TokenError as exc:
             return _token_error(exc)
@@ -64,6 +67,23 @@ def routes(smart: Smart, prefix: str = "/fhir", base_url: str = "") -> list[Rout
         Route(prefix + "/metadata", metadata, methods=["GET"]),
         Route(prefix + TOKEN_PATH, token, methods=["POST"]),
     ]
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The form body's fields; each at most once (RFC 6749 §3.2), the body at most MAX_FORM_BYTES."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise TokenError("invalid_request", f"The body may have at most {MAX_FORM_BYTES} bytes")
+    try:
+        fields = parse_qsl(body.decode(), keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise TokenError("invalid_request", "The body is not a UTF-8 form") from None
+    form = dict(fields)
+    if len(form) != len(fields):
+        raise TokenError("invalid_request", "A parameter was sent more than once")
+    return form
 
 
 def configuration_document(token_url: str) -> dict[str, Any]:
