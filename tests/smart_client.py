@@ -30,7 +30,7 @@ def rs384(kid: str = "rs-1") -> RSAKey:
 
 
 def jwks(*keys: Key) -> dict[str, Any]:
-    return KeySet(list(keys)).as_dict(private=False)
+    return dict(KeySet(list(keys)).as_dict(private=False))
 
 
 def assertion(key: Key | OctKey, client_id: str, token_url: str, alg: str = "ES384", **claims: Any) -> str:

@@ -27,6 +27,7 @@ from tests.smart_client import TOKEN_PATH, assertion, client_entry, es384, form,
 
 AUD = f"http://testserver{TOKEN_PATH}"
 KEY, RSA_KEY = es384(), rs384()
+KID = "es-1"
 
 
 @pytest.fixture
@@ -143,13 +144,13 @@ def test_an_unknown_kid_is_invalid_client(client: TestClient) -> None:
 
 
 def test_a_bad_signature_is_invalid_client(client: TestClient) -> None:
-    impostor = es384(KEY.kid)  # another key that says it is the registered one
+    impostor = es384(KID)  # another key that says it is the registered one
     refused(token(client, form(assertion(impostor, "ehr", AUD))), 401, "invalid_client")
 
 
 def test_alg_none_and_hmac_are_refused(client: TestClient) -> None:
-    refused(token(client, form(unsigned("ehr", AUD, KEY.kid))), 401, "invalid_client")
-    shared = OctKey.import_key(b"k" * 48, {"kid": KEY.kid})
+    refused(token(client, form(unsigned("ehr", AUD, KID))), 401, "invalid_client")
+    shared = OctKey.import_key(b"k" * 48, {"kid": KID})
     refused(token(client, form(assertion(shared, "ehr", AUD, alg="HS384"))), 401, "invalid_client")
 
 
