@@ -4,7 +4,6 @@ It knows nothing of HTTP servers: FastAPI (``fhir_server.api``) and transaction 
 (``fhir_server.bundle``) both call it. Every failure comes back as an OperationOutcome.
 """
 
-import dataclasses
 import uuid
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
@@ -77,7 +76,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     access.authorize(req.access, method, parts, req.params, req.body)
     match parts, method:
         case [], "POST":
-            return FhirResponse(200, bundle.process(req.body, repo, base, _as_of(req)))
+            return FhirResponse(200, bundle.process(req.body, repo, base, handle, access=req.access))
         case [], "GET" | "HEAD":
             return _search(repo, base, req, "")
         case ["_search"], "POST":
@@ -139,11 +138,6 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     if parts and parts[0] not in SUPPORTED_TYPES and parts[0] not in ("metadata", "_history"):
         check_type(parts[0])
     raise error(405, "not-supported", f"{method} /{req.path} is not an interaction this server supports")
-
-
-def _as_of(req: FhirRequest) -> bundle.Handler:
-    """``handle`` for the entries of ``req``'s Bundle: each with ``req``'s access, checked as a request."""
-    return lambda entry, repo, base: handle(dataclasses.replace(entry, access=req.access), repo, base)
 
 
 def _body(req: FhirRequest) -> dict[str, Any]:
