@@ -101,6 +101,8 @@ def _needs(method: str, parts: Sequence[str], params: list[tuple[str, str]]) -> 
     match list(parts), method:
         case [] | ["_search"], "GET" | "HEAD" | "POST" if parts or method != "POST":
             return [("s", t, "search") for t in every]
+        case ["metadata"], _:
+            return []
         case ["_history"], _:
             return [("s", t, "whole") for t in SUPPORTED_TYPES]
         case [rtype], "GET" | "HEAD":
