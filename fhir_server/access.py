@@ -1,25 +1,27 @@
 """Who is asking and what they may do: the ``Access`` a request carries, and its enforcement.
 
-The HTTP door authenticates a bearer token (``fhir_server.bearer``) and hands the core an
-``Access``; the core consults it at one point per request (``authorize``, from
-``router.handle`` and, for reads answered on the event loop, ``router.read_response``) and
-filters what goes out (``may_read``: the resource of a read, each ``_include``d resource).
-A request without an Access (auth off; HL7 intake and workers, which are not clients) is
-unrestricted. Refusals are 403 (``forbidden``); a resource outside a query-filtered scope is
-answered as if missing (404), so the answer does not tell that it exists.
+The HTTP door authenticates a bearer token (``fhir_server.smart_http.BearerAuth``) and hands the
+core an ``Access``; the core consults it at one point per request, ``authorize`` (from
+``router.handle``; for reads answered on the event loop, ``router.read_response``; for a
+transaction's entries, ``bundle.process``), and filters what goes out (``may_read``: the resource
+of a read, each ``_include``d resource). A request without an Access (auth off; HL7 intake and
+workers, which are not clients) is unrestricted. Refusals are 403 (``forbidden``); a resource
+outside a query-filtered scope is answered as if missing (404), so the answer does not tell that
+it exists.
 
-Which permission each interaction needs (SMART App Launch 2.x, "Scopes"):
-read and vread ``r``; search ``s``; create ``c``; update and patch ``u``; delete ``d``;
-history of an instance ``r``, of a type or the system ``s``; conditional update, patch and
-delete ``s`` as well (their criteria search); ``$validate`` ``r``, ``$link-imaging`` ``u``.
-A chain or ``_has`` needs ``s`` on every type it searches. A query-filtered scope grants a
-search that carries its query, a read of (and an ``_include`` of) a resource that matches it,
-and a create of one; every other interaction needs an unfiltered scope.
+Which permission each interaction needs (SMART App Launch 2.x, "Scopes"): read and vread ``r``;
+search ``s``; create ``c``; update and patch ``u``; delete ``d``; history of an instance ``r``,
+of a type or the system ``s``; conditional update, patch and delete ``s`` as well (their
+criteria search), a conditional create (If-None-Exist) ``s`` and ``r`` (it answers what it
+found); ``$validate`` ``r``, ``$link-imaging`` ``u``. A chain or ``_has`` needs ``s`` on every
+type it searches. A query-filtered scope grants a search that carries its query, a read of (and
+an ``_include`` of) a resource that matches it, and a create of one; every other interaction
+needs an unfiltered scope.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fhir_server import scopes
 from fhir_server.errors import FhirError, error
@@ -30,6 +32,9 @@ from fhir_server.scopes import Scope, ScopeError
 from fhir_server.search import Criterion, SearchQuery
 from fhir_server.search_params import registry
 from fhir_server.validation import SUPPORTED_TYPES
+
+if TYPE_CHECKING:  # http.py holds an Access
+    from fhir_server.http import FhirRequest
 
 #: The permission each operation needs; an operation not named here needs ``u``.
 OPERATIONS = {"$validate": "r", "$link-imaging": "u"}
@@ -51,14 +56,16 @@ def forbidden(what: str) -> FhirError:
     return error(403, "forbidden", f"The access token's scopes do not allow {what}")
 
 
-def authorize(
-    access: Access | None, method: str, parts: Sequence[str], params: list[tuple[str, str]], body: Any
-) -> None:
-    """Raise 403 unless ``access`` allows the interaction ``method`` on ``parts`` (the path below the base)."""
-    if access is None:
+def authorize(req: "FhirRequest") -> None:
+    """Raise 403 unless ``req.access`` allows the interaction ``req`` is."""
+    if req.access is None:
         return
-    for interaction, rtype, kind in _needs(method, parts, params):
-        if not _may(access.scopes, interaction, rtype, kind, params, body):
+    parts = [p for p in req.path.strip("/").split("/") if p]
+    needs = _needs(req.method.upper(), parts, req.params)
+    if req.method.upper() == "POST" and len(parts) == 1 and req.header("if-none-exist"):
+        needs += [("s", parts[0], "whole"), ("r", parts[0], "whole")]  # it searches, and answers what it found
+    for interaction, rtype, kind in needs:
+        if not _may(req.access.scopes, interaction, rtype, kind, req.params, req.body):
             raise forbidden(f"{interaction!r} on {rtype}")
 
 

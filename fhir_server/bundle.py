@@ -70,8 +70,7 @@ def process(
     if kind == "transaction":
         for entry in entries:  # its creates do not pass ``handle``: one refusal refuses it whole, first
             with _at(entry):
-                sub = _request(entry, base, access)
-                authorize(access, sub.method, sub.path.split("/"), sub.params, sub.body)
+                authorize(_request(entry, base, access))
         responses = _transaction(entries, repo, base, run) if savepoint else _run_transaction(entries, repo, base, run)
     else:
         responses = _batch(entries, repo, run)

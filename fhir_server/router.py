@@ -64,7 +64,7 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
     caller that ran the SELECT itself: ``fhir_server.async_reads``)."""
     try:
         check_type(target.type)
-        access.authorize(req.access, req.method, target[:2], req.params, None)
+        access.authorize(req)
         return _read(req, readable(*target, found), base)
     except FhirError as exc:
         return FhirResponse.of(exc)
@@ -73,7 +73,7 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
 def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     parts = [p for p in req.path.strip("/").split("/") if p]
     method = req.method.upper()
-    access.authorize(req.access, method, parts, req.params, req.body)
+    access.authorize(req)
     match parts, method:
         case [], "POST":
             return FhirResponse(200, bundle.process(req.body, repo, base, handle, access=req.access))

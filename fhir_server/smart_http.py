@@ -4,7 +4,7 @@
 configuration"), ``POST [base]/auth/token`` (Backend Services), ``GET [base]/metadata`` with
 ``rest.security`` naming the token endpoint (the ``oauth-uris`` extension). ``BearerAuth`` answers
 every other request without a valid access token 401 (RFC 6750 §3) and hands the core the
-token's ``Access`` (in ``request.state.access``); the open paths are these three.
+token's ``Access`` (in ``request.state.access``); the open routes are these three.
 """
 
 from collections.abc import Callable
@@ -33,13 +33,18 @@ MAX_FORM_BYTES = 64 * 1024
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
 
 
-def open_paths(prefix: str = "/fhir") -> frozenset[str]:
-    """The paths answered without a token: the capability statement and how to get a token."""
-    return frozenset(prefix + p for p in ("/metadata", CONFIGURATION_PATH, TOKEN_PATH))
+Open = frozenset[tuple[str, str]]
+
+
+def open_routes(prefix: str = "/fhir") -> Open:
+    """The (method, path) answered without a token: the capability statement and how to get a token.
+    By method too: another method on these paths would reach the FHIR API's catch-all route."""
+    reads = [(m, prefix + p) for m in ("GET", "HEAD") for p in ("/metadata", CONFIGURATION_PATH)]
+    return frozenset([*reads, ("POST", prefix + TOKEN_PATH)])
 
 
 def routes(smart: Smart, prefix: str = "/fhir", base_url: str = "") -> list[Route]:
-    """The open routes of ``open_paths``; mount them before the FHIR API's catch-all route."""
+    """The open routes of ``open_routes``; mount them before the FHIR API's catch-all route."""
 
     def base(request: Request) -> str:
         return base_url.rstrip("/") or str(request.base_url).rstrip("/") + prefix
@@ -115,13 +120,13 @@ def _token_error(exc: TokenError) -> Response:
 
 
 class BearerAuth:
-    """ASGI middleware: every HTTP request but those to ``open`` paths needs ``Authorization: Bearer``."""
+    """ASGI middleware: every HTTP request but those of ``open`` routes needs ``Authorization: Bearer``."""
 
-    def __init__(self, app: ASGIApp, smart: Smart, open: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, smart: Smart, open: Open) -> None:
         self.app, self.smart, self.open = app, smart, open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in self.open:
             await self.app(scope, receive, send)
             return
         authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")

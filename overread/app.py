@@ -24,7 +24,7 @@ from fhir_server.notifier import Notifier
 from fhir_server.repository import Hook
 from fhir_server.results import results
 from fhir_server.smart import Smart
-from fhir_server.smart_http import BearerAuth, area_guard, open_paths, routes
+from fhir_server.smart_http import BearerAuth, area_guard, open_routes, routes
 from fhir_server.subscriptions import notify
 from fhir_server.workflow import case_workflow
 from hl7_bridge.api import messages_router, outbound_router
@@ -65,7 +65,7 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
     if mode == "smart":
         smart = Smart(db, cfg.auth.registered(), cfg.auth.token_seconds)
         app.router.routes.extend(routes(smart, base_url=settings.public_base_url))  # before the FHIR catch-all
-        app.add_middleware(BearerAuth, smart=smart, open=open_paths())
+        app.add_middleware(BearerAuth, smart=smart, open=open_routes())
     else:
         log.warning("OVERREAD_AUTH is off: anyone who reaches a listener reads and changes every record")
     api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits())

@@ -99,6 +99,10 @@ def test_no_token_is_401_with_a_bearer_challenge(client: TestClient, stored: dic
     assert 'error="invalid_token"' in bad.headers["www-authenticate"]
     assert client.post("/fhir/Patient", json=patient()).status_code == 401
     assert client.get("/fhir/metadata").status_code == 200
+    # the open routes are open for their methods only: others would reach the FHIR API
+    assert client.post("/fhir/metadata").status_code == 401
+    assert client.get("/fhir/auth/token").status_code == 401
+    assert client.delete("/fhir/.well-known/smart-configuration").status_code == 401
 
 
 @pytest.mark.parametrize("client_id", ["patients-v2", "patients-v1"])

@@ -9,6 +9,7 @@ import pytest
 
 from fhir_server.access import Access, authorize
 from fhir_server.errors import FhirError
+from fhir_server.http import FhirRequest
 from fhir_server.scopes import Scope, ScopeError, allows, granted, parse, parse_all
 from overread.settings import Settings
 from tests.processes import OVERREAD, serve_env
@@ -129,21 +130,33 @@ def test_granted(asked: str, allowed: str, gets: str) -> None:
     ],
 )
 def test_each_interaction_needs_its_permission(method: str, path: str, scope: str, allowed: bool) -> None:
-    access = Access("c", tuple(parse_all(scope)))
-    parts = [p for p in path.split("/") if p]
+    request = FhirRequest(method, path, access=Access("c", tuple(parse_all(scope))))
     if allowed:
-        authorize(access, method, parts, [], None)
+        authorize(request)
     else:
         with pytest.raises(FhirError) as refused:
-            authorize(access, method, parts, [], None)
+            authorize(request)
         assert refused.value.status == 403
 
 
 def test_a_system_search_needs_every_type_it_searches() -> None:
     access = Access("c", tuple(parse_all("system/Patient.s system/Task.s")))
-    authorize(access, "GET", [], [("_type", "Patient,Task")], None)
+    authorize(FhirRequest("GET", "", [("_type", "Patient,Task")], access=access))
     with pytest.raises(FhirError):
-        authorize(access, "GET", [], [("_type", "Patient,Observation")], None)
+        authorize(FhirRequest("GET", "", [("_type", "Patient,Observation")], access=access))
+
+
+@pytest.mark.parametrize(("scope", "allowed"), [("system/Patient.c", False), ("system/Patient.crs", True)])
+def test_a_conditional_create_searches_and_reads(scope: str, allowed: bool) -> None:
+    """It answers the resource it found: a client that may only create must not read through it."""
+    access = Access("c", tuple(parse_all(scope)))
+    request = FhirRequest("POST", "Patient", headers={"if-none-exist": "identifier=x"}, access=access)
+    if allowed:
+        authorize(request)
+    else:
+        with pytest.raises(FhirError):
+            authorize(request)
+    authorize(FhirRequest("POST", "Patient", access=access))
 
 
 @pytest.mark.parametrize(
