@@ -68,9 +68,7 @@ def process(
     _lock_in_order(entries, repo)
     run: Run = lambda entry: handle(_request(entry, base, access), repo, base)  # noqa: E731
     if kind == "transaction":
-        for entry in entries:  # its creates do not pass ``handle``: one refusal refuses it whole, first
-            with _at(entry):
-                authorize(_request(entry, base, access))
+        _authorize(entries, base, access)
         responses = _transaction(entries, repo, base, run) if savepoint else _run_transaction(entries, repo, base, run)
     else:
         responses = _batch(entries, repo, run)
@@ -80,6 +78,20 @@ def process(
         "type": f"{kind}-response",
         "entry": [_response_entry(r) for r in responses],
     }
+
+
+def _authorize(entries: list[Entry], base: str, access: Access | None) -> None:
+    """Check a transaction's entries as the requests they are, and its conditional references as
+    the searches they are (its creates and references do not pass ``handle``): one refusal
+    refuses it whole, before anything runs."""
+    if access is None:
+        return
+    for entry in entries:
+        with _at(entry):
+            authorize(_request(entry, base, access))
+            for ref in _conditional_references(entry.resource):
+                rtype, _, query = ref.partition("?")
+                authorize(FhirRequest("GET", rtype, conditional.parse_qsl(query), access=access))
 
 
 def _entry(index: int, raw: Any) -> Entry:

@@ -172,6 +172,11 @@ def test_transaction_entries_are_checked_and_a_refusal_fails_the_whole(
     assert mrn["total"] == 0  # nothing half-written
     transaction["entry"] = transaction["entry"][:1]
     assert client.post("/fhir", json=transaction, headers=writer).status_code == 200
+    # a conditional reference is a search: it needs s on its type
+    by_mrn = {"reference": "Patient?identifier=MRN-T"}
+    transaction["entry"] = [{"resource": patient(mrn="MRN-U", link=[{"other": by_mrn, "type": "seealso"}]),
+                             "request": {"method": "POST", "url": "Patient"}}]  # fmt: skip
+    assert client.post("/fhir", json=transaction, headers=writer).status_code == 403
     batch = {
         "resourceType": "Bundle",
         "type": "batch",
