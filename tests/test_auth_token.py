@@ -6,6 +6,7 @@ scopes asked within those allowed, and the jti of its assertion can never be use
 or another server process on the same database.
 """
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from joserfc.jwk import OctKey
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -219,3 +221,31 @@ def test_keys_from_a_jwks_url_are_fetched_again_for_a_new_kid(db: Database) -> N
         now[0] += JWKS_REFETCH_SECONDS
         assert smart.token(form(assertion(new, "ehr", AUD, exp=int(now[0]) + 60)), AUD).scope == "system/*.rs"
         assert len(fetched) == 2  # fetched again for the new kid
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"scopes": "system/*.rs"}, "Extra inputs are not permitted"),  # a misspelt key
+        ({"jwks_url": "https://ehr.example.org/jwks.json"}, "jwks or jwks_url"),  # both
+        ({"jwks": None}, "jwks or jwks_url"),  # neither
+        ({"jwks": {"keys": [KEY.as_dict(private=True)]}}, "private key"),
+        ({"jwks": {"keys": [{"kty": "EC"}]}}, "not a JWK Set"),
+        ({"scope": "system/Task.sr"}, "in that order"),
+        ({"scope": "openid launch"}, "no system/ scope"),
+        ({"scope": "system/*.rs?category=x"}, "one resource type"),
+        ({"role": "admin"}, "role"),
+        ({"organization": "STOLAV"}, "system|value"),
+    ],
+)
+def test_a_bad_client_registration_stops_start_up(change: dict[str, Any], complaint: str) -> None:
+    entry = {**client_entry("ehr", KEY, "system/*.rs"), **change}
+    entry = {k: v for k, v in entry.items() if v is not None}
+    with pytest.raises(ValidationError, match=re.escape(complaint)):
+        OverreadConfig.model_validate({"auth": {"clients": [entry]}})
+
+
+def test_client_ids_are_unique() -> None:
+    entry = client_entry("ehr", KEY, "system/*.rs")
+    with pytest.raises(ValidationError, match="unique"):
+        OverreadConfig.model_validate({"auth": {"clients": [entry, entry]}})
