@@ -93,7 +93,8 @@ def may_read(access: Access | None, stored: Stored) -> bool:
     """Whether ``access`` may see ``stored`` (read, or ``_include``)."""
     if access is None or stored.content is None:
         return True
-    return _matches(scopes.filters(access.scopes, "r", stored.type), stored.type, stored.resource)
+    queries = scopes.filters(access.scopes, "r", stored.type)
+    return queries is None or _matches(queries, stored.type, stored.resource)  # parsed only when a query filters
 
 
 # Kinds of check: "search" carries the request's params; "resource" is checked against the resource
