@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -120,6 +121,14 @@ def test_the_grant_is_what_was_asked_within_what_is_allowed(client: TestClient) 
 )
 def test_malformed_requests(client: TestClient, change: dict[str, str], status: int, code: str) -> None:
     refused(token(client, {**form(assertion(KEY, "ehr", AUD)), **change}), status, code)
+
+
+def test_a_body_that_is_no_form_or_repeats_a_field(client: TestClient) -> None:
+    refused(client.post(TOKEN_PATH, json=form(assertion(KEY, "ehr", AUD))), 400, "invalid_request")
+    repeated = urlencode([*form(assertion(KEY, "ehr", AUD)).items(), ("scope", "system/*.cruds")])
+    form_type = {"content-type": "application/x-www-form-urlencoded"}
+    refused(client.post(TOKEN_PATH, content=repeated, headers=form_type), 400, "invalid_request")
+    refused(client.post(TOKEN_PATH, content=b"scope=\xff", headers=form_type), 400, "invalid_request")
 
 
 @pytest.mark.parametrize(
