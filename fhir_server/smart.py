@@ -70,9 +70,9 @@ class Jwks:
     inline: KeySet | None = None
     url: str | None = None
     timeout: float = 10.0
-    _fetched: KeySet | None = None
-    _fetched_at: float = float("-inf")
-    _lock: Lock = field(default_factory=Lock)
+    _fetched: KeySet | None = field(default=None, init=False)
+    _fetched_at: float = field(default=float("-inf"), init=False)
+    _lock: Lock = field(default_factory=Lock, init=False)
 
     def key(self, kid: str, now: float) -> Any:
         """The key ``kid`` names, or None."""
