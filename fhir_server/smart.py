@@ -133,7 +133,7 @@ class Smart:
     def __init__(self, db: Database, clients: Mapping[str, Client], token_seconds: int = 300, clock: Clock = time.time):
         self.db, self.clients, self.token_seconds, self.clock = db, clients, token_seconds, clock
         self._key: OctKey | None = None
-        # A client sends its token with every request: its signature is verified once (27 µs each time).
+        # A client sends its token with every request: its signature is verified once, not each time.
         self._verified = lru_cache(maxsize=TOKENS_KEPT)(self._verify)
 
     def token(self, form: Mapping[str, str], token_url: str) -> Granted:
