@@ -129,6 +129,7 @@ def mount(
                 path=request.path_params.get("path", ""),
                 params=list(request.query_params.multi_items()),
                 headers=_headers(request, limits),
+                access=getattr(request.state, "access", None),  # set by smart_http.BearerAuth when auth is on
             )
             size = 0 if req.method in READ_METHODS else await _read_body(request, req, limits)
         except FhirError as exc:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from fhir_server import conditional
+from fhir_server.access import Access, authorize
 from fhir_server.errors import FhirError, Issue, error
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.repository import Repository, Stored
@@ -49,11 +50,14 @@ class Entry:
 Run = Callable[["Entry"], FhirResponse]
 
 
-def process(body: Any, repo: Repository, base: str, handle: Handler, *, savepoint: bool = True) -> dict[str, Any]:
+def process(
+    body: Any, repo: Repository, base: str, handle: Handler, *, savepoint: bool = True, access: Access | None = None
+) -> dict[str, Any]:
     """Run a batch or transaction; ``handle`` is the router, which runs each entry's request.
 
     ``savepoint=False``: the caller already runs this in a savepoint of its own that it rolls
-    back on any exception (HL7 intake), so a transaction need not open another one.
+    back on any exception (HL7 intake), so a transaction need not open another one. Each entry
+    is a request of ``access`` (``fhir_server.access``): a transaction's are all checked first.
     """
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
         raise error(400, "structure", "POST to the base needs a batch or transaction Bundle")
@@ -62,8 +66,9 @@ def process(body: Any, repo: Repository, base: str, handle: Handler, *, savepoin
         raise error(400, "invalid", f"Bundle.type must be batch or transaction, not {kind!r}", "Bundle.type")
     entries = [_entry(i, e) for i, e in enumerate(body.get("entry") or [])]
     _lock_in_order(entries, repo)
-    run: Run = lambda entry: handle(_request(entry, base), repo, base)  # noqa: E731
+    run: Run = lambda entry: handle(_request(entry, base, access), repo, base)  # noqa: E731
     if kind == "transaction":
+        _authorize(entries, base, access)
         responses = _transaction(entries, repo, base, run) if savepoint else _run_transaction(entries, repo, base, run)
     else:
         responses = _batch(entries, repo, run)
@@ -73,6 +78,20 @@ def process(body: Any, repo: Repository, base: str, handle: Handler, *, savepoin
         "type": f"{kind}-response",
         "entry": [_response_entry(r) for r in responses],
     }
+
+
+def _authorize(entries: list[Entry], base: str, access: Access | None) -> None:
+    """Check a transaction's entries as the requests they are, and its conditional references as
+    the searches they are (its creates and references do not pass ``handle``): one refusal
+    refuses it whole, before anything runs."""
+    if access is None:
+        return
+    for entry in entries:
+        with _at(entry):
+            authorize(_request(entry, base, access))
+            for ref in _conditional_references(entry.resource):
+                rtype, _, query = ref.partition("?")
+                authorize(FhirRequest("GET", rtype, conditional.parse_qsl(query), access=access))
 
 
 def _entry(index: int, raw: Any) -> Entry:
@@ -133,13 +152,13 @@ def _conditional_references(value: Any) -> Iterator[str]:
             yield from _conditional_references(v)
 
 
-def _request(entry: Entry, base: str) -> FhirRequest:
+def _request(entry: Entry, base: str, access: Access | None) -> FhirRequest:
     parts = urlsplit(entry.url)
     path = parts.path
     if path.startswith(base):
         path = path[len(base) :]
     params = conditional.parse_qsl(parts.query)
-    return FhirRequest(entry.method, path.strip("/"), params, dict(entry.headers), entry.resource)
+    return FhirRequest(entry.method, path.strip("/"), params, dict(entry.headers), entry.resource, access)
 
 
 def _batch(entries: list[Entry], repo: Repository, run: Run) -> list[FhirResponse]:

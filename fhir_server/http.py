@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_server import dates
+from fhir_server.access import Access
 from fhir_server.errors import FhirError
 from fhir_server.repository import Stored
 
@@ -18,6 +19,8 @@ class FhirRequest:
     headers: dict[str, str] = field(default_factory=dict)
     #: The parsed JSON body, if any.
     body: Any = None
+    #: Who asks and what they may do (``fhir_server.access``); None: unrestricted (auth off, internal doors).
+    access: Access | None = None
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

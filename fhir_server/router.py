@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 import orjson
 from sqlalchemy import func, select
 
-from fhir_server import bundle, capability, conditional, dates, limits, operations, search
+from fhir_server import access, bundle, capability, conditional, dates, limits, operations, search
 from fhir_server.errors import FhirError, error, information
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.patch import patch
@@ -64,6 +64,7 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
     caller that ran the SELECT itself: ``fhir_server.async_reads``)."""
     try:
         check_type(target.type)
+        access.authorize(req)
         return _read(req, readable(*target, found), base)
     except FhirError as exc:
         return FhirResponse.of(exc)
@@ -72,9 +73,10 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
 def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     parts = [p for p in req.path.strip("/").split("/") if p]
     method = req.method.upper()
+    access.authorize(req)
     match parts, method:
         case [], "POST":
-            return FhirResponse(200, bundle.process(req.body, repo, base, handle))
+            return FhirResponse(200, bundle.process(req.body, repo, base, handle, access=req.access))
         case [], "GET" | "HEAD":
             return _search(repo, base, req, "")
         case ["_search"], "POST":
@@ -149,6 +151,8 @@ def _location(base: str, stored: Stored) -> str:
 
 
 def _read(req: FhirRequest, stored: Stored, base: str) -> FhirResponse:
+    if not access.may_read(req.access, stored):  # answered as missing: the answer tells nothing
+        readable(stored.type, stored.id, target.version if (target := read_target(req)) else None, None)
     if req.header("if-none-match") in (stored.etag, f'"{stored.version}"'):
         return FhirResponse(304, None, version_headers(stored))
     elements = _elements(req)
@@ -231,7 +235,9 @@ def _search(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirRe
     """Search one type, or the whole system when ``rtype`` is "" (R4 http.html#search)."""
     strict = req.prefer("handling") == "strict"
     query = search.parse(rtype, req.params, strict=strict, base=base)
+    access.authorize_query(req.access, query)
     result = search.execute(repo.conn, query)
+    result.included = [s for s in result.included if access.may_read(req.access, s)]
     return FhirResponse(200, search.bundle(result, base))
 
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 from functools import partial
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from sqlalchemy import Connection
 
 from cases import discrepancy, link_imaging, second_opinion
@@ -25,6 +25,8 @@ from fhir_server.db import Database
 from fhir_server.notifier import Notifier
 from fhir_server.outbox_worker import running
 from fhir_server.repository import Hook
+from fhir_server.smart import Smart
+from fhir_server.smart_http import BearerAuth, area_guard, open_routes, routes
 from fhir_server.subscriptions import notify
 from hl7_bridge.api import messages_router, outbound_router
 from hl7_bridge.delivery import Delivery
@@ -62,16 +64,26 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
     """The web application: the FHIR API and the HL7 message store's endpoints.
 
     ``cfg`` is the parsed OVERREAD_CONFIG; read from ``settings.config`` when not given.
+    With ``settings.auth_mode()`` smart, every route but the open ones needs an access token
+    (docs/security.md); ValueError when it is off and a listener is beyond loopback.
     """
+    mode = settings.auth_mode()
     db = db or Database(settings.database_url, hide_parameters=not settings.log_sensitive)
     cfg = cfg or config.load(settings.config)
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.db = db
     search_limits.configure(settings.search)
     hooks = make_hooks(cfg)
+    if mode == "smart":
+        smart = Smart(db, cfg.auth.registered(), cfg.auth.token_seconds)
+        app.router.routes.extend(routes(smart, base_url=settings.public_base_url))  # before the FHIR catch-all
+        app.add_middleware(BearerAuth, smart=smart, open=open_routes())
+    else:
+        log.warning("OVERREAD_AUTH is off: anyone who reaches a listener reads and changes every record")
     api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits())
-    app.include_router(messages_router(db, cfg.sender, hooks))
-    app.include_router(outbound_router(result_delivery(db, cfg).queue))
+    hl7 = [Depends(area_guard("hl7"))]
+    app.include_router(messages_router(db, cfg.sender, hooks), dependencies=hl7)
+    app.include_router(outbound_router(result_delivery(db, cfg).queue), dependencies=hl7)
     return app
 
 

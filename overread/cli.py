@@ -207,12 +207,13 @@ def serve() -> None:
     import asyncio
 
     from overread.app import serve_all
-    from overread.config import ConfigError, load
+    from overread.config import load
 
     settings = get_settings()
     try:
         cfg = load(settings.config)
-    except ConfigError as exc:
+        settings.auth_mode()  # refused before anything listens
+    except ValueError as exc:  # a ConfigError, or auth off beyond loopback
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
     db = Database(settings.database_url, hide_parameters=not settings.log_sensitive)

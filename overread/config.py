@@ -76,6 +76,8 @@ from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -90,7 +92,10 @@ from pydantic import (
 
 from cases.patient_match import MatchRule, Mode
 from cases.routing import Routing, Rule
+from fhir_server.access import Role, check_filters
 from fhir_server.outbox import Backoff
+from fhir_server.scopes import ScopeError, parse_all
+from fhir_server.smart import Client, Jwks
 from hl7_bridge.outbound import NO_DESTINATION
 from mappings.concept_map import ConceptMap, ConceptMapError, parse_concept_map
 from mappings.sender import FieldOverrides, FieldPath, IdentifiedBy, SenderConfig
@@ -356,6 +361,79 @@ class Due(_Strict):
     stat: Duration | None = timedelta(hours=1)
 
 
+class AuthClient(_Strict):
+    """A client registered for SMART Backend Services (docs/security.md)."""
+
+    client_id: Annotated[str, Field(min_length=1, max_length=255)]
+    #: Its public keys: a JWK Set inline, or the URL it publishes one at.
+    jwks: dict[str, Any] | None = None
+    jwks_url: str | None = None
+    #: The most it may be granted (space-separated SMART scopes).
+    scope: str
+    role: Role | None = None
+    #: ``system|value`` of its Organization identifier.
+    organization: str | None = None
+
+    @field_validator("jwks")
+    @classmethod
+    def _public_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            if any(isinstance(k, dict) and "d" in k for k in value.get("keys", [])):
+                raise ValueError("jwks holds a private key: register the public key only")
+            try:
+                KeySet.import_key_set(value)  # type: ignore[arg-type]
+            except (JoseError, ValueError, TypeError) as exc:
+                raise ValueError(f"jwks is not a JWK Set: {exc}") from exc
+        return value
+
+    @field_validator("scope")
+    @classmethod
+    def _scopes(cls, value: str) -> str:
+        try:
+            parsed = parse_all(value)
+            check_filters(parsed)
+        except ScopeError as exc:
+            raise ValueError(str(exc)) from exc
+        if not parsed:
+            raise ValueError(f"{value!r} holds no system/ scope")
+        return value
+
+    @field_validator("organization")
+    @classmethod
+    def _identifier(cls, value: str | None) -> str | None:
+        if value is not None and "|" not in value:
+            raise ValueError(f"{value!r}: an organization is its identifier's system|value")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Self:
+        if (self.jwks is None) == (self.jwks_url is None):
+            raise ValueError(f"client {self.client_id!r} needs jwks or jwks_url (one of them)")
+        return self
+
+    def client(self) -> Client:
+        inline = KeySet.import_key_set(self.jwks) if self.jwks is not None else None  # type: ignore[arg-type]
+        jwks = Jwks(inline, self.jwks_url)
+        return Client(self.client_id, jwks, tuple(parse_all(self.scope)), self.role, self.organization)
+
+
+class Auth(_Strict):
+    clients: list[AuthClient] = Field(default_factory=list)
+    #: How long an access token lives.
+    token_seconds: Annotated[int, Field(ge=1, le=3600)] = 300
+
+    @field_validator("clients")
+    @classmethod
+    def _unique_ids(cls, value: list[AuthClient]) -> list[AuthClient]:
+        ids = [c.client_id for c in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"client_id values must be unique: {ids}")
+        return value
+
+    def registered(self) -> dict[str, Client]:
+        return {c.client_id: c.client() for c in self.clients}
+
+
 class OverreadConfig(_Strict):
     pacs: list[PacsPeer] = Field(default_factory=list)
     linking: Linking = Linking()
@@ -363,6 +441,7 @@ class OverreadConfig(_Strict):
     subscriptions: Subscriptions = Field(default_factory=Subscriptions)
     routing: list[RoutingRule] = Field(default_factory=list)
     due: Due = Field(default_factory=Due)
+    auth: Auth = Field(default_factory=Auth)
 
     def routing_rules(self) -> Routing:
         """The routing rules and due times as the case hook takes them."""

@@ -1,7 +1,9 @@
 """The one typed settings object, read from ``OVERREAD_*`` environment variables."""
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -70,9 +72,25 @@ class Settings(BaseSettings):
     http_keep_alive_timeout: int = 5
     http_max_connections: int = 256
 
+    #: Access control (docs/security.md): ``smart`` needs a SMART Backend Services token on every HTTP
+    #: request but the open ones; ``off`` serves anyone and is refused unless every listener binds a
+    #: loopback address. Unset: ``off`` when every listener is on loopback, else ``smart``.
+    auth: Literal["smart", "off"] | None = None
+
     #: Debugging only: show query strings in the access log and bound parameters in SQL errors,
     #: which hold PHI (names, birth dates, identifiers); off, the logs leave them out.
     log_sensitive: bool = False
+
+    def auth_mode(self) -> Literal["smart", "off"]:
+        """``auth`` as it applies; ValueError naming the listener when ``off`` would serve beyond loopback."""
+        exposed = [
+            f"{name} listener on {host!r}"
+            for name, host in (("HTTP", self.http_host), ("MLLP", self.mllp_host), ("DICOM", self.dicom_host))
+            if not _loopback(host)
+        ]
+        if self.auth == "off" and exposed:
+            raise ValueError(f"OVERREAD_AUTH=off is allowed only on loopback, but the {exposed[0]} is not")
+        return self.auth or ("smart" if exposed else "off")
 
     def http_limits(self) -> Limits:
         """The limits of the FHIR API's requests, as ``fhir_server.api.mount`` takes them."""
@@ -84,6 +102,15 @@ class Settings(BaseSettings):
             max_string=self.fhir_max_string,
             max_bundle_entries=self.fhir_max_bundle_entries,
         )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any address
 
 
 @lru_cache

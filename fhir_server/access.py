@@ -1,0 +1,186 @@
+"""Who is asking and what they may do: the ``Access`` a request carries, and its enforcement.
+
+The HTTP door authenticates a bearer token (``fhir_server.smart_http.BearerAuth``) and hands the
+core an ``Access``; the core consults it at one point per request, ``authorize`` (from
+``router.handle``; for reads answered on the event loop, ``router.read_response``; for a
+transaction's entries, ``bundle.process``), and filters what goes out (``may_read``: the resource
+of a read, each ``_include``d resource). A request without an Access (auth off; HL7 intake and
+workers, which are not clients) is unrestricted. Refusals are 403 (``forbidden``); a resource
+outside a query-filtered scope is answered as if missing (404), so the answer does not tell that
+it exists.
+
+Which permission each interaction needs (SMART App Launch 2.x, "Scopes"): read and vread ``r``;
+search ``s``; create ``c``; update and patch ``u``; delete ``d``; history of an instance ``r``,
+of a type or the system ``s``; conditional update, patch and delete ``s`` as well (their
+criteria search), a conditional create (If-None-Exist) ``s`` and ``r`` (it answers what it
+found); ``$validate`` ``r``, ``$link-imaging`` ``u``. A chain or ``_has`` needs ``s`` on every
+type it searches. A query-filtered scope grants a search that carries its query, a read of (and
+an ``_include`` of) a resource that matches it, and a create of one; every other interaction
+needs an unfiltered scope.
+"""
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from fhir_server import scopes
+from fhir_server.errors import FhirError, error
+from fhir_server.indexing import index_rows
+from fhir_server.repository import Stored
+from fhir_server.schema import TokenIndex
+from fhir_server.scopes import Scope, ScopeError
+from fhir_server.search import Criterion, SearchQuery
+from fhir_server.search_params import registry
+from fhir_server.validation import SUPPORTED_TYPES
+
+if TYPE_CHECKING:  # http.py holds an Access
+    from fhir_server.http import FhirRequest
+
+#: The permission each operation needs; an operation not named here needs ``u``.
+OPERATIONS = {"$validate": "r", "$link-imaging": "u"}
+Role = Literal["ordering", "reader", "insurer", "operator"]
+
+
+@dataclass(frozen=True)
+class Access:
+    """An authenticated client and what its token grants (phase 2 adds its compartment)."""
+
+    client_id: str
+    scopes: tuple[Scope, ...]
+    role: Role | None = None
+    #: ``system|value`` of the client's Organization identifier.
+    organization: str | None = None
+
+
+def forbidden(what: str) -> FhirError:
+    return error(403, "forbidden", f"The access token's scopes do not allow {what}")
+
+
+def authorize(req: "FhirRequest") -> None:
+    """Raise 403 unless ``req.access`` allows the interaction ``req`` is."""
+    if req.access is None:
+        return
+    parts = [p for p in req.path.strip("/").split("/") if p]
+    needs = _needs(req.method.upper(), parts, req.params)
+    if req.method.upper() == "POST" and len(parts) == 1 and req.header("if-none-exist"):
+        needs += [("s", parts[0], "whole"), ("r", parts[0], "whole")]  # it searches, and answers what it found
+    for interaction, rtype, kind in needs:
+        if not _may(req.access.scopes, interaction, rtype, kind, req.params, req.body):
+            raise forbidden(f"{interaction!r} on {rtype}")
+
+
+def authorize_query(access: Access | None, query: SearchQuery) -> None:
+    """Raise 403 unless ``access`` may search every type a chain or ``_has`` of ``query`` reaches."""
+    if access is None:
+        return
+    for rtype in _reached(query.criteria):
+        if not scopes.allows(access.scopes, "s", rtype):
+            raise forbidden(f"a chain or _has into {rtype}")
+
+
+def _reached(criteria: Iterable[Criterion]) -> Iterator[str]:
+    """The types the chains and ``_has`` of ``criteria`` search, at any depth."""
+    for crit in criteria:
+        for rtype, inner in crit.chain:
+            yield rtype
+            yield from _reached([inner])
+        if crit.has is not None:
+            yield crit.has[0]
+            yield from _reached([crit.has[2]])
+
+
+def may_read(access: Access | None, stored: Stored) -> bool:
+    """Whether ``access`` may see ``stored`` (read, or ``_include``)."""
+    if access is None or stored.content is None:
+        return True
+    queries = scopes.filters(access.scopes, "r", stored.type)
+    return queries is None or _matches(queries, stored.type, stored.resource)  # parsed only when a query filters
+
+
+# Kinds of check: "search" carries the request's params; "resource" is checked against the resource
+# itself (read, vread, create); "whole" needs an unfiltered scope.
+_Need = tuple[str, str, str]
+
+
+def _needs(method: str, parts: Sequence[str], params: list[tuple[str, str]]) -> list[_Need]:
+    """What the interaction needs: (permission, type, kind) each; none for the open ones."""
+    types = [v for k, v in params if k == "_type"]
+    every = [t.strip() for v in types for t in v.split(",") if t.strip()] or list(SUPPORTED_TYPES)
+    match list(parts), method:
+        case [] | ["_search"], "GET" | "HEAD" | "POST" if parts or method != "POST":
+            return [("s", t, "search") for t in every]
+        case ["metadata"], _:
+            return []
+        case ["_history"], _:
+            return [("s", t, "whole") for t in SUPPORTED_TYPES]
+        case [rtype], "GET" | "HEAD":
+            return [("s", rtype, "search")]
+        case [rtype], "POST":
+            return [("c", rtype, "resource")]
+        case [rtype], "PUT" | "PATCH":
+            return [("u", rtype, "whole"), ("s", rtype, "whole")]
+        case [rtype], "DELETE":
+            return [("d", rtype, "whole"), ("s", rtype, "whole")]
+        case [rtype, "_search"], _:
+            return [("s", rtype, "search")]
+        case [rtype, "_history"], _:
+            return [("s", rtype, "whole")]
+        case [rtype, name] | [rtype, _, name], _ if name.startswith("$"):
+            return [(OPERATIONS.get(name, "u"), rtype, "whole")]
+        case [rtype, _], "GET" | "HEAD":
+            return [("r", rtype, "resource")]
+        case [rtype, _], "PUT" | "PATCH":
+            return [("u", rtype, "whole")]
+        case [rtype, _], "DELETE":
+            return [("d", rtype, "whole")]
+        case [rtype, _, "_history"], _:
+            return [("r", rtype, "whole")]
+        case [rtype, _, "_history", _], _:
+            return [("r", rtype, "resource")]
+    return []  # the base's transaction or batch (each entry is checked), metadata, or no interaction: 4xx anyway
+
+
+def _may(
+    granted: Sequence[Scope], interaction: str, rtype: str, kind: str, params: list[tuple[str, str]], body: Any
+) -> bool:
+    if kind == "search":
+        return scopes.allows(granted, interaction, rtype, params)
+    if kind == "whole":
+        return scopes.allows(granted, interaction, rtype)
+    queries = scopes.filters(granted, interaction, rtype)
+    if interaction == "c" and isinstance(body, dict):
+        return _matches(queries, rtype, body)
+    return queries is None or bool(queries)  # a read: the resource is checked once found (``may_read``)
+
+
+def _matches(queries: list[tuple[tuple[str, str], ...]] | None, rtype: str, resource: dict[str, Any]) -> bool:
+    """Whether ``resource`` matches one of ``queries`` (None: no query narrows it)."""
+    if queries is None:
+        return True
+    if not queries:
+        return False
+    tokens = {
+        (row["param"], row["system"], row["code"]) for table, row in index_rows(rtype, resource) if table is TokenIndex
+    }
+    return any(all(_token_match(tokens, name, value) for name, value in query) for query in queries)
+
+
+def _token_match(tokens: set[tuple[str, str | None, str | None]], param: str, value: str) -> bool:
+    """A token search's ``[system|]code`` against the resource's tokens (R4 search.html#token)."""
+    system, bar, code = value.rpartition("|")
+    return any(p == param and c == code and (not bar or s == (system or None)) for p, s, c in tokens)
+
+
+def check_filters(granted: Iterable[Scope]) -> None:
+    """Refuse a query-filtered scope this server cannot apply: its type must be named, its parameters
+    token search parameters of that type, each given once with one value."""
+    for scope in granted:
+        if not scope.query:
+            continue
+        if scope.type not in SUPPORTED_TYPES:
+            raise ScopeError(f"{scope}: a query-filtered scope names one resource type this server has")
+        params = registry()[scope.type]
+        names = [name for name, _ in scope.query]
+        for name, value in scope.query:
+            if name not in params or params[name].type != "token" or "," in value or names.count(name) > 1:
+                raise ScopeError(f"{scope}: {name} is not one token search parameter of {scope.type} with one value")
