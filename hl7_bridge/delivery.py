@@ -42,7 +42,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
-from urllib.parse import unquote
 
 import orjson
 from sqlalchemy import and_, func, or_, select, update
@@ -59,6 +58,7 @@ from hl7_bridge import mllp
 from hl7_bridge.intake import Senders
 from hl7_bridge.oru_context import load_context
 from hl7_bridge.outbound import DEAD, ERROR, FAILED, NO_DESTINATION, PENDING, QUEUED, SENT, OutboundMessage
+from mappings.bundle_builder import message_sender
 from mappings.errors import MappingError
 from mappings.oru_r01 import RESULT_STATUS, Envelope, OruContext, oru_r01
 from mappings.v2 import parse
@@ -68,8 +68,6 @@ log = logging.getLogger(__name__)
 ORU_R01 = "ORU^R01"
 #: The Task extension that shows each delivery of the case's results.
 DELIVERY_EXTENSION = "https://overread.org/fhir/StructureDefinition/result-delivery"
-#: How ``mappings.order_bundle`` names the message an order came in (Provenance.entity.what.identifier.system).
-MESSAGE_SYSTEM = "urn:overread:message:"
 ACCEPTED = ("AA", "CA")
 ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
 
@@ -550,9 +548,8 @@ def ordering_system(repo: Repository, order_id: str) -> tuple[str, str] | None:
     for provenance in search.execute(repo.conn, search.parse("Provenance", query)).matches:
         for entity in provenance.resource.get("entity", []):
             system = str(entity.get("what", {}).get("identifier", {}).get("system", ""))
-            if entity.get("role") == "source" and system.startswith(MESSAGE_SYSTEM):
-                app, _, facility = system.removeprefix(MESSAGE_SYSTEM).partition(":")
-                return unquote(app), unquote(facility)
+            if entity.get("role") == "source" and (sender := message_sender(system)):
+                return sender
     return None
 
 

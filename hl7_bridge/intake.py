@@ -57,7 +57,7 @@ from hl7_bridge.store import (
 )
 from mappings.errors import DATA_TYPE_ERROR, INTERNAL_ERROR, UNKNOWN_KEY, MappingError
 from mappings.order_control import OrderControl, order_control
-from mappings.orders import RESULTS, check_supported, map_order
+from mappings.orders import RESULTS, check_supported, map_message
 from mappings.sender import SenderConfig, sender_identity, sender_settings
 from mappings.sender import Senders as Senders  # api and delivery take it from here
 from mappings.v2 import MAX_SEGMENTS, Message, header, parse
@@ -199,7 +199,7 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
         if control is None or control.code == "XO":
             if control is not None:
                 _find_order(repo, control)  # a change order needs its order
-            mapped = map_order(message, config)
+            mapped = map_message(message, config)
             # In the savepoint above, which any error rolls back: the Bundle needs none of its own.
             response = bundle.process(mapped, repo, BASE, handle, savepoint=False)
         else:

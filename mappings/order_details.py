@@ -21,10 +21,12 @@ import re
 import uuid
 from collections.abc import Iterable
 
+from mappings.bundle_builder import Builder
 from mappings.errors import DATA_TYPE_ERROR, MappingError
-from mappings.order_bundle import NAMESPACE, OrderGroup, _Builder, _contained_practitioner
+from mappings.order_group import OrderGroup
 from mappings.v2 import Segment
 from mappings.v2_datatypes import Json, codeable_concept, date_time, free_text
+from mappings.vocabulary import NAMESPACE, REPORT_TYPES
 
 CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
@@ -52,8 +54,6 @@ OBSERVATION_STATUS = {
     "W": "entered-in-error",
     "X": "cancelled",
 }
-#: OBX value types that are (part of) a report, not an order detail (``mappings.original_report``).
-REPORT_TYPES = {"TX", "FT", "ED", "RP"}
 CLINICAL_INFORMATION = {
     "coding": [{"system": "http://loinc.org", "code": "55752-0", "display": "Clinical information"}]
 }
@@ -66,7 +66,7 @@ def key(*parts: str) -> Json:
 
 
 def conditions(
-    b: _Builder, dg1s: Iterable[Segment], patient: Json, patient_ref: str, encounter_ref: str | None
+    b: Builder, dg1s: Iterable[Segment], patient: Json, patient_ref: str, encounter_ref: str | None
 ) -> list[str]:
     """DG1 → Condition (IG ``DG1[Condition]``), category encounter-diagnosis; the entries' references."""
     refs: list[str] = []
@@ -97,7 +97,7 @@ def conditions(
         recorded = date_time(dg1.field(19).component(1), b.config, "DG1-19")
         if recorded:
             condition["recordedDate"] = recorded
-        asserter, contained = _contained_practitioner(dg1, 16, b, "asserter")
+        asserter, contained = b.practitioner(dg1.field(16).first, "asserter")
         if contained:
             condition["contained"] = [contained]
         if asserter:
@@ -106,7 +106,7 @@ def conditions(
     return refs
 
 
-def allergies(b: _Builder, al1s: Iterable[Segment], patient: Json, patient_ref: str) -> None:
+def allergies(b: Builder, al1s: Iterable[Segment], patient: Json, patient_ref: str) -> None:
     """AL1 → AllergyIntolerance (IG ``AL1[AllergyIntolerance]``): category, code, criticality, reaction, onset."""
     for al1 in al1s:
         code = codeable_concept(al1.field(3).first)
@@ -138,7 +138,7 @@ def allergies(b: _Builder, al1s: Iterable[Segment], patient: Json, patient_ref: 
 
 
 def observations(
-    b: _Builder, n: int, group: OrderGroup, placer: Json, patient_ref: str, encounter_ref: str | None
+    b: Builder, n: int, group: OrderGroup, placer: Json, patient_ref: str, encounter_ref: str | None
 ) -> list[str]:
     """OBR-13 and the order's OBX (not report types) → Observations for ``supportingInfo``; NTE after an OBX → note."""
     refs: list[str] = []
@@ -167,7 +167,7 @@ def observations(
     return refs
 
 
-def _observation(b: _Builder, at: str, obx: Segment, placer: Json, patient_ref: str) -> Json | None:
+def _observation(b: Builder, at: str, obx: Segment, placer: Json, patient_ref: str) -> Json | None:
     """One order OBX (IG ``OBX[Observation]``), or None for report lines and empty ones."""
     kind = obx.field(2).value
     if kind in REPORT_TYPES or obx.field(5).is_empty() or obx.field(3).component(1) == "113014":
@@ -194,7 +194,7 @@ def _observation(b: _Builder, at: str, obx: Segment, placer: Json, patient_ref: 
     return obs
 
 
-def _value(b: _Builder, at: str, obx: Segment) -> Json:
+def _value(b: Builder, at: str, obx: Segment) -> Json:
     """OBX-5 by OBX-2, as the IG's OBX-5 rows (NM/ST-with-units quantity, coded, date/time, else text)."""
     kind, rep = obx.field(2).value, obx.field(5).first
     units = obx.field(6).first
@@ -218,7 +218,7 @@ def _value(b: _Builder, at: str, obx: Segment) -> Json:
     return {"valueString": text}
 
 
-def _add(b: _Builder, resource: Json) -> str:
+def _add(b: Builder, resource: Json) -> str:
     """A conditional update on the resource's key: the same fact from a resend or a change is one resource."""
     ident = resource["identifier"][0]
     return b.add(f"{resource['resourceType']}/{ident['value']}", resource, ident, replace=True)

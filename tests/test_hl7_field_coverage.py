@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from fhir_server.validation import validate
-from mappings.orders import map_order
+from mappings.orders import map_message
 from mappings.v2 import parse
 
 ROOT = Path(__file__).parent.parent
@@ -81,7 +81,7 @@ def test_each_documented_field_lands_where_the_table_says(row: dict[str, str]):
     for assignment in filter(None, (a.strip() for a in row["also"].split(";"))):
         place, _, value = assignment.partition("=")
         lines = _set(lines, place, value)
-    bundle = map_order(parse("\r".join(lines)))
+    bundle = map_message(parse("\r".join(lines)))
     rtype, *path = row["fhir"].split(".")
     resources = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == rtype]
     found = [str(v) for v in _values(resources, path)]

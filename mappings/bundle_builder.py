@@ -1,0 +1,239 @@
+"""The parts of a transaction Bundle every inbound message makes: the Builder that collects its entries,
+and the sender (``MSH[Provenance-Source]``, ``HD[Organization]``), the Patient (``PID[Patient]``) and
+the Provenance that ties the entries to the message (IG message maps ``ORM_O01``, ``OMI_O23``, ``ORU_R01``).
+
+``fullUrl``s are uuid5 of the message's sender, MSH-10 and the resource's role, so the same message
+always yields the same Bundle. The Provenance names the message as ``urn:overread:message:<MSH-3>:<MSH-4>``
+| MSH-10 (``message_system``); ``message_sender`` reads it back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from urllib.parse import quote, unquote
+
+from mappings.errors import REQUIRED_FIELD_MISSING, MappingError
+from mappings.sender import SenderConfig
+from mappings.v2 import Field, Message, Repetition, Segment
+from mappings.v2_datatypes import (
+    Json,
+    address,
+    codeable_concept,
+    cx_identifier,
+    date,
+    date_time,
+    human_name,
+    identifier_type,
+    instant,
+    practitioner,
+    telecom,
+    yes_no,
+)
+from mappings.vocabulary import GENDER, NAMESPACE, PROVENANCE_PARTICIPANT
+
+MESSAGE_SYSTEM = "urn:overread:message:"
+SSN = "http://hl7.org/fhir/sid/us-ssn"
+MOTHERS_MAIDEN_NAME = "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"
+
+
+def message_system(app: str, facility: str) -> str:
+    """The identifier system of a sender's message control ids (MSH-10): its MSH-3 and MSH-4, URI-quoted."""
+    return f"{MESSAGE_SYSTEM}{quote(app, safe='')}:{quote(facility, safe='')}"
+
+
+def message_sender(system: str) -> tuple[str, str] | None:
+    """(MSH-3, MSH-4) of a ``message_system``; None for any other system."""
+    if not system.startswith(MESSAGE_SYSTEM):
+        return None
+    app, _, facility = system.removeprefix(MESSAGE_SYSTEM).partition(":")
+    return unquote(app), unquote(facility)
+
+
+def fallback_system(msg: Message, config: SenderConfig) -> str:
+    """The identifier system of ids without an assigning authority: configured, else the sending facility's.
+
+    A message without MSH-4 takes its sending application (MSH-3) as the authority, so ids from two
+    such senders never fall into one system.
+    """
+    hd = _sender_hd(msg)
+    sender_system = config.system_for(hd.component(1), hd.component(2), hd.component(3))
+    return config.default_system or sender_system or "urn:overread:assigning-authority:unknown"
+
+
+def _sender_hd(msg: Message) -> Field:
+    """MSH-4 (sending facility), else MSH-3 (sending application) when MSH-4 is empty."""
+    msh4 = msg.msh.field(4)
+    return msh4 if msh4.component(1) or msh4.component(2) else msg.msh.field(3)
+
+
+class Builder:
+    """The entries of one message's transaction Bundle, with the message and its sender's settings."""
+
+    def __init__(self, msg: Message, config: SenderConfig) -> None:
+        self.msg = msg
+        self.config = config
+        msh = msg.msh
+        self.app, self.facility = msh.field(3).component(1), msh.field(4).component(1)
+        self.control_id = msh.field(10).value
+        if not self.control_id:
+            raise MappingError(REQUIRED_FIELD_MISSING, "MSH-10", "Message control id is missing")
+        self.fallback = fallback_system(msg, config)
+        self.entries: list[Json] = []
+        self._by_url: dict[str, Json] = {}
+
+    def full_url(self, role: str) -> str:
+        key = f"{self.app}|{self.facility}|{self.control_id}|{role}"
+        return f"urn:uuid:{uuid.uuid5(NAMESPACE, key)}"
+
+    def add(self, role: str, resource: Json, match: Json | None = None, replace: bool = False) -> str:
+        """Add a conditional create on ``match``, or with ``replace`` a conditional update (PUT)."""
+        url = self.full_url(role)
+        if url in self._by_url:
+            return url  # one person in two roles (PV1-8 referrer, ORC-12 orderer): one entry
+        request: Json = {"method": "POST", "url": resource["resourceType"]}
+        if match:
+            criteria = "identifier=" + quote(f"{match['system']}|{match['value']}", safe=":/|")
+            if replace:
+                request = {"method": "PUT", "url": f"{resource['resourceType']}?{criteria}"}
+            else:
+                request["ifNoneExist"] = criteria
+        self.append({"fullUrl": url, "resource": resource, "request": request})
+        return url
+
+    def append(self, entry: Json) -> None:
+        """Add a Bundle entry as it is, indexed by its fullUrl (a check per entry stays O(1))."""
+        self._by_url[entry["fullUrl"]] = entry
+        self.entries.append(entry)
+
+    def resource(self, url: str) -> Json:
+        """The resource of the entry at ``url`` (already added)."""
+        resource: Json = self._by_url[url]["resource"]
+        return resource
+
+    def practitioner(self, xcn: Repetition, local_id: str) -> tuple[Json | None, Json | None]:
+        """An XCN as (entry reference, contained resource): a shared Practitioner only when it has an id.
+
+        A name without an identifier cannot be matched, so it stays inside the resource that names it
+        (contained) instead of becoming a new Practitioner on every resend.
+        """
+        resource = practitioner(xcn, self.config, self.fallback)
+        if resource is None:
+            return None, None
+        if "identifier" in resource:
+            url = self.add(f"Practitioner/{resource['identifier'][0]['value']}", resource, resource["identifier"][0])
+            return {"reference": url}, None
+        return {"reference": f"#{local_id}"}, {"id": local_id, **resource}
+
+
+def author(b: Builder) -> Json:
+    """The message's author, as the reference its Provenance names.
+
+    MSH-4 sending facility (HD) → Organization (IG ``HD[Organization]``). A sender that leaves MSH-4
+    empty is its sending application, MSH-3: a logical reference to it (type Device, the HD as its
+    identifier, as IG ``HD[Device]`` would make it), unless its sender entry says MSH-4 identifies it
+    (``identified_by: msh3+msh4``).
+    """
+    msh = b.msg.msh
+    msh4 = msh.field(4)
+    if msh4.component(1) or msh4.component(2):
+        ident = hd_identifier(msh4, "urn:overread:sending-facility")
+        org: Json = {"resourceType": "Organization", "identifier": [ident], "name": msh4.component(1) or ident["value"]}
+        return {"reference": b.add("Organization/sending-facility", org, ident)}
+    msh3 = msh.field(3)
+    if b.config.identified_by == "msh3+msh4" or not (msh3.component(1) or msh3.component(2)):
+        raise MappingError(REQUIRED_FIELD_MISSING, "MSH-4", "Sending facility is missing")
+    ident = hd_identifier(msh3, "urn:overread:sending-application")
+    return {"type": "Device", "identifier": ident, "display": msh3.component(1) or ident["value"]}
+
+
+def hd_identifier(hd: Field, local_system: str) -> Json:
+    """An HD as an Identifier: its ISO OID as ``urn:oid:``, else its namespace id in ``local_system``,
+    else its universal id of another type (``^1234^CLIA``) in ``<local_system>:<type>``."""
+    if hd.component(2) and hd.component(3).upper() == "ISO":
+        return {"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{hd.component(2)}"}
+    if hd.component(1) or not hd.component(2):
+        return {"system": local_system, "value": hd.component(1)}
+    return {"system": f"{local_system}:{quote(hd.component(3).upper() or 'HD', safe='')}", "value": hd.component(2)}
+
+
+def patient(b: Builder, pid: Segment) -> str:
+    """PID → Patient (IG ``PID[Patient]``): PID-3 identifiers, PID-5 name, PID-7, PID-8, PID-11."""
+    identifiers = [i for rep in pid.field(3).present() if (i := cx_identifier(rep, b.config, b.fallback))]
+    if not identifiers:
+        raise MappingError(REQUIRED_FIELD_MISSING, "PID-3", "Patient identifier list is missing")
+    resource: Json = {"resourceType": "Patient", "identifier": identifiers}
+    names = [n for rep in pid.field(5).present() if (n := human_name(rep))]
+    if names:
+        resource["name"] = names
+    sex = pid.field(8).value
+    if sex:
+        resource["gender"] = GENDER.get(sex, "unknown")
+    birth = date(pid.field(7).value, "PID-7")
+    if birth:
+        resource["birthDate"] = birth
+    addresses = [a for rep in pid.field(11).present() if (a := address(rep))]
+    if addresses:
+        resource["address"] = addresses
+    _more_demographics(b, pid, resource)
+    # The first PID-3 repetition is the sender's primary id: the one a patient is matched on.
+    return b.add("Patient", resource, identifiers[0])
+
+
+def _more_demographics(b: Builder, pid: Segment, resource: Json) -> None:
+    """The rest of IG ``PID[Patient]``: PID-2/4/19 identifiers (after PID-3, whose first is the match
+    key), PID-6 mother's maiden name, PID-13/14 telecom, PID-15 language, PID-16 marital status,
+    PID-24/25 multiple birth, PID-29/30 deceased."""
+    more = [i for n in (2, 4) for rep in pid.field(n).present() if (i := cx_identifier(rep, b.config, b.fallback))]
+    ssn = pid.field(19).value
+    if ssn:
+        more.append({"type": identifier_type("SS"), "system": SSN, "value": ssn})
+    resource["identifier"] = resource["identifier"] + more
+    maiden = human_name(pid.field(6).first)
+    if maiden:
+        resource["extension"] = [{"url": MOTHERS_MAIDEN_NAME, "valueString": maiden.get("family", "")}]
+    points = [p for n, use in ((13, "home"), (14, "work")) for r in pid.field(n).present() if (p := telecom(r, use))]
+    if points:
+        resource["telecom"] = points
+    language = codeable_concept(pid.field(15).first)
+    if language:
+        resource["communication"] = [{"language": language}]
+    marital = codeable_concept(pid.field(16).first)
+    if marital:
+        resource["maritalStatus"] = marital
+    order, multiple = pid.field(25).value, yes_no(pid.field(24).value)
+    if order.isdigit():
+        resource["multipleBirthInteger"] = int(order)
+    elif multiple is not None:
+        resource["multipleBirthBoolean"] = multiple
+    died, deceased = date_time(pid.field(29).component(1), b.config, "PID-29"), yes_no(pid.field(30).value)
+    if died:
+        resource["deceasedDateTime"] = died
+    elif deceased is not None:
+        resource["deceasedBoolean"] = deceased
+
+
+def provenance(b: Builder, author: Json) -> None:
+    """A Provenance (IG ``MSH[Provenance-Source]``) tying every resource to the message (MSH-10)."""
+    recorded = instant(b.msg.msh.field(7).component(1), b.config, "MSH-7")
+    if recorded is None:
+        raise MappingError(REQUIRED_FIELD_MISSING, "MSH-7", "Date/time of message is missing")
+    msh9 = b.msg.msh.field(9)
+    resource: Json = {
+        "resourceType": "Provenance",
+        "target": [{"reference": e["fullUrl"]} for e in b.entries],
+        "recorded": recorded,
+        "activity": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "CREATE"}]
+        },
+        "agent": [{"type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": "author"}]}, "who": author}],
+        "entity": [
+            {
+                "role": "source",
+                "what": {
+                    "identifier": {"system": message_system(b.app, b.facility), "value": b.control_id},
+                    "display": msh9.first.component(1) + "^" + msh9.component(2),
+                },
+            }
+        ],
+    }
+    b.add("Provenance", resource)
