@@ -1,6 +1,6 @@
 """The parts of a transaction Bundle every inbound message makes: the Builder that collects its entries,
-and the sender (``MSH[Provenance-Source]``, ``HD[Organization]``), the Patient (``PID[Patient]``) and
-the Provenance that ties the entries to the message (IG message maps ``ORM_O01``, ``OMI_O23``, ``ORU_R01``).
+the sender (``MSH[Provenance-Source]``, ``HD[Organization]``) and the Provenance that ties the entries
+to the message (IG message maps ``ORM_O01``, ``OMI_O23``, ``ORU_R01``).
 
 ``fullUrl``s are uuid5 of the message's sender, MSH-10 and the resource's role, so the same message
 always yields the same Bundle. The Provenance names the message as ``urn:overread:message:<MSH-3>:<MSH-4>``
@@ -14,26 +14,15 @@ from urllib.parse import quote, unquote
 
 from mappings.errors import REQUIRED_FIELD_MISSING, MappingError
 from mappings.sender import SenderConfig
-from mappings.v2 import Field, Message, Repetition, Segment
+from mappings.v2 import Field, Message, Repetition
 from mappings.v2_datatypes import (
     Json,
-    address,
-    codeable_concept,
-    cx_identifier,
-    date,
-    date_time,
-    human_name,
-    identifier_type,
     instant,
     practitioner,
-    telecom,
-    yes_no,
 )
-from mappings.vocabulary import GENDER, NAMESPACE, PROVENANCE_PARTICIPANT
+from mappings.vocabulary import NAMESPACE, PROVENANCE_PARTICIPANT
 
 MESSAGE_SYSTEM = "urn:overread:message:"
-SSN = "http://hl7.org/fhir/sid/us-ssn"
-MOTHERS_MAIDEN_NAME = "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"
 
 
 def message_system(app: str, facility: str) -> str:
@@ -154,62 +143,6 @@ def hd_identifier(hd: Field, local_system: str) -> Json:
     if hd.component(1) or not hd.component(2):
         return {"system": local_system, "value": hd.component(1)}
     return {"system": f"{local_system}:{quote(hd.component(3).upper() or 'HD', safe='')}", "value": hd.component(2)}
-
-
-def patient(b: Builder, pid: Segment) -> str:
-    """PID → Patient (IG ``PID[Patient]``): PID-3 identifiers, PID-5 name, PID-7, PID-8, PID-11."""
-    identifiers = [i for rep in pid.field(3).present() if (i := cx_identifier(rep, b.config, b.fallback))]
-    if not identifiers:
-        raise MappingError(REQUIRED_FIELD_MISSING, "PID-3", "Patient identifier list is missing")
-    resource: Json = {"resourceType": "Patient", "identifier": identifiers}
-    names = [n for rep in pid.field(5).present() if (n := human_name(rep))]
-    if names:
-        resource["name"] = names
-    sex = pid.field(8).value
-    if sex:
-        resource["gender"] = GENDER.get(sex, "unknown")
-    birth = date(pid.field(7).value, "PID-7")
-    if birth:
-        resource["birthDate"] = birth
-    addresses = [a for rep in pid.field(11).present() if (a := address(rep))]
-    if addresses:
-        resource["address"] = addresses
-    _more_demographics(b, pid, resource)
-    # The first PID-3 repetition is the sender's primary id: the one a patient is matched on.
-    return b.add("Patient", resource, identifiers[0])
-
-
-def _more_demographics(b: Builder, pid: Segment, resource: Json) -> None:
-    """The rest of IG ``PID[Patient]``: PID-2/4/19 identifiers (after PID-3, whose first is the match
-    key), PID-6 mother's maiden name, PID-13/14 telecom, PID-15 language, PID-16 marital status,
-    PID-24/25 multiple birth, PID-29/30 deceased."""
-    more = [i for n in (2, 4) for rep in pid.field(n).present() if (i := cx_identifier(rep, b.config, b.fallback))]
-    ssn = pid.field(19).value
-    if ssn:
-        more.append({"type": identifier_type("SS"), "system": SSN, "value": ssn})
-    resource["identifier"] = resource["identifier"] + more
-    maiden = human_name(pid.field(6).first)
-    if maiden:
-        resource["extension"] = [{"url": MOTHERS_MAIDEN_NAME, "valueString": maiden.get("family", "")}]
-    points = [p for n, use in ((13, "home"), (14, "work")) for r in pid.field(n).present() if (p := telecom(r, use))]
-    if points:
-        resource["telecom"] = points
-    language = codeable_concept(pid.field(15).first)
-    if language:
-        resource["communication"] = [{"language": language}]
-    marital = codeable_concept(pid.field(16).first)
-    if marital:
-        resource["maritalStatus"] = marital
-    order, multiple = pid.field(25).value, yes_no(pid.field(24).value)
-    if order.isdigit():
-        resource["multipleBirthInteger"] = int(order)
-    elif multiple is not None:
-        resource["multipleBirthBoolean"] = multiple
-    died, deceased = date_time(pid.field(29).component(1), b.config, "PID-29"), yes_no(pid.field(30).value)
-    if died:
-        resource["deceasedDateTime"] = died
-    elif deceased is not None:
-        resource["deceasedBoolean"] = deceased
 
 
 def provenance(b: Builder, author: Json) -> None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mappings import order_details, original_report
-from mappings.bundle_builder import Builder, author, patient, provenance
+from mappings.bundle_builder import Builder, author, provenance
 from mappings.concept_map import add_translations
+from mappings.encounter import encounter
 from mappings.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
 from mappings.order_group import OrderGroup, order_groups
+from mappings.patient import patient
 from mappings.sender import FieldPath, SenderConfig
 from mappings.v2 import Encoding, Message, Segment
 from mappings.v2_datatypes import (
@@ -28,15 +30,7 @@ from mappings.v2_datatypes import (
     free_text,
     identifier_type,
 )
-from mappings.vocabulary import PARTICIPATION_TYPE, PRIORITY, STUDY_UID_SYSTEM, V3_ACT_CODE
-
-# PatientClass[EncounterClass] concept map.
-ENCOUNTER_CLASS = {
-    "E": (V3_ACT_CODE, "EMER", "emergency"),
-    "I": (V3_ACT_CODE, "IMP", "inpatient encounter"),
-    "O": (V3_ACT_CODE, "AMB", "ambulatory"),
-    "P": (V3_ACT_CODE, "PRENC", "pre-admission"),
-}
+from mappings.vocabulary import PRIORITY, STUDY_UID_SYSTEM
 
 # Per-message-type choices: the accession number and the Study Instance UID of one order.
 Picker = Callable[[OrderGroup, Message], str]
@@ -50,9 +44,9 @@ def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Pick
     pid = msg.segment("PID")
     if pid is None:
         raise MappingError(REQUIRED_FIELD_MISSING, "PID", "The order has no PID segment")
-    patient_ref = patient(b, pid)
+    patient_ref = patient(b, pid, msg.segment("PD1"))
     pv1 = msg.segment("PV1")
-    encounter_ref = _encounter(b, pv1, patient_ref) if pv1 else None
+    encounter_ref = encounter(b, pv1, msg.segment("PV2"), patient_ref) if pv1 else None
     coverage_refs = [_coverage(b, n, in1, patient_ref) for n, in1 in enumerate(msg.segments("IN1"), 1)]
     groups = order_groups(msg)
     if not groups:
@@ -102,48 +96,6 @@ def policy_system(fallback: str) -> str:
     if fallback.startswith(("urn:oid:", "urn:uuid:")):
         return f"urn:overread:policy:{fallback}"
     return f"{fallback}:policy"
-
-
-def _encounter(b: Builder, pv1: Segment, patient_ref: str) -> str:
-    """PV1 → Encounter (IG ``PV1[Encounter]``): class from PV1-2, PV1-19 visit number, PV1-8 referrer."""
-    klass = pv1.field(2).value
-    system, code, display = ENCOUNTER_CLASS.get(
-        klass, ("http://terminology.hl7.org/CodeSystem/v2-0004", klass or "U", "")
-    )
-    coding: Json = {"system": system, "code": code}
-    if display:
-        coding["display"] = display
-    enc: Json = {"resourceType": "Encounter", "status": "unknown", "class": coding}
-    visit = cx_identifier(pv1.field(19).first, b.config, b.fallback)
-    if visit:
-        visit.setdefault("type", identifier_type("VN"))
-        enc["identifier"] = [visit]
-    enc["subject"] = {"reference": patient_ref}
-    for field_no, code, local_id in (
-        (7, "ATND", "attender"),
-        (8, "REF", "referrer"),
-        (9, "CON", "consultant"),
-        (17, "ADM", "admitter"),
-    ):
-        ref, contained = b.practitioner(pv1.field(field_no).first, local_id)
-        if contained:
-            enc.setdefault("contained", []).append(contained)
-        if ref:
-            part_type = {"coding": [{"system": PARTICIPATION_TYPE, "code": code}]}
-            enc.setdefault("participant", []).append({"type": [part_type], "individual": ref})
-    service = codeable_concept(pv1.field(10).first)
-    if service:
-        enc["serviceType"] = service
-    admitted = date_time(pv1.field(44).component(1), b.config, "PV1-44")
-    discharged = date_time(pv1.field(45).component(1), b.config, "PV1-45")
-    if admitted or discharged:
-        enc["period"] = {k: v for k, v in (("start", admitted), ("end", discharged)) if v}
-    if discharged:
-        enc["status"] = "finished"  # IG: PV1-45 valued
-    source = codeable_concept(pv1.field(14).first)
-    if source:
-        enc["hospitalization"] = {"admitSource": source}
-    return b.add("Encounter", enc, visit)
 
 
 def _coverage(b: Builder, n: int, in1: Segment, patient_ref: str) -> str:

@@ -48,9 +48,10 @@ import re
 import uuid
 from urllib.parse import quote
 
-from mappings.bundle_builder import Builder, author, patient, provenance
+from mappings.bundle_builder import Builder, author, provenance
 from mappings.errors import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
 from mappings.order_group import OrderGroup, study_uid_from_zds
+from mappings.patient import patient
 from mappings.sender import SenderConfig
 from mappings.v2 import Encoding, Message, Repetition, Segment
 from mappings.v2_datatypes import (
@@ -112,7 +113,7 @@ def map_oru_r01(msg: Message, config: SenderConfig) -> Json:
     pid = msg.segment("PID")
     if pid is None:
         raise MappingError(REQUIRED_FIELD_MISSING, "PID", "The report has no PID segment")
-    patient_ref = patient(b, pid)
+    patient_ref = patient(b, pid, msg.segment("PD1"))
     groups = _observation_groups(msg)
     if not groups:
         raise MappingError(REQUIRED_FIELD_MISSING, "OBR", "The report has no OBR segment")
