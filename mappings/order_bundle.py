@@ -19,6 +19,7 @@ from mappings.encounter import encounter
 from mappings.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
 from mappings.order_group import OrderGroup, order_groups
 from mappings.patient import patient
+from mappings.requester import requester
 from mappings.sender import FieldPath, SenderConfig
 from mappings.v2 import Encoding, Message, Segment
 from mappings.v2_datatypes import (
@@ -30,7 +31,10 @@ from mappings.v2_datatypes import (
     free_text,
     identifier_type,
 )
-from mappings.vocabulary import PRIORITY, STUDY_UID_SYSTEM
+from mappings.vocabulary import ORDER_STATUS, PRIORITY, STUDY_UID_SYSTEM
+
+BUSINESS_EVENT = "http://hl7.org/fhir/StructureDefinition/businessEvent"
+STATUS_REASON = "http://hl7.org/fhir/StructureDefinition/request-statusReason"
 
 # Per-message-type choices: the accession number and the Study Instance UID of one order.
 Picker = Callable[[OrderGroup, Message], str]
@@ -196,12 +200,7 @@ def _service_request(
     )
     if authored:
         sr["authoredOn"] = authored
-    requester_seg, requester_field = (orc, 12) if not orc.field(12).is_empty() else (obr, 16)
-    ref, contained = b.practitioner(requester_seg.field(requester_field).first, "requester")
-    if contained:
-        sr["contained"] = [contained]
-    if ref:
-        sr["requester"] = ref
+    requester(b, group, obr, sr)
     reasons = [c for rep in obr.field(31).present() if (c := codeable_concept(rep))]
     if reasons:
         sr["reasonCode"] = [add_translations(c, b.config.concept_maps) for c in reasons]
@@ -241,6 +240,28 @@ def _more_order(b: Builder, sr: Json, orc: Segment, obr: Segment) -> None:
     details = [c for n in (46, 47) for rep in obr.field(n).present() if (c := codeable_concept(rep))]
     if details:
         sr["orderDetail"] = details
+    filler_group = ei_identifier(orc.field(38).first, b.config, b.fallback, "FGN")
+    if filler_group:
+        sr["identifier"].append(filler_group)
+    if obr.field(11).value == "G":  # IG OBR-11: a reflex test (G) is a reflex order; A, add-on, stays an order
+        sr["intent"] = "reflex-order"
+    confidentiality = codeable_concept(orc.field(28).first, "0177")
+    if confidentiality and "coding" in confidentiality:
+        sr["meta"] = {"security": confidentiality["coding"]}
+    _order_extensions(b, sr, orc)
+
+
+def _order_extensions(b: Builder, sr: Json, orc: Segment) -> None:
+    """IG ORC-1 (with ORC-9) → the ``businessEvent`` extension; ORC-16 → ``request-statusReason``."""
+    extensions: list[Json] = []
+    event: list[Json] = [{"url": "value", "valueCodeableConcept": codeable_concept(orc.field(1).first, "0119")}]
+    if "authoredOn" in sr:
+        event.append({"url": "date", "valueDateTime": sr["authoredOn"]})
+    extensions.append({"url": BUSINESS_EVENT, "extension": event})
+    reason = codeable_concept(orc.field(16).first)
+    if reason:
+        extensions.append({"url": STATUS_REASON, "valueCodeableConcept": reason})
+    sr["extension"] = [*sr.get("extension", []), *extensions]
 
 
 def _priority(b: Builder, group: OrderGroup, tq1: Segment | None) -> str | None:
@@ -313,6 +334,9 @@ def _task(b: Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref: str, 
         "focus": {"reference": sr_ref},
         "for": {"reference": patient_ref},
     }
+    status = group.orc.field(5).value
+    if status:  # IG ORC-5; here the case's, as order control sets it (the workflow owns ServiceRequest.status)
+        task["businessStatus"] = {"coding": [{"system": ORDER_STATUS, "code": status}]}
     authored = date_time(b.msg.msh.field(7).component(1), b.config, "MSH-7")
     if authored:
         task["authoredOn"] = authored

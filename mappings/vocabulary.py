@@ -15,3 +15,5 @@ GENDER = {"F": "female", "M": "male", "O": "other", "U": "unknown", "A": "other"
 PRIORITY = {"S": "stat", "A": "asap", "R": "routine", "P": "urgent", "T": "urgent"}
 #: OBX value types that are (part of) a report or a document, never an order detail.
 REPORT_TYPES = frozenset({"TX", "FT", "ED", "RP"})
+#: Table 0038 order status (ORC-5): where the placer says the order stands, as the case's Task.businessStatus.
+ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"

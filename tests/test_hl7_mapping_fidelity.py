@@ -178,9 +178,13 @@ def _is_uri(system: str) -> bool:
     return re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:\S+", system) is not None
 
 
+CONTACT_POINT_SYSTEMS = {"phone", "fax", "email", "pager", "url", "sms", "other"}  # codes, not URIs
+
+
 def _systems(node: Any) -> list[str]:
     if isinstance(node, dict):
-        own = [node["system"]] if isinstance(node.get("system"), str) else []
+        system = node.get("system")
+        own = [system] if isinstance(system, str) and system not in CONTACT_POINT_SYSTEMS else []
         return own + [s for v in node.values() for s in _systems(v)]
     return [s for v in node for s in _systems(v)] if isinstance(node, list) else []
 
