@@ -14,12 +14,8 @@ from urllib.parse import quote, unquote
 
 from mappings.errors import REQUIRED_FIELD_MISSING, MappingError
 from mappings.sender import SenderConfig
-from mappings.v2 import Field, Message, Repetition
-from mappings.v2_datatypes import (
-    Json,
-    instant,
-    practitioner,
-)
+from mappings.v2 import Field, Message, Repetition, Segment
+from mappings.v2_datatypes import Json, date_time, free_text, instant, practitioner
 from mappings.vocabulary import NAMESPACE, PROVENANCE_PARTICIPANT
 
 MESSAGE_SYSTEM = "urn:overread:message:"
@@ -112,6 +108,26 @@ class Builder:
             url = self.add(f"Practitioner/{resource['identifier'][0]['value']}", resource, resource["identifier"][0])
             return {"reference": url}, None
         return {"reference": f"#{local_id}"}, {"id": local_id, **resource}
+
+
+def annotation(b: Builder, nte: Segment) -> Json | None:
+    """NTE → Annotation (IG ``NTE[ServiceRequest]``, ``NTE[Observation]``): NTE-3 lines (whole) joined by
+    newlines, NTE-5 entered by (a shared Practitioner, else its name), NTE-6 entered date/time."""
+    text = "\n".join(free_text(r, b.msg.encoding) for r in nte.field(3).present())
+    if not text:
+        return None
+    note: Json = {}
+    ref, unidentified = b.practitioner(nte.field(5).first, "note-author")
+    if ref and not unidentified:
+        note["authorReference"] = ref
+    elif unidentified:  # an Annotation cannot hold a contained author: its name is the author
+        name = unidentified["name"][0]
+        note["authorString"] = " ".join([*name.get("given", []), name.get("family", "")]).strip()
+    when = date_time(nte.field(6).component(1), b.config, "NTE-6")
+    if when:
+        note["time"] = when
+    note["text"] = text
+    return note
 
 
 def author(b: Builder) -> Json:

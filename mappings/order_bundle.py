@@ -13,18 +13,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mappings import order_details, original_report
-from mappings.bundle_builder import Builder, author, provenance
+from mappings.bundle_builder import Builder, annotation, author, provenance
 from mappings.concept_map import add_translations
+from mappings.coverage import coverage
 from mappings.encounter import encounter
 from mappings.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
 from mappings.order_group import OrderGroup, order_groups
 from mappings.patient import patient
 from mappings.requester import requester
 from mappings.sender import FieldPath, SenderConfig
-from mappings.v2 import Encoding, Message, Segment
+from mappings.v2 import Message, Segment
 from mappings.v2_datatypes import (
     Json,
     codeable_concept,
+    cq_quantity,
     cx_identifier,
     date_time,
     ei_identifier,
@@ -51,7 +53,7 @@ def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Pick
     patient_ref = patient(b, pid, msg.segment("PD1"))
     pv1 = msg.segment("PV1")
     encounter_ref = encounter(b, pv1, msg.segment("PV2"), patient_ref) if pv1 else None
-    coverage_refs = [_coverage(b, n, in1, patient_ref) for n, in1 in enumerate(msg.segments("IN1"), 1)]
+    coverage_refs = [coverage(b, n, in1, patient_ref) for n, in1 in enumerate(msg.segments("IN1"), 1)]
     groups = order_groups(msg)
     if not groups:
         raise MappingError(REQUIRED_FIELD_MISSING, "ORC", "The order has no ORC segment")
@@ -92,59 +94,6 @@ def _link_details(
 def _override(path: FieldPath | None, standard: Picker) -> Picker:
     """A sender's own place for a value (``SenderConfig.fields``) instead of the message type's."""
     return standard if path is None else lambda group, msg: path.value((group.orc, *group.members), msg)
-
-
-def policy_system(fallback: str) -> str:
-    """The system of IN1-36 policy numbers: the sender's fallback system with ``:policy``, unless that
-    would not be a URI of its kind (``urn:oid:1.2:policy`` is no OID): then ``urn:overread:policy:<system>``."""
-    if fallback.startswith(("urn:oid:", "urn:uuid:")):
-        return f"urn:overread:policy:{fallback}"
-    return f"{fallback}:policy"
-
-
-def _coverage(b: Builder, n: int, in1: Segment, patient_ref: str) -> str:
-    """IN1 → Coverage (IG ``IN1[Coverage]``): IN1-3/4 payor, IN1-2 plan, IN1-49 subscriber id.
-
-    Deviation from the IG, on purpose: the IG makes IN1-2 (health plan id) the Coverage identifier,
-    but a plan id is shared by every member of the plan, so matching on it would merge patients'
-    coverages. The policy number IN1-36 (which the IG leaves unmapped) is the identifier and the
-    conditional-create key here; IN1-2 goes to ``class`` (plan).
-    """
-    payor_id = cx_identifier(in1.field(3).first, b.config, b.fallback)
-    payor_name = in1.field(4).component(1)
-    if not payor_id and not payor_name:
-        raise MappingError(REQUIRED_FIELD_MISSING, f"IN1[{n}]-3", "Insurance company id and name are missing")
-    payor: Json = {"resourceType": "Organization"}
-    if payor_id:
-        payor["identifier"] = [payor_id]
-    if payor_name:
-        payor["name"] = payor_name
-    coverage: Json = {"resourceType": "Coverage", "status": "active"}
-    policy = in1.field(36).value
-    policy_id = {"system": policy_system(b.fallback), "value": policy} if policy else None
-    if policy_id:
-        coverage["identifier"] = [policy_id]
-    plan = codeable_concept(in1.field(2).first)
-    if plan:
-        plan_type = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/coverage-class", "code": "plan"}]}
-        coverage["class"] = [{"type": plan_type, "value": in1.field(2).component(1) or plan.get("text", "")}]
-    insurance_type = codeable_concept(in1.field(15).first)
-    if insurance_type:
-        coverage["type"] = insurance_type
-    effective = date_time(in1.field(12).component(1), b.config, f"IN1[{n}]-12")
-    expires = date_time(in1.field(13).component(1), b.config, f"IN1[{n}]-13")
-    if effective or expires:
-        coverage["period"] = {k: v for k, v in (("start", effective), ("end", expires)) if v}
-    subscriber = in1.field(49).component(1)
-    if subscriber:
-        coverage["subscriberId"] = subscriber
-    coverage["beneficiary"] = {"reference": patient_ref}
-    if payor_id:
-        coverage["payor"] = [{"reference": b.add(f"Organization/payor/{n}", payor, payor_id)}]
-    else:
-        coverage["contained"] = [{"id": "payor", **payor}]
-        coverage["payor"] = [{"reference": "#payor"}]
-    return b.add(f"Coverage/{n}", coverage, policy_id)
 
 
 def _service_request(
@@ -195,6 +144,9 @@ def _service_request(
     if encounter_ref:
         sr["encounter"] = {"reference": encounter_ref}
     sr |= _occurrence(b, at, group, tq1)
+    amount = cq_quantity(tq1.field(2).first) if tq1 else None
+    if amount:
+        sr["quantityQuantity"] = amount  # IG TQ1-2
     authored = date_time(orc.field(9).component(1), b.config, f"{at}-9") or date_time(
         b.msg.msh.field(7).component(1), b.config, "MSH-7"
     )
@@ -207,7 +159,7 @@ def _service_request(
     _more_order(b, sr, orc, obr)
     if coverage_refs:
         sr["insurance"] = [{"reference": r} for r in coverage_refs]
-    notes = _notes(group, b.msg.encoding)
+    notes = _notes(b, group, tq1)
     if notes:
         sr["note"] = notes
     # Re-ordering the same placer number is the same order: match on it. A change order (XO)
@@ -308,8 +260,8 @@ def _occurrence(b: Builder, at: str, group: OrderGroup, tq1: Segment | None) -> 
     return {"occurrenceDateTime": requested} if requested else {}
 
 
-def _notes(group: OrderGroup, enc: Encoding) -> list[Json]:
-    """NTE after the OBR → Annotation (IG ``NTE[ServiceRequest]``): NTE-3 lines (whole) joined by newlines."""
+def _notes(b: Builder, group: OrderGroup, tq1: Segment | None) -> list[Json]:
+    """NTE after the OBR → Annotation (IG ``NTE[ServiceRequest]``); TQ1-11 text instruction, a note too."""
     notes: list[Json] = []
     seen_obr = False
     for seg in group.members:
@@ -317,10 +269,11 @@ def _notes(group: OrderGroup, enc: Encoding) -> list[Json]:
             seen_obr = True
         elif seg.name == "OBX":
             seen_obr = False  # NTEs after an OBX annotate that observation, not the order
-        elif seg.name == "NTE" and seen_obr:
-            text = "\n".join(free_text(r, enc) for r in seg.field(3).present())
-            if text:
-                notes.append({"text": text})
+        elif seg.name == "NTE" and seen_obr and (note := annotation(b, seg)):
+            notes.append(note)
+    instruction = "\n".join(free_text(r, b.msg.encoding) for r in tq1.field(11).present()) if tq1 else ""
+    if instruction:
+        notes.append({"text": instruction})
     return notes
 
 

@@ -17,21 +17,22 @@ place them: DG1 → ``ServiceRequest.reasonReference`` (and ``Encounter.diagnosi
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterable
 
-from mappings.bundle_builder import Builder
+from mappings.bundle_builder import Builder, annotation
 from mappings.errors import DATA_TYPE_ERROR, MappingError
+from mappings.observation_details import add_details
 from mappings.order_group import OrderGroup
 from mappings.v2 import Segment
-from mappings.v2_datatypes import Json, codeable_concept, date_time, free_text
+from mappings.v2_datatypes import Json, codeable_concept, date_time, ei_identifier, free_text, quantity
 from mappings.vocabulary import NAMESPACE, REPORT_TYPES
 
 CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
 KEY_SYSTEM = "urn:overread:order-detail"
+CONDITION_DUE_TO = "http://hl7.org/fhir/StructureDefinition/condition-dueTo"
 # IG AllergenType[AllergyIntoleranceCategory]; MA and MC have no FHIR category.
 ALLERGY_CATEGORY = {
     "DA": "medication",
@@ -57,7 +58,6 @@ OBSERVATION_STATUS = {
 CLINICAL_INFORMATION = {
     "coding": [{"system": "http://loinc.org", "code": "55752-0", "display": "Clinical information"}]
 }
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 
 def key(*parts: str) -> Json:
@@ -97,6 +97,10 @@ def conditions(
         recorded = date_time(dg1.field(19).component(1), b.config, "DG1-19")
         if recorded:
             condition["recordedDate"] = recorded
+        parent = ei_identifier(dg1.field(22).first, b.config, b.fallback, "FILL")
+        if parent:  # IG DG1-22: the diagnosis this one is due to, by its DG1-20 identifier
+            due_to = {"type": "Condition", "identifier": {k: v for k, v in parent.items() if k != "type"}}
+            condition["extension"] = [{"url": CONDITION_DUE_TO, "valueReference": due_to}]
         asserter, contained = b.practitioner(dg1.field(16).first, "asserter")
         if contained:
             condition["contained"] = [contained]
@@ -159,9 +163,9 @@ def observations(
                     current["encounter"] = {"reference": encounter_ref}
                 refs.append(_add(b, current))
         elif seg.name == "NTE" and current is not None:
-            text = "\n".join(free_text(r, b.msg.encoding) for r in seg.field(3).present())
-            if text:
-                current.setdefault("note", []).append({"text": text})
+            note = annotation(b, seg)
+            if note:
+                current.setdefault("note", []).append(note)
         elif seg.name != "NTE":
             current = None
     return refs
@@ -191,6 +195,7 @@ def _observation(b: Builder, at: str, obx: Segment, placer: Json, patient_ref: s
         concept = codeable_concept(obx.field(field_no).first)
         if concept:
             obs[element] = concept
+    add_details(b, at, obx, obs)
     return obs
 
 
@@ -198,17 +203,11 @@ def _value(b: Builder, at: str, obx: Segment) -> Json:
     """OBX-5 by OBX-2, as the IG's OBX-5 rows (NM/ST-with-units quantity, coded, date/time, else text)."""
     kind, rep = obx.field(2).value, obx.field(5).first
     units = obx.field(6).first
-    if kind == "NM" or (kind == "ST" and _NUMBER.match(rep.value.strip()) and not units.is_empty()):
-        number = rep.value.strip()
-        if not _NUMBER.match(number):
-            raise MappingError(DATA_TYPE_ERROR, f"{at}-5", f"{number!r} is not a number (OBX-2 is NM)")
-        quantity: Json = {"value": float(number) if "." in number else int(number)}
-        unit = units.component(2) or units.component(1)
-        if unit:
-            quantity["unit"] = unit
-        if units.component(1) and units.component(3).upper() in ("UCUM", "UCUM1"):
-            quantity |= {"system": "http://unitsofmeasure.org", "code": units.component(1)}
-        return {"valueQuantity": quantity}
+    amount = quantity(rep.value, units)
+    if kind == "NM" or (kind == "ST" and amount and not units.is_empty()):
+        if amount is None:
+            raise MappingError(DATA_TYPE_ERROR, f"{at}-5", f"{rep.value!r} is not a number (OBX-2 is NM)")
+        return {"valueQuantity": amount}
     if kind in ("CE", "CWE", "CNE", "CF", "IS"):
         concept = codeable_concept(rep)
         return {"valueCodeableConcept": concept} if concept else {}

@@ -233,6 +233,30 @@ def telecom(rep: Repetition, default_use: str) -> Json | None:
     return point
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def quantity(number: str, units: Repetition) -> Json | None:
+    """NM + CWE units → Quantity (IG ``NM[Quantity]``, ``CQ[Quantity]``); UCUM units also as its code.
+    None when ``number`` is not a number."""
+    number = number.strip()
+    if not _NUMBER.match(number):
+        return None
+    result: Json = {"value": float(number) if "." in number else int(number)}
+    unit = units.component(2) or units.component(1)
+    if unit:
+        result["unit"] = unit
+    if units.component(1) and units.component(3).upper() in ("UCUM", "UCUM1"):
+        result |= {"system": "http://unitsofmeasure.org", "code": units.component(1)}
+    return result
+
+
+def cq_quantity(rep: Repetition) -> Json | None:
+    """CQ → Quantity (IG ``CQ[Quantity]``): CQ-1 the number, CQ-2 its units (a CWE in subcomponents)."""
+    units = rep.components[1] if len(rep.components) > 1 else ()
+    return quantity(rep.component(1), Repetition(tuple((sub,) for sub in units)))
+
+
 def yes_no(value: str) -> bool | None:
     """Table 0136 (Y/N) → boolean; anything else is no value."""
     return {"Y": True, "N": False}.get(value.upper())

@@ -21,7 +21,7 @@ ROOT = Path(__file__).parent.parent
 TABLE = ROOT / "docs" / "hl7-mapping.md"
 IG = Path(__file__).parent / "fixtures" / "v2-to-fhir"
 #: The share of the IG-mapped fields of these segments the table carries, measured; raise it as rows come.
-CARRIED_AT_LEAST = 0.79
+CARRIED_AT_LEAST = 0.93
 BASE = [
     "MSH|^~\\&|RIS|FAC|O|O|20250101120000||ORM^O01|PROBE-1|P|2.5.1",
     "PID|1||P-BASE^^^FAC^MR||Base^Pat||19700101|F",
