@@ -18,6 +18,7 @@ from mappings.concept_map import add_translations
 from mappings.coverage import coverage
 from mappings.encounter import encounter
 from mappings.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
+from mappings.imaging_procedure import add_procedure
 from mappings.order_group import OrderGroup, order_groups
 from mappings.patient import patient
 from mappings.requester import requester
@@ -157,6 +158,7 @@ def _service_request(
     if reasons:
         sr["reasonCode"] = [add_translations(c, b.config.concept_maps) for c in reasons]
     _more_order(b, sr, orc, obr)
+    add_procedure(b, group, sr)
     if coverage_refs:
         sr["insurance"] = [{"reference": r} for r in coverage_refs]
     notes = _notes(b, group, tq1)
