@@ -33,6 +33,7 @@ BASE = [
     "ORC|NW|PL-BASE|||SC",
     "TQ1|1",
     "OBR|1|PL-BASE||BASECODE^Base code^L",
+    "IPC|",
     "NTE|1||Base order note",
     "DG1|1|I10|BASEDG^Base diagnosis^I10",
     "OBX|1|NM|BASEOBX^Base observation^L||1|||||||F",
