@@ -10,6 +10,7 @@ always yields the same Bundle. The Provenance names the message as ``urn:overrea
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from urllib.parse import quote, unquote
 
 from mappings.errors import REQUIRED_FIELD_MISSING, MappingError
@@ -110,6 +111,16 @@ class Builder:
         return {"reference": f"#{local_id}"}, {"id": local_id, **resource}
 
 
+def person(b: Builder, xcn: Repetition) -> Json | None:
+    """An XCN where no resource can contain it (an Annotation, a Provenance agent): a reference to the
+    shared Practitioner when it has an id, else its name as the reference's display."""
+    ref, unidentified = b.practitioner(xcn, "person")
+    if unidentified:
+        name = unidentified["name"][0]
+        return {"display": " ".join([*name.get("prefix", []), *name.get("given", []), name.get("family", "")]).strip()}
+    return ref
+
+
 def annotation(b: Builder, nte: Segment) -> Json | None:
     """NTE → Annotation (IG ``NTE[ServiceRequest]``, ``NTE[Observation]``): NTE-3 lines (whole) joined by
     newlines, NTE-5 entered by (a shared Practitioner, else its name), NTE-6 entered date/time."""
@@ -117,12 +128,11 @@ def annotation(b: Builder, nte: Segment) -> Json | None:
     if not text:
         return None
     note: Json = {}
-    ref, unidentified = b.practitioner(nte.field(5).first, "note-author")
-    if ref and not unidentified:
-        note["authorReference"] = ref
-    elif unidentified:  # an Annotation cannot hold a contained author: its name is the author
-        name = unidentified["name"][0]
-        note["authorString"] = " ".join([*name.get("given", []), name.get("family", "")]).strip()
+    author = person(b, nte.field(5).first)
+    if author and "reference" in author:
+        note["authorReference"] = author
+    elif author:  # an Annotation cannot name a contained author: its name is the author
+        note["authorString"] = author["display"]
     when = date_time(nte.field(6).component(1), b.config, "NTE-6")
     if when:
         note["time"] = when
@@ -161,8 +171,9 @@ def hd_identifier(hd: Field, local_system: str) -> Json:
     return {"system": f"{local_system}:{quote(hd.component(3).upper() or 'HD', safe='')}", "value": hd.component(2)}
 
 
-def provenance(b: Builder, author: Json) -> None:
-    """A Provenance (IG ``MSH[Provenance-Source]``) tying every resource to the message (MSH-10)."""
+def provenance(b: Builder, author: Json, agents: Sequence[Json] = ()) -> None:
+    """A Provenance (IG ``MSH[Provenance-Source]``) tying every resource to the message (MSH-10);
+    ``agents`` are the message's other agents (ORC-10 enterer, ORC-11 verifier: IG ``ORC[Provenance]``)."""
     recorded = instant(b.msg.msh.field(7).component(1), b.config, "MSH-7")
     if recorded is None:
         raise MappingError(REQUIRED_FIELD_MISSING, "MSH-7", "Date/time of message is missing")
@@ -174,7 +185,10 @@ def provenance(b: Builder, author: Json) -> None:
         "activity": {
             "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "CREATE"}]
         },
-        "agent": [{"type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": "author"}]}, "who": author}],
+        "agent": [
+            {"type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": "author"}]}, "who": author},
+            *agents,
+        ],
         "entity": [
             {
                 "role": "source",

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mappings import order_details, original_report
-from mappings.bundle_builder import Builder, annotation, author, provenance
+from mappings.bundle_builder import Builder, annotation, author, person, provenance
 from mappings.concept_map import add_translations
 from mappings.coverage import coverage
 from mappings.encounter import encounter
@@ -34,7 +34,7 @@ from mappings.v2_datatypes import (
     free_text,
     identifier_type,
 )
-from mappings.vocabulary import ORDER_STATUS, PRIORITY, STUDY_UID_SYSTEM
+from mappings.vocabulary import ORDER_STATUS, PRIORITY, PROVENANCE_PARTICIPANT, STUDY_UID_SYSTEM
 
 BUSINESS_EVENT = "http://hl7.org/fhir/StructureDefinition/businessEvent"
 STATUS_REASON = "http://hl7.org/fhir/StructureDefinition/request-statusReason"
@@ -72,8 +72,18 @@ def build(msg: Message, config: SenderConfig, accession: Picker, study_uid: Pick
         document = original_report.from_order(b, n, group, sr_ref, patient_ref)  # report / document OBX
         _link_details(b, sr_ref, encounter_ref, reasons, [*supporting, *([document] if document else [])])
         _task(b, n, group, sr_ref, patient_ref, placer)
-    provenance(b, sender)
+    provenance(b, sender, [a for group in groups for a in _agents(b, group.orc)])
     return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
+
+
+def _agents(b: Builder, orc: Segment) -> list[Json]:
+    """ORC-10 entered by, ORC-11 verified by → Provenance agents (IG ``ORC[Provenance]``)."""
+    agents: list[Json] = []
+    for field_no, role in ((10, "enterer"), (11, "verifier")):
+        who = person(b, orc.field(field_no).first)
+        if who:
+            agents.append({"type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": role}]}, "who": who})
+    return agents
 
 
 def _link_details(
