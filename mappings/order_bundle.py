@@ -1,11 +1,12 @@
 """The part of ORM^O01 and OMI^O23 intake the two share: one order message → one transaction Bundle.
 
-Follows the V2-to-FHIR IG segment maps ``PID[Patient]``, ``PV1[Encounter]``, ``IN1[Coverage]``,
-``ORC[ServiceRequest]``, ``OBR[ServiceRequest]``, ``TQ1[ServiceRequest]`` and ``NTE[ServiceRequest]``,
-and the message maps ``ORM_O01`` / ``OMI_O23`` (chapter 4.4 / 4.4.5 of v2.5.1). Every resource that
-could already exist is a conditional create (``ifNoneExist`` on an identifier) so that a resent
-message changes nothing. The parts every inbound message shares (Builder, sender, Patient,
-Provenance) are in ``mappings.bundle_builder``.
+Follows the V2-to-FHIR IG message maps ``ORM_O01`` / ``OMI_O23`` (chapter 4.4 / 4.4.5 of v2.5.1) and
+the segment maps ``ORC[ServiceRequest]``, ``OBR[ServiceRequest]``, ``TQ1[ServiceRequest]``,
+``NTE[ServiceRequest]`` here; the other segments have a module each (``patient``, ``encounter``,
+``coverage``, ``requester``, ``imaging_procedure``, ``order_details``, ``original_report``) and the
+parts every inbound message shares are in ``bundle_builder``. Every resource that could already exist
+is a conditional create (``ifNoneExist`` on an identifier) or update on a key, so that a resent
+message changes nothing.
 """
 
 from __future__ import annotations
