@@ -28,7 +28,7 @@ ENCOUNTER_CLASS = {
     "O": (V3_ACT_CODE, "AMB", "ambulatory"),
     "P": (V3_ACT_CODE, "PRENC", "pre-admission"),
 }
-# (field, participation type, display, contained id) of IG PV1-7/8/9/17/52 and PV2-13.
+# (segment, field, participation type, contained id) of IG PV1-7/8/9/17/52 and PV2-13.
 PARTICIPANTS = (
     ("PV1", 7, "ATND", "attender"),
     ("PV1", 8, "REF", "referrer"),
@@ -70,10 +70,12 @@ def encounter(b: Builder, pv1: Segment, pv2: Segment | None, patient_ref: str) -
     identifiers = [i for i in (visit, alternate) if i]
     if identifiers:
         enc["identifier"] = identifiers
-    for name, element, table in (("type", 4, "0007"), ("serviceType", 10, "0069")):
-        concept = codeable_concept(pv1.field(element).first, table)
-        if concept:
-            enc[name] = [concept] if name == "type" else concept
+    admission_type = codeable_concept(pv1.field(4).first, "0007")
+    if admission_type:
+        enc["type"] = [admission_type]
+    service = codeable_concept(pv1.field(10).first, "0069")
+    if service:
+        enc["serviceType"] = service
     enc["subject"] = {"reference": patient_ref}
     segments = {"PV1": pv1, "PV2": pv2}
     for seg_name, field_no, part_code, local_id in PARTICIPANTS:
