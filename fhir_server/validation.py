@@ -26,6 +26,7 @@ SUPPORTED_TYPES = (
     "Binary", "Communication", "Subscription", "AuditEvent", "Provenance", "CodeSystem", "ValueSet",
     "ConceptMap", "StructureDefinition", "SearchParameter", "OperationDefinition",
     "Condition", "AllergyIntolerance",  # an order's diagnoses (DG1) and the patient's allergies (AL1)
+    "Location",  # where the patient is: PV1-3 and the other PV1/PV2 locations of an order
 )  # fmt: skip
 
 ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from sqlalchemy import Connection, Insert, bindparam, insert, select, update
@@ -58,16 +58,16 @@ from hl7_bridge.store import (
 )
 from mappings.errors import DATA_TYPE_ERROR, INTERNAL_ERROR, UNKNOWN_KEY, MappingError
 from mappings.order_control import OrderControl, order_control
-from mappings.orders import RESULTS, check_supported, map_order
+from mappings.orders import RESULTS, check_supported, map_message
+from mappings.patient import merged
 from mappings.sender import SenderConfig, sender_identity, sender_settings
 from mappings.sender import Senders as Senders  # api and the results queue take it from here
 from mappings.v2 import MAX_SEGMENTS, Message, header, parse
+from mappings.vocabulary import ORDER_STATUS
 
 #: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
 BASE = "urn:overread:hl7"
 _KEY = ("sender_key", "control_id")
-#: Table 0038 (order status): ORC-5 as the case Task's businessStatus.
-V2_ORDER_STATUS = "http://terminology.hl7.org/CodeSystem/v2-0038"
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 # The statements every message runs, built once (building them cost more than running them).
 _CLAIM: dict[str, Insert] = {
@@ -201,7 +201,8 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
         if control is None or control.code == "XO":
             if control is not None:
                 _find_order(repo, control)  # a change order needs its order
-            mapped = map_order(message, config)
+            mapped = map_message(message, config)
+            _correct_patient(repo, mapped)
             # In the savepoint above, which any error rolls back: the Bundle needs none of its own.
             response = transaction(repo, mapped, BASE, savepoint=False)
         else:
@@ -231,6 +232,27 @@ def _process(repo: Repository, pk: int, message: Message, config: SenderConfig |
     return ack
 
 
+def _correct_patient(repo: Repository, mapped: dict[str, Any]) -> None:
+    """A patient already stored under the message's patient id is updated by it (demographic corrections,
+    ``mappings.patient.merged``: identifiers are only added): its conditional create becomes an update
+    of that patient, unless nothing would change, so a resent message still writes nothing."""
+    entry = next((e for e in mapped["entry"] if e["resource"]["resourceType"] == "Patient"), None)
+    if entry is None or "ifNoneExist" not in entry["request"]:
+        return
+    found = repo.search("Patient", [*parse_qsl(entry["request"]["ifNoneExist"]), ("_count", "2")])
+    if len(found) != 1:
+        return  # none: the conditional create makes it; several: the store refuses the ambiguity as before
+    # locked and read again: two messages correcting one patient at once must not drop each other's identifiers
+    repo.lock(f"Patient/{found[0].id}")
+    stored = repo.current("Patient", found[0].id, for_update=True)
+    if stored is None or stored.content is None:
+        return  # deleted meanwhile: the conditional create makes a new one
+    update = merged(stored.resource, entry["resource"])
+    if update != stored.resource:
+        entry["resource"] = update
+        entry["request"] = {"method": "PUT", "url": f"Patient/{stored.id}"}
+
+
 def _change_case(repo: Repository, control: OrderControl) -> dict[str, Any]:
     """Apply CA/DC/HD/RL/SC to the order's ServiceRequest, and through ``control_case`` to its case."""
     order = _find_order(repo, control)
@@ -240,7 +262,7 @@ def _change_case(repo: Repository, control: OrderControl) -> dict[str, Any]:
         updated, _ = repo.update("ServiceRequest", order.id, {**order.resource, "status": request_status}, order.etag)
         changed["ServiceRequest"] = f"ServiceRequest/{updated.id}/_history/{updated.version}"
     code = control.order_status  # table 0038: where the placer says the order stands
-    placer_status = {"coding": [{"system": V2_ORDER_STATUS, "code": code}]} if code else None
+    placer_status = {"coding": [{"system": ORDER_STATUS, "code": code}]} if code else None
     changed |= control_case(repo, order.id, task_status, placer_status)
     return {"orderControl": control.code, "changed": changed}
 

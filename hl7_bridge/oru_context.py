@@ -47,7 +47,7 @@ def load_context(repo: Repository, report_id: str, version: int | None = None) -
     holder = report if report.get("encounter") else order  # where a ``#id`` reference is contained
     encounter_ref = holder.get("encounter")
     encounter = _resolve(repo, holder, encounter_ref, "Encounter", required=False) if encounter_ref else None
-    requester = _resolve(repo, order, order.get("requester") or {}, "Practitioner", required=False)
+    requester = _requester(repo, order)
     return OruContext(report, order, patient, interpreter, findings, encounter, requester)
 
 
@@ -85,6 +85,15 @@ def _patient(repo: Repository, report: Json, order: Json) -> Json | None:
     found = repo.search("Patient", [("identifier", token), ("_count", "2")])
     # Two Patients with one identifier: neither is surely the one; the identifier itself is.
     return found[0].resource if len(found) == 1 else {"resourceType": "Patient", "identifier": [identifier]}
+
+
+def _requester(repo: Repository, order: Json) -> Json | None:
+    """The order's requesting Practitioner, through its PractitionerRole when the order named its facility."""
+    ref: Json = order.get("requester") or {}
+    role = _resolve(repo, order, ref, "PractitionerRole", required=False)
+    if role is None:
+        return _resolve(repo, order, ref, "Practitioner", required=False)
+    return _resolve(repo, role, role.get("practitioner") or {}, "Practitioner", required=False)
 
 
 def _first(repo: Repository, holder: Json, refs: list[Json], rtype: str) -> Json | None:

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from urllib.parse import unquote
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
@@ -39,6 +38,7 @@ from hl7_bridge.delivery_status import report_ref, show_on_case
 from hl7_bridge.intake import Senders
 from hl7_bridge.oru_context import load_context
 from hl7_bridge.outbound import FAILED, NO_DESTINATION, PENDING, QUEUED, DestinationConfig, OutboundMessage
+from mappings.bundle_builder import message_sender
 from mappings.errors import MappingError
 from mappings.oru_r01 import RESULT_STATUS, Envelope, OruContext, oru_r01
 
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 ORU_R01 = "ORU^R01"
 #: How ``mappings.order_bundle`` names the message an order came in (Provenance.entity.what.identifier.system).
-MESSAGE_SYSTEM = "urn:overread:message:"
 
 
 class ResultsQueue(OutboxWorker):
@@ -311,9 +310,8 @@ def ordering_system(repo: Repository, order_id: str) -> tuple[str, str] | None:
     for provenance in repo.search("Provenance", query):
         for entity in provenance.resource.get("entity", []):
             system = str(entity.get("what", {}).get("identifier", {}).get("system", ""))
-            if entity.get("role") == "source" and system.startswith(MESSAGE_SYSTEM):
-                app, _, facility = system.removeprefix(MESSAGE_SYSTEM).partition(":")
-                return unquote(app), unquote(facility)
+            if entity.get("role") == "source" and (sender := message_sender(system)):
+                return sender
     return None
 
 

@@ -5,7 +5,8 @@ that omit IPC (the dcm4che sample does) fall back on OBR-18 and ZDS-1 as in ORM^
 """
 
 from mappings import orm_o01
-from mappings.order_bundle import OrderGroup, build
+from mappings.order_bundle import build
+from mappings.order_group import OrderGroup
 from mappings.sender import SenderConfig
 from mappings.v2 import Message
 from mappings.v2_datatypes import Json

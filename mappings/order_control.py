@@ -7,8 +7,8 @@ order's mapping typed it, so the same identifier finds the same ServiceRequest a
 
 from dataclasses import dataclass
 
+from mappings.bundle_builder import fallback_system
 from mappings.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
-from mappings.order_bundle import fallback_system
 from mappings.sender import SenderConfig
 from mappings.v2 import Message
 from mappings.v2_datatypes import Json, ei_identifier
@@ -38,7 +38,7 @@ class OrderControl:
 
 
 def order_control(message: Message, config: SenderConfig | None = None) -> OrderControl | None:
-    """None for a new order (NW: ``map_order``), else what the message asks of its case."""
+    """None for a new order (NW: ``map_message``), else what the message asks of its case."""
     config = config or SenderConfig()
     orc = message.segment("ORC")
     if orc is None:

@@ -17,19 +17,22 @@ place them: DG1 → ``ServiceRequest.reasonReference`` (and ``Encounter.diagnosi
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterable
 
+from mappings.bundle_builder import Builder, annotation
 from mappings.errors import DATA_TYPE_ERROR, MappingError
-from mappings.order_bundle import NAMESPACE, OrderGroup, _Builder, _contained_practitioner
+from mappings.observation_details import add_details
+from mappings.order_group import OrderGroup
 from mappings.v2 import Segment
-from mappings.v2_datatypes import Json, codeable_concept, date_time, free_text
+from mappings.v2_datatypes import Json, codeable_concept, date_time, ei_identifier, free_text, quantity
+from mappings.vocabulary import NAMESPACE, REPORT_TYPES
 
 CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
 KEY_SYSTEM = "urn:overread:order-detail"
+CONDITION_DUE_TO = "http://hl7.org/fhir/StructureDefinition/condition-dueTo"
 # IG AllergenType[AllergyIntoleranceCategory]; MA and MC have no FHIR category.
 ALLERGY_CATEGORY = {
     "DA": "medication",
@@ -52,12 +55,9 @@ OBSERVATION_STATUS = {
     "W": "entered-in-error",
     "X": "cancelled",
 }
-#: OBX value types that are (part of) a report, not an order detail (``mappings.original_report``).
-REPORT_TYPES = {"TX", "FT", "ED", "RP"}
 CLINICAL_INFORMATION = {
     "coding": [{"system": "http://loinc.org", "code": "55752-0", "display": "Clinical information"}]
 }
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 
 def key(*parts: str) -> Json:
@@ -66,7 +66,7 @@ def key(*parts: str) -> Json:
 
 
 def conditions(
-    b: _Builder, dg1s: Iterable[Segment], patient: Json, patient_ref: str, encounter_ref: str | None
+    b: Builder, dg1s: Iterable[Segment], patient: Json, patient_ref: str, encounter_ref: str | None
 ) -> list[str]:
     """DG1 → Condition (IG ``DG1[Condition]``), category encounter-diagnosis; the entries' references."""
     refs: list[str] = []
@@ -97,7 +97,11 @@ def conditions(
         recorded = date_time(dg1.field(19).component(1), b.config, "DG1-19")
         if recorded:
             condition["recordedDate"] = recorded
-        asserter, contained = _contained_practitioner(dg1, 16, b, "asserter")
+        parent = ei_identifier(dg1.field(22).first, b.config, b.fallback, "FILL")
+        if parent:  # IG DG1-22: the diagnosis this one is due to, by its DG1-20 identifier
+            due_to = {"type": "Condition", "identifier": {k: v for k, v in parent.items() if k != "type"}}
+            condition["extension"] = [{"url": CONDITION_DUE_TO, "valueReference": due_to}]
+        asserter, contained = b.practitioner(dg1.field(16).first, "asserter")
         if contained:
             condition["contained"] = [contained]
         if asserter:
@@ -106,7 +110,7 @@ def conditions(
     return refs
 
 
-def allergies(b: _Builder, al1s: Iterable[Segment], patient: Json, patient_ref: str) -> None:
+def allergies(b: Builder, al1s: Iterable[Segment], patient: Json, patient_ref: str) -> None:
     """AL1 → AllergyIntolerance (IG ``AL1[AllergyIntolerance]``): category, code, criticality, reaction, onset."""
     for al1 in al1s:
         code = codeable_concept(al1.field(3).first)
@@ -138,7 +142,7 @@ def allergies(b: _Builder, al1s: Iterable[Segment], patient: Json, patient_ref: 
 
 
 def observations(
-    b: _Builder, n: int, group: OrderGroup, placer: Json, patient_ref: str, encounter_ref: str | None
+    b: Builder, n: int, group: OrderGroup, placer: Json, patient_ref: str, encounter_ref: str | None
 ) -> list[str]:
     """OBR-13 and the order's OBX (not report types) → Observations for ``supportingInfo``; NTE after an OBX → note."""
     refs: list[str] = []
@@ -159,15 +163,15 @@ def observations(
                     current["encounter"] = {"reference": encounter_ref}
                 refs.append(_add(b, current))
         elif seg.name == "NTE" and current is not None:
-            text = "\n".join(free_text(r, b.msg.encoding) for r in seg.field(3).present())
-            if text:
-                current.setdefault("note", []).append({"text": text})
+            note = annotation(b, seg)
+            if note:
+                current.setdefault("note", []).append(note)
         elif seg.name != "NTE":
             current = None
     return refs
 
 
-def _observation(b: _Builder, at: str, obx: Segment, placer: Json, patient_ref: str) -> Json | None:
+def _observation(b: Builder, at: str, obx: Segment, placer: Json, patient_ref: str) -> Json | None:
     """One order OBX (IG ``OBX[Observation]``), or None for report lines and empty ones."""
     kind = obx.field(2).value
     if kind in REPORT_TYPES or obx.field(5).is_empty() or obx.field(3).component(1) == "113014":
@@ -191,24 +195,19 @@ def _observation(b: _Builder, at: str, obx: Segment, placer: Json, patient_ref: 
         concept = codeable_concept(obx.field(field_no).first)
         if concept:
             obs[element] = concept
+    add_details(b, at, obx, obs)
     return obs
 
 
-def _value(b: _Builder, at: str, obx: Segment) -> Json:
+def _value(b: Builder, at: str, obx: Segment) -> Json:
     """OBX-5 by OBX-2, as the IG's OBX-5 rows (NM/ST-with-units quantity, coded, date/time, else text)."""
     kind, rep = obx.field(2).value, obx.field(5).first
     units = obx.field(6).first
-    if kind == "NM" or (kind == "ST" and _NUMBER.match(rep.value.strip()) and not units.is_empty()):
-        number = rep.value.strip()
-        if not _NUMBER.match(number):
-            raise MappingError(DATA_TYPE_ERROR, f"{at}-5", f"{number!r} is not a number (OBX-2 is NM)")
-        quantity: Json = {"value": float(number) if "." in number else int(number)}
-        unit = units.component(2) or units.component(1)
-        if unit:
-            quantity["unit"] = unit
-        if units.component(1) and units.component(3).upper() in ("UCUM", "UCUM1"):
-            quantity |= {"system": "http://unitsofmeasure.org", "code": units.component(1)}
-        return {"valueQuantity": quantity}
+    amount = quantity(rep.value, units)
+    if kind == "NM" or (kind == "ST" and amount and not units.is_empty()):
+        if amount is None:
+            raise MappingError(DATA_TYPE_ERROR, f"{at}-5", f"{rep.value!r} is not a number (OBX-2 is NM)")
+        return {"valueQuantity": amount}
     if kind in ("CE", "CWE", "CNE", "CF", "IS"):
         concept = codeable_concept(rep)
         return {"valueCodeableConcept": concept} if concept else {}
@@ -218,7 +217,7 @@ def _value(b: _Builder, at: str, obx: Segment) -> Json:
     return {"valueString": text}
 
 
-def _add(b: _Builder, resource: Json) -> str:
+def _add(b: Builder, resource: Json) -> str:
     """A conditional update on the resource's key: the same fact from a resend or a change is one resource."""
     ident = resource["identifier"][0]
     return b.add(f"{resource['resourceType']}/{ident['value']}", resource, ident, replace=True)

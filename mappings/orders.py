@@ -43,7 +43,7 @@ def check_supported(message: Message) -> None:
     raise MappingError(UNSUPPORTED_MESSAGE_TYPE, "MSH-9", f"Message type {kind} is not an order Overread maps")
 
 
-def map_order(message: Message, config: SenderConfig | None = None) -> Json:
+def map_message(message: Message, config: SenderConfig | None = None) -> Json:
     """Map an ORM^O01, OMI^O23 or ORU^R01 to one FHIR R4 transaction Bundle (else error 200 or 201).
 
     HL7 nulls (``""``) are no value in every field (``mappings.hl7_null``).

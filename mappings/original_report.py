@@ -48,17 +48,10 @@ import re
 import uuid
 from urllib.parse import quote
 
+from mappings.bundle_builder import Builder, author, provenance
 from mappings.errors import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, MappingError
-from mappings.order_bundle import (
-    NAMESPACE,
-    STUDY_UID_SYSTEM,
-    OrderGroup,
-    _author,
-    _Builder,
-    _patient,
-    _provenance,
-    study_uid_from_zds,
-)
+from mappings.order_group import OrderGroup, study_uid_from_zds
+from mappings.patient import patient
 from mappings.sender import SenderConfig
 from mappings.v2 import Encoding, Message, Repetition, Segment
 from mappings.v2_datatypes import (
@@ -69,8 +62,8 @@ from mappings.v2_datatypes import (
     free_text,
     identifier_type,
     instant,
-    practitioner,
 )
+from mappings.vocabulary import NAMESPACE, REPORT_TYPES, STUDY_UID_SYSTEM
 
 REPORT_ROLE = "https://overread.org/fhir/CodeSystem/report-role"
 ORIGINAL_TAG = {"system": REPORT_ROLE, "code": "original", "display": "Original report"}
@@ -94,8 +87,6 @@ RESULT_STATUS = {
 OBSERVATION_STATUS = {"F": "final", "P": "preliminary", "C": "corrected", "R": "partial"}
 TEXT_TYPES = {"TX", "FT", "ST"}
 CODED_TYPES = {"CE", "CWE", "CNE"}
-#: OBX value types that make an order's OBX lines a report or a document.
-ORDER_REPORT_TYPES = {"TX", "FT", "ED", "RP"}
 #: OBX-3 codes of a radiology report or its parts (LOINC; IHE SINR section suffixes of OBX-3.1).
 REPORT_CODES = {"18782-3", "18748-4", "19005-8", "18834-2", "11525-3", "GDT", "IMP", "ADT", "REC"}
 #: Table 0191 (type of referenced data) to MIME top-level types.
@@ -117,29 +108,29 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 def map_oru_r01(msg: Message, config: SenderConfig) -> Json:
     """ORU^R01 → transaction Bundle: Organization, Patient, a DiagnosticReport per OBR, Provenance."""
-    b = _Builder(msg, config)
-    author = _author(b)
+    b = Builder(msg, config)
+    sender = author(b)
     pid = msg.segment("PID")
     if pid is None:
         raise MappingError(REQUIRED_FIELD_MISSING, "PID", "The report has no PID segment")
-    patient_ref = _patient(b, pid)
+    patient_ref = patient(b, pid, msg.segment("PD1"))
     groups = _observation_groups(msg)
     if not groups:
         raise MappingError(REQUIRED_FIELD_MISSING, "OBR", "The report has no OBR segment")
     for n, (orc, obr, members) in enumerate(groups, 1):
         _oru_report(b, n, orc, obr, members, patient_ref)
-    _provenance(b, author)
+    provenance(b, sender)
     return {"resourceType": "Bundle", "type": "transaction", "entry": b.entries}
 
 
-def from_order(b: _Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref: str) -> str | None:
+def from_order(b: Builder, n: int, group: OrderGroup, sr_ref: str, patient_ref: str) -> str | None:
     """What an order's TX/FT/ED/RP OBX lines are: the original report, basedOn the order's entry, when
     they say they are one (``_is_report``); else an attached document (DocumentReference, no conclusion),
     whose entry is returned for the order's ``supportingInfo``."""
     at_obr = next((i for i, s in enumerate(group.members) if s.name == "OBR"), None)
     obr = group.members[at_obr] if at_obr is not None else None
     members = group.members[at_obr + 1 :] if at_obr is not None else group.members
-    if not any(s.name == "OBX" and s.field(2).value in ORDER_REPORT_TYPES for s in members):
+    if not any(s.name == "OBX" and s.field(2).value in REPORT_TYPES for s in members):
         return None
     report_lines = _report_lines(members)
     order = b.resource(sr_ref)
@@ -172,7 +163,7 @@ def _is_report(obr: Segment | None, lines: tuple[Segment, ...]) -> bool:
     if obr is not None and obr.field(25).value in RESULT_STATUS:
         return True
     for seg in lines:
-        if seg.name != "OBX" or seg.field(2).value not in ORDER_REPORT_TYPES:
+        if seg.name != "OBX" or seg.field(2).value not in REPORT_TYPES:
             continue
         obx3 = seg.field(3).first
         subs = {sub.upper() for comp in obx3.components for sub in comp}
@@ -182,7 +173,7 @@ def _is_report(obr: Segment | None, lines: tuple[Segment, ...]) -> bool:
 
 
 def _document(
-    b: _Builder,
+    b: Builder,
     n: int,
     lines: tuple[Segment, ...],
     first: Segment,
@@ -224,7 +215,7 @@ def _observation_groups(msg: Message) -> list[tuple[Segment | None, Segment, tup
 
 
 def _oru_report(
-    b: _Builder, n: int, orc: Segment | None, obr: Segment, members: tuple[Segment, ...], patient_ref: str
+    b: Builder, n: int, orc: Segment | None, obr: Segment, members: tuple[Segment, ...], patient_ref: str
 ) -> None:
     at = f"OBR[{n}]" if n > 1 else "OBR"
     identifiers: list[Json] = []
@@ -285,7 +276,7 @@ def _status_of_lines(members: tuple[Segment, ...]) -> str:
     return OBSERVATION_STATUS.get(first.field(11).value, "unknown") if first else "unknown"
 
 
-def _study_uid(b: _Builder, near: tuple[Segment, ...], members: tuple[Segment, ...]) -> str:
+def _study_uid(b: Builder, near: tuple[Segment, ...], members: tuple[Segment, ...]) -> str:
     """The Study Instance UID a report is of: the sender's field (``fields.study_uid``), else an OBX with
     OBX-3 ``113014`` (DICOM "Study", as DICOM SR / IHE SINR send it), else ZDS-1.1 (dcm4che)."""
     override = b.config.fields.study_uid
@@ -295,7 +286,7 @@ def _study_uid(b: _Builder, near: tuple[Segment, ...], members: tuple[Segment, .
     return in_obx or study_uid_from_zds(b.msg)
 
 
-def _add(b: _Builder, role: str, report: Json) -> None:
+def _add(b: Builder, role: str, report: Json) -> None:
     """A conditional update on the report's key: a resend or a correction replaces the same report."""
     key = report["identifier"][0]
     url = b.full_url(role)
@@ -322,22 +313,16 @@ def _category(section: str) -> Json:
     return {"coding": [{"system": V2_0074, "code": section or "RAD"}]}
 
 
-def _interpreter(b: _Builder, ndl: Repetition) -> tuple[Json | None, Json | None]:
+def _interpreter(b: Builder, ndl: Repetition) -> tuple[Json | None, Json | None]:
     """OBR-32 (NDL; its CNN in subcomponents) → Practitioner, shared when identified, else contained."""
     cnn = ndl.components[0] if ndl.components else ()
     parts = [*cnn, *[""] * 11][:11]
     # CNN-1..8 are XCN-1..8; CNN-9..11 are the assigning authority that XCN-9 holds as an HD.
     xcn = Repetition((*((p,) for p in parts[:8]), tuple(parts[8:11])))
-    resource = practitioner(xcn, b.config, b.fallback)
-    if resource is None:
-        return None, None
-    if "identifier" in resource:  # as order_bundle does: a name without an id cannot be matched
-        ident = resource["identifier"][0]
-        return {"reference": b.add(f"Practitioner/{ident['value']}", resource, ident)}, None
-    return {"reference": "#interpreter"}, {"id": "interpreter", **resource}
+    return b.practitioner(xcn, "interpreter")
 
 
-def _add_content(b: _Builder, report: Json, members: tuple[Segment, ...]) -> None:
+def _add_content(b: Builder, report: Json, members: tuple[Segment, ...]) -> None:
     """OBX/NTE → presentedForm (text, ED data, RP url) and conclusion."""
     text, impression = _text(members, b.msg.encoding)
     forms: list[Json] = []
@@ -365,7 +350,7 @@ def _add_content(b: _Builder, report: Json, members: tuple[Segment, ...]) -> Non
 def _report_lines(members: tuple[Segment, ...]) -> tuple[Segment, ...]:
     """An order's report lines: from the first TX/FT/ED/RP OBX on (earlier OBX are order details)."""
     for i, seg in enumerate(members):
-        if seg.name == "OBX" and seg.field(2).value in ORDER_REPORT_TYPES:
+        if seg.name == "OBX" and seg.field(2).value in REPORT_TYPES:
             return tuple(s for s in members[i:] if s.name in ("OBX", "NTE"))
     return ()
 

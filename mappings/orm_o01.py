@@ -4,7 +4,8 @@ Radiology ORMs carry the accession number in OBR-18 (placer field 1, IHE SWF con
 from dcm4che-style senders, the Study Instance UID in a ZDS segment.
 """
 
-from mappings.order_bundle import OrderGroup, build, study_uid_from_zds
+from mappings.order_bundle import build
+from mappings.order_group import OrderGroup, study_uid_from_zds
 from mappings.sender import SenderConfig
 from mappings.v2 import Message
 from mappings.v2_datatypes import Json

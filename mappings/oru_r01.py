@@ -106,7 +106,7 @@ OBSERVATION_STATUS = {
 }
 GENDER = {"male": "M", "female": "F", "other": "O", "unknown": "U"}
 NAME_USE = {"official": "L", "usual": "D", "maiden": "M", "nickname": "N", "anonymous": "A"}
-# Encounter.class (v3 ActCode) → PV1-2 (table 0004), the reverse of order_bundle.ENCOUNTER_CLASS.
+# Encounter.class (v3 ActCode) → PV1-2 (table 0004), the reverse of encounter.ENCOUNTER_CLASS.
 PATIENT_CLASS = {"EMER": "E", "IMP": "I", "AMB": "O", "PRENC": "P"}
 # MIME top-level type → table 0191 type of referenced data.
 DATA_TYPES = {"application": "AP", "text": "TEXT", "image": "IM", "audio": "AU", "video": "VIDEO"}

@@ -295,6 +295,9 @@ def _encoding(msh: str) -> Encoding:
     chars = msh[4:].split(sep, 1)[0]
     if not chars:  # the fields after it would be read shifted by one
         raise _unreadable("MSH-2", "MSH-2 (encoding characters) is empty")
+    if len(chars) > 3 and chars[2] == chars[3]:
+        # ``^~\\&``: a sender that escaped its own escape character in MSH-2; it means ``^~\&``.
+        chars = chars[:3] + chars[4:]
     pick = [chars[i] if len(chars) > i else d for i, d in enumerate("^~\\&")]
     if len({sep, *pick}) != 5:
         raise _unreadable("MSH-2", f"Encoding characters {chars!r} are not five distinct characters")

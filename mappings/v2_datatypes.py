@@ -47,16 +47,19 @@ def coding_system(name: str) -> str:
     return f"urn:overread:coding-system:{name}"
 
 
-def codeable_concept(rep: Repetition) -> Json | None:
-    """CWE/CE → CodeableConcept (IG ``CWE[CodeableConcept]``): CWE-1..3 and 4..6 as codings, CWE-9 text."""
+def codeable_concept(rep: Repetition, table: str = "") -> Json | None:
+    """CWE/CE → CodeableConcept (IG ``CWE[CodeableConcept]``): CWE-1..3 and 4..6 as codings, CWE-9 text.
+
+    ``table`` is the HL7 table of the field: the system of a code sent without one (PV1-15 ``B6``).
+    """
     codings: list[Json] = []
     for code_i in (1, 4):
         code, display, system = rep.component(code_i), rep.component(code_i + 1), rep.component(code_i + 2)
         if not code:
             continue
         coding: Json = {}
-        if system:
-            coding["system"] = coding_system(system)
+        if system or table:
+            coding["system"] = coding_system(system or f"HL7{table}")
         coding["code"] = code
         if display:
             coding["display"] = display
@@ -170,6 +173,43 @@ def address(rep: Repetition) -> Json | None:
     return result or None
 
 
+LOCATION_PHYSICAL_TYPE = "http://terminology.hl7.org/CodeSystem/location-physical-type"
+# PL components from the most specific place to the least, with their physical type (IG ``PL[Location]``).
+PL_LEVELS = ((3, "bd"), (2, "ro"), (1, "wa"), (8, "lvl"), (7, "bu"), (4, "si"))
+
+
+def location(rep: Repetition) -> Json | None:
+    """PL → Location (IG ``PL[Location]``), one resource for the most specific place named.
+
+    The IG makes a Location per level (bed, room, point of care, floor, building, facility) chained
+    by ``partOf``; a reader needs the place, so one Location stands for it: its name the whole path
+    (facility to bed), its physical type that of its most specific level, PL-9 its description and
+    PL-10 its identifier.
+    """
+    levels = [(rep.subcomponent(n, 1), kind) for n, kind in PL_LEVELS if rep.subcomponent(n, 1)]
+    if not levels:
+        return None
+    resource: Json = {"resourceType": "Location", "mode": "instance"}
+    if rep.component(10):
+        resource["identifier"] = [{"value": rep.component(10)}]
+    resource["name"] = " / ".join(name for name, _ in reversed(levels))
+    if rep.component(9):
+        resource["description"] = rep.component(9)
+    resource["physicalType"] = {"coding": [{"system": LOCATION_PHYSICAL_TYPE, "code": levels[0][1]}]}
+    return resource
+
+
+def organization(rep: Repetition) -> Json | None:
+    """XON → Organization (IG ``XON[Organization]``): XON-1 name, XON-10 (else XON-3) identifier value."""
+    resource: Json = {"resourceType": "Organization"}
+    value = rep.component(10) or rep.component(3)
+    if value:
+        resource["identifier"] = [{"value": value}]
+    if rep.component(1):
+        resource["name"] = rep.component(1)
+    return resource if len(resource) > 1 else None
+
+
 # XTN-3 telecommunication equipment type (table 0202) → ContactPoint.system (IG XTN[ContactPoint]).
 XTN_SYSTEM = {"PH": "phone", "CP": "phone", "FX": "fax", "BP": "pager", "Internet": "email", "X.400": "email"}
 # XTN-2 telecommunication use code (table 0201) → ContactPoint.use.
@@ -191,6 +231,30 @@ def telecom(rep: Repetition, default_use: str) -> Json | None:
     if use:
         point["use"] = use
     return point
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def quantity(number: str, units: Repetition) -> Json | None:
+    """NM + CWE units → Quantity (IG ``NM[Quantity]``, ``CQ[Quantity]``); UCUM units also as its code.
+    None when ``number`` is not a number."""
+    number = number.strip()
+    if not _NUMBER.match(number):
+        return None
+    result: Json = {"value": float(number) if "." in number else int(number)}
+    unit = units.component(2) or units.component(1)
+    if unit:
+        result["unit"] = unit
+    if units.component(1) and units.component(3).upper() in ("UCUM", "UCUM1"):
+        result |= {"system": "http://unitsofmeasure.org", "code": units.component(1)}
+    return result
+
+
+def cq_quantity(rep: Repetition) -> Json | None:
+    """CQ → Quantity (IG ``CQ[Quantity]``): CQ-1 the number, CQ-2 its units (a CWE in subcomponents)."""
+    units = rep.components[1] if len(rep.components) > 1 else ()
+    return quantity(rep.component(1), Repetition(tuple((sub,) for sub in units)))
 
 
 def yes_no(value: str) -> bool | None:

@@ -45,7 +45,7 @@ def hl7_map(
     entry applied goes to stderr; stdout holds the Bundle alone, to pipe.
     """
     from mappings.errors import MappingError
-    from mappings.orders import map_order
+    from mappings.orders import map_message
     from mappings.sender import sender_settings
     from mappings.v2 import parse
     from overread.config import ConfigError, load
@@ -64,7 +64,7 @@ def hl7_map(
         message = parse(file.read_bytes())
         settings = forced or sender_settings(message, cfg.sender)
         typer.echo(_sender_line(message, settings, bool(forced)), err=True)
-        bundle = map_order(message, settings)
+        bundle = map_message(message, settings)
     except MappingError as exc:
         typer.echo(f"error {exc.code} at {exc.location}: {exc.text}", err=True)
         raise typer.Exit(1) from exc

@@ -8,7 +8,7 @@ from typing import Any
 from fhir_server.db import Database
 from hl7_bridge.mllp import serving_in_thread
 from mappings.errors import MappingError
-from mappings.orders import map_order
+from mappings.orders import map_message
 from mappings.sender import SenderConfig, sender_settings
 from mappings.v2 import Message, parse
 from overread.config import load
@@ -47,7 +47,7 @@ def outcome(message: Path) -> dict[str, Any]:
     """The Bundle a message maps to (with its sender's settings), or ``{"error": ...}`` for its MappingError."""
     try:
         parsed = parse(message.read_bytes())
-        return map_order(parsed, sender_config(message, parsed))
+        return map_message(parsed, sender_config(message, parsed))
     except MappingError as exc:
         return {"error": {"code": exc.code, "location": exc.location, "text": exc.text}}
 

@@ -12,7 +12,7 @@ import pytest
 
 from hl7_bridge.ack import ack_code, acknowledge
 from mappings.errors import MappingError
-from mappings.orders import map_order
+from mappings.orders import map_message
 from mappings.v2 import parse
 from tests.hl7_golden import DCM4CHE, GOLDEN, mllp_listening
 
@@ -27,7 +27,7 @@ def _ack(message_file: Path, error: MappingError | None = None) -> hl7.Message:
 
 def _mapping_error(message_file: Path) -> MappingError:
     with pytest.raises(MappingError) as caught:
-        map_order(parse(message_file.read_bytes()))
+        map_message(parse(message_file.read_bytes()))
     return caught.value
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mappings.errors import DATA_TYPE_ERROR, MappingError
-from mappings.orders import map_order
+from mappings.orders import map_message
 from mappings.v2 import MAX_FORMAT_COUNT, parse
 from tests.hl7_golden import GOLDEN, outcome
 
@@ -83,7 +83,7 @@ def test_formatting_escapes(escape: str, text: str):
 def test_impossible_dates_are_refused_at_mapping_with_their_location(segment: str, location: str):
     msg = parse(f"MSH|^~\\&|RIS|H|O|O|20250101||ORM^O01|1|P|2.5.1\r{segment}\rORC|NW|PL-1\rOBR|1|PL-1||X^X^L")
     with pytest.raises(MappingError) as caught:
-        map_order(msg)
+        map_message(msg)
     assert (caught.value.code, caught.value.location) == (DATA_TYPE_ERROR, location)
     assert outcome(GOLDEN / "orm_impossible_order_date.hl7")["error"]["location"] == "ORC-9"
 
@@ -91,7 +91,7 @@ def test_impossible_dates_are_refused_at_mapping_with_their_location(segment: st
 def _order(orc: str, obr: str, tq1: str = "") -> dict[str, Any]:
     segments = ["MSH|^~\\&|RIS|H|O|O|20250101||ORM^O01|1|P|2.5.1", "PID|||P-1^^^H^MR||Doe^Jo", orc]
     segments += [tq1] if tq1 else []
-    (order,) = _resources(map_order(parse("\r".join([*segments, obr]))), "ServiceRequest")
+    (order,) = _resources(map_message(parse("\r".join([*segments, obr]))), "ServiceRequest")
     return order
 
 
@@ -178,9 +178,13 @@ def _is_uri(system: str) -> bool:
     return re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:\S+", system) is not None
 
 
+CONTACT_POINT_SYSTEMS = {"phone", "fax", "email", "pager", "url", "sms", "other"}  # codes, not URIs
+
+
 def _systems(node: Any) -> list[str]:
     if isinstance(node, dict):
-        own = [node["system"]] if isinstance(node.get("system"), str) else []
+        system = node.get("system")
+        own = [system] if isinstance(system, str) and system not in CONTACT_POINT_SYSTEMS else []
         return own + [s for v in node.values() for s in _systems(v)]
     return [s for v in node for s in _systems(v)] if isinstance(node, list) else []
 
@@ -206,9 +210,9 @@ def test_an_oru_without_result_status_takes_its_observations_status():
         "OBR|1|PL-1|FI-1|X^X^L",
         "OBX|1|TX|18782-3^Findings^LN||Normal.||||||P",
     ]
-    (report,) = _resources(map_order(parse("\r".join(lines))), "DiagnosticReport")
+    (report,) = _resources(map_message(parse("\r".join(lines))), "DiagnosticReport")
     assert report["status"] == "preliminary"  # once 101 at OBR-25
     (unknown,) = _resources(
-        map_order(parse("\r".join([*lines[:3], "OBX|1|TX|18782-3^F^LN||Normal."]))), "DiagnosticReport"
+        map_message(parse("\r".join([*lines[:3], "OBX|1|TX|18782-3^F^LN||Normal."]))), "DiagnosticReport"
     )
     assert unknown["status"] == "unknown"

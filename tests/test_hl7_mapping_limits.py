@@ -8,7 +8,7 @@ message, never against a bound of its own: other processes on a loaded machine t
 import gc
 import time
 
-from mappings.orders import map_order
+from mappings.orders import map_message
 from mappings.v2 import Message, parse
 from tests.hl7_golden import OMI
 
@@ -29,7 +29,7 @@ def _fastest_map(msg: Message, runs: int = 3) -> float:
     try:
         for _ in range(runs):
             start = time.thread_time()
-            map_order(msg)
+            map_message(msg)
             best = min(best, time.thread_time() - start)
     finally:
         gc.enable()
@@ -38,7 +38,7 @@ def _fastest_map(msg: Message, runs: int = 3) -> float:
 
 def test_mapping_time_grows_linearly_with_the_segments():
     small, large = _with_ntes(SMALL), _with_ntes(LARGE)
-    bundle = map_order(large)
+    bundle = map_message(large)
     (order,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
     assert len(order["note"]) >= LARGE  # every NTE was read, not skipped
     ratio = _fastest_map(large) / _fastest_map(small)

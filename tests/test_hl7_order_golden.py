@@ -69,6 +69,16 @@ def test_omi_takes_accession_and_study_uid_from_ipc():
     assert sr["reasonCode"][0]["coding"][0]["display"].endswith("12 \u201335.,comorbidity in tier 3")
 
 
+def test_the_imaging_procedure_control_names_the_worklist_item():
+    (sr,) = _resources(_golden("dcm4che-OMI_O23-ImagingOrder.json"), "ServiceRequest")
+    typed = {i["type"]["text"]: i["value"] for i in sr["identifier"] if "text" in i.get("type", {})}
+    assert typed == {"Requested Procedure ID": "RequestedProcID", "Scheduled Procedure Step ID": "ScheduledProcStepID"}
+    modality = sr["orderDetail"][0]["coding"][0]
+    assert (modality["system"], modality["code"]) == ("http://dicom.nema.org/resources/ontology/DCM", "CT")
+    places = [c.get("text") or c["coding"][0]["code"] for c in sr["locationCode"]]
+    assert places == ["ScheduledProcStepLocation", "ScheduledStationName"] + [f"ScheduledStationAET{n}" for n in (1, 2)]
+
+
 def test_edge_cases_read_as_sent():
     esc = _golden("orm_escapes_cr.json")
     patient = _resources(esc, "Patient")[0]

@@ -67,3 +67,26 @@ def test_a_document_sent_with_an_order_and_a_report_with_its_study_are_stored(cl
     assert report.status_code == 200, report.text
     stored = client.get("/fhir/DiagnosticReport").json()["entry"][0]["resource"]
     assert stored["imagingStudy"][0]["identifier"]["value"] == "urn:oid:1.2.826.0.1.3680043.2.1125.400"
+
+
+def test_the_visit_and_the_ordering_facility_are_stored_and_a_resend_adds_nothing(client):
+    bundle = outcome(GOLDEN / "orm_visit_and_requester.hl7")
+    first = client.post("/fhir", json=bundle)
+    assert first.status_code == 200, first.text
+    counted = ("Location", "PractitionerRole", "Organization", "Practitioner", "Coverage")
+    counts = {rtype: _count(client, rtype) for rtype in counted}
+    assert counts == {"Location": 1, "PractitionerRole": 1, "Organization": 5, "Practitioner": 3, "Coverage": 1}
+    sr = client.get("/fhir/ServiceRequest").json()["entry"][0]["resource"]
+    role = client.get(f"/fhir/{sr['requester']['reference']}").json()
+    doctor = client.get(f"/fhir/{role['practitioner']['reference']}").json()
+    facility = client.get(f"/fhir/{role['organization']['reference']}").json()
+    assert (doctor["identifier"][0]["value"], facility["name"]) == ("REF-1", "Akutmottagningen")
+    encounter = client.get(f"/fhir/{sr['encounter']['reference']}").json()
+    bed = client.get(f"/fhir/{encounter['location'][0]['location']['reference']}").json()
+    assert (bed["name"], bed["operationalStatus"]["code"]) == ("NORTHHOSP / W4 / 401 / B", "O")
+    coverage = client.get("/fhir/Coverage").json()["entry"][0]["resource"]
+    assert coverage["contained"][0]["patient"] == sr["subject"]  # the contained insured points at the patient
+
+    again = client.post("/fhir", json=bundle)
+    assert again.status_code == 200, again.text
+    assert {rtype: _count(client, rtype) for rtype in counted} == counts

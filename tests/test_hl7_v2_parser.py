@@ -132,6 +132,14 @@ def test_a_line_that_is_not_a_segment_is_refused_not_glued_on():
     assert raised.value.text == "Line 3 ('HELLO WORLD') is not a segment"
 
 
+def test_a_doubled_escape_character_in_msh_2_is_the_escape_character():
+    msg = parse(b"MSH|^~\\\\&|RIS|HOSP|OVR|OVR|20250101||ORM^O01|1|P|2.3\rPID|1||A^^^AUTH||Doe^Jo\\T\\ann")
+    pid = msg.segment("PID")
+    assert pid is not None
+    assert (msg.encoding.escape, msg.encoding.subcomponent) == ("\\", "&")
+    assert pid.field(5).component(2) == "Jo&ann"
+
+
 @pytest.mark.parametrize("msh", ["MSH||~\\&|RIS||OVERREAD||20240101||ORM^O01|C1|P|2.3", "MSH|^~\x1c&|RIS|"])
 def test_missing_or_control_delimiters_are_refused_at_msh_2(msh):
     with pytest.raises(MappingError) as raised:

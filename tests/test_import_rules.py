@@ -21,16 +21,6 @@ FORBIDDEN = {
     "fhir_server": frozenset({"cases", "hl7_bridge", "dicom_bridge", "overread", "mappings"}),
     "cases": frozenset({"hl7_bridge", "dicom_bridge", "overread"}),
 }
-#: (importing module, imported module, name) allowed for now.
-PRIVATE_EXCEPTIONS = {
-    # TODO(issue 16): the mappings restructuring makes what they share public; remove these then.
-    ("mappings.order_details", "mappings.order_bundle", "_Builder"),
-    ("mappings.order_details", "mappings.order_bundle", "_contained_practitioner"),
-    ("mappings.original_report", "mappings.order_bundle", "_Builder"),
-    ("mappings.original_report", "mappings.order_bundle", "_author"),
-    ("mappings.original_report", "mappings.order_bundle", "_patient"),
-    ("mappings.original_report", "mappings.order_bundle", "_provenance"),
-}
 
 
 def modules(package: str) -> Iterator[tuple[str, ast.Module]]:
@@ -95,7 +85,6 @@ def test_no_module_uses_another_modules_private_names(package):
         f"{module}:{line} uses {other}.{name}"
         for module, tree in modules(package)
         for line, other, name in private_uses(module, tree)
-        if (module, other, name) not in PRIVATE_EXCEPTIONS
     ]
     assert found == []
 

@@ -11,7 +11,7 @@ from fhir_server.db import Database
 from fhir_server.repository import Repository, Stored
 from hl7_bridge.intake import receive
 from mappings.errors import MappingError
-from mappings.orders import map_order
+from mappings.orders import map_message
 from mappings.original_report import ORIGINAL_TAG
 from mappings.v2 import parse
 from overread.app import HOOKS
@@ -131,7 +131,7 @@ def test_order_details_in_obx_make_no_report(name: str):
 def test_broken_base64_is_a_data_type_error():
     broken = ORU_PDF.replace(b"^Base64^JVBERi0x", b"^Base64^!!!JVBERi0x")
     with pytest.raises(MappingError) as raised:
-        map_order(parse(broken))
+        map_message(parse(broken))
     assert (raised.value.code, raised.value.location) == (102, "OBX[4]-5")
 
 
@@ -230,7 +230,7 @@ def test_unescaped_separators_in_nte_and_ascii_ed_are_kept():
             "OBX|2|ED|DOC^Doc||^TEXT^plain^A^a~b ^ c",
         ]
     ).encode()
-    (report,) = _reports(map_order(parse(oru)))
+    (report,) = _reports(map_message(parse(oru)))
     assert _text(report) == "Line one\nNote with caret ^ inside & amp"
     assert base64.b64decode(report["presentedForm"][1]["data"]) == b"a~b ^ c"
 

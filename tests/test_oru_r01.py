@@ -240,6 +240,22 @@ def test_load_context_finds_an_encounter_contained_in_the_report(db: Database) -
     assert context.encounter is not None and context.encounter["id"] == "visit"
 
 
+def test_load_context_finds_the_requester_through_the_practitioner_role_of_the_ordering_facility(db: Database) -> None:
+    data = json.loads((GOLDEN / "final_major_radpeer_findings.json").read_text(encoding="utf-8"))
+    doctor = {"resourceType": "Practitioner", "identifier": [{"system": "urn:x", "value": "REF-1"}]}
+    with db.begin() as conn:
+        repo = Repository(conn)
+        repo.create(doctor, "doc-1")
+        repo.create({"resourceType": "PractitionerRole", "practitioner": {"reference": "Practitioner/doc-1"}}, "role-1")
+        repo.create({k: v for k, v in data["patient"].items() if k != "id"}, data["patient"]["id"])
+        order = {k: v for k, v in data["order"].items() if k != "id"}
+        repo.create({**order, "requester": {"reference": "PractitionerRole/role-1"}}, data["order"]["id"])
+        repo.create({k: v for k, v in data["report"].items() if k not in ("id", "meta")}, "dr-1")
+    with db.begin(write=False) as conn:
+        context = load_context(Repository(conn), "dr-1")
+    assert context.requester is not None and context.requester["id"] == "doc-1"
+
+
 def test_load_context_of_an_earlier_version_resolves_that_versions_findings(database_url: str) -> None:
     _store(database_url)
     db = Database(database_url)
