@@ -400,7 +400,10 @@ def order_query(order: dict[str, Any], patient: dict[str, Any] | None) -> StudyQ
         (i.get("value", "") for i in patient_ids), ""
     )
     when = str(order.get("occurrenceDateTime") or order.get("occurrencePeriod", {}).get("start") or "")
-    modality = next((c.get("code", "") for c in order.get("code", {}).get("coding", []) if c.get("system") == DCM), "")
+    # the procedure code, else a modality the order sent apart (IPC-5 → orderDetail)
+    concepts = [order.get("code", {}), *order.get("orderDetail", [])]
+    codings = [c for concept in concepts for c in concept.get("coding", [])]
+    modality = next((c.get("code", "") for c in codings if c.get("system") == DCM), "")
     return StudyQuery(
         accession=accession,
         study_uid=study_uid.removeprefix("urn:oid:"),

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from cases.patient_match import MatchRule
 from cases.task import IMAGES_AVAILABLE, IMAGES_NOT_FOUND, IMAGES_PENDING
 from dicom_bridge.image_store import ImageStore
-from dicom_bridge.linking import Linker, Source
+from dicom_bridge.linking import Linker, Source, order_query
 from dicom_bridge.query import StudyQuery, missing
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SAMPLE_ISSUER, SamplePacs, sample_path
 from dicom_bridge.storage_scp import StorageScp
@@ -345,3 +345,13 @@ def test_the_image_store_finds_studies_by_accession_and_by_patient(tmp_path):
     [found] = store.find(StudyQuery(accession="ACC-1"))
     assert found.uid == "1.2.3.1" and (tmp_path / ".index" / "patient" / b"P2".hex() / "1.2.3.2").exists()
     assert (tmp_path / ".index" / "built").exists()
+
+
+def test_the_pacs_query_takes_a_modality_sent_apart_from_the_procedure_code():
+    dcm = "http://dicom.nema.org/resources/ontology/DCM"
+    order = {
+        "code": {"coding": [{"system": "http://loinc.org", "code": "36643-5"}]},
+        "orderDetail": [{"coding": [{"system": dcm, "code": "CT"}]}],  # IPC-5 (mappings.imaging_procedure)
+    }
+    assert order_query(order, None).modality == "CT"
+    assert order_query({**order, "code": {"coding": [{"system": dcm, "code": "MR"}]}}, None).modality == "MR"
