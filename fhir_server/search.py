@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from functools import cache
 from typing import Any
 from urllib.parse import urlencode
 
@@ -407,17 +408,17 @@ def _value(table: Any, crit: Criterion, value: str) -> ColumnElement[bool]:
     match crit.param.type:
         case "token":
             if "|" not in value:
-                return equals(table.code, table.code_rest, value)
+                return _equals(table.code, table.code_rest, value)
             system, code = value.split("|", 1)
             if not system:
-                return and_(table.system.is_(None), equals(table.code, table.code_rest, code))
-            in_system = equals(table.system, table.system_rest, system)
-            return and_(in_system, equals(table.code, table.code_rest, code)) if code else in_system
+                return and_(table.system.is_(None), _equals(table.code, table.code_rest, code))
+            in_system = _equals(table.system, table.system_rest, system)
+            return and_(in_system, _equals(table.code, table.code_rest, code)) if code else in_system
         case "string":
             norm = normalize(value)
             if crit.modifier == "exact":
                 # The value's norm key as well: it is implied, and indexed.
-                return and_(table.norm == split(norm)[0], equals(table.value, table.value_rest, value))
+                return and_(table.norm == split(norm)[0], _equals(table.value, table.value_rest, value))
             if crit.modifier == "contains":
                 return (table.norm + table.norm_rest).like(f"%{_like(norm)}%", escape="\\")  # type: ignore[no-any-return]
             return _begins(table.norm, table.norm_rest, norm)
@@ -442,14 +443,20 @@ def _value(table: Any, crit: Criterion, value: str) -> ColumnElement[bool]:
                 return _begins(table.value, table.value_rest, value, URI_KEY)
             if crit.modifier == "above":
                 return _above(table.value, table.value_rest, value, URI_KEY)
-            return equals(table.value, table.value_rest, value, URI_KEY)
+            return _equals(table.value, table.value_rest, value, URI_KEY)
     raise error(400, "not-supported", f"Search on {crit.param.type} parameters is not supported")
 
 
-def equals(key: Any, rest: Any, value: str, size: int = KEY) -> ColumnElement[bool]:
+def _equals(key: Any, rest: Any, value: str, size: int = KEY) -> ColumnElement[bool]:
     """An index value (``key`` and ``rest`` columns, ``fhir_server.schema``) is ``value``, whole."""
     head, tail = split(value, size)
-    return and_(key == head, rest == tail)
+    return and_(key == head, rest == tail if tail else _no_rest(rest))
+
+
+@cache
+def _no_rest(rest: Any) -> ColumnElement[bool]:
+    """``rest = ''``, built once: most values have no rest, and building a comparison costs a search."""
+    return rest == ""  # type: ignore[no-any-return]
 
 
 def _begins(key: Any, rest: Any, prefix: str, size: int = KEY) -> ColumnElement[bool]:
