@@ -76,7 +76,7 @@ def mount(
 
     def read_one(req: FhirRequest, base: str) -> FhirResponse:
         with db.autocommit() as conn:
-            return handle(req, Repository(conn, hooks), base)
+            return handle(req, Repository(conn, hooks, base), base)
 
     def search_here(req: FhirRequest, base: str) -> FhirResponse | None:
         """A light search on the event loop, on the loop's own connection, outside a transaction:
@@ -89,12 +89,12 @@ def mount(
         with db.autocommit() as conn:
             try:
                 with deadline(conn, WriteGroups.INLINE_BUDGET):
-                    return handle(req, Repository(conn, hooks), base)
+                    return handle(req, Repository(conn, hooks, base), base)
             except Exception as exc:
                 return None if interrupted(exc) else _failure(exc, req)
 
     def apply(conn: Connection, req: FhirRequest, base: str) -> FhirResponse:
-        repo = Repository(conn, hooks)
+        repo = Repository(conn, hooks, base)
         response = handle(req, repo, base)
         if response.status < 400:
             repo.complete()

@@ -10,6 +10,7 @@ from sqlalchemy import Select, and_, bindparam, false, or_, select
 
 from fhir_server import limits, search
 from fhir_server.errors import error
+from fhir_server.indexing import split
 from fhir_server.repository import Repository, Stored
 from fhir_server.schema import ResourceRow, TokenIndex
 from fhir_server.search_params import registry
@@ -49,7 +50,7 @@ def matches(repo: Repository, rtype: str, query_string: str) -> list[Stored]:
     token = _token_key(rtype, params)
     if token is not None:
         return _lookup(repo, [token])[token]
-    query = search.parse(rtype, params, strict=True)
+    query = search.parse(rtype, params, strict=True, base=repo.base)
     query.count, query.total = LIMIT, "none"
     return search.execute(repo.conn, query).matches
 
@@ -96,9 +97,10 @@ def _lookup(repo: Repository, keys: list[TokenKey]) -> dict[TokenKey, list[Store
         chunk = keys[start : start + CHUNK]
         params: dict[str, Any] = {}
         for i, (rtype, param, system, code) in enumerate(chunk):
-            params.update({f"t{i}": rtype, f"p{i}": param, f"s{i}": system, f"c{i}": code})
+            (s, s_rest), (c, c_rest) = split(system), split(code)
+            params.update({f"t{i}": rtype, f"p{i}": param, f"s{i}": s, f"sr{i}": s_rest, f"c{i}": c, f"cr{i}": c_rest})
         for row in repo.conn.execute(_statement(len(chunk)), params):
-            key = (row.res_type, row.param, row.system or "", row.code or "")
+            key = (row.res_type, row.param, (row.system or "") + row.system_rest, (row.code or "") + row.code_rest)
             if key in found and (key, row.pk) not in seen and len(found[key]) < LIMIT:
                 seen.add((key, row.pk))
                 found[key].append(Stored(row.res_type, row.id, row.version, row.last_updated, row.content))
@@ -106,11 +108,13 @@ def _lookup(repo: Repository, keys: list[TokenKey]) -> dict[TokenKey, list[Store
 
 
 @cache
-def _statement(n: int) -> Select[str, str, str | None, str | None, int, str, int, datetime, str | None]:
-    """Resources with any of ``n`` tokens (bound as t0, p0, s0, c0, t1 ...), and which token, by pk."""
+def _statement(n: int) -> Select[str, str, str | None, str, str | None, str, int, str, int, datetime, str | None]:
+    """Resources with any of ``n`` tokens (bound as t0, p0, s0, sr0, c0, cr0, t1 ...: ``split`` values), and
+    which token, by pk."""
     t, r = TokenIndex, ResourceRow
+    columns = (t.res_type, t.param, t.system, t.system_rest, t.code, t.code_rest)
     return (
-        select(t.res_type, t.param, t.system, t.code, r.pk, r.id, r.version, r.last_updated, r.content)
+        select(*columns, r.pk, r.id, r.version, r.last_updated, r.content)
         .join_from(t, r, r.pk == t.resource_pk)
         .where(
             r.deleted == false(),
@@ -120,7 +124,9 @@ def _statement(n: int) -> Select[str, str, str | None, str | None, int, str, int
                         t.res_type == bindparam(f"t{i}"),
                         t.param == bindparam(f"p{i}"),
                         t.code == bindparam(f"c{i}"),
+                        t.code_rest == bindparam(f"cr{i}"),
                         t.system == bindparam(f"s{i}"),
+                        t.system_rest == bindparam(f"sr{i}"),
                     )
                     for i in range(n)
                 )

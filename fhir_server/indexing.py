@@ -3,17 +3,20 @@
 Each search parameter's FHIRPath expression is evaluated on the resource and every value
 becomes rows of the index table of the parameter's type, normalised the way the search
 compares them (strings case-folded without accents, dates as UTC ranges, references split
-into type and id).
+into type and id). A string, token or URI value is kept whole: its first ``KEY`` characters
+in the indexed column, the rest beside it (``split``).
 """
 
 import re
 import unicodedata
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any
+from typing import Any, overload
 
 from fhir_server import dates
 from fhir_server.schema import (
+    KEY,
+    URI_KEY,
     Base,
     DateIndex,
     NumberIndex,
@@ -29,7 +32,6 @@ Row = tuple[type[Base], dict[str, Any]]
 
 CONTACT_SYSTEMS = {"phone", "fax", "email", "pager", "url", "sms", "other"}
 _LITERAL_REF = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
-MAX_LEN = 255
 #: Parts of HumanName and Address that are no text: the string parameters name and address
 #: search "any of the string fields" (search-parameters: individual-address, Patient-name),
 #: and a code like "official" or "home" (use, type) or an element id is none of them.
@@ -48,7 +50,20 @@ def split_reference(reference: str) -> tuple[str | None, str | None]:
     return (m[1], m[2]) if m else (None, None)
 
 
-def index_rows(resource_type: str, resource: dict[str, Any]) -> Iterator[Row]:
+@overload
+def split(text: str, key: int = KEY) -> tuple[str, str]: ...
+@overload
+def split(text: None, key: int = KEY) -> tuple[None, str]: ...
+@overload
+def split(text: str | None, key: int = KEY) -> tuple[str | None, str]: ...
+def split(text: str | None, key: int = KEY) -> tuple[str | None, str]:
+    """A value as the index holds it: its first ``key`` characters (the B-tree's column) and the
+    rest ("" for most values), so that the whole value is compared while lookups stay indexed."""
+    return (None, "") if text is None else (text[:key], text[key:])
+
+
+def index_rows(resource_type: str, resource: dict[str, Any], base: str = "") -> Iterator[Row]:
+    """The index rows of ``resource``; ``base`` is this server's FHIR base: a reference under it is local."""
     present = _element_names(resource)
     for param in registry()[resource_type].values():
         if not param.expression:
@@ -56,7 +71,7 @@ def index_rows(resource_type: str, resource: dict[str, Any]) -> Iterator[Row]:
         if param.roots is not None and param.roots.isdisjoint(present):
             continue  # even a walk that finds nothing costs more than this test
         for value in param.evaluate(resource):
-            yield from _rows(param, value)
+            yield from _rows(param, value, base)
 
 
 def _element_names(resource: dict[str, Any]) -> set[str]:
@@ -71,21 +86,26 @@ def _element_names(resource: dict[str, Any]) -> set[str]:
 _CAMEL = re.compile(r"[A-Z]")
 
 
-def _rows(param: SearchParam, value: Any) -> Iterator[Row]:
+def _rows(param: SearchParam, value: Any, base: str) -> Iterator[Row]:
     p = param.code
     match param.type:
         case "token":
             for system, code in _tokens(value):
-                yield TokenIndex, {"param": p, "system": _cut(system), "code": _cut(code)}
+                (system, system_rest), (code, code_rest) = split(system), split(code)
+                yield TokenIndex, {"param": p, "system": system, "system_rest": system_rest,
+                                   "code": code, "code_rest": code_rest}  # fmt: skip
         case "string":
             for text in _strings(value):
-                yield StringIndex, {"param": p, "value": _cut(text), "norm": _cut(normalize(text))}
+                (text, text_rest), (norm, norm_rest) = split(text), split(normalize(text))
+                yield StringIndex, {"param": p, "value": text, "value_rest": text_rest,
+                                    "norm": norm, "norm_rest": norm_rest}  # fmt: skip
         case "reference":
             ref = value.get("reference") if isinstance(value, dict) else value
             if isinstance(ref, str) and not ref.startswith("#"):
-                # Only a relative reference is known to be to this server; an absolute one is
-                # kept whole (the index cannot know the base the server is reached by).
-                target_type, target_id = (None, None) if ":" in ref else split_reference(ref)
+                # A relative reference is to this server, and so is an absolute one under its base
+                # (R4 references.html#literal); any other absolute one is kept whole.
+                local = ref.removeprefix(f"{base}/") if base else ref
+                target_type, target_id = (None, None) if ":" in local else split_reference(local)
                 url = ref if target_type is None else None
                 yield (
                     ReferenceIndex,
@@ -99,7 +119,8 @@ def _rows(param: SearchParam, value: Any) -> Iterator[Row]:
                 yield NumberIndex, {"param": p, "value": float(value)}
         case "uri":
             if isinstance(value, str):
-                yield UriIndex, {"param": p, "value": value[:512]}
+                uri, rest = split(value, URI_KEY)
+                yield UriIndex, {"param": p, "value": uri, "value_rest": rest}
         case "quantity":
             if isinstance(value, dict) and "value" in value:
                 code = value.get("code") or value.get("unit")
@@ -147,7 +168,3 @@ def _ranges(value: Any) -> Iterator[tuple[Any, Any]]:
             yield low, high
     except ValueError:
         return
-
-
-def _cut(text: str | None) -> str | None:
-    return text[:MAX_LEN] if text is not None else None

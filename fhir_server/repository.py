@@ -37,7 +37,7 @@ from sqlalchemy.types import TypeEngine
 
 from fhir_server import compiled, dates, search
 from fhir_server.errors import error
-from fhir_server.indexing import index_rows
+from fhir_server.indexing import index_rows, split
 from fhir_server.schema import INDEX_TABLES, OutboxRow, ReferenceIndex, ResourceRow, TokenIndex, VersionRow
 from fhir_server.stored import Stored as Stored  # the type of every read; its home breaks a cycle with search
 from fhir_server.validation import ID, check_id, check_type, validate
@@ -100,7 +100,12 @@ def _current_with(index: Any, *criteria: Any) -> Any:
 # domain rules look resources up this way on every order, and the search machinery (parsing,
 # building, a window count) cost a fifth of an HL7 order's intake.
 _WITH_TOKEN = _current_with(
-    _t, _t.param == bindparam("param"), _t.system == bindparam("system"), _t.code == bindparam("code")
+    _t,
+    _t.param == bindparam("param"),
+    _t.system == bindparam("system"),
+    _t.system_rest == bindparam("system_rest"),
+    _t.code == bindparam("code"),
+    _t.code_rest == bindparam("code_rest"),
 )
 _REFERRING = _current_with(
     _ref,
@@ -164,9 +169,11 @@ class Repository:
     connection, so the Session's transaction is its transaction.
     """
 
-    def __init__(self, db: Session | Connection, hooks: Sequence[Hook] = ()) -> None:
+    def __init__(self, db: Session | Connection, hooks: Sequence[Hook] = (), base: str = "") -> None:
         self.conn = db.connection() if isinstance(db, Session) else db
         self.hooks = hooks
+        #: This server's FHIR base, as the request reached it: a reference under it is indexed as local.
+        self.base = base.rstrip("/")
         self._deferred: list[Callable[[Repository], None]] = []
 
     def defer(self, work: Callable[["Repository"], None]) -> None:
@@ -194,7 +201,9 @@ class Repository:
 
     def with_token(self, resource_type: str, param: str, system: str, code: str, limit: int = 100) -> list[Stored]:
         """Current resources whose token ``param`` is ``system|code`` (a token search parameter of the type)."""
-        values = {"type": resource_type, "param": param, "system": system, "code": code, "limit": limit}
+        (system, system_rest), (code, code_rest) = split(system), split(code)
+        values = {"type": resource_type, "param": param, "limit": limit, "system": system,
+                  "system_rest": system_rest, "code": code, "code_rest": code_rest}  # fmt: skip
         return [Stored(resource_type, *row) for row in self.conn.execute(_WITH_TOKEN, values)]
 
     def referring(self, resource_type: str, param: str, target: str, limit: int = 100) -> list[Stored]:
@@ -335,7 +344,7 @@ class Repository:
         conn = self.conn
         values = {"version": version, "last_updated": now, "deleted": content is None, "content": content}
         row = {"type": resource_type, "id": resource_id, **values}
-        index = _index_by_table(resource_type, stored_json) if stored_json is not None else {}
+        index = _index_by_table(resource_type, stored_json, self.base) if stored_json is not None else {}
         if conn.dialect.name == "postgresql":
             tables = tuple((table.name, tuple(rows[0])) for table, rows in index.items())
             json_rows = {table.name: orjson.dumps(rows).decode() for table, rows in index.items()}
@@ -355,10 +364,10 @@ class Repository:
         return Stored(resource_type, resource_id, version, now, content)
 
 
-def _index_by_table(resource_type: str, resource: dict[str, Any]) -> dict[Table, list[dict[str, Any]]]:
+def _index_by_table(resource_type: str, resource: dict[str, Any], base: str) -> dict[Table, list[dict[str, Any]]]:
     """The search index rows of a resource (``fhir_server.indexing``), by table."""
     rows: dict[Table, list[dict[str, Any]]] = {}
-    for table, values in index_rows(resource_type, resource):
+    for table, values in index_rows(resource_type, resource, base):
         sql_table = cast(Table, table.__table__)
         _check_lengths(sql_table, values)
         rows.setdefault(sql_table, []).append(values)

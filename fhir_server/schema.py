@@ -4,6 +4,12 @@
 ``resource_version`` every version for vread and history, the ``idx_*`` tables the
 search index of the current version, and ``outbox`` the work other components must do
 because of a write (written in the same transaction as the write).
+
+A string, token or URI value of the index is kept whole in two columns: its first ``KEY``
+(``URI_KEY``) characters in the column the B-tree indexes, and the rest (``…_rest``, "" for
+most values) beside it. A lookup compares both, so it stays indexed while a value past the
+key is compared whole; the key is bounded because PostgreSQL refuses a B-tree entry over
+about 2,700 bytes.
 """
 
 from datetime import datetime
@@ -22,6 +28,9 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: Characters of a string or token value (of a URI value) in its indexed column.
+KEY, URI_KEY = 255, 512
 
 # BIGINT on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
 PK = BigInteger().with_variant(Integer(), "sqlite")
@@ -81,16 +90,20 @@ class _IndexMixin:
 class TokenIndex(_IndexMixin, Base):
     __tablename__ = "idx_token"
     __table_args__ = (Index("ix_idx_token_lookup", "res_type", "param", "code", "system"),)
-    system: Mapped[str | None] = mapped_column(String(255))
-    code: Mapped[str | None] = mapped_column(String(255))
+    system: Mapped[str | None] = mapped_column(String(KEY))
+    system_rest: Mapped[str] = mapped_column(Text, server_default="")
+    code: Mapped[str | None] = mapped_column(String(KEY))
+    code_rest: Mapped[str] = mapped_column(Text, server_default="")
 
 
 class StringIndex(_IndexMixin, Base):
     __tablename__ = "idx_string"
     __table_args__ = (Index("ix_idx_string_lookup", "res_type", "param", "norm"),)
-    value: Mapped[str] = mapped_column(String(255))
+    value: Mapped[str] = mapped_column(String(KEY))
+    value_rest: Mapped[str] = mapped_column(Text, server_default="")
     #: Case-folded, accents removed: what the default and :contains searches compare.
-    norm: Mapped[str] = mapped_column(String(255))
+    norm: Mapped[str] = mapped_column(String(KEY))
+    norm_rest: Mapped[str] = mapped_column(Text, server_default="")
 
 
 class ReferenceIndex(_IndexMixin, Base):
@@ -98,8 +111,8 @@ class ReferenceIndex(_IndexMixin, Base):
     __table_args__ = (Index("ix_idx_reference_lookup", "res_type", "param", "target_id", "target_type"),)
     target_type: Mapped[str | None] = mapped_column(String(64))
     target_id: Mapped[str | None] = mapped_column(String(64))
-    #: Absolute or canonical URL when the reference is not to a resource of this server.
-    url: Mapped[str | None] = mapped_column(String(512))
+    #: Absolute or canonical URL when the reference is not to a resource of this server (not indexed).
+    url: Mapped[str | None] = mapped_column(Text)
 
 
 class DateIndex(_IndexMixin, Base):
@@ -118,7 +131,8 @@ class NumberIndex(_IndexMixin, Base):
 class UriIndex(_IndexMixin, Base):
     __tablename__ = "idx_uri"
     __table_args__ = (Index("ix_idx_uri_lookup", "res_type", "param", "value"),)
-    value: Mapped[str] = mapped_column(String(512))
+    value: Mapped[str] = mapped_column(String(URI_KEY))
+    value_rest: Mapped[str] = mapped_column(Text, server_default="")
 
 
 class QuantityIndex(_IndexMixin, Base):

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from functools import cache
 from typing import Any
 from urllib.parse import urlencode
 
@@ -37,9 +38,11 @@ from sqlalchemy.sql.visitors import InternalTraversal
 from fhir_server import dates
 from fhir_server.db import Deadline, statement_deadline, timed_out
 from fhir_server.errors import FhirError, Issue, error, operation_outcome
-from fhir_server.indexing import normalize, split_reference
+from fhir_server.indexing import normalize, split, split_reference
 from fhir_server.limits import whole
 from fhir_server.schema import (
+    KEY,
+    URI_KEY,
     DateIndex,
     NumberIndex,
     QuantityIndex,
@@ -72,7 +75,7 @@ MODIFIERS = {
     "string": {"exact", "contains", "missing"},
     "reference": {"missing"},  # and a resource type, e.g. subject:Patient
     "date": {"missing"}, "number": {"missing"}, "quantity": {"missing"},
-    "uri": {"below", "missing"},
+    "uri": {"below", "above", "missing"},
 }  # fmt: skip
 Resource = type[ResourceRow]
 
@@ -405,17 +408,20 @@ def _value(table: Any, crit: Criterion, value: str) -> ColumnElement[bool]:
     match crit.param.type:
         case "token":
             if "|" not in value:
-                return table.code == value  # type: ignore[no-any-return]
+                return _equals(table.code, table.code_rest, value)
             system, code = value.split("|", 1)
             if not system:
-                return and_(table.system.is_(None), table.code == code)
-            return and_(table.system == system, table.code == code) if code else table.system == system
+                return and_(table.system.is_(None), _equals(table.code, table.code_rest, code))
+            in_system = _equals(table.system, table.system_rest, system)
+            return and_(in_system, _equals(table.code, table.code_rest, code)) if code else in_system
         case "string":
+            norm = normalize(value)
             if crit.modifier == "exact":
-                return table.value == value  # type: ignore[no-any-return]
+                # The value's norm key as well: it is implied, and indexed.
+                return and_(table.norm == split(norm)[0], _equals(table.value, table.value_rest, value))
             if crit.modifier == "contains":
-                return table.norm.like(f"%{_like(normalize(value))}%", escape="\\")  # type: ignore[no-any-return]
-            return StartsWith(table.norm, normalize(value))
+                return (table.norm + table.norm_rest).like(f"%{_like(norm)}%", escape="\\")  # type: ignore[no-any-return]
+            return _begins(table.norm, table.norm_rest, norm)
         case "reference":
             return _reference(crit, value)
         case "date":
@@ -432,12 +438,41 @@ def _value(table: Any, crit: Criterion, value: str) -> ColumnElement[bool]:
                 clause = and_(clause, table.code == system)
             return clause
         case "uri":
+            # Case-sensitive (RFC 3986 §6.2.2.1), as StartsWith and = are on both databases.
             if crit.modifier == "below":
-                # URIs are case-sensitive (RFC 3986 §6.2.2.1); SQLite's LIKE is not: substr decides.
-                below = table.value.like(_like(value) + "%", escape="\\")
-                return and_(below, func.substr(table.value, 1, len(value)) == value)
-            return table.value == value  # type: ignore[no-any-return]
+                return _begins(table.value, table.value_rest, value, URI_KEY)
+            if crit.modifier == "above":
+                return _above(table.value, table.value_rest, value, URI_KEY)
+            return _equals(table.value, table.value_rest, value, URI_KEY)
     raise error(400, "not-supported", f"Search on {crit.param.type} parameters is not supported")
+
+
+def _equals(key: Any, rest: Any, value: str, size: int = KEY) -> ColumnElement[bool]:
+    """An index value (``key`` and ``rest`` columns, ``fhir_server.schema``) is ``value``, whole."""
+    head, tail = split(value, size)
+    return and_(key == head, rest == tail if tail else _no_rest(rest))
+
+
+@cache
+def _no_rest(rest: Any) -> ColumnElement[bool]:
+    """``rest = ''``, built once: most values have no rest, and building a comparison costs a search."""
+    return rest == ""  # type: ignore[no-any-return]
+
+
+def _begins(key: Any, rest: Any, prefix: str, size: int = KEY) -> ColumnElement[bool]:
+    """An index value starts with ``prefix``: a range of the key, or past it the key and the rest's start."""
+    if len(prefix) <= size:
+        return StartsWith(key, prefix)
+    return and_(key == prefix[:size], StartsWith(rest, prefix[size:]))
+
+
+def _above(key: Any, rest: Any, uri: str, size: int) -> ColumnElement[bool]:
+    """An index value is ``uri`` or a parent of it: its prefixes up to a "/", with and without it
+    (R4 search.html#uri). IN lists, however many parents (an OR would nest): the keys' for the index,
+    the (key, rest) pairs' to compare whole."""
+    slashes = [i for i, c in enumerate(uri) if c == "/"]
+    parents = sorted(split(p, size) for p in {uri, *(uri[:i] for i in slashes if i), *(uri[: i + 1] for i in slashes)})
+    return and_(key.in_(sorted({k for k, _ in parents})), tuple_(key, rest).in_(parents))
 
 
 def _reference(crit: Criterion, value: str) -> ColumnElement[bool]:

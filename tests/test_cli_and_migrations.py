@@ -74,7 +74,8 @@ def _migrate(db: Database, revision: str) -> None:
     with db.engine.begin() as conn:
         config = alembic_config()
         config.attributes["connection"] = conn
-        (command.downgrade if revision < "0004" else command.upgrade)(config, revision)
+        current = MigrationContext.configure(conn).get_current_revision() or ""
+        (command.downgrade if revision != "head" and revision < current else command.upgrade)(config, revision)
 
 
 def test_inbound_sender_key_migration_keeps_every_message_and_its_key(db: Database):
@@ -102,3 +103,26 @@ def test_inbound_sender_key_migration_keeps_every_message_and_its_key(db: Databa
         keys = conn.execute(select(InboundMessage.sender_key).order_by(InboundMessage.pk)).scalars().all()
     assert keys == ['["MESA_OF","XYZ_RADIOLOGY"]', None, '["SMALLRIS"]']
     assert receive(db, NO_MSH4) == b"STORED-ACK"  # intake finds the stored key: a resend
+
+
+def test_index_values_whole_migration_reindexes_values_cut_before(db: Database):
+    from fastapi.testclient import TestClient
+
+    from overread.app import create_app
+    from overread.settings import Settings
+    from tests.builders import patient
+    from tests.conftest import FHIR_JSON
+
+    body = {**patient(family="Ab" * 150), "identifier": [{"system": "urn:x", "value": "V" * 300}]}
+    with TestClient(create_app(Settings(database_url=db.url), db), base_url="http://testserver") as client:
+        client.headers.update(FHIR_JSON)
+        pid = client.post("/fhir/Patient", json=body).json()["id"]
+        client.post("/fhir/Patient", json=patient())  # short values: left as they are
+        _migrate(db, "0005")  # the values as the old index held them: cut at 255
+        with db.engine.connect() as conn:
+            assert conn.scalar(text("SELECT max(length(code)) FROM idx_token WHERE param = 'identifier'")) == 255
+        _migrate(db, "head")
+        for query in (f"identifier=urn:x|{'V' * 300}", f"family:exact={'Ab' * 150}", f"family={'ab' * 149}a"):
+            found = client.get(f"/fhir/Patient?{query}").json()
+            assert [e["resource"]["id"] for e in found.get("entry", [])] == [pid], query
+        assert client.get("/fhir/Patient?identifier=MRN-100234").json()["total"] == 1

@@ -64,6 +64,16 @@ def test_32_identical_conditional_creates_make_exactly_one_resource(http):
     assert total(http, "/Patient/_history") == 1
 
 
+def test_16_conditional_creates_on_an_identifier_past_255_characters_make_one_resource(http):
+    # The index held the first 255 characters and the lookup compared the whole value: every POST created.
+    criteria = f"identifier=urn:x|{'V' * 300}"
+    body = {**patient(), "identifier": [{"system": "urn:x", "value": "V" * 300}]}
+    responses = at_once(16, lambda i: http.post("/Patient", json=body, headers={"If-None-Exist": criteria}))
+    assert statuses(responses) == {201: 1, 200: 15}, [r.text for r in responses if r.status_code >= 400]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert total(http, f"/Patient?{criteria}") == 1
+
+
 def test_16_updates_with_the_same_if_match_have_exactly_one_winner(http):
     created = http.put("/Patient/p-race", json={**patient(), "id": "p-race"})
     assert created.status_code == 201
