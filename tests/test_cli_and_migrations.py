@@ -118,7 +118,7 @@ def test_index_values_whole_migration_reindexes_values_cut_before(db: Database):
         client.headers.update(FHIR_JSON)
         pid = client.post("/fhir/Patient", json=body).json()["id"]
         client.post("/fhir/Patient", json=patient())  # short values: left as they are
-        _migrate(db, "0005")  # the values as the old index held them: cut at 255
+        _migrate(db, "0006")  # the values as the old index held them: cut at 255
         with db.engine.connect() as conn:
             assert conn.scalar(text("SELECT max(length(code)) FROM idx_token WHERE param = 'identifier'")) == 255
         _migrate(db, "head")

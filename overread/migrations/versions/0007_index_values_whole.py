@@ -4,8 +4,8 @@ A value's first 255 characters (512 of a URI) stay in the indexed column, the re
 new ``…_rest`` column ("" for shorter values), so searches compare the whole value. Rows cut
 before are rebuilt from their resource's stored JSON: those whose key column is full.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-07 20:40:00
 """
 
@@ -15,8 +15,8 @@ import orjson
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006"
-down_revision: str | None = "0005"
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
