@@ -200,10 +200,10 @@ def _subscription_written(repo: Repository, change: Change, sub: dict[str, Any],
                 f"{CHANNEL}.header",
             )
     criteria_query(str(sub.get("criteria", "")))
-    kept = channel_headers.stored(repo.conn, change.id)
-    channel_headers.keep(repo.conn, change.id, channel_headers.unmasked(lines, kept))
-    if lines:
-        change.resource = {**sub, "channel": {**channel, "header": [channel_headers.masked(h) for h in lines]}}
+    whole = channel_headers.unmasked(lines, channel_headers.stored(repo.conn, change.id))
+    channel_headers.keep(repo.conn, change.id, whole)
+    if whole:
+        change.resource = {**sub, "channel": {**channel, "header": [channel_headers.masked(h) for h in whole]}}
     if sub.get("status") == "requested":
         repo.enqueue(TOPIC, change, {"kind": HANDSHAKE})
 
