@@ -24,6 +24,7 @@ from fhir_server.conformance_seed import publish
 from fhir_server.db import Database
 from fhir_server.notifier import Notifier
 from fhir_server.outbox_worker import running
+from fhir_server.rate_limit import Buckets, RateLimit
 from fhir_server.repository import Hook
 from fhir_server.smart import Smart
 from fhir_server.smart_http import BearerAuth, area_guard, open_routes, routes
@@ -74,6 +75,8 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
     app.state.db = db
     search_limits.configure(settings.search)
     hooks = make_hooks(cfg)
+    if rate := settings.http_rate():  # added first: inside BearerAuth, so it sees the token's client
+        app.add_middleware(RateLimit, buckets=Buckets(rate))
     if mode == "smart":
         smart = Smart(db, cfg.auth.registered(), cfg.auth.token_seconds)
         app.router.routes.extend(routes(smart, base_url=settings.public_base_url))  # before the FHIR catch-all
