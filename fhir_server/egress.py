@@ -4,7 +4,7 @@ A defence against server-side request forgery (OWASP, "Server-Side Request Forge
 Cheat Sheet": allow-list the destinations, refuse internal addresses, do not follow redirects):
 
 - the URL must fall under one of the configured prefixes (``subscriptions.allowed_endpoints``):
-  same scheme, host and port, and a path under the prefix's path at a ``/``;
+  same scheme, host and port, and the prefix's path or one under it at a ``/``;
 - every address its host resolves to must be an ordinary remote one: not loopback, link-local
   (cloud metadata at 169.254.169.254), unspecified (0.0.0.0/8, ``::``), multicast, nor an
   address of one of this host's interfaces (where its own listeners, database and PACS may
@@ -77,7 +77,8 @@ class Prefix:
     def covers(self, url: httpx.URL) -> bool:
         if (url.scheme, url.host, url.port or PORTS[url.scheme]) != (self.scheme, self.host, self.port):
             return False
-        return url.path == self.path or url.path.startswith(self.path.rstrip("/") + "/")
+        base = self.path.rstrip("/")  # ``/notify/`` allows ``/notify`` too
+        return url.path.rstrip("/") == base or url.path.startswith(base + "/")
 
     def names(self, address: Address) -> bool:
         """Whether this prefix names ``address`` itself, so allows it whatever it is."""

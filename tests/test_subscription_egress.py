@@ -99,6 +99,20 @@ def test_a_prefix_matches_scheme_host_port_and_a_path_at_a_segment():
             allowed.check(url)
     with pytest.raises(Refused, match="under none"):
         Egress().check("https://ehr.example.org/fhir-notify")  # nothing configured: nothing allowed
+    assert egress("https://ehr.example.org/fhir-notify/", names=names).check("https://ehr.example.org/fhir-notify")
+
+
+def test_a_request_goes_to_the_checked_address_under_its_own_name():
+    names = resolver({"ehr.example.org": [str(TEST_NET)], "v6.example.org": ["2001:db8::7"]})
+    allowed = egress("https://ehr.example.org:8443/", "http://v6.example.org/", names=names)
+    url, host, extensions = allowed.pinned("https://ehr.example.org:8443/notify/Task/1?x=1")
+    assert (str(url), host, extensions) == (
+        f"https://{TEST_NET}:8443/notify/Task/1?x=1",
+        {"Host": "ehr.example.org:8443"},
+        {"sni_hostname": "ehr.example.org"},  # the certificate is checked against the name
+    )
+    url, host, extensions = allowed.pinned("http://v6.example.org/notify")
+    assert (str(url), host, extensions) == ("http://[2001:db8::7]/notify", {"Host": "v6.example.org"}, {})
 
 
 @pytest.mark.parametrize(
