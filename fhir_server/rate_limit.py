@@ -28,7 +28,7 @@ MAX_CLIENTS = 65_536
 
 @dataclass(frozen=True)
 class Rate:
-    """Requests per second on average, and at once; ``per_second`` 0 means no limit."""
+    """Requests per second on average (more than 0), and at once."""
 
     per_second: float
     burst: int
