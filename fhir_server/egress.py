@@ -19,6 +19,7 @@ kept), so a DNS answer that changes in between cannot point it elsewhere.
 import ipaddress
 import socket
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: ``(host, port)`` → the addresses a connection to it may reach.
 Resolver = Callable[[str, int], Sequence[Address]]
 PORTS = {"http": 80, "https": 443}
+RESOLVE_SECONDS = 2.0
+_lookups = ThreadPoolExecutor(4, thread_name_prefix="egress-resolver")  # a lookup cannot be cancelled
 
 
 class Refused(ValueError):
@@ -35,9 +38,17 @@ class Refused(ValueError):
 
 
 def resolve(host: str, port: int) -> list[Address]:
-    """The addresses of ``host`` (the system resolver; an IP literal is itself)."""
+    """The addresses of ``host``: an IP literal is itself, a name is asked of the system resolver
+    for at most ``RESOLVE_SECONDS`` (a write checks its endpoint on the event loop, where other
+    requests wait)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = _lookups.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM).result(RESOLVE_SECONDS)
+    except TimeoutError:
+        raise Refused(f"its host {host!r} did not resolve within {RESOLVE_SECONDS:g} s") from None
     except (OSError, UnicodeError) as exc:
         raise Refused(f"its host {host!r} does not resolve") from exc
     return list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos))

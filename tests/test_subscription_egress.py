@@ -8,6 +8,7 @@ chosen address (a loopback one, cloud metadata, one that changes between write a
 
 import ipaddress
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
@@ -16,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
+from fhir_server import egress as egress_module
 from fhir_server.db import Database
 from fhir_server.egress import Address, Egress, Prefix, Refused
 from fhir_server.errors import FhirError
@@ -161,6 +163,18 @@ def _own_address() -> str:
     if ipaddress.ip_address(address).is_loopback:
         pytest.skip("this host has no address beyond loopback")
     return address
+
+
+def test_a_name_that_takes_too_long_to_resolve_is_refused(monkeypatch: pytest.MonkeyPatch):
+    answered = threading.Event()
+    monkeypatch.setattr(egress_module, "RESOLVE_SECONDS", 0.05)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answered.wait(10) and [])
+    try:
+        with pytest.raises(Refused, match=r"did not resolve within 0\.05 s"):
+            egress("http://slow.example.org/").check("http://slow.example.org/hook")
+    finally:
+        answered.set()
+    assert egress_module.resolve("192.0.2.9", 80) == [ipaddress.ip_address("192.0.2.9")]  # a literal: no lookup
 
 
 def test_allowed_endpoints_are_checked_when_the_configuration_is_read():
