@@ -56,6 +56,8 @@ PAYLOADS = ("", "application/fhir+json", "application/json")
 #: status) and the audit trail.
 UNWATCHED = frozenset({"Subscription", "AuditEvent"})
 CACHE_SECONDS = 2.0
+#: Headers the server sets: a channel's ``Host`` could pick another virtual host of the endpoint's server.
+SERVERS_HEADERS = frozenset({"host", "content-type", "content-length", "transfer-encoding", "connection"})
 CRITERIA, CHANNEL = "Subscription.criteria", "Subscription.channel"
 
 
@@ -199,6 +201,8 @@ def _subscription_written(repo: Repository, change: Change, sub: dict[str, Any],
                 f"Subscription.channel.header {header!r} is not 'Name: value' in ASCII",
                 f"{CHANNEL}.header",
             )
+        if header.partition(":")[0].strip().lower() in SERVERS_HEADERS:
+            raise error(422, "invalid", f"Subscription.channel.header may not set {header!r}", f"{CHANNEL}.header")
     criteria_query(str(sub.get("criteria", "")))
     whole = channel_headers.unmasked(lines, channel_headers.stored(repo.conn, change.id))
     channel_headers.keep(repo.conn, change.id, whole)

@@ -396,6 +396,9 @@ def test_header_values_are_used_but_never_served(client: TestClient, db: Databas
     unknown = {**again, "channel": {**again["channel"], "header": ["X-Api-Key: ***"]}}
     refused = client.put(f"/fhir/Subscription/{sid}", json=unknown)
     assert refused.status_code == 422 and "X-Api-Key" in refused.text
+    for servers in ("Host: admin.internal", "content-length: 0", "Transfer-Encoding: chunked"):
+        sub = subscription(receiver.url, header=[servers])
+        assert client.post("/fhir/Subscription", json=sub).status_code == 422, servers
 
 
 def test_the_migration_masks_stored_subscriptions_and_keeps_their_values(db: Database):
