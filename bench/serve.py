@@ -19,7 +19,7 @@ def main() -> None:
         from overread.app import create_app
         from overread.settings import Settings
 
-        app = create_app(Settings(database_url=args.database_url))
+        app = create_app(Settings(database_url=args.database_url, http_rate_per_second=0))  # measure, not throttle
     else:
         from bench.bare import app
     uvicorn.run(app, host="127.0.0.1", port=args.port, workers=1, log_level="warning", access_log=False)

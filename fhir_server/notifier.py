@@ -6,11 +6,16 @@ names), send it over HTTP outside any transaction, and record the outcome:
 
 - 2xx: the row is done; a Subscription that was ``requested`` (handshake) or in ``error``
   becomes ``active`` again, its ``error`` cleared.
-- anything else (an HTTP error status, a refused connection, a timeout): the row is retried
-  with backoff (``Backoff``: 5 s doubling to 10 min, 24 attempts, about 2.5 hours by default),
-  the Subscription is ``error`` with the reason in ``Subscription.error``; after the last
-  attempt the row is ``dead`` (it stays in the outbox, with its last error) and the
-  Subscription says so.
+- anything else (an HTTP error status, a redirect, which is not followed, a refused connection,
+  a timeout, an endpoint ``fhir_server.egress`` refuses): the row is retried with backoff
+  (``Backoff``: 5 s doubling to 10 min, 24 attempts, about 2.5 hours by default), the
+  Subscription is ``error``; after the last attempt the row is ``dead`` (it stays in the outbox,
+  with its last error) and the Subscription says so. What failed is in the log and the outbox
+  row's ``last_error`` only: ``Subscription.error`` says ``FAILED`` whatever it was, so a
+  Subscription cannot be used to probe which hosts and ports answer how.
+
+Each request goes to the address ``Egress.pinned`` checked, with the channel's headers as stored
+(``fhir_server.channel_headers``), never through a proxy of the environment.
 
 A Subscription's rows are delivered one at a time, in the order they were written: only the
 oldest pending row of each Subscription is claimed, so a row waiting for its retry holds the
@@ -31,8 +36,9 @@ from typing import Any
 
 import httpx
 
-from fhir_server import outbox, subscriptions
+from fhir_server import channel_headers, outbox, subscriptions
 from fhir_server.db import Database
+from fhir_server.egress import NOWHERE, Egress
 from fhir_server.errors import FhirError
 from fhir_server.outbox import Backoff
 from fhir_server.outbox_worker import Job, OutboxWorker, describe
@@ -41,6 +47,8 @@ from fhir_server.repository import Hook, Repository, Stored
 log = logging.getLogger(__name__)
 
 USER_AGENT = "Overread-Subscriptions/0.1"
+#: Subscription.error while delivery fails, whatever the cause (the detail is the operator's).
+FAILED = "Delivery to channel.endpoint failed"
 
 
 #: Rest-hook endpoints are retried sooner and longer than a PACS: 5 s doubling to 10 min, 24 times.
@@ -54,6 +62,7 @@ class Delivery:
     subscription: Stored | None
     kind: str
     resource: Stored | None  # the notified version, for a notification
+    headers: dict[str, str]  # the stored channel.header lines, by name
 
 
 @dataclass(frozen=True)
@@ -79,10 +88,12 @@ class Notifier(OutboxWorker):
         limit: int = 20,
         threads: int = 8,
         poll: float = 0.5,
+        egress: Egress = NOWHERE,
     ) -> None:
         super().__init__(db, backoff, limit=limit, poll=poll)
-        self.hooks = hooks
-        self.http = httpx.Client(timeout=timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT})
+        self.hooks, self.egress = hooks, egress
+        headers = {"User-Agent": USER_AGENT}
+        self.http = httpx.Client(timeout=timeout, follow_redirects=False, headers=headers, trust_env=False)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="subscription-delivery")
 
     def close(self) -> None:
@@ -101,9 +112,13 @@ class Notifier(OutboxWorker):
                 outbox.complete(session, job.pk)
             return
         try:
-            response = self.http.request(request.method, request.url, headers=request.headers, content=request.content)
+            url, host, extensions = self.egress.pinned(request.url)
+            headers = {**request.headers, **host}
+            response = self.http.request(
+                request.method, url, headers=headers, content=request.content, extensions=extensions
+            )
             reason = None if response.is_success else f"{request.method} {request.url}: HTTP {response.status_code}"
-        except Exception as exc:  # httpx.HTTPError, or what httpx refuses before sending (a non-ASCII header)
+        except Exception as exc:  # egress.Refused, httpx.HTTPError, or what httpx refuses to send (a non-ASCII header)
             reason = f"{request.method} {request.url}: {type(exc).__name__}: {exc}"
         subscription = delivery.subscription
         subscription_id = subscription.id if subscription else None
@@ -126,21 +141,21 @@ class Notifier(OutboxWorker):
         with self.db.begin(write=False) as conn:
             repo = Repository(conn)
             sub = repo.current("Subscription", job.resource_id)
+            headers = channel_headers.stored(conn, job.resource_id)
             resource = None
             if payload.get("kind") == subscriptions.NOTIFICATION:
                 try:
                     resource = repo.vread(payload["type"], payload["id"], int(payload["version"]))
                 except FhirError:
                     resource = None  # the version was a deletion, or is gone
-        return Delivery(sub if sub and sub.content else None, str(payload.get("kind")), resource)
+        return Delivery(sub if sub and sub.content else None, str(payload.get("kind")), resource, headers)
 
     def _failed(self, job: Job, subscription_id: str | None, reason: str) -> None:
         with self.db.transaction() as session:
             again = self.retry(session, job, reason)
-        if not again:
-            reason = f"{reason} (gave up after {job.attempts} attempts)"
-        if subscription_id:
-            self._set_status(subscription_id, "error", reason)
+        if subscription_id:  # the reason stays the operator's (log, outbox row)
+            told = FAILED if again else f"{FAILED} (gave up after {job.attempts} attempts)"
+            self._set_status(subscription_id, "error", told)
 
     def _set_status(self, subscription_id: str, status: str, reason: str | None, handshake: bool = False) -> None:
         """Subscription.status/error, through the repository, only when they change.
@@ -180,7 +195,7 @@ def _request(delivery: Delivery) -> Request | None:
         return None
     channel: dict[str, Any] = sub.get("channel", {})
     endpoint = str(channel.get("endpoint", ""))
-    headers = _headers(channel.get("header", []))
+    headers = _headers(channel_headers.unmasked([str(h) for h in channel.get("header", [])], delivery.headers))
     if delivery.kind == subscriptions.HANDSHAKE:
         if sub.get("status") not in ("requested", "error"):
             return None  # made active or off by the client meanwhile

@@ -1,12 +1,14 @@
 """R4 Subscriptions (subscription.html): which writes notify whom, decided in the writing transaction.
 
-The repository hook ``notify`` does two things, both by outbox rows (topic ``subscription``)
+The repository hook (``hook``) does two things, both by outbox rows (topic ``subscription``)
 written in the same transaction as the change, which ``fhir_server.notifier`` delivers:
 
 - A Subscription written with status ``requested`` asks for a handshake: the worker POSTs an
   empty body (with the channel's headers) to the endpoint and makes the Subscription
-  ``active`` on a 2xx, ``error`` with the reason otherwise. A Subscription written as
-  ``active`` is taken at its word: no handshake.
+  ``active`` on a 2xx, ``error`` otherwise. A Subscription written as ``active`` is taken at
+  its word: no handshake. A new channel.endpoint must be one ``fhir_server.egress`` allows (422
+  otherwise), and channel.header values are stored apart and written masked
+  (``fhir_server.channel_headers``).
 - Any other create or update of a resource that matches the criteria of an ``active`` (or
   ``error``: still failing, still queued) rest-hook Subscription leaves one row per
   Subscription. Criteria are evaluated as a search (``Type?params&_id=<id>``) once the unit
@@ -36,9 +38,10 @@ from urllib.parse import parse_qsl
 import orjson
 from sqlalchemy import Engine, false, select
 
-from fhir_server import search
+from fhir_server import channel_headers, search
+from fhir_server.egress import Egress, Refused
 from fhir_server.errors import FhirError, error
-from fhir_server.repository import Change, Repository
+from fhir_server.repository import Change, Hook, Repository
 from fhir_server.schema import ResourceRow
 from fhir_server.search import SearchQuery
 from fhir_server.validation import SUPPORTED_TYPES
@@ -53,6 +56,8 @@ PAYLOADS = ("", "application/fhir+json", "application/json")
 #: status) and the audit trail.
 UNWATCHED = frozenset({"Subscription", "AuditEvent"})
 CACHE_SECONDS = 2.0
+#: Headers the server sets: a channel's ``Host`` could pick another virtual host of the endpoint's server.
+SERVERS_HEADERS = frozenset({"host", "content-type", "content-length", "transfer-encoding", "connection"})
 CRITERIA, CHANNEL = "Subscription.criteria", "Subscription.channel"
 
 
@@ -147,12 +152,19 @@ def criteria_query(criteria: str) -> SearchQuery:
         raise error(422, "invalid", f"Subscription.criteria {criteria!r}: {exc}", CRITERIA) from None
 
 
-def notify(repo: Repository, change: Change) -> None:
-    """Repository hook: handshakes for requested Subscriptions, notifications for watched changes."""
+def hook(egress: Egress) -> Hook:
+    """The repository hook of Subscriptions, whose endpoints ``egress`` must allow."""
+    return lambda repo, change: notify(repo, change, egress)
+
+
+def notify(repo: Repository, change: Change, egress: Egress) -> None:
+    """Handshakes for requested Subscriptions, notifications for watched changes."""
     if change.type == "Subscription":
         invalidate()
         if change.resource is not None:
-            _subscription_written(repo, change, change.resource)
+            _subscription_written(repo, change, change.resource, egress)
+        else:
+            channel_headers.keep(repo.conn, change.id, [])
         return
     if change.resource is None or change.type in UNWATCHED:
         return  # deletions do not notify
@@ -162,7 +174,7 @@ def notify(repo: Repository, change: Change) -> None:
         repo.defer(lambda r: _match(r, resource_type, resource_id, version))
 
 
-def _subscription_written(repo: Repository, change: Change, sub: dict[str, Any]) -> None:
+def _subscription_written(repo: Repository, change: Change, sub: dict[str, Any], egress: Egress) -> None:
     channel = sub.get("channel", {})
     if channel.get("type") != "rest-hook":
         raise error(422, "not-supported", "Only rest-hook Subscriptions are supported", f"{CHANNEL}.type")
@@ -173,9 +185,15 @@ def _subscription_written(repo: Repository, change: Change, sub: dict[str, Any])
             "Subscription.channel.payload must be empty or application/fhir+json",
             f"{CHANNEL}.payload",
         )
-    if not channel.get("endpoint", "").startswith(("http://", "https://")):
-        raise error(422, "invalid", "Subscription.channel.endpoint must be an http(s) URL", f"{CHANNEL}.endpoint")
-    for header in channel.get("header", []):
+    endpoint = str(channel.get("endpoint", ""))
+    before = change.previous.resource if change.previous else {}
+    if endpoint != before.get("channel", {}).get("endpoint"):  # a new one; each delivery checks it again
+        try:
+            egress.check(endpoint)
+        except Refused as exc:
+            raise error(422, "business-rule", f"Subscription.channel.endpoint: {exc}", f"{CHANNEL}.endpoint") from None
+    lines = [str(line) for line in channel.get("header", [])]
+    for header in lines:
         if ":" not in header or not header.isascii():  # HTTP header fields are ASCII here (httpx sends no other)
             raise error(
                 422,
@@ -183,7 +201,13 @@ def _subscription_written(repo: Repository, change: Change, sub: dict[str, Any])
                 f"Subscription.channel.header {header!r} is not 'Name: value' in ASCII",
                 f"{CHANNEL}.header",
             )
+        if header.partition(":")[0].strip().lower() in SERVERS_HEADERS:
+            raise error(422, "invalid", f"Subscription.channel.header may not set {header!r}", f"{CHANNEL}.header")
     criteria_query(str(sub.get("criteria", "")))
+    whole = channel_headers.unmasked(lines, channel_headers.stored(repo.conn, change.id))
+    channel_headers.keep(repo.conn, change.id, whole)
+    if whole:
+        change.resource = {**sub, "channel": {**channel, "header": [channel_headers.masked(h) for h in whole]}}
     if sub.get("status") == "requested":
         repo.enqueue(TOPIC, change, {"kind": HANDSHAKE})
 

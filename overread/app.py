@@ -24,10 +24,11 @@ from fhir_server.conformance_seed import publish
 from fhir_server.db import Database
 from fhir_server.notifier import Notifier
 from fhir_server.outbox_worker import running
+from fhir_server.rate_limit import Buckets, RateLimit
 from fhir_server.repository import Hook
 from fhir_server.smart import Smart
 from fhir_server.smart_http import BearerAuth, area_guard, open_routes, routes
-from fhir_server.subscriptions import notify
+from fhir_server.subscriptions import hook
 from hl7_bridge.api import messages_router, outbound_router
 from hl7_bridge.delivery import Delivery
 from hl7_bridge.intake import failed, last_resort, oversize, receive_in
@@ -53,7 +54,7 @@ wire_cases()  # on import: every door of this process (HTTP, MLLP, workers, CLI)
 
 def make_hooks(cfg: OverreadConfig) -> tuple[Hook, ...]:
     """The repository hooks of every door (HTTP, HL7, workers): the domain rules of a write."""
-    return (case_opener(cfg.routing_rules()), case_workflow, notify, results)
+    return (case_opener(cfg.routing_rules()), case_workflow, hook(cfg.subscriptions.egress()), results)
 
 
 #: The hooks of the default configuration (no routing rules; due dates by priority).
@@ -74,6 +75,8 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
     app.state.db = db
     search_limits.configure(settings.search)
     hooks = make_hooks(cfg)
+    if rate := settings.http_rate():  # added first: inside BearerAuth, so it sees the token's client
+        app.add_middleware(RateLimit, buckets=Buckets(rate))
     if mode == "smart":
         smart = Smart(db, cfg.auth.registered(), cfg.auth.token_seconds)
         app.router.routes.extend(routes(smart, base_url=settings.public_base_url))  # before the FHIR catch-all
@@ -177,7 +180,7 @@ def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[t
 def notifications(db: Database, cfg: OverreadConfig) -> Iterator[Notifier]:
     """The Subscription worker (handshakes, rest-hook notifications) on a thread of its own."""
     s = cfg.subscriptions
-    worker = Notifier(db, make_hooks(cfg), s.backoff(), s.timeout_seconds)
+    worker = Notifier(db, make_hooks(cfg), s.backoff(), s.timeout_seconds, egress=s.egress())
     with closing(worker), running([worker.loop]):
         yield worker
 

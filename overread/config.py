@@ -93,6 +93,7 @@ from pydantic import (
 from cases.patient_match import MatchRule, Mode
 from cases.routing import Routing, Rule
 from fhir_server.access import Role, check_filters
+from fhir_server.egress import Egress, Prefix, Refused
 from fhir_server.outbox import Backoff
 from fhir_server.scopes import ScopeError, parse_all
 from fhir_server.smart import Client, Jwks
@@ -152,6 +153,21 @@ class Subscriptions(_Retrying):
     first_retry_seconds: Annotated[float, Field(ge=0)] = 5
     max_retry_seconds: Annotated[float, Field(ge=0)] = 600
     timeout_seconds: Annotated[float, Field(gt=0)] = 10
+    #: The URL prefixes a Subscription's channel.endpoint must fall under (docs/security.md); none: no endpoint.
+    allowed_endpoints: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_endpoints")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for text in value:
+            try:
+                Prefix.parse(text)
+            except Refused as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    def egress(self) -> Egress:
+        return Egress(tuple(Prefix.parse(text) for text in self.allowed_endpoints))
 
 
 class Destination(_Strict):

@@ -7,6 +7,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
 
+import fhir_server.channel_headers
 import fhir_server.smart_store  # noqa: F401
 import hl7_bridge.outbound  # their tables join the FHIR store's metadata
 import hl7_bridge.store  # noqa: F401

@@ -3,11 +3,13 @@
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fhir_server.limits import DEFAULT, Limits
+from fhir_server.rate_limit import Rate
 from fhir_server.search_limits import SearchLimits
 
 
@@ -71,6 +73,11 @@ class Settings(BaseSettings):
     http_body_timeout: float = 30.0
     http_keep_alive_timeout: int = 5
     http_max_connections: int = 256
+    #: Requests each client may make per second on average, and in one burst (429 beyond;
+    #: docs/security.md#rate-limits); a client is its access token's client_id, else its address.
+    #: A rate of 0: no limit.
+    http_rate_per_second: Annotated[float, Field(ge=0)] = 500.0
+    http_rate_burst: Annotated[int, Field(ge=1)] = 1000
 
     #: Access control (docs/security.md): ``smart`` needs a SMART Backend Services token on every HTTP
     #: request but the open ones; ``off`` serves anyone and is refused unless every listener binds a
@@ -91,6 +98,9 @@ class Settings(BaseSettings):
         if self.auth == "off" and exposed:
             raise ValueError(f"OVERREAD_AUTH=off is allowed only on loopback, but the {exposed[0]} is not")
         return self.auth or ("smart" if exposed else "off")
+
+    def http_rate(self) -> Rate | None:
+        return Rate(self.http_rate_per_second, self.http_rate_burst) if self.http_rate_per_second else None
 
     def http_limits(self) -> Limits:
         """The limits of the FHIR API's requests, as ``fhir_server.api.mount`` takes them."""

@@ -89,10 +89,11 @@ class Received:
 
 
 class HttpReceiver:
-    """A rest-hook endpoint: records each request and answers ``status``."""
+    """A rest-hook endpoint: records each request and answers ``status`` with ``headers``."""
 
     def __init__(self, port: int = 0) -> None:
         self.port, self.status = port, 200
+        self.headers: dict[str, str] = {}
         self.requests: list[Received] = []
         self.server: ThreadingHTTPServer | None = None
 
@@ -106,6 +107,8 @@ class HttpReceiver:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 receiver.requests.append(Received(self.command, self.path, headers, body))
                 self.send_response(receiver.status)
+                for name, value in receiver.headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

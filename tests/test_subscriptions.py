@@ -1,21 +1,24 @@
 """R4 Subscriptions: handshake, rest-hook notifications from the outbox, retries and the error state.
 
-A real HTTP receiver (``http.server`` on a free 127.0.0.1 port, in a thread) records what the
-worker sends; the worker's ``run_once`` is driven by the test. Also: the searches a referrer
-finds second-opinion reports with.
+A real HTTP receiver (``http.server`` on a free 127.0.0.1 port, in a thread, the one endpoint
+``subscriptions.allowed_endpoints`` allows) records what the worker sends; the worker's
+``run_once`` is driven by the test. Also: the searches a referrer finds second-opinion reports with.
 """
 
 from datetime import timedelta
 
 import orjson
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from fhir_server import dates, subscriptions
-from fhir_server.notifier import Notifier
+from fhir_server.notifier import FAILED, Notifier
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow, ResourceRow
-from overread.app import HOOKS
+from overread.app import create_app, make_hooks
+from overread.config import OverreadConfig, Subscriptions
+from overread.settings import Settings
 from tests.builders import imaging_study, patient, service_request
 from tests.peers import HttpReceiver as Receiver
 from tests.processes import free_port
@@ -24,17 +27,38 @@ DISCREPANCY = "https://overread.org/fhir/CodeSystem/second-opinion-discrepancy"
 
 
 @pytest.fixture
-def receiver():
-    r = Receiver().start()
+def port() -> int:
+    """The receiver's port: the one Subscription endpoints may use."""
+    return free_port()
+
+
+@pytest.fixture
+def receiver(port):
+    r = Receiver(port).start()
     yield r
     r.stop()
 
 
 @pytest.fixture
-def notifier(db):
-    worker = Notifier(db, HOOKS, Backoff(max_attempts=5, first_delay=timedelta(seconds=30)), timeout=5)
-    yield worker
-    worker.close()
+def cfg(port) -> OverreadConfig:
+    return OverreadConfig(subscriptions=Subscriptions(allowed_endpoints=[f"http://127.0.0.1:{port}/hook"]))
+
+
+@pytest.fixture
+def client(db, cfg):
+    with TestClient(create_app(Settings(database_url=db.url), db, cfg), base_url="http://testserver") as c:
+        yield c
+
+
+def worker(db, cfg: OverreadConfig, backoff: Backoff, timeout: float = 5) -> Notifier:
+    return Notifier(db, make_hooks(cfg), backoff, timeout, egress=cfg.subscriptions.egress())
+
+
+@pytest.fixture
+def notifier(db, cfg):
+    notifier = worker(db, cfg, Backoff(max_attempts=5, first_delay=timedelta(seconds=30)))
+    yield notifier
+    notifier.close()
 
 
 def deliver(worker: Notifier) -> int:
@@ -103,9 +127,10 @@ def test_a_failing_handshake_puts_the_subscription_in_error_and_is_retried(clien
     sid = sid.json()["id"]
     deliver(notifier)
     failed = client.get(f"/fhir/Subscription/{sid}").json()
-    assert failed["status"] == "error" and "HTTP 403" in failed["error"]
+    assert (failed["status"], failed["error"]) == ("error", FAILED)  # the detail is the operator's
     (row,) = rows(db)
     assert (row.status, row.attempts) == ("pending", 1) and row.available_at > dates.now()
+    assert "HTTP 403" in row.last_error
 
     receiver.status = 200
     make_due(db)
@@ -114,12 +139,13 @@ def test_a_failing_handshake_puts_the_subscription_in_error_and_is_retried(clien
     assert len(receiver.requests) == 2
 
 
-def test_a_subscription_the_server_cannot_serve_is_refused(client):
+def test_a_subscription_the_server_cannot_serve_is_refused(client, port):
+    endpoint = f"http://127.0.0.1:{port}/hook"
     for criteria in ("Nonsense?status=final", "DiagnosticReport?no-such-param=1", "DiagnosticReport?_count=5"):
-        refused = client.post("/fhir/Subscription", json=subscription("http://127.0.0.1:9/hook", criteria))
+        refused = client.post("/fhir/Subscription", json=subscription(endpoint, criteria))
         assert refused.status_code == 422, criteria
         assert refused.json()["resourceType"] == "OperationOutcome"
-    websocket = subscription("http://127.0.0.1:9/hook", "Task?status=completed")
+    websocket = subscription(endpoint, "Task?status=completed")
     websocket["channel"]["type"] = "websocket"
     assert client.post("/fhir/Subscription", json=websocket).status_code == 422
 
@@ -174,8 +200,8 @@ def test_a_case_completed_notifies_a_task_subscription(client, db, notifier, rec
     assert (got.resource["status"], got.resource["meta"]["versionId"]) == ("completed", task["meta"]["versionId"])
 
 
-def test_receiver_down_then_up_keeps_every_version_in_order(client, db, notifier):
-    receiver = Receiver(free_port())  # nothing listens there yet
+def test_receiver_down_then_up_keeps_every_version_in_order(client, db, notifier, port):
+    receiver = Receiver(port)  # nothing listens there yet
     sub = subscription(receiver.url, "DiagnosticReport?status=final", payload="application/fhir+json")
     sid = client.post("/fhir/Subscription", json=sub).json()["id"]
     first = client.post("/fhir/DiagnosticReport", json=report()).json()
@@ -185,7 +211,7 @@ def test_receiver_down_then_up_keeps_every_version_in_order(client, db, notifier
 
     assert deliver(notifier) == 1  # only the oldest row of the subscription is tried
     failing = client.get(f"/fhir/Subscription/{sid}").json()
-    assert failing["status"] == "error" and "ConnectError" in failing["error"]
+    assert (failing["status"], failing["error"]) == ("error", FAILED)
     queued = rows(db)
     assert [(r.status, r.attempts) for r in queued] == [("pending", 1), ("pending", 0), ("pending", 0)]
     assert queued[0].available_at > dates.now() and "ConnectError" in (queued[0].last_error or "")
@@ -208,19 +234,19 @@ def test_receiver_down_then_up_keeps_every_version_in_order(client, db, notifier
     assert history["total"] == 3
 
 
-def test_after_the_last_attempt_the_row_is_dead_and_the_subscription_says_so(client, db):
-    worker = Notifier(db, HOOKS, Backoff(max_attempts=2, first_delay=timedelta(0)), timeout=2)
+def test_after_the_last_attempt_the_row_is_dead_and_the_subscription_says_so(client, db, cfg, port):
+    notifier = worker(db, cfg, Backoff(max_attempts=2, first_delay=timedelta(0)), timeout=2)
     try:
-        sub = subscription(f"http://127.0.0.1:{free_port()}/hook", "DiagnosticReport?status=final")
+        sub = subscription(f"http://127.0.0.1:{port}/hook", "DiagnosticReport?status=final")  # nothing listens
         sid = client.post("/fhir/Subscription", json=sub).json()["id"]
         client.post("/fhir/DiagnosticReport", json=report())
-        deliver(worker)
+        deliver(notifier)
     finally:
-        worker.close()
+        notifier.close()
     (row,) = rows(db)
     assert (row.status, row.attempts) == ("dead", 2) and row.last_error
     failed = client.get(f"/fhir/Subscription/{sid}").json()
-    assert failed["status"] == "error" and "gave up after 2 attempts" in failed["error"]
+    assert (failed["status"], failed["error"]) == ("error", f"{FAILED} (gave up after 2 attempts)")
 
 
 def test_a_subscription_turned_off_gets_nothing(client, db, notifier, receiver):

@@ -55,7 +55,7 @@ def server(database_url: str, orthanc: Orthanc, tmp_path: Path) -> Iterator[dict
             "linking: {first_retry_seconds: 0.2, issuers: {ADT1: 'urn:overread:assigning-authority:ADT1'}}\n"
             f"hl7:\n  destinations:\n    - {{name: ehr, host: 127.0.0.1, port: {ehr.port}, ack_timeout_seconds: 5}}\n"
             "  delivery: {first_retry_seconds: 0.2, poll_seconds: 0.05}\n"
-            "subscriptions: {first_retry_seconds: 0.2}\n"
+            f"subscriptions: {{first_retry_seconds: 0.2, allowed_endpoints: ['{hook.url}']}}\n"
         )
         env = serve_env(database_url, tmp_path, config, dicom_port=str(DICOM_PORT))
         process = start_serve(env)
