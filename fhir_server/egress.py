@@ -11,9 +11,11 @@ Cheat Sheet": allow-list the destinations, refuse internal addresses, do not fol
   be), unless the matching prefix names that address itself (an IP literal, or ``localhost``
   for loopback).
 
-``check`` runs when a Subscription is written and again before every request, and the request
-goes to the address checked (``pinned``: the URL's host replaced by it, ``Host`` and TLS SNI
-kept), so a DNS answer that changes in between cannot point it elsewhere.
+``check`` runs when a Subscription is written (its prefix and an IP-literal host; a host name
+is not looked up there, on the event loop) and again, resolving names, before every request on
+the notifier's thread; the request goes to the address checked (``pinned``: the URL's host
+replaced by it, ``Host`` and TLS SNI kept), so a DNS answer that changes in between cannot
+point it elsewhere.
 """
 
 import ipaddress
@@ -39,8 +41,7 @@ class Refused(ValueError):
 
 def resolve(host: str, port: int) -> list[Address]:
     """The addresses of ``host``: an IP literal is itself, a name is asked of the system resolver
-    for at most ``RESOLVE_SECONDS`` (a write checks its endpoint on the event loop, where other
-    requests wait)."""
+    for at most ``RESOLVE_SECONDS`` (a delivery waits no longer for a resolver that hangs)."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
@@ -111,12 +112,17 @@ class Egress:
     allowed: tuple[Prefix, ...] = ()
     resolver: Resolver = resolve
 
-    def check(self, url: str) -> Address:
-        """The address a request to ``url`` is to connect to; Refused naming the rule it breaks."""
+    def check(self, url: str, *, resolve_names: bool = True) -> Address | None:
+        """The address a request to ``url`` is to connect to; Refused naming the rule it breaks.
+
+        Without ``resolve_names`` a host name is not looked up (None): a write checks its endpoint
+        where other requests wait, so only the delivery, on a worker thread, asks the resolver."""
         parsed = parse(url)
         prefix = next((p for p in self.allowed if p.covers(parsed)), None)
         if prefix is None:
             raise Refused(f"{url!r} is under none of subscriptions.allowed_endpoints")
+        if not resolve_names and not _literal(parsed.host):
+            return None
         port = parsed.port or PORTS[parsed.scheme]
         addresses = self.resolver(parsed.host, port)
         if not addresses:
@@ -133,6 +139,7 @@ class Egress:
         """``url`` checked, with its host replaced by the checked address: the URL, the ``Host``
         header and the request extensions (TLS SNI and certificate check still on the name)."""
         address = self.check(url)
+        assert address is not None  # names are resolved here
         parsed = httpx.URL(url)
         extensions = {"sni_hostname": parsed.host} if parsed.scheme == "https" else {}
         return parsed.copy_with(host=str(address)), {"Host": parsed.netloc.decode("ascii")}, extensions
@@ -167,4 +174,14 @@ def _local(address: Address) -> bool:
             probe.bind((str(address), 0))
     except OSError:
         return False
+    return True
+
+
+def _literal(host: str) -> bool:
+    """Whether ``host`` is an IP address, or the name every system resolves to loopback (RFC 6761 §6.3)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        name = host.lower().rstrip(".")
+        return name == "localhost" or name.endswith(".localhost")
     return True

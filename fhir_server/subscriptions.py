@@ -189,7 +189,7 @@ def _subscription_written(repo: Repository, change: Change, sub: dict[str, Any],
     before = change.previous.resource if change.previous else {}
     if endpoint != before.get("channel", {}).get("endpoint"):  # a new one; each delivery checks it again
         try:
-            egress.check(endpoint)
+            egress.check(endpoint, resolve_names=False)
         except Refused as exc:
             raise error(422, "business-rule", f"Subscription.channel.endpoint: {exc}", f"{CHANNEL}.endpoint") from None
     lines = [str(line) for line in channel.get("header", [])]

@@ -4,8 +4,8 @@ A channel header (``Authorization: Bearer …``) is the receiver's credential: i
 every version of the Subscription holds ``Name: ***`` instead (docs/subscriptions.md). The
 upgrade moves the values of the current Subscriptions here and masks every stored version.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-07 21:10:00
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007"
-down_revision: str | None = "0006"
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
