@@ -222,7 +222,7 @@ def test_endpoints_outside_the_allow_list_are_refused_at_create_and_update(db: D
         for endpoint in (
             f"{root}/hl7/messages/1/replay",  # this server's own listener: an anonymous HL7 replay once
             f"http://127.0.0.1:{port}/hl7/messages/1/replay",  # the allowed port, another path
-            f"http://127.0.0.1:{free_port()}/hook",  # loopback, another port
+            f"http://127.0.0.1:{port % 65535 + 1}/hook",  # loopback, another port (never the allowed one)
             "http://169.254.169.254/latest/meta-data/",
             "http://[::1]:8080/fhir/Patient",
             "file:///etc/passwd",
