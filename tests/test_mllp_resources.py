@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hl7.client
 import httpx
+import pytest
 
 from tests.hl7_golden import omi_order
 from tests.processes import fhir_base, serve_env, start_serve
@@ -73,6 +74,7 @@ def _queued(port: int) -> int:
     return queued
 
 
+@pytest.mark.slow
 def test_eleven_hundred_idle_mllp_sockets_do_not_stop_orders(database_url: str, tmp_path: Path):
     env = serve_env(database_url, tmp_path)
     log = tmp_path / "serve.log"
