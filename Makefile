@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install demo serve test lint bench bench-hl7 bench-dicom migrate clean
+.PHONY: install demo serve test test-fast lint bench bench-hl7 bench-dicom migrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ migrate: install
 
 test: install  ## the whole suite, every storage test on SQLite and on PostgreSQL; Orthanc tests in a netns (tests/run)
 	VENV=$(VENV) tests/run $(TEST_ARGS)
+
+test-fast: install  ## the inner loop: not the tests marked slow (subprocess servers, kill -9, the demo) nor orthanc
+	$(BIN)/python -m pytest -n 2 -q -m "not slow and not orthanc" $(TEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

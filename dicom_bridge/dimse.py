@@ -42,7 +42,7 @@ WARNING = 0xB000  # C-MOVE/C-GET: one or more sub-operations failed (PS3.4 C.4.2
 MOVE_DESTINATION_UNKNOWN = 0xA801
 #: The transfer syntaxes of still images (PS3.5 Annex A): uncompressed, deflated, JPEG, JPEG-LS,
 #: JPEG 2000 and RLE. Not all 45 pynetdicom knows: every association copies every supported
-#: context, and 170 SOP classes x 45 syntaxes cost 50 ms per association; video is not read here.
+#: context (170 SOP classes x 45 syntaxes) before it can start; video is not read here.
 TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian first: what we prefer
     "1.2.840.10008.1.2",

@@ -2,8 +2,8 @@
 
 A C-STORE brings an encoded Data Set. Keeping it means writing it as a Part 10 file behind
 its File Meta Information (PS3.10 7.1) and knowing which study and series it belongs to.
-pydicom does both (``pynetdicom``'s ``Event.encoded_dataset()``, ``read_dataset``) at about
-0.5 ms each per instance, a fifth of what the SCP spent per C-STORE (docs/performance.md).
+pydicom does both (``pynetdicom``'s ``Event.encoded_dataset()``, ``read_dataset``) by decoding
+elements the store never looks at, on every instance (docs/performance.md).
 Here the meta group is packed with :mod:`struct` and the header is walked element by element
 up to the Series Instance UID; whatever this walk does not handle (big endian, deflate, an
 undefined length before the UIDs, a non-ASCII accession number) answers ``None`` and the

@@ -6,8 +6,8 @@ association ends, however it ends, ``on_received`` hears which studies (Study In
 accession number) it brought, so a case waiting for one of them can be linked at once.
 
 Each association is served on a thread of its own by :mod:`dicom_bridge.upper_layer`, which
-blocks on the socket instead of polling as pynetdicom's two threads per association do: that
-cut the CPU of a C-MOVE to a third (docs/performance.md). Like pynetdicom, a failure to keep one
+blocks on the socket instead of polling as pynetdicom's two threads per association do
+(docs/performance.md, "DICOM: our own upper layer"). Like pynetdicom, a failure to keep one
 instance is a failure status for that C-STORE (PS3.4 B.2.3), never the end of the
 association; a peer that breaks the protocol gets an A-ABORT saying why.
 

@@ -10,20 +10,20 @@ pydicom as it was. Every module here that opens or accepts an association import
   fragment of a C-STORE); with Nagle's algorithm on, each can wait for the peer's delayed ACK
   (~40 ms on Linux).
 - The DUL poll. pynetdicom's DUL thread sleeps 1 ms whenever it finds nothing to do, so every
-  message it hands over or sends can wait that long (a C-MOVE of 100 instances: ~100 ms).
+  message it hands over or sends can wait that long, and a C-MOVE sends one per instance.
 - Unrestricted storage. Where pynetdicom accepts storage (the bundled sample PACS taking a
   push; our own Storage SCP and C-GET, :mod:`dicom_bridge.upper_layer`, negotiate the same way
   without pynetdicom's threads) every storage SOP class, private ones included, is accepted in
   the first transfer syntax the peer proposes: the bytes are kept as received, so no syntax
   needs converting and no PACS is made to transcode. It also spares the deep copy of 170 listed
-  storage contexts pynetdicom makes per association (~25 ms per association).
+  storage contexts pynetdicom makes per association.
 - No per-message log. pynetdicom's "standard" handlers format every DIMSE message for its log
-  (6% of the CPU of a C-MOVE) whether or not anything shows it; nothing here shows pynetdicom's
+  whether or not anything shows it; nothing here shows pynetdicom's
   INFO/DEBUG lines, and its warnings and errors are still logged. Set ``LOG_HANDLER_LEVEL`` back
   to "standard" to debug DIMSE traffic.
 - No value validation. pydicom checks every value it reads or sets against its VR and warns
   (its default), then uses the value anyway; pynetdicom builds several Datasets per DIMSE
-  message, so that is ~6% of a retrieve's CPU, for warnings nobody reads. The values are the
+  message, so a retrieve pays for warnings nobody reads. The values are the
   same either way; answers are judged where they are mapped (:mod:`mappings.imaging_study`).
 - A reactor that does not steal responses. Each pynetdicom association has a reactor thread that
   takes incoming DIMSE messages off the queue; a ``send_*`` call pauses it first, but the pause

@@ -3,9 +3,8 @@
 A unit is a database transaction of its own, or on SQLite, for a write, a savepoint in the
 writer's group of requests queued at the same moment (``db.WriteGroups``).
 
-The FHIR base is one plain Starlette route on the application (FastAPI's dependency
-solving and response models have nothing to do for a catch-all route, and cost a fifth of
-a read by id).
+The FHIR base is one plain Starlette route on the application: FastAPI's dependency
+solving and response models have nothing to do for a catch-all route.
 """
 
 import asyncio
@@ -85,7 +84,7 @@ def mount(
         (``WriteGroups.INLINE_BUDGET``) and interrupted it: the caller runs it on a reader thread.
 
         On a reader thread a search waits for the GIL at each SQLite call, while the event loop
-        holds it: there, a search by identifier cost 1.2 ms of CPU; here 0.7 (docs/performance.md)."""
+        holds it (docs/performance.md, "Light searches on SQLite try the event loop first")."""
         with db.autocommit() as conn:
             try:
                 with deadline(conn, WriteGroups.INLINE_BUDGET):

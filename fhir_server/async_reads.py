@@ -1,9 +1,8 @@
 """Reads of one row on PostgreSQL, on the event loop (asyncpg).
 
-A read or vread is one SELECT. Run through the thread pool, as other PostgreSQL work is, the
-hop to a thread and back, the pool checkout and the GIL handovers while the thread waits for
-its round trip cost about three times the read itself: 1,500-1,700 reads/s against a bare
-endpoint's 10,000-11,900 (docs/performance.md, "Read by id"). Here they run on the event
+A read or vread is one SELECT. Through a thread pool, the hop to a thread and back, the pool
+checkout and the GIL handovers while the thread waits for its round trip would cost more than
+the read itself (docs/performance.md, "A read by id is one SELECT"). Here they run on the event
 loop, on an asyncpg pool of their own outside any transaction (a single SELECT is its own
 snapshot), and the loop serves other requests while PostgreSQL answers.
 

@@ -1,17 +1,15 @@
 """PostgreSQL requests on the event loop: SQLAlchemy's asyncio bridge over asyncpg.
 
-Through the thread pool a create on PostgreSQL cost the server 1.7-2.4 ms of CPU, of which
-the repository's own work was 0.85 ms: each round trip handed the GIL between the pool's
-threads and the event loop, about 40 context switches per create (docs/performance.md).
+Through a thread pool each round trip of a request would hand the GIL between the pool's
+threads and the event loop (docs/performance.md, "PostgreSQL requests run on the event loop").
 Here a request's unit of work, the same sync code on a ``Connection`` (``router.handle``),
 runs in a greenlet on the event loop: each statement awaits asyncpg, and the loop serves other
 requests meanwhile. There is no thread to hand over to.
 
 The whole unit (checkout, BEGIN, the work, COMMIT, return to the pool) runs in one greenlet,
 on the async engine's ``sync_engine``, as ``AsyncConnection.run_sync`` runs its function:
-``AsyncEngine.begin()`` spawned one greenlet for each of those steps, and each new greenlet
-maps and unmaps a frame stack (mmap, munmap and page faults, strace): 10-20% of the server's
-CPU per create.
+``AsyncEngine.begin()`` would spawn one greenlet for each of those steps, and each new
+greenlet maps and unmaps a frame stack of its own.
 
 The unit is still one transaction: committed when it answers below 400, rolled back (and
 still answered) otherwise, rolled back and raised on any exception. Workers and the HL7

@@ -1,7 +1,7 @@
 """The write path's hot statements, run on the driver's cursor (docs/performance.md).
 
 SQLAlchemy Core builds an execution context around every execute, even of a statement it has
-compiled and cached: about 40 µs, more than SQLite takes to run the INSERT itself, and a create
+compiled and cached, which takes longer than SQLite takes to run the INSERT itself, and a create
 runs five or more of them (resource, version, the index tables). Here a statement is compiled
 once per dialect and set of parameter names, with its bind processors (SQLite's DATETIME as
 text, for one), and run on the DBAPI cursor of the caller's connection: in the caller's

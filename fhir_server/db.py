@@ -55,12 +55,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             # FULL: every COMMIT syncs the WAL, so what was acknowledged (a 201, an HL7 AA) survives
             # a power cut or an OS crash too, not only a crash of the process (NORMAL). With group
-            # commit that is one fsync per group: HL7 intake measured the same with both.
+            # commit that is one fsync per group (docs/performance.md, "SQLite syncs every commit").
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             # The journal of each unit's savepoint (WriteGroups) and of statements in it: in memory,
-            # not a temporary file in /var/tmp written a page at a time (70 of a create's 110 pwrite
-            # calls, strace). It lives only until its transaction ends; durability is the WAL's.
+            # not a temporary file written a page at a time. It lives only until its transaction
+            # ends; durability is the WAL's.
             cur.execute("PRAGMA temp_store=MEMORY")
             cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             # Reads by id over a large store hit random pages: keep them mapped and cached.
@@ -74,8 +74,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
-            # Straight to the driver: this runs once per request, and SQLAlchemy's statement
-            # machinery around a constant BEGIN cost a tenth of a read by id.
+            # Straight to the driver: this runs once per request, and a constant BEGIN needs none of
+            # SQLAlchemy's statement machinery.
             options = conn.get_execution_options()
             if options.get("isolation_level") != "AUTOCOMMIT":
                 conn.connection.driver_connection.execute(f"BEGIN {options.get('sqlite_begin', 'DEFERRED')}")
@@ -204,8 +204,8 @@ class WriteGroups:
     so none is acknowledged before it is written, and a failed COMMIT fails them all. The
     units of a group run one after the other on one connection, as separate transactions
     would (a conditional create sees the writes of the units before it). SQLite rewrites
-    every page a transaction touched at its COMMIT; once per group instead of once per
-    request is what makes this pay (docs/performance.md).
+    every page a transaction touched at its COMMIT, and syncs it: once per group instead of
+    once per request (docs/performance.md, "SQLite commits writes in groups").
 
     Where a group runs: one drain at a time owns the writer's connection. Units submitted
     ``inline`` (a REST write of one resource, ``api._light``) run on the event loop that queued
@@ -213,10 +213,9 @@ class WriteGroups:
     it syncs the WAL, and the loop serves requests meanwhile. Between units too the loop serves
     requests, and the writes among them join the open group (for at most INLINE_BUDGET): under
     load a COMMIT answers every client that was waiting, instead of alternating groups of those
-    answered by the last COMMIT and the rest. On the writer thread, each statement hands the GIL
-    over to the event loop and waits to get it back: about 130 of the writer's 880 µs per create.
-    Both together cut the server's CPU per create by a sixth, and creates per second rose by as
-    much (docs/performance.md, "Writes on the event loop"). Anything else (HL7 messages,
+    answered by the last COMMIT and the rest. On the writer thread each statement would hand the
+    GIL over to the event loop and wait to get it back (docs/performance.md, "Small REST writes
+    run on the event loop"). Anything else (HL7 messages,
     Bundles) runs on the writer thread, and the drain moves there as soon as the unit at the
     head of the queue is not inline, or the write lock is taken (a worker's transaction): the
     event loop never waits for this process's other writers. (Its BEGIN IMMEDIATE waits only for
@@ -282,7 +281,7 @@ class WriteGroups:
         SQLite empties a connection's page cache when another connection has written since
         its last transaction. Taking a pooled connection per group, the writer got each of
         the pool's connections in turn and read back from the WAL every page its group
-        touched (18 pread calls per create, strace). Its own connection keeps its cache.
+        touched. Its own connection keeps its cache.
         """
         if self._conn is None:
             self._conn = self.db._write_engine.connect()
@@ -299,8 +298,8 @@ class WriteGroups:
         """Checkpoint within a second of any group's COMMIT, on a thread of its own.
 
         SQLite's own checkpoint (copying the WAL into the database file and syncing that) runs
-        inside the COMMIT that crosses 1,000 pages of WAL: on the writer's path it cost 5-15% of
-        the creates per second (docs/performance.md). A PASSIVE checkpoint waits for no reader
+        inside the COMMIT that crosses 1,000 pages of WAL, on the writer's path, where every
+        request waits for it (docs/performance.md). A PASSIVE checkpoint waits for no reader
         or writer. It keeps the WAL short; durability does not depend on it (each COMMIT syncs
         the WAL, ``synchronous=FULL``).
         """
@@ -400,7 +399,7 @@ class WriteGroups:
             return False
         group.units.append(unit)
         # Savepoints straight to the driver: SQLAlchemy's begin_nested() compiles its SAVEPOINT
-        # and RELEASE anew each time, a fifth of the writer's time per create. Savepoints the
+        # and RELEASE anew each time, on every unit. Savepoints the
         # work opens itself nest inside, and are its own to close.
         driver = group.conn.connection.driver_connection
         assert driver is not None

@@ -93,7 +93,7 @@ def test_a_lost_connection_answers_500_and_the_next_request_succeeds(db, units_r
 
 def test_a_unit_runs_whole_in_one_greenlet(db):
     """Checkout, BEGIN, the work, COMMIT and checkin in one greenlet: each greenlet started maps a
-    frame stack of its own (docs/performance.md, "System calls"), and AsyncEngine.begin() with
+    frame stack of its own (docs/history/performance-log.md, "System calls"), and AsyncEngine.begin() with
     run_sync started five per request."""
     units = AsyncUnits(db.engine.url)
     switched_to: set[Any] = set()

@@ -6,6 +6,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
@@ -35,6 +36,7 @@ def test_db_upgrade_creates_the_schema_on_an_empty_database(tmp_path: Path):
     assert {"resource", "resource_version", "idx_token", "outbox", "alembic_version"} <= tables
 
 
+@pytest.mark.slow
 def test_demo_runs_a_case_and_a_rerun_adds_nothing(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     first = _run(["demo"], tmp_path, url)

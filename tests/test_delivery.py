@@ -511,6 +511,7 @@ def test_the_delivery_threads_of_serve_deliver_a_report_posted_over_http(db: Dat
     assert len(receiver.received) == 1
 
 
+@pytest.mark.slow
 def test_kill_9_between_commit_and_send_then_restart_delivers_once(database_url: str, tmp_path: Path) -> None:
     """``overread serve`` commits a report posted over HTTP and is killed (SIGKILL) before it could send it
     (its receiver is down); restarted on the same database with the receiver up, it sends it exactly once."""

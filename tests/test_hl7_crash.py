@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hl7
 import hl7.mllp
+import pytest
 from sqlalchemy import func, select
 
 from fhir_server.db import Database
@@ -54,6 +55,7 @@ async def _burst(port: int, batches: list[list[tuple[str, bytes]]], acked: set[s
     await asyncio.gather(*tasks, *([killer()] if kill else []))
 
 
+@pytest.mark.slow
 def test_kill_9_mid_burst_then_resend_gives_exactly_one_case_per_order(database_url: str, tmp_path: Path):
     url = database_url  # SQLite and PostgreSQL
     env = serve_env(url, tmp_path)

@@ -8,6 +8,8 @@ message, never against a bound of its own: other processes on a loaded machine t
 import gc
 import time
 
+import pytest
+
 from mappings.orders import map_message
 from mappings.v2 import Message, parse
 from tests.hl7_golden import OMI
@@ -36,6 +38,7 @@ def _fastest_map(msg: Message, runs: int = 3) -> float:
     return best
 
 
+@pytest.mark.slow
 def test_mapping_time_grows_linearly_with_the_segments():
     small, large = _with_ntes(SMALL), _with_ntes(LARGE)
     bundle = map_message(large)

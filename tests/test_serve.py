@@ -5,12 +5,14 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from dicom_bridge.sample_pacs import SamplePacs, sample_path
 from tests.hl7_golden import DCM4CHE
 from tests.processes import OVERREAD, fhir_base, free_port, serve_env, start_serve
 
 
+@pytest.mark.slow
 def test_an_order_sent_over_mllp_becomes_a_case_with_its_images_linked_and_retrieved(tmp_path: Path):
     dicom_port = free_port()
     # The source PACS holds the study the OMI^O23 fixture orders (IPC-1 accession "AccessionNumber"), of
