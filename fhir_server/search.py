@@ -586,6 +586,9 @@ def _order(res: Resource, query: SearchQuery) -> list[Any]:
     return keys
 
 
+#: Types a search or history of the whole system leaves out unless ``_type`` names them: the audit
+#: log (``fhir_server.audit_log``) is no content of the store, and grows with every request.
+APART = ("AuditEvent",)
 #: What a search reads of each resource: a ``Stored`` (Core rows, no ORM objects).
 STORED = (ResourceRow.type, ResourceRow.id, ResourceRow.version, ResourceRow.last_updated, ResourceRow.content)
 
@@ -598,6 +601,8 @@ def statement(query: SearchQuery) -> Select[str, str, int, datetime, str | None]
         stmt = stmt.where(res.type.in_(query.types))
     elif query.resource_type and not narrowing:
         stmt = stmt.where(res.type == query.resource_type)
+    elif not query.resource_type:
+        stmt = stmt.where(res.type.not_in(APART))
     for crit in query.criteria:
         stmt = stmt.where(_where(res, query.resource_type, crit))
     return stmt
