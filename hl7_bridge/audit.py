@@ -10,7 +10,8 @@ from datetime import datetime
 from typing import Any
 
 from fhir_server import balp
-from mappings.v2 import header
+from mappings.errors import MappingError
+from mappings.v2 import header, parse
 
 #: Who a sender is: MSH-3^MSH-4 (sending application and facility).
 HL7_SENDER = "https://overread.org/fhir/sid/hl7-sender"
@@ -43,11 +44,9 @@ def message_event(raw: bytes, ack: bytes | None, recorded: datetime, address: st
 
 def _acknowledgement(ack: bytes | None) -> tuple[str, str | None]:
     """MSA-1 of an ACK, and its ERR's text (ERR-8) when it has one."""
-    if not ack or not ack.startswith(b"MSH") or len(ack) < 4:
+    try:
+        message = parse(ack or b"")
+    except MappingError:
         return "", "no acknowledgement was sent"
-    separator = ack[3:4]
-    fields = {s[:3]: s.split(separator) for s in ack.split(b"\r")}
-    code = fields.get(b"MSA", [b"", b""])[1:2]
-    error = fields.get(b"ERR", [])
-    text = error[8] if len(error) > 8 else b""
-    return (code[0] if code else b"").decode("latin-1"), text.decode("latin-1", errors="replace") or None
+    msa, err = message.segment("MSA"), message.segment("ERR")
+    return (msa.field(1).value if msa else ""), (err.field(8).value if err else None) or None
