@@ -35,7 +35,7 @@ def events(db: Database) -> list[dict[str, Any]]:
         rows = conn.execute(
             select(ResourceRow.content).where(ResourceRow.type == "AuditEvent").order_by(ResourceRow.pk)
         )
-        return [orjson.loads(content) for (content,) in rows]
+        return [orjson.loads(content or "{}") for (content,) in rows]
 
 
 @contextmanager
