@@ -72,7 +72,7 @@ class AuditLog:
     @staticmethod
     def write(repo: Repository, event: Event) -> None:
         """Write ``event`` in ``repo``'s transaction (a write's own)."""
-        repo.create(event)
+        repo.create_own(event)
 
     def record(self, pending: Pending) -> None:
         """Queue an event, waiting up to ``backpressure`` seconds for room; else drop and count it."""
@@ -129,14 +129,14 @@ class AuditLog:
             with self.db.begin() as conn:
                 repo = Repository(conn)
                 for event in events:
-                    repo.create(event)
+                    repo.create_own(event)
             return
         except Exception:
             log.exception("could not write %d AuditEvents together; writing them one by one", len(pending))
         for one in pending:
             try:
                 with self.db.begin() as conn:
-                    Repository(conn).create(one())
+                    Repository(conn).create_own(one())
             except Exception:
                 self.dropped += 1
                 log.exception("an AuditEvent could not be written; %d lost since start", self.dropped)

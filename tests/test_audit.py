@@ -16,6 +16,7 @@ from fhir_server import balp
 from fhir_server.audit_log import AuditLog
 from fhir_server.db import Database
 from fhir_server.schema import ResourceRow
+from fhir_server.validation import validate
 from tests.builders import patient, post
 from tests.smart_client import TOKEN_PATH, assertion, client_entry, es384, form, smart_app
 
@@ -30,12 +31,16 @@ FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 
 def events(db: Database) -> list[dict[str, Any]]:
-    """Every AuditEvent stored, oldest first, read from the database (a search would be audited too)."""
+    """Every AuditEvent stored, oldest first, read from the database (a search would be audited too);
+    each a valid R4 AuditEvent (the server writes them unvalidated: ``Repository.create_own``)."""
     with db.begin(write=False) as conn:
         rows = conn.execute(
             select(ResourceRow.content).where(ResourceRow.type == "AuditEvent").order_by(ResourceRow.pk)
         )
-        return [orjson.loads(content or "{}") for (content,) in rows]
+        found = [orjson.loads(content or "{}") for (content,) in rows]
+    for event in found:
+        validate(event)
+    return found
 
 
 @contextmanager
@@ -239,6 +244,9 @@ def test_the_operator_searches_the_audit_log_and_others_need_its_scope(client, b
     assert found.status_code == 200 and found.json()["total"] == 1
     assert client.get("/fhir/AuditEvent", headers=patients).status_code == 403
     assert client.get("/fhir/Patient", headers=operator).status_code == 403  # no clinical search by its role
+    event = trail.one(lambda: client.get("/hl7/messages", headers=operator))
+    assert (event["action"], event["outcome"], event["entity"][0]["name"]) == ("R", "0", "GET /hl7/messages")
+    assert client_agent(event)["role"] == [{"coding": [{"system": balp.CLIENT_ROLE, "code": "operator"}]}]
 
 
 def test_the_audit_log_stays_out_of_the_system_history_and_search(client, bearer, trail):
