@@ -242,6 +242,8 @@ def test_the_operator_searches_the_audit_log_and_others_need_its_scope(client, b
     operator, patients = bearer("ops"), bearer("patients")
     found = client.get("/fhir/AuditEvent", params={"altid": "admin", "subtype": "search-type"}, headers=operator)
     assert found.status_code == 200 and found.json()["total"] == 1
+    event = trail.one(lambda: client.get("/fhir/AuditEvent", headers=operator))  # audited, not copied
+    assert subtype(event) == "search-type" and references(event, "4") == []
     assert client.get("/fhir/AuditEvent", headers=patients).status_code == 403
     assert client.get("/fhir/Patient", headers=operator).status_code == 403  # no clinical search by its role
     event = trail.one(lambda: client.get("/hl7/messages", headers=operator))
