@@ -4,7 +4,8 @@ It is the outermost layer, so it sees every answer, the bearer check's 401s incl
 records one AuditEvent per request once the answer is sent (``AuditLog.arecord``). The FHIR
 route leaves its request and response in ``scope["state"]["fhir"]`` (``api.mount``); a
 write that succeeded was audited in its own transaction there, and is not recorded again.
-The token endpoint leaves the client it granted a token in ``scope["state"]["token_client"]``.
+The token endpoint leaves the client it granted a token in ``scope["state"]["token_client"]``,
+or why it refused one in ``scope["state"]["token_error"]``.
 """
 
 from datetime import datetime
@@ -16,10 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fhir_server import balp, dates
 from fhir_server.audit_log import AuditLog, Pending, writes
 from fhir_server.http import FhirRequest, FhirResponse
-
-TOKEN_PATH = "/auth/token"
-#: A refused read is audited even when reads are not (OVERREAD_AUDIT_READS=false).
-REFUSALS = frozenset({401, 403})
+from fhir_server.smart_http import TOKEN_PATH
 
 
 class AuditTrail:
@@ -62,6 +60,6 @@ class AuditTrail:
         req, response = exchange
         if writes(req) and response.status < 400:
             return None  # audited in its own transaction
-        if not self.log.reads and not writes(req) and response.status not in REFUSALS:
-            return None
+        if not self.log.reads and not writes(req) and response.status < 400:
+            return None  # a successful read, with OVERREAD_AUDIT_READS=false
         return partial(balp.rest, req, response, recorded, agent)
