@@ -34,9 +34,9 @@ def audit(db: Database) -> Iterator[AuditLog]:
     log.close()
 
 
-def send_all(db: Database, audit: AuditLog, *messages: bytes) -> list[str]:
-    """Each message over MLLP to the intake of ``overread serve``; MSA-1 of each answer."""
-    settings = Settings(database_url=db.url, mllp_port=0)
+def send_all(db: Database, audit: AuditLog, *messages: bytes, **options: Any) -> list[str]:
+    """Each message over MLLP to the intake of ``overread serve`` (``options``: its settings); MSA-1 of each answer."""
+    settings = Settings(database_url=db.url, mllp_port=0, **options)
 
     async def run() -> list[str]:
         async with mllp_listener(settings, db, OverreadConfig(), audit) as server:
@@ -65,6 +65,13 @@ def test_every_mllp_message_is_audited_in_its_transaction(db, audit):
         assert agent["who"]["identifier"]["system"] == HL7_SENDER and agent["network"]["address"] == "127.0.0.1"
     assert subtype(accepted) == "O23" and accepted["entity"][0]["detail"][0]["valueString"] == _control_id(OMI)
     assert "ADT^A40" in refused["outcomeDesc"]
+
+
+def test_a_message_answered_without_the_database_is_audited_through_the_queue(db, audit):
+    assert send_all(db, audit, OMI, mllp_max_message_size=256) == ["AE"]
+    audit.flush()
+    (event,) = events(db)
+    assert (event["outcome"], event["entity"][0]["detail"][0]["valueString"]) == ("4", _control_id(OMI))
 
 
 def _control_id(raw: bytes) -> str:
