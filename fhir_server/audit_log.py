@@ -56,7 +56,7 @@ class AuditLog:
         *,
         reads: bool = True,
         capacity: int = 10_000,
-        batch: int = 256,
+        batch: int = 64,
         backpressure: float = 2.0,
         warn_every: float = 60.0,
     ) -> None:
