@@ -130,6 +130,7 @@ def test_each_interaction_leaves_one_audit_event_of_its_kind(client, bearer, tra
         ("system search", call("GET", "?_type=Patient"), "search-system", "E", []),
         ("history", call("GET", f"Patient/{pid}/_history"), "history-instance", "R", []),
         ("type history", call("GET", "Patient/_history"), "history-type", "R", []),
+        ("system history", call("GET", "_history"), "history-system", "R", []),
         ("update", call("PUT", f"Patient/{pid}", {**patient(), "id": pid}),
          "update", "U", [f"Patient/{pid}/_history/2"]),
         ("patch", call("PATCH", f"Patient/{pid}", [{"op": "add", "path": "/active", "value": True}], patch_type),
@@ -152,6 +153,8 @@ def test_each_interaction_leaves_one_audit_event_of_its_kind(client, bearer, tra
         if name in ("read", "vread", "search", "update", "history", "create of another type"):
             assert references(event, "1") == [f"Patient/{pid}"], name  # the patient it is about
     assert created["action"] == "C" and subtype(created) == "create" and references(created, "1") == [f"Patient/{pid}"]
+    opened = trail.one(call("GET", "metadata"))  # an open route: its token is not read
+    assert (subtype(opened), opened["action"], opened["outcome"]) == ("capabilities", "R", "0")
 
 
 def test_a_search_is_audited_with_its_query_and_not_the_resources_it_found(client, bearer, trail):
