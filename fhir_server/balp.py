@@ -188,8 +188,10 @@ def _rest_entities(
     if interaction in ("batch", "transaction"):
         entries = response.body.get("entry", []) if isinstance(response.body, dict) else []
         for entry in entries:
-            if location := entry.get("response", {}).get("location"):
-                yield _resource(location.split("/_history/")[0].rsplit("/", 2)[-2:])
+            location = entry.get("response", {}).get("location", "")
+            if "/_history/" in location:  # [base]/Type/id/_history/version
+                rtype, rid, _, version = location.split("/")[-4:]
+                yield _resource([rtype, rid], int(version))
         return
     about = response.about
     if about is not None:
