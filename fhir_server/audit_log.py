@@ -75,18 +75,25 @@ class AuditLog:
         repo.create_own(event)
 
     def record(self, pending: Pending) -> None:
-        """Queue an event, waiting up to ``backpressure`` seconds for room; else drop and count it."""
+        """Queue an event, waiting up to ``backpressure`` seconds for room; else (or once closed) drop and count it."""
         try:
-            self._queue.put(pending, timeout=self.backpressure)
+            if self._writer.is_alive():
+                self._queue.put(pending, timeout=self.backpressure)
+                return
         except queue.Full:
-            self._drop()
+            pass
+        self._drop()
 
     async def arecord(self, pending: Pending) -> None:
         """``record`` from the event loop: at once when there is room, else waiting on a thread."""
         try:
-            self._queue.put_nowait(pending)
+            if self._writer.is_alive():
+                self._queue.put_nowait(pending)
+                return
         except queue.Full:
             await asyncio.to_thread(self.record, pending)
+            return
+        self._drop()
 
     def flush(self) -> None:
         """Return once every event queued so far is written (or given up)."""
