@@ -208,13 +208,11 @@ class StorageScp:
             raise ProtocolError(f"PDU type 0x{first[0]:02X} before an A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
         sock.settimeout(self.limits.idle_timeout)  # not what was left of the ARTIM, for the answer too
         association, answer = accept(first[1], [VERIFICATION])
+        transfer.calling_ae = calling_ae(first[1])  # also of an A-ASSOCIATE-RQ we could not accept
         refusal = None if association is not None else "the A-ASSOCIATE-RQ was not acceptable (PS3.8 9.3.4)"
         if association is not None and (full := self._associated(sock, host)):
             log.warning("DICOM association of %s from %s rejected: %s", association.calling_ae, peer, full)
-            refusal = full
-            transfer.calling_ae, association, answer = association.calling_ae, None, reject(*REJECT_TOO_MANY)
-        if association is not None:
-            transfer.calling_ae = association.calling_ae
+            association, answer, refusal = None, reject(*REJECT_TOO_MANY), full
         if self.audit is not None:
             self.audit(partial(audit.association, transfer.calling_ae, host, refusal, dates.now()))
         sock.sendall(answer)
@@ -300,6 +298,11 @@ class StorageScp:
                 self.on_received(studies)
             except Exception:  # a failed wake-up must not take the SCP down; the job retries anyway
                 log.exception("could not wake the cases waiting for %s", sorted(studies))
+
+
+def calling_ae(associate_rq: bytes) -> str:
+    """The Calling AE Title of an A-ASSOCIATE-RQ's body (PS3.8 9.3.2: its bytes 21-36)."""
+    return associate_rq[20:36].decode("ascii", "replace").strip()
 
 
 def c_store(store: ImageStore, message: Message, syntax: str, peer: str) -> tuple[int, Header | None]:

@@ -4,6 +4,8 @@ own transaction; each DICOM association (pynetdicom) one of it, accepted or reje
 instances it stored."""
 
 import asyncio
+import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from sqlalchemy import func, select
 
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.storage_scp import Limits, StorageScp
+from dicom_bridge.upper_layer import ASSOCIATE_RJ, ASSOCIATE_RQ, pdu
 from fhir_server.audit_log import AuditLog
 from fhir_server.db import Database
 from hl7_bridge.audit import HL7_SENDER
@@ -116,3 +119,17 @@ def test_a_rejected_association_is_audited(db, audit, tmp_path):
     (rejected,) = events(db)
     assert (rejected["outcome"], client_agent(rejected)["name"]) == ("4", "STRANGER")
     assert "0 associations at once" in rejected["outcomeDesc"]
+
+
+def test_an_association_refused_for_its_request_is_audited_with_its_calling_ae(db, audit, tmp_path):
+    scp = Scp(tmp_path, audit)
+    try:
+        with socket.create_connection(("127.0.0.1", scp.port)) as sock:
+            body = struct.pack(">HH16s16s32x", 2, 0, AE_TITLE.encode().ljust(16), b"OLDPROTOCOL".ljust(16))
+            sock.sendall(pdu(ASSOCIATE_RQ, body))  # protocol version bit 0 unset: not one we speak
+            assert sock.recv(6)[0] == ASSOCIATE_RJ
+    finally:
+        scp.scp.stop()
+    audit.flush()
+    (rejected,) = events(db)
+    assert (rejected["outcome"], client_agent(rejected)["name"]) == ("4", "OLDPROTOCOL")
