@@ -32,8 +32,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
-from dicom_bridge import command_set
+from dicom_bridge import audit, command_set
+from dicom_bridge.audit import Transfer
 from dicom_bridge.command_set import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
@@ -68,12 +70,16 @@ from dicom_bridge.upper_layer import (
     reject,
     response_pdu,
 )
+from fhir_server import dates
+from fhir_server.audit_log import Pending
 
 log = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO (PS3.4 Annex A)
 
 #: (Study Instance UID, Accession Number) of each study an association brought.
 Received = Callable[[set[tuple[str, str]]], None]
+#: Where the SCP's AuditEvents go (``fhir_server.audit_log.AuditLog.record``).
+Audit = Callable[[Pending], None]
 
 
 @dataclass(frozen=True)
@@ -111,9 +117,10 @@ class StorageScp:
         on_received: Received | None = None,
         *,
         limits: Limits = Limits(),
+        audit: Audit | None = None,
     ) -> None:
         self.ae_title, self.address, self.store, self.on_received = ae_title, (host, port), store, on_received
-        self.limits = limits
+        self.limits, self.audit = limits, audit
         self.budget = Budget(limits.max_data_set, limits.max_buffered)
         # Connections in the order they came, until their A-ASSOCIATE-RQ; then associations, by peer address.
         self._pending: dict[socket.socket, None] = {}
@@ -175,8 +182,9 @@ class StorageScp:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.nodelay))
         studies: set[tuple[str, str]] = set()
         peer = f"{host}:{port}"
+        transfer = Transfer("", host)
         try:
-            self._associate(sock, host, peer, studies)
+            self._associate(sock, host, peer, studies, transfer)
         except ProtocolError as exc:
             log.warning("DICOM peer %s broke the protocol: %s; association aborted", peer, exc)
             _quietly(sock.sendall, abort(*exc.abort))
@@ -187,8 +195,12 @@ class StorageScp:
         finally:
             self.forget(sock)
             self._ended(studies)
+            if self.audit is not None and (transfer.kept or transfer.failed):
+                self.audit(partial(transfer.event, dates.now()))
 
-    def _associate(self, sock: socket.socket, host: str, peer: str, studies: set[tuple[str, str]]) -> None:
+    def _associate(
+        self, sock: socket.socket, host: str, peer: str, studies: set[tuple[str, str]], transfer: Transfer
+    ) -> None:
         first = read_pdu(Deadline(sock, self.limits.associate_timeout), MAX_ASSOCIATE_RQ)
         if first is None:
             return  # a port probe, or a connection closed for a newer one (admit)
@@ -196,9 +208,13 @@ class StorageScp:
             raise ProtocolError(f"PDU type 0x{first[0]:02X} before an A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
         sock.settimeout(self.limits.idle_timeout)  # not what was left of the ARTIM, for the answer too
         association, answer = accept(first[1], [VERIFICATION])
+        transfer.calling_ae = calling_ae(first[1])  # also of an A-ASSOCIATE-RQ we could not accept
+        refusal = None if association is not None else "the A-ASSOCIATE-RQ was not acceptable (PS3.8 9.3.4)"
         if association is not None and (full := self._associated(sock, host)):
             log.warning("DICOM association of %s from %s rejected: %s", association.calling_ae, peer, full)
-            association, answer = None, reject(*REJECT_TOO_MANY)
+            association, answer, refusal = None, reject(*REJECT_TOO_MANY), full
+        if self.audit is not None:
+            self.audit(partial(audit.association, transfer.calling_ae, host, refusal, dates.now()))
         sock.sendall(answer)
         if association is None:
             return
@@ -208,7 +224,7 @@ class StorageScp:
         timer.daemon = True
         timer.start()
         try:
-            self._exchange(sock, stream, association, messages, studies)
+            self._exchange(sock, stream, association, messages, studies, transfer)
         except (ProtocolError, OSError):
             if not expired.is_set():
                 raise
@@ -239,13 +255,14 @@ class StorageScp:
         association: Association,
         messages: Messages,
         studies: set[tuple[str, str]],
+        transfer: Transfer,
     ) -> None:
         """The DIMSE messages of an association, until the peer releases or aborts it."""
         while (pdu := read_pdu(stream)) is not None:
             kind, body = pdu
             if kind == P_DATA_TF:
                 for message in messages.feed(body):
-                    if (status := self._status(association, message, studies)) is not None:
+                    if (status := self._status(association, message, studies, transfer)) is not None:
                         sock.sendall(response_pdu(message, status))
             elif kind == RELEASE_RQ:
                 sock.sendall(RELEASE_RESPONSE)
@@ -255,7 +272,9 @@ class StorageScp:
             else:
                 raise ProtocolError(f"PDU type 0x{kind:02X} inside an association", ABORT_UNEXPECTED_PDU)
 
-    def _status(self, association: Association, message: Message, studies: set[tuple[str, str]]) -> int | None:
+    def _status(
+        self, association: Association, message: Message, studies: set[tuple[str, str]], transfer: Transfer
+    ) -> int | None:
         """The status to answer ``message`` with (PS3.7 9.1), or None for what has no answer."""
         command = message.command
         if command.field == C_STORE_RQ and (message.data is not None or message.too_large):
@@ -263,6 +282,9 @@ class StorageScp:
             status, found = c_store(self.store, message, syntax, association.calling_ae)
             if found is not None:
                 studies.add((found.study_uid, found.accession))
+                transfer.kept[found.study_uid] += 1
+            else:
+                transfer.failed += 1
             return status
         if command.field == C_ECHO_RQ:
             return SUCCESS
@@ -276,6 +298,11 @@ class StorageScp:
                 self.on_received(studies)
             except Exception:  # a failed wake-up must not take the SCP down; the job retries anyway
                 log.exception("could not wake the cases waiting for %s", sorted(studies))
+
+
+def calling_ae(associate_rq: bytes) -> str:
+    """The Calling AE Title of an A-ASSOCIATE-RQ's body (PS3.8 9.3.2: its bytes 21-36)."""
+    return associate_rq[20:36].decode("ascii", "replace").strip()
 
 
 def c_store(store: ImageStore, message: Message, syntax: str, peer: str) -> tuple[int, Header | None]:

@@ -24,8 +24,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Lifespan
 
+from fhir_server import balp, dates
 from fhir_server.async_reads import AsyncReads
 from fhir_server.async_units import AsyncUnits
+from fhir_server.audit_log import AuditLog, writes
 from fhir_server.db import Database, Rollback, WriteGroups, deadline, interrupted
 from fhir_server.errors import FhirError, error
 from fhir_server.http import FhirRequest, FhirResponse
@@ -55,8 +57,10 @@ def mount(
     base_url: str = "",
     prefix: str = "/fhir",
     limits: Limits = DEFAULT,
+    audit: AuditLog | None = None,
 ) -> None:
-    """Serve the FHIR REST API of ``db`` under ``prefix``, refusing requests over ``limits``."""
+    """Serve the FHIR REST API of ``db`` under ``prefix``, refusing requests over ``limits``;
+    ``audit``: every write succeeded is audited in its transaction (the rest by ``audit_http``)."""
     # A read of one resource (version) is one SELECT: it runs outside a transaction, on the
     # event loop itself: on SQLite, where it takes less time than handing it to a thread
     # would, and on PostgreSQL with an async driver (``AsyncReads``). Other SQLite reads run
@@ -97,6 +101,8 @@ def mount(
         response = handle(req, repo, base)
         if response.status < 400:
             repo.complete()
+            if audit is not None and writes(req):  # in the write's transaction: committed or undone with it
+                audit.write(repo, balp.rest(req, response, dates.now(), balp.Agent.of(req.access, req.peer)))
         return response
 
     def run(req: FhirRequest, base: str, write: bool, one_row: bool) -> FhirResponse:
@@ -129,29 +135,32 @@ def mount(
                 params=list(request.query_params.multi_items()),
                 headers=_headers(request, limits),
                 access=getattr(request.state, "access", None),  # set by smart_http.BearerAuth when auth is on
+                peer=request.client.host if request.client else None,
             )
             size = 0 if req.method in READ_METHODS else await _read_body(request, req, limits)
         except FhirError as exc:
             return _http(FhirResponse.of(exc), request)
-        # POST _search reads, everything else that is not GET/HEAD may write.
-        write = req.method not in READ_METHODS and not req.path.endswith("_search")
+        response = await answer(req, base, size)
+        request.state.fhir = (req, response)  # for the audit trail (fhir_server.audit_http)
+        return _http(response, request)
+
+    async def answer(req: FhirRequest, base: str, size: int) -> FhirResponse:
+        write = writes(req)
         target = read_target(req)
         one_row = target is not None
         if target is not None and reads is not None and reads.ready:
-            return _http(await _answered(req, _read(reads, req, target, base)), request)
+            return await _answered(req, _read(reads, req, target, base))
         if sqlite and one_row:
-            return _http(run(req, base, write, one_row), request)
+            return run(req, base, write, one_row)
         if db.groups is not None and write:
-            inline = _light(req, size)
-            return _http(await _answered(req, db.groups.submit(unit(req, base), inline=inline)), request)
+            return await _answered(req, db.groups.submit(unit(req, base), inline=_light(req, size)))
         if units is not None and units.ready:
-            return _http(await _answered(req, units.run(unit(req, base))), request)
+            return await _answered(req, units.run(unit(req, base)))
         if readers is not None and _light_search(req) and (found := search_here(req, base)) is not None:
-            return _http(found, request)
+            return found
         if readers is not None:
-            loop = asyncio.get_running_loop()
-            return _http(await loop.run_in_executor(readers, run, req, base, write, one_row), request)
-        return _http(await run_in_threadpool(run, req, base, write, one_row), request)
+            return await asyncio.get_running_loop().run_in_executor(readers, run, req, base, write, one_row)
+        return await run_in_threadpool(run, req, base, write, one_row)
 
     # [base] itself, as FHIR clients write it (a transaction POSTed to ".../fhir"): no redirect to "/fhir/".
     app.add_route(prefix, fhir, methods=METHODS)

@@ -19,6 +19,7 @@ import orjson
 
 from fhir_server import conditional
 from fhir_server.access import Access, authorize
+from fhir_server.audit_log import refuse_write
 from fhir_server.errors import FhirError, Issue, error
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.repository import Repository, Stored
@@ -68,6 +69,7 @@ def process(
     _lock_in_order(entries, repo)
     run: Run = lambda entry: handle(_request(entry, base, access), repo, base)  # noqa: E731
     if kind == "transaction":
+        _refuse_audit_writes(entries)
         _authorize(entries, base, access)
         responses = _transaction(entries, repo, base, run) if savepoint else _run_transaction(entries, repo, base, run)
     else:
@@ -78,6 +80,13 @@ def process(
         "type": f"{kind}-response",
         "entry": [_response_entry(r) for r in responses],
     }
+
+
+def _refuse_audit_writes(entries: list[Entry]) -> None:
+    """A transaction's creates do not pass ``handle``: an AuditEvent among them is refused here."""
+    for entry in entries:
+        with _at(entry):
+            refuse_write(entry.method, entry.url)
 
 
 def _authorize(entries: list[Entry], base: str, access: Access | None) -> None:

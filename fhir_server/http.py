@@ -21,6 +21,8 @@ class FhirRequest:
     body: Any = None
     #: Who asks and what they may do (``fhir_server.access``); None: unrestricted (auth off, internal doors).
     access: Access | None = None
+    #: The client's network address, for the audit log (``fhir_server.balp``); None for internal doors.
+    peer: str | None = None
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -40,6 +42,8 @@ class FhirResponse:
     #: A JSON-serialisable body (orjson.Fragment allowed for stored JSON), or None.
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    #: The resource (version) the answer is about: read, written; for the audit log (``fhir_server.balp``).
+    about: Stored | None = None
 
     @classmethod
     def of(cls, exc: FhirError) -> "FhirResponse":

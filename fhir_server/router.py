@@ -12,6 +12,7 @@ import orjson
 from sqlalchemy import func, select
 
 from fhir_server import access, bundle, capability, conditional, dates, limits, operations, search
+from fhir_server.audit_log import refuse_write
 from fhir_server.errors import FhirError, error, information
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.patch import patch
@@ -73,6 +74,7 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
 def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     parts = [p for p in req.path.strip("/").split("/") if p]
     method = req.method.upper()
+    refuse_write(method, req.path)
     access.authorize(req)
     match parts, method:
         case [], "POST":
@@ -122,7 +124,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
                         raise error(404, "not-found", f"{rtype}/{rid} is not known")
                     deleted = repo.delete(rtype, rid, req.header("if-match"))
                     headers = {"ETag": deleted.etag} if deleted else {}
-                    return FhirResponse(200, information(f"Deleted {rtype}/{rid}"), headers)
+                    return FhirResponse(200, information(f"Deleted {rtype}/{rid}"), headers, deleted)
         case [rtype, rid, name], _ if name.startswith("$"):
             check_type(rtype)
             return operations.instance(repo, req, rtype, rid, name)
@@ -154,12 +156,12 @@ def _read(req: FhirRequest, stored: Stored, base: str) -> FhirResponse:
     if not access.may_read(req.access, stored):  # answered as missing: the answer tells nothing
         readable(stored.type, stored.id, target.version if (target := read_target(req)) else None, None)
     if req.header("if-none-match") in (stored.etag, f'"{stored.version}"'):
-        return FhirResponse(304, None, version_headers(stored))
+        return FhirResponse(304, None, version_headers(stored), stored)
     elements = _elements(req)
     body: Any = orjson.Fragment(stored.content or "{}")
     if elements is not None or any(k == "_summary" for k, _ in req.params):
         body = search.shape(stored.resource, dict(req.params).get("_summary"), elements)
-    return FhirResponse(200, body, version_headers(stored))
+    return FhirResponse(200, body, version_headers(stored), stored)
 
 
 def _elements(req: FhirRequest) -> list[str] | None:
@@ -174,12 +176,11 @@ def _written(req: FhirRequest, stored: Stored, base: str, status: int) -> FhirRe
     headers = {**version_headers(stored), "Location": _location(base, stored)}
     match req.prefer("return"):
         case "minimal":
-            return FhirResponse(status, None, headers)
+            return FhirResponse(status, None, headers, stored)
         case "OperationOutcome":
-            return FhirResponse(
-                status, information(f"Stored {stored.type}/{stored.id} version {stored.version}"), headers
-            )
-    return FhirResponse(status, orjson.Fragment(stored.content or "{}"), headers)
+            stored_text = information(f"Stored {stored.type}/{stored.id} version {stored.version}")
+            return FhirResponse(status, stored_text, headers, stored)
+    return FhirResponse(status, orjson.Fragment(stored.content or "{}"), headers, stored)
 
 
 def _create(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirResponse:
@@ -227,8 +228,8 @@ def _conditional_delete(repo: Repository, req: FhirRequest, rtype: str) -> FhirR
         raise error(412, "multiple-matches", f"The criteria match {len(found)} resources")
     if not found:
         return FhirResponse(204)
-    repo.delete(rtype, found[0].id)
-    return FhirResponse(200, information(f"Deleted {rtype}/{found[0].id}"))
+    deleted = repo.delete(rtype, found[0].id)
+    return FhirResponse(200, information(f"Deleted {rtype}/{found[0].id}"), about=deleted)
 
 
 def _search(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirResponse:
@@ -256,8 +257,7 @@ def _history(repo: Repository, base: str, req: FhirRequest, rtype: str | None, r
                 raise error(400, "invalid", str(exc), "_since") from None
     v = VersionRow
     stmt = select(v.type, v.id, v.version, v.last_updated, v.content, v.method)
-    if rtype:
-        stmt = stmt.where(VersionRow.type == rtype)
+    stmt = stmt.where(VersionRow.type == rtype) if rtype else stmt.where(VersionRow.type.not_in(search.APART))
     if rid:
         stmt = stmt.where(VersionRow.id == rid)
     if since:

@@ -621,6 +621,9 @@ def _order(res: Resource, query: SearchQuery) -> list[Any]:
     return keys
 
 
+#: Types a search or history of the whole system, and ``_revinclude=*``, leave out unless they are
+#: named: the audit log (``fhir_server.audit_log``) is no content of the store, and grows with every request.
+APART = ("AuditEvent",)
 #: What a search reads of each resource: a ``Stored`` (Core rows, no ORM objects).
 STORED = (ResourceRow.type, ResourceRow.id, ResourceRow.version, ResourceRow.last_updated, ResourceRow.content)
 
@@ -633,6 +636,8 @@ def statement(query: SearchQuery) -> Select[str, str, int, datetime, str | None]
         stmt = stmt.where(res.type.in_(query.types))
     elif query.resource_type and not narrowing:
         stmt = stmt.where(res.type == query.resource_type)
+    elif not query.resource_type:
+        stmt = stmt.where(res.type.not_in(APART))
     for crit in query.criteria:
         stmt = stmt.where(_where(res, query.resource_type, crit))
     return stmt
@@ -769,6 +774,8 @@ def _reverse_include(rule: Include, frontier: list[Stored]) -> ColumnElement[boo
     )
     if rule.source != "*":
         pointing = pointing.where(ReferenceIndex.res_type == rule.source)
+    else:  # every type that points here, but the audit log: it points at everything it saw
+        pointing = pointing.where(ReferenceIndex.res_type.not_in(APART))
     if rule.param != "*":
         pointing = pointing.where(ReferenceIndex.param == rule.param)
     return ResourceRow.pk.in_(pointing)

@@ -44,6 +44,8 @@ TOKEN_ALGORITHM = "HS256"
 #: Verified access tokens kept (a few hundred bytes each), so a token's signature is checked once.
 TOKENS_KEPT = 4096
 ISSUER = "overread"
+#: What the operator role may besides its scopes: read and search the audit log (docs/security.md).
+AUDIT_READER = Scope("AuditEvent", frozenset("rs"))
 Clock = Callable[[], float]
 
 
@@ -117,6 +119,7 @@ class Granted:
     access_token: str
     scope: str
     expires_in: int
+    client_id: str
 
     def json(self) -> dict[str, Any]:
         return {
@@ -157,7 +160,8 @@ class Smart:
         scope, lifetime = " ".join(map(str, granted)), self.token_seconds
         token = {"iss": ISSUER, "sub": client.client_id, "scope": scope, "iat": int(now), "exp": int(now) + lifetime,
                  "jti": secrets.token_urlsafe(16)}  # fmt: skip
-        return Granted(jwt.encode({"alg": TOKEN_ALGORITHM}, token, self._secret(), [TOKEN_ALGORITHM]), scope, lifetime)
+        signed = jwt.encode({"alg": TOKEN_ALGORITHM}, token, self._secret(), [TOKEN_ALGORITHM])
+        return Granted(signed, scope, lifetime, client.client_id)
 
     def _assertion(self, assertion: str, token_url: str) -> tuple[Client, dict[str, Any]]:
         """The client that signed ``assertion`` and its claims, every check passed; else invalid_client."""
@@ -214,6 +218,8 @@ class Smart:
         if claims.get("iss") != ISSUER or not isinstance(exp, int) or client is None:
             raise InvalidToken("The access token's client is no longer registered")
         scope = _scopes(str(claims.get("scope", "")))
+        if client.role == "operator":
+            scope += (AUDIT_READER,)
         return Access(client.client_id, scope, client.role, client.organization), exp
 
     def _secret(self) -> OctKey:

@@ -58,13 +58,15 @@ def routes(smart: Smart, prefix: str = "/fhir", base_url: str = "") -> list[Rout
         return Response(orjson.dumps(statement), media_type=FHIR_JSON)
 
     async def token(request: Request) -> Response:
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
-            return _token_error(TokenError("invalid_request", "The body must be application/x-www-form-urlencoded"))
         try:
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+                raise TokenError("invalid_request", "The body must be application/x-www-form-urlencoded")
             form = await _form(request)
             granted = await run_in_threadpool(smart.token, form, base(request) + TOKEN_PATH)
         except TokenError as exc:
+            request.state.token_error = f"{exc.code}: {exc.description}"  # for the audit trail
             return _token_error(exc)
+        request.state.token_client = granted.client_id
         return JSONResponse(granted.json(), headers=NO_STORE)
 
     return [

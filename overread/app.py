@@ -2,10 +2,11 @@
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, closing, contextmanager
 from datetime import timedelta
 from functools import partial
+from typing import Any
 
 import uvicorn
 from fastapi import Depends, FastAPI
@@ -19,20 +20,23 @@ from dicom_bridge import tuning
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
 from dicom_bridge.storage_scp import Limits, StorageScp
-from fhir_server import api, operations, profiles, search_limits
+from fhir_server import api, dates, operations, profiles, search_limits
+from fhir_server.audit_http import AuditTrail
+from fhir_server.audit_log import AuditLog
 from fhir_server.conformance_seed import publish
 from fhir_server.db import Database
 from fhir_server.notifier import Notifier
 from fhir_server.outbox_worker import running
 from fhir_server.rate_limit import Buckets, RateLimit
-from fhir_server.repository import Hook
+from fhir_server.repository import Hook, Repository
 from fhir_server.smart import Smart
 from fhir_server.smart_http import BearerAuth, area_guard, open_routes, routes
 from fhir_server.subscriptions import hook
 from hl7_bridge.api import messages_router, outbound_router
+from hl7_bridge.audit import message_event
 from hl7_bridge.delivery import Delivery
 from hl7_bridge.intake import failed, last_resort, oversize, receive_in
-from hl7_bridge.mllp import MllpServer, quiet_accept_errors
+from hl7_bridge.mllp import MllpServer, current_connection, quiet_accept_errors
 from overread import config
 from overread.config import OverreadConfig
 from overread.server import http_config
@@ -61,18 +65,30 @@ def make_hooks(cfg: OverreadConfig) -> tuple[Hook, ...]:
 HOOKS = make_hooks(OverreadConfig())
 
 
-def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConfig | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, db: Database | None = None, cfg: OverreadConfig | None = None, audit: AuditLog | None = None
+) -> FastAPI:
     """The web application: the FHIR API and the HL7 message store's endpoints.
 
-    ``cfg`` is the parsed OVERREAD_CONFIG; read from ``settings.config`` when not given.
+    ``cfg`` is the parsed OVERREAD_CONFIG; read from ``settings.config`` when not given. Every
+    request is audited into ``audit``, or a log of the app's own, written out at its shutdown.
     With ``settings.auth_mode()`` smart, every route but the open ones needs an access token
     (docs/security.md); ValueError when it is off and a listener is beyond loopback.
     """
     mode = settings.auth_mode()
     db = db or Database(settings.database_url, hide_parameters=not settings.log_sensitive)
     cfg = cfg or config.load(settings.config)
-    app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
-    app.state.db = db
+    owned = audit is None
+    audit = audit or audit_log(settings, db)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            await asyncio.to_thread(audit.close)
+
+    app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.db, app.state.audit = db, audit
     search_limits.configure(settings.search)
     hooks = make_hooks(cfg)
     if rate := settings.http_rate():  # added first: inside BearerAuth, so it sees the token's client
@@ -83,21 +99,29 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
         app.add_middleware(BearerAuth, smart=smart, open=open_routes())
     else:
         log.warning("OVERREAD_AUTH is off: anyone who reaches a listener reads and changes every record")
-    api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits())
+    api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits(), audit=audit)
+    app.add_middleware(AuditTrail, log=audit)  # added last, so outermost: it sees BearerAuth's 401s too
     hl7 = [Depends(area_guard("hl7"))]
     app.include_router(messages_router(db, cfg.sender, hooks), dependencies=hl7)
     app.include_router(outbound_router(result_delivery(db, cfg).queue), dependencies=hl7)
     return app
 
 
-def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None = None) -> MllpServer:
+def audit_log(settings: Settings, db: Database) -> AuditLog:
+    return AuditLog(db, reads=settings.audit_reads)
+
+
+def mllp_listener(
+    settings: Settings, db: Database, cfg: OverreadConfig | None = None, audit: AuditLog | None = None
+) -> MllpServer:
     """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT (storage runs off the event loop).
 
     On SQLite each message is a unit of the writer's groups (``db.groups``), with the FHIR
     requests that write: committed together, each acknowledged after the commit. Every message
     is answered: one whose intake fails unexpectedly is stored in a transaction of its own and
     answered AR (``intake.failed``); if even that fails, the AR is built without the database
-    (``intake.last_resort``).
+    (``intake.last_resort``). Each message is audited into ``audit``: in its own transaction, or,
+    answered without the database, queued.
     """
     cfg = cfg or config.load(settings.config)
     senders, hooks = cfg.sender, make_hooks(cfg)
@@ -112,24 +136,56 @@ def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None =
 
         return await asyncio.get_running_loop().run_in_executor(None, in_transaction)
 
+    def audited(work: Callable[[Connection], bytes], message: bytes) -> Callable[[Connection], bytes]:
+        address = _peer_address()
+
+        def run(conn: Connection) -> bytes:
+            ack = work(conn)
+            if audit is not None:
+                audit.write(Repository(conn), message_event(message, ack, dates.now(), address))
+            return ack
+
+        return run
+
+    def unstored(answer: Callable[..., bytes]) -> Callable[..., bytes]:
+        """``answer`` (an ACK made without the database), its message audited through the queue."""
+
+        def run(message: bytes, *args: Any) -> bytes:
+            ack = answer(message, *args)
+            if audit is not None:
+                audit.record(partial(message_event, message, ack, dates.now(), _peer_address()))
+            return ack
+
+        return run
+
     async def handler(message: bytes) -> bytes:
         try:
-            return await write(lambda conn: receive_in(conn, message, senders, hooks, settings.mllp_max_segments))
+            intake = partial(
+                receive_in, raw=message, senders=senders, hooks=hooks, max_segments=settings.mllp_max_segments
+            )
+            return await write(audited(intake, message))
         except Exception as exc:
             log.exception("HL7 intake failed on a %d-byte message; storing it as rejected", len(message))
-            return await write(partial(failed, raw=message, exc=exc))
+            return await write(audited(partial(failed, raw=message, exc=exc), message))
 
     return MllpServer(
         handler,
         settings.mllp_host,
         settings.mllp_port,
-        on_error=last_resort,
-        on_oversize=oversize,
+        on_error=unstored(last_resort),
+        on_oversize=unstored(oversize),
         max_message_size=settings.mllp_max_message_size,
         idle_timeout=settings.mllp_idle_timeout,
         max_connections=settings.mllp_max_connections,
         max_connections_per_address=settings.mllp_max_connections_per_address,
     )
+
+
+def _peer_address() -> str | None:
+    """The address of the MLLP peer whose message is being handled."""
+    info = current_connection()
+    peer = info.peername if info is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) else None
 
 
 def image_store(settings: Settings) -> ImageStore:
@@ -159,8 +215,11 @@ def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
 
 
 @contextmanager
-def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[tuple[Linker, StorageScp]]:
-    """The DICOM side running: our Storage SCP, and the linking worker on a thread of its own."""
+def imaging(
+    settings: Settings, db: Database, cfg: OverreadConfig, audit: AuditLog | None = None
+) -> Iterator[tuple[Linker, StorageScp]]:
+    """The DICOM side running: our Storage SCP (its associations audited into ``audit``), and the
+    linking worker on a thread of its own."""
     tuning.apply()  # the process serves DICOM from here on: pynetdicom and pydicom as it needs them
     worker = linker(settings, db, cfg)
     worker.publish_endpoints()
@@ -171,6 +230,7 @@ def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[t
         image_store(settings),
         worker.wake,
         limits=scp_limits(settings),
+        audit=audit.record if audit is not None else None,
     )
     with scp, closing(worker), running([worker.loop]):
         yield worker, scp
@@ -201,23 +261,27 @@ def results_out(db: Database, cfg: OverreadConfig) -> Iterator[Delivery]:
 
 
 @contextmanager
-def workers(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[StorageScp]:
+def workers(
+    settings: Settings, db: Database, cfg: OverreadConfig, audit: AuditLog | None = None
+) -> Iterator[StorageScp]:
     """Everything but the listeners of HTTP and MLLP: the conformance artifacts published, our
     Storage SCP, and the workers (image linking, Subscription notifications, ORU^R01 delivery)."""
     publish(db)  # the conformance artifacts of conformance/, served over FHIR (idempotent)
-    with imaging(settings, db, cfg) as (_, scp), notifications(db, cfg), results_out(db, cfg):
+    with imaging(settings, db, cfg, audit) as (_, scp), notifications(db, cfg), results_out(db, cfg):
         yield scp
 
 
 async def serve_all(settings: Settings, db: Database, cfg: OverreadConfig) -> None:
-    """Every listener and worker of ``overread serve`` in one process, until interrupted."""
+    """Every listener and worker of ``overread serve`` in one process, until interrupted; the audit
+    log's queue written out after the last of them stopped."""
     quiet_accept_errors(asyncio.get_running_loop())  # out of descriptors: one log a minute, not a flood
-    app = create_app(settings, db, cfg)
+    audit = audit_log(settings, db)
+    app = create_app(settings, db, cfg, audit)
     http = uvicorn.Server(
         http_config(app, settings, host=settings.http_host, port=settings.http_port, log_level="info")
     )
-    with workers(settings, db, cfg) as scp:
+    with closing(audit), workers(settings, db, cfg, audit) as scp:
         log.warning("DICOM Storage SCP %s on %s:%s", settings.dicom_ae_title, settings.dicom_host, scp.port)
-        async with mllp_listener(settings, db, cfg) as mllp:
+        async with mllp_listener(settings, db, cfg, audit) as mllp:
             log.warning("HL7 MLLP listener on %s:%s", settings.mllp_host, mllp.port)
             await http.serve()

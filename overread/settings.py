@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     #: loopback address. Unset: ``off`` when every listener is on loopback, else ``smart``.
     auth: Literal["smart", "off"] | None = None
 
+    #: Whether successful reads and searches are audited (docs/security.md, "Audit"); writes, refusals
+    #: and failures always are. Off only for benchmarks.
+    audit_reads: bool = True
+
     #: Debugging only: show query strings in the access log and bound parameters in SQL errors,
     #: which hold PHI (names, birth dates, identifiers); off, the logs leave them out.
     log_sensitive: bool = False

@@ -110,6 +110,7 @@ def live_server(database_url: str) -> Iterator[str]:
         with running(app) as root:
             yield f"{root}/fhir"
     finally:
+        app.state.audit.close()  # its queue written now, not into the next test's database
         app.state.db.dispose()
 
 

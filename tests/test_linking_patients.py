@@ -185,14 +185,14 @@ def test_a_confirmed_study_is_linked_and_audited(env, twins):
     assert env.confirm(order_id, uid, reason).status_code == 400  # no operator
     assert env.confirm(order_id, uid, reason, {"name": "operator", "valueReference": {}}).status_code == 400
     assert env.confirm(order_id, reason, operator).status_code == 400  # no study
-    assert env.all("AuditEvent") == [] and env.status(order_id) == IMAGES_MISMATCH
+    assert env.all("AuditEvent?type=110110") == [] and env.status(order_id) == IMAGES_MISMATCH
     response = env.confirm(order_id, uid, reason, operator)
     assert response.status_code == 202, response.text
     assert env.status(order_id) == IMAGES_PENDING
     assert linker.run_once() == 1
     assert env.linked_uids(order_id) == [theirs.StudyInstanceUID]
     assert env.status(order_id) == IMAGES_AVAILABLE
-    (audit,) = env.all("AuditEvent")
+    (audit,) = env.all("AuditEvent?type=110110")
     (imaging,) = env.all("ImagingStudy")
     assert audit["agent"] == [{"who": operator["valueReference"], "requestor": True}]
     assert audit["purposeOfEvent"] == [{"text": reason["valueString"]}]
@@ -209,7 +209,7 @@ def test_a_confirmed_study_is_linked_and_audited(env, twins):
     assert env.client.post(f"/fhir/ServiceRequest/{order_id}/$link-imaging").status_code == 202
     assert linker.run_once() == 1
     assert env.linked_uids(order_id) == [theirs.StudyInstanceUID]
-    assert env.status(order_id) == IMAGES_AVAILABLE and len(env.all("AuditEvent")) == 1
+    assert env.status(order_id) == IMAGES_AVAILABLE and len(env.all("AuditEvent?type=110110")) == 1
 
 
 def test_a_confirmed_link_whose_retrieve_is_retried_is_audited_once(env, twins):
@@ -228,7 +228,7 @@ def test_a_confirmed_link_whose_retrieve_is_retried_is_audited_once(env, twins):
     assert linker.run_once() == 1
     assert env.status(order_id) == IMAGES_AVAILABLE
     assert env.store.count(theirs.StudyInstanceUID) == 1
-    assert len(env.all("AuditEvent")) == 1
+    assert len(env.all("AuditEvent?type=110110")) == 1
 
 
 def test_a_confirmation_may_name_the_imaging_study_resource(env, twins):
@@ -245,7 +245,7 @@ def test_a_confirmation_may_name_the_imaging_study_resource(env, twins):
     assert env.confirm(other, reference, reason, {"name": "operator", "valueString": "Dr Lindgren"}).status_code == 202
     assert linker.run_once() == 1
     assert env.linked_uids(other) == env.linked_uids(linked) == [ours.StudyInstanceUID]
-    (audit,) = env.all("AuditEvent")
+    (audit,) = env.all("AuditEvent?type=110110")
     assert audit["agent"][0]["who"] == {"display": "Dr Lindgren"}
 
 
