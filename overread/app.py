@@ -31,8 +31,9 @@ from fhir_server.subscriptions import notify
 from hl7_bridge.api import messages_router, outbound_router
 from hl7_bridge.delivery import Delivery
 from hl7_bridge.intake import failed, last_resort, oversize, receive_in
-from hl7_bridge.mllp import MllpServer, quiet_accept_errors
+from hl7_bridge.mllp import MllpServer, current_connection, quiet_accept_errors
 from overread import config
+from overread.allow import Peer
 from overread.config import OverreadConfig
 from overread.server import http_config
 from overread.settings import Settings
@@ -94,7 +95,8 @@ def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None =
     requests that write: committed together, each acknowledged after the commit. Every message
     is answered: one whose intake fails unexpectedly is stored in a transaction of its own and
     answered AR (``intake.failed``); if even that fails, the AR is built without the database
-    (``intake.last_resort``).
+    (``intake.last_resort``). With ``settings.mllp_tls`` it speaks TLS; with allow-lists in
+    ``hl7.senders``, a message from a peer its sender may not send from is refused (docs/security.md).
     """
     cfg = cfg or config.load(settings.config)
     senders, hooks = cfg.sender, make_hooks(cfg)
@@ -110,8 +112,14 @@ def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None =
         return await asyncio.get_running_loop().run_in_executor(None, in_transaction)
 
     async def handler(message: bytes) -> bytes:
+        connection = current_connection()
+        refusal = None
+        if connection is not None and cfg.hl7.allow_listed:
+            refusal = partial(cfg.hl7.refusal, peer=Peer.of(connection))
         try:
-            return await write(lambda conn: receive_in(conn, message, senders, hooks, settings.mllp_max_segments))
+            return await write(
+                lambda conn: receive_in(conn, message, senders, hooks, settings.mllp_max_segments, refusal)
+            )
         except Exception as exc:
             log.exception("HL7 intake failed on a %d-byte message; storing it as rejected", len(message))
             return await write(partial(failed, raw=message, exc=exc))
@@ -126,6 +134,8 @@ def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None =
         idle_timeout=settings.mllp_idle_timeout,
         max_connections=settings.mllp_max_connections,
         max_connections_per_address=settings.mllp_max_connections_per_address,
+        ssl=settings.mllp_tls.context(),
+        ssl_handshake_timeout=settings.mllp_idle_timeout,
     )
 
 
@@ -168,6 +178,8 @@ def imaging(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[t
         image_store(settings),
         worker.wake,
         limits=scp_limits(settings),
+        tls=settings.dicom_tls.context(),
+        admits=cfg.dicom.admits if cfg.dicom.allow else None,
     )
     with scp, closing(worker), running([worker.loop]):
         yield worker, scp
