@@ -19,6 +19,9 @@ sending system with, without code:
             accession: ZDS-2               # instead of OBR-18 / IPC-1
           defaults:
             priority: routine              # when the order carries none
+          allow:                           # where it may send from (docs/security.md); one has it, all need it
+            addresses: [10.20.0.0/16]      # networks or addresses
+            subjects: [ris.example.org]    # TLS client certificate subjects (RFC 4514) or common names
 
 The first sender entry that matches a message's MSH-3 and MSH-4 applies. The ConceptMap files are
 read and checked once, when the configuration is loaded; docs/hl7-mapping-config.md has the rules. ``linking`` sets
@@ -47,11 +50,20 @@ Each ``pacs`` entry may set ``patient_match`` and ``issuers`` of its own (docs/i
           receiving_application: ""    # MSH-5; "" = the order's MSH-3
           receiving_facility: ""       # MSH-6; "" = the order's MSH-4
           send_preliminary: false      # preliminary reports too (OBR-25 P)
+          tls: {ca: certs/ehr-ca.pem}  # MLLP over TLS; also cert and key, or true (docs/security.md)
       delivery:
         max_attempts: 24             # then the dead-letter list (GET /hl7/outbound?status=dead)
         first_retry_seconds: 5       # doubling after each attempt ...
         max_retry_seconds: 600       # ... up to this
         poll_seconds: 1
+
+``dicom.allow`` lists the calling AEs our Storage SCP associates with, each from its addresses
+(absent: any); without it, any caller. ``pacs[].tls`` is DICOM TLS to a peer, shaped as a
+destination's ``tls`` (docs/security.md)::
+
+    dicom:
+      allow:
+        - {ae_title: ORTHANC, addresses: [10.20.1.5]}
 
 ``routing`` assigns a new case's reader (Task.owner) and ``due`` its due date by priority
 (``cases.routing``; docs/workflow.md)::

@@ -16,8 +16,10 @@ from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery
 from dicom_bridge.sample_pacs import SamplePacs
 from dicom_bridge.storage_scp import StorageScp
+from overread.app import imaging
 from overread.config import OverreadConfig
-from overread.tls import client_context, server_context
+from overread.settings import Settings
+from overread.tls import ServerTls, client_context, server_context
 from tests.certificates import Certificates, make
 
 AE_TITLE = "OVERREAD"
@@ -111,3 +113,18 @@ def test_our_scu_without_the_peers_ca_does_not_associate(tls_pacs, certs, tmp_pa
         client.find(StudyQuery(accession="ACC-SAMPLE-MR"))
     with pytest.raises(PacsUnavailable):
         client.get("1.2.3", ImageStore(tmp_path), {"1.2.840.10008.5.1.4.1.1.4"})
+
+
+def test_overread_serves_dicom_tls_and_its_allow_list_from_settings_and_config(db, certs, tmp_path):
+    settings = Settings(
+        database_url=db.url,
+        dicom_port=0,
+        image_store=tmp_path / "images",
+        dicom_tls=ServerTls(cert=certs.server.cert, key=certs.server.key, client_ca=certs.ca),
+    )
+    cfg = OverreadConfig.model_validate({"dicom": {"allow": [{"ae_title": "RIS"}]}})
+    with imaging(settings, db, cfg) as (_, scp):
+        allowed = dcmtk("echoscu", scp.port, *tls_options(certs))
+        unknown = dcmtk("echoscu", scp.port, *tls_options(certs, calling="CT99"))
+    assert allowed.returncode == 0, allowed.stderr
+    assert "Calling AE Title Not Recognized" in unknown.stderr

@@ -213,6 +213,18 @@ hl7:
     assert not unencrypted.sent
 
 
+def test_the_listeners_tls_settings_come_from_the_environment(monkeypatch, certs):
+    monkeypatch.setenv("OVERREAD_MLLP_TLS__CERT", str(certs.server.cert))
+    monkeypatch.setenv("OVERREAD_MLLP_TLS__KEY", str(certs.server.key))
+    monkeypatch.setenv("OVERREAD_MLLP_TLS__CLIENT_CA", str(certs.ca))
+    context = Settings().mllp_tls.context()
+    assert context is not None and context.verify_mode == ssl.CERT_REQUIRED
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    monkeypatch.delenv("OVERREAD_MLLP_TLS__KEY")
+    with pytest.raises(ValueError, match="both cert and key"):
+        Settings()
+
+
 def test_tls_files_that_cannot_be_read_stop_start_up(tmp_path):
     with pytest.raises(ValueError, match="TLS"):
         _config(tmp_path, "hl7: {destinations: [{name: ehr, host: h, port: 1, tls: {ca: missing.pem}}]}")
