@@ -350,7 +350,11 @@ class _Server(socketserver.ThreadingTCPServer):
             self.starved = False
             log.warning("DICOM Storage SCP accepts connections again")
         if self.scp.tls is not None:  # the handshake waits for the connection's own thread (serve)
-            sock = self.scp.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            try:
+                sock = self.scp.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError:
+                sock.close()
+                raise
         return sock, address
 
     def _starving(self, exc: OSError) -> None:

@@ -6,6 +6,7 @@ allow; the ciphers are OpenSSL's defaults, which those profiles accept.
 
 import ssl
 from pathlib import Path
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -46,7 +47,7 @@ class ServerTls(BaseModel):
     client_ca: Path | None = None
 
     @model_validator(mode="after")
-    def _whole(self) -> "ServerTls":
+    def _whole(self) -> Self:
         if (self.cert is None) != (self.key is None):
             raise ValueError("TLS needs both cert and key")
         if self.client_ca is not None and self.cert is None:
