@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -57,11 +58,12 @@ QUERY_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 @dataclass(frozen=True)
 class Peer:
-    """Where a PACS listens and what it calls itself."""
+    """Where a PACS listens, what it calls itself, and DICOM TLS to it (PS3.15 B.9) when ``tls`` is set."""
 
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = None
 
 
 class DimseClient:
@@ -107,15 +109,27 @@ class DimseClient:
         roles = [build_role(uid, scp_role=True) for uid in sorted(sop_classes)]
         peer = self.peer
         try:
-            with socket.create_connection((peer.host, peer.port), timeout=min(self.timeout, 10.0)) as sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.settimeout(self.timeout)
+            with self._connect() as sock:
                 sock.sendall(upper_layer.request(self.calling_ae, peer.ae_title, contexts, roles))
                 return self._get(sock, sock.makefile("rb"), study_uid, store, contexts)
         except ProtocolError as exc:
             raise PacsError(f"C-GET: {peer.ae_title} broke the DICOM protocol: {exc}") from exc
         except OSError as exc:  # refused, reset, timed out
             raise PacsUnavailable(f"C-GET: {peer.ae_title} at {peer.host}:{peer.port}: {exc}") from exc
+
+    def _connect(self) -> socket.socket:
+        """A connection to the peer (over TLS when it has a context), its handshake done."""
+        peer = self.peer
+        sock = socket.create_connection((peer.host, peer.port), timeout=min(self.timeout, 10.0))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if peer.tls is not None:
+            try:
+                sock = peer.tls.wrap_socket(sock, server_hostname=peer.host)
+            except OSError:
+                sock.close()
+                raise
+        sock.settimeout(self.timeout)
+        return sock
 
     def _get(
         self, sock: socket.socket, stream: BinaryIO, study_uid: str, store: ImageStore, contexts: list[Any]
@@ -186,6 +200,7 @@ class DimseClient:
             self.peer.port,
             ae_title=self.peer.ae_title,
             evt_handlers=ASSOCIATION_HANDLERS,
+            tls_args=(self.peer.tls, self.peer.host) if self.peer.tls is not None else None,
         )
         if not assoc.is_established:
             why = "rejected the association" if assoc.is_rejected else "did not answer"

@@ -20,6 +20,7 @@ The network I/O runs outside any transaction; each outcome is one transaction.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -65,6 +66,9 @@ class PeerConfig(Protocol):
     retrieve: Literal["c-move", "c-get", "wado-rs", "none"]
     timezone: str | None
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """DICOM TLS to this PACS (PS3.15 B.9; docs/security.md); None: plain TCP."""
+
 
 #: A PACS that is down for the night or a study not there yet: 30 s doubling to 1 h, 10 times.
 DEFAULT_BACKOFF = Backoff()
@@ -84,7 +88,8 @@ class Source:
     ) -> None:
         self.name, self.store, self.peer, self.our_ae, self.rule = name, store, peer, our_ae, rule
         self.endpoint: str | None = None  # "Endpoint/<id>", once written
-        self.dimse = DimseClient(Peer(peer.ae_title, peer.host, peer.port), our_ae, timeout=timeout) if peer else None
+        dimse = Peer(peer.ae_title, peer.host, peer.port, peer.ssl_context()) if peer else None
+        self.dimse = DimseClient(dimse, our_ae, timeout=timeout) if dimse else None
         self.web = DicomWebClient(peer.qido_url, timeout=timeout) if peer and peer.qido_url else None
 
     def find(self, query: StudyQuery) -> list[Study]:

@@ -28,6 +28,7 @@ import contextlib
 import copy
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -181,7 +182,8 @@ class SamplePacs:
 
     ``files`` holds paths or Datasets, or (path or Dataset, overrides) pairs; ``None`` means the
     curated :data:`SAMPLE_FILES`. ``destinations`` maps a C-MOVE destination AE title to (host, port)
-    and may be changed while running. Use as a context manager, or :meth:`start` and :meth:`stop`.
+    and may be changed while running; with ``tls`` it speaks DICOM TLS (PS3.15 B.9). Use as a context
+    manager, or :meth:`start` and :meth:`stop`.
     """
 
     def __init__(
@@ -191,8 +193,9 @@ class SamplePacs:
         port: int = 0,
         files: Iterable[Source | tuple[Source, Mapping[str, Any]]] | None = None,
         destinations: Mapping[str, tuple[str, int]] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.ae_title = ae_title
+        self.ae_title, self.tls = ae_title, tls
         self.host = host
         self._requested_port = port
         self.destinations: dict[str, tuple[str, int]] = dict(destinations or {})
@@ -238,7 +241,9 @@ class SamplePacs:
                 (evt.EVT_C_GET, self._on_get),
                 (evt.EVT_C_STORE, self._on_store),
             ]
-            self._server = self.ae.start_server((self.host, self._requested_port), block=False, evt_handlers=handlers)
+            self._server = self.ae.start_server(
+                (self.host, self._requested_port), block=False, evt_handlers=handlers, ssl_context=self.tls
+            )
         return self
 
     def stop(self) -> None:

@@ -18,6 +18,10 @@ connections. One peer address holds only so many of the associations, and an ass
 only so long: past its time it is aborted wherever it waits. Data sets are held in memory within
 one :class:`~dicom_bridge.upper_layer.Budget` shared by all associations, and the image store keeps
 a free-space floor: past either, a C-STORE fails with 0xA700 (PS3.4 B.2.3) and nothing grows.
+
+With a TLS context it speaks DICOM TLS (PS3.15 B.9, BCP 195): the handshake counts within the ARTIM
+timeout. With ``admits``, a calling AE it does not admit from the peer's address is rejected
+(rejected-permanent, calling AE title not recognized: PS3.8 9.3.4).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import errno
 import logging
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -54,6 +59,7 @@ from dicom_bridge.upper_layer import (
     ASSOCIATE_RQ,
     MAX_ASSOCIATE_RQ,
     P_DATA_TF,
+    REJECT_CALLING_AE,
     REJECT_TOO_MANY,
     RELEASE_RESPONSE,
     RELEASE_RQ,
@@ -80,6 +86,8 @@ VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO (PS3.4 Annex A)
 Received = Callable[[set[tuple[str, str]]], None]
 #: Where the SCP's AuditEvents go (``fhir_server.audit_log.AuditLog.record``).
 Audit = Callable[[Pending], None]
+#: Whether a calling AE title may associate from a peer address.
+Admits = Callable[[str, str], bool]
 
 
 @dataclass(frozen=True)
@@ -118,9 +126,11 @@ class StorageScp:
         *,
         limits: Limits = Limits(),
         audit: Audit | None = None,
+        tls: ssl.SSLContext | None = None,
+        admits: Admits | None = None,
     ) -> None:
         self.ae_title, self.address, self.store, self.on_received = ae_title, (host, port), store, on_received
-        self.limits, self.audit = limits, audit
+        self.limits, self.audit, self.tls, self.admits = limits, audit, tls, admits
         self.budget = Budget(limits.max_data_set, limits.max_buffered)
         # Connections in the order they came, until their A-ASSOCIATE-RQ; then associations, by peer address.
         self._pending: dict[socket.socket, None] = {}
@@ -138,7 +148,8 @@ class StorageScp:
         name = f"storage-scp-{self.port}"
         # Polled every 50 ms for stop(): socketserver's 0.5 s would be the slowest part of a test.
         threading.Thread(target=self._server.serve_forever, args=(0.05,), name=name, daemon=True).start()
-        log.info("DICOM Storage SCP %s on %s:%s", self.ae_title, self.address[0], self.port)
+        tls = " (TLS)" if self.tls else ""
+        log.info("DICOM Storage SCP %s on %s:%s%s", self.ae_title, self.address[0], self.port, tls)
         return self
 
     def stop(self) -> None:
@@ -188,6 +199,8 @@ class StorageScp:
         except ProtocolError as exc:
             log.warning("DICOM peer %s broke the protocol: %s; association aborted", peer, exc)
             _quietly(sock.sendall, abort(*exc.abort))
+        except ssl.SSLError as exc:  # one OSError worth a line: a peer without the certificate we ask for
+            log.info("DICOM peer %s: TLS failed (%s)", peer, exc.reason or exc)
         except OSError as exc:  # a timeout, a reset: the peer is gone, and so is the association
             # Before an association there is nothing to tell, and idle sockets may come by the thousand.
             level = logging.INFO if sock in self._associations else logging.DEBUG
@@ -201,7 +214,9 @@ class StorageScp:
     def _associate(
         self, sock: socket.socket, host: str, peer: str, studies: set[tuple[str, str]], transfer: Transfer
     ) -> None:
-        first = read_pdu(Deadline(sock, self.limits.associate_timeout), MAX_ASSOCIATE_RQ)
+        artim = Deadline(sock, self.limits.associate_timeout)
+        artim.handshake()
+        first = read_pdu(artim, MAX_ASSOCIATE_RQ)
         if first is None:
             return  # a port probe, or a connection closed for a newer one (admit)
         if first[0] != ASSOCIATE_RQ:
@@ -210,6 +225,10 @@ class StorageScp:
         association, answer = accept(first[1], [VERIFICATION])
         transfer.calling_ae = calling_ae(first[1])  # also of an A-ASSOCIATE-RQ we could not accept
         refusal = None if association is not None else "the A-ASSOCIATE-RQ was not acceptable (PS3.8 9.3.4)"
+        if association is not None and not self._admitted(association.calling_ae, host):
+            log.warning("DICOM association of %s from %s rejected: not on the allow-list", association.calling_ae, peer)
+            association, answer = None, reject(*REJECT_CALLING_AE)
+            refusal = "the calling AE title is not on the allow-list from this address"
         if association is not None and (full := self._associated(sock, host)):
             log.warning("DICOM association of %s from %s rejected: %s", association.calling_ae, peer, full)
             association, answer, refusal = None, reject(*REJECT_TOO_MANY), full
@@ -235,6 +254,9 @@ class StorageScp:
             limit = self.limits.max_association_time
             log.warning("DICOM association of %s from %s aborted: open for %s s", association.calling_ae, peer, limit)
             _quietly(sock.sendall, abort(*ABORT_BY_US))
+
+    def _admitted(self, calling_ae: str, host: str) -> bool:
+        return self.admits is None or self.admits(calling_ae, host)
 
     def _associated(self, sock: socket.socket, host: str) -> str | None:
         """Count ``sock`` as an association of ``host``, if there is room for one more; else the limit
@@ -347,7 +369,7 @@ class _Server(socketserver.ThreadingTCPServer):
         the listening socket stays readable, so its thread would spin until one is freed.
         """
         try:
-            accepted = super().get_request()
+            sock, address = super().get_request()
         except OSError as exc:
             if exc.errno in STARVED:
                 self._starving(exc)
@@ -355,7 +377,13 @@ class _Server(socketserver.ThreadingTCPServer):
         if self.starved:
             self.starved = False
             log.warning("DICOM Storage SCP accepts connections again")
-        return accepted
+        if self.scp.tls is not None:  # the handshake waits for the connection's own thread (serve)
+            try:
+                sock = self.scp.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError:
+                sock.close()
+                raise
+        return sock, address
 
     def _starving(self, exc: OSError) -> None:
         if not self.starved:

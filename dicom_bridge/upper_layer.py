@@ -13,6 +13,7 @@ as in pynetdicom's own SCP.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -51,6 +52,7 @@ COMMAND, LAST = 0x01, 0x02
 REJECT_APPLICATION_CONTEXT = (1, 1, 2)
 REJECT_PROTOCOL_VERSION = (1, 2, 2)
 REJECT_TOO_MANY = (2, 3, 2)
+REJECT_CALLING_AE = (1, 1, 3)
 #: A-ABORT (source, reason), PS3.8 9.3.8: ours, as the service-user (reason not significant).
 ABORT_BY_US = (0, 0)
 ABORT_UNRECOGNIZED_PDU = (2, 1)
@@ -79,6 +81,12 @@ class Deadline:
 
     def __init__(self, sock: socket.socket, seconds: float) -> None:
         self.sock, self.end = sock, time.monotonic() + seconds
+
+    def handshake(self) -> None:
+        """The TLS handshake, within the deadline, when the socket speaks TLS (PS3.15 B.9)."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(max(self.end - time.monotonic(), 0.001))
+            self.sock.do_handshake()
 
     def read(self, size: int, /) -> bytes:
         """Up to ``size`` bytes; fewer only at the end of the stream."""

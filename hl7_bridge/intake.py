@@ -18,7 +18,9 @@ deduplicated, when its MSH can be read: ``mappings.v2.header``); one whose MSH-3
 MSH-10 or ORC-2 its column cannot hold is answered AE with ERR 102 naming the field
 (``store.too_long``); one of a type Overread does not map is stored with its error and answered
 AR (ERR 200 or 201); one that cannot be mapped, or whose Bundle the FHIR store refuses, is stored
-with its error and answered AE; its resources are not written. Any other failure is stored by
+with its error and answered AE; its resources are not written. A message its sender may not send
+from the connection it came on (``refusal``: the allow-lists of docs/security.md) is stored as
+refused, without a key, and answered AR with ERR 207. Any other failure is stored by
 ``failed`` and answered AR with ERR 207, or by ``last_resort`` when nothing can be stored.
 
 An ORU^R01 (the original report from the source RIS) goes the same way, without order control:
@@ -26,10 +28,11 @@ its DiagnosticReport is written and answered AA (ACK^R01); the store links it to
 (``cases.task``).
 """
 
+import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -65,6 +68,9 @@ from mappings.sender import Senders as Senders  # api and the results queue take
 from mappings.v2 import MAX_SEGMENTS, Message, header, parse
 from mappings.vocabulary import ORDER_STATUS
 
+log = logging.getLogger(__name__)
+#: Why a message of MSH-3 and MSH-4 is refused from the connection it came on; None: admitted.
+Refusal = Callable[[str, str], str | None]
 #: The base the Bundle's entries are resolved against: HL7 messages reach no HTTP base.
 BASE = "urn:overread:hl7"
 _KEY = ("sender_key", "control_id")
@@ -92,10 +98,12 @@ def receive_in(
     senders: Senders | None = None,
     hooks: Sequence[Hook] = (),
     max_segments: int = MAX_SEGMENTS,
+    refusal: Refusal | None = None,
 ) -> bytes:
     """:func:`receive` in the caller's transaction (on SQLite: a savepoint of a group, ``db.groups``).
 
-    ``max_segments``: a message with more is refused (AR) before it is mapped.
+    ``max_segments``: a message with more is refused (AR) before it is mapped; ``refusal``: one
+    from a sender not allowed on this connection is refused (AR) before anything else.
     """
     started = time.perf_counter()
     refused: MappingError | None = None
@@ -106,6 +114,8 @@ def receive_in(
         if head is None:  # not even its MSH can be read: nothing to key or to echo
             return _reject(conn, raw, exc, started)
         message, refused = head, exc
+    if refusal is not None and (reason := refusal(message.msh.field(3).value, message.msh.field(4).value)):
+        return _not_allowed(conn, raw, message, reason, started)
     row = _row(raw, message)
     unstorable = too_long(row)
     if unstorable is not None and unstorable[0] in KEY_FIELDS:
@@ -301,6 +311,24 @@ def _row(raw: bytes, message: Message | None) -> dict[str, Any]:
         "placer_number": orc.field(2).value if orc is not None else None,
         "raw": raw,
     }
+
+
+def _not_allowed(conn: Connection, raw: bytes, message: Message, reason: str, started: float) -> bytes:
+    """Store a message its sender may not send from here as refused, with ``reason``; its AR (ERR 207).
+
+    Without a key: the same message from where its sender may send is processed, not taken for a
+    resend. The ACK says only that the sender is not allowed; where it came from is the operator's.
+    """
+    error = MappingError(INTERNAL_ERROR, "MSH-3", "The sender is not allowed on this connection", rejects=True)
+    ack = _ack(message, error)
+    conn.execute(
+        insert(InboundMessage).values(
+            **storable(_row(raw, message)), status=REFUSED, ack=ack, ack_code=ack_code(message, error),
+            error=f"not allowed: {reason}", processing_ms=(time.perf_counter() - started) * 1000,
+        )
+    )  # fmt: skip
+    log.warning("HL7 message refused: %s", reason)
+    return ack
 
 
 def _key_taken(conn: Connection, raw: bytes, message: Message, key: str, started: float) -> bytes:

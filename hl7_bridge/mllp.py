@@ -360,6 +360,8 @@ class ConnectionInfo:
     peer_certificate: dict[str, Any] | None = None
     """The verified TLS client certificate (``SSLSocket.getpeercert()`` form), if one was sent."""
     tcp_nodelay: bool = False
+    peer_certificate_der: bytes | None = None
+    """The same certificate, DER-encoded (to read its subject exactly)."""
 
 
 _current: contextvars.ContextVar[ConnectionInfo] = contextvars.ContextVar("mllp_connection")
@@ -523,6 +525,7 @@ class MllpServer:
             tls=ssl_object is not None,
             peer_certificate=ssl_object.getpeercert() if ssl_object is not None else None,
             tcp_nodelay=_set_nodelay(writer.get_extra_info("socket")),
+            peer_certificate_der=ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None,
         )
         conn = _Connection(info, task, last_active=asyncio.get_running_loop().time())
         if not self._make_room(conn):

@@ -15,6 +15,7 @@ receiver is sent one message per report version. ``sequence`` is 0 for the messa
 made and n for the n-th replay an engineer asked for (a replay is a new message: a new MSH-10).
 """
 
+import ssl
 from datetime import datetime
 from typing import Protocol
 
@@ -56,6 +57,8 @@ class DestinationConfig(Protocol):
     def receiving_facility(self) -> str: ...
     @property
     def send_preliminary(self) -> bool: ...
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """TLS to this destination (docs/security.md); None: plain TCP."""
 
 
 class OutboundMessage(Base):

@@ -15,6 +15,7 @@ that drops duplicates (v2.5.1 §2.10.1), as ours does.
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -75,11 +76,14 @@ def exchange(destination: DestinationConfig, raw: bytes, control_id: str) -> Out
     """Send one message and wait for its ACK (one connection, ``ack_timeout_seconds`` for all of it)."""
     timeout = destination.ack_timeout_seconds
     try:
-        ack = asyncio.run(mllp.send(destination.host, destination.port, raw, timeout=timeout))
+        tls = destination.ssl_context()
+        ack = asyncio.run(mllp.send(destination.host, destination.port, raw, timeout=timeout, ssl=tls))
     except TimeoutError:
         return Outcome(None, f"no ACK within {timeout:g} s")
     except mllp.MllpConnectionClosedError:
         return Outcome(None, "the receiver closed the connection before an ACK")
+    except ssl.SSLError as exc:  # a certificate that does not verify, a handshake the receiver refuses
+        return Outcome(None, f"TLS with {destination.host}:{destination.port} failed: {exc.reason or exc}")
     except OSError as exc:
         return Outcome(None, f"cannot reach {destination.host}:{destination.port}: {exc.strerror or exc}")
     except Exception as exc:  # e.g. a reply larger than the frame limit: an error to retry, not a lost row

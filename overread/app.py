@@ -38,6 +38,7 @@ from hl7_bridge.delivery import Delivery
 from hl7_bridge.intake import failed, last_resort, oversize, receive_in
 from hl7_bridge.mllp import MllpServer, current_connection, quiet_accept_errors
 from overread import config
+from overread.allow import Peer
 from overread.config import OverreadConfig
 from overread.server import http_config
 from overread.settings import Settings
@@ -121,7 +122,9 @@ def mllp_listener(
     is answered: one whose intake fails unexpectedly is stored in a transaction of its own and
     answered AR (``intake.failed``); if even that fails, the AR is built without the database
     (``intake.last_resort``). Each message is audited into ``audit``: in its own transaction, or,
-    answered without the database, queued.
+    answered without the database, queued. With ``settings.mllp_tls`` it speaks TLS; with
+    allow-lists in ``hl7.senders``, a message from a peer its sender may not send from is refused
+    (docs/security.md).
     """
     cfg = cfg or config.load(settings.config)
     senders, hooks = cfg.sender, make_hooks(cfg)
@@ -159,9 +162,18 @@ def mllp_listener(
         return run
 
     async def handler(message: bytes) -> bytes:
+        connection = current_connection()
+        refusal = None
+        if connection is not None and cfg.hl7.allow_listed:
+            refusal = partial(cfg.hl7.refusal, peer=Peer.of(connection))
         try:
             intake = partial(
-                receive_in, raw=message, senders=senders, hooks=hooks, max_segments=settings.mllp_max_segments
+                receive_in,
+                raw=message,
+                senders=senders,
+                hooks=hooks,
+                max_segments=settings.mllp_max_segments,
+                refusal=refusal,
             )
             return await write(audited(intake, message))
         except Exception as exc:
@@ -178,6 +190,8 @@ def mllp_listener(
         idle_timeout=settings.mllp_idle_timeout,
         max_connections=settings.mllp_max_connections,
         max_connections_per_address=settings.mllp_max_connections_per_address,
+        ssl=settings.mllp_tls.context(),
+        ssl_handshake_timeout=settings.mllp_idle_timeout,
     )
 
 
@@ -231,6 +245,8 @@ def imaging(
         worker.wake,
         limits=scp_limits(settings),
         audit=audit.record if audit is not None else None,
+        tls=settings.dicom_tls.context(),
+        admits=cfg.dicom.admits if cfg.dicom.allow else None,
     )
     with scp, closing(worker), running([worker.loop]):
         yield worker, scp

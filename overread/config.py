@@ -19,6 +19,9 @@ sending system with, without code:
             accession: ZDS-2               # instead of OBR-18 / IPC-1
           defaults:
             priority: routine              # when the order carries none
+          allow:                           # where it may send from (docs/security.md); one has it, all need it
+            addresses: [10.20.0.0/16]      # networks or addresses
+            subjects: [ris.example.org]    # TLS client certificate subjects (RFC 4514) or common names
 
 The first sender entry that matches a message's MSH-3 and MSH-4 applies. The ConceptMap files are
 read and checked once, when the configuration is loaded; docs/hl7-mapping-config.md has the rules. ``linking`` sets
@@ -47,11 +50,20 @@ Each ``pacs`` entry may set ``patient_match`` and ``issuers`` of its own (docs/i
           receiving_application: ""    # MSH-5; "" = the order's MSH-3
           receiving_facility: ""       # MSH-6; "" = the order's MSH-4
           send_preliminary: false      # preliminary reports too (OBR-25 P)
+          tls: {ca: certs/ehr-ca.pem}  # MLLP over TLS; also cert and key, or true (docs/security.md)
       delivery:
         max_attempts: 24             # then the dead-letter list (GET /hl7/outbound?status=dead)
         first_retry_seconds: 5       # doubling after each attempt ...
         max_retry_seconds: 600       # ... up to this
         poll_seconds: 1
+
+``dicom.allow`` lists the calling AEs our Storage SCP associates with, each from its addresses
+(absent: any); without it, any caller. ``pacs[].tls`` is DICOM TLS to a peer, shaped as a
+destination's ``tls`` (docs/security.md)::
+
+    dicom:
+      allow:
+        - {ae_title: ORTHANC, addresses: [10.20.1.5]}
 
 ``routing`` assigns a new case's reader (Task.owner) and ``due`` its due date by priority
 (``cases.routing``; docs/workflow.md)::
@@ -70,12 +82,14 @@ Each ``pacs`` entry may set ``patient_match`` and ``issuers`` of its own (docs/i
 
 import json
 import re
+import ssl
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+from cryptography import x509
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from pydantic import (
@@ -83,6 +97,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
@@ -100,13 +115,60 @@ from fhir_server.smart import Client, Jwks
 from hl7_bridge.outbound import NO_DESTINATION
 from mappings.concept_map import ConceptMap, ConceptMapError, parse_concept_map
 from mappings.sender import FieldOverrides, FieldPath, IdentifiedBy, SenderConfig
+from overread.allow import Peer, address, in_networks, subject, subject_matches
+from overread.tls import client_context
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not silently ignored
 
 
-class PacsPeer(_Strict):
+def _tls_shorthand(value: Any) -> Any:
+    """``tls: true`` is TLS checked against the system's CAs, without a client certificate; ``false``, none."""
+    return {} if value is True else None if value is False else value
+
+
+class ClientTls(_Strict):
+    """TLS to a peer (docs/security.md, "TLS"): 1.2 or later, its certificate checked for its host."""
+
+    #: CA certificates (PEM) the peer's certificate must chain to; absent = the system's.
+    ca: Path | None = None
+    #: Our client certificate (PEM) and its key, for a peer that asks for one.
+    cert: Path | None = None
+    key: Path | None = None
+    _context: ssl.SSLContext | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _load(self, info: ValidationInfo) -> Self:
+        """Read the files now (relative to the configuration file's folder): a wrong path stops start-up."""
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both cert and key")
+        base = Path((info.context or {}).get("base", "."))
+
+        def path(value: Path | None) -> Path | None:
+            return None if value is None else base / value.expanduser()
+
+        try:
+            self._context = client_context(path(self.ca), path(self.cert), path(self.key))
+        except OSError as exc:  # ssl.SSLError is one
+            raise ValueError(f"TLS: {exc}") from exc
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        assert self._context is not None, "validated"
+        return self._context
+
+
+class _Called(_Strict):
+    """A peer we call, over TLS when ``tls`` is set."""
+
+    tls: Annotated[ClientTls | None, BeforeValidator(_tls_shorthand)] = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self.tls.context() if self.tls is not None else None
+
+
+class PacsPeer(_Called):
     name: str
     ae_title: str
     host: str
@@ -170,7 +232,7 @@ class Subscriptions(_Retrying):
         return Egress(tuple(Prefix.parse(text) for text in self.allowed_endpoints))
 
 
-class Destination(_Strict):
+class Destination(_Called):
     """Where ORU^R01 results go (docs/delivery.md): one ordered queue per destination."""
 
     name: str
@@ -231,6 +293,28 @@ class SenderDefaults(_Strict):
     priority: Literal["routine", "urgent", "asap", "stat"] | None = None  # a FHIR request-priority code
 
 
+class SenderAllow(_Strict):
+    """Who may send as a sender (docs/security.md, "Allow-lists"): every list given must match."""
+
+    #: Source addresses: networks (CIDR) or single addresses.
+    addresses: list[IPvAnyNetwork] = Field(default_factory=list)
+    #: TLS client certificate subjects (RFC 4514), or common names.
+    subjects: list[str] = Field(default_factory=list)
+    _subjects: tuple[x509.Name | str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _read_subjects(self) -> Self:
+        if not self.addresses and not self.subjects:
+            raise ValueError("allow needs addresses, subjects or both")
+        self._subjects = tuple(subject(s) for s in self.subjects)  # a ValueError names a malformed one
+        return self
+
+    def admits(self, peer: Peer) -> bool:
+        return (not self.addresses or in_networks(peer.address, self.addresses)) and (
+            not self.subjects or subject_matches(self._subjects, peer.subject)
+        )
+
+
 class Sender(_Strict):
     #: For people and ``overread hl7 map --sender``; unique when given.
     name: str | None = None
@@ -245,6 +329,8 @@ class Sender(_Strict):
     concept_maps: list[str] = Field(default_factory=list)
     fields: SenderFields = Field(default_factory=SenderFields)
     defaults: SenderDefaults = Field(default_factory=SenderDefaults)
+    #: Where messages as this sender may come from; once one sender has it, every one needs it.
+    allow: SenderAllow | None = None
     _concept_maps: tuple[ConceptMap, ...] = PrivateAttr(default=())
 
     @field_validator("timezone")
@@ -310,7 +396,47 @@ class Hl7(_Strict):
         names = [s.name for s in value if s.name is not None]
         if len(set(names)) != len(names):
             raise ValueError(f"sender names must be unique: {names}")
+        without = [s.name or f"hl7.senders[{n}]" for n, s in enumerate(value) if s.allow is None]
+        if len(without) not in (0, len(value)):
+            raise ValueError(f"once a sender has allow, every one needs it; these have none: {without}")
         return value
+
+    @property
+    def allow_listed(self) -> bool:
+        return any(s.allow for s in self.senders)
+
+    def refusal(self, application: str, facility: str, peer: Peer) -> str | None:
+        """Why a message of MSH-3 ``application`` and MSH-4 ``facility`` from ``peer`` is refused;
+        None when it is admitted (always, without allow-lists)."""
+        if not self.allow_listed:
+            return None
+        for n, sender in enumerate(self.senders):
+            if sender.matches(application, facility):
+                label = sender.name or f"hl7.senders[{n}]"
+                admitted = sender.allow is not None and sender.allow.admits(peer)
+                return None if admitted else f"sender {label} is not allowed from {peer}"
+        return f"no sender matches MSH-3 {application!r} MSH-4 {facility!r} (from {peer})"
+
+
+class DicomCaller(_Strict):
+    """A calling AE our Storage SCP associates with (docs/security.md, "Allow-lists")."""
+
+    ae_title: Annotated[str, Field(min_length=1, max_length=16)]
+    #: Where it may call from: networks (CIDR) or single addresses; absent = anywhere.
+    addresses: list[IPvAnyNetwork] = Field(default_factory=list)
+
+
+class Dicom(_Strict):
+    #: The calling AEs our Storage SCP accepts; empty = any.
+    allow: list[DicomCaller] = Field(default_factory=list)
+
+    def admits(self, calling_ae: str, host: str) -> bool:
+        """Whether ``calling_ae`` may associate from ``host`` (AE titles compared without their padding)."""
+        host = address(host)
+        return any(
+            c.ae_title.strip() == calling_ae.strip() and (not c.addresses or in_networks(host, c.addresses))
+            for c in self.allow
+        )
 
 
 #: Task.owner's target types (R4) a routing rule may name.
@@ -454,6 +580,7 @@ class OverreadConfig(_Strict):
     pacs: list[PacsPeer] = Field(default_factory=list)
     linking: Linking = Linking()
     hl7: Hl7 = Field(default_factory=Hl7)
+    dicom: Dicom = Field(default_factory=Dicom)
     subscriptions: Subscriptions = Field(default_factory=Subscriptions)
     routing: list[RoutingRule] = Field(default_factory=list)
     due: Due = Field(default_factory=Due)

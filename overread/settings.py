@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from fhir_server.limits import DEFAULT, Limits
 from fhir_server.rate_limit import Rate
 from fhir_server.search_limits import SearchLimits
+from overread.tls import ServerTls
 
 
 class Settings(BaseSettings):
@@ -29,9 +30,13 @@ class Settings(BaseSettings):
     mllp_idle_timeout: float = 60.0
     mllp_max_connections: int = 256
     mllp_max_connections_per_address: int = 64
+    #: MLLP over TLS (docs/security.md, "TLS"): OVERREAD_MLLP_TLS__CERT, __KEY, __CLIENT_CA.
+    mllp_tls: ServerTls = ServerTls()
     dicom_ae_title: str = "OVERREAD"
     dicom_host: str = "127.0.0.1"
     dicom_port: int = 11112
+    #: DICOM TLS for the Storage SCP (PS3.15 B.9; docs/security.md): OVERREAD_DICOM_TLS__CERT, __KEY, __CLIENT_CA.
+    dicom_tls: ServerTls = ServerTls()
     #: Where retrieved and pushed DICOM instances are kept.
     image_store: Path = Path("./images")
     #: The Storage SCP's limits (docs/reliability.md, "DICOM"): associations at once (from their
