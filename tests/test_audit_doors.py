@@ -82,9 +82,11 @@ def _control_id(raw: bytes) -> str:
 
 
 class Scp:
-    def __init__(self, tmp_path: Path, audit: AuditLog, **limits: Any) -> None:
+    def __init__(self, tmp_path: Path, audit: AuditLog, admits: Any = None, **limits: Any) -> None:
         store = ImageStore(tmp_path / "store")
-        self.scp = StorageScp(AE_TITLE, "127.0.0.1", 0, store, limits=Limits(**limits), audit=audit.record).start()
+        self.scp = StorageScp(
+            AE_TITLE, "127.0.0.1", 0, store, limits=Limits(**limits), audit=audit.record, admits=admits
+        ).start()
         self.port = self.scp.port
 
 
@@ -133,3 +135,16 @@ def test_an_association_refused_for_its_request_is_audited_with_its_calling_ae(d
     audit.flush()
     (rejected,) = events(db)
     assert (rejected["outcome"], client_agent(rejected)["name"]) == ("4", "OLDPROTOCOL")
+
+
+def test_an_association_off_the_allow_list_is_audited(db, audit, tmp_path):
+    scp = Scp(tmp_path, audit, admits=lambda ae, host: ae == "MODALITY1")
+    try:
+        refused = dcmtk("echoscu", "-aet", "INTRUDER", "-aec", AE_TITLE, "127.0.0.1", str(scp.port))
+        assert "Calling AE Title Not Recognized" in refused.stderr
+    finally:
+        scp.scp.stop()
+    audit.flush()
+    (rejected,) = events(db)
+    assert (rejected["outcome"], client_agent(rejected)["name"]) == ("4", "INTRUDER")
+    assert "allow-list" in rejected["outcomeDesc"]
