@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Lifespan
 
+from fhir_server import compartment
 from fhir_server.async_reads import AsyncReads
 from fhir_server.async_units import AsyncUnits
 from fhir_server.db import Database, Rollback, WriteGroups, deadline, interrupted
@@ -138,7 +139,8 @@ def mount(
         write = req.method not in READ_METHODS and not req.path.endswith("_search")
         target = read_target(req)
         one_row = target is not None
-        if target is not None and reads is not None and reads.ready:
+        # A client with a compartment: its read also asks whether the resource is in it, on a connection.
+        if target is not None and reads is not None and reads.ready and compartment.of(req.access) is None:
             return _http(await _answered(req, _read(reads, req, target, base)), request)
         if sqlite and one_row:
             return _http(run(req, base, write, one_row), request)

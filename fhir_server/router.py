@@ -9,9 +9,9 @@ from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
-from fhir_server import access, bundle, capability, conditional, dates, limits, operations, search
+from fhir_server import access, bundle, capability, compartment, conditional, dates, limits, operations, search
 from fhir_server.errors import FhirError, error, information
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.patch import patch
@@ -65,7 +65,7 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
     try:
         check_type(target.type)
         access.authorize(req)
-        return _read(req, readable(*target, found), base)
+        return _read(req, readable(*target, found), base, None)
     except FhirError as exc:
         return FhirResponse.of(exc)
 
@@ -74,6 +74,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     parts = [p for p in req.path.strip("/").split("/") if p]
     method = req.method.upper()
     access.authorize(req)
+    access.confine(req, repo.conn)
     match parts, method:
         case [], "POST":
             return FhirResponse(200, bundle.process(req.body, repo, base, handle, access=req.access))
@@ -109,7 +110,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
         case [rtype, rid], _ if not rid.startswith("_") and not rid.startswith("$"):
             match method:
                 case "GET" | "HEAD":
-                    return _read(req, repo.read(rtype, rid), base)
+                    return _read(req, repo.read(rtype, rid), base, repo.conn)
                 case "PUT":
                     stored, created = repo.update(rtype, rid, _body(req), req.header("if-match"))
                     return _written(req, stored, base, 201 if created else 200)
@@ -134,7 +135,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
         case [rtype, rid, "_history", vid], "GET":
             if (version := _version(vid)) is None:
                 raise error(404, "not-found", f"{vid[:64]!r} is not a version id")
-            return _read(req, repo.vread(rtype, rid, version), base)
+            return _read(req, repo.vread(rtype, rid, version), base, repo.conn)
     if parts and parts[0] not in SUPPORTED_TYPES and parts[0] not in ("metadata", "_history"):
         check_type(parts[0])
     raise error(405, "not-supported", f"{method} /{req.path} is not an interaction this server supports")
@@ -150,12 +151,12 @@ def _location(base: str, stored: Stored) -> str:
     return f"{base}/{stored.type}/{stored.id}/_history/{stored.version}"
 
 
-def _read(req: FhirRequest, stored: Stored, base: str) -> FhirResponse:
-    if not access.may_read(req.access, stored):  # answered as missing: the answer tells nothing
+def _read(req: FhirRequest, stored: Stored, base: str, conn: Connection | None) -> FhirResponse:
+    if not (access.may_read(req.access, stored) and access.shows(req.access, stored, conn)):  # as if missing
         readable(stored.type, stored.id, target.version if (target := read_target(req)) else None, None)
     if req.header("if-none-match") in (stored.etag, f'"{stored.version}"'):
         return FhirResponse(304, None, version_headers(stored))
-    elements = _elements(req)
+    elements = access.view(req.access, stored.type, _elements(req))
     body: Any = orjson.Fragment(stored.content or "{}")
     if elements is not None or any(k == "_summary" for k, _ in req.params):
         body = search.shape(stored.resource, dict(req.params).get("_summary"), elements)
@@ -262,6 +263,8 @@ def _history(repo: Repository, base: str, req: FhirRequest, rtype: str | None, r
         stmt = stmt.where(VersionRow.id == rid)
     if since:
         stmt = stmt.where(VersionRow.last_updated >= since)
+    if (held := compartment.of(req.access)) is not None:
+        stmt = stmt.where(VersionRow.resource_pk.in_(held.visible))
     total = repo.conn.scalar(select(func.count()).select_from(stmt.subquery()))
     rows = repo.conn.execute(
         stmt.order_by(v.last_updated.desc(), v.resource_pk.desc(), v.version.desc()).limit(count).offset(offset)
