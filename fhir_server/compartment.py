@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Select, and_, exists, false, select, union
+from sqlalchemy import CompoundSelect, Connection, Select, and_, exists, false, select, union
 from sqlalchemy.orm import aliased
 
 from fhir_server import search
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # access.py consults this module
     from fhir_server.access import Access
 
 #: A set of resources: a SELECT of their keys (``resource.pk``).
-Keys = Select[tuple[int]] | Any  # a CompoundSelect (``union``) is one too
+Keys = Select[int] | CompoundSelect[int]
 Resource = dict[str, Any]
 
 
