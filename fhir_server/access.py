@@ -85,7 +85,7 @@ def refused(what: str) -> FhirError:
 
 def _viewing(method: str, parts: Sequence[str]) -> bool:
     """A read, a search, or a batch of them (each entry is checked): what a view allows."""
-    reading = method in ("GET", "HEAD") and len(parts) <= 2 and not any(p[:1] in "_$" for p in parts[1:])
+    reading = method in ("GET", "HEAD") and len(parts) <= 2 and not any(p[:1] in "_$" for p in parts)
     return reading or (method == "POST" and (parts in ([], ["_search"]) or parts[1:] == ["_search"]))
 
 
