@@ -13,8 +13,8 @@ PractitionerRoles of such an Organization. Then, by role:
 
 Ordering and reader see each of their orders with what surrounds it: what the order refers to
 (patient, coverage, requester, encounter...), the resources based on it or focused on it (the
-case Task, reports, images, observations), and what those refer to (a report's results, a Task's
-owner). Every set is an indexed lookup evaluated by the database inside each statement.
+case Task, reports, images, observations), and the results of those reports. Every set is an
+indexed lookup evaluated by the database inside each statement.
 """
 
 from collections.abc import Callable, Iterator
@@ -82,9 +82,9 @@ def _cases(tasks: Keys) -> Keys:
 
 
 def _around(orders: Keys) -> Keys:
-    """The orders, what they refer to, the resources based on them and what those refer to."""
+    """The orders, what they refer to, the resources based on them, and the results of those reports."""
     based = named("based", union_of(*(referring(rtype, param, orders) for rtype, param in BASED_ON)))
-    return named("visible", union_of(orders, referenced(orders), based, referenced(based)))
+    return named("visible", union_of(orders, referenced(orders), based, referenced(based, "result")))
 
 
 def _writes(parties: Keys, visible: Keys, ordering: bool) -> Callable[[str, Resource | None, Contains], bool]:

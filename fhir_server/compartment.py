@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import CompoundSelect, Connection, Select, and_, exists, false, select, union
+from sqlalchemy import CompoundSelect, Connection, Select, and_, exists, false, select, tuple_, union
 from sqlalchemy.orm import aliased
 
 from fhir_server import search
@@ -25,7 +25,8 @@ from fhir_server.schema import ReferenceIndex, ResourceRow
 if TYPE_CHECKING:  # access.py consults this module
     from fhir_server.access import Access
 
-#: A set of resources: a SELECT of their keys (``resource.pk``).
+#: A set of resources: a SELECT of their keys (``resource.pk``). Each is uncorrelated: inside
+#: another statement over the same tables it is still a set of its own, evaluated once.
 Keys = Select[int] | CompoundSelect[int]
 Resource = dict[str, Any]
 
@@ -84,26 +85,30 @@ def matching(rtype: str, params: list[tuple[str, str]], within: Keys | None = No
     """The resources of ``rtype`` (among ``within``) a search with ``params`` finds (R4 search.html)."""
     query = search.parse(rtype, params, strict=True)
     query.within = within
-    return search.statement(query).with_only_columns(ResourceRow.pk)
+    return search.statement(query).with_only_columns(ResourceRow.pk).correlate(None)
 
 
 def referring(rtype: str, param: str, targets: Keys) -> Keys:
     """The resources of ``rtype`` whose reference parameter ``param`` points into ``targets``."""
-    r, target = ReferenceIndex, aliased(ResourceRow)
+    r, target = aliased(ReferenceIndex), aliased(ResourceRow)
+    # (type, id) IN (…): each target looked up in the index by its key; a join on the target row
+    # with ``pk IN targets`` made SQLite look each candidate up once per target.
+    pairs = select(target.type, target.id).where(target.pk.in_(targets))
     return (
         select(r.resource_pk)
-        .join(target, and_(target.type == r.target_type, target.id == r.target_id))
-        .where(r.res_type == rtype, r.param == param, target.pk.in_(targets))
+        .where(r.res_type == rtype, r.param == param, tuple_(r.target_type, r.target_id).in_(pairs))
+        .correlate(None)
     )
 
 
 def referenced(sources: Keys, param: str | None = None, rtype: str | None = None) -> Keys:
     """The resources stored here (of ``rtype``) that ``sources`` refer to (by ``param``; None: any)."""
-    r, res = ReferenceIndex, ResourceRow
+    r, res = aliased(ReferenceIndex), aliased(ResourceRow)
     found = (
         select(res.pk)
         .join(r, and_(r.target_type == res.type, r.target_id == res.id))
         .where(r.resource_pk.in_(sources), res.deleted == false())
+        .correlate(None)
     )
     if param is not None:
         found = found.where(r.param == param)
