@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import CompoundSelect, Connection, Select, and_, exists, false, select, tuple_, union
+from sqlalchemy import CompoundSelect, Connection, Select, and_, exists, false, select, union
 from sqlalchemy.orm import aliased
 
 from fhir_server import search
@@ -90,24 +90,27 @@ def matching(rtype: str, params: list[tuple[str, str]], within: Keys | None = No
 
 def referring(rtype: str, param: str, targets: Keys) -> Keys:
     """The resources of ``rtype`` whose reference parameter ``param`` points into ``targets``."""
-    r, target = aliased(ReferenceIndex), aliased(ResourceRow)
-    # (type, id) IN (…): each target looked up in the index by its key; a join on the target row
-    # with ``pk IN targets`` made SQLite look each candidate up once per target.
-    pairs = select(target.type, target.id).where(target.pk.in_(targets))
+    # Joins from the set outwards, each step an index lookup per member: as ``IN`` conditions, SQLite
+    # looked every candidate up once per member, and PostgreSQL scanned the set once per candidate.
+    keys, r, target = targets.subquery(), aliased(ReferenceIndex), aliased(ResourceRow)
     return (
         select(r.resource_pk)
-        .where(r.res_type == rtype, r.param == param, tuple_(r.target_type, r.target_id).in_(pairs))
+        .select_from(keys)
+        .join(target, target.pk == keys.c[0])
+        .join(r, and_(r.target_type == target.type, r.target_id == target.id, r.res_type == rtype, r.param == param))
         .correlate(None)
     )
 
 
 def referenced(sources: Keys, param: str | None = None, rtype: str | None = None) -> Keys:
     """The resources stored here (of ``rtype``) that ``sources`` refer to (by ``param``; None: any)."""
-    r, res = aliased(ReferenceIndex), aliased(ResourceRow)
+    keys, r, res = sources.subquery(), aliased(ReferenceIndex), aliased(ResourceRow)
     found = (
         select(res.pk)
-        .join(r, and_(r.target_type == res.type, r.target_id == res.id))
-        .where(r.resource_pk.in_(sources), res.deleted == false())
+        .select_from(keys)
+        .join(r, r.resource_pk == keys.c[0])
+        .join(res, and_(res.type == r.target_type, res.id == r.target_id))
+        .where(res.deleted == false())
         .correlate(None)
     )
     if param is not None:
