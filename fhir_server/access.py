@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Connection
 
-from fhir_server import compartment, scopes
+from fhir_server import compartment, limits, scopes
 from fhir_server.errors import FhirError, error
 from fhir_server.indexing import index_rows
-from fhir_server.repository import Stored
+from fhir_server.repository import Stored, readable
 from fhir_server.schema import TokenIndex
 from fhir_server.scopes import Scope, ScopeError
 from fhir_server.search import Criterion, SearchQuery
@@ -89,10 +89,11 @@ def _viewing(method: str, parts: Sequence[str]) -> bool:
     return reading or (method == "POST" and (parts in ([], ["_search"]) or parts[1:] == ["_search"]))
 
 
-def confine(req: "FhirRequest", conn: Connection) -> None:
-    """Hold ``req`` to its client's compartment: a resource outside it is answered as a missing one
-    (404, the same answer), a write outside it or not allowed by the role is 403. Conditional
-    interactions search outside the compartment, so a client with one may not make them."""
+def confine(req: "FhirRequest", conn: Connection | None) -> None:
+    """Hold ``req`` to its client's compartment, asked on ``conn`` (None: nothing is in it): a resource
+    outside it is answered as a missing one (404, the same answer; a deleted one too), a write
+    outside it or not allowed by the role is 403. Conditional interactions search outside the
+    compartment, so a client with one may not make them."""
     held = compartment.of(req.access)
     if held is None:
         return
@@ -103,27 +104,28 @@ def confine(req: "FhirRequest", conn: Connection) -> None:
     rtype = parts[0]
     if len(parts) == 1 and (method in ("PUT", "PATCH", "DELETE") or req.header("if-none-exist")):
         raise refused("conditional interactions")
-    read = method in ("GET", "HEAD") and (len(parts) == 2 or (len(parts) == 4 and parts[2] == "_history"))
-    if len(parts) >= 2 and not read and not parts[1].startswith("$") and not held.shows(conn, rtype, parts[1]):
-        raise error(404, "not-found", f"{rtype}/{parts[1]} is not known")  # what a missing one is answered
-    writing = method in ("POST", "PUT", "PATCH", "DELETE") and len(parts) <= 2 and not parts[-1].startswith("$")
-    if method == "PATCH" and writing:
-        raise refused("a patch (its result is not known before it is applied)")
+    if len(parts) >= 2 and not parts[1].startswith("$") and not (conn and held.shows(conn, rtype, parts[1])):
+        vread = len(parts) == 4 and parts[2] == "_history"
+        if method in ("GET", "HEAD") and (len(parts) == 2 or vread):  # what a missing one is answered
+            readable(rtype, parts[1], limits.version_id(parts[3]) if vread else None, None)
+        raise error(404, "not-found", f"{rtype}/{parts[1]} is not known")
+    if method not in ("POST", "PUT", "PATCH", "DELETE") or len(parts) > 2 or parts[-1].startswith("$"):
+        return
+    if method == "PATCH" or conn is None:
+        raise refused("a patch (its result is not known before it is applied)" if conn else "this write")
     body = req.body if method in ("POST", "PUT") and isinstance(req.body, dict) else None
-    if writing and not held.may_write(rtype, body, lambda keys, ref: _contains(conn, keys, ref)):
+    if not held.may_write(rtype, body, _contains(conn)):
         raise refused(f"this write of a {rtype}")
 
 
-def shows(access: Access | None, stored: Stored, conn: Connection | None) -> bool:
-    """Whether ``stored`` lies in the compartment of ``access``, asked on ``conn``; without one, nothing
-    does (``fhir_server.api`` reads for a client with a compartment on a connection)."""
-    held = compartment.of(access)
-    return held is None or (conn is not None and held.shows(conn, stored.type, stored.id))
+def _contains(conn: Connection) -> compartment.Contains:
+    """Whether a reference (``Type/id``) names a resource of a set, asked on ``conn``."""
 
+    def contains(keys: compartment.Keys, reference: str) -> bool:
+        rtype, _, rid = reference.partition("/")
+        return compartment.contains(conn, keys, rtype, rid)
 
-def _contains(conn: Connection, keys: compartment.Keys, reference: str) -> bool:
-    rtype, _, rid = reference.partition("/")
-    return compartment.contains(conn, keys, rtype, rid)
+    return contains
 
 
 def view(access: Access | None, rtype: str, asked: list[str] | None) -> list[str] | None:

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import orjson
-from sqlalchemy import Connection, func, select
+from sqlalchemy import func, select
 
 from fhir_server import access, bundle, capability, compartment, conditional, dates, limits, operations, search
 from fhir_server.errors import FhirError, error, information
@@ -54,7 +54,7 @@ def read_target(req: FhirRequest) -> ReadTarget | None:
 def _version(vid: str) -> int | None:
     """A version id this server can have given (R4 http.html#vread), else None."""
     try:
-        return limits.whole("_history", vid)
+        return limits.version_id(vid)
     except FhirError:
         return None
 
@@ -65,7 +65,8 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
     try:
         check_type(target.type)
         access.authorize(req)
-        return _read(req, readable(*target, found), base, None)
+        access.confine(req, None)
+        return _read(req, readable(*target, found), base)
     except FhirError as exc:
         return FhirResponse.of(exc)
 
@@ -110,7 +111,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
         case [rtype, rid], _ if not rid.startswith("_") and not rid.startswith("$"):
             match method:
                 case "GET" | "HEAD":
-                    return _read(req, repo.read(rtype, rid), base, repo.conn)
+                    return _read(req, repo.read(rtype, rid), base)
                 case "PUT":
                     stored, created = repo.update(rtype, rid, _body(req), req.header("if-match"))
                     return _written(req, stored, base, 201 if created else 200)
@@ -133,9 +134,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
                 raise error(404, "not-found", f"{rtype}/{rid} is not known")
             return _history(repo, base, req, rtype, rid)
         case [rtype, rid, "_history", vid], "GET":
-            if (version := _version(vid)) is None:
-                raise error(404, "not-found", f"{vid[:64]!r} is not a version id")
-            return _read(req, repo.vread(rtype, rid, version), base, repo.conn)
+            return _read(req, repo.vread(rtype, rid, limits.version_id(vid)), base)
     if parts and parts[0] not in SUPPORTED_TYPES and parts[0] not in ("metadata", "_history"):
         check_type(parts[0])
     raise error(405, "not-supported", f"{method} /{req.path} is not an interaction this server supports")
@@ -151,8 +150,8 @@ def _location(base: str, stored: Stored) -> str:
     return f"{base}/{stored.type}/{stored.id}/_history/{stored.version}"
 
 
-def _read(req: FhirRequest, stored: Stored, base: str, conn: Connection | None) -> FhirResponse:
-    if not (access.may_read(req.access, stored) and access.shows(req.access, stored, conn)):  # as if missing
+def _read(req: FhirRequest, stored: Stored, base: str) -> FhirResponse:
+    if not access.may_read(req.access, stored):  # answered as missing: the answer tells nothing
         readable(stored.type, stored.id, target.version if (target := read_target(req)) else None, None)
     if req.header("if-none-match") in (stored.etag, f'"{stored.version}"'):
         return FhirResponse(304, None, version_headers(stored))

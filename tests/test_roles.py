@@ -55,6 +55,13 @@ def test_ordering_sees_the_cases_of_its_organization_and_what_surrounds_them(
     for case in other:
         for reference in refs(case):
             assert_hidden(client, ehr, reference)
+    gone = f"Observation/{other[1].observation}"  # deleted, it is answered as missing too (not 410 Gone)
+    assert client.delete(f"/fhir/{gone}", headers=token(client, "admin")).status_code == 200
+    assert_hidden(client, ehr, gone)
+    link = "/fhir/ServiceRequest/{}/$link-imaging"
+    hidden, missing = (client.post(link.format(rid), headers=ehr) for rid in (other[0].order, "missing"))
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.text.replace(other[0].order, "missing") == missing.text
     searched = [("ServiceRequest", "order"), ("Task", "task"), ("Patient", "patient"), ("DiagnosticReport", "report"),
                 ("Observation", "observation"), ("Coverage", "coverage")]  # fmt: skip
     for rtype, attr in searched:
