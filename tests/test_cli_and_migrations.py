@@ -102,3 +102,25 @@ def test_inbound_sender_key_migration_keeps_every_message_and_its_key(db: Databa
         keys = conn.execute(select(InboundMessage.sender_key).order_by(InboundMessage.pk)).scalars().all()
     assert keys == ['["MESA_OF","XYZ_RADIOLOGY"]', None, '["SMALLRIS"]']
     assert receive(db, NO_MSH4) == b"STORED-ACK"  # intake finds the stored key: a resend
+
+
+def test_the_insurance_index_migration_indexes_the_orders_stored_before_it(db: Database):
+    """0007: ServiceRequest.insurance became a search parameter; orders stored before have its index rows after."""
+    from alembic import command
+    from sqlalchemy import func, select
+
+    from fhir_server.repository import Repository
+    from fhir_server.schema import ReferenceIndex
+    from overread.migrate import alembic_config
+    from tests.builders import service_request
+
+    with db.begin() as conn:
+        Repository(conn).create(service_request("Patient/p", insurance=[{"reference": "Coverage/c"}]))
+    indexed = select(func.count()).where(ReferenceIndex.param == "insurance", ReferenceIndex.target_id == "c")
+    with db.engine.begin() as conn:
+        config = alembic_config()
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0006")
+        assert conn.scalar(indexed) == 0  # as it was before the parameter
+        command.upgrade(config, "head")
+        assert conn.scalar(indexed) == 1
