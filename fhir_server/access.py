@@ -17,20 +17,27 @@ found); ``$validate`` ``r``, ``$link-imaging`` ``u``. A chain or ``_has`` needs 
 type it searches. A query-filtered scope grants a search that carries its query, a read of (and
 an ``_include`` of) a resource that matches it, and a create of one; every other interaction
 needs an unfiltered scope.
+
+A client with a role is held to its compartment too (``fhir_server.compartment``; ``confine``,
+``authorize_query``): a resource outside it is answered as a missing one (404), searches,
+includes, chains, ``_has`` and histories find nothing outside it, and a write it may not make is
+403. A compartment that is a view (only some elements) allows reads and searches on them only.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from fhir_server import scopes
+from sqlalchemy import Connection
+
+from fhir_server import compartment, limits, scopes
 from fhir_server.errors import FhirError, error
 from fhir_server.indexing import index_rows
-from fhir_server.repository import Stored
+from fhir_server.repository import Stored, readable
 from fhir_server.schema import TokenIndex
 from fhir_server.scopes import Scope, ScopeError
 from fhir_server.search import Criterion, SearchQuery
-from fhir_server.search_params import registry
+from fhir_server.search_params import COLUMN_PARAMS, registry
 from fhir_server.validation import SUPPORTED_TYPES
 
 if TYPE_CHECKING:  # http.py holds an Access
@@ -67,6 +74,67 @@ def authorize(req: "FhirRequest") -> None:
     for interaction, rtype, kind in needs:
         if not _may(req.access.scopes, interaction, rtype, kind, req.params, req.body):
             raise forbidden(f"{interaction!r} on {rtype}")
+    held = compartment.of(req.access)
+    if held is not None and held.elements is not None and not _viewing(req.method.upper(), parts):
+        raise refused("this interaction")
+
+
+def refused(what: str) -> FhirError:
+    return error(403, "forbidden", f"The client's role does not allow {what}")
+
+
+def _viewing(method: str, parts: Sequence[str]) -> bool:
+    """A read, a search, or a batch of them (each entry is checked): what a view allows."""
+    reading = method in ("GET", "HEAD") and len(parts) <= 2 and not any(p[:1] in "_$" for p in parts)
+    return reading or (method == "POST" and (parts in ([], ["_search"]) or parts[1:] == ["_search"]))
+
+
+def confine(req: "FhirRequest", conn: Connection | None) -> None:
+    """Hold ``req`` to its client's compartment, asked on ``conn`` (None: nothing is in it): a resource
+    outside it is answered as a missing one (404, the same answer; a deleted one too), a write
+    outside it or not allowed by the role is 403. Conditional interactions search outside the
+    compartment, so a client with one may not make them."""
+    held = compartment.of(req.access)
+    if held is None:
+        return
+    method = req.method.upper()
+    parts = [p for p in req.path.strip("/").split("/") if p]
+    if not parts or parts[0] not in SUPPORTED_TYPES or parts[1:2] in (["_search"], ["_history"]):
+        return
+    rtype = parts[0]
+    if len(parts) == 1 and (method in ("PUT", "PATCH", "DELETE") or req.header("if-none-exist")):
+        raise refused("conditional interactions")
+    if len(parts) >= 2 and not parts[1].startswith("$") and not (conn and held.shows(conn, rtype, parts[1])):
+        vread = len(parts) == 4 and parts[2] == "_history"
+        if method in ("GET", "HEAD") and (len(parts) == 2 or vread):  # what a missing one is answered
+            readable(rtype, parts[1], limits.version_id(parts[3]) if vread else None, None)
+        raise error(404, "not-found", f"{rtype}/{parts[1]} is not known")
+    if method not in ("POST", "PUT", "PATCH", "DELETE") or len(parts) > 2 or parts[-1].startswith("$"):
+        return
+    if method == "PATCH" or conn is None:
+        raise refused("a patch (its result is not known before it is applied)" if conn else "this write")
+    body = req.body if method in ("POST", "PUT") and isinstance(req.body, dict) else None
+    if not held.may_write(rtype, body, _contains(conn)):
+        raise refused(f"this write of a {rtype}")
+
+
+def _contains(conn: Connection) -> compartment.Contains:
+    """Whether a reference (``Type/id``) names a resource of a set, asked on ``conn``."""
+
+    def contains(keys: compartment.Keys, reference: str) -> bool:
+        rtype, _, rid = reference.partition("/")
+        return compartment.contains(conn, keys, rtype, rid)
+
+    return contains
+
+
+def view(access: Access | None, rtype: str, asked: list[str] | None) -> list[str] | None:
+    """The ``_elements`` of a read or search of ``rtype``: ``asked`` within the client's view, if it has one."""
+    held = compartment.of(access)
+    shown = None if held is None else held.view(rtype)
+    if shown is None:
+        return asked
+    return sorted(e for e in shown if asked is None or e in asked or e.split(".")[0] in asked)
 
 
 def authorize_query(access: Access | None, query: SearchQuery) -> None:
@@ -76,6 +144,23 @@ def authorize_query(access: Access | None, query: SearchQuery) -> None:
     for rtype in _reached(query.criteria):
         if not scopes.allows(access.scopes, "s", rtype):
             raise forbidden(f"a chain or _has into {rtype}")
+    held = compartment.of(access)
+    if held is None:
+        return
+    query.within = held.visible
+    if held.elements is None:
+        return
+    types = (query.resource_type,) if query.resource_type else (query.types or tuple(SUPPORTED_TYPES))
+    shown = {e.split(".")[0] for t in types for e in held.view(t) or ()}
+    if query.includes or any(c.chain or c.has is not None for c in query.criteria):
+        raise refused("_include, _revinclude, chains or _has")
+    for code in [c.param.code for c in query.criteria] + [code for code, _ in query.sort]:
+        if code in COLUMN_PARAMS:
+            continue
+        roots = [registry()[t][code].roots for t in types if code in registry()[t]]
+        if not roots or not all(r is not None and r <= shown for r in roots):
+            raise refused(f"searching or sorting on {code!r}")
+    query.elements = view(access, types[0], query.elements) if len(types) == 1 else sorted(shown)
 
 
 def _reached(criteria: Iterable[Criterion]) -> Iterator[str]:

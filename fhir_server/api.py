@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Lifespan
 
-from fhir_server import balp, dates
+from fhir_server import balp, compartment, dates
 from fhir_server.async_reads import AsyncReads
 from fhir_server.async_units import AsyncUnits
 from fhir_server.audit_log import AuditLog, writes
@@ -148,7 +148,8 @@ def mount(
         write = writes(req)
         target = read_target(req)
         one_row = target is not None
-        if target is not None and reads is not None and reads.ready:
+        # A client with a compartment: its read also asks whether the resource is in it, on a connection.
+        if target is not None and reads is not None and reads.ready and compartment.of(req.access) is None:
             return await _answered(req, _read(reads, req, target, base))
         if sqlite and one_row:
             return run(req, base, write, one_row)

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from fhir_server import conditional
-from fhir_server.access import Access, authorize
+from fhir_server.access import Access, authorize, confine
 from fhir_server.audit_log import refuse_write
 from fhir_server.errors import FhirError, Issue, error
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
@@ -70,7 +70,7 @@ def process(
     run: Run = lambda entry: handle(_request(entry, base, access), repo, base)  # noqa: E731
     if kind == "transaction":
         _refuse_audit_writes(entries)
-        _authorize(entries, base, access)
+        _authorize(entries, repo, base, access)
         responses = _transaction(entries, repo, base, run) if savepoint else _run_transaction(entries, repo, base, run)
     else:
         responses = _batch(entries, repo, run)
@@ -89,15 +89,17 @@ def _refuse_audit_writes(entries: list[Entry]) -> None:
             refuse_write(entry.method, entry.url)
 
 
-def _authorize(entries: list[Entry], base: str, access: Access | None) -> None:
-    """Check a transaction's entries as the requests they are, and its conditional references as
-    the searches they are (its creates and references do not pass ``handle``): one refusal
-    refuses it whole, before anything runs."""
+def _authorize(entries: list[Entry], repo: Repository, base: str, access: Access | None) -> None:
+    """Check a transaction's entries as the requests they are, in the client's compartment too, and
+    its conditional references as the searches they are (its creates and references do not pass
+    ``handle``): one refusal refuses it whole, before anything runs."""
     if access is None:
         return
     for entry in entries:
         with _at(entry):
-            authorize(_request(entry, base, access))
+            request = _request(entry, base, access)
+            authorize(request)
+            confine(request, repo.conn)
             for ref in _conditional_references(entry.resource):
                 rtype, _, query = ref.partition("?")
                 authorize(FhirRequest("GET", rtype, conditional.parse_qsl(query), access=access))

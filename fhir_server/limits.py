@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fhir_server.errors import error
+from fhir_server.errors import FhirError, error
 
 #: The largest integer a count, offset or version id may be: PostgreSQL's ``integer``, which
 #: the version column is and what OFFSET is bound as, whatever the database.
@@ -46,6 +46,14 @@ def whole(name: str, value: str, maximum: int = MAX_INT) -> int:
     if len(value) > len(str(maximum)) or int(value) > maximum:
         raise error(400, "too-costly", f"{name} must be at most {maximum}", name)
     return int(value)
+
+
+def version_id(vid: str) -> int:
+    """A version id this server can have given (R4 http.html#vread); else the 404 of a vread of it."""
+    try:
+        return whole("_history", vid)
+    except FhirError:
+        raise error(404, "not-found", f"{vid[:64]!r} is not a version id") from None
 
 
 def check_params(params: Iterable[tuple[str, str]]) -> None:

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 import orjson
 from sqlalchemy import func, select
 
-from fhir_server import access, bundle, capability, conditional, dates, limits, operations, search
+from fhir_server import access, bundle, capability, compartment, conditional, dates, limits, operations, search
 from fhir_server.audit_log import refuse_write
 from fhir_server.errors import FhirError, error, information
 from fhir_server.http import FhirRequest, FhirResponse, version_headers
@@ -55,7 +55,7 @@ def read_target(req: FhirRequest) -> ReadTarget | None:
 def _version(vid: str) -> int | None:
     """A version id this server can have given (R4 http.html#vread), else None."""
     try:
-        return limits.whole("_history", vid)
+        return limits.version_id(vid)
     except FhirError:
         return None
 
@@ -66,6 +66,7 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
     try:
         check_type(target.type)
         access.authorize(req)
+        access.confine(req, None)
         return _read(req, readable(*target, found), base)
     except FhirError as exc:
         return FhirResponse.of(exc)
@@ -76,6 +77,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
     method = req.method.upper()
     refuse_write(method, req.path)
     access.authorize(req)
+    access.confine(req, repo.conn)
     match parts, method:
         case [], "POST":
             return FhirResponse(200, bundle.process(req.body, repo, base, handle, access=req.access))
@@ -134,9 +136,7 @@ def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
                 raise error(404, "not-found", f"{rtype}/{rid} is not known")
             return _history(repo, base, req, rtype, rid)
         case [rtype, rid, "_history", vid], "GET":
-            if (version := _version(vid)) is None:
-                raise error(404, "not-found", f"{vid[:64]!r} is not a version id")
-            return _read(req, repo.vread(rtype, rid, version), base)
+            return _read(req, repo.vread(rtype, rid, limits.version_id(vid)), base)
     if parts and parts[0] not in SUPPORTED_TYPES and parts[0] not in ("metadata", "_history"):
         check_type(parts[0])
     raise error(405, "not-supported", f"{method} /{req.path} is not an interaction this server supports")
@@ -157,7 +157,7 @@ def _read(req: FhirRequest, stored: Stored, base: str) -> FhirResponse:
         readable(stored.type, stored.id, target.version if (target := read_target(req)) else None, None)
     if req.header("if-none-match") in (stored.etag, f'"{stored.version}"'):
         return FhirResponse(304, None, version_headers(stored), stored)
-    elements = _elements(req)
+    elements = access.view(req.access, stored.type, _elements(req))
     body: Any = orjson.Fragment(stored.content or "{}")
     if elements is not None or any(k == "_summary" for k, _ in req.params):
         body = search.shape(stored.resource, dict(req.params).get("_summary"), elements)
@@ -262,6 +262,8 @@ def _history(repo: Repository, base: str, req: FhirRequest, rtype: str | None, r
         stmt = stmt.where(VersionRow.id == rid)
     if since:
         stmt = stmt.where(VersionRow.last_updated >= since)
+    if (held := compartment.of(req.access)) is not None:
+        stmt = stmt.where(VersionRow.resource_pk.in_(held.visible))
     total = repo.conn.scalar(select(func.count()).select_from(stmt.subquery()))
     rows = repo.conn.execute(
         stmt.order_by(v.last_updated.desc(), v.resource_pk.desc(), v.version.desc()).limit(count).offset(offset)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import orjson
@@ -118,6 +118,9 @@ class SearchQuery:
     used: list[tuple[str, str]] = field(default_factory=list)
     #: A system search's ``_type`` list (R4 search.html#_type); empty: every type.
     types: tuple[str, ...] = ()
+    #: The keys (a SELECT of ``resource.pk``) of the only resources the search, its chains, ``_has``
+    #: and includes may find: the caller's compartment (``fhir_server.compartment``); None: all.
+    within: Any = None
 
 
 @dataclass
@@ -355,13 +358,18 @@ def _knows(resource_type: str, chained: str) -> bool:
 # -- SQL -----------------------------------------------------------------------------
 
 
-def _where(res: Resource, resource_type: str, crit: Criterion) -> ColumnElement[bool]:
+def _where(res: Resource, resource_type: str, crit: Criterion, within: Any = None) -> ColumnElement[bool]:
+    """The SQL of ``crit``; the resources its chains and ``_has`` search are ``within`` those keys (None: all)."""
     param = crit.param
     if crit.has is not None:
         source_type, code, on_source = crit.has
         src = aliased(ResourceRow)
-        sources = select(src.pk).where(
-            src.type == source_type, src.deleted == false(), _where(src, source_type, on_source)
+        sources = _within(
+            select(src.pk).where(
+                src.type == source_type, src.deleted == false(), _where(src, source_type, on_source, within)
+            ),
+            src,
+            within,
         )
         targets = select(ReferenceIndex.target_id).where(
             ReferenceIndex.res_type == source_type,
@@ -374,8 +382,12 @@ def _where(res: Resource, resource_type: str, crit: Criterion) -> ColumnElement[
         per_type = []
         for target_type, chained in crit.chain:
             inner = aliased(ResourceRow)
-            ids = select(inner.id).where(
-                inner.type == target_type, inner.deleted == false(), _where(inner, target_type, chained)
+            ids = _within(
+                select(inner.id).where(
+                    inner.type == target_type, inner.deleted == false(), _where(inner, target_type, chained, within)
+                ),
+                inner,
+                within,
             )
             per_type.append(and_(ReferenceIndex.target_type == target_type, ReferenceIndex.target_id.in_(ids)))
         return res.pk.in_(
@@ -639,8 +651,16 @@ def statement(query: SearchQuery) -> Select[str, str, int, datetime, str | None]
     elif not query.resource_type:
         stmt = stmt.where(res.type.not_in(APART))
     for crit in query.criteria:
-        stmt = stmt.where(_where(res, query.resource_type, crit))
-    return stmt
+        stmt = stmt.where(_where(res, query.resource_type, crit, query.within))
+    return _within(stmt, res, query.within)
+
+
+_S = TypeVar("_S", bound=Select[*tuple[Any, ...]])
+
+
+def _within(stmt: _S, res: Resource, within: Any) -> _S:
+    """``stmt`` kept to the resources whose keys ``within`` selects (None: all)."""
+    return stmt if within is None else stmt.where(res.pk.in_(within))
 
 
 def _narrows_type(crit: Criterion) -> bool:
@@ -718,9 +738,8 @@ def _included(
                 raise _too_slow(limits().timeout)
             # Rows already seen come back too: fetch enough for them and the room left, no more.
             room = most - len(found) - len(new)
-            rows = conn.execute(
-                select(*STORED).where(ResourceRow.deleted == false(), clause).limit(room + len(seen) + 1)
-            )
+            here = _within(select(*STORED).where(ResourceRow.deleted == false(), clause), ResourceRow, query.within)
+            rows = conn.execute(here.limit(room + len(seen) + 1))
             for row in rows:
                 if (row.type, row.id) in seen:
                     continue
@@ -785,7 +804,8 @@ def _reverse_include(rule: Include, frontier: list[Stored]) -> ColumnElement[boo
 
 
 def shape(resource: dict[str, Any], summary: str | None, elements: list[str] | None) -> dict[str, Any]:
-    """Apply _summary / _elements (search.html#summary, #elements); mark the result SUBSETTED."""
+    """Apply _summary / _elements (search.html#summary, #elements); mark the result SUBSETTED.
+    An element may name one child of an object element (``restriction.period``)."""
     if summary in (None, "false") and elements is None:
         return resource
     keep: set[str] | None = None
@@ -796,6 +816,11 @@ def shape(resource: dict[str, Any], summary: str | None, elements: list[str] | N
     elif summary == "text":
         keep = {"resourceType", "id", "meta", "text"}
     shaped = {k: v for k, v in resource.items() if (k in keep if keep is not None else k != "text")}
+    for name in elements or ():  # "restriction.period": that element of an object element
+        parent, dot, child = name.partition(".")
+        value = resource.get(parent)
+        if dot and keep is not None and parent not in keep and isinstance(value, dict) and child in value:
+            shaped[parent] = {**shaped.get(parent, {}), child: value[child]}
     # Every summary but false is a subset of the resource (search.html#summary), data included.
     if summary in ("text", "data") or keep is not None:
         meta = dict(shaped.get("meta", {}))

@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from sqlalchemy import Connection
 
-from cases import discrepancy, link_imaging, second_opinion
+from cases import compartments, discrepancy, link_imaging, second_opinion
 from cases.results import results
 from cases.task import case_opener
 from cases.workflow import case_workflow
@@ -20,7 +20,7 @@ from dicom_bridge import tuning
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
 from dicom_bridge.storage_scp import Limits, StorageScp
-from fhir_server import api, dates, operations, profiles, search_limits
+from fhir_server import api, compartment, dates, operations, profiles, search_limits
 from fhir_server.audit_http import AuditTrail
 from fhir_server.audit_log import AuditLog
 from fhir_server.conformance_seed import publish
@@ -48,10 +48,12 @@ log = logging.getLogger(__name__)
 
 def wire_cases() -> None:
     """The second-opinion case in the generic FHIR store, for the whole process: ``$link-imaging``,
-    the profile every second-opinion report must conform to, and its RADPEER/discrepancy check."""
+    the profile every second-opinion report must conform to, its RADPEER/discrepancy check, and the
+    compartment of each client role."""
     operations.register("ServiceRequest", "link-imaging", link_imaging.OPERATION)
     profiles.require(second_opinion.required_profiles)
     profiles.add_check(discrepancy.check)
+    compartment.use(compartments.compartment)
 
 
 wire_cases()  # on import: every door of this process (HTTP, MLLP, workers, CLI) writes through the same rules

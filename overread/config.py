@@ -553,6 +553,13 @@ class AuthClient(_Strict):
             raise ValueError(f"client {self.client_id!r} needs jwks or jwks_url (one of them)")
         return self
 
+    @model_validator(mode="after")
+    def _compartment(self) -> Self:
+        # its organization is what the role's compartment is made of (docs/security.md, "Roles")
+        if self.role in ("ordering", "reader", "insurer") and self.organization is None:
+            raise ValueError(f"client {self.client_id!r} has role {self.role} but no organization")
+        return self
+
     def client(self) -> Client:
         inline = KeySet.import_key_set(self.jwks) if self.jwks is not None else None  # type: ignore[arg-type]
         jwks = Jwks(inline, self.jwks_url)

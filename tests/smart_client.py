@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet, OctKey, RSAKey
 
@@ -61,10 +62,21 @@ def form(signed: str, scope: str = "system/*.rs", **fields: str) -> dict[str, st
     }
 
 
-def smart_app(db: Database, clients: list[dict[str, Any]], **settings: Any) -> FastAPI:
-    """The application with OVERREAD_AUTH=smart and ``clients`` registered (``auth.clients`` entries)."""
-    cfg = OverreadConfig.model_validate({"auth": {"clients": clients}})
+def smart_app(
+    db: Database, clients: list[dict[str, Any]], config: dict[str, Any] | None = None, **settings: Any
+) -> FastAPI:
+    """The application with OVERREAD_AUTH=smart and ``clients`` registered (``auth.clients`` entries),
+    with the rest of OVERREAD_CONFIG from ``config``."""
+    cfg = OverreadConfig.model_validate({**(config or {}), "auth": {"clients": clients}})
     return create_app(Settings(database_url=db.url, auth="smart", **settings), db, cfg)
+
+
+def bearer(client: TestClient, key: Key, client_id: str, scope: str) -> dict[str, str]:
+    """The Authorization header of an access token for ``client_id`` (of ``client``'s app), asking ``scope``."""
+    data = form(assertion(key, client_id, f"http://testserver{TOKEN_PATH}"), scope)
+    response = client.post(TOKEN_PATH, data=data, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
 
 def client_entry(client_id: str, key: Key, scope: str, **extra: Any) -> dict[str, Any]:

@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 
 from fhir_server.db import Database
 from overread.server import running
+from tests import smart_client
 from tests.builders import patient, service_request
-from tests.smart_client import TOKEN_PATH, assertion, client_entry, es384, form, smart_app
+from tests.smart_client import assertion, client_entry, es384, form, smart_app
 
 KEY = es384()
 CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
@@ -47,13 +48,7 @@ def client(db: Database) -> Iterator[TestClient]:
 def bearer(client: TestClient) -> Bearer:
     """The Authorization header of a token for ``client_id``, asking for all it is allowed."""
 
-    def get(client_id: str) -> dict[str, str]:
-        data = form(assertion(KEY, client_id, f"http://testserver{TOKEN_PATH}"), CLIENTS[client_id])
-        response = client.post(TOKEN_PATH, data=data, headers={"content-type": "application/x-www-form-urlencoded"})
-        assert response.status_code == 200, response.text
-        return {"Authorization": f"Bearer {response.json()['access_token']}"}
-
-    return get
+    return lambda client_id: smart_client.bearer(client, KEY, client_id, CLIENTS[client_id])
 
 
 def observation(subject: str, category: str, code: str = "24627-2") -> dict[str, Any]:

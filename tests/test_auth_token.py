@@ -245,6 +245,7 @@ def test_keys_from_a_jwks_url_are_fetched_again_for_a_new_kid(db: Database) -> N
         ({"scope": "system/*.rs?category=x"}, "one resource type"),
         ({"role": "admin"}, "role"),
         ({"organization": "STOLAV"}, "system|value"),
+        ({"role": "insurer"}, "role insurer but no organization"),  # its compartment is its organization's
     ],
 )
 def test_a_bad_client_registration_stops_start_up(change: dict[str, Any], complaint: str) -> None:

@@ -1,0 +1,126 @@
+"""Which second-opinion cases a client with a role sees, and what it may write (docs/security.md, "Roles").
+
+``compartment`` is the rule ``overread.app`` registers with ``fhir_server.compartment.use``. A
+client's *own parties* are the resources its ``organization`` identifier (``system|value``) names:
+the Organization, Practitioner or PractitionerRole with that identifier, and the
+PractitionerRoles of such an Organization. Then, by role:
+
+- **ordering**: the orders (ServiceRequest) whose requester or performer is one of its parties;
+- **reader**: the orders of the cases (``cases.second_opinion.is_case``) whose Task.owner is one;
+- **insurer**: the orders whose insurance is a Coverage whose payor is one of its Organizations,
+  and their case Tasks; and of those two types only ``STATUS``, read-only;
+- **operator**: no compartment (its scopes alone: the HL7 store).
+
+Ordering and reader see each of their orders with what surrounds it: what the order refers to
+(patient, coverage, requester, encounter...), the resources based on it or focused on it (the
+case Task, reports, images, observations), and the results of those reports. Every set is an
+indexed lookup evaluated by the database inside each statement.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fhir_server.access import Access
+from fhir_server.compartment import (
+    Compartment,
+    Contains,
+    Keys,
+    Resource,
+    matching,
+    named,
+    referenced,
+    referring,
+    union_of,
+)
+
+#: The insurer's view of Task and ServiceRequest: where the case stands, nothing clinical.
+STATUS = frozenset(
+    {"identifier", "status", "businessStatus", "intent", "priority", "authoredOn", "lastModified",
+     "restriction.period", "code", "owner"}
+)  # fmt: skip
+#: What a reader may write, for its own cases only.
+READER_WRITES = frozenset({"DiagnosticReport", "Observation", "Task"})
+#: The resources around an order: (type, reference parameter to the order).
+BASED_ON = (
+    ("Task", "focus"), ("Task", "based-on"), ("DiagnosticReport", "based-on"),
+    ("ImagingStudy", "basedon"), ("Observation", "based-on"),
+)  # fmt: skip
+#: What no client with a compartment writes: a Subscription's notifications are not held to it.
+UNCONFINED = frozenset({"Subscription"})
+#: The types a client's organization identifier may name.
+PARTY_TYPES = ("Organization", "Practitioner", "PractitionerRole")
+
+
+def compartment(access: Access) -> Compartment | None:
+    """The compartment of a client with a role; a role without an organization sees nothing."""
+    identifier = [("identifier", access.organization or "|")]
+    # A few rows each: inline. (A CTE inside the materialized one of the orders made SQLite scan a
+    # hundred times longer.)
+    organizations = matching("Organization", identifier)
+    parties = union_of(
+        *(matching(t, identifier) for t in PARTY_TYPES), referring("PractitionerRole", "organization", organizations)
+    )
+    match access.role:
+        case "ordering":
+            orders = union_of(*(referring("ServiceRequest", p, parties) for p in ("requester", "performer")))
+            visible = _around(named("orders", orders))
+            return Compartment(visible, _writes(parties, visible, ordering=True))
+        case "reader":
+            orders = referenced(_cases(referring("Task", "owner", parties)), "focus", "ServiceRequest")
+            visible = _around(named("orders", orders))
+            return Compartment(visible, _writes(parties, visible, ordering=False))
+        case "insurer":
+            paid = referring("ServiceRequest", "insurance", referring("Coverage", "payor", organizations))
+            paid = named("orders", paid)
+            visible = named("visible", union_of(paid, _cases(referring("Task", "focus", paid))))
+            return Compartment(visible, lambda *_: False, {"Task": STATUS, "ServiceRequest": STATUS})
+    return None
+
+
+def _cases(tasks: Keys) -> Keys:
+    """The Tasks of intent order among ``tasks``: the cases (``cases.second_opinion.is_case``), as the
+    callers follow, or found them by, their focus on an order."""
+    return matching("Task", [("intent", "order")], within=tasks)
+
+
+def _around(orders: Keys) -> Keys:
+    """The orders, what they refer to, the resources based on them, and the results of those reports."""
+    based = named("based", union_of(*(referring(rtype, param, orders) for rtype, param in BASED_ON)))
+    return named("visible", union_of(orders, referenced(orders), based, referenced(based, "result")))
+
+
+def _writes(parties: Keys, visible: Keys, ordering: bool) -> Callable[[str, Resource | None, Contains], bool]:
+    """What an ordering system or a reader may write (``Compartment.may_write``).
+
+    Every reference of the body to a resource here names a resource it sees or one of its own
+    parties, so no write reaches into another's compartment. An ordering system's order names one
+    of its parties as requester or performer. A reader writes reports, observations and Tasks,
+    each about one of its orders at least."""
+
+    def may_write(rtype: str, resource: Resource | None, contains: Contains) -> bool:
+        if rtype in UNCONFINED:
+            return False
+        if resource is None:
+            return ordering or rtype in READER_WRITES
+        references = list(_references(resource))
+        if not all(contains(visible, ref) or contains(parties, ref) for ref in references):
+            return False
+        if ordering:
+            own = [ref for key in ("requester", "performer") for ref in _references(resource.get(key))]
+            return rtype != "ServiceRequest" or any(contains(parties, ref) for ref in own)
+        return rtype in READER_WRITES and any(ref.startswith("ServiceRequest/") for ref in references)
+
+    return may_write
+
+
+def _references(value: Any) -> Iterator[str]:
+    """The literal references (``Type/id``) of a resource or element, at any depth."""
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str) and ref.count("/") == 1 and ref[:1].isupper():
+            yield ref
+        for item in value.values():
+            yield from _references(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _references(item)
