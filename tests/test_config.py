@@ -76,6 +76,7 @@ def test_sender_settings_decide_the_patient_identifier_system(client, db, tmp_pa
     assert patient["identifier"][0] == {"system": "urn:oid:1.2.826.0.1.3680043.2.1125", "value": "PID_1"}
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_broken_config_file(tmp_path):
     env = {**os.environ, "OVERREAD_CONFIG": str(_write(tmp_path, "hl7: {senders: [{bogus: 1}]}"))}
     result = subprocess.run([sys.executable, "-m", "overread.cli", "serve"], env=env, capture_output=True,

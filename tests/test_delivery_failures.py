@@ -348,6 +348,7 @@ def backfill(database_url: str, config: Path, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_backfill_queues_what_a_destination_added_later_never_had(
     db: Database, receiver: Receiver, tmp_path: Path
 ) -> None:
