@@ -2,6 +2,7 @@
 DCMTK's storescu and echoscu, and pynetdicom as an SCU; raw sockets only for what no peer
 would send (garbage, broken PDUs)."""
 
+import contextlib
 import socket
 import struct
 import subprocess
@@ -247,7 +248,8 @@ def associate_rq(application_context: str = "1.2.840.10008.3.1.1.1") -> bytes:
 def raw(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)  # all there is: a PDU cut short ends here, not at a timeout
+        with contextlib.suppress(OSError):  # the SCP may have answered and closed already (ENOTCONN)
+            sock.shutdown(socket.SHUT_WR)  # all there is: a PDU cut short ends here, not at a timeout
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
