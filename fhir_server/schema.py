@@ -10,6 +10,11 @@ A string, token or URI value of the index is kept whole in two columns: its firs
 most values) beside it. A lookup compares both, so it stays indexed while a value past the
 key is compared whole; the key is bounded because PostgreSQL refuses a B-tree entry over
 about 2,700 bytes.
+
+On PostgreSQL the key columns a prefix search reads (``norm``, a URI's ``value``) are indexed with
+``varchar_pattern_ops``: its ``LIKE 'x%'`` uses a B-tree only so, or under the C collation
+(indexes-opclass.html); the same index answers ``=``. ``:contains`` reads a trigram index
+(pg_trgm) of the whole normalised string. Migration ``0010`` creates both.
 """
 
 from datetime import datetime
@@ -98,7 +103,9 @@ class TokenIndex(_IndexMixin, Base):
 
 class StringIndex(_IndexMixin, Base):
     __tablename__ = "idx_string"
-    __table_args__ = (Index("ix_idx_string_lookup", "res_type", "param", "norm"),)
+    __table_args__ = (
+        Index("ix_idx_string_lookup", "res_type", "param", "norm", postgresql_ops={"norm": "varchar_pattern_ops"}),
+    )
     value: Mapped[str] = mapped_column(String(KEY))
     value_rest: Mapped[str] = mapped_column(Text, server_default="")
     #: Case-folded, accents removed: what the default and :contains searches compare.
@@ -106,9 +113,22 @@ class StringIndex(_IndexMixin, Base):
     norm_rest: Mapped[str] = mapped_column(Text, server_default="")
 
 
+# ``:contains`` on PostgreSQL: trigrams of the whole normalised value (pg_trgm, a GIN index).
+Index(
+    "ix_idx_string_contains",
+    (StringIndex.norm + StringIndex.norm_rest).label("norm_whole"),
+    postgresql_using="gin",
+    postgresql_ops={"norm_whole": "gin_trgm_ops"},
+).ddl_if(dialect="postgresql")
+
+
 class ReferenceIndex(_IndexMixin, Base):
     __tablename__ = "idx_reference"
-    __table_args__ = (Index("ix_idx_reference_lookup", "res_type", "param", "target_id", "target_type"),)
+    __table_args__ = (
+        Index("ix_idx_reference_lookup", "res_type", "param", "target_id", "target_type"),
+        # What refers to these resources, from any type by any parameter (``_revinclude=*``).
+        Index("ix_idx_reference_target", "target_id", "target_type"),
+    )
     target_type: Mapped[str | None] = mapped_column(String(64))
     target_id: Mapped[str | None] = mapped_column(String(64))
     #: Absolute or canonical URL when the reference is not to a resource of this server (not indexed).
@@ -130,7 +150,9 @@ class NumberIndex(_IndexMixin, Base):
 
 class UriIndex(_IndexMixin, Base):
     __tablename__ = "idx_uri"
-    __table_args__ = (Index("ix_idx_uri_lookup", "res_type", "param", "value"),)
+    __table_args__ = (
+        Index("ix_idx_uri_lookup", "res_type", "param", "value", postgresql_ops={"value": "varchar_pattern_ops"}),
+    )
     value: Mapped[str] = mapped_column(String(URI_KEY))
     value_rest: Mapped[str] = mapped_column(Text, server_default="")
 
