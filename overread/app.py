@@ -22,6 +22,7 @@ from dicom_bridge.storage_scp import Limits, StorageScp
 from fhir_server import api, operations, profiles, search_limits
 from fhir_server.conformance_seed import publish
 from fhir_server.db import Database
+from fhir_server.executor import Executor, for_database
 from fhir_server.notifier import Notifier
 from fhir_server.outbox_worker import running
 from fhir_server.repository import Hook
@@ -60,7 +61,9 @@ def make_hooks(cfg: OverreadConfig) -> tuple[Hook, ...]:
 HOOKS = make_hooks(OverreadConfig())
 
 
-def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConfig | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, db: Database | None = None, cfg: OverreadConfig | None = None, executor: Executor | None = None
+) -> FastAPI:
     """The web application: the FHIR API and the HL7 message store's endpoints.
 
     ``cfg`` is the parsed OVERREAD_CONFIG; read from ``settings.config`` when not given.
@@ -68,7 +71,7 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
     (docs/security.md); ValueError when it is off and a listener is beyond loopback.
     """
     mode = settings.auth_mode()
-    db = db or Database(settings.database_url, hide_parameters=not settings.log_sensitive)
+    db = db or Database(settings.database_url, settings.pools, hide_parameters=not settings.log_sensitive)
     cfg = cfg or config.load(settings.config)
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.db = db
@@ -80,34 +83,30 @@ def create_app(settings: Settings, db: Database | None = None, cfg: OverreadConf
         app.add_middleware(BearerAuth, smart=smart, open=open_routes())
     else:
         log.warning("OVERREAD_AUTH is off: anyone who reaches a listener reads and changes every record")
-    api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits())
+    api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits(), executor=executor)
     hl7 = [Depends(area_guard("hl7"))]
     app.include_router(messages_router(db, cfg.sender, hooks), dependencies=hl7)
     app.include_router(outbound_router(result_delivery(db, cfg).queue), dependencies=hl7)
     return app
 
 
-def mllp_listener(settings: Settings, db: Database, cfg: OverreadConfig | None = None) -> MllpServer:
-    """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT (storage runs off the event loop).
+def mllp_listener(
+    settings: Settings, db: Database, cfg: OverreadConfig | None = None, executor: Executor | None = None
+) -> MllpServer:
+    """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT, each message a unit of ``executor``.
 
-    On SQLite each message is a unit of the writer's groups (``db.groups``), with the FHIR
-    requests that write: committed together, each acknowledged after the commit. Every message
-    is answered: one whose intake fails unexpectedly is stored in a transaction of its own and
-    answered AR (``intake.failed``); if even that fails, the AR is built without the database
+    On SQLite each message is a unit of the writer's groups, with the FHIR requests that write:
+    committed together, each acknowledged after the commit. Every message is answered: one whose
+    intake fails unexpectedly is stored in a transaction of its own and answered AR
+    (``intake.failed``); if even that fails, the AR is built without the database
     (``intake.last_resort``).
     """
     cfg = cfg or config.load(settings.config)
     senders, hooks = cfg.sender, make_hooks(cfg)
+    executor = executor or for_database(db)
 
     async def write(work: Callable[[Connection], bytes]) -> bytes:
-        if db.groups is not None:
-            return await db.groups.submit(work)
-
-        def in_transaction() -> bytes:
-            with db.begin() as conn:
-                return work(conn)
-
-        return await asyncio.get_running_loop().run_in_executor(None, in_transaction)
+        return await executor.run(work, write=True)
 
     async def handler(message: bytes) -> bytes:
         try:
@@ -209,12 +208,13 @@ def workers(settings: Settings, db: Database, cfg: OverreadConfig) -> Iterator[S
 async def serve_all(settings: Settings, db: Database, cfg: OverreadConfig) -> None:
     """Every listener and worker of ``overread serve`` in one process, until interrupted."""
     quiet_accept_errors(asyncio.get_running_loop())  # out of descriptors: one log a minute, not a flood
-    app = create_app(settings, db, cfg)
+    executor = for_database(db)  # one per process: HTTP and MLLP share SQLite's writer and PostgreSQL's pool
+    app = create_app(settings, db, cfg, executor)
     http = uvicorn.Server(
         http_config(app, settings, host=settings.http_host, port=settings.http_port, log_level="info")
     )
     with workers(settings, db, cfg) as scp:
         log.warning("DICOM Storage SCP %s on %s:%s", settings.dicom_ae_title, settings.dicom_host, scp.port)
-        async with mllp_listener(settings, db, cfg) as mllp:
+        async with executor.opened(), mllp_listener(settings, db, cfg, executor) as mllp:
             log.warning("HL7 MLLP listener on %s:%s", settings.mllp_host, mllp.port)
             await http.serve()
