@@ -8,9 +8,9 @@ import greenlet
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from fhir_server.executor_postgres import PostgresExecutor
 from sqlalchemy import Connection
 
+from fhir_server.executor_postgres import PostgresExecutor
 from fhir_server.repository import Repository
 from overread.app import create_app
 from overread.settings import Settings

@@ -387,7 +387,8 @@ def test_writes_that_arrive_while_a_group_runs_on_the_event_loop_join_it(db: Dat
         arrived: list[asyncio.Future[str]] = []
 
         def first(_conn: Connection) -> str:
-            arrived.extend(asyncio.ensure_future(writer.submit(groups.counted(thread_of), inline=True)) for _ in range(2))
+            light = groups.counted(thread_of)
+            arrived.extend(asyncio.ensure_future(writer.submit(light, inline=True)) for _ in range(2))
             return "first"
 
         return [await writer.submit(groups.counted(first), inline=True), *await asyncio.gather(*arrived)]
