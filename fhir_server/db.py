@@ -227,7 +227,7 @@ class WriteGroups:
     request is what makes this pay (docs/performance.md).
 
     Where a group runs: one drain at a time owns the writer's connection. Units submitted
-    ``inline`` (a REST write of one resource, ``api._light``) run on the event loop that queued
+    ``inline`` (a light REST write, ``api.light``) run on the event loop that queued
     them, and only their COMMIT runs on a thread of its own: the COMMIT releases the GIL while
     it syncs the WAL, and the loop serves requests meanwhile. Between units too the loop serves
     requests, and the writes among them join the open group (for at most INLINE_BUDGET): under

@@ -409,7 +409,7 @@ def _pg_write(update: bool, index: tuple[tuple[str, tuple[str, ...]], ...]) -> T
     PostgreSQL's data-modifying CTEs (``WITH … AS (INSERT …)``): every part sees the snapshot the
     statement started with, so the DELETEs find only the old index rows, and the statement is
     atomic. One statement instead of one per table: on the event loop (SQLAlchemy's asyncpg
-    adapter, ``fhir_server.async_units``) each statement is a round trip of its own.
+    adapter, ``fhir_server.executor_postgres``) each statement is a round trip of its own.
     """
     if update:
         parts = [
