@@ -52,7 +52,7 @@ class Pools(BaseModel):
     #: The event loop's (``fhir_server.executor_postgres``): HTTP requests, HL7 messages, reads by id.
     event_loop: int = Field(default=20, ge=2)
     #: The threads' (``Database.begin``, ``transaction``): workers, the CLI, a door without the event loop's.
-    threads: int = Field(default=10, ge=1)
+    threads: int = Field(default=20, ge=1)
 
 
 DEFAULT_POOLS = Pools()
