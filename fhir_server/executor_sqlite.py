@@ -10,9 +10,9 @@
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, nullcontext
 from functools import partial
 from typing import TypeVar
 
@@ -35,7 +35,7 @@ class SqliteExecutor(Executor):
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="sqlite-reader")
 
     def opened(self) -> AbstractAsyncContextManager[None]:
-        return _nothing()  # nothing lives on the event loop: its connection is the thread's (``Database.autocommit``)
+        return nullcontext()  # nothing lives on the event loop: its connection is per thread (``Database.autocommit``)
 
     async def read(self, target: ReadTarget) -> Stored | None:
         with self._db.autocommit() as conn:
@@ -58,8 +58,3 @@ class SqliteExecutor(Executor):
         return await asyncio.get_running_loop().run_in_executor(
             self._readers, partial(in_transaction, self._db, work, write=False)
         )
-
-
-@asynccontextmanager
-async def _nothing() -> AsyncIterator[None]:
-    yield
