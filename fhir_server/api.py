@@ -7,10 +7,8 @@ The FHIR base is one plain Starlette route on the application: FastAPI's depende
 solving and response models have nothing to do for a catch-all route.
 """
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl
@@ -19,17 +17,15 @@ import orjson
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Lifespan
 
 from fhir_server import balp, compartment, dates
-from fhir_server.async_reads import AsyncReads
-from fhir_server.async_units import AsyncUnits
 from fhir_server.audit_log import AuditLog, writes
-from fhir_server.db import Database, Rollback, WriteGroups, deadline, interrupted
+from fhir_server.db import Database, Rollback
 from fhir_server.errors import FhirError, error
+from fhir_server.executor import Executor, for_database
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.limits import DEFAULT, Limits, check_body
 from fhir_server.patch import JSON_PATCH, MERGE_PATCH
@@ -39,9 +35,9 @@ from fhir_server.router import ReadTarget, handle, read_response, read_target
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir", JSON_PATCH, MERGE_PATCH)
 READ_METHODS = {"GET", "HEAD"}
-#: Bytes of body up to which a write of one resource runs on the event loop on SQLite (``_light``).
+#: Bytes of body up to which a write of one resource is ``light``.
 INLINE_BODY = 256 * 1024
-#: Resources in a page up to which a search is tried on the event loop on SQLite (``_light_search``).
+#: Resources in a page up to which a search is ``light``.
 LIGHT_PAGE = 100
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
 #: PostgreSQL's deadlock_detected and serialization_failure: the request lost a race and
@@ -57,71 +53,27 @@ def mount(
     base_url: str = "",
     prefix: str = "/fhir",
     limits: Limits = DEFAULT,
+    executor: Executor | None = None,
     audit: AuditLog | None = None,
 ) -> None:
     """Serve the FHIR REST API of ``db`` under ``prefix``, refusing requests over ``limits``;
-    ``audit``: every write succeeded is audited in its transaction (the rest by ``audit_http``)."""
-    # A read of one resource (version) is one SELECT: it runs outside a transaction, on the
-    # event loop itself: on SQLite, where it takes less time than handing it to a thread
-    # would, and on PostgreSQL with an async driver (``AsyncReads``). Other SQLite reads run
-    # on a few threads of their own, a light search (``_light_search``) first tried on the
-    # event loop under a deadline; its writes on one writer that commits the requests
-    # queued meanwhile together (``db.groups``): those of one resource (``_light``) on the
-    # event loop too, with their COMMIT on a thread. Other PostgreSQL work runs on the event loop
-    # too, a transaction each (``AsyncUnits``). Both async paths need the application's
-    # lifespan (their pools live on its loop); without it PostgreSQL uses the thread pool.
-    sqlite = db.engine.dialect.name == "sqlite"
-    readers = ThreadPoolExecutor(4, thread_name_prefix="sqlite-reader") if sqlite else None
-    reads = AsyncReads(db.engine) if db.is_postgres else None
-    units = AsyncUnits(db.engine.url, db.engine.hide_parameters) if db.is_postgres else None
-    if reads is not None and units is not None:
-        app.router.lifespan_context = _also(reads.opened, _also(units.opened, app.router.lifespan_context))
+    ``audit``: every write succeeded is audited in its transaction (the rest by ``audit_http``).
 
-    def read_one(req: FhirRequest, base: str) -> FhirResponse:
-        with db.autocommit() as conn:
-            return handle(req, Repository(conn, hooks, base), base)
-
-    def search_here(req: FhirRequest, base: str) -> FhirResponse | None:
-        """A light search on the event loop, on the loop's own connection, outside a transaction:
-        it is one statement, the page with its total (a page past the end, empty, counts in a
-        second). None when SQLite ran it past the time a write group may hold the loop
-        (``WriteGroups.INLINE_BUDGET``) and interrupted it: the caller runs it on a reader thread.
-
-        On a reader thread a search waits for the GIL at each SQLite call, while the event loop
-        holds it (docs/performance.md, "Light searches on SQLite try the event loop first")."""
-        with db.autocommit() as conn:
-            try:
-                with deadline(conn, WriteGroups.INLINE_BUDGET):
-                    return handle(req, Repository(conn, hooks, base), base)
-            except Exception as exc:
-                return None if interrupted(exc) else _failure(exc, req)
-
-    def apply(conn: Connection, req: FhirRequest, base: str) -> FhirResponse:
-        repo = Repository(conn, hooks, base)
-        response = handle(req, repo, base)
-        if response.status < 400:
-            repo.complete()
-            if audit is not None and writes(req):  # in the write's transaction: committed or undone with it
-                audit.write(repo, balp.rest(req, response, dates.now(), balp.Agent.of(req.access, req.peer)))
-        return response
-
-    def run(req: FhirRequest, base: str, write: bool, one_row: bool) -> FhirResponse:
-        try:
-            if one_row:
-                return read_one(req, base)
-            with db.begin(write=write) as conn:
-                response = apply(conn, req, base)
-                if response.status >= 400:
-                    conn.rollback()  # nothing half-written: an error undoes the whole request
-                return response
-        except Exception as exc:
-            return _failure(exc, req)
+    Each request runs where ``executor`` (by default ``db``'s own) puts it: a read of one resource
+    as ``Executor.read``, anything else as one unit of ``Executor.run``; the application's lifespan
+    keeps the executor ``opened``."""
+    executor = executor or for_database(db)
+    app.router.lifespan_context = _also(executor.opened, app.router.lifespan_context)
 
     def unit(req: FhirRequest, base: str) -> Callable[[Connection], FhirResponse]:
         def work(conn: Connection) -> FhirResponse:
-            response = apply(conn, req, base)
+            repo = Repository(conn, hooks, base)
+            response = handle(req, repo, base)
             if response.status >= 400:
                 raise Rollback(response)  # nothing half-written: an error undoes the whole request
+            repo.complete()
+            if audit is not None and writes(req):  # in the write's transaction: committed or undone with it
+                audit.write(repo, balp.rest(req, response, dates.now(), balp.Agent.of(req.access, req.peer)))
             return response
 
         return work
@@ -145,41 +97,30 @@ def mount(
         return _http(response, request)
 
     async def answer(req: FhirRequest, base: str, size: int) -> FhirResponse:
-        write = writes(req)
-        target = read_target(req)
-        one_row = target is not None
-        # A client with a compartment: its read also asks whether the resource is in it, on a connection.
-        if target is not None and reads is not None and reads.ready and compartment.of(req.access) is None:
-            return await _answered(req, _read(reads, req, target, base))
-        if sqlite and one_row:
-            return run(req, base, write, one_row)
-        if db.groups is not None and write:
-            return await _answered(req, db.groups.submit(unit(req, base), inline=_light(req, size)))
-        if units is not None and units.ready:
-            return await _answered(req, units.run(unit(req, base)))
-        if readers is not None and _light_search(req) and (found := search_here(req, base)) is not None:
-            return found
-        if readers is not None:
-            return await asyncio.get_running_loop().run_in_executor(readers, run, req, base, write, one_row)
-        return await run_in_threadpool(run, req, base, write, one_row)
+        # A client with a compartment: its read also asks whether the resource is in it, in a unit.
+        if (target := read_target(req)) is not None and compartment.of(req.access) is None:
+            return await _answered(req, _read(executor, req, target, base))
+        return await _answered(req, executor.run(unit(req, base), write=writes(req), light=light(req, size)))
 
     # [base] itself, as FHIR clients write it (a transaction POSTed to ".../fhir"): no redirect to "/fhir/".
     app.add_route(prefix, fhir, methods=METHODS)
     app.add_route(f"{prefix}/{{path:path}}", fhir, methods=METHODS)
 
 
-def _light(req: FhirRequest, body_size: int) -> bool:
-    """Whether a write is of one resource with a small body: one that may run on the event loop
-    (``WriteGroups.submit(inline=True)``), where it holds up other requests while it runs."""
+def light(req: FhirRequest, body_size: int) -> bool:
+    """Whether a request may run on the event loop (``Executor.run(light=True)``), where it holds up
+    other requests while it runs: a write of one resource with a body of at most INLINE_BODY bytes,
+    or a search of one type with a page of at most LIGHT_PAGE and no _include or _revinclude."""
     parts = req.path.strip("/").split("/")
+    if req.method in READ_METHODS:
+        return _light_search(req, parts)
+    if parts[-1] == "_search":
+        return False  # POSTed search parameters: their page and includes are in the body
     return bool(parts[0]) and len(parts) <= 2 and not any(p.startswith("$") for p in parts) and body_size <= INLINE_BODY
 
 
-def _light_search(req: FhirRequest) -> bool:
-    """Whether a read is a search of one type with a page of at most LIGHT_PAGE and no _include or
-    _revinclude: one tried on the event loop first on SQLite (``search_here``)."""
-    path = req.path.strip("/")
-    if req.method not in READ_METHODS or not path[:1].isupper() or "/" in path:
+def _light_search(req: FhirRequest, parts: list[str]) -> bool:
+    if len(parts) != 1 or not parts[0][:1].isupper():
         return False  # not a search of a resource type: the system's history or search, an operation
     for name, value in req.params:
         if name.startswith(("_include", "_revinclude")):
@@ -210,8 +151,8 @@ async def _answered(req: FhirRequest, pending: Awaitable[FhirResponse]) -> FhirR
         return _failure(exc, req)
 
 
-async def _read(reads: AsyncReads, req: FhirRequest, target: ReadTarget, base: str) -> FhirResponse:
-    return read_response(req, target, await reads.fetch(target), base)
+async def _read(executor: Executor, req: FhirRequest, target: ReadTarget, base: str) -> FhirResponse:
+    return read_response(req, target, await executor.read(target), base)
 
 
 def _failure(exc: Exception, req: FhirRequest) -> FhirResponse:

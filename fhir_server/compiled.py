@@ -7,7 +7,7 @@ once per dialect and set of parameter names, with its bind processors (SQLite's 
 text, for one), and run on the DBAPI cursor of the caller's connection: in the caller's
 transaction, as Core would run it. A DBAPI error is raised as SQLAlchemy's (``IntegrityError``
 …), as Core would raise it, so callers cannot tell the difference. On the event loop
-(``fhir_server.async_units``) the cursor is SQLAlchemy's adapter of asyncpg.
+(``fhir_server.executor_postgres``) the cursor is SQLAlchemy's adapter of asyncpg.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,7 +40,25 @@ BUSY_TIMEOUT_MS = 30_000
 WAL_LIMIT = 64 << 20
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+class Pools(BaseModel):
+    """PostgreSQL connections of one process, by who holds them (``OVERREAD_POOLS__<FIELD>``).
+
+    Together well under PostgreSQL's default max_connections (100): room for a second process and
+    for ``overread db upgrade``. SQLite has one writer connection and one per reader thread.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    #: The event loop's (``fhir_server.executor_postgres``): HTTP requests, HL7 messages, reads by id.
+    event_loop: int = Field(default=20, ge=2)
+    #: The threads' (``Database.begin``, ``transaction``): workers, the CLI, a door without the event loop's.
+    threads: int = Field(default=20, ge=1)
+
+
+DEFAULT_POOLS = Pools()
+
+
+def make_engine(url: str, pools: Pools = DEFAULT_POOLS, **kwargs: Any) -> Engine:
     """The engine of ``url``; its errors and logs leave out bound parameters (resource content,
     identifiers: PHI) unless ``hide_parameters=False`` is asked (``OVERREAD_LOG_SENSITIVE``)."""
     kwargs.setdefault("hide_parameters", True)
@@ -83,7 +102,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     # No pre-ping: it costs a round trip per request. A connection the server dropped fails
     # one request (an OperationOutcome 500), and SQLAlchemy then discards the whole pool.
-    return create_engine(url, pool_size=10, max_overflow=40, pool_recycle=1800, **kwargs)
+    return create_engine(url, pool_size=pools.threads, max_overflow=0, pool_recycle=1800, **kwargs)
 
 
 T = TypeVar("T")
@@ -208,7 +227,7 @@ class WriteGroups:
     once per request (docs/performance.md, "SQLite commits writes in groups").
 
     Where a group runs: one drain at a time owns the writer's connection. Units submitted
-    ``inline`` (a REST write of one resource, ``api._light``) run on the event loop that queued
+    ``inline`` (a light REST write, ``api.light``) run on the event loop that queued
     them, and only their COMMIT runs on a thread of its own: the COMMIT releases the GIL while
     it syncs the WAL, and the loop serves requests meanwhile. Between units too the loop serves
     requests, and the writes among them join the open group (for at most INLINE_BUDGET): under
@@ -481,9 +500,10 @@ def _settle(settled: list[tuple[_Unit, Outcome]]) -> None:
 class Database:
     """An engine and the two kinds of transaction the server runs on it."""
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
+    def __init__(self, url: str, pools: Pools = DEFAULT_POOLS, **kwargs: Any) -> None:
         self.url = url
-        self.engine = make_engine(url, **kwargs)
+        self.pools = pools
+        self.engine = make_engine(url, pools, **kwargs)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._reader = threading.local() if self.engine.dialect.name == "sqlite" else None
         self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")

@@ -220,14 +220,17 @@ class Repository:
         check_type(resource_type)
         return readable(resource_type, resource_id, None, self.current(resource_type, resource_id))
 
+    def version(self, resource_type: str, resource_id: str, version: int) -> Stored | None:
+        """One version (a deletion included), or None if it never existed."""
+        if not ID.fullmatch(resource_id):  # as in ``current``
+            return None
+        values = {"type": resource_type, "id": resource_id, "version": version}
+        row = self.conn.execute(VERSION, values).one_or_none()
+        return None if row is None else Stored(resource_type, resource_id, version, *row)
+
     def vread(self, resource_type: str, resource_id: str, version: int) -> Stored:
         check_type(resource_type)
-        found = None
-        if ID.fullmatch(resource_id):  # as in ``current``
-            values = {"type": resource_type, "id": resource_id, "version": version}
-            row = self.conn.execute(VERSION, values).one_or_none()
-            found = None if row is None else Stored(resource_type, resource_id, version, *row)
-        return readable(resource_type, resource_id, version, found)
+        return readable(resource_type, resource_id, version, self.version(resource_type, resource_id, version))
 
     # -- the write path ------------------------------------------------------------
 
@@ -420,7 +423,7 @@ def _pg_write(update: bool, index: tuple[tuple[str, tuple[str, ...]], ...]) -> T
     PostgreSQL's data-modifying CTEs (``WITH … AS (INSERT …)``): every part sees the snapshot the
     statement started with, so the DELETEs find only the old index rows, and the statement is
     atomic. One statement instead of one per table: on the event loop (SQLAlchemy's asyncpg
-    adapter, ``fhir_server.async_units``) each statement is a round trip of its own.
+    adapter, ``fhir_server.executor_postgres``) each statement is a round trip of its own.
     """
     if update:
         parts = [

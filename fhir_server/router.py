@@ -62,8 +62,9 @@ def _version(vid: str) -> int | None:
 
 def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, base: str) -> FhirResponse:
     """The answer to a read or vread of ``target`` that found ``found`` (``handle``'s answer, for a
-    caller that ran the SELECT itself: ``fhir_server.async_reads``)."""
+    caller that ran the SELECT itself: ``fhir_server.executor``)."""
     try:
+        limits.check_params(req.params)
         check_type(target.type)
         access.authorize(req)
         access.confine(req, None)

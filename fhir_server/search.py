@@ -684,7 +684,7 @@ def execute(conn: Connection, query: SearchQuery) -> SearchResult:
         with statement_deadline(conn, seconds) as own:
             return _execute(conn, query, own)
     except Exception as exc:
-        # Only its own deadline: an outer one (``api.search_here``'s) hands the search to a reader thread.
+        # Only its own deadline: an outer one (a light search's, ``executor_sqlite``) sends it to a reader thread.
         if own is not None and timed_out(exc) and own.passed:
             raise _too_slow(seconds) from None
         raise

@@ -25,6 +25,7 @@ from fhir_server.audit_http import AuditTrail
 from fhir_server.audit_log import AuditLog
 from fhir_server.conformance_seed import publish
 from fhir_server.db import Database
+from fhir_server.executor import Executor, for_database
 from fhir_server.notifier import Notifier
 from fhir_server.outbox_worker import running
 from fhir_server.rate_limit import Buckets, RateLimit
@@ -69,7 +70,11 @@ HOOKS = make_hooks(OverreadConfig())
 
 
 def create_app(
-    settings: Settings, db: Database | None = None, cfg: OverreadConfig | None = None, audit: AuditLog | None = None
+    settings: Settings,
+    db: Database | None = None,
+    cfg: OverreadConfig | None = None,
+    audit: AuditLog | None = None,
+    executor: Executor | None = None,
 ) -> FastAPI:
     """The web application: the FHIR API and the HL7 message store's endpoints.
 
@@ -79,7 +84,7 @@ def create_app(
     (docs/security.md); ValueError when it is off and a listener is beyond loopback.
     """
     mode = settings.auth_mode()
-    db = db or Database(settings.database_url, hide_parameters=not settings.log_sensitive)
+    db = db or Database(settings.database_url, settings.pools, hide_parameters=not settings.log_sensitive)
     cfg = cfg or config.load(settings.config)
     owned = audit is None
     audit = audit or audit_log(settings, db)
@@ -102,7 +107,15 @@ def create_app(
         app.add_middleware(BearerAuth, smart=smart, open=open_routes())
     else:
         log.warning("OVERREAD_AUTH is off: anyone who reaches a listener reads and changes every record")
-    api.mount(app, db, hooks, base_url=settings.public_base_url, limits=settings.http_limits(), audit=audit)
+    api.mount(
+        app,
+        db,
+        hooks,
+        base_url=settings.public_base_url,
+        limits=settings.http_limits(),
+        executor=executor,
+        audit=audit,
+    )
     app.add_middleware(AuditTrail, log=audit)  # added last, so outermost: it sees BearerAuth's 401s too
     hl7 = [Depends(area_guard("hl7"))]
     app.include_router(messages_router(db, cfg.sender, hooks), dependencies=hl7)
@@ -115,14 +128,18 @@ def audit_log(settings: Settings, db: Database) -> AuditLog:
 
 
 def mllp_listener(
-    settings: Settings, db: Database, cfg: OverreadConfig | None = None, audit: AuditLog | None = None
+    settings: Settings,
+    db: Database,
+    cfg: OverreadConfig | None = None,
+    audit: AuditLog | None = None,
+    executor: Executor | None = None,
 ) -> MllpServer:
-    """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT (storage runs off the event loop).
+    """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT, each message a unit of ``executor``.
 
-    On SQLite each message is a unit of the writer's groups (``db.groups``), with the FHIR
-    requests that write: committed together, each acknowledged after the commit. Every message
-    is answered: one whose intake fails unexpectedly is stored in a transaction of its own and
-    answered AR (``intake.failed``); if even that fails, the AR is built without the database
+    On SQLite each message is a unit of the writer's groups, with the FHIR requests that write:
+    committed together, each acknowledged after the commit. Every message is answered: one whose
+    intake fails unexpectedly is stored in a transaction of its own and answered AR
+    (``intake.failed``); if even that fails, the AR is built without the database
     (``intake.last_resort``). Each message is audited into ``audit``: in its own transaction, or,
     answered without the database, queued. With ``settings.mllp_tls`` it speaks TLS; with
     allow-lists in ``hl7.senders``, a message from a peer its sender may not send from is refused
@@ -130,16 +147,10 @@ def mllp_listener(
     """
     cfg = cfg or config.load(settings.config)
     senders, hooks = cfg.sender, make_hooks(cfg)
+    executor = executor or for_database(db)
 
     async def write(work: Callable[[Connection], bytes]) -> bytes:
-        if db.groups is not None:
-            return await db.groups.submit(work)
-
-        def in_transaction() -> bytes:
-            with db.begin() as conn:
-                return work(conn)
-
-        return await asyncio.get_running_loop().run_in_executor(None, in_transaction)
+        return await executor.run(work, write=True)
 
     def audited(work: Callable[[Connection], bytes], message: bytes) -> Callable[[Connection], bytes]:
         address = _peer_address()
@@ -294,12 +305,13 @@ async def serve_all(settings: Settings, db: Database, cfg: OverreadConfig) -> No
     log's queue written out after the last of them stopped."""
     quiet_accept_errors(asyncio.get_running_loop())  # out of descriptors: one log a minute, not a flood
     audit = audit_log(settings, db)
-    app = create_app(settings, db, cfg, audit)
+    executor = for_database(db)  # one per process: HTTP and MLLP share SQLite's writer and PostgreSQL's pool
+    app = create_app(settings, db, cfg, audit, executor)
     http = uvicorn.Server(
         http_config(app, settings, host=settings.http_host, port=settings.http_port, log_level="info")
     )
     with closing(audit), workers(settings, db, cfg, audit) as scp:
         log.warning("DICOM Storage SCP %s on %s:%s", settings.dicom_ae_title, settings.dicom_host, scp.port)
-        async with mllp_listener(settings, db, cfg, audit) as mllp:
+        async with executor.opened(), mllp_listener(settings, db, cfg, audit, executor) as mllp:
             log.warning("HL7 MLLP listener on %s:%s", settings.mllp_host, mllp.port)
             await http.serve()

@@ -216,7 +216,7 @@ def serve() -> None:
     except ValueError as exc:  # a ConfigError, or auth off beyond loopback
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
-    db = Database(settings.database_url, hide_parameters=not settings.log_sensitive)
+    db = Database(settings.database_url, settings.pools, hide_parameters=not settings.log_sensitive)
     if db.engine.dialect.name == "sqlite":
         upgrade(db.engine)  # the embedded default keeps itself current
     asyncio.run(serve_all(settings, db, cfg))

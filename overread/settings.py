@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fhir_server.db import DEFAULT_POOLS, Pools
 from fhir_server.limits import DEFAULT, Limits
 from fhir_server.rate_limit import Rate
 from fhir_server.search_limits import SearchLimits
@@ -19,6 +20,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OVERREAD_", env_nested_delimiter="__")
 
     database_url: str = "sqlite:///./overread.db"
+    #: PostgreSQL connections of the process by who holds them (``fhir_server.db.Pools``).
+    pools: Pools = DEFAULT_POOLS
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     mllp_host: str = "127.0.0.1"

@@ -2,12 +2,15 @@
 reads, go to the database together, and survive a lost connection."""
 
 import asyncio
+from typing import Any
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
 
-from fhir_server.async_reads import AsyncReads
+from fhir_server.executor_postgres import PostgresExecutor
 from fhir_server.repository import Repository
 from fhir_server.router import ReadTarget
 from overread.app import create_app
@@ -37,21 +40,25 @@ def test_reads_waiting_together_are_one_select_per_type_and_each_gets_its_own_ro
         ReadTarget("Patient", patients[0], 1),  # a vread
         ReadTarget("Patient", patients[0], 9),
     ]
-    reads = AsyncReads(db.engine)
+    reads = PostgresExecutor(db)
     selects: list[str] = []
-    rows = reads._rows
 
-    async def counted(compiled, params):
-        selects.append(params["type"])
-        return await rows(compiled, params)
+    def log(query: Any) -> None:
+        if "FROM resource" in query.query:
+            selects.append(query.args[0])
 
-    reads._rows = counted  # type: ignore[method-assign]
+    def log_selects(dbapi_conn: Any, _record: Any) -> None:  # each new connection of the event loop's pool
+        dbapi_conn.driver_connection.add_query_logger(log)
 
     async def read_all():
         async with reads.opened():
-            return await asyncio.gather(*(reads.fetch(t) for t in targets))
+            return await asyncio.gather(*(reads.read(t) for t in targets))
 
-    found = asyncio.run(read_all())
+    event.listen(Pool, "connect", log_selects)
+    try:
+        found = asyncio.run(read_all())
+    finally:
+        event.remove(Pool, "connect", log_selects)
 
     with db.begin() as conn:
         repo = Repository(conn)
@@ -65,20 +72,20 @@ def test_reads_waiting_together_are_one_select_per_type_and_each_gets_its_own_ro
 def test_a_lost_connection_fails_the_reads_waiting_on_it_and_the_next_ones_succeed(db):
     with db.begin() as conn:
         rid = Repository(conn).create(patient(1)).id
-    reads = AsyncReads(db.engine)
+    reads = PostgresExecutor(db)
     target = ReadTarget("Patient", rid, None)
     dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
     async def scenario():
         async with reads.opened():
-            assert (await reads.fetch(target)).id == rid
+            assert (await reads.read(target)).id == rid
             with psycopg.connect(dsn, autocommit=True) as admin:  # what a PostgreSQL restart does to us
                 admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
-            lost = await asyncio.gather(*(reads.fetch(target) for _ in range(3)), return_exceptions=True)
-            return lost, await reads.fetch(target)
+            lost = await asyncio.gather(*(reads.read(target) for _ in range(3)), return_exceptions=True)
+            return lost, await reads.read(target)
 
     lost, after = asyncio.run(scenario())
     assert len(lost) == 3 and all(isinstance(exc, Exception) for exc in lost), lost  # each answers a 500

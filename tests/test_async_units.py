@@ -1,4 +1,4 @@
-"""fhir_server.async_units: on PostgreSQL a request's unit of work runs on the event loop over
+"""fhir_server.executor_postgres: on PostgreSQL a request's unit of work runs on the event loop over
 asyncpg, one transaction each, and writes what the sync path writes."""
 
 import asyncio
@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Connection
 
-from fhir_server.async_units import AsyncUnits
+from fhir_server.executor_postgres import PostgresExecutor
 from fhir_server.repository import Repository
 from overread.app import create_app
 from overread.settings import Settings
@@ -23,14 +23,14 @@ FHIR = {"content-type": "application/fhir+json"}
 def units_run(monkeypatch):
     """The units the HTTP adapter ran on the event loop, by their answers' status."""
     statuses: list[int] = []
-    run = AsyncUnits.run
+    run = PostgresExecutor.run
 
-    async def counted(self, work):
-        response = await run(self, work)
+    async def counted(self, work, **where):
+        response = await run(self, work, **where)
         statuses.append(response.status)
         return response
 
-    monkeypatch.setattr(AsyncUnits, "run", counted)
+    monkeypatch.setattr(PostgresExecutor, "run", counted)
     return statuses
 
 
@@ -95,7 +95,7 @@ def test_a_unit_runs_whole_in_one_greenlet(db):
     """Checkout, BEGIN, the work, COMMIT and checkin in one greenlet: each greenlet started maps a
     frame stack of its own (docs/history/performance-log.md, "System calls"), and AsyncEngine.begin() with
     run_sync started five per request."""
-    units = AsyncUnits(db.engine.url)
+    units = PostgresExecutor(db)
     switched_to: set[Any] = set()
 
     def trace(event: str, args: Any) -> None:
@@ -107,11 +107,11 @@ def test_a_unit_runs_whole_in_one_greenlet(db):
 
     async def run_traced() -> int:
         async with units.opened():
-            await units.run(work)  # the pool's first connection
+            await units.run(work, write=True)  # the pool's first connection
             loop_greenlet = greenlet.getcurrent()
             previous = greenlet.settrace(trace)
             try:
-                answer = await units.run(work)
+                answer = await units.run(work, write=True)
             finally:
                 greenlet.settrace(previous)
         switched_to.discard(loop_greenlet)

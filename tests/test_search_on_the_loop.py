@@ -1,4 +1,4 @@
-"""On SQLite a light search is tried on the event loop first, under a deadline (``api.search_here``).
+"""On SQLite a light search is tried on the event loop first, under a deadline (``fhir_server.executor_sqlite``).
 
 A search that runs past it is interrupted by SQLite and answered from a reader thread instead.
 """
@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import event
 
 import fhir_server.db
-from fhir_server.api import _light_search
+from fhir_server.api import light
 from fhir_server.db import Database, WriteGroups
 from fhir_server.http import FhirRequest
 from tests.asgi import talk
@@ -73,7 +73,7 @@ def test_a_search_past_the_deadline_is_answered_from_a_reader_thread(
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "params", "light"),
+    ("method", "path", "params", "expected"),
     [
         ("GET", "Patient", [("identifier", "MRN-1")], True),
         ("GET", "Patient", [("_count", "100")], True),
@@ -88,5 +88,5 @@ def test_a_search_past_the_deadline_is_answered_from_a_reader_thread(
         ("POST", "Patient/_search", [], False),
     ],
 )
-def test_light_searches(method: str, path: str, params: list[tuple[str, str]], light: bool) -> None:
-    assert _light_search(FhirRequest(method, path, params)) is light
+def test_light_searches(method: str, path: str, params: list[tuple[str, str]], expected: bool) -> None:
+    assert light(FhirRequest(method, path, params), 0) is expected

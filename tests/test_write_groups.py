@@ -13,19 +13,21 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 from sqlalchemy import Connection, event, insert
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from fhir_server.api import _light
-from fhir_server.db import Database, Outcome, Rollback, WriteGroups
+from fhir_server.api import light
+from fhir_server.db import Database, Rollback, WriteGroups
 from fhir_server.http import FhirRequest
 from fhir_server.schema import ResourceRow
 from tests.asgi import talk
 from tests.builders import patient
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -33,22 +35,32 @@ def db(sqlite_db: Database) -> Database:
     return sqlite_db
 
 
+class Groups(list[int]):
+    """The size of every group the writer committed (or tried to): the units ``counted`` before each COMMIT."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__()
+        self._ran = 0
+        event.listen(db.engine, "commit", self._committed)
+
+    def counted(self, work: Callable[[Connection], T]) -> Callable[[Connection], T]:
+        def unit(conn: Connection) -> T:
+            self._ran += 1
+            return work(conn)
+
+        return unit
+
+    def _committed(self, _conn: Connection) -> None:
+        self.append(self._ran)
+        self._ran = 0
+
+
 @pytest.fixture
-def groups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The size of every group the writer committed (or tried to).
-
-    A group on the event loop also closes when its INLINE_BUDGET is spent; here it closes on what
-    is queued alone, so the sizes do not depend on how loaded the machine is."""
+def groups(db: Database, monkeypatch: pytest.MonkeyPatch) -> Groups:
+    """A group on the event loop also closes when its INLINE_BUDGET is spent; here it closes on
+    what is queued alone, so the sizes do not depend on how loaded the machine is."""
     monkeypatch.setattr(WriteGroups, "INLINE_BUDGET", 60.0)
-    sizes: list[int] = []
-    answer = WriteGroups._answer
-
-    def recording(group: list[Any], outcomes: list[Outcome]) -> None:
-        sizes.append(len(group))
-        answer(group, outcomes)
-
-    monkeypatch.setattr(WriteGroups, "_answer", staticmethod(recording))
-    return sizes
+    return Groups(db)
 
 
 def post_at_once(db: Database, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
@@ -65,13 +77,13 @@ def test_a_group_keeps_its_good_requests_and_undoes_its_bad_ones(db, groups):
     bodies = [patient(mrn=f"MRN-{i}") if i % 3 else {**patient(mrn=f"MRN-{i}"), "gender": "yes"} for i in range(12)]
     responses = post_at_once(db, bodies)
     assert [r.status_code for r in responses] == [422 if i % 3 == 0 else 201 for i in range(12)]
-    assert max(groups) > 1  # the requests did share transactions
+    assert len(groups) < 12  # the requests did share transactions
     assert stored(db) == 8
     ids = {r.json()["id"] for r in responses if r.status_code == 201}
     assert len(ids) == 8
 
 
-def test_a_failed_commit_fails_every_request_of_its_group(db: Database, groups: list[int]) -> None:
+def test_a_failed_commit_fails_every_request_of_its_group(db: Database, groups: Groups) -> None:
     failed: list[Connection] = []
 
     def commit_fails(conn: Connection) -> None:
@@ -94,15 +106,13 @@ def test_a_failed_commit_fails_every_request_of_its_group(db: Database, groups: 
 def test_a_writer_without_a_connection_answers_its_group_and_connects_again(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_connection = WriteGroups._connection
+    def unable(*_: Any) -> None:
+        raise sqlite3.OperationalError("unable to open database file")
 
-    def unable(self: WriteGroups) -> Connection:
-        raise OperationalError("connect", {}, Exception("unable to open database file"))
-
-    monkeypatch.setattr(WriteGroups, "_connection", unable)
+    event.listen(db.engine, "do_connect", unable)
     responses = post_at_once(db, [patient(mrn=f"MRN-{i}") for i in range(3)])  # answered, none left hanging
     assert {r.status_code for r in responses} == {500}
-    monkeypatch.setattr(WriteGroups, "_connection", real_connection)
+    event.remove(db.engine, "do_connect", unable)
     assert [r.status_code for r in post_at_once(db, [patient(mrn="MRN-after")])] == [201]
     assert stored(db) == 1
 
@@ -124,12 +134,15 @@ def test_the_writer_keeps_its_connection_and_so_its_page_cache(db: Database) -> 
     assert len({id(c) for c in asyncio.run(groups_one_after_another())}) == 1
 
 
-def test_a_group_is_at_most_limit_requests(db, groups, monkeypatch):
+def test_a_group_is_at_most_limit_units(db: Database, groups: Groups, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(WriteGroups, "LIMIT", 3)
-    responses = post_at_once(db, [patient(mrn=f"MRN-{i}") for i in range(10)])
-    assert {r.status_code for r in responses} == {201}
+
+    async def at_once() -> list[str]:
+        assert db.groups is not None
+        return list(await asyncio.gather(*(db.groups.submit(groups.counted(thread_of)) for _ in range(10))))
+
+    assert len(asyncio.run(at_once())) == 10
     assert max(groups) == 3 and sum(groups) == 10
-    assert stored(db) == 10
 
 
 def test_what_groups_commit_reaches_the_database_file_within_a_checkpoint_interval(db, tmp_path, monkeypatch):
@@ -273,17 +286,17 @@ def test_a_group_on_the_event_loop_commits_once_its_time_is_spent(db, groups, mo
 
     async def at_once() -> list[str]:
         assert db.groups is not None
-        return list(await asyncio.gather(*(db.groups.submit(slow, inline=True) for _ in range(12))))
+        return list(await asyncio.gather(*(db.groups.submit(groups.counted(slow), inline=True) for _ in range(12))))
 
     names = asyncio.run(at_once())
     assert len(set(names)) == 1 and not names[0].startswith("sqlite-")  # all on the event loop
     assert sum(groups) == 12 and max(groups) <= 3  # 10 ms of 4 ms units: the third ends the group
 
 
-def test_a_unit_that_is_not_light_takes_the_queue_to_the_writer_thread(db: Database, groups: list[int]) -> None:
+def test_a_unit_that_is_not_light_takes_the_queue_to_the_writer_thread(db: Database, groups: Groups) -> None:
     async def mixed() -> list[str]:
         assert db.groups is not None
-        units = [db.groups.submit(thread_of, inline=i != 2) for i in range(6)]
+        units = [db.groups.submit(groups.counted(thread_of), inline=i != 2) for i in range(6)]
         return list(await asyncio.gather(*units))
 
     names = asyncio.run(mixed())
@@ -293,7 +306,7 @@ def test_a_unit_that_is_not_light_takes_the_queue_to_the_writer_thread(db: Datab
 
 
 @pytest.mark.parametrize(
-    ("path", "size", "light"),
+    ("path", "size", "expected"),
     [
         ("Patient", 700, True),  # create, conditional update or delete
         ("Patient/123", 700, True),  # update, patch, delete
@@ -302,8 +315,8 @@ def test_a_unit_that_is_not_light_takes_the_queue_to_the_writer_thread(db: Datab
         ("Patient/123", 300_000, False),  # a big body
     ],
 )
-def test_light_writes(path: str, size: int, light: bool) -> None:
-    assert _light(FhirRequest("POST", path), size) is light
+def test_light_writes(path: str, size: int, expected: bool) -> None:
+    assert light(FhirRequest("POST", path), size) is expected
 
 
 def test_a_drain_cancelled_with_its_event_loop_still_commits_and_hands_over(db: Database) -> None:
@@ -322,7 +335,7 @@ def test_a_drain_cancelled_with_its_event_loop_still_commits_and_hands_over(db: 
         pending = asyncio.ensure_future(db.groups.submit(thread_of, inline=True))
         while not committing.is_set():
             await asyncio.sleep(0.01)
-        (drain,) = db.groups._inline
+        (drain,) = asyncio.all_tasks() - {asyncio.current_task(), pending}  # the drain running the unit
         drain.cancel()
         await asyncio.sleep(0)  # the drain takes its cancellation while the COMMIT is still running
         cancelled.set()
@@ -364,7 +377,7 @@ def test_a_request_cancelled_while_queued_leaves_its_group_answered(db: Database
     assert isinstance(given_up, asyncio.CancelledError)
 
 
-def test_writes_that_arrive_while_a_group_runs_on_the_event_loop_join_it(db: Database, groups: list[int]) -> None:
+def test_writes_that_arrive_while_a_group_runs_on_the_event_loop_join_it(db: Database, groups: Groups) -> None:
     """Between units the loop serves requests, and the writes among them join the open group
     rather than wait for the next: under load, a group's COMMIT answers every client at once."""
 
@@ -374,10 +387,11 @@ def test_writes_that_arrive_while_a_group_runs_on_the_event_loop_join_it(db: Dat
         arrived: list[asyncio.Future[str]] = []
 
         def first(_conn: Connection) -> str:
-            arrived.extend(asyncio.ensure_future(writer.submit(thread_of, inline=True)) for _ in range(2))
+            light = groups.counted(thread_of)
+            arrived.extend(asyncio.ensure_future(writer.submit(light, inline=True)) for _ in range(2))
             return "first"
 
-        return [await writer.submit(first, inline=True), *await asyncio.gather(*arrived)]
+        return [await writer.submit(groups.counted(first), inline=True), *await asyncio.gather(*arrived)]
 
     assert len(asyncio.run(two_arrive_meanwhile())) == 3
     assert groups == [3]
@@ -392,7 +406,8 @@ def test_a_drain_cancelled_between_units_commits_what_ran_and_hands_over(db: Dat
 
         def cancelling(conn: Connection) -> str:
             conn.execute(insert(ResourceRow), row)
-            (drain,) = writer._inline
+            drain = asyncio.current_task()  # a light unit runs in the drain's task
+            assert drain is not None
             drain.cancel()  # the loop is closing: the drain's next await raises
             return "written"
 
