@@ -323,7 +323,8 @@ BAD_AUTH = [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer x.y.z"}, 
 def test_every_route_refuses_a_request_without_a_token(store: Store) -> None:
     """Each walked route, by each method, its path parameters filled: 401 but the open routes."""
     routes = sorted(set(walk(store.client.app.routes)))  # type: ignore[attr-defined]
-    assert {("GET", "/fhir/{path:path}"), ("POST", "/hl7/messages/{message_id}/replay")} <= set(routes)
+    assert ("POST", "/hl7/messages/{message_id}/replay") in routes  # included routers walked too
+    assert any(template.startswith("/fhir/{path:") for _, template in routes)
     for method, template in routes:
         path = PATH_PARAM.sub(lambda m: "Patient/1" if m.group(1) == "path" else "1", template)
         for auth in BAD_AUTH:

@@ -54,6 +54,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("vread version not an ASCII digit", "GET", f"/fhir/Patient/{PID}/_history/%C2%B2", {}, 404),
     ("vread version 2^63", "GET", f"/fhir/Patient/{PID}/_history/{BIG}", {}, 404),
     ("vread version 2^31", "GET", f"/fhir/Patient/{PID}/_history/{2**31}", {}, 404),
+    ("a line break before the id (no route matched)", "GET", f"/fhir/Patient/%0A{PID}", {}, 404),
+    ("a line break after the id (read without it)", "GET", f"/fhir/Patient/{PID}%0A", {}, 404),
     ("_offset 2^63", "GET", f"/fhir/Patient?_offset={BIG}", {}, 400),
     ("_offset 2^31", "GET", f"/fhir/Patient?_offset={2**31}", {}, 400),
     ("history _offset 2^63", "GET", f"/fhir/_history?_offset={BIG}", {}, 400),
