@@ -57,6 +57,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("a line break before the id (no route matched)", "GET", f"/fhir/Patient/%0A{PID}", {}, 404),
     ("a line break after the id (read without it)", "GET", f"/fhir/Patient/{PID}%0A", {}, 404),
     ("_offset 2^63", "GET", f"/fhir/Patient?_offset={BIG}", {}, 400),
+    ("conditional update, the body's id no string", "PUT", "/fhir/Patient?_id=x",
+     {"json": {**patient(), "id": True}}, 400),
     ("_offset 2^31", "GET", f"/fhir/Patient?_offset={2**31}", {}, 400),
     ("history _offset 2^63", "GET", f"/fhir/_history?_offset={BIG}", {}, 400),
     ("form _search not UTF-8", "POST", "/fhir/Patient/_search", {"content": b"name=\xff\xfe", "headers": FORM}, 400),
