@@ -89,6 +89,9 @@ class Store:
     #: client_id → its Authorization header.
     tokens: dict[str, dict[str, str]] = field(default_factory=dict)
 
+    def routes(self) -> list[tuple[str, str]]:
+        return sorted(set(walk(self.client.app.routes)))  # type: ignore[attr-defined]
+
     def ids(self) -> list[str]:
         return [ref.split("/")[1] for case in self.cases for ref in roles_data.refs(case)]
 
@@ -276,14 +279,10 @@ def routed(routes: list[tuple[str, str]]) -> st.SearchStrategy[Call]:
         st.text(min_size=1, max_size=8).map(lambda i: quote(i, safe="")),
     )
 
-    def fill(route: tuple[str, str], draw: Any) -> Call:
-        method, template = route
-        path = PATH_PARAM.sub(lambda m: draw(fhir_path if m.group(1) == "path" else segment), template)
-        return Call(method, path)
-
     @st.composite
     def call(draw: Any) -> Call:
-        return fill(draw(st.sampled_from(routes)), draw)
+        method, template = draw(st.sampled_from(routes))
+        return Call(method, PATH_PARAM.sub(lambda m: draw(fhir_path if m.group(1) == "path" else segment), template))
 
     return call()
 
@@ -322,7 +321,7 @@ BAD_AUTH = [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer x.y.z"}, 
 
 def test_every_route_refuses_a_request_without_a_token(store: Store) -> None:
     """Each walked route, by each method, its path parameters filled: 401 but the open routes."""
-    routes = sorted(set(walk(store.client.app.routes)))  # type: ignore[attr-defined]
+    routes = store.routes()
     assert ("POST", "/hl7/messages/{message_id}/replay") in routes  # included routers walked too
     assert any(template.startswith("/fhir/{path:") for _, template in routes)
     for method, template in routes:
@@ -340,7 +339,7 @@ def test_every_route_refuses_a_request_without_a_token(store: Store) -> None:
 @GENERATED
 @given(data=st.data())
 def test_no_generated_request_is_answered_without_a_token(store: Store, data: st.DataObject) -> None:
-    routes = sorted(set(walk(store.client.app.routes)))  # type: ignore[attr-defined]
+    routes = store.routes()
     call = data.draw(st.one_of(routed(routes), calls(store.ids())))
     response = call.send(store.client, data.draw(st.sampled_from(BAD_AUTH)))
     if (call.method, call.path) in OPEN:
