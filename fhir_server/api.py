@@ -17,6 +17,7 @@ import orjson
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.applications import Starlette
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Lifespan
@@ -104,7 +105,18 @@ def mount(
 
     # [base] itself, as FHIR clients write it (a transaction POSTed to ".../fhir"): no redirect to "/fhir/".
     app.add_route(prefix, fhir, methods=METHODS)
-    app.add_route(f"{prefix}/{{path:path}}", fhir, methods=METHODS)
+    app.add_route(f"{prefix}/{{path:{ANY_PATH}}}", fhir, methods=METHODS)
+
+
+class _AnyPath(PathConvertor):
+    """``path``, line breaks included: ``.*`` stops at one, so ``Patient/a%0A`` would read ``Patient/a``
+    and ``Patient/%0Aa`` miss the route (the framework's 404, not an OperationOutcome)."""
+
+    regex = "(?s:.*)"
+
+
+ANY_PATH = "fhir_any_path"
+register_url_convertor(ANY_PATH, _AnyPath())
 
 
 def light(req: FhirRequest, body_size: int) -> bool:

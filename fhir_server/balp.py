@@ -99,7 +99,20 @@ def event(
     resource["source"] = {"observer": {"display": OBSERVER}, "type": [coding(SOURCE_TYPE, "4", "Application Server")]}
     if entities:
         resource["entity"] = entities
-    return resource
+    written: dict[str, Any] = _without_nul(resource)
+    return written
+
+
+def _without_nul(value: Any) -> Any:
+    """``value`` with each NUL written ``\\u0000``: what was asked stays readable, and PostgreSQL, which
+    refuses a NUL in text, still stores the event (a request naming ``Patient/%00`` is audited too)."""
+    if isinstance(value, str):
+        return value.replace("\0", "\\u0000")
+    if isinstance(value, dict):
+        return {k: _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 def token(

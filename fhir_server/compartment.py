@@ -21,6 +21,7 @@ from sqlalchemy.orm import aliased
 
 from fhir_server import search
 from fhir_server.schema import ReferenceIndex, ResourceRow
+from fhir_server.validation import ID
 
 if TYPE_CHECKING:  # access.py consults this module
     from fhir_server.access import Access
@@ -54,6 +55,8 @@ class Compartment:
 
 def contains(conn: Connection, keys: Keys, rtype: str, rid: str) -> bool:
     """Whether the set ``keys`` holds ``rtype/rid``."""
+    if not ID.fullmatch(rid):  # never stored; PostgreSQL would refuse a NUL in it (a 500)
+        return False
     r = ResourceRow
     return bool(conn.scalar(select(exists().where(r.type == rtype, r.id == rid, r.pk.in_(keys)))))
 

@@ -42,9 +42,10 @@ def check_type(resource_type: str) -> None:
         raise error(404, "not-supported", f"Resource type {resource_type!r} is not supported by this server")
 
 
-def check_id(resource_id: str) -> None:
-    """R4 datatypes.html#id, less "." and "..": URL dot-segments (RFC 3986 §5.2.4) name no resource."""
-    if not ID.match(resource_id) or resource_id in (".", ".."):
+def check_id(resource_id: object) -> None:
+    """R4 datatypes.html#id, less "." and "..": URL dot-segments (RFC 3986 §5.2.4) name no resource.
+    Any JSON value may come from a body (a conditional update takes the body's id)."""
+    if not isinstance(resource_id, str) or not ID.fullmatch(resource_id) or resource_id in (".", ".."):
         raise error(400, "invalid", f"{resource_id!r} is not a valid resource id (R4 datatypes §id)")
 
 

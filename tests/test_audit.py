@@ -272,3 +272,11 @@ def test_reads_may_go_unaudited_but_refusals_never(db):
         assert trail.after(lambda: client.get("/fhir/Patient", headers=admin)) == []
         assert len(trail.after(lambda: client.get("/fhir/Patient"))) == 1
         assert len(trail.after(lambda: client.post("/fhir/Patient", json=patient(), headers=admin))) == 1
+
+
+def test_a_request_naming_a_nul_is_audited_with_the_nul_escaped(client, bearer, trail):
+    """PostgreSQL refuses a NUL in text: the event of ``GET Patient/a%00`` was lost there, not written."""
+    patients = bearer("patients")
+    event = trail.one(lambda: client.get("/fhir/Patient/a%00", headers=patients))
+    assert (subtype(event), event["outcome"], references(event, "4")) == ("read", "4", ["Patient/a\\u0000"])
+    assert "\0" not in orjson.dumps(event).decode()

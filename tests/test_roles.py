@@ -185,3 +185,10 @@ def test_the_operator_is_limited_by_its_scopes(client: TestClient, cases: list[C
     assert client.get("/hl7/messages", headers=operator).status_code == 200
     assert client.get("/fhir/Patient", headers=operator).status_code == 403
     assert client.get(f"/fhir/Patient/{cases[0].patient}", headers=operator).status_code == 403
+
+
+def test_an_id_no_resource_can_have_is_missing_for_a_role_too(client: TestClient, cases: list[Case]) -> None:
+    """The compartment check bound ``a\\x00`` to PostgreSQL, which refused it: a 500, not a 404."""
+    for suffix in ("", "/_history/1", "/_history"):
+        response = client.get(f"/fhir/Patient/a%00{suffix}", headers=token(client, "reader-1"))
+        assert response.status_code == 404, response.text
