@@ -13,8 +13,8 @@ PractitionerRoles of such an Organization. Then, by role:
 
 Ordering and reader see each of their orders with what surrounds it: what the order refers to
 (patient, coverage, requester, encounter...), the resources based on it or focused on it (the
-case Task, reports, images, observations), and the results of those reports. Every set is an
-indexed lookup evaluated by the database inside each statement.
+case Task, reports, images, observations), and the results of those reports. Every set is built
+of ``fhir_server.compartment``'s indexed lookups, evaluated by the database inside each statement.
 """
 
 from collections.abc import Callable, Iterator
@@ -24,10 +24,10 @@ from fhir_server.access import Access
 from fhir_server.compartment import (
     Compartment,
     Contains,
-    Keys,
+    Fixed,
     Resource,
+    Set,
     matching,
-    named,
     referenced,
     referring,
     union_of,
@@ -54,42 +54,39 @@ PARTY_TYPES = ("Organization", "Practitioner", "PractitionerRole")
 def compartment(access: Access) -> Compartment | None:
     """The compartment of a client with a role; a role without an organization sees nothing."""
     identifier = [("identifier", access.organization or "|")]
-    # A few rows each: inline. (A CTE inside the materialized one of the orders made SQLite scan a
-    # hundred times longer.)
     organizations = matching("Organization", identifier)
     parties = union_of(
         *(matching(t, identifier) for t in PARTY_TYPES), referring("PractitionerRole", "organization", organizations)
     )
     match access.role:
         case "ordering":
-            orders = union_of(*(referring("ServiceRequest", p, parties) for p in ("requester", "performer")))
-            visible = _around(named("orders", orders))
+            orders = Fixed(union_of(*(referring("ServiceRequest", p, parties) for p in ("requester", "performer"))))
+            visible = _around(orders)
             return Compartment(visible, _writes(parties, visible, ordering=True))
         case "reader":
-            orders = referenced(_cases(referring("Task", "owner", parties)), "focus", "ServiceRequest")
-            visible = _around(named("orders", orders))
+            orders = Fixed(referenced(_cases(referring("Task", "owner", parties)), "focus", "ServiceRequest"))
+            visible = _around(orders)
             return Compartment(visible, _writes(parties, visible, ordering=False))
         case "insurer":
-            paid = referring("ServiceRequest", "insurance", referring("Coverage", "payor", organizations))
-            paid = named("orders", paid)
-            visible = named("visible", union_of(paid, _cases(referring("Task", "focus", paid))))
+            paid = Fixed(referring("ServiceRequest", "insurance", referring("Coverage", "payor", organizations)))
+            visible = union_of(paid, _cases(referring("Task", "focus", paid)))
             return Compartment(visible, lambda *_: False, {"Task": STATUS, "ServiceRequest": STATUS})
     return None
 
 
-def _cases(tasks: Keys) -> Keys:
+def _cases(tasks: Set) -> Set:
     """The Tasks of intent order among ``tasks``: the cases (``cases.second_opinion.is_case``), as the
     callers follow, or found them by, their focus on an order."""
     return matching("Task", [("intent", "order")], within=tasks)
 
 
-def _around(orders: Keys) -> Keys:
+def _around(orders: Set) -> Set:
     """The orders, what they refer to, the resources based on them, and the results of those reports."""
-    based = named("based", union_of(*(referring(rtype, param, orders) for rtype, param in BASED_ON)))
-    return named("visible", union_of(orders, referenced(orders), based, referenced(based, "result")))
+    based = union_of(*(referring(rtype, param, orders) for rtype, param in BASED_ON))
+    return union_of(orders, referenced(orders), based, referenced(based, "result"))
 
 
-def _writes(parties: Keys, visible: Keys, ordering: bool) -> Callable[[str, Resource | None, Contains], bool]:
+def _writes(parties: Set, visible: Set, ordering: bool) -> Callable[[str, Resource | None, Contains], bool]:
     """What an ordering system or a reader may write (``Compartment.may_write``).
 
     Every reference of the body to a resource here names a resource it sees or one of its own

@@ -185,3 +185,16 @@ def test_the_operator_is_limited_by_its_scopes(client: TestClient, cases: list[C
     assert client.get("/hl7/messages", headers=operator).status_code == 200
     assert client.get("/fhir/Patient", headers=operator).status_code == 403
     assert client.get(f"/fhir/Patient/{cases[0].patient}", headers=operator).status_code == 403
+
+
+def test_a_role_client_may_not_validate_against_a_type(client: TestClient, cases: list[Case]) -> None:
+    """A type-level ``$validate`` checks a resource's references against the store (is the order a
+    case?), so its answer could tell whether a record outside the compartment exists: refused."""
+    other = mine(cases, hospital="hosp-b")[0]
+    task = {"resourceType": "Task", "status": "requested", "intent": "order",
+            "focus": {"reference": f"ServiceRequest/{other.order}"}}  # fmt: skip
+    for client_id in ("ehr-a", "reader-1"):
+        answer = client.post("/fhir/Task/$validate", json=task, headers=token(client, client_id))
+        assert answer.status_code == 403, answer.text
+        assert other.order not in answer.text
+    assert client.post("/fhir/Task/$validate", json=task, headers=token(client, "admin")).status_code == 200
