@@ -113,9 +113,10 @@ class Compartment:
 
     def at(self, conn: Connection) -> "Evaluated":
         """The compartment for one request on ``conn``: its Fixed sets evaluated."""
-        fixed = {f: list(conn.scalars(_evaluation(f))) for f in set(_fixed(self.visible))}
-        among, rows = _bound(conn.dialect.name, fixed)
-        return Evaluated(self.visible, among, rows)
+        dialect = conn.dialect.name
+        ids = {_name(f): list(conn.scalars(_evaluation(f))) for f in set(_fixed(self.visible))}
+        values = {k: v if dialect == "postgresql" else json.dumps(v) for k, v in ids.items()}
+        return Evaluated(self.visible, dialect, values)
 
     def view(self, rtype: str) -> frozenset[str] | None:
         """The elements of ``rtype`` it may see; None: whole resources."""
@@ -127,8 +128,9 @@ class Evaluated:
     """A compartment for one request: what it answers is SQL over that request's Fixed keys."""
 
     visible: Set
-    among: Among
-    rows: "Rows"
+    dialect: str
+    #: Each Fixed set's keys, by the name of its bound parameter.
+    values: Mapping[str, Any]
 
     def shows(self, conn: Connection, rtype: str, rid: str) -> bool:
         """Whether ``rtype/rid`` is stored and visible."""
@@ -136,15 +138,23 @@ class Evaluated:
 
     def contains(self, conn: Connection, found: Set, rtype: str, rid: str) -> bool:
         """Whether the set ``found`` (of the compartment) holds ``rtype/rid``."""
-        r = _RESOURCE.alias().c
-        walk = holds(found, r.pk, self.among, rtype)
-        return bool(conn.scalar(select(exists().where(r.type == rtype, r.id == rid, walk))))
+        return bool(conn.scalar(_lookup(found, rtype, self.dialect), {"rid": rid, **self.values}))
 
     def within(self, pk: Any, rtype: str | None = None) -> ColumnElement[bool]:
         """Whether the resource keyed ``pk`` (a column of the enclosing statement; of ``rtype`` if
         known) is visible: ``SearchQuery.within``. A search considers many rows: they are checked
         against the visible set (of ``rtype``), which starts from the Fixed arrays."""
-        return cast(ColumnElement[bool], pk.in_(keys(self.visible, self.rows, rtype)))
+        rows = _bound(self.dialect, self.values)[1]
+        return cast(ColumnElement[bool], pk.in_(keys(self.visible, rows, rtype)))
+
+
+@lru_cache(maxsize=1024)
+def _lookup(found: Set, rtype: str, dialect: str) -> Select[bool]:
+    """Whether ``found`` holds the resource of ``rtype`` whose id is bound as ``rid``: built once
+    (building the walks costs more than running them), its arrays bound at execution."""
+    r = _RESOURCE.alias().c
+    among = _bound(dialect, None)[0]
+    return select(exists().where(r.type == rtype, r.id == bindparam("rid"), holds(found, r.pk, among, rtype)))
 
 
 def _fixed(found: Set) -> Iterator[Fixed]:
@@ -167,19 +177,29 @@ def _evaluation(found: Fixed) -> Keys:
     return keys(found.found)
 
 
-def _bound(dialect: str, fixed: Mapping[Fixed, list[int]]) -> tuple[Among, "Rows"]:
-    """Each Fixed set's keys bound as one array: ``= ANY(:keys)`` and ``unnest`` on PostgreSQL, the
-    rows of ``json_each(:keys)`` on SQLite (``IN`` thousands of parameters would reach its limit)."""
+def _name(found: Fixed) -> str:
+    """The name of the parameter ``found``'s keys are bound to (the same within the process)."""
+    return f"fixed_{hash(found) & 0xFFFFFFFF:x}"
+
+
+def _bound(dialect: str, values: Mapping[str, Any] | None) -> tuple[Among, "Rows"]:
+    """Each Fixed set's keys bound as one array (``values``; None: given at execution): ``= ANY``
+    and ``unnest`` on PostgreSQL, the rows of ``json_each`` on SQLite (``IN`` thousands of
+    parameters would reach its limit)."""
+
+    def param(found: Fixed) -> Any:
+        name = _name(found)
+        value = None if values is None else values[name]
+        return bindparam(name, value, type_=ARRAY(Integer)) if dialect == "postgresql" else bindparam(name, value)
 
     def rows(found: Fixed) -> Keys:
-        ids = fixed[found]
         if dialect == "postgresql":
-            return select(func.unnest(bindparam(None, ids, type_=ARRAY(Integer))))
-        return select(func.json_each(bindparam(None, json.dumps(ids))).table_valued("value").c.value)
+            return select(func.unnest(param(found)))
+        return select(func.json_each(param(found)).table_valued("value").c.value)
 
     def among(found: Fixed, pk: Any) -> ColumnElement[bool]:
         if dialect == "postgresql":
-            return cast(ColumnElement[bool], pk == any_(bindparam(None, fixed[found], type_=ARRAY(Integer))))
+            return cast(ColumnElement[bool], pk == any_(param(found)))
         return cast(ColumnElement[bool], pk.in_(rows(found)))
 
     return among, rows
