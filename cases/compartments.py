@@ -5,7 +5,8 @@ client's *own parties* are the resources its ``organization`` identifier (``syst
 the Organization, Practitioner or PractitionerRole with that identifier, and the
 PractitionerRoles of such an Organization. Then, by role:
 
-- **ordering**: the orders (ServiceRequest) whose requester or performer is one of its parties;
+- **ordering**: the orders (ServiceRequest) whose requester or performer is one of its parties,
+  and those it wrote (tagged ``WRITTEN_BY`` its client id when it writes them);
 - **reader**: the orders of the cases (``cases.second_opinion.is_case``) whose Task.owner is one;
 - **insurer**: the orders whose insurance is a Coverage whose payor is one of its Organizations,
   and their case Tasks; and of those two types only ``STATUS``, read-only;
@@ -47,6 +48,8 @@ BASED_ON = (
 )  # fmt: skip
 #: What no client with a compartment writes: a Subscription's notifications are not held to it.
 UNCONFINED = frozenset({"Subscription"})
+#: The tag an ordering system's orders carry: the client that wrote them (``meta.tag``, searchable as ``_tag``).
+WRITTEN_BY = "https://overread.org/fhir/CodeSystem/written-by"
 #: The types a client's organization identifier may name.
 PARTY_TYPES = ("Organization", "Practitioner", "PractitionerRole")
 
@@ -60,9 +63,10 @@ def compartment(access: Access) -> Compartment | None:
     )
     match access.role:
         case "ordering":
-            orders = Fixed(union_of(*(referring("ServiceRequest", p, parties) for p in ("requester", "performer"))))
-            visible = _around(orders)
-            return Compartment(visible, _writes(parties, visible, ordering=True))
+            named = [referring("ServiceRequest", p, parties) for p in ("requester", "performer")]
+            written = matching("ServiceRequest", [("_tag", f"{WRITTEN_BY}|{access.client_id}")])
+            visible = _around(Fixed(union_of(*named, written)))
+            return Compartment(visible, _writes(parties, visible, ordering=True), stamp=_stamp(access.client_id))
         case "reader":
             orders = Fixed(referenced(_cases(referring("Task", "owner", parties)), "focus", "ServiceRequest"))
             visible = _around(orders)
@@ -90,8 +94,7 @@ def _writes(parties: Set, visible: Set, ordering: bool) -> Callable[[str, Resour
     """What an ordering system or a reader may write (``Compartment.may_write``).
 
     Every reference of the body to a resource here names a resource it sees or one of its own
-    parties, so no write reaches into another's compartment. An ordering system's order names one
-    of its parties as requester or performer. A reader writes reports, observations and Tasks,
+    parties, so no write reaches into another's compartment. A reader writes reports, observations and Tasks,
     each about one of its orders at least."""
 
     def may_write(rtype: str, resource: Resource | None, contains: Contains) -> bool:
@@ -103,11 +106,24 @@ def _writes(parties: Set, visible: Set, ordering: bool) -> Callable[[str, Resour
         if not all(contains(visible, ref) or contains(parties, ref) for ref in references):
             return False
         if ordering:
-            own = [ref for key in ("requester", "performer") for ref in _references(resource.get(key))]
-            return rtype != "ServiceRequest" or any(contains(parties, ref) for ref in own)
+            return True
         return rtype in READER_WRITES and any(ref.startswith("ServiceRequest/") for ref in references)
 
     return may_write
+
+
+def _stamp(client_id: str) -> Callable[[str, Resource], None]:
+    """Tag the orders an ordering system writes with its client id (``WRITTEN_BY``): they stay its
+    own whatever parties they name."""
+
+    def stamp(rtype: str, resource: Resource) -> None:
+        if rtype != "ServiceRequest":
+            return
+        meta = resource.setdefault("meta", {})
+        tags = [t for t in meta.get("tag", []) if t.get("system") != WRITTEN_BY]
+        meta["tag"] = [*tags, {"system": WRITTEN_BY, "code": client_id}]
+
+    return stamp
 
 
 def _references(value: Any) -> Iterator[str]:

@@ -119,6 +119,8 @@ def confine(req: "FhirRequest", conn: Connection | None) -> None:
     body = req.body if method in ("POST", "PUT") and isinstance(req.body, dict) else None
     if not held.may_write(rtype, body, _contains(conn, here)):
         raise refused(f"this write of a {rtype}")
+    if body is not None and held.stamp is not None:
+        held.stamp(rtype, body)
 
 
 def _contains(conn: Connection, here: compartment.Evaluated) -> compartment.Contains:

@@ -110,6 +110,9 @@ class Compartment:
     #: Per resource type, the only elements it may see and search on (a type not named: none).
     #: Such a view is read-only: no writes, history, operations, includes, chains or ``_has``.
     elements: Mapping[str, frozenset[str]] | None = None
+    #: Marks a body it writes (a create's or update's, once allowed) before it is stored: what the
+    #: rule recognises as its own later (the client that wrote an order).
+    stamp: Callable[[str, Resource], None] | None = None
 
     def at(self, conn: Connection) -> "Evaluated":
         """The compartment for one request on ``conn``: its Fixed sets evaluated."""
