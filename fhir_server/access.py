@@ -93,7 +93,7 @@ def confine(req: "FhirRequest", conn: Connection | None) -> None:
     """Hold ``req`` to its client's compartment, asked on ``conn`` (None: nothing is in it): a resource
     outside it is answered as a missing one (404, the same answer; a deleted one too), a write
     outside it or not allowed by the role is 403. Conditional interactions search outside the
-    compartment, so a client with one may not make them."""
+    compartment, and a type-level ``$validate`` looks records up, so a client with one may not make them."""
     held = compartment.of(req.access)
     if held is None:
         return
@@ -104,26 +104,31 @@ def confine(req: "FhirRequest", conn: Connection | None) -> None:
     rtype = parts[0]
     if len(parts) == 1 and (method in ("PUT", "PATCH", "DELETE") or req.header("if-none-exist")):
         raise refused("conditional interactions")
-    if len(parts) >= 2 and not parts[1].startswith("$") and not (conn and held.shows(conn, rtype, parts[1])):
+    if parts[1:] == ["$validate"]:  # its profile checks look up records outside the compartment
+        raise refused("a $validate of a type")
+    here = held.at(conn) if conn is not None else None
+    if len(parts) >= 2 and not parts[1].startswith("$") and not (here and conn and here.shows(conn, rtype, parts[1])):
         vread = len(parts) == 4 and parts[2] == "_history"
         if method in ("GET", "HEAD") and (len(parts) == 2 or vread):  # what a missing one is answered
             readable(rtype, parts[1], limits.version_id(parts[3]) if vread else None, None)
         raise error(404, "not-found", f"{rtype}/{parts[1]} is not known")
     if method not in ("POST", "PUT", "PATCH", "DELETE") or len(parts) > 2 or parts[-1].startswith("$"):
         return
-    if method == "PATCH" or conn is None:
+    if method == "PATCH" or here is None or conn is None:
         raise refused("a patch (its result is not known before it is applied)" if conn else "this write")
     body = req.body if method in ("POST", "PUT") and isinstance(req.body, dict) else None
-    if not held.may_write(rtype, body, _contains(conn)):
+    if not held.may_write(rtype, body, _contains(conn, here)):
         raise refused(f"this write of a {rtype}")
+    if body is not None and held.stamp is not None:
+        held.stamp(rtype, body)
 
 
-def _contains(conn: Connection) -> compartment.Contains:
+def _contains(conn: Connection, here: compartment.Evaluated) -> compartment.Contains:
     """Whether a reference (``Type/id``) names a resource of a set, asked on ``conn``."""
 
-    def contains(keys: compartment.Keys, reference: str) -> bool:
+    def contains(found: compartment.Set, reference: str) -> bool:
         rtype, _, rid = reference.partition("/")
-        return compartment.contains(conn, keys, rtype, rid)
+        return here.contains(conn, found, rtype, rid)
 
     return contains
 
@@ -137,8 +142,9 @@ def view(access: Access | None, rtype: str, asked: list[str] | None) -> list[str
     return sorted(e for e in shown if asked is None or e in asked or e.split(".")[0] in asked)
 
 
-def authorize_query(access: Access | None, query: SearchQuery) -> None:
-    """Raise 403 unless ``access`` may search every type a chain or ``_has`` of ``query`` reaches."""
+def authorize_query(access: Access | None, query: SearchQuery, conn: Connection) -> None:
+    """Raise 403 unless ``access`` may search every type a chain or ``_has`` of ``query`` reaches;
+    hold ``query`` to its compartment, evaluated on ``conn``."""
     if access is None:
         return
     for rtype in _reached(query.criteria):
@@ -147,7 +153,7 @@ def authorize_query(access: Access | None, query: SearchQuery) -> None:
     held = compartment.of(access)
     if held is None:
         return
-    query.within = held.visible
+    query.within = held.at(conn).within
     if held.elements is None:
         return
     types = (query.resource_type,) if query.resource_type else (query.types or tuple(SUPPORTED_TYPES))

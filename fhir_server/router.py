@@ -237,7 +237,7 @@ def _search(repo: Repository, base: str, req: FhirRequest, rtype: str) -> FhirRe
     """Search one type, or the whole system when ``rtype`` is "" (R4 http.html#search)."""
     strict = req.prefer("handling") == "strict"
     query = search.parse(rtype, req.params, strict=strict, base=base)
-    access.authorize_query(req.access, query)
+    access.authorize_query(req.access, query, repo.conn)
     result = search.execute(repo.conn, query)
     result.included = [s for s in result.included if access.may_read(req.access, s)]
     return FhirResponse(200, search.bundle(result, base))
@@ -264,7 +264,7 @@ def _history(repo: Repository, base: str, req: FhirRequest, rtype: str | None, r
     if since:
         stmt = stmt.where(VersionRow.last_updated >= since)
     if (held := compartment.of(req.access)) is not None:
-        stmt = stmt.where(VersionRow.resource_pk.in_(held.visible))
+        stmt = stmt.where(held.at(repo.conn).within(VersionRow.resource_pk, rtype))
     total = repo.conn.scalar(select(func.count()).select_from(stmt.subquery()))
     rows = repo.conn.execute(
         stmt.order_by(v.last_updated.desc(), v.resource_pk.desc(), v.version.desc()).limit(count).offset(offset)

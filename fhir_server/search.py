@@ -7,6 +7,7 @@ targets. Parameters joined by ``&`` are ANDed, comma-separated values ORed (§3.
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -78,6 +79,8 @@ MODIFIERS = {
     "uri": {"below", "above", "missing"},
 }  # fmt: skip
 Resource = type[ResourceRow]
+#: Whether a resource (the key column, its type if known) is one a search may find (``SearchQuery.within``).
+Within = Callable[[Any, str | None], ColumnElement[bool]]
 
 
 @dataclass(frozen=True)
@@ -118,9 +121,9 @@ class SearchQuery:
     used: list[tuple[str, str]] = field(default_factory=list)
     #: A system search's ``_type`` list (R4 search.html#_type); empty: every type.
     types: tuple[str, ...] = ()
-    #: The keys (a SELECT of ``resource.pk``) of the only resources the search, its chains, ``_has``
-    #: and includes may find: the caller's compartment (``fhir_server.compartment``); None: all.
-    within: Any = None
+    #: Whether a resource (its key ``resource.pk``, its type if known) is one the search, its chains,
+    #: ``_has`` and includes may find: the caller's compartment (``fhir_server.compartment``); None: all.
+    within: Within | None = None
 
 
 @dataclass
@@ -358,8 +361,8 @@ def _knows(resource_type: str, chained: str) -> bool:
 # -- SQL -----------------------------------------------------------------------------
 
 
-def _where(res: Resource, resource_type: str, crit: Criterion, within: Any = None) -> ColumnElement[bool]:
-    """The SQL of ``crit``; the resources its chains and ``_has`` search are ``within`` those keys (None: all)."""
+def _where(res: Resource, resource_type: str, crit: Criterion, within: Within | None = None) -> ColumnElement[bool]:
+    """The SQL of ``crit``; the resources its chains and ``_has`` search are those ``within`` holds (None: all)."""
     param = crit.param
     if crit.has is not None:
         source_type, code, on_source = crit.has
@@ -370,6 +373,7 @@ def _where(res: Resource, resource_type: str, crit: Criterion, within: Any = Non
             ),
             src,
             within,
+            source_type,
         )
         targets = select(ReferenceIndex.target_id).where(
             ReferenceIndex.res_type == source_type,
@@ -388,6 +392,7 @@ def _where(res: Resource, resource_type: str, crit: Criterion, within: Any = Non
                 ),
                 inner,
                 within,
+                target_type,
             )
             per_type.append(and_(ReferenceIndex.target_type == target_type, ReferenceIndex.target_id.in_(ids)))
         return res.pk.in_(
@@ -652,15 +657,15 @@ def statement(query: SearchQuery) -> Select[str, str, int, datetime, str | None]
         stmt = stmt.where(res.type.not_in(APART))
     for crit in query.criteria:
         stmt = stmt.where(_where(res, query.resource_type, crit, query.within))
-    return _within(stmt, res, query.within)
+    return _within(stmt, res, query.within, query.resource_type or None)
 
 
 _S = TypeVar("_S", bound=Select[*tuple[Any, ...]])
 
 
-def _within(stmt: _S, res: Resource, within: Any) -> _S:
-    """``stmt`` kept to the resources whose keys ``within`` selects (None: all)."""
-    return stmt if within is None else stmt.where(res.pk.in_(within))
+def _within(stmt: _S, res: Resource, within: Within | None, rtype: str | None = None) -> _S:
+    """``stmt`` kept to the resources (of ``rtype``, if known) ``within`` holds (None: all)."""
+    return stmt if within is None else stmt.where(within(res.pk, rtype))
 
 
 def _narrows_type(crit: Criterion) -> bool:

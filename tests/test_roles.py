@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from cases.compartments import WRITTEN_BY
 from fhir_server.db import Database
 from tests.builders import patient, service_request
 from tests.roles_data import Case, app_client, ids, load, refs, token
@@ -192,3 +193,35 @@ def test_an_id_no_resource_can_have_is_missing_for_a_role_too(client: TestClient
     for suffix in ("", "/_history/1", "/_history"):
         response = client.get(f"/fhir/Patient/a%00{suffix}", headers=token(client, "reader-1"))
         assert response.status_code == 404, response.text
+
+
+def test_a_role_client_may_not_validate_against_a_type(client: TestClient, cases: list[Case]) -> None:
+    """A type-level ``$validate`` checks a resource's references against the store (is the order a
+    case?), so its answer could tell whether a record outside the compartment exists: refused."""
+    other = mine(cases, hospital="hosp-b")[0]
+    task = {"resourceType": "Task", "status": "requested", "intent": "order",
+            "focus": {"reference": f"ServiceRequest/{other.order}"}}  # fmt: skip
+    for client_id in ("ehr-a", "reader-1"):
+        answer = client.post("/fhir/Task/$validate", json=task, headers=token(client, client_id))
+        assert answer.status_code == 403, answer.text
+        assert other.order not in answer.text
+    assert client.post("/fhir/Task/$validate", json=task, headers=token(client, "admin")).status_code == 200
+
+
+def test_the_orders_an_ordering_system_writes_are_its_own_whatever_parties_they_name(
+    client: TestClient, cases: list[Case]
+) -> None:
+    ehr = token(client, "ehr-a")
+    own = mine(cases, hospital="hosp-a")[0]
+    order = service_request(f"Patient/{own.patient}", "ACSN-MINE")  # no requester, no performer
+    created = client.post("/fhir/ServiceRequest", json=order, headers=ehr)
+    assert created.status_code == 201, created.text
+    rid = created.json()["id"]
+    assert {"system": WRITTEN_BY, "code": "ehr-a"} in created.json()["meta"]["tag"]
+    assert client.get(f"/fhir/ServiceRequest/{rid}", headers=ehr).status_code == 200
+    assert rid in ids(client.get("/fhir/ServiceRequest?identifier=ACSN-MINE", headers=ehr).json())
+    assert_hidden(client, token(client, "ehr-b"), f"ServiceRequest/{rid}")
+    # an update that leaves the tag out keeps it its own
+    updated = client.put(f"/fhir/ServiceRequest/{rid}", json={**order, "id": rid, "status": "revoked"}, headers=ehr)
+    assert updated.status_code == 200, updated.text
+    assert client.get(f"/fhir/ServiceRequest/{rid}", headers=ehr).json()["status"] == "revoked"
