@@ -14,7 +14,8 @@ search ``s``; create ``c``; update and patch ``u``; delete ``d``; history of an 
 of a type or the system ``s``; conditional update, patch and delete ``s`` as well (their
 criteria search), a conditional create (If-None-Exist) ``s`` and ``r`` (it answers what it
 found); ``$validate`` ``r``, ``$link-imaging`` ``u``. A chain or ``_has`` needs ``s`` on every
-type it searches. A query-filtered scope grants a search that carries its query, a read of (and
+type it searches. Writing a Subscription needs ``s`` and ``r`` on what its criteria search, with
+their parameters: a notification delivers what the writer could have asked for, nothing more. A query-filtered scope grants a search that carries its query, a read of (and
 an ``_include`` of) a resource that matches it, and a create of one; every other interaction
 needs an unfiltered scope.
 
@@ -27,6 +28,7 @@ includes, chains, ``_has`` and histories find nothing outside it, and a write it
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl
 
 from sqlalchemy import Connection
 
@@ -74,9 +76,24 @@ def authorize(req: "FhirRequest") -> None:
     for interaction, rtype, kind in needs:
         if not _may(req.access.scopes, interaction, rtype, kind, req.params, req.body):
             raise forbidden(f"{interaction!r} on {rtype}")
+    if parts[:1] == ["Subscription"] and req.method.upper() in ("POST", "PUT") and isinstance(req.body, dict):
+        _authorize_criteria(req.access, req.body.get("criteria"))
     held = compartment.of(req.access)
     if held is not None and held.elements is not None and not _viewing(req.method.upper(), parts):
         raise refused("this interaction")
+
+
+def _authorize_criteria(access: Access, criteria: Any) -> None:
+    """A Subscription pushes what its criteria match to its endpoint: its writer must be allowed to
+    search and read that, or it would receive by notification what it may not ask for."""
+    if not isinstance(criteria, str):
+        return  # the Subscription's own validation refuses it
+    rtype, _, query = criteria.strip().partition("?")
+    params = parse_qsl(query, keep_blank_values=True)
+    if not _may(access.scopes, "s", rtype, "search", params, None) or not _may(
+        access.scopes, "r", rtype, "resource", params, None
+    ):
+        raise forbidden(f"a Subscription to {rtype} (its criteria: 's' and 'r' on {rtype})")
 
 
 def refused(what: str) -> FhirError:

@@ -32,6 +32,7 @@ CLIENTS = {
     "orders": "system/ServiceRequest.rus",
     "hl7-reader": "system/hl7.r",
     "hl7-operator": "system/hl7.read system/hl7.u",
+    "subscriber": "system/Subscription.cru system/Observation.rs?category=laboratory",
 }
 Bearer = Callable[[str], dict[str, str]]
 
@@ -251,3 +252,32 @@ def test_a_token_over_a_real_socket(db: Database) -> None:
         assert created.status_code == 201
         assert http.get(f"/Patient/{created.json()['id']}", headers=auth).status_code == 200
         assert http.get("/Observation", headers=auth).status_code == 403
+
+
+def test_a_subscription_is_refused_for_what_its_writer_may_not_search_and_read(
+    client: TestClient, bearer: Bearer
+) -> None:
+    """A Subscription pushes every resource its criteria match: only what its writer may ask for itself."""
+    subscriber = bearer("subscriber")
+
+    def subscription(criteria: str) -> dict[str, Any]:
+        channel = {"type": "rest-hook", "endpoint": "https://ehr.example.org/hook", "payload": "application/fhir+json"}
+        return {
+            "resourceType": "Subscription",
+            "status": "requested",
+            "reason": "r",
+            "criteria": criteria,
+            "channel": channel,
+        }
+
+    for criteria in ("DiagnosticReport?status=final", "Observation", "Observation?category=imaging"):
+        refused = client.post("/fhir/Subscription", json=subscription(criteria), headers=subscriber)
+        assert refused.status_code == 403, (criteria, refused.text)
+        batch = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": subscription(criteria), "request": {"method": "POST", "url": "Subscription"}}]}  # fmt: skip
+        assert client.post("/fhir", json=batch, headers=subscriber).status_code == 403, criteria
+    # within its scopes it passes access control; no endpoint is configured here, so the egress rule answers
+    allowed = client.post(
+        "/fhir/Subscription", json=subscription("Observation?category=laboratory"), headers=subscriber
+    )
+    assert allowed.status_code == 422 and "allowed_endpoints" in allowed.text, allowed.text
