@@ -15,9 +15,10 @@ of a type or the system ``s``; conditional update, patch and delete ``s`` as wel
 criteria search), a conditional create (If-None-Exist) ``s`` and ``r`` (it answers what it
 found); ``$validate`` ``r``, ``$link-imaging`` ``u``. A chain or ``_has`` needs ``s`` on every
 type it searches. Writing a Subscription needs ``s`` and ``r`` on what its criteria search, with
-their parameters: a notification delivers what the writer could have asked for, nothing more. A query-filtered scope grants a search that carries its query, a read of (and
-an ``_include`` of) a resource that matches it, and a create of one; every other interaction
-needs an unfiltered scope.
+their parameters: a notification delivers what the writer could have asked for, nothing more.
+A query-filtered scope grants a search that carries its query, a read of (and an ``_include``
+of) a resource that matches it, and a create of one; every other interaction needs an
+unfiltered scope.
 
 A client with a role is held to its compartment too (``fhir_server.compartment``; ``confine``,
 ``authorize_query``): a resource outside it is answered as a missing one (404), searches,
