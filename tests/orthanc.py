@@ -1,4 +1,4 @@
-"""A real Orthanc PACS for tests (ARCHITECTURE.md, "Real peers for tests").
+"""A real Orthanc PACS for tests: the source PACS the integration tests query.
 
 Orthanc 1.10 listens on every interface and cannot be told otherwise, so it only ever
 runs inside a private network namespace whose one interface is ``lo`` (``tests/run``

@@ -1,4 +1,4 @@
-"""The image-linking worker as a durable job (ARCHITECTURE.md, "Images linked"): several workers
+"""The image-linking worker as a durable job (docs/image-linking.md): several workers
 share one database and run every job once; a worker that dies mid-job loses nothing; after a
 restart the server links what was ordered while it was down. Against the bundled sample PACS,
 on SQLite and PostgreSQL.
