@@ -19,7 +19,7 @@ from cases.workflow import case_workflow
 from dicom_bridge import tuning
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.linking import Linker, Source
-from dicom_bridge.storage_scp import Limits, StorageScp
+from dicom_bridge.storage_scp import StorageScp
 from fhir_server import api, compartment, dates, operations, profiles, search_limits
 from fhir_server.audit_http import AuditTrail
 from fhir_server.audit_log import AuditLog
@@ -219,19 +219,6 @@ def image_store(settings: Settings) -> ImageStore:
     return ImageStore(settings.image_store, settings.image_store_min_free_bytes)
 
 
-def scp_limits(settings: Settings) -> Limits:
-    return Limits(
-        max_associations=settings.dicom_max_associations,
-        max_pending=settings.dicom_max_pending,
-        associate_timeout=settings.dicom_associate_timeout,
-        idle_timeout=settings.dicom_idle_timeout,
-        max_data_set=settings.dicom_max_data_set_bytes,
-        max_buffered=settings.dicom_max_buffered_bytes,
-        max_associations_per_address=settings.dicom_max_associations_per_address,
-        max_association_time=settings.dicom_max_association_time,
-    )
-
-
 def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
     """The image-linking worker: the PACS peers of OVERREAD_CONFIG in order, then our image store."""
     store = image_store(settings)
@@ -256,7 +243,7 @@ def imaging(
         settings.dicom_port,
         image_store(settings),
         worker.wake,
-        limits=scp_limits(settings),
+        limits=settings.dicom_limits(),
         audit=audit.record if audit is not None else None,
         tls=settings.dicom_tls.context(),
         admits=cfg.dicom.admits if cfg.dicom.allow else None,

@@ -8,11 +8,14 @@ from typing import Annotated, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dicom_bridge.storage_scp import Limits as ScpLimits
 from fhir_server.db import DEFAULT_POOLS, Pools
 from fhir_server.limits import DEFAULT, Limits
 from fhir_server.rate_limit import Rate
 from fhir_server.search_limits import SearchLimits
 from overread.tls import ServerTls
+
+SCP_DEFAULT = ScpLimits()
 
 
 class Settings(BaseSettings):
@@ -46,14 +49,14 @@ class Settings(BaseSettings):
     #: A-ASSOCIATE-RQ), connections still without one, seconds to send it (ARTIM) and of silence in an
     #: association, bytes of one data set and of all held while they arrive, free bytes the store keeps;
     #: associations of one peer address at once, seconds an association may last.
-    dicom_max_associations: int = 32
-    dicom_max_associations_per_address: int = 16
-    dicom_max_association_time: float = 3600.0
-    dicom_max_pending: int = 64
-    dicom_associate_timeout: float = 10.0
-    dicom_idle_timeout: float = 60.0
-    dicom_max_data_set_bytes: int = 512 << 20
-    dicom_max_buffered_bytes: int = 1 << 30
+    dicom_max_associations: int = SCP_DEFAULT.max_associations
+    dicom_max_associations_per_address: int = SCP_DEFAULT.max_associations_per_address
+    dicom_max_association_time: float = SCP_DEFAULT.max_association_time
+    dicom_max_pending: int = SCP_DEFAULT.max_pending
+    dicom_associate_timeout: float = SCP_DEFAULT.associate_timeout
+    dicom_idle_timeout: float = SCP_DEFAULT.idle_timeout
+    dicom_max_data_set_bytes: int = SCP_DEFAULT.max_data_set
+    dicom_max_buffered_bytes: int = SCP_DEFAULT.max_buffered
     image_store_min_free_bytes: int = 1 << 30
     config: Path | None = None
     #: Absolute base URL the server names itself by in Location headers and Bundle links.
@@ -113,6 +116,19 @@ class Settings(BaseSettings):
 
     def http_rate(self) -> Rate | None:
         return Rate(self.http_rate_per_second, self.http_rate_burst) if self.http_rate_per_second else None
+
+    def dicom_limits(self) -> ScpLimits:
+        """The Storage SCP's limits (``dicom_bridge.storage_scp.StorageScp``)."""
+        return ScpLimits(
+            max_associations=self.dicom_max_associations,
+            max_pending=self.dicom_max_pending,
+            associate_timeout=self.dicom_associate_timeout,
+            idle_timeout=self.dicom_idle_timeout,
+            max_data_set=self.dicom_max_data_set_bytes,
+            max_buffered=self.dicom_max_buffered_bytes,
+            max_associations_per_address=self.dicom_max_associations_per_address,
+            max_association_time=self.dicom_max_association_time,
+        )
 
     def http_limits(self) -> Limits:
         """The limits of the FHIR API's requests, as ``fhir_server.api.mount`` takes them."""

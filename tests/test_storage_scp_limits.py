@@ -38,7 +38,6 @@ from dicom_bridge.upper_layer import (
     read_pdu,
     request,
 )
-from overread.app import scp_limits
 from overread.settings import Settings
 from tests.test_storage_scp import AE_TITLE, VERIFICATION, Scp, associate, dcmtk, sample, saved, stored
 
@@ -175,8 +174,8 @@ def test_settings_set_the_scps_limits():
         dicom_max_associations_per_address=9,
         dicom_max_association_time=10,
     )
-    assert scp_limits(settings) == Limits(3, 4, 5.0, 6.0, 7, 8, 9, 10.0)
-    assert scp_limits(Settings()) == Limits()
+    assert settings.dicom_limits() == Limits(3, 4, 5.0, 6.0, 7, 8, 9, 10.0)
+    assert Settings().dicom_limits() == Limits()
 
 
 # Associations per peer address, and in time.
