@@ -27,7 +27,7 @@ from cases.routing import NO_ROUTING, Routing, route
 from cases.second_opinion import case_of, is_case, is_original, order_of
 from fhir_server import dates, outbox
 from fhir_server.errors import error
-from fhir_server.repository import Change, Hook, Repository, Stored, same_content
+from fhir_server.repository import Change, Hook, Repository, Stored
 
 #: The outbox topic of the image-linking worker (dicom_bridge).
 LINK_IMAGING = "link-imaging"
@@ -201,10 +201,7 @@ def link_study(repo: Repository, study: dict[str, Any]) -> Stored:
     current = found[0]
     based_on = [*current.resource.get("basedOn", [])]
     based_on += [ref for ref in study.get("basedOn", []) if ref not in based_on]
-    updated = {**study, "id": current.id, "basedOn": based_on}
-    if same_content(current.resource, updated):
-        return current
-    return repo.update("ImagingStudy", current.id, updated, current.etag)[0]
+    return repo.update_if_changed(current, {**study, "basedOn": based_on}) or current
 
 
 @dataclass(frozen=True)

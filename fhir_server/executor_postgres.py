@@ -1,9 +1,9 @@
 """Where work runs on PostgreSQL: on the event loop, over SQLAlchemy's asyncio bridge to asyncpg.
 
-Through a thread pool a create cost the server 1.7-2.4 ms of CPU, of which the repository's own
-work was 0.85 ms: each round trip handed the GIL between the pool's threads and the event loop
-(docs/performance.md). Here a unit, the same sync code on a ``Connection``, runs in a greenlet on
-the event loop: each statement awaits asyncpg, and the loop serves other requests meanwhile.
+Through a thread pool each round trip would hand the GIL between the pool's threads and the
+event loop (docs/performance.md, "PostgreSQL requests run on the event loop"). Here a unit, the
+same sync code on a ``Connection``, runs in a greenlet on the event loop: each statement awaits
+asyncpg, and the loop serves other requests meanwhile.
 
 The whole unit (checkout, BEGIN, the work, COMMIT, return to the pool) runs in one greenlet, on
 the async engine's ``sync_engine``, as ``AsyncConnection.run_sync`` runs its function: each new

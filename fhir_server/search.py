@@ -367,14 +367,7 @@ def _where(res: Resource, resource_type: str, crit: Criterion, within: Within | 
     if crit.has is not None:
         source_type, code, on_source = crit.has
         src = aliased(ResourceRow)
-        sources = _within(
-            select(src.pk).where(
-                src.type == source_type, src.deleted == false(), _where(src, source_type, on_source, within)
-            ),
-            src,
-            within,
-            source_type,
-        )
+        sources = _live(src, src.pk, source_type, on_source, within)
         targets = select(ReferenceIndex.target_id).where(
             ReferenceIndex.res_type == source_type,
             ReferenceIndex.param == code,
@@ -386,14 +379,7 @@ def _where(res: Resource, resource_type: str, crit: Criterion, within: Within | 
         per_type = []
         for target_type, chained in crit.chain:
             inner = aliased(ResourceRow)
-            ids = _within(
-                select(inner.id).where(
-                    inner.type == target_type, inner.deleted == false(), _where(inner, target_type, chained, within)
-                ),
-                inner,
-                within,
-                target_type,
-            )
+            ids = _live(inner, inner.id, target_type, chained, within)
             per_type.append(and_(ReferenceIndex.target_type == target_type, ReferenceIndex.target_id.in_(ids)))
         return res.pk.in_(
             select(ReferenceIndex.resource_pk).where(
@@ -661,6 +647,13 @@ def statement(query: SearchQuery) -> Select[str, str, int, datetime, str | None]
 
 
 _S = TypeVar("_S", bound=Select[*tuple[Any, ...]])
+
+
+def _live(res: Resource, column: Any, rtype: str, crit: Criterion, within: Within | None) -> Select[Any]:
+    """``column`` of the current resources of ``rtype`` that match ``crit`` (a chain's or ``_has``'s
+    inner search), kept to those ``within`` holds."""
+    stmt = select(column).where(res.type == rtype, res.deleted == false(), _where(res, rtype, crit, within))
+    return _within(stmt, res, within, rtype)
 
 
 def _within(stmt: _S, res: Resource, within: Within | None, rtype: str | None = None) -> _S:
