@@ -10,8 +10,8 @@ from sqlalchemy import Connection, insert
 from fhir_server.db import Database, Rollback
 from fhir_server.executor import Executor, for_database
 from fhir_server.repository import Repository
-from fhir_server.router import ReadTarget
 from fhir_server.schema import ResourceRow
+from fhir_server.stored import ReadTarget
 from overread.app import create_app
 from overread.settings import Settings
 
