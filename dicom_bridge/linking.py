@@ -39,7 +39,7 @@ from dicom_bridge.errors import PacsError, PacsUnavailable, RetrieveFailed
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery, missing
 from fhir_server import dates, outbox
-from fhir_server.db import Database
+from fhir_server.executor import Executor
 from fhir_server.outbox import Backoff
 from fhir_server.outbox_worker import Job, OutboxWorker
 from fhir_server.repository import Hook, Repository, Stored
@@ -185,13 +185,13 @@ class Linker(OutboxWorker):
 
     def __init__(
         self,
-        db: Database,
+        executor: Executor,
         sources: Sequence[Source],
         backoff: Backoff = DEFAULT_BACKOFF,
         hooks: Sequence[Hook] = (),
         poll: float = 1.0,
     ) -> None:
-        super().__init__(db, backoff, poll=poll)
+        super().__init__(executor, backoff, poll=poll)
         self.sources, self.hooks = list(sources), hooks
         self._retrieving: set[str] = set()  # studies our own retrieves are bringing in right now
 
@@ -202,7 +202,7 @@ class Linker(OutboxWorker):
 
     def publish_endpoints(self) -> None:
         """Each PACS peer as an Endpoint resource (conditional on its name), for ImagingStudy.endpoint."""
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             repo = Repository(session, self.hooks)
             for source in self.sources:
                 if source.peer is not None:
@@ -217,13 +217,13 @@ class Linker(OutboxWorker):
         self._retry(job.pk, job.resource_id, reasons.error(exc))
 
     def _run(self, pk: int, order_id: str, confirmation: Confirmation | None = None) -> None:
-        with self.db.begin(write=False) as conn:
+        with self.executor.begin(write=False) as conn:
             repo = Repository(conn)
             order = repo.current("ServiceRequest", order_id)
             patient = _subject(repo, order.resource) if order and order.content else None
             linked = _linked_uids(repo, order_id)
         if order is None or order.content is None or order.resource.get("status") != "active":
-            with self.db.transaction() as session:  # revoked, completed or gone: nothing to link
+            with self.executor.session() as session:  # revoked, completed or gone: nothing to link
                 if outbox.pending(session, pk):
                     outbox.complete(session, pk)
             return
@@ -248,7 +248,7 @@ class Linker(OutboxWorker):
                 self._retrieve(source, studies)
             except PacsError as exc:
                 return self._retry(pk, order_id, str(exc), found=True)
-            with self.db.transaction() as session:
+            with self.executor.session() as session:
                 if not outbox.pending(session, pk):
                     return
                 repo = Repository(session, self.hooks)
@@ -310,7 +310,7 @@ class Linker(OutboxWorker):
         subject = order.resource["subject"]["reference"]
         endpoints = [source.endpoint] if source.endpoint else []
         tz = source.peer.timezone if source.peer else None
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             if not outbox.pending(session, pk):
                 return False
             repo = Repository(session, self.hooks)
@@ -331,7 +331,7 @@ class Linker(OutboxWorker):
     def _retry(
         self, pk: int, order_id: str, reason: str, found: bool = False, final: str = task.IMAGES_NOT_FOUND
     ) -> None:
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             if (row := outbox.pending(session, pk)) is None:
                 return
             attempts = row.attempts
@@ -347,7 +347,7 @@ class Linker(OutboxWorker):
 
     def _give_up(self, pk: int, order_id: str, reason: str, status: str) -> None:
         """End the job now with a final status: retrying cannot change what it found."""
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             if outbox.pending(session, pk) is None:
                 return
             outbox.fail(session, pk, reason)
@@ -358,7 +358,7 @@ class Linker(OutboxWorker):
 
     def wake(self, studies: set[tuple[str, str]]) -> None:
         """A study arrived by itself (C-STORE push): run the jobs of the cases waiting for it now."""
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             repo = Repository(session, self.hooks)
             for study_uid, accession in studies:
                 if study_uid in self._retrieving:

@@ -24,14 +24,15 @@ from starlette.types import Lifespan
 
 from fhir_server import balp, compartment, dates
 from fhir_server.audit_log import AuditLog, writes
-from fhir_server.db import Database, Rollback
+from fhir_server.db import Rollback
 from fhir_server.errors import FhirError, error
-from fhir_server.executor import Executor, for_database
+from fhir_server.executor import Executor
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.limits import DEFAULT, Limits, check_body
 from fhir_server.patch import JSON_PATCH, MERGE_PATCH
 from fhir_server.repository import Hook, Repository
-from fhir_server.router import ReadTarget, handle, read_response, read_target
+from fhir_server.router import handle, read_response, read_target
+from fhir_server.stored import ReadTarget
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir", JSON_PATCH, MERGE_PATCH)
@@ -49,21 +50,19 @@ log = logging.getLogger(__name__)
 
 def mount(
     app: Starlette,
-    db: Database,
+    executor: Executor,
     hooks: Sequence[Hook] = (),
     base_url: str = "",
     prefix: str = "/fhir",
     limits: Limits = DEFAULT,
-    executor: Executor | None = None,
     audit: AuditLog | None = None,
 ) -> None:
-    """Serve the FHIR REST API of ``db`` under ``prefix``, refusing requests over ``limits``;
-    ``audit``: every write succeeded is audited in its transaction (the rest by ``audit_http``).
+    """Serve the FHIR REST API of ``executor``'s database under ``prefix``, refusing requests over
+    ``limits``; ``audit``: every write succeeded is audited in its transaction (the rest by ``audit_http``).
 
-    Each request runs where ``executor`` (by default ``db``'s own) puts it: a read of one resource
-    as ``Executor.read``, anything else as one unit of ``Executor.run``; the application's lifespan
-    keeps the executor ``opened``."""
-    executor = executor or for_database(db)
+    Each request runs where ``executor`` puts it: a read of one resource as ``Executor.read``,
+    anything else as one unit of ``Executor.run``; the application's lifespan keeps the executor
+    ``opened``."""
     app.router.lifespan_context = _also(executor.opened, app.router.lifespan_context)
 
     def unit(req: FhirRequest, base: str) -> Callable[[Connection], FhirResponse]:

@@ -29,8 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from fhir_server.compiled import Compiled
 from fhir_server.repository import VERSION, Stored
-from fhir_server.router import ReadTarget
 from fhir_server.schema import ResourceRow
+from fhir_server.stored import ReadTarget
 from fhir_server.validation import ID, SUPPORTED_TYPES
 
 _r = ResourceRow.__table__.c

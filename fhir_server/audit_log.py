@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fhir_server.db import Database
 from fhir_server.errors import error
+from fhir_server.executor import Executor
 from fhir_server.http import FhirRequest
 from fhir_server.repository import Repository
 
@@ -48,11 +48,11 @@ def refuse_write(method: str, path: str) -> None:
 
 
 class AuditLog:
-    """AuditEvents of ``db``: written in a transaction, or queued for the writer thread."""
+    """AuditEvents written through ``executor``: in a transaction, or queued for the writer thread."""
 
     def __init__(
         self,
-        db: Database,
+        executor: Executor,
         *,
         reads: bool = True,
         capacity: int = 10_000,
@@ -62,7 +62,7 @@ class AuditLog:
     ) -> None:
         #: Whether successful reads are audited (OVERREAD_AUDIT_READS); refusals always are.
         self.reads = reads
-        self.db, self.batch, self.backpressure, self.warn_every = db, batch, backpressure, warn_every
+        self.executor, self.batch, self.backpressure, self.warn_every = executor, batch, backpressure, warn_every
         self.dropped = 0
         self._queue: queue.Queue[Pending | None] = queue.Queue(capacity)
         self._warned_at = float("-inf")
@@ -133,7 +133,7 @@ class AuditLog:
         """One transaction for the batch; if it fails, one each, so one bad event loses only itself."""
         try:
             events = [p() for p in pending]
-            with self.db.begin() as conn:
+            with self.executor.begin() as conn:
                 repo = Repository(conn)
                 for event in events:
                     repo.create_own(event)
@@ -142,7 +142,7 @@ class AuditLog:
             log.exception("could not write %d AuditEvents together; writing them one by one", len(pending))
         for one in pending:
             try:
-                with self.db.begin() as conn:
+                with self.executor.begin() as conn:
                     Repository(conn).create_own(one())
             except Exception:
                 self.dropped += 1

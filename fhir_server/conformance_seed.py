@@ -1,21 +1,21 @@
 """Publish the conformance artifacts of ``conformance/`` into the store, so the server serves them.
 
-``publish(db)`` runs at every start-up (``overread.app.create_app``) and is idempotent: an
+``publish(executor)`` runs at every start-up (``overread.app.create_app``) and is idempotent: an
 artifact is found by ``url`` and ``version`` (a conditional update); one that is stored
 unchanged costs one read by id and writes nothing, so a restart writes no new versions.
 """
 
 from typing import Any
 
-from fhir_server.db import Database
+from fhir_server.executor import Executor
 from fhir_server.profiles import artifacts
 from fhir_server.repository import Repository, same_content
 
 
-def publish(db: Database) -> int:
+def publish(executor: Executor) -> int:
     """Store every artifact that is missing or changed; the number written."""
     written = 0
-    with db.begin() as conn:
+    with executor.begin() as conn:
         repo = Repository(conn)
         for artifact in artifacts():
             written += _publish(repo, artifact)

@@ -1,32 +1,39 @@
-"""Where a unit of work runs: the one seam between the doors (HTTP, MLLP) and the database.
+"""Where a unit of work runs: the one seam between the database and everything that uses it.
 
-A door hands the executor a read of one resource (version) or a unit of work, a function of a
-``Connection``; the executor decides the thread, event loop, connection and transaction it runs
-on. Each database has its own (``fhir_server.executor_sqlite``, ``fhir_server.executor_postgres``),
-chosen once at start-up by ``for_database``. docs/architecture.md, "Threads and event loops",
-draws where each kind of work ends up.
+The doors on the event loop (HTTP, MLLP) hand the executor a read of one resource (version) or a
+unit of work, a function of a ``Connection``; it decides the thread, event loop, connection and
+transaction it runs on. Code with a thread of its own (the workers, whose units sit between
+blocking network calls; start-up; the CLI) opens its units with ``begin`` and ``session``, on
+that thread. Each database has its own executor (``fhir_server.executor_sqlite``,
+``fhir_server.executor_postgres``), one per process, made by ``for_database``.
+docs/architecture.md, "Threads and event loops", draws where each kind of work ends up.
 
 A unit is all or nothing: committed when it returns, rolled back when it raises; a
-:class:`~fhir_server.db.Rollback` undoes it and still answers its value. A read (``write=False``)
-that is one statement may run outside a transaction (a single SELECT is its own snapshot).
+:class:`~fhir_server.db.Rollback` undoes a unit of ``run`` and still answers its value. A read
+(``write=False``) that is one statement may run outside a transaction (a single SELECT is its
+own snapshot).
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import TypeVar
 
 from sqlalchemy import Connection
+from sqlalchemy.orm import Session
 
 from fhir_server.db import Database, Rollback
 from fhir_server.repository import Repository, Stored
-from fhir_server.router import ReadTarget
+from fhir_server.stored import ReadTarget
 
 T = TypeVar("T")
 
 
 class Executor(ABC):
     """Runs reads and units of work where they cost the least on its database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     @abstractmethod
     def opened(self) -> AbstractAsyncContextManager[None]:
@@ -45,6 +52,22 @@ class Executor(ABC):
         ``write``: the unit may write. ``light``: it is cheap enough to run on the event loop (a
         write of one small resource, a search of one page without includes).
         """
+
+    @contextmanager
+    def begin(self, *, write: bool = True) -> Iterator[Connection]:
+        """A unit on the calling thread, for code with a thread of its own; it blocks that thread.
+
+        On SQLite a write first takes the process's write lock, so the writer's groups wait for
+        it rather than meet SQLite's lock; on PostgreSQL it takes a connection of the threads' pool.
+        """
+        with self.db.begin(write=write) as conn:
+            yield conn
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A write unit as ``begin``, in an ORM Session: the workers' outbox rows are ORM rows."""
+        with self.db.transaction() as session:
+            yield session
 
 
 def for_database(db: Database) -> Executor:

@@ -28,14 +28,14 @@ from fhir_server.async_reads import AsyncReads
 from fhir_server.db import Database, Rollback
 from fhir_server.executor import Executor, find, in_transaction
 from fhir_server.repository import Stored
-from fhir_server.router import ReadTarget
+from fhir_server.stored import ReadTarget
 
 T = TypeVar("T")
 
 
 class PostgresExecutor(Executor):
     def __init__(self, db: Database) -> None:
-        self._db = db
+        super().__init__(db)
         self._engine: AsyncEngine | None = None
         self._reads: AsyncReads | None = None
         self._opens = 0  # nested ``opened`` blocks
@@ -45,11 +45,11 @@ class PostgresExecutor(Executor):
         self._opens += 1
         if self._opens == 1:
             self._engine = create_async_engine(
-                self._db.engine.url.set(drivername="postgresql+asyncpg"),
-                pool_size=self._db.pools.event_loop,
+                self.db.engine.url.set(drivername="postgresql+asyncpg"),
+                pool_size=self.db.pools.event_loop,
                 max_overflow=0,
                 pool_recycle=1800,
-                hide_parameters=self._db.engine.hide_parameters,
+                hide_parameters=self.db.engine.hide_parameters,
             )
             self._reads = AsyncReads(self._engine)
         try:
@@ -64,12 +64,12 @@ class PostgresExecutor(Executor):
     async def read(self, target: ReadTarget) -> Stored | None:
         if self._reads is not None:
             return await self._reads.fetch(target)
-        return await run_in_threadpool(partial(in_transaction, self._db, lambda conn: find(conn, target), write=False))
+        return await run_in_threadpool(partial(in_transaction, self.db, lambda conn: find(conn, target), write=False))
 
     async def run(self, work: Callable[[Connection], T], *, write: bool, light: bool = False) -> T:
         engine = self._engine
         if engine is None:
-            return await run_in_threadpool(partial(in_transaction, self._db, work, write=write))
+            return await run_in_threadpool(partial(in_transaction, self.db, work, write=write))
 
         def unit() -> T:
             with engine.sync_engine.begin() as conn:

@@ -21,7 +21,7 @@ from sqlalchemy import Connection
 from fhir_server.db import Database, Rollback, WriteGroups, deadline, interrupted
 from fhir_server.executor import Executor, find, in_transaction
 from fhir_server.repository import Stored
-from fhir_server.router import ReadTarget
+from fhir_server.stored import ReadTarget
 
 T = TypeVar("T")
 #: Threads that run reads (other than reads by id and light searches), each on a connection of its own.
@@ -31,21 +31,22 @@ READERS = 4
 class SqliteExecutor(Executor):
     def __init__(self, db: Database) -> None:
         assert db.groups is not None, "a SQLite database has its writer"
-        self._db, self._groups = db, db.groups
+        super().__init__(db)
+        self._groups = db.groups
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="sqlite-reader")
 
     def opened(self) -> AbstractAsyncContextManager[None]:
         return nullcontext()  # nothing lives on the event loop: its connection is per thread (``Database.autocommit``)
 
     async def read(self, target: ReadTarget) -> Stored | None:
-        with self._db.autocommit() as conn:
+        with self.db.autocommit() as conn:
             return find(conn, target)
 
     async def run(self, work: Callable[[Connection], T], *, write: bool, light: bool = False) -> T:
         if write:
             return await self._groups.submit(work, inline=light)
         if light:
-            with self._db.autocommit() as conn:  # caught inside: the loop's connection stays open
+            with self.db.autocommit() as conn:  # caught inside: the loop's connection stays open
                 try:
                     with deadline(conn, WriteGroups.INLINE_BUDGET):
                         return work(conn)
@@ -56,5 +57,5 @@ class SqliteExecutor(Executor):
                         raise
             # past the time a write group may hold the loop: again on a reader thread
         return await asyncio.get_running_loop().run_in_executor(
-            self._readers, partial(in_transaction, self._db, work, write=False)
+            self._readers, partial(in_transaction, self.db, work, write=False)
         )

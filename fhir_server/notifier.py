@@ -37,9 +37,9 @@ from typing import Any
 import httpx
 
 from fhir_server import channel_headers, outbox, subscriptions
-from fhir_server.db import Database
 from fhir_server.egress import NOWHERE, Egress
 from fhir_server.errors import FhirError
+from fhir_server.executor import Executor
 from fhir_server.outbox import Backoff
 from fhir_server.outbox_worker import Job, OutboxWorker, describe
 from fhir_server.repository import Hook, Repository, Stored
@@ -81,7 +81,7 @@ class Notifier(OutboxWorker):
 
     def __init__(
         self,
-        db: Database,
+        executor: Executor,
         hooks: Sequence[Hook] = (),
         backoff: Backoff = DEFAULT_BACKOFF,
         timeout: float = 10.0,
@@ -90,7 +90,7 @@ class Notifier(OutboxWorker):
         poll: float = 0.5,
         egress: Egress = NOWHERE,
     ) -> None:
-        super().__init__(db, backoff, limit=limit, poll=poll)
+        super().__init__(executor, backoff, limit=limit, poll=poll)
         self.hooks, self.egress = hooks, egress
         headers = {"User-Agent": USER_AGENT}
         self.http = httpx.Client(timeout=timeout, follow_redirects=False, headers=headers, trust_env=False)
@@ -108,7 +108,7 @@ class Notifier(OutboxWorker):
         delivery = self._read(job)
         request = _request(delivery)
         if request is None:  # the Subscription is gone or off, the version deleted: nothing to send
-            with self.db.transaction() as session:
+            with self.executor.session() as session:
                 outbox.complete(session, job.pk)
             return
         try:
@@ -123,7 +123,7 @@ class Notifier(OutboxWorker):
         subscription = delivery.subscription
         subscription_id = subscription.id if subscription else None
         if reason is None:
-            with self.db.transaction() as session:
+            with self.executor.session() as session:
                 outbox.complete(session, job.pk)
             sub = subscription.resource if subscription else {}
             if subscription_id and (sub.get("status") != "active" or "error" in sub):  # else nothing to change
@@ -138,7 +138,7 @@ class Notifier(OutboxWorker):
 
     def _read(self, job: Job) -> Delivery:
         payload = job.payload
-        with self.db.begin(write=False) as conn:
+        with self.executor.begin(write=False) as conn:
             repo = Repository(conn)
             sub = repo.current("Subscription", job.resource_id)
             headers = channel_headers.stored(conn, job.resource_id)
@@ -151,7 +151,7 @@ class Notifier(OutboxWorker):
         return Delivery(sub if sub and sub.content else None, str(payload.get("kind")), resource, headers)
 
     def _failed(self, job: Job, subscription_id: str | None, reason: str) -> None:
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             again = self.retry(session, job, reason)
         if subscription_id:  # the reason stays the operator's (log, outbox row)
             told = FAILED if again else f"{FAILED} (gave up after {job.attempts} attempts)"
@@ -168,7 +168,7 @@ class Notifier(OutboxWorker):
             allowed = ("requested", "error") if handshake else ("error",)
         written = False
         try:
-            with self.db.transaction() as session:
+            with self.executor.session() as session:
                 repo = Repository(session, self.hooks)
                 current = repo.current("Subscription", subscription_id, for_update=True)
                 if current is None or current.content is None:

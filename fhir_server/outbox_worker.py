@@ -25,7 +25,7 @@ import orjson
 from sqlalchemy.orm import Session
 
 from fhir_server import outbox
-from fhir_server.db import Database
+from fhir_server.executor import Executor
 from fhir_server.outbox import LEASE, Backoff
 from fhir_server.schema import OutboxRow
 
@@ -109,14 +109,14 @@ class OutboxWorker(ABC):
     in_order: ClassVar[bool] = False
 
     def __init__(
-        self, db: Database, backoff: Backoff, *, limit: int = 10, lease: timedelta = LEASE, poll: float = 1.0
+        self, executor: Executor, backoff: Backoff, *, limit: int = 10, lease: timedelta = LEASE, poll: float = 1.0
     ) -> None:
-        self.db, self.backoff, self.limit, self.lease = db, backoff, limit, lease
+        self.executor, self.backoff, self.limit, self.lease = executor, backoff, limit, lease
         self.loop = Loop(self.topic, self.run_once, poll)
 
     def run_once(self) -> int:
         """Claim due rows and work them; how many there were."""
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             claimed = outbox.claim(session, self.topic, self.limit, self.lease, in_order=self.in_order)
             jobs = [Job.of(row) for row in claimed]
         self.work(jobs)
@@ -140,7 +140,7 @@ class OutboxWorker(ABC):
 
     def failed(self, job: Job, exc: Exception) -> None:
         """``handle`` raised: try again after the backoff."""
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             self.retry(session, job, describe(exc))
 
     def retry(self, session: Session, job: Job, reason: str, delay: timedelta | None = None) -> bool:

@@ -5,7 +5,7 @@ It knows nothing of HTTP servers: FastAPI (``fhir_server.api``) and transaction 
 """
 
 import uuid
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlencode
 
 import orjson
@@ -18,6 +18,7 @@ from fhir_server.http import FhirRequest, FhirResponse, version_headers
 from fhir_server.patch import patch
 from fhir_server.repository import Repository, Stored, readable
 from fhir_server.schema import VersionRow
+from fhir_server.stored import ReadTarget
 from fhir_server.validation import SUPPORTED_TYPES, check_type
 
 DEFAULT_HISTORY_COUNT = 50
@@ -30,14 +31,6 @@ def handle(request: FhirRequest, repo: Repository, base: str) -> FhirResponse:
         return _dispatch(request, repo, base.rstrip("/"))
     except FhirError as exc:
         return FhirResponse.of(exc)
-
-
-class ReadTarget(NamedTuple):
-    """What a read or vread asks for."""
-
-    type: str
-    id: str
-    version: int | None  # a vread's
 
 
 def read_target(req: FhirRequest) -> ReadTarget | None:

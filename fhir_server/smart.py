@@ -30,7 +30,7 @@ from joserfc.jws import extract_compact
 
 from fhir_server import scopes
 from fhir_server.access import Access, Role, check_filters
-from fhir_server.db import Database
+from fhir_server.executor import Executor
 from fhir_server.scopes import Scope, ScopeError
 from fhir_server.smart_store import signing_secret, spend
 
@@ -131,10 +131,12 @@ class Granted:
 
 
 class Smart:
-    """The token endpoint's work and the access tokens' verification, for ``clients`` on ``db``."""
+    """The token endpoint's work and the access tokens' verification, for ``clients``; units through ``executor``."""
 
-    def __init__(self, db: Database, clients: Mapping[str, Client], token_seconds: int = 300, clock: Clock = time.time):
-        self.db, self.clients, self.token_seconds, self.clock = db, clients, token_seconds, clock
+    def __init__(
+        self, executor: Executor, clients: Mapping[str, Client], token_seconds: int = 300, clock: Clock = time.time
+    ):
+        self.executor, self.clients, self.token_seconds, self.clock = executor, clients, token_seconds, clock
         self._key: OctKey | None = None
         # A client sends its token with every request: its signature is verified once, not each time.
         self._verified = lru_cache(maxsize=TOKENS_KEPT)(self._verify)
@@ -154,7 +156,7 @@ class Smart:
         client, claims = self._assertion(form["client_assertion"], token_url)
         granted = self._granted(client, form["scope"])
         now = self.clock()
-        with self.db.begin() as conn:
+        with self.executor.begin() as conn:
             if not spend(conn, client.client_id, str(claims["jti"]), _utc(claims["exp"]), _utc(now)):
                 raise invalid_client("The assertion's jti was used before")
         scope, lifetime = " ".join(map(str, granted)), self.token_seconds
@@ -224,7 +226,7 @@ class Smart:
 
     def _secret(self) -> OctKey:
         if self._key is None:  # a benign race: every process and thread reads the one stored secret
-            with self.db.begin() as conn:
+            with self.executor.begin() as conn:
                 self._key = OctKey.import_key(signing_secret(conn, _utc(self.clock())))
         return self._key
 

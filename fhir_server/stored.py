@@ -1,8 +1,8 @@
-"""One stored version of a resource: what every read of the store returns."""
+"""One stored version of a resource, what every read of the store returns, and what a read asks for."""
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -24,3 +24,11 @@ class Stored:
     @property
     def resource(self) -> dict[str, Any]:
         return orjson.loads(self.content) if self.content else {}
+
+
+class ReadTarget(NamedTuple):
+    """What a read or vread asks for."""
+
+    type: str
+    id: str
+    version: int | None  # a vread's

@@ -29,7 +29,7 @@ from sqlalchemy import Connection, exists, or_, select
 from sqlalchemy.orm import aliased
 
 from fhir_server import dates
-from fhir_server.db import Database
+from fhir_server.executor import Executor
 from fhir_server.limits import MAX_INT
 from fhir_server.repository import Hook
 from hl7_bridge.intake import Senders, replay
@@ -97,12 +97,12 @@ class Replayed(BaseModel):
 SUMMARY = [c for c in InboundMessage.__table__.c if c.name in MessageSummary.model_fields or c.name == "pk"]
 
 
-def messages_router(db: Database, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> APIRouter:
+def messages_router(executor: Executor, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> APIRouter:
     """The endpoints; replays map with ``senders`` and write with ``hooks``, as the intake does."""
     router = APIRouter(prefix="/hl7/messages", tags=["HL7 message store"], route_class=_BadRequest)
 
     def connection() -> Iterator[Connection]:
-        with db.begin(write=False) as conn:
+        with executor.begin(write=False) as conn:
             yield conn
 
     ConnectionDep = Annotated[Connection, Depends(connection)]
@@ -152,10 +152,10 @@ def messages_router(db: Database, senders: Senders | None = None, hooks: Sequenc
 
     @router.post("/{message_id}/replay")
     def replay_message(message_id: MessageId) -> Replayed:
-        ack = replay(db, message_id, senders, hooks)
+        ack = replay(executor, message_id, senders, hooks)
         if ack is None:
             raise HTTPException(404, f"No message {message_id}")
-        with db.begin(write=False) as conn:
+        with executor.begin(write=False) as conn:
             status = conn.scalar(select(InboundMessage.status).where(InboundMessage.pk == message_id)) or ""
         return Replayed(id=message_id, ack=_text(ack) or "", status=status)
 
@@ -196,10 +196,10 @@ def outbound_router(results: ResultsQueue) -> APIRouter:
     """The outbound message store's endpoints; a replay builds for ``results``' destinations and shows
     itself on the case, written with its hooks."""
     router = APIRouter(prefix="/hl7/outbound", tags=["HL7 outbound messages"], route_class=_BadRequest)
-    db = results.db
+    executor = results.executor
 
     def connection() -> Iterator[Connection]:
-        with db.begin(write=False) as conn:
+        with executor.begin(write=False) as conn:
             yield conn
 
     ConnectionDep = Annotated[Connection, Depends(connection)]
@@ -250,7 +250,7 @@ def outbound_router(results: ResultsQueue) -> APIRouter:
             raise HTTPException(409, str(exc)) from exc
         if rows is None:
             raise HTTPException(404, f"No outbound message {message_id}")
-        with db.begin(write=False) as conn:  # the first new row; the original's ``replays`` lists them all
+        with executor.begin(write=False) as conn:  # the first new row; the original's ``replays`` lists them all
             return _outbound_detail(conn, rows[0].pk)
 
     return router

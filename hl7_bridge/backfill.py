@@ -69,13 +69,13 @@ def backfill(results: ResultsQueue, names: Sequence[str] = (), dry_run: bool = F
 def _reports(results: ResultsQueue) -> list[str]:
     """The ids of the DiagnosticReports that exist now, oldest first."""
     r = ResourceRow
-    with results.db.begin(write=False) as conn:
+    with results.executor.begin(write=False) as conn:
         return list(conn.scalars(select(r.id).where(r.type == "DiagnosticReport", ~r.deleted).order_by(r.pk)))
 
 
 def _report(results: ResultsQueue, report_id: str, wanted: set[str], dry_run: bool) -> list[Backfilled]:
     """One report, in one transaction: a message for each wanted destination that has none of it."""
-    with results.db.transaction() as session:
+    with results.executor.session() as session:
         repo = Repository(session, results.hooks)
         current = repo.current("DiagnosticReport", report_id)
         report = current.resource if current is not None else {}

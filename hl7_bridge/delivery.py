@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from fhir_server import outbox
-from fhir_server.db import Database
+from fhir_server.executor import Executor
 from fhir_server.outbox import Backoff
 from fhir_server.outbox_worker import Loop
 from fhir_server.repository import Hook
@@ -28,7 +28,7 @@ class Delivery:
 
     def __init__(
         self,
-        db: Database,
+        executor: Executor,
         destinations: Sequence[DestinationConfig],
         backoff: Backoff = DEFAULT_BACKOFF,
         hooks: Sequence[Hook] = (),
@@ -36,8 +36,8 @@ class Delivery:
         lease: timedelta = outbox.LEASE,
         poll: float = 1.0,
     ) -> None:
-        self.queue = ResultsQueue(db, destinations, backoff, hooks, senders, lease, poll)
-        self.senders = {d.name: Sender(db, d, backoff, hooks, lease, poll) for d in destinations}
+        self.queue = ResultsQueue(executor, destinations, backoff, hooks, senders, lease, poll)
+        self.senders = {d.name: Sender(executor, d, backoff, hooks, lease, poll) for d in destinations}
 
     @property
     def loops(self) -> list[Loop]:

@@ -42,8 +42,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from cases.task import control_case
 from fhir_server import conditional, dates
-from fhir_server.db import Database
 from fhir_server.errors import FhirError
+from fhir_server.executor import Executor
 from fhir_server.repository import Hook, Repository, Stored
 from fhir_server.transaction import transaction
 from hl7_bridge.ack import ack_code, acknowledge
@@ -83,15 +83,6 @@ _CLAIM: dict[str, Insert] = {
 _OUTCOME = update(InboundMessage).where(InboundMessage.pk == bindparam("message_pk"))
 
 
-def receive(db: Database, raw: bytes, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes:
-    """Store, map and write one message in a transaction of its own; return the ACK to send.
-
-    ``senders`` gives the mapping settings of a sending application and facility (MSH-3, MSH-4).
-    """
-    with db.begin() as conn:
-        return receive_in(conn, raw, senders, hooks)
-
-
 def receive_in(
     conn: Connection,
     raw: bytes,
@@ -100,8 +91,10 @@ def receive_in(
     max_segments: int = MAX_SEGMENTS,
     refusal: Refusal | None = None,
 ) -> bytes:
-    """:func:`receive` in the caller's transaction (on SQLite: a savepoint of a group, ``db.groups``).
+    """Store, map and write one message in the caller's unit of work; the ACK to send.
 
+    The MLLP listener runs it as a unit of its executor (on SQLite, a savepoint of a write group).
+    ``senders`` gives the mapping settings of a sending application and facility (MSH-3, MSH-4);
     ``max_segments``: a message with more is refused (AR) before it is mapped; ``refusal``: one
     from a sender not allowed on this connection is refused (AR) before anything else.
     """
@@ -179,14 +172,14 @@ def _record(conn: Connection, pk: int, message: Message, status: str, error: Map
     return ack
 
 
-def replay(db: Database, pk: int, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes | None:
+def replay(executor: Executor, pk: int, senders: Senders | None = None, hooks: Sequence[Hook] = ()) -> bytes | None:
     """Process a stored message again (after its sender's configuration or its case changed).
 
     The row keeps its key and records the new outcome; the new ACK is returned, not sent:
     the sender had its answer. None when there is no such message.
     """
     started = time.perf_counter()
-    with db.begin() as conn:
+    with executor.begin() as conn:
         raw = conn.scalar(select(InboundMessage.raw).where(InboundMessage.pk == pk).with_for_update())
         if raw is None:
             return None

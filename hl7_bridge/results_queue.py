@@ -29,8 +29,8 @@ from sqlalchemy.orm import Session
 
 from cases.results import RESULT
 from fhir_server import dates, outbox
-from fhir_server.db import Database
 from fhir_server.errors import FhirError
+from fhir_server.executor import Executor
 from fhir_server.outbox import Backoff
 from fhir_server.outbox_worker import Job, OutboxWorker, describe
 from fhir_server.repository import Hook, Repository
@@ -56,7 +56,7 @@ class ResultsQueue(OutboxWorker):
 
     def __init__(
         self,
-        db: Database,
+        executor: Executor,
         destinations: Sequence[DestinationConfig],
         backoff: Backoff,
         hooks: Sequence[Hook] = (),
@@ -64,13 +64,13 @@ class ResultsQueue(OutboxWorker):
         lease: timedelta = outbox.LEASE,
         poll: float = 1.0,
     ) -> None:
-        super().__init__(db, backoff, lease=lease, poll=poll)
+        super().__init__(executor, backoff, lease=lease, poll=poll)
         self.destinations, self.hooks, self.senders = list(destinations), hooks, senders
         self.by_name = {d.name: d for d in self.destinations}
 
     def handle(self, job: Job) -> None:
         """One message per destination of the report version, or a ``failed`` row saying why there is none."""
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             repo = Repository(session, self.hooks)
             gathered = self.gather(repo, _result_of(job))
             made: list[OutboundMessage] = []
@@ -91,7 +91,7 @@ class ResultsQueue(OutboxWorker):
     def failed(self, job: Job, exc: Exception) -> None:
         """A database hiccup: the row is tried again (what cannot be sent is a failed row, not an exception)."""
         reason = describe(exc)
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             if not self.retry(session, job, reason):
                 _given_up(session, self.hooks, job, reason)
 
@@ -154,7 +154,7 @@ class ResultsQueue(OutboxWorker):
         it had none. None when there is no such row; ``NotReplayable`` (nothing written) while it is
         still in the queue, or when the result still cannot go out.
         """
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             original = session.get(OutboundMessage, pk)
             if original is None:
                 return None

@@ -23,7 +23,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from fhir_server import dates
-from fhir_server.db import Database
+from fhir_server.executor import Executor
 from fhir_server.outbox import LEASE, Backoff
 from fhir_server.outbox_worker import Loop
 from fhir_server.repository import Hook
@@ -96,14 +96,14 @@ class Sender:
 
     def __init__(
         self,
-        db: Database,
+        executor: Executor,
         destination: DestinationConfig,
         backoff: Backoff,
         hooks: Sequence[Hook] = (),
         lease: timedelta = LEASE,
         poll: float = 1.0,
     ) -> None:
-        self.db, self.destination, self.backoff, self.hooks = db, destination, backoff, hooks
+        self.executor, self.destination, self.backoff, self.hooks = executor, destination, backoff, hooks
         # Held while the ACK is awaited, and for a lease beyond it.
         self.lease = timedelta(seconds=destination.ack_timeout_seconds) + lease
         self.loop = Loop(f"oru-{destination.name}", self.send_once, poll)
@@ -120,7 +120,7 @@ class Sender:
     def claim(self, lease: timedelta) -> tuple[int, bytes, str] | None:
         """Lease the head of the queue: the oldest queued or retrying row, when it is due."""
         m = OutboundMessage
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             head = session.execute(
                 select(m.pk, m.available_at, m.raw, m.control_id)
                 .where(m.destination == self.destination.name, m.status.in_(PENDING))
@@ -142,7 +142,7 @@ class Sender:
         return (head.pk, head.raw, head.control_id) if won == 1 else None
 
     def _record(self, pk: int, outcome: Outcome) -> None:
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             row = session.get_one(OutboundMessage, pk)
             if row.status not in PENDING:
                 return  # replayed or changed meanwhile: nothing to record

@@ -85,9 +85,10 @@ def create_app(
     """
     mode = settings.auth_mode()
     db = db or Database(settings.database_url, settings.pools, hide_parameters=not settings.log_sensitive)
+    executor = executor or for_database(db)
     cfg = cfg or config.load(settings.config)
     owned = audit is None
-    audit = audit or audit_log(settings, db)
+    audit = audit or audit_log(settings, executor)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -102,37 +103,25 @@ def create_app(
     if rate := settings.http_rate():  # added first: inside BearerAuth, so it sees the token's client
         app.add_middleware(RateLimit, buckets=Buckets(rate))
     if mode == "smart":
-        smart = Smart(db, cfg.auth.registered(), cfg.auth.token_seconds)
+        smart = Smart(executor, cfg.auth.registered(), cfg.auth.token_seconds)
         app.router.routes.extend(routes(smart, base_url=settings.public_base_url))  # before the FHIR catch-all
         app.add_middleware(BearerAuth, smart=smart, open=open_routes())
     else:
         log.warning("OVERREAD_AUTH is off: anyone who reaches a listener reads and changes every record")
-    api.mount(
-        app,
-        db,
-        hooks,
-        base_url=settings.public_base_url,
-        limits=settings.http_limits(),
-        executor=executor,
-        audit=audit,
-    )
+    api.mount(app, executor, hooks, base_url=settings.public_base_url, limits=settings.http_limits(), audit=audit)
     app.add_middleware(AuditTrail, log=audit)  # added last, so outermost: it sees BearerAuth's 401s too
     hl7 = [Depends(area_guard("hl7"))]
-    app.include_router(messages_router(db, cfg.sender, hooks), dependencies=hl7)
-    app.include_router(outbound_router(result_delivery(db, cfg).queue), dependencies=hl7)
+    app.include_router(messages_router(executor, cfg.sender, hooks), dependencies=hl7)
+    app.include_router(outbound_router(result_delivery(executor, cfg).queue), dependencies=hl7)
     return app
 
 
-def audit_log(settings: Settings, db: Database) -> AuditLog:
-    return AuditLog(db, reads=settings.audit_reads)
+def audit_log(settings: Settings, executor: Executor) -> AuditLog:
+    return AuditLog(executor, reads=settings.audit_reads)
 
 
 def mllp_listener(
-    settings: Settings,
-    db: Database,
-    cfg: OverreadConfig | None = None,
-    audit: AuditLog | None = None,
-    executor: Executor | None = None,
+    settings: Settings, executor: Executor, cfg: OverreadConfig | None = None, audit: AuditLog | None = None
 ) -> MllpServer:
     """HL7 v2 order intake on OVERREAD_MLLP_HOST:OVERREAD_MLLP_PORT, each message a unit of ``executor``.
 
@@ -147,7 +136,6 @@ def mllp_listener(
     """
     cfg = cfg or config.load(settings.config)
     senders, hooks = cfg.sender, make_hooks(cfg)
-    executor = executor or for_database(db)
 
     async def write(work: Callable[[Connection], bytes]) -> bytes:
         return await executor.run(work, write=True)
@@ -219,23 +207,24 @@ def image_store(settings: Settings) -> ImageStore:
     return ImageStore(settings.image_store, settings.image_store_min_free_bytes)
 
 
-def linker(settings: Settings, db: Database, cfg: OverreadConfig) -> Linker:
+def linker(settings: Settings, executor: Executor, cfg: OverreadConfig) -> Linker:
     """The image-linking worker: the PACS peers of OVERREAD_CONFIG in order, then our image store."""
     store = image_store(settings)
     timeout = cfg.linking.timeout_seconds
     rule = cfg.linking.rule
     peers = [Source(p.name, store, p, settings.dicom_ae_title, timeout, rule(p)) for p in cfg.pacs]
-    return Linker(db, [*peers, Source("image store", store, rule=rule())], cfg.linking.backoff(), make_hooks(cfg))
+    sources = [*peers, Source("image store", store, rule=rule())]
+    return Linker(executor, sources, cfg.linking.backoff(), make_hooks(cfg))
 
 
 @contextmanager
 def imaging(
-    settings: Settings, db: Database, cfg: OverreadConfig, audit: AuditLog | None = None
+    settings: Settings, executor: Executor, cfg: OverreadConfig, audit: AuditLog | None = None
 ) -> Iterator[tuple[Linker, StorageScp]]:
     """The DICOM side running: our Storage SCP (its associations audited into ``audit``), and the
     linking worker on a thread of its own."""
     tuning.apply()  # the process serves DICOM from here on: pynetdicom and pydicom as it needs them
-    worker = linker(settings, db, cfg)
+    worker = linker(settings, executor, cfg)
     worker.publish_endpoints()
     scp = StorageScp(
         settings.dicom_ae_title,
@@ -253,37 +242,37 @@ def imaging(
 
 
 @contextmanager
-def notifications(db: Database, cfg: OverreadConfig) -> Iterator[Notifier]:
+def notifications(executor: Executor, cfg: OverreadConfig) -> Iterator[Notifier]:
     """The Subscription worker (handshakes, rest-hook notifications) on a thread of its own."""
     s = cfg.subscriptions
-    worker = Notifier(db, make_hooks(cfg), s.backoff(), s.timeout_seconds, egress=s.egress())
+    worker = Notifier(executor, make_hooks(cfg), s.backoff(), s.timeout_seconds, egress=s.egress())
     with closing(worker), running([worker.loop]):
         yield worker
 
 
-def result_delivery(db: Database, cfg: OverreadConfig) -> Delivery:
+def result_delivery(executor: Executor, cfg: OverreadConfig) -> Delivery:
     """The ORU^R01 workers: results of second-opinion reports to the HL7 destinations of OVERREAD_CONFIG."""
     d = cfg.hl7.delivery
     lease = timedelta(seconds=d.lease_seconds)
-    return Delivery(db, cfg.hl7.destinations, d.backoff(), make_hooks(cfg), cfg.sender, lease, d.poll_seconds)
+    return Delivery(executor, cfg.hl7.destinations, d.backoff(), make_hooks(cfg), cfg.sender, lease, d.poll_seconds)
 
 
 @contextmanager
-def results_out(db: Database, cfg: OverreadConfig) -> Iterator[Delivery]:
+def results_out(executor: Executor, cfg: OverreadConfig) -> Iterator[Delivery]:
     """The result delivery workers (queueing, one sender per destination) on threads of their own."""
-    worker = result_delivery(db, cfg)
+    worker = result_delivery(executor, cfg)
     with running(worker.loops):
         yield worker
 
 
 @contextmanager
 def workers(
-    settings: Settings, db: Database, cfg: OverreadConfig, audit: AuditLog | None = None
+    settings: Settings, executor: Executor, cfg: OverreadConfig, audit: AuditLog | None = None
 ) -> Iterator[StorageScp]:
     """Everything but the listeners of HTTP and MLLP: the conformance artifacts published, our
     Storage SCP, and the workers (image linking, Subscription notifications, ORU^R01 delivery)."""
-    publish(db)  # the conformance artifacts of conformance/, served over FHIR (idempotent)
-    with imaging(settings, db, cfg, audit) as (_, scp), notifications(db, cfg), results_out(db, cfg):
+    publish(executor)  # the conformance artifacts of conformance/, served over FHIR (idempotent)
+    with imaging(settings, executor, cfg, audit) as (_, scp), notifications(executor, cfg), results_out(executor, cfg):
         yield scp
 
 
@@ -291,14 +280,14 @@ async def serve_all(settings: Settings, db: Database, cfg: OverreadConfig) -> No
     """Every listener and worker of ``overread serve`` in one process, until interrupted; the audit
     log's queue written out after the last of them stopped."""
     quiet_accept_errors(asyncio.get_running_loop())  # out of descriptors: one log a minute, not a flood
-    audit = audit_log(settings, db)
-    executor = for_database(db)  # one per process: HTTP and MLLP share SQLite's writer and PostgreSQL's pool
+    executor = for_database(db)  # one per process: every door and worker shares SQLite's writer and PostgreSQL's pools
+    audit = audit_log(settings, executor)
     app = create_app(settings, db, cfg, audit, executor)
     http = uvicorn.Server(
         http_config(app, settings, host=settings.http_host, port=settings.http_port, log_level="info")
     )
-    with closing(audit), workers(settings, db, cfg, audit) as scp:
+    with closing(audit), workers(settings, executor, cfg, audit) as scp:
         log.warning("DICOM Storage SCP %s on %s:%s", settings.dicom_ae_title, settings.dicom_host, scp.port)
-        async with executor.opened(), mllp_listener(settings, db, cfg, audit, executor) as mllp:
+        async with executor.opened(), mllp_listener(settings, executor, cfg, audit) as mllp:
             log.warning("HL7 MLLP listener on %s:%s", settings.mllp_host, mllp.port)
             await http.serve()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from overread.migrate import upgrade
 from overread.settings import get_settings
 
@@ -118,7 +119,7 @@ def hl7_oru(
         if report.startswith("DiagnosticReport/"):
             db = Database(get_settings().database_url)
             try:
-                with db.begin(write=False) as conn:
+                with for_database(db).begin(write=False) as conn:
                     context = load_context(Repository(conn), report.removeprefix("DiagnosticReport/"))
             finally:
                 db.dispose()
@@ -192,7 +193,7 @@ def hl7_backfill(
         raise typer.Exit(2) from exc
     db = Database(get_settings().database_url)
     try:
-        done = backfill(result_delivery(db, cfg).queue, destination or (), dry_run)
+        done = backfill(result_delivery(for_database(db), cfg).queue, destination or (), dry_run)
     except UnknownDestination as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc

@@ -27,6 +27,7 @@ from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SAMPLE_ISSUER
 from dicom_bridge.tuning import ASSOCIATION_HANDLERS
 from fhir_server import dates
 from fhir_server.db import Database
+from fhir_server.executor import Executor, for_database
 from hl7_bridge.ack import acknowledge
 from hl7_bridge.mllp import send, serving_in_thread
 from mappings.v2 import parse
@@ -51,7 +52,11 @@ def run(settings: Settings | None = None) -> int:
     upgrade(db.engine)
     order = json.loads(files("overread").joinpath("samples/second-opinion-order.json").read_text())
     print(f"Overread demo on {db.engine.url.render_as_string(hide_password=True)}")
-    with running(create_app(settings, db)) as root, httpx.Client(base_url=f"{root}/fhir", headers=FHIR_JSON) as fhir:
+    executor = for_database(db)
+    with (
+        running(create_app(settings, db, executor=executor)) as root,
+        httpx.Client(base_url=f"{root}/fhir", headers=FHIR_JSON) as fhir,
+    ):
         print(f"server up at {root}/fhir (FHIR {fhir.get('metadata').json()['fhirVersion']})\n")
         print("1. The order arrives as a FHIR transaction Bundle (conditional creates: rerunning adds nothing)")
         response = fhir.post("", json=order)
@@ -67,7 +72,7 @@ def run(settings: Settings | None = None) -> int:
         task = next(e["resource"] for e in found["entry"] if e["resource"]["resourceType"] == "Task")
 
         print("\n3. A second order arrives from the hospital's EHR as HL7 ORM^O01 over MLLP")
-        ack = asyncio.run(_send_over_mllp(settings, db, files("overread").joinpath(ORM).read_bytes()))
+        ack = asyncio.run(_send_over_mllp(settings, executor, files("overread").joinpath(ORM).read_bytes()))
         print("   ACK: " + ack.decode().replace("\r", "\n        ").rstrip())
         print("   The same patient (matched by MRN across both doors) now has these cases:")
         found = fhir.get("Task", params={"patient.identifier": MRN, "_include": "Task:focus"}).json()
@@ -81,7 +86,7 @@ def run(settings: Settings | None = None) -> int:
             peer = PacsPeer(name="sample", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, retrieve="c-move")
             ehr = Destination(name="ehr", host="127.0.0.1", port=ehr_port, ack_timeout_seconds=10)
             cfg = OverreadConfig(pacs=[peer], linking=Linking(issuers=ISSUERS), hl7=Hl7(destinations=[ehr]))
-            with workers(settings.model_copy(update={"dicom_port": 0}), db, cfg) as scp:
+            with workers(settings.model_copy(update={"dicom_port": 0}), executor, cfg) as scp:
                 pacs.destinations[settings.dicom_ae_title] = ("127.0.0.1", scp.port)
                 print(
                     f"   sample PACS {pacs.ae_title} on 127.0.0.1:{pacs.port}, our Storage SCP on 127.0.0.1:{scp.port}"
@@ -124,11 +129,11 @@ def run(settings: Settings | None = None) -> int:
     return 0
 
 
-async def _send_over_mllp(settings: Settings, db: Database, message: bytes) -> bytes:
+async def _send_over_mllp(settings: Settings, executor: Executor, message: bytes) -> bytes:
     """Start the MLLP intake on a free port, send ``message`` as a sender would, return the ACK."""
     # Files hold segments one per line; on the wire each ends in CR.
     wire = b"\r".join(message.splitlines()) + b"\r"
-    async with mllp_listener(settings.model_copy(update={"mllp_port": 0}), db) as mllp:
+    async with mllp_listener(settings.model_copy(update={"mllp_port": 0}), executor) as mllp:
         return await send("127.0.0.1", mllp.port, wire)
 
 

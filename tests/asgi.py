@@ -9,6 +9,7 @@ from starlette.applications import Starlette
 
 from fhir_server.api import mount
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 
 T = TypeVar("T")
 
@@ -16,7 +17,7 @@ T = TypeVar("T")
 def talk(db: Database, conversation: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
     """``conversation(client)`` against ``db``'s FHIR API, the client sending FHIR JSON."""
     app = Starlette()
-    mount(app, db)
+    mount(app, for_database(db))
 
     async def run() -> T:
         transport = httpx.ASGITransport(app=app)

@@ -12,7 +12,7 @@ from sqlalchemy.pool import Pool
 
 from fhir_server.executor_postgres import PostgresExecutor
 from fhir_server.repository import Repository
-from fhir_server.router import ReadTarget
+from fhir_server.stored import ReadTarget
 from overread.app import create_app
 from overread.settings import Settings
 

@@ -20,6 +20,7 @@ from dicom_bridge.storage_scp import Limits, StorageScp
 from dicom_bridge.upper_layer import ASSOCIATE_RJ, ASSOCIATE_RQ, pdu
 from fhir_server.audit_log import AuditLog
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from hl7_bridge.audit import HL7_SENDER
 from hl7_bridge.store import InboundMessage
 from overread.app import mllp_listener
@@ -32,7 +33,7 @@ from tests.test_storage_scp import AE_TITLE, associate, dcmtk, sample
 
 @pytest.fixture
 def audit(db: Database) -> Iterator[AuditLog]:
-    log = AuditLog(db)
+    log = AuditLog(for_database(db))
     yield log
     log.close()
 
@@ -42,7 +43,7 @@ def send_all(db: Database, audit: AuditLog, *messages: bytes, **options: Any) ->
     settings = Settings(database_url=db.url, mllp_port=0, **options)
 
     async def run() -> list[str]:
-        async with mllp_listener(settings, db, OverreadConfig(), audit) as server:
+        async with mllp_listener(settings, for_database(db), OverreadConfig(), audit) as server:
             client = hl7.client.MLLPClient("127.0.0.1", server.port)
             try:
                 acks = [await asyncio.to_thread(client.send_message, m.decode()) for m in messages]

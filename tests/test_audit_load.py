@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from fhir_server import balp, dates
 from fhir_server.audit_log import AuditLog, Event
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from fhir_server.schema import ResourceRow
 from overread.app import create_app
 from overread.config import OverreadConfig
@@ -29,7 +30,7 @@ def audit_events(db: Database) -> int:
 
 
 def test_every_request_of_a_burst_is_audited(db):
-    audit = AuditLog(db, capacity=16)  # far below the burst: the writer falls behind and requests wait
+    audit = AuditLog(for_database(db), capacity=16)  # far below the burst: the writer falls behind and requests wait
     cfg = OverreadConfig.model_validate({"auth": {"clients": [client_entry("load", KEY, "system/*.cruds")]}})
     app = create_app(Settings(database_url=db.url, auth="smart"), db, cfg, audit)
     with running(app) as root:
@@ -60,7 +61,7 @@ def test_every_request_of_a_burst_is_audited(db):
 
 
 def test_a_queue_that_stays_full_drops_counts_and_warns(db, caplog):
-    audit = AuditLog(db, capacity=1, backpressure=0.01)
+    audit = AuditLog(for_database(db), capacity=1, backpressure=0.01)
     holding, release = threading.Event(), threading.Event()
 
     def event() -> Event:

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from fhir_server.smart import JWKS_REFETCH_SECONDS, InvalidToken, Smart, TokenError
 from overread.config import OverreadConfig
 from overread.server import running
@@ -197,7 +198,7 @@ def test_a_jti_is_refused_by_another_server_process_on_the_same_database(db: Dat
 def test_an_expired_access_token_is_refused(db: Database) -> None:
     cfg = OverreadConfig.model_validate({"auth": {"clients": [client_entry("ehr", KEY, "system/*.rs")]}})
     now = [time.time()]
-    smart = Smart(db, cfg.auth.registered(), token_seconds=300, clock=lambda: now[0])
+    smart = Smart(for_database(db), cfg.auth.registered(), token_seconds=300, clock=lambda: now[0])
     granted = smart.token(form(assertion(KEY, "ehr", AUD)), AUD)
     assert smart.access(granted.access_token).client_id == "ehr"
     now[0] += 300
@@ -220,7 +221,7 @@ def test_keys_from_a_jwks_url_are_fetched_again_for_a_new_kid(db: Database) -> N
         entry = {"client_id": "ehr", "jwks_url": f"{root}/jwks.json", "scope": "system/*.rs"}
         cfg = OverreadConfig.model_validate({"auth": {"clients": [entry]}})
         now = [time.time()]
-        smart = Smart(db, cfg.auth.registered(), clock=lambda: now[0])
+        smart = Smart(for_database(db), cfg.auth.registered(), clock=lambda: now[0])
         smart.token(form(assertion(old, "ehr", AUD)), AUD)
         smart.token(form(assertion(old, "ehr", AUD)), AUD)
         assert len(fetched) == 1  # kept

@@ -4,10 +4,10 @@ from sqlalchemy import select
 
 from fhir_server.repository import Repository
 from fhir_server.schema import OutboxRow
-from hl7_bridge.intake import receive
 from overread.app import HOOKS
 from tests.builders import case_transaction, patient, service_request
 from tests.hl7_golden import OMI
+from tests.intake import receive
 
 
 def _cases(client, order_id: str) -> list[dict]:

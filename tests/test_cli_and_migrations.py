@@ -83,9 +83,9 @@ def _migrate(db: Database, revision: str) -> None:
 def test_inbound_sender_key_migration_keeps_every_message_and_its_key(db: Database):
     from sqlalchemy import select
 
-    from hl7_bridge.intake import receive
     from hl7_bridge.store import InboundMessage
     from tests.hl7_golden import NO_MSH4, OMI
+    from tests.intake import receive
 
     receive(db, OMI)
     receive(db, OMI.replace(b"PID_1^", b"PID_2^"))  # refused: shares the first one's old key

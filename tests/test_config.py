@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hl7_bridge.intake import receive
 from overread.config import ConfigError, load
 from tests.hl7_golden import OMI
+from tests.intake import receive
 
 ARCHITECTURE_EXAMPLE = """
 pacs:

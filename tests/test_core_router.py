@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from fhir_server import api
 from fhir_server.db import Database
 from fhir_server.errors import error
+from fhir_server.executor import for_database
 from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.repository import Change, Hook, Repository
 from fhir_server.router import handle
@@ -154,7 +155,7 @@ def hooked(db):
     """The FastAPI adapter wired like create_app, with hooks the test controls."""
     hooks: list[Hook] = []
     app = FastAPI()
-    api.mount(app, db, hooks)
+    api.mount(app, for_database(db), hooks)
     with TestClient(app, raise_server_exceptions=False) as client:
         client.headers.update({"content-type": "application/fhir+json"})
         yield client, hooks

@@ -24,13 +24,13 @@ from sqlalchemy import select, update
 from cases.results import RESULT
 from fhir_server import outbox
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from fhir_server.outbox import Backoff
 from fhir_server.outbox_worker import Job
 from fhir_server.repository import Repository
 from fhir_server.schema import OutboxRow
 from hl7_bridge.delivery import Delivery
 from hl7_bridge.delivery_status import delivery_status
-from hl7_bridge.intake import receive
 from hl7_bridge.outbound import DEAD, ERROR, QUEUED, SENT, OutboundMessage
 from hl7_bridge.results_queue import ResultsQueue, choose
 from hl7_bridge.sender import judge
@@ -41,6 +41,7 @@ from overread.settings import Settings
 from tests.builders import imaging_study
 from tests.conftest import FHIR_JSON, Clock
 from tests.hl7_golden import OMI
+from tests.intake import receive
 from tests.peers import Receiver
 from tests.processes import fhir_base, free_port, serve_env, start_serve
 
@@ -62,7 +63,7 @@ def destination(port: int, ack_timeout_seconds: float = 10, **extra: Any) -> Des
 
 def worker(db: Database, *destinations: Destination, attempts: int = 3, lease: float = 60) -> Delivery:
     backoff = Backoff(attempts, timedelta(0), timedelta(0))
-    return Delivery(db, destinations, backoff, HOOKS, lease=timedelta(seconds=lease))
+    return Delivery(for_database(db), destinations, backoff, HOOKS, lease=timedelta(seconds=lease))
 
 
 # -- a case and its report --------------------------------------------------------------------------
@@ -498,7 +499,7 @@ def _wait(condition: Callable[[], bool], seconds: float = 15) -> None:
 def test_the_delivery_threads_of_serve_deliver_a_report_posted_over_http(db: Database, receiver: Receiver) -> None:
     cfg = OverreadConfig(hl7=Hl7(destinations=[destination(receiver.port)], delivery=DeliveryConfig(poll_seconds=0.05)))
     order_id = hl7_order(db)
-    with TestClient(create_app(Settings(database_url=db.url), db, cfg)) as client, results_out(db, cfg):
+    with TestClient(create_app(Settings(database_url=db.url), db, cfg)) as client, results_out(for_database(db), cfg):
         client.headers.update(FHIR_JSON)
         with db.begin(write=False) as conn:
             subject = Repository(conn).read("ServiceRequest", order_id).resource["subject"]

@@ -16,6 +16,7 @@ from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery
 from dicom_bridge.sample_pacs import SamplePacs
 from dicom_bridge.storage_scp import StorageScp
+from fhir_server.executor import for_database
 from overread.app import imaging
 from overread.config import OverreadConfig
 from overread.settings import Settings
@@ -123,7 +124,7 @@ def test_overread_serves_dicom_tls_and_its_allow_list_from_settings_and_config(d
         dicom_tls=ServerTls(cert=certs.server.cert, key=certs.server.key, client_ca=certs.ca),
     )
     cfg = OverreadConfig.model_validate({"dicom": {"allow": [{"ae_title": "RIS"}]}})
-    with imaging(settings, db, cfg) as (_, scp):
+    with imaging(settings, for_database(db), cfg) as (_, scp):
         allowed = dcmtk("echoscu", scp.port, *tls_options(certs))
         unknown = dcmtk("echoscu", scp.port, *tls_options(certs, calling="CT99"))
     assert allowed.returncode == 0, allowed.stderr

@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+from collections.abc import Callable
 from datetime import datetime
 
 import pytest
@@ -10,8 +11,8 @@ from sqlalchemy import Connection, insert
 from fhir_server.db import Database, Rollback
 from fhir_server.executor import Executor, for_database
 from fhir_server.repository import Repository
-from fhir_server.router import ReadTarget
 from fhir_server.schema import ResourceRow
+from fhir_server.stored import ReadTarget
 from overread.app import create_app
 from overread.settings import Settings
 
@@ -63,6 +64,44 @@ def test_a_rollback_undoes_the_unit_and_answers_its_value(db: Database) -> None:
     assert asyncio.run(both()) == ("answered", "written")
     with db.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT id FROM resource").scalars().all() == ["kept"]
+
+
+def test_a_threads_units_run_on_that_thread_beside_the_event_loops(db: Database) -> None:
+    """A worker's unit (``begin``, ``session``) commits on its own thread while the doors' units
+    commit on the event loop; one that raises leaves nothing behind."""
+    executor = for_database(db)
+    ids = [f"loop-{i}" for i in range(20)]
+
+    def worker() -> list[str]:
+        threads = []
+        for i in range(20):
+            with executor.begin() as conn:
+                conn.execute(insert(ResourceRow), {**ROW, "id": f"thread-{i}"})
+                threads.append(thread_of(conn))
+        with pytest.raises(RuntimeError), executor.session() as session:
+            session.execute(insert(ResourceRow), {**ROW, "id": "undone"})
+            raise RuntimeError("the unit fails")
+        with executor.session() as session:
+            session.execute(insert(ResourceRow), {**ROW, "id": "session"})
+        return threads
+
+    def writer(rid: str) -> Callable[[Connection], None]:
+        def write(conn: Connection) -> None:
+            conn.execute(insert(ResourceRow), {**ROW, "id": rid})
+
+        return write
+
+    async def side_by_side() -> list[str]:
+        async with executor.opened():
+            thread = asyncio.ensure_future(asyncio.to_thread(worker))
+            await asyncio.gather(*(executor.run(writer(i), write=True, light=True) for i in ids))
+            return await thread
+
+    threads = asyncio.run(side_by_side())
+    assert set(threads) == {threads[0]} and threads[0] != threading.current_thread().name
+    with executor.begin(write=False) as conn:
+        stored = set(conn.exec_driver_sql("SELECT id FROM resource").scalars())
+    assert stored == {*ids, *(f"thread-{i}" for i in range(20)), "session"}
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

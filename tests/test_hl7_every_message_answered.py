@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 import overread.app
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from hl7_bridge.intake import last_resort
 from hl7_bridge.mllp import running_in_thread
 from hl7_bridge.store import InboundMessage
@@ -30,7 +31,7 @@ Send = Callable[[bytes], bytes]
 @contextmanager
 def listening(db: Database, **settings: Any) -> Iterator[Send]:
     """Send messages, on one connection, to the listener of ``overread serve``; the content of each reply."""
-    server = mllp_listener(Settings(database_url=db.url, mllp_port=0, **settings), db, OverreadConfig())
+    server = mllp_listener(Settings(database_url=db.url, mllp_port=0, **settings), for_database(db), OverreadConfig())
     with running_in_thread(server) as port:
         client = hl7.client.MLLPClient("127.0.0.1", port)
         client.socket.settimeout(20)  # a message left unanswered fails the test instead of hanging it

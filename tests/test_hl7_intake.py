@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import func, select
 
 from fhir_server.db import Database
-from hl7_bridge.intake import receive
 from hl7_bridge.store import InboundMessage
 from mappings.v2 import parse
 from tests.hl7_golden import GOLDEN, OMI, case_status, mllp_listening, omi_control, omi_order
+from tests.intake import receive
 
 
 def _msa(ack: bytes) -> tuple[str, str]:

@@ -2,9 +2,9 @@
 
 import pytest
 
-from hl7_bridge.intake import receive
 from hl7_bridge.store import STATUSES
 from tests.hl7_golden import OMI, case_status, omi_control, omi_order
+from tests.intake import receive
 
 
 def test_list_filters_and_shows_each_stage(client, db):

@@ -5,8 +5,8 @@ from typing import Any
 
 from fhir_server.db import Database
 from fhir_server.repository import Repository
-from hl7_bridge.intake import receive
 from tests.hl7_golden import omi_order
+from tests.intake import receive
 
 FIRST = omi_order(1)
 SYSTEM, VALUE = "urn:overread:assigning-authority:ADT1", "PID_1"

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from hl7_bridge.ack import acknowledge
 from hl7_bridge.mllp import Deframer, frame, running_in_thread
 from mappings.errors import MappingError
@@ -51,7 +52,7 @@ def test_parsing_any_bytes_gives_a_message_or_a_mapping_error_and_a_framable_ack
 def listener(db: Database) -> Iterator[int]:
     """The listener of ``overread serve`` with small limits, so generated input crosses them."""
     settings = Settings(database_url=db.url, mllp_port=0, mllp_max_message_size=2048, mllp_max_segments=50)
-    with running_in_thread(mllp_listener(settings, db, OverreadConfig())) as port:
+    with running_in_thread(mllp_listener(settings, for_database(db), OverreadConfig())) as port:
         yield port
 
 

@@ -13,10 +13,11 @@ from sqlalchemy import func, select
 from fhir_server.db import Database
 from fhir_server.repository import Repository
 from fhir_server.schema import ResourceRow
-from hl7_bridge.intake import receive, resend_form
+from hl7_bridge.intake import resend_form
 from hl7_bridge.store import InboundMessage
 from overread.config import OverreadConfig, load
 from tests.hl7_golden import DCM4CHE, NO_MSH4, OMI, mllp_listening
+from tests.intake import receive
 
 Send = Callable[[bytes], hl7.Message]
 

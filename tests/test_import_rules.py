@@ -3,7 +3,8 @@
 ``mappings`` (HL7 v2 ↔ FHIR) imports no other project package; the FHIR store ``fhir_server``
 knows no domain (``cases``), no bridge and not the app; ``cases`` (the second-opinion case) is
 called by the bridges and wired by the app, never the other way round. No module uses another
-module's private (``_name``) names.
+module's private (``_name``) names. Only the executor opens units of work on the ``Database``:
+every other module goes through ``fhir_server.executor`` (docs/architecture.md, "Threads and event loops").
 """
 
 import ast
@@ -36,6 +37,24 @@ def imported(tree: ast.Module) -> Iterator[tuple[int, str]]:
             yield from ((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             yield node.lineno, node.module
+
+
+#: The modules that open units of work on a ``Database`` itself: the database and its executors.
+UNIT_OPENERS = frozenset({"fhir_server.db", "fhir_server.executor", "fhir_server.executor_sqlite",
+                          "fhir_server.executor_postgres"})  # fmt: skip
+#: ``Database``'s ways into a transaction or a connection.
+UNIT_METHODS = frozenset({"begin", "transaction", "autocommit"})
+
+
+def units_opened(tree: ast.Module) -> Iterator[int]:
+    """The line of each ``db.begin(...)``, ``self.db.transaction()`` or ``….db.autocommit()``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in UNIT_METHODS:
+            owner = node.func.value
+            if (isinstance(owner, ast.Name) and owner.id == "db") or (
+                isinstance(owner, ast.Attribute) and owner.attr == "db"
+            ):
+                yield node.lineno
 
 
 def _private(name: str) -> bool:
@@ -87,6 +106,30 @@ def test_no_module_uses_another_modules_private_names(package):
         for line, other, name in private_uses(module, tree)
     ]
     assert found == []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_only_the_executor_opens_units_on_the_database(package):
+    found = [
+        f"{module}:{line}"
+        for module, tree in modules(package)
+        if module not in UNIT_OPENERS
+        for line in units_opened(tree)
+    ]
+    assert found == []
+
+
+def test_the_walk_finds_units_opened_on_a_database():
+    tree = ast.parse(
+        dedent("""
+            with db.begin(write=False) as conn:
+                pass
+            with self.db.transaction() as session, executor.begin() as conn:
+                pass
+            engine.begin()
+        """)
+    )
+    assert list(units_opened(tree)) == [2, 4]
 
 
 def test_the_walk_finds_a_lazy_import_and_a_private_name():

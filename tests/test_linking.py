@@ -26,6 +26,7 @@ from dicom_bridge.query import StudyQuery, missing
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SAMPLE_ISSUER, SamplePacs, sample_path
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from mappings.imaging_study import Series, Study
@@ -55,7 +56,7 @@ class Env:
             Source("main", self.store, peer, "OVERREAD", rule=RULE),
             Source("image store", self.store, rule=RULE),
         ]
-        linker = Linker(self.db, sources, backoff, HOOKS)
+        linker = Linker(for_database(self.db), sources, backoff, HOOKS)
         linker.publish_endpoints()
         self.scp.on_received = linker.wake
         return linker
@@ -289,7 +290,9 @@ def test_a_job_finished_by_another_run_is_not_undone(env):
 
 def test_close_closes_the_dicomweb_client(env):
     peer = PacsPeer(name="web", ae_title="WEB", host="127.0.0.1", port=1, qido_url="http://127.0.0.1:1/dicom-web")
-    linker = Linker(env.db, [Source("web", env.store, peer, "OVERREAD"), Source("image store", env.store)])
+    linker = Linker(
+        for_database(env.db), [Source("web", env.store, peer, "OVERREAD"), Source("image store", env.store)]
+    )
     linker.close()
     assert linker.sources[0].web is not None and linker.sources[0].web.http.is_closed
 

@@ -42,6 +42,7 @@ from dicom_bridge.linking import DCM, Linker, Source
 from dicom_bridge.sample_pacs import SAMPLE_ISSUER, sample_files, sample_path
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS
@@ -181,7 +182,7 @@ class Env:
             Source("orthanc", self.store, peer, our_ae, timeout=10, rule=RULE),
             Source("image store", self.store, rule=RULE),
         ]
-        linker = Linker(self.db, sources, backoff, HOOKS)
+        linker = Linker(for_database(self.db), sources, backoff, HOOKS)
         linker.publish_endpoints()
         self.scp.on_received = linker.wake
         return linker

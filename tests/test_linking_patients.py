@@ -38,6 +38,7 @@ from dicom_bridge.sample_pacs import SamplePacs, sample_path
 from dicom_bridge.storage_scp import StorageScp
 from fhir_server import profiles
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS
@@ -86,7 +87,7 @@ class Env:
         peer = PacsPeer(name="main", ae_title=self.pacs.ae_title, host="127.0.0.1", port=port or self.pacs.port)
         peer.retrieve = retrieve  # type: ignore[assignment]
         sources = [Source("main", self.store, peer, "OVERREAD", 5, RULE), Source("image store", self.store, rule=RULE)]
-        linker = Linker(self.db, sources, backoff, HOOKS)
+        linker = Linker(for_database(self.db), sources, backoff, HOOKS)
         linker.publish_endpoints()
 
         def wake(studies: set[tuple[str, str]]) -> None:

@@ -24,6 +24,7 @@ from dicom_bridge.linking import Linker, Source
 from dicom_bridge.sample_pacs import DEMO_ACCESSION, DEMO_PATIENT, SAMPLE_ISSUER, SamplePacs, sample_path
 from fhir_server import dates, outbox
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from overread.app import HOOKS, imaging
@@ -71,7 +72,7 @@ def linker(db: Database, pacs: SamplePacs, store: ImageStore, retrieve: str = "n
         Source("sample", store, peer(pacs, retrieve), "OVERREAD", timeout=10, rule=RULE),
         Source("image store", store, rule=RULE),
     ]
-    return Linker(db, sources, NOW, HOOKS)
+    return Linker(for_database(db), sources, NOW, HOOKS)
 
 
 def order(client: TestClient, accession: str, patient_id: str | None = None) -> str:
@@ -188,11 +189,11 @@ def test_after_a_restart_the_server_links_what_was_ordered_while_it_was_down(cli
         )
         store = ImageStore(settings.image_store)
         first = order(client, DEMO_ACCESSION)  # before the server side ever ran
-        with imaging(settings, db, cfg):
+        with imaging(settings, for_database(db), cfg):
             wait_until(lambda: status(client, first) == IMAGES_AVAILABLE)
         second = order(client, "ACC-SAMPLE-MR")  # while it is down
         assert status(client, second) is None and jobs(db)[-1] == (outbox.PENDING, 0)
-        with imaging(settings, db, cfg):  # started again
+        with imaging(settings, for_database(db), cfg):  # started again
             wait_until(lambda: status(client, second) == IMAGES_AVAILABLE)
     assert jobs(db) == [(outbox.DONE, 1)] * 2  # no job lost or added by the restart
     for accession in (DEMO_ACCESSION, "ACC-SAMPLE-MR"):

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from fhir_server import dates
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from hl7_bridge.ack import acknowledge
 from hl7_bridge.mllp import Deframer, MllpServer, current_connection, frame, running_in_thread, send
 from hl7_bridge.sender import exchange
@@ -60,7 +61,7 @@ def exchange_over(port: int, raw: bytes, context: ssl.SSLContext) -> bytes:
 @contextmanager
 def listening(db: Database, tls: ServerTls, cfg: OverreadConfig | None = None) -> Iterator[int]:
     settings = Settings(database_url=db.url, mllp_port=0, mllp_tls=tls)
-    with running_in_thread(mllp_listener(settings, db, cfg or OverreadConfig())) as port:
+    with running_in_thread(mllp_listener(settings, for_database(db), cfg or OverreadConfig())) as port:
         yield port
 
 
@@ -156,7 +157,7 @@ def test_a_refused_message_takes_no_key_so_the_same_one_from_its_sender_goes_thr
 def test_without_tls_an_address_list_alone_admits_by_address(db, tmp_path):
     cfg = _config(tmp_path, "hl7: {senders: [{sending_application: MESA_OF, allow: {addresses: [127.0.0.1]}}]}")
     settings = Settings(database_url=db.url, mllp_port=0)
-    with running_in_thread(mllp_listener(settings, db, cfg)) as port:
+    with running_in_thread(mllp_listener(settings, for_database(db), cfg)) as port:
         ack = asyncio.run(send("127.0.0.1", port, omi_order(1), timeout=20))
     assert _msa(ack) == ("AA", "")
 

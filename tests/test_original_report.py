@@ -9,13 +9,13 @@ import pytest
 
 from fhir_server.db import Database
 from fhir_server.repository import Repository, Stored
-from hl7_bridge.intake import receive
 from mappings.errors import MappingError
 from mappings.orders import map_message
 from mappings.original_report import ORIGINAL_TAG
 from mappings.v2 import parse
 from overread.app import HOOKS
 from tests.hl7_golden import DCM4CHE, GOLDEN, OMI
+from tests.intake import receive
 
 Json = dict[str, Any]
 ORU_PDF = (DCM4CHE / "ORU_R01-PDF.hl7").read_bytes()

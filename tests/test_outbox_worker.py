@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from fhir_server import outbox
 from fhir_server.db import Database
+from fhir_server.executor import for_database
 from fhir_server.outbox import Backoff
 from fhir_server.outbox_worker import Job, Loop, OutboxWorker, running
 from fhir_server.repository import Repository
@@ -53,14 +54,14 @@ class Jobs(OutboxWorker):
     topic = "work"
 
     def __init__(self, db: Database, backoff: Backoff) -> None:
-        super().__init__(db, backoff)
+        super().__init__(for_database(db), backoff)
         self.broken, self.handled = False, list[Job]()
 
     def handle(self, job: Job) -> None:
         self.handled.append(job)
         if self.broken:
             raise RuntimeError("the peer is down")
-        with self.db.transaction() as session:
+        with self.executor.session() as session:
             outbox.complete(session, job.pk)
 
 

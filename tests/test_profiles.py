@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from fhir_server import profiles
 from fhir_server.conformance_seed import publish
 from fhir_server.errors import FhirError
+from fhir_server.executor import for_database
 from fhir_server.validation import model, validate
 from mappings.concept_map import parse_concept_map, translate
 from tests.builders import service_request, task
@@ -30,7 +31,7 @@ REPORT_PROFILE = f"{BASE}/StructureDefinition/second-opinion-report"
 
 
 def _publish(client: TestClient) -> int:
-    return publish(client.app.state.db)  # type: ignore[attr-defined]
+    return publish(for_database(client.app.state.db))  # type: ignore[attr-defined]
 
 
 def _load(name: str) -> Json:

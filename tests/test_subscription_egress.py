@@ -20,6 +20,7 @@ from sqlalchemy import select, text
 from fhir_server import egress
 from fhir_server.db import Database
 from fhir_server.egress import Address, Egress, Prefix, Refused
+from fhir_server.executor import for_database
 from fhir_server.notifier import FAILED, Notifier
 from fhir_server.outbox import Backoff
 from fhir_server.repository import Repository
@@ -203,7 +204,7 @@ def client(db: Database, cfg: OverreadConfig) -> Iterator[TestClient]:
 
 def notifier(db: Database, allowed: Egress, timeout: float = 5) -> Notifier:
     backoff = Backoff(max_attempts=5, first_delay=timedelta(seconds=30))
-    return Notifier(db, make_hooks(OverreadConfig()), backoff, timeout, egress=allowed)
+    return Notifier(for_database(db), make_hooks(OverreadConfig()), backoff, timeout, egress=allowed)
 
 
 def deliver(worker: Notifier) -> None:

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from fhir_server import dates, subscriptions
+from fhir_server.executor import for_database
 from fhir_server.notifier import FAILED, Notifier
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow, ResourceRow
@@ -51,7 +52,7 @@ def client(db, cfg):
 
 
 def worker(db, cfg: OverreadConfig, backoff: Backoff, timeout: float = 5) -> Notifier:
-    return Notifier(db, make_hooks(cfg), backoff, timeout, egress=cfg.subscriptions.egress())
+    return Notifier(for_database(db), make_hooks(cfg), backoff, timeout, egress=cfg.subscriptions.egress())
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 
 from cases.workflow import COMPARED_REPORT, ORDER_STATUS
 from fhir_server.db import Database
-from hl7_bridge.intake import receive
 from mappings.order_control import STATUSES
 from mappings.original_report import REPORT_ROLE
 from overread.app import HOOKS, create_app
@@ -25,6 +24,7 @@ from overread.settings import Settings
 from tests.builders import assert_outcome, imaging_study, patient, service_request
 from tests.conftest import FHIR_JSON
 from tests.hl7_golden import OMI, omi_control
+from tests.intake import receive
 
 Json = dict[str, Any]
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
