@@ -40,7 +40,7 @@ from fhir_server import profiles
 from fhir_server.db import Database
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
-from overread.app import HOOKS
+from overread.app import default_hooks
 from overread.config import PacsPeer
 from tests.builders import MRN_SYSTEM, patient, service_request
 from tests.processes import free_port
@@ -86,7 +86,7 @@ class Env:
         peer = PacsPeer(name="main", ae_title=self.pacs.ae_title, host="127.0.0.1", port=port or self.pacs.port)
         peer.retrieve = retrieve  # type: ignore[assignment]
         sources = [Source("main", self.store, peer, "OVERREAD", 5, RULE), Source("image store", self.store, rule=RULE)]
-        linker = Linker(self.db, sources, backoff, HOOKS)
+        linker = Linker(self.db, sources, backoff, default_hooks())
         linker.publish_endpoints()
 
         def wake(studies: set[tuple[str, str]]) -> None:
