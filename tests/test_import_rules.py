@@ -2,8 +2,8 @@
 
 ``mappings`` (HL7 v2 ↔ FHIR) imports no other project package; the FHIR store ``fhir_server``
 knows no domain (``cases``), no bridge and not the app; ``cases`` (the second-opinion case) is
-called by the bridges and wired by the app, never the other way round. No module uses another
-module's private (``_name``) names.
+called by the bridges and wired by the app, never the other way round. ``testbed``, which the tests
+and the benchmarks share, imports neither. No module uses another module's private (``_name``) names.
 """
 
 import ast
@@ -20,6 +20,7 @@ FORBIDDEN = {
     "mappings": frozenset(PACKAGES) - {"mappings"},
     "fhir_server": frozenset({"cases", "hl7_bridge", "dicom_bridge", "overread", "mappings"}),
     "cases": frozenset({"hl7_bridge", "dicom_bridge", "overread"}),
+    "testbed": frozenset({"tests", "bench"}),
 }
 
 
