@@ -2,7 +2,7 @@
 
     python -m bench.compartments --cases 1000 --url sqlite:////tmp/compart.db
 
-Loads ``--cases`` second-opinion cases (``tests.roles_data``: each client's compartment holds half
+Loads ``--cases`` second-opinion cases (``testbed.roles``: each client's compartment holds half
 of them) into an empty database, or reuses one it loaded before, then prints the median of
 ``--repeat`` requests, in milliseconds, in process (TestClient: no network).
 """
@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from fhir_server.db import Database
 from overread.migrate import upgrade
-from tests import roles_data
+from testbed import roles
 
 CLIENTS = ("admin", "ehr-a", "reader-1", "insurer-1")
 
@@ -30,14 +30,14 @@ def main() -> None:
     args = parser.parse_args()
     db = Database(args.url)
     upgrade(db.engine)
-    client = roles_data.app_client(db)
+    client = roles.app_client(db)
     with client:
         task = _load(client, db, args.cases)
         print(f"{args.cases} cases, {db.engine.dialect.name}, median of {args.repeat} (ms)")
         print("| client | Task search | ServiceRequest search | read of a Task |")
         print("| --- | --- | --- | --- |")
         for client_id in CLIENTS:
-            headers = roles_data.token(client, client_id)
+            headers = roles.token(client, client_id)
             paths = ("Task?status=requested&_count=20", "ServiceRequest?_count=20&_total=accurate", f"Task/{task}")
             figures = [_median(_get(client, path, headers), args.repeat) for path in paths]
             print(f"| {client_id} | " + " | ".join(f"{f:.1f}" for f in figures) + " |")
@@ -49,12 +49,12 @@ def _load(client: TestClient, db: Database, count: int) -> str:
     with db.engine.connect() as conn:
         stored = conn.scalar(text("SELECT count(*) FROM resource WHERE type = 'ServiceRequest'"))
     if not stored:
-        roles_data.load(client, count)
+        roles.load(client, count)
         with db.engine.begin() as conn:
             conn.execute(text("ANALYZE"))
     elif stored != count:
         raise SystemExit(f"the database holds {stored} cases, not {count}")
-    admin = roles_data.token(client, "admin")
+    admin = roles.token(client, "admin")
     first = client.get("/fhir/ServiceRequest?identifier=ACSN-0", headers=admin).json()["entry"][0]["resource"]["id"]
     found = client.get(f"/fhir/Task?focus=ServiceRequest/{first}", headers=admin).json()
     return str(found["entry"][0]["resource"]["id"])

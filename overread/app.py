@@ -5,7 +5,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, closing, contextmanager
 from datetime import timedelta
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import uvicorn
@@ -50,23 +50,29 @@ log = logging.getLogger(__name__)
 def wire_cases() -> None:
     """The second-opinion case in the generic FHIR store, for the whole process: ``$link-imaging``,
     the profile every second-opinion report must conform to, its RADPEER/discrepancy check, and the
-    compartment of each client role."""
+    compartment of each client role.
+
+    Process-wide, so explicit (issue 16), never on import: whatever sets a process up to write
+    calls it, ``make_hooks`` (where every door and worker gets its hooks) and ``create_app``. The
+    registries keep each entry once, so calling it again changes nothing.
+    """
     operations.register("ServiceRequest", "link-imaging", link_imaging.OPERATION)
     profiles.require(second_opinion.required_profiles)
     profiles.add_check(discrepancy.check)
     compartment.use(compartments.compartment)
 
 
-wire_cases()  # on import: every door of this process (HTTP, MLLP, workers, CLI) writes through the same rules
-
-
 def make_hooks(cfg: OverreadConfig) -> tuple[Hook, ...]:
-    """The repository hooks of every door (HTTP, HL7, workers): the domain rules of a write."""
+    """The repository hooks of every door (HTTP, HL7, workers): the domain rules of a write, with
+    the case rules wired (``wire_cases``), so no door writes with the one and without the other."""
+    wire_cases()
     return (case_opener(cfg.routing_rules()), case_workflow, hook(cfg.subscriptions.egress()), results)
 
 
-#: The hooks of the default configuration (no routing rules; due dates by priority).
-HOOKS = make_hooks(OverreadConfig())
+@cache
+def default_hooks() -> tuple[Hook, ...]:
+    """The hooks of the default configuration (no routing rules; due dates by priority)."""
+    return make_hooks(OverreadConfig())
 
 
 def create_app(
@@ -99,6 +105,7 @@ def create_app(
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.db, app.state.audit = db, audit
     search_limits.configure(settings.search)
+    wire_cases()  # its operations, profiles and role compartments, whatever the hooks
     hooks = make_hooks(cfg)
     if rate := settings.http_rate():  # added first: inside BearerAuth, so it sees the token's client
         app.add_middleware(RateLimit, buckets=Buckets(rate))

@@ -19,7 +19,7 @@ from sqlalchemy import make_url, text
 
 from fhir_server import dates
 from fhir_server.db import Database
-from overread.app import create_app
+from overread.app import create_app, wire_cases
 from overread.migrate import METADATA, upgrade
 from overread.server import running
 from overread.settings import Settings
@@ -28,6 +28,14 @@ pytest_plugins = ["tests.orthanc"]
 
 POSTGRES_URL = os.environ.get("OVERREAD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 FHIR_JSON = {"content-type": "application/fhir+json"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def case_rules() -> None:
+    """Every test runs in a process set up as the server's, with the case rules wired: a test that
+    validates or writes without building an app or hooks holds resources to them too, whichever
+    test ran before it. That importing wires nothing is tests/test_wiring.py's."""
+    wire_cases()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ store's ``{"detail"}`` (``/hl7``).
 
 Hypothesis directly, not schemathesis: schemathesis needs an OpenAPI schema, and the FHIR API is
 one catch-all Starlette route (``/fhir/{path:path}``) whose shapes no schema describes; only the
-``/hl7`` routes have one. The store is tests/roles_data.py's cases, loaded once per database.
+``/hl7`` routes have one. The store is testbed/roles.py's cases, loaded once per database.
 """
 
 import re
@@ -35,17 +35,17 @@ from sqlalchemy import text as sql
 from fhir_server.db import Database
 from fhir_server.smart_http import open_routes
 from overread.migrate import METADATA
-from tests import roles_data
+from testbed import roles
+from testbed.roles import KEY, ORG, ORGANIZATIONS, ROUTING, Case
+from testbed.smart_client import TOKEN_PATH, assertion, bearer, client_entry, form, smart_app, unsigned
 from tests.builders import bundle, imaging_study, patient, service_request, task
-from tests.roles_data import KEY, ORG, ORGANIZATIONS, ROUTING, Case
-from tests.smart_client import TOKEN_PATH, assertion, bearer, client_entry, form, smart_app, unsigned
 from tests.test_fhir_properties import json_values, values
 
 pytestmark = pytest.mark.slow
 
 GENERATED = settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 TOKEN_URL = f"http://testserver{TOKEN_PATH}"
-#: client_id → (role, organization id, scopes) besides roles_data's: more scope shapes.
+#: client_id → (role, organization id, scopes) besides testbed.roles': more scope shapes.
 SHAPES = {
     "v1-all": (None, None, "system/*.* system/hl7.read system/hl7.write"),
     "v1-read": (None, None, "system/*.read"),
@@ -55,7 +55,7 @@ SHAPES = {
     "hl7-operator": ("operator", None, "system/hl7.r system/hl7.u system/*.rs"),
     "ehr-a-narrow": ("ordering", "hosp-a", "system/ServiceRequest.c system/Task.rs"),
 }
-CLIENTS = {**roles_data.CLIENTS, **SHAPES}
+CLIENTS = {**roles.CLIENTS, **SHAPES}
 TYPES = ["Patient", "ServiceRequest", "Task", "DiagnosticReport", "Observation", "ImagingStudy", "Coverage",
          "Organization", "AuditEvent", "Subscription", "Binary", "Bundle", "Nope"]  # fmt: skip
 PARAMS = ["_id", "subject", "subject:Patient.name", "patient.name", "focus:ServiceRequest.subject.family",
@@ -93,12 +93,12 @@ class Store:
         return sorted(set(walk(self.client.app.routes)))  # type: ignore[attr-defined]
 
     def ids(self) -> list[str]:
-        return [ref.split("/")[1] for case in self.cases for ref in roles_data.refs(case)]
+        return [ref.split("/")[1] for case in self.cases for ref in roles.refs(case)]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    """roles_data's cases on a database of each kind, served with auth on, a token for every client."""
+    """testbed.roles' cases on a database of each kind, served with auth on, a token for every client."""
     if request.param == "sqlite":
         path = tmp_path_factory.mktemp("generated") / "overread.db"
         shutil.copy(request.getfixturevalue("sqlite_template"), path)
@@ -111,7 +111,7 @@ def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     try:
         with TestClient(app(db), base_url="http://testserver") as client:
             client.headers.update({"content-type": "application/fhir+json"})
-            loaded = Store(client, roles_data.load(client, count=4))
+            loaded = Store(client, roles.load(client, count=4))
             loaded.tokens = {name: bearer(client, KEY, name, scope) for name, (_, _, scope) in CLIENTS.items()}
             yield loaded
     finally:

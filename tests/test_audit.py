@@ -17,8 +17,8 @@ from fhir_server.audit_log import AuditLog
 from fhir_server.db import Database
 from fhir_server.schema import ResourceRow
 from fhir_server.validation import validate
+from testbed.smart_client import TOKEN_PATH, assertion, client_entry, es384, form, smart_app
 from tests.builders import patient, post
-from tests.smart_client import TOKEN_PATH, assertion, client_entry, es384, form, smart_app
 
 KEY = es384()
 CLIENTS = {

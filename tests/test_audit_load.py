@@ -17,8 +17,8 @@ from overread.app import create_app
 from overread.config import OverreadConfig
 from overread.server import running
 from overread.settings import Settings
+from testbed.smart_client import TOKEN_PATH, assertion, client_entry, es384, form
 from tests.builders import patient
-from tests.smart_client import TOKEN_PATH, assertion, client_entry, es384, form
 
 KEY = es384()
 REQUESTS, THREADS = 500, 5

@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 
 from fhir_server.db import Database
 from overread.server import running
-from tests import smart_client
+from testbed import smart_client
+from testbed.smart_client import assertion, client_entry, es384, form, smart_app
 from tests.builders import patient, service_request
-from tests.smart_client import assertion, client_entry, es384, form, smart_app
 
 KEY = es384()
 CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"

@@ -27,7 +27,7 @@ from fhir_server.executor import for_database
 from fhir_server.smart import JWKS_REFETCH_SECONDS, InvalidToken, Smart, TokenError
 from overread.config import OverreadConfig
 from overread.server import running
-from tests.smart_client import TOKEN_PATH, assertion, client_entry, es384, form, jwks, rs384, smart_app, unsigned
+from testbed.smart_client import TOKEN_PATH, assertion, client_entry, es384, form, jwks, rs384, smart_app, unsigned
 
 AUD = f"http://testserver{TOKEN_PATH}"
 KEY, RSA_KEY = es384(), rs384()

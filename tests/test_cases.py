@@ -4,7 +4,7 @@ from sqlalchemy import select
 
 from fhir_server.repository import Repository
 from fhir_server.schema import OutboxRow
-from overread.app import HOOKS
+from overread.app import default_hooks
 from tests.builders import case_transaction, patient, service_request
 from tests.hl7_golden import OMI
 from tests.intake import receive
@@ -46,8 +46,8 @@ def test_only_the_create_of_an_active_order_opens_a_case(client, db):
 
 
 def test_an_hl7_order_opens_its_case_once_with_its_linking_job(client, db):
-    receive(db, OMI, hooks=HOOKS)
-    receive(db, OMI, hooks=HOOKS)  # a resend
+    receive(db, OMI, hooks=default_hooks())
+    receive(db, OMI, hooks=default_hooks())  # a resend
     (order,) = [e["resource"] for e in client.get("/fhir/ServiceRequest").json()["entry"]]
     assert len(_cases(client, order["id"])) == 1
     assert _jobs(db) == [("link-imaging", "ServiceRequest", order["id"])]

@@ -34,7 +34,7 @@ from hl7_bridge.delivery_status import delivery_status
 from hl7_bridge.outbound import DEAD, ERROR, QUEUED, SENT, OutboundMessage
 from hl7_bridge.results_queue import ResultsQueue, choose
 from hl7_bridge.sender import judge
-from overread.app import HOOKS, create_app, results_out
+from overread.app import create_app, default_hooks, results_out
 from overread.config import Delivery as DeliveryConfig
 from overread.config import Destination, Hl7, OverreadConfig
 from overread.settings import Settings
@@ -63,7 +63,7 @@ def destination(port: int, ack_timeout_seconds: float = 10, **extra: Any) -> Des
 
 def worker(db: Database, *destinations: Destination, attempts: int = 3, lease: float = 60) -> Delivery:
     backoff = Backoff(attempts, timedelta(0), timedelta(0))
-    return Delivery(for_database(db), destinations, backoff, HOOKS, lease=timedelta(seconds=lease))
+    return Delivery(for_database(db), destinations, backoff, default_hooks(), lease=timedelta(seconds=lease))
 
 
 # -- a case and its report --------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def worker(db: Database, *destinations: Destination, attempts: int = 3, lease: f
 
 def hl7_order(db: Database, message: bytes = OMI) -> str:
     """An order in over HL7 (MSH-3 MESA_OF, MSH-4 XYZ_RADIOLOGY); its ServiceRequest id."""
-    assert b"|AA|" in receive(db, message, None, HOOKS)
+    assert b"|AA|" in receive(db, message, None, default_hooks())
     with db.begin(write=False) as conn:
         orders = Repository(conn).search("ServiceRequest", [("_sort", "-_lastUpdated")])
     link_images(db, orders[0].id)
@@ -81,7 +81,7 @@ def hl7_order(db: Database, message: bytes = OMI) -> str:
 def link_images(db: Database, order_id: str) -> None:
     """The case's images (what the linking worker writes): a final report needs them."""
     with db.begin() as conn:
-        repo = Repository(conn, HOOKS)
+        repo = Repository(conn, default_hooks())
         subject = repo.read("ServiceRequest", order_id).resource["subject"]["reference"]
         uid = f"2.25.{uuid.UUID(order_id).int}"  # one study per order (ids are UUIDs)
         repo.create(imaging_study(f"ServiceRequest/{order_id}", subject, uid))
@@ -90,7 +90,7 @@ def link_images(db: Database, order_id: str) -> None:
 
 def fhir_order(db: Database) -> str:
     with db.begin() as conn:
-        repo = Repository(conn, HOOKS)
+        repo = Repository(conn, default_hooks())
         patient = repo.create({"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "M1"}]})
         order = repo.create(
             {
@@ -129,7 +129,7 @@ def report_body(order_id: str, subject: Json, status: str = "final", code: str =
 def write_report(db: Database, order_id: str, report_id: str, status: str = "final", code: str = "major") -> int:
     """PUT the second-opinion report (create or new version); its version."""
     with db.begin() as conn:
-        repo = Repository(conn, HOOKS)
+        repo = Repository(conn, default_hooks())
         subject = repo.read("ServiceRequest", order_id).resource["subject"]
         report = {**report_body(order_id, subject, status, code), "id": report_id}
         stored, _ = repo.update("DiagnosticReport", report_id, report)
@@ -469,7 +469,7 @@ def test_a_preliminary_report_goes_only_where_asked(db: Database) -> None:
 def test_an_original_report_is_no_result(db: Database) -> None:
     order_id = hl7_order(db)
     with db.begin() as conn:
-        repo = Repository(conn, HOOKS)
+        repo = Repository(conn, default_hooks())
         order = repo.read("ServiceRequest", order_id).resource
         repo.create(
             {

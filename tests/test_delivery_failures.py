@@ -21,7 +21,7 @@ from fhir_server.db import Database
 from fhir_server.repository import Repository
 from hl7_bridge.outbound import FAILED, NO_DESTINATION, QUEUED, SENT, OutboundMessage
 from hl7_bridge.results_queue import Gathered, Result, ResultsQueue
-from overread.app import HOOKS, create_app
+from overread.app import create_app, default_hooks
 from overread.config import Destination, Hl7, OverreadConfig
 from overread.settings import Settings
 from tests.builders import no_images_reason
@@ -52,7 +52,7 @@ def app_client(db: Database, *destinations: Destination) -> TestClient:
 def order_for(db: Database, patient: Json, subject: Json | None = None, code: Json = CT_CHEST) -> str:
     """A FHIR order for a new Patient; its subject a literal reference unless ``subject`` is given."""
     with db.begin() as conn:
-        repo = Repository(conn, HOOKS)
+        repo = Repository(conn, default_hooks())
         stored = repo.create({"resourceType": "Patient", **patient})
         order = {"resourceType": "ServiceRequest", "status": "active", "intent": "order", "identifier": [PLACER],
                  "code": code, "subject": subject or {"reference": f"Patient/{stored.id}"}}  # fmt: skip
@@ -66,7 +66,7 @@ def report(db: Database, order_id: str, report_id: str = "so-1", status: str = "
     (None leaves an element out); its version. Read without linked images (these orders have none),
     so it says why."""
     with db.begin() as conn:
-        repo = Repository(conn, HOOKS)
+        repo = Repository(conn, default_hooks())
         subject = repo.read("ServiceRequest", order_id).resource["subject"]
         body = {**report_body(order_id, subject, status), "id": report_id, "extension": [no_images_reason()], **changes}
         body = {k: v for k, v in body.items() if v is not None}
@@ -77,7 +77,7 @@ def report(db: Database, order_id: str, report_id: str = "so-1", status: str = "
 
 def edit(db: Database, rtype: str, rid: str, **changes: Any) -> None:
     with db.begin() as conn:
-        repo = Repository(conn, HOOKS)
+        repo = Repository(conn, default_hooks())
         current = repo.read(rtype, rid)
         repo.update(rtype, rid, {**current.resource, **changes}, current.etag)
         repo.complete()
@@ -286,7 +286,7 @@ def test_a_report_deleted_before_it_was_queued_is_a_failed_row(db: Database) -> 
     order_id = fhir_order(db)
     report(db, order_id)
     with db.begin() as conn:
-        repo = Repository(conn, HOOKS)
+        repo = Repository(conn, default_hooks())
         repo.delete("DiagnosticReport", "so-1")
         repo.complete()
     worker(db, destination(free_port())).queue_once()

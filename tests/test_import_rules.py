@@ -2,9 +2,10 @@
 
 ``mappings`` (HL7 v2 ↔ FHIR) imports no other project package; the FHIR store ``fhir_server``
 knows no domain (``cases``), no bridge and not the app; ``cases`` (the second-opinion case) is
-called by the bridges and wired by the app, never the other way round. No module uses another
-module's private (``_name``) names. Only the executor opens units of work on the ``Database``:
-every other module goes through ``fhir_server.executor`` (docs/architecture.md, "Threads and event loops").
+called by the bridges and wired by the app, never the other way round. ``testbed``, which the tests
+and the benchmarks share, imports neither. No module uses another module's private (``_name``) names.
+Only the executor opens units of work on the ``Database``: every other module goes through
+``fhir_server.executor`` (docs/architecture.md, "Threads and event loops").
 """
 
 import ast
@@ -21,6 +22,7 @@ FORBIDDEN = {
     "mappings": frozenset(PACKAGES) - {"mappings"},
     "fhir_server": frozenset({"cases", "hl7_bridge", "dicom_bridge", "overread", "mappings"}),
     "cases": frozenset({"hl7_bridge", "dicom_bridge", "overread"}),
+    "testbed": frozenset({"tests", "bench"}),
 }
 
 

@@ -30,7 +30,7 @@ from fhir_server.executor import for_database
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from mappings.imaging_study import Series, Study
-from overread.app import HOOKS
+from overread.app import default_hooks
 from overread.config import PacsPeer
 from tests.builders import MRN_SYSTEM, patient, service_request
 from tests.processes import free_port
@@ -56,7 +56,7 @@ class Env:
             Source("main", self.store, peer, "OVERREAD", rule=RULE),
             Source("image store", self.store, rule=RULE),
         ]
-        linker = Linker(for_database(self.db), sources, backoff, HOOKS)
+        linker = Linker(for_database(self.db), sources, backoff, default_hooks())
         linker.publish_endpoints()
         self.scp.on_received = linker.wake
         return linker

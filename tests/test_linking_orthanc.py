@@ -45,7 +45,7 @@ from fhir_server.db import Database
 from fhir_server.executor import for_database
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
-from overread.app import HOOKS
+from overread.app import default_hooks
 from overread.config import PacsPeer
 from tests.builders import MRN_SYSTEM, patient, service_request
 from tests.orthanc import Modalities, Orthanc
@@ -182,7 +182,7 @@ class Env:
             Source("orthanc", self.store, peer, our_ae, timeout=10, rule=RULE),
             Source("image store", self.store, rule=RULE),
         ]
-        linker = Linker(for_database(self.db), sources, backoff, HOOKS)
+        linker = Linker(for_database(self.db), sources, backoff, default_hooks())
         linker.publish_endpoints()
         self.scp.on_received = linker.wake
         return linker

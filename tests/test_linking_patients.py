@@ -41,7 +41,7 @@ from fhir_server.db import Database
 from fhir_server.executor import for_database
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
-from overread.app import HOOKS
+from overread.app import default_hooks
 from overread.config import PacsPeer
 from tests.builders import MRN_SYSTEM, patient, service_request
 from tests.processes import free_port
@@ -87,7 +87,7 @@ class Env:
         peer = PacsPeer(name="main", ae_title=self.pacs.ae_title, host="127.0.0.1", port=port or self.pacs.port)
         peer.retrieve = retrieve  # type: ignore[assignment]
         sources = [Source("main", self.store, peer, "OVERREAD", 5, RULE), Source("image store", self.store, rule=RULE)]
-        linker = Linker(for_database(self.db), sources, backoff, HOOKS)
+        linker = Linker(for_database(self.db), sources, backoff, default_hooks())
         linker.publish_endpoints()
 
         def wake(studies: set[tuple[str, str]]) -> None:

@@ -27,7 +27,7 @@ from fhir_server.db import Database
 from fhir_server.executor import for_database
 from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
-from overread.app import HOOKS, imaging
+from overread.app import default_hooks, imaging
 from overread.config import Linking, OverreadConfig, PacsPeer
 from overread.settings import Settings
 from tests.builders import MRN_SYSTEM, patient, service_request
@@ -72,7 +72,7 @@ def linker(db: Database, pacs: SamplePacs, store: ImageStore, retrieve: str = "n
         Source("sample", store, peer(pacs, retrieve), "OVERREAD", timeout=10, rule=RULE),
         Source("image store", store, rule=RULE),
     ]
-    return Linker(for_database(db), sources, NOW, HOOKS)
+    return Linker(for_database(db), sources, NOW, default_hooks())
 
 
 def order(client: TestClient, accession: str, patient_id: str | None = None) -> str:

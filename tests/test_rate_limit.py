@@ -11,7 +11,7 @@ from fhir_server.db import Database
 from fhir_server.rate_limit import Buckets, Rate
 from overread.app import create_app
 from overread.settings import Settings
-from tests.smart_client import TOKEN_PATH, assertion, client_entry, es384, form, smart_app
+from testbed.smart_client import TOKEN_PATH, assertion, client_entry, es384, form, smart_app
 
 KEY = es384()
 FORM = {"content-type": "application/x-www-form-urlencoded"}

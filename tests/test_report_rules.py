@@ -36,7 +36,7 @@ from fhir_server.http import FhirRequest, FhirResponse
 from fhir_server.repository import Repository
 from fhir_server.router import handle
 from fhir_server.schema import OutboxRow
-from overread.app import HOOKS
+from overread.app import default_hooks
 from tests.builders import (
     NO_IMAGES_REASON,
     assert_outcome,
@@ -117,7 +117,7 @@ def _business_status(task: Json) -> str | None:
 def _route(db: Database, method: str, path: str, body: Json | None = None) -> tuple[FhirResponse, Json]:
     """One request through the core router (the door of HL7 and the workers), in one transaction."""
     with db.transaction() as session:
-        repo = Repository(session, HOOKS)
+        repo = Repository(session, default_hooks())
         response = handle(FhirRequest(method, path, body=body), repo, "http://testserver/fhir")
         if response.status < 400:
             repo.complete()
@@ -263,7 +263,7 @@ def test_a_preliminary_report_needs_no_images(client):
 def test_the_override_lets_the_report_be_final_and_is_kept_on_it(client, db):
     order_id = _open_case(client, images=False)
     with db.transaction() as session:  # the linking worker is still looking
-        set_case_status(Repository(session, HOOKS), order_id, IMAGES_PENDING, "no study matches yet")
+        set_case_status(Repository(session, default_hooks()), order_id, IMAGES_PENDING, "no study matches yet")
     report = client.post("/fhir/DiagnosticReport", json=_report(order_id, "preliminary")).json()
     reason = no_images_reason("Read on the referring hospital's viewer; the study never reached our PACS")
     final = client.put(
@@ -379,7 +379,7 @@ def test_image_news_never_overwrites_a_reported_case(client, db, news):
     assert client.post("/fhir/DiagnosticReport", json=_report(order_id)).status_code == 201
     version = _case(client, order_id)["meta"]["versionId"]
     with db.transaction() as session:  # what the image-linking worker calls, found or not, after the report
-        repo = Repository(session, HOOKS)
+        repo = Repository(session, default_hooks())
         set_case_status(repo, order_id, news, "found on main")
         repo.complete()
     case = _case(client, order_id)
@@ -389,5 +389,5 @@ def test_image_news_never_overwrites_a_reported_case(client, db, news):
 def test_an_open_case_still_takes_image_news(client, db):
     order_id = _open_case(client, images=False)
     with db.transaction() as session:
-        set_case_status(Repository(session, HOOKS), order_id, IMAGES_AVAILABLE)
+        set_case_status(Repository(session, default_hooks()), order_id, IMAGES_AVAILABLE)
     assert _business_status(_case(client, order_id)) == IMAGES_AVAILABLE

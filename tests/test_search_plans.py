@@ -15,8 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, Select, event, insert, select
 
-from fhir_server import search
+from fhir_server import conditional, search
 from fhir_server.db import Database
+from fhir_server.repository import Repository
 from fhir_server.schema import ReferenceIndex, ResourceRow, StringIndex, TokenIndex, UriIndex
 from tests.builders import patient
 
@@ -203,10 +204,20 @@ def test_a_lookup_of_a_value_past_the_key_reads_the_index(
 
 
 def test_a_conditional_create_on_a_long_identifier_reads_the_index(sqlite_db: Database) -> None:
-    from fhir_server.conditional import _statement
+    """The lookup a conditional create on one identifier runs, its code longer than the index column."""
+    ran: list[tuple[str, Any]] = []
 
-    binds = {"t0": "Patient", "p0": "identifier", "s0": "urn:x", "sr0": "", "c0": "V" * 255, "cr0": "V" * 45}
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "idx_token" in statement:
+            ran.append((statement, parameters))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        with sqlite_db.begin() as conn:
+            assert conditional.matches(Repository(conn), "Patient", f"identifier=urn:x|{'V' * 300}") == []
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    [(sql, parameters)] = ran
     with sqlite_db.engine.connect() as conn:
-        sql = str(_statement(1).params(binds).compile(conn, compile_kwargs={"literal_binds": True}))
-        plan = " / ".join(row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+        plan = " / ".join(row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", parameters))
     assert "ix_idx_token_lookup (res_type=? AND param=? AND code=? AND system=?)" in plan, plan

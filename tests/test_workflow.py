@@ -18,7 +18,7 @@ from cases.workflow import COMPARED_REPORT, ORDER_STATUS
 from fhir_server.db import Database
 from mappings.order_control import STATUSES
 from mappings.original_report import REPORT_ROLE
-from overread.app import HOOKS, create_app
+from overread.app import create_app, default_hooks
 from overread.config import ConfigError, OverreadConfig, load
 from overread.settings import Settings
 from tests.builders import assert_outcome, imaging_study, patient, service_request
@@ -284,7 +284,7 @@ def test_the_priority_sets_the_due_date_from_authored_on(routed, priority, due):
 
 
 def test_an_hl7_order_is_routed_too(routed, db):
-    receive(db, OMI, hooks=HOOKS)
+    receive(db, OMI, hooks=default_hooks())
     (entry,) = routed.get("/fhir/Task").json()["entry"]
     task = entry["resource"]
     assert task["meta"]["versionId"] == "1"  # routed as it was written, not in a second version
@@ -348,35 +348,35 @@ def _hl7_case(client: TestClient) -> tuple[str, str]:
 
 
 def test_hl7_hold_release_and_cancel_go_through_the_workflow(client, db):
-    assert _msa(receive(db, OMI, hooks=HOOKS)) == "AA"
-    assert _msa(receive(db, omi_control("HD", 1), hooks=HOOKS)) == "AA"
+    assert _msa(receive(db, OMI, hooks=default_hooks())) == "AA"
+    assert _msa(receive(db, omi_control("HD", 1), hooks=default_hooks())) == "AA"
     assert _hl7_case(client) == ("on-hold", "on-hold")
-    assert _msa(receive(db, omi_control("RL", 2), hooks=HOOKS)) == "AA"
+    assert _msa(receive(db, omi_control("RL", 2), hooks=default_hooks())) == "AA"
     assert _hl7_case(client) == ("active", "requested")
-    assert _msa(receive(db, omi_control("CA", 3), hooks=HOOKS)) == "AA"
+    assert _msa(receive(db, omi_control("CA", 3), hooks=default_hooks())) == "AA"
     assert _hl7_case(client) == ("revoked", "cancelled")
-    assert _msa(receive(db, omi_control("RL", 4), hooks=HOOKS)) == "AE"  # a cancelled case stays cancelled
+    assert _msa(receive(db, omi_control("RL", 4), hooks=default_hooks())) == "AE"  # a cancelled case stays cancelled
     assert _hl7_case(client) == ("revoked", "cancelled")
 
 
 def test_hl7_cancel_of_a_completed_case_is_an_application_error(client, db):
-    receive(db, OMI, hooks=HOOKS)
+    receive(db, OMI, hooks=default_hooks())
     (order,) = client.get("/fhir/ServiceRequest").json()["entry"]
     _link_images(client, order["resource"]["id"])
     assert client.post("/fhir/DiagnosticReport", json=_report(order["resource"]["id"], "final")).status_code == 201
-    assert _msa(receive(db, omi_control("CA", 1), hooks=HOOKS)) == "AE"
+    assert _msa(receive(db, omi_control("CA", 1), hooks=default_hooks())) == "AE"
     assert _hl7_case(client) == ("completed", "completed")
 
 
 def test_hl7_order_control_changes_the_case_not_another_task_about_the_order(client, db):
-    receive(db, OMI, hooks=HOOKS)
+    receive(db, OMI, hooks=default_hooks())
     (order,) = client.get("/fhir/ServiceRequest").json()["entry"]
     case_id = _case(client, order["resource"]["id"])["id"]
     focus = {"reference": f"ServiceRequest/{order['resource']['id']}"}
     plan = {"resourceType": "Task", "status": "requested", "intent": "plan", "focus": focus}
     plan_id = client.post("/fhir/Task", json=plan).json()["id"]
-    assert _msa(receive(db, omi_control("SC", 1, order_status="IP"), hooks=HOOKS)) == "AA"
-    assert _msa(receive(db, omi_control("CA", 2), hooks=HOOKS)) == "AA"
+    assert _msa(receive(db, omi_control("SC", 1, order_status="IP"), hooks=default_hooks())) == "AA"
+    assert _msa(receive(db, omi_control("CA", 2), hooks=default_hooks())) == "AA"
     case = client.get(f"/fhir/Task/{case_id}").json()
     assert (case["status"], case["businessStatus"]["coding"][0]["code"]) == ("cancelled", "IP")
     untouched = client.get(f"/fhir/Task/{plan_id}").json()

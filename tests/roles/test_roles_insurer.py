@@ -9,7 +9,6 @@ of a resource the insurer may not see), and a request about a resource it may no
 byte for byte as the same request about a missing one (ids aside)."""
 
 import random
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -17,8 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 
-from fhir_server.db import Database
-from tests.roles_data import Case, app_client, ids, load, token
+from testbed.roles import Case, ids, token
 
 REQUESTS = 240
 Json = dict[str, Any]
@@ -53,14 +51,9 @@ OTHERS = ["Patient", "DiagnosticReport", "Observation", "Coverage", "ImagingStud
 
 
 @pytest.fixture
-def client(db: Database) -> Iterator[TestClient]:
-    with app_client(db) as c:
-        yield c
-
-
-@pytest.fixture
-def cases(client: TestClient) -> list[Case]:
-    return load(client, 12)
+def case_count() -> int:
+    """Twelve cases: insurer-1 pays for eight of them, not for four."""
+    return 12
 
 
 def paid(cases: list[Case]) -> list[Case]:

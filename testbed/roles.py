@@ -3,7 +3,9 @@ clinical content a client must not see outside its compartment, and a client of 
 
 Written through the API by a client without a role (a trusted back-office system). Every case
 has a Patient (a name and birth date of its own), a Coverage, an order with a reason and a note,
-its case Task (routed by the order's performerType), an original report and an Observation.
+its case Task (routed by the order's performerType), an original report, an Observation and an
+ImagingStudy. The role tests check that no client sees outside its compartment (``Case.secrets``);
+``bench/compartments.py`` measures what the compartments cost on the same store.
 """
 
 from collections.abc import Iterator
@@ -14,11 +16,13 @@ from fastapi.testclient import TestClient
 
 from fhir_server.db import Database
 from mappings.original_report import ORIGINAL_TAG
-from tests.builders import imaging_study, patient, service_request
-from tests.smart_client import bearer, client_entry, es384, smart_app
+from testbed.smart_client import bearer, client_entry, es384, smart_app
 
 KEY = es384()
 ORG = "https://overread.example.org/sid/org"
+MRN_SYSTEM = "https://st-olav.example.org/fhir/sid/mrn"
+ACSN_SYSTEM = "https://st-olav.example.org/fhir/sid/accession"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 #: Organization id → its identifier's value.
 ORGANIZATIONS = {"hosp-a": "A", "hosp-b": "B", "read-1": "R1", "read-2": "R2", "pay-1": "P1", "pay-2": "P2"}
 #: client_id → (role, organization id, scopes).
@@ -92,17 +96,28 @@ def _case(client: TestClient, admin: dict[str, str], n: int) -> Case:
         assert response.status_code == 201, response.text
         return str(response.json()["id"])
 
-    case.patient = create(patient(mrn=f"MRN-{n}", family=family, given=f"Secretgiven{n:03d}", birthDate=birth))
+    case.patient = create({
+        "resourceType": "Patient",
+        "identifier": [{"use": "usual", "type": {"coding": [{"system": V2_0203, "code": "MR"}]},
+                        "system": MRN_SYSTEM, "value": f"MRN-{n}"}],
+        "name": [{"family": family, "given": [f"Secretgiven{n:03d}"]}], "gender": "female", "birthDate": birth,
+    })  # fmt: skip
     case.coverage = create({
         "resourceType": "Coverage", "status": "active", "beneficiary": {"reference": f"Patient/{case.patient}"},
         "payor": [{"reference": f"Organization/{case.payor}"}],
     })  # fmt: skip
     group = "group-1" if case.reader == "read-1" else "group-2"
-    case.order = create(service_request(
-        f"Patient/{case.patient}", accession=f"ACSN-{n}", requester={"reference": f"Organization/{case.hospital}"},
-        insurance=[{"reference": f"Coverage/{case.coverage}"}], reasonCode=[{"text": reason}],
-        note=[{"text": note}], performerType={"text": group},
-    ))  # fmt: skip
+    case.order = create({
+        "resourceType": "ServiceRequest",
+        "identifier": [{"type": {"coding": [{"system": V2_0203, "code": "ACSN", "display": "Accession ID"}]},
+                        "system": ACSN_SYSTEM, "value": f"ACSN-{n}"}],
+        "status": "active", "intent": "order", "priority": "routine",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]},
+        "subject": {"reference": f"Patient/{case.patient}"}, "authoredOn": "2024-03-05T09:12:00+01:00",
+        "reasonCode": [{"text": reason}], "requester": {"reference": f"Organization/{case.hospital}"},
+        "insurance": [{"reference": f"Coverage/{case.coverage}"}], "note": [{"text": note}],
+        "performerType": {"text": group},
+    })  # fmt: skip
     found = client.get(f"/fhir/Task?focus=ServiceRequest/{case.order}", headers=admin).json()
     case.task = found["entry"][0]["resource"]["id"]
     case.report = create({
@@ -115,7 +130,12 @@ def _case(client: TestClient, admin: dict[str, str], n: int) -> Case:
         "basedOn": [{"reference": f"ServiceRequest/{case.order}"}],
         "subject": {"reference": f"Patient/{case.patient}"}, "valueString": finding,
     })  # fmt: skip
-    case.study = create(imaging_study(f"ServiceRequest/{case.order}", f"Patient/{case.patient}", f"1.2.3.{n}"))
+    case.study = create({
+        "resourceType": "ImagingStudy", "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:1.2.3.{n}"}],
+        "status": "available", "subject": {"reference": f"Patient/{case.patient}"},
+        "basedOn": [{"reference": f"ServiceRequest/{case.order}"}],
+        "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
+    })  # fmt: skip
     return case
 
 

@@ -1,5 +1,5 @@
-"""A SMART Backend Services client for the tests: its keys (made here with joserfc), its signed
-client assertions, and an app with auth on whose clients are given by scope."""
+"""A SMART Backend Services client: its keys (made here with joserfc), its signed client assertions,
+and an app with auth on whose clients are given by scope."""
 
 import base64
 import time

@@ -3,30 +3,16 @@ each sees its own cases and what surrounds them, nothing of another organization
 missing resource's, searches, includes, chains, ``_has`` and histories that find nothing of it),
 and writes only within them. The operator's scopes alone limit it."""
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
 from cases.compartments import WRITTEN_BY
-from fhir_server.db import Database
+from testbed.roles import Case, ids, refs, token
 from tests.builders import patient, service_request
-from tests.roles_data import Case, app_client, ids, load, refs, token
 
 DISCREPANCY = "https://overread.org/fhir/CodeSystem/second-opinion-discrepancy"
 Json = dict[str, Any]
-
-
-@pytest.fixture
-def client(db: Database) -> Iterator[TestClient]:
-    with app_client(db) as c:
-        yield c
-
-
-@pytest.fixture
-def cases(client: TestClient) -> list[Case]:
-    return load(client)
 
 
 def mine(cases: list[Case], **where: str) -> list[Case]:
