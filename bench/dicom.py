@@ -59,8 +59,8 @@ from dicom_bridge.query import StudyQuery
 from dicom_bridge.storage_scp import StorageScp
 from dicom_bridge.tuning import nodelay
 from mappings.imaging_study import Study, imaging_study
-from tests.orthanc import Orthanc, in_private_netns
-from tests.processes import free_port
+from testbed.orthanc import Orthanc, in_private_netns
+from testbed.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -3,7 +3,6 @@
 import contextlib
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -11,14 +10,9 @@ from pathlib import Path
 
 import httpx
 
+from testbed.ports import free_port
+
 OVERREAD = [sys.executable, "-m", "overread.cli"]
-
-
-def free_port() -> int:
-    """A port nobody listens on at 127.0.0.1 now (tests run in parallel: never a fixed one)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def serve_env(database_url: str, tmp_path: Path, config: Path | None = None, **settings: str) -> dict[str, str]:

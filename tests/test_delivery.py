@@ -38,12 +38,13 @@ from overread.app import create_app, default_hooks, results_out
 from overread.config import Delivery as DeliveryConfig
 from overread.config import Destination, Hl7, OverreadConfig
 from overread.settings import Settings
+from testbed.ports import free_port
 from tests.builders import imaging_study
 from tests.conftest import FHIR_JSON, Clock
 from tests.hl7_golden import OMI
 from tests.intake import receive
 from tests.peers import Receiver
-from tests.processes import fhir_base, free_port, serve_env, start_serve
+from tests.processes import fhir_base, serve_env, start_serve
 
 DISCREPANCY = "https://overread.org/fhir/CodeSystem/second-opinion-discrepancy"
 Json = dict[str, Any]

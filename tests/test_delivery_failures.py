@@ -24,9 +24,10 @@ from hl7_bridge.results_queue import Gathered, Result, ResultsQueue
 from overread.app import create_app, default_hooks
 from overread.config import Destination, Hl7, OverreadConfig
 from overread.settings import Settings
+from testbed.ports import free_port
 from tests.builders import no_images_reason
 from tests.peers import Receiver
-from tests.processes import OVERREAD, free_port
+from tests.processes import OVERREAD
 from tests.test_delivery import destination, drain, fhir_order, hl7_order, report_body, rows, task_delivery, worker
 
 Json = dict[str, Any]

@@ -14,7 +14,7 @@ from dicom_bridge.dicomweb import DicomWebClient, parts
 from dicom_bridge.errors import PacsError, PacsUnavailable, RetrieveFailed
 from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery
-from tests.orthanc import Orthanc
+from testbed.orthanc import Orthanc
 
 pytestmark = pytest.mark.orthanc
 

@@ -13,7 +13,7 @@ from dicom_bridge.image_store import ImageStore
 from dicom_bridge.query import StudyQuery
 from dicom_bridge.sample_pacs import SamplePacs
 from dicom_bridge.storage_scp import StorageScp
-from tests.processes import free_port
+from testbed.ports import free_port
 
 
 @pytest.fixture(scope="module")

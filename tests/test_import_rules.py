@@ -1,11 +1,12 @@
-"""Which package may import which: the layers of docs/workflow.md ("Where the case lives"), read from the AST.
+"""Which package may import which: the layers of docs/architecture.md, read from the AST.
 
 ``mappings`` (HL7 v2 ↔ FHIR) imports no other project package; the FHIR store ``fhir_server``
 knows no domain (``cases``), no bridge and not the app; ``cases`` (the second-opinion case) is
-called by the bridges and wired by the app, never the other way round. ``testbed``, which the tests
-and the benchmarks share, imports neither. No module uses another module's private (``_name``) names.
-Only the executor opens units of work on the ``Database``: every other module goes through
-``fhir_server.executor`` (docs/architecture.md, "Threads and event loops").
+called by the bridges and wired by the app, never the other way round. ``testbed``, which the
+tests and the benchmarks share, imports neither, and the benchmarks never import the tests. No
+module uses another module's private (``_name``) names. Only the executor opens units of work on
+the ``Database``: every other module goes through ``fhir_server.executor`` (docs/architecture.md,
+"Threads and event loops").
 """
 
 import ast
@@ -23,6 +24,7 @@ FORBIDDEN = {
     "fhir_server": frozenset({"cases", "hl7_bridge", "dicom_bridge", "overread", "mappings"}),
     "cases": frozenset({"hl7_bridge", "dicom_bridge", "overread"}),
     "testbed": frozenset({"tests", "bench"}),
+    "bench": frozenset({"tests"}),
 }
 
 

@@ -32,8 +32,8 @@ from fhir_server.schema import OutboxRow
 from mappings.imaging_study import Series, Study
 from overread.app import default_hooks
 from overread.config import PacsPeer
+from testbed.ports import free_port
 from tests.builders import MRN_SYSTEM, patient, service_request
-from tests.processes import free_port
 
 CT_STUDY = str(dcmread(sample_path("CT_small.dcm"), stop_before_pixels=True).StudyInstanceUID)
 NOW = Backoff(max_attempts=3, first_delay=timedelta(0))

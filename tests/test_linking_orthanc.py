@@ -47,8 +47,8 @@ from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from overread.app import default_hooks
 from overread.config import PacsPeer
+from testbed.orthanc import Modalities, Orthanc
 from tests.builders import MRN_SYSTEM, patient, service_request
-from tests.orthanc import Modalities, Orthanc
 from tests.test_linking_patients import OTHER_SYSTEM, OURS, THEIRS  # the twin patients
 
 pytestmark = pytest.mark.orthanc

@@ -43,8 +43,8 @@ from fhir_server.outbox import Backoff
 from fhir_server.schema import OutboxRow
 from overread.app import default_hooks
 from overread.config import PacsPeer
+from testbed.ports import free_port
 from tests.builders import MRN_SYSTEM, patient, service_request
-from tests.processes import free_port
 
 NOW = Backoff(max_attempts=2, first_delay=timedelta(0))
 LATER = Backoff(max_attempts=5, first_delay=timedelta(hours=1))

@@ -30,8 +30,8 @@ from fhir_server.schema import OutboxRow
 from overread.app import default_hooks, imaging
 from overread.config import Linking, OverreadConfig, PacsPeer
 from overread.settings import Settings
+from testbed.ports import free_port
 from tests.builders import MRN_SYSTEM, patient, service_request
-from tests.processes import free_port
 
 NOW = Backoff(max_attempts=3, first_delay=timedelta(0))
 #: 12 orders for 4 studies of the sample PACS: most studies are asked for by several orders.

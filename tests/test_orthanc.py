@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.orthanc import Orthanc, in_private_netns
+from testbed.orthanc import Orthanc, in_private_netns
 
 pytestmark = pytest.mark.orthanc
 

@@ -39,8 +39,8 @@ from dicom_bridge.sample_pacs import (
     sample_path,
 )
 from dicom_bridge.tuning import ASSOCIATION_HANDLERS, DUL_POLL, nodelay, reactor_keeps_its_pause
-from tests.orthanc import in_private_netns
-from tests.processes import free_port
+from testbed.orthanc import in_private_netns
+from testbed.ports import free_port
 
 CT_STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
 MR_STUDY = "1.3.6.1.4.1.5962.1.2.4.20040826185059.5457"

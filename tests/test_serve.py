@@ -8,8 +8,9 @@ import httpx
 import pytest
 
 from dicom_bridge.sample_pacs import SamplePacs, sample_path
+from testbed.ports import free_port
 from tests.hl7_golden import DCM4CHE
-from tests.processes import OVERREAD, fhir_base, free_port, serve_env, start_serve
+from tests.processes import OVERREAD, fhir_base, serve_env, start_serve
 
 
 @pytest.mark.slow

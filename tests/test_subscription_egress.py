@@ -30,8 +30,8 @@ from overread.app import create_app, make_hooks
 from overread.config import OverreadConfig, Subscriptions
 from overread.server import running
 from overread.settings import Settings
+from testbed.ports import free_port
 from tests.peers import HttpReceiver
-from tests.processes import free_port
 
 TEST_NET = ipaddress.ip_address("198.51.100.7")  # RFC 5737: an ordinary remote address, never this host's
 CRITERIA = "DiagnosticReport?status=final"

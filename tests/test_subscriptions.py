@@ -20,9 +20,9 @@ from fhir_server.schema import OutboxRow, ResourceRow
 from overread.app import create_app, make_hooks
 from overread.config import OverreadConfig, Subscriptions
 from overread.settings import Settings
+from testbed.ports import free_port
 from tests.builders import imaging_study, patient, service_request
 from tests.peers import HttpReceiver as Receiver
-from tests.processes import free_port
 
 DISCREPANCY = "https://overread.org/fhir/CodeSystem/second-opinion-discrepancy"
 

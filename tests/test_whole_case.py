@@ -18,11 +18,12 @@ import pytest
 from pydicom import dcmread
 
 from dicom_bridge.sample_pacs import sample_path
+from testbed.orthanc import Modalities, Orthanc
+from testbed.ports import free_port
 from tests.conftest import FHIR_JSON
 from tests.hl7_golden import OMI
-from tests.orthanc import Modalities, Orthanc
 from tests.peers import HttpReceiver, Receiver
-from tests.processes import fhir_base, free_port, serve_env, start_serve
+from tests.processes import fhir_base, serve_env, start_serve
 
 pytestmark = pytest.mark.orthanc
 
