@@ -26,7 +26,7 @@ migrate: install
 test: install  ## the whole suite, every storage test on SQLite and on PostgreSQL; Orthanc tests in a netns (tests/run)
 	VENV=$(VENV) tests/run $(TEST_ARGS)
 
-test-fast: install  ## the inner loop: not the tests marked slow (subprocess servers, kill -9, the demo) nor orthanc
+test-fast: install  ## the inner loop, under two minutes: not the tests marked slow (Python subprocesses, kill -9, the demo) nor orthanc
 	$(BIN)/python -m pytest -n 2 -q -m "not slow and not orthanc" $(TEST_ARGS)
 
 lint: install

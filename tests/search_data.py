@@ -8,21 +8,18 @@ Read-only search tests load it once per module and database (``module_client``).
 """
 
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import make_url
 
 from fhir_server.db import Database
 from overread.app import create_app
-from overread.migrate import upgrade
 from overread.settings import Settings
-from tests.conftest import FHIR_JSON, POSTGRES_URL
+from tests.conftest import FHIR_JSON
 
 Resource = dict[str, Any]
 
@@ -354,29 +351,19 @@ def module_client(
     For module-scoped fixtures of read-only tests: the per-test ``client`` fixture empties
     its database before every test, which would cost a reload of the store per test.
     """
-    admin_dsn = make_url(POSTGRES_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"overread_search_{uuid.uuid4().hex[:12]}"
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("search") / "overread.db"
-        shutil.copy(request.getfixturevalue("sqlite_template"), path)
-        url = f"sqlite:///{path}"
-    else:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    db = Database(url)
-    try:
-        if request.param != "sqlite":
-            upgrade(db.engine)
+    with ExitStack() as stack:
+        if request.param == "sqlite":
+            path = tmp_path_factory.mktemp("search") / "overread.db"
+            shutil.copy(request.getfixturevalue("sqlite_template"), path)
+            url = f"sqlite:///{path}"
+        else:
+            url = stack.enter_context(request.getfixturevalue("postgres_databases").lend())
+        db = Database(url)
+        stack.callback(db.dispose)
         with TestClient(create_app(Settings(database_url=url), db), base_url="http://testserver") as client:
             client.headers.update(FHIR_JSON)
             put_all(client, resources())
             yield client
-    finally:
-        db.dispose()
-        if request.param != "sqlite":
-            with psycopg.connect(admin_dsn, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def case_tasks() -> list[Resource]:

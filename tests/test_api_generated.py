@@ -21,6 +21,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -30,11 +31,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import text as sql
 
 from fhir_server.db import Database
 from fhir_server.smart_http import open_routes
-from overread.migrate import METADATA
 from testbed import roles
 from testbed.roles import KEY, ORG, ORGANIZATIONS, ROUTING, Case
 from testbed.smart_client import TOKEN_PATH, assertion, bearer, client_entry, form, smart_app, unsigned
@@ -99,23 +98,20 @@ class Store:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     """testbed.roles' cases on a database of each kind, served with auth on, a token for every client."""
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("generated") / "overread.db"
-        shutil.copy(request.getfixturevalue("sqlite_template"), path)
-        url = f"sqlite:///{path}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-        with Database(url).engine.begin() as conn:
-            conn.execute(sql(f"TRUNCATE {', '.join(t.name for t in METADATA.sorted_tables)} RESTART IDENTITY CASCADE"))
-    db = Database(url)
-    try:
+    with ExitStack() as stack:
+        if request.param == "sqlite":
+            path = tmp_path_factory.mktemp("generated") / "overread.db"
+            shutil.copy(request.getfixturevalue("sqlite_template"), path)
+            url = f"sqlite:///{path}"
+        else:
+            url = stack.enter_context(request.getfixturevalue("postgres_databases").lend())
+        db = Database(url)
+        stack.callback(db.dispose)
         with TestClient(app(db), base_url="http://testserver") as client:
             client.headers.update({"content-type": "application/fhir+json"})
             loaded = Store(client, roles.load(client, count=4))
             loaded.tokens = {name: bearer(client, KEY, name, scope) for name, (_, _, scope) in CLIENTS.items()}
             yield loaded
-    finally:
-        db.dispose()
 
 
 def app(db: Database) -> FastAPI:

@@ -179,6 +179,7 @@ def test_off_beyond_loopback_is_refused_naming_the_listener(field: str, name: st
         Settings(auth="off", **{field: "0.0.0.0"}).auth_mode()  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_serve_refuses_to_start_with_auth_off_beyond_loopback(tmp_path: Path) -> None:
     env = serve_env(f"sqlite:///{tmp_path}/x.db", tmp_path, auth="off", mllp_host="0.0.0.0")
     done = subprocess.run([*OVERREAD, "serve"], env=env, capture_output=True, text=True, timeout=60)

@@ -28,6 +28,7 @@ def test_migrations_match_the_models(db: Database):
     assert diff == []
 
 
+@pytest.mark.slow
 def test_db_upgrade_creates_the_schema_on_an_empty_database(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     result = _run(["db", "upgrade"], tmp_path, url)

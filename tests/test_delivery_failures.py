@@ -398,6 +398,7 @@ def test_backfill_queues_what_a_destination_added_later_never_had(
         ]
 
 
+@pytest.mark.slow
 def test_backfill_names_an_unknown_destination(db: Database, tmp_path: Path) -> None:
     config = tmp_path / "overread.yaml"
     config.write_text("hl7:\n  destinations:\n    - {name: ehr, host: 127.0.0.1, port: 1}\n")

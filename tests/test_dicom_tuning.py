@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from pydicom.config import IGNORE
+
+pytestmark = pytest.mark.slow  # each test looks in a fresh interpreter
 
 SETTINGS = """
 import json, pydicom.config

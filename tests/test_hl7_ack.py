@@ -100,6 +100,7 @@ def ack_server() -> Iterator[int]:
         yield port
 
 
+@pytest.mark.slow
 def test_overread_hl7_send_prints_the_ack(ack_server):
     command = [sys.executable, "-m", "overread.cli", "hl7", "send", str(OMI), "--port", str(ack_server)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
@@ -109,6 +110,7 @@ def test_overread_hl7_send_prints_the_ack(ack_server):
     assert lines[1] == f"MSA|AA|{parse(OMI.read_bytes()).msh.field(10).value}"
 
 
+@pytest.mark.slow
 def test_overread_hl7_send_says_when_nobody_listens():
     with socket.socket() as probe:  # a port nobody listens on once the probe is closed
         probe.bind(("127.0.0.1", 0))

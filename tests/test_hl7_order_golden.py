@@ -104,6 +104,7 @@ def _map_cli(message: Path, *options: str, config: Path | None = None) -> subpro
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, env=env)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_same_bundle():
     message = GOLDEN / "orm_crlf_bom.hl7"
     result = _map_cli(message)
@@ -111,6 +112,7 @@ def test_cli_prints_the_same_bundle():
     assert json.loads(result.stdout) == outcome(message)
 
 
+@pytest.mark.slow
 def test_cli_reports_a_mapping_error_on_stderr():
     result = _map_cli(GOLDEN / "orm_missing_pid3.hl7")
     assert result.returncode == 1
@@ -127,6 +129,7 @@ def _code(bundle: dict[str, Any]) -> dict[str, Any]:
     return dict(order["code"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["--config", "OVERREAD_CONFIG"])
 def test_cli_maps_with_the_matching_sender_of_the_configuration(how: str):
     result = _map_cli(RIS3, "--config", str(RIS3_CONFIG)) if how == "--config" else _map_cli(RIS3, config=RIS3_CONFIG)
@@ -141,6 +144,7 @@ def test_cli_maps_with_the_matching_sender_of_the_configuration(how: str):
     assert "no hl7.senders entry matches MSH-3 'RIS3', MSH-4 'SOUTHCLINIC': default settings" in without.stderr
 
 
+@pytest.mark.slow
 def test_cli_sender_option_forces_a_named_entry(tmp_path: Path):
     config = tmp_path / "overread.yaml"
     config.write_text(
@@ -160,12 +164,14 @@ def test_cli_sender_option_forces_a_named_entry(tmp_path: Path):
     assert "no hl7.senders entry is named 'nobody' (named: plain, ris3-v23)" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_cli_answers_an_unsupported_message_as_intake_does():
     result = _map_cli(DCM4CHE / "ADT_A40-PatientMerge.hl7")
     assert result.returncode == 1 and result.stdout == ""
     assert "error 200 at MSH-9: Message type ADT^A40 is not an order Overread maps" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_broken_configuration(tmp_path: Path):
     config = tmp_path / "overread.yaml"
     config.write_text("hl7: {senders: [{sending_application: RIS3, identified_by: msh4}]}", encoding="utf-8")

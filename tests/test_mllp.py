@@ -562,6 +562,7 @@ def test_python_hl7_asyncio_client_reads_ack():
     assert str(ack_message.segment("MSA")[2]) == control_id(orm).decode()
 
 
+@pytest.mark.slow
 def test_mllp_send_command_line_tool(tmp_path):
     pytest.importorskip("hl7")
     mllp_send = Path(sys.executable).parent / "mllp_send"

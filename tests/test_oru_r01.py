@@ -279,6 +279,7 @@ def _run(args: list[str], url: str, cwd: Path) -> subprocess.CompletedProcess[st
     return subprocess.run([*OVERREAD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_preview_prints_the_oru_of_a_stored_report(database_url: str, tmp_path: Path) -> None:
     _store(database_url)
     result = _run(["hl7", "oru", "DiagnosticReport/dr-1", "--control-id", "PREVIEW-1"], database_url, tmp_path)
@@ -294,6 +295,7 @@ def test_preview_prints_the_oru_of_a_stored_report(database_url: str, tmp_path: 
     assert missing.returncode == 1 and "404" in missing.stderr
 
 
+@pytest.mark.slow
 def test_preview_prints_a_json_file_as_its_golden_file(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'unused.db'}"
     case = GOLDEN / "escapes_multiline.json"

@@ -535,6 +535,7 @@ def test_matches_universal_and_missing():
     assert matches(DataElement("ReferencedStudySequence", "SQ", []), None)
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     port = free_port()
     command = [sys.executable, "-m", "dicom_bridge.sample_pacs", "--port", str(port), "--ae", "CLIPACS"]

@@ -8,6 +8,7 @@ index whole. The plans of the statements a real search runs are checked here.
 
 import hashlib
 import re
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from fhir_server.db import Database
 from fhir_server.repository import Repository
 from fhir_server.schema import ReferenceIndex, ResourceRow, StringIndex, TokenIndex, UriIndex
 from tests.builders import patient
+from tests.search_data import module_client
 
 #: Resources of each type in a loaded store: enough for PostgreSQL's statistics to favour lookups.
 ROWS = 3000
@@ -66,6 +68,23 @@ def load(db: Database, rows: int = ROWS) -> None:
     if db.is_postgres:  # as autovacuum would: statistics, and the GIN index's pending rows merged
         with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("VACUUM ANALYZE")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def loaded_client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """A client on a store ``load``ed once per module and database: the tests that take it only read."""
+    clients = module_client(request, tmp_path_factory, list)
+    client = next(clients)
+    load(client.app.state.db)  # type: ignore[attr-defined]
+    yield client
+    next(clients, None)
+
+
+@pytest.fixture
+def loaded(loaded_client: TestClient) -> Database:
+    """The database of ``loaded_client``."""
+    db: Database = loaded_client.app.state.db  # type: ignore[attr-defined]
+    return db
 
 
 def plan_of(db: Database, sql: str) -> str:
@@ -119,10 +138,11 @@ def plans_of_includes(db: Database, client: TestClient, query: str) -> list[str]
         "Patient?_revinclude=*",
     ],
 )
-def test_includes_use_indexes_not_a_scan_of_the_resources(db: Database, client: TestClient, query: str) -> None:
-    load(db)
-    for plan in plans_of_includes(db, client, query):
-        if db.is_postgres:  # each index read by a condition, not whole
+def test_includes_use_indexes_not_a_scan_of_the_resources(
+    loaded: Database, loaded_client: TestClient, query: str
+) -> None:
+    for plan in plans_of_includes(loaded, loaded_client, query):
+        if loaded.is_postgres:  # each index read by a condition, not whole
             assert "Seq Scan" not in plan and "Index" in plan, plan
             assert set(re.findall(r"Index (?:Only )?Scan [^/]*/ ([^:/]*)", plan)) == {"Index Cond"}, plan
         else:
@@ -131,30 +151,27 @@ def test_includes_use_indexes_not_a_scan_of_the_resources(db: Database, client: 
 
 @pytest.mark.parametrize("value", [family(12)[:3], "o*b", "a?[b]%_\\"])
 @pytest.mark.parametrize("param", ["name", "family"])
-def test_a_string_search_reads_a_range_of_the_index(db: Database, param: str, value: str) -> None:
-    load(db)
-    plan = plan_of_search(db, "Patient", [(param, value)])
-    if db.is_postgres:  # LIKE 'x%' as a range of the varchar_pattern_ops index
+def test_a_string_search_reads_a_range_of_the_index(loaded: Database, param: str, value: str) -> None:
+    plan = plan_of_search(loaded, "Patient", [(param, value)])
+    if loaded.is_postgres:  # LIKE 'x%' as a range of the varchar_pattern_ops index
         assert re.search(r"Index Cond: .*\(norm\)::text ~>=~ .*\(norm\)::text ~<~", plan), plan
         assert "ix_idx_string_lookup" in plan, plan
     else:
         assert "ix_idx_string_lookup (res_type=? AND param=? AND norm>? AND norm<?)" in plan, plan
 
 
-def test_a_uri_below_search_reads_a_range_of_the_index(db: Database) -> None:
-    load(db)
-    plan = plan_of_search(db, "ServiceRequest", [("instantiates-uri:below", "https://x.example/12")])
-    if db.is_postgres:
+def test_a_uri_below_search_reads_a_range_of_the_index(loaded: Database) -> None:
+    plan = plan_of_search(loaded, "ServiceRequest", [("instantiates-uri:below", "https://x.example/12")])
+    if loaded.is_postgres:
         assert re.search(r"Index Cond: .*\(value\)::text ~>=~ .*\(value\)::text ~<~", plan), plan
     else:
         assert "ix_idx_uri_lookup (res_type=? AND param=? AND value>? AND value<?)" in plan, plan
 
 
-def test_a_contains_search_reads_trigrams_or_one_parameter(db: Database) -> None:
-    load(db)
+def test_a_contains_search_reads_trigrams_or_one_parameter(loaded: Database) -> None:
     part = family(12)[2:8]
-    plan = plan_of_search(db, "Patient", [("family:contains", part)])
-    if db.is_postgres:  # the trigram index finds the candidates; the LIKE checks them
+    plan = plan_of_search(loaded, "Patient", [("family:contains", part)])
+    if loaded.is_postgres:  # the trigram index finds the candidates; the LIKE checks them
         trigrams = rf"Bitmap Index Scan on ix_idx_string_contains [^/]*/ Index Cond: [^/]*~~ '%{part}%'"
         assert re.search(trigrams, plan), plan
     else:  # a substring: every row of the type's parameter, and no other
@@ -191,11 +208,10 @@ def test_a_string_search_takes_wildcards_literally(client: TestClient) -> None:
     ],
 )
 def test_a_lookup_of_a_value_past_the_key_reads_the_index(
-    db: Database, resource_type: str, params: list[tuple[str, str]]
+    loaded: Database, resource_type: str, params: list[tuple[str, str]]
 ) -> None:
-    load(db)
-    plan = plan_of_search(db, resource_type, params)
-    if db.is_postgres:
+    plan = plan_of_search(loaded, resource_type, params)
+    if loaded.is_postgres:
         lookup = r"Index Scan using ix_idx_\w+_lookup on idx_\w+ [^/]*/ Index Cond: [^/]*\(param\)[^)]*\) AND"
         assert re.search(lookup, plan), plan[:2000]
         return

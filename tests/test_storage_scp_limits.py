@@ -413,6 +413,7 @@ for _ in sys.stdin:
 """
 
 
+@pytest.mark.slow
 def test_out_of_file_descriptors_the_scp_pauses_says_so_once_and_recovers(tmp_path, idle):
     """A process at its descriptor limit: accept() fails while connections wait; no busy loop, no flood."""
     child = subprocess.Popen(
