@@ -105,7 +105,7 @@ def create_app(
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.db, app.state.audit = db, audit
     search_limits.configure(settings.search)
-    wire_cases()  # its operations, profiles and role compartments, whatever the hooks
+    wire_cases()  # the app serves $link-imaging and the role compartments, not only its hooks' rules
     hooks = make_hooks(cfg)
     if rate := settings.http_rate():  # added first: inside BearerAuth, so it sees the token's client
         app.add_middleware(RateLimit, buckets=Buckets(rate))

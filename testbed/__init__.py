@@ -1,6 +1,7 @@
 """What the tests and the benchmarks both run Overread with: a SMART Backend Services client
-(``smart_client``) and stores loaded through the API (``roles``).
+(``smart_client``), stores loaded through the API (``roles``), a real Orthanc PACS (``orthanc``)
+and free ports (``ports``).
 
-Neither ``tests`` nor ``bench`` imports the other's modules for these: both import them from here,
-and nothing here imports either. Not part of the product (not packaged, not in the image).
+Both import them from here, ``bench`` never imports ``tests``, and nothing here imports either
+(``tests/test_import_rules.py``). Not part of the product (not packaged, not in the image).
 """
