@@ -102,7 +102,7 @@ def create_app(
         if owned:
             await asyncio.to_thread(audit.close)
 
-    app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.db, app.state.audit = db, audit
     search_limits.configure(settings.search)
     wire_cases()  # the app serves $link-imaging and the role compartments, not only its hooks' rules
@@ -120,6 +120,8 @@ def create_app(
     hl7 = [Depends(area_guard("hl7"))]
     app.include_router(messages_router(executor, cfg.sender, hooks), dependencies=hl7)
     app.include_router(outbound_router(result_delivery(executor, cfg).queue), dependencies=hl7)
+    # The schema describes the /hl7 API only: those who may read it, not every holder of a token.
+    app.add_api_route("/openapi.json", app.openapi, include_in_schema=False, dependencies=hl7)
     return app
 
 

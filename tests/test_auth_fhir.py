@@ -240,6 +240,14 @@ def test_hl7_routes_need_hl7_scopes(client: TestClient, bearer: Bearer) -> None:
     assert client.post("/hl7/messages/1/replay", headers=bearer("hl7-operator")).status_code == 404  # allowed; none
 
 
+def test_the_hl7_apis_schema_is_for_those_who_may_read_the_hl7_api(client: TestClient, bearer: Bearer) -> None:
+    assert client.get("/openapi.json").status_code == 401
+    assert client.get("/openapi.json", headers=bearer("all-v1")).status_code == 403
+    schema = client.get("/openapi.json", headers=bearer("hl7-reader"))
+    assert schema.status_code == 200
+    assert {"/hl7/messages", "/hl7/outbound"} <= set(schema.json()["paths"])
+
+
 def test_a_token_over_a_real_socket(db: Database) -> None:
     app = smart_app(db, [client_entry("ehr", KEY, "system/Patient.cruds")])
     with running(app) as root, httpx.Client(base_url=f"{root}/fhir") as http:
