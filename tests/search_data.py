@@ -9,7 +9,7 @@ Read-only search tests load it once per module and database (``module_client``).
 
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -351,19 +351,30 @@ def module_client(
     For module-scoped fixtures of read-only tests: the per-test ``client`` fixture empties
     its database before every test, which would cost a reload of the store per test.
     """
+    with (
+        module_database(request, tmp_path_factory) as db,
+        TestClient(create_app(Settings(database_url=db.url), db), base_url="http://testserver") as client,
+    ):
+        client.headers.update(FHIR_JSON)
+        put_all(client, resources())
+        yield client
+
+
+@contextmanager
+def module_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    """A migrated, empty database of its own for a module's store (``request.param``: sqlite or
+    postgresql), until the block ends: a copy of the SQLite template, or one of the session's
+    PostgreSQL databases lent (``conftest.PostgresDatabases``)."""
     with ExitStack() as stack:
         if request.param == "sqlite":
-            path = tmp_path_factory.mktemp("search") / "overread.db"
+            path = tmp_path_factory.mktemp("store") / "overread.db"
             shutil.copy(request.getfixturevalue("sqlite_template"), path)
             url = f"sqlite:///{path}"
         else:
             url = stack.enter_context(request.getfixturevalue("postgres_databases").lend())
         db = Database(url)
         stack.callback(db.dispose)
-        with TestClient(create_app(Settings(database_url=url), db), base_url="http://testserver") as client:
-            client.headers.update(FHIR_JSON)
-            put_all(client, resources())
-            yield client
+        yield db
 
 
 def case_tasks() -> list[Resource]:

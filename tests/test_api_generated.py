@@ -17,11 +17,9 @@ one catch-all Starlette route (``/fhir/{path:path}``) whose shapes no schema des
 """
 
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -38,6 +36,7 @@ from testbed import roles
 from testbed.roles import KEY, ORG, ORGANIZATIONS, ROUTING, Case
 from testbed.smart_client import TOKEN_PATH, assertion, bearer, client_entry, form, smart_app, unsigned
 from tests.builders import bundle, imaging_study, patient, service_request, task
+from tests.search_data import module_database
 from tests.test_fhir_properties import json_values, values
 
 pytestmark = pytest.mark.slow
@@ -98,20 +97,11 @@ class Store:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     """testbed.roles' cases on a database of each kind, served with auth on, a token for every client."""
-    with ExitStack() as stack:
-        if request.param == "sqlite":
-            path = tmp_path_factory.mktemp("generated") / "overread.db"
-            shutil.copy(request.getfixturevalue("sqlite_template"), path)
-            url = f"sqlite:///{path}"
-        else:
-            url = stack.enter_context(request.getfixturevalue("postgres_databases").lend())
-        db = Database(url)
-        stack.callback(db.dispose)
-        with TestClient(app(db), base_url="http://testserver") as client:
-            client.headers.update({"content-type": "application/fhir+json"})
-            loaded = Store(client, roles.load(client, count=4))
-            loaded.tokens = {name: bearer(client, KEY, name, scope) for name, (_, _, scope) in CLIENTS.items()}
-            yield loaded
+    with module_database(request, tmp_path_factory) as db, TestClient(app(db), base_url="http://testserver") as client:
+        client.headers.update({"content-type": "application/fhir+json"})
+        loaded = Store(client, roles.load(client, count=4))
+        loaded.tokens = {name: bearer(client, KEY, name, scope) for name, (_, _, scope) in CLIENTS.items()}
+        yield loaded
 
 
 def app(db: Database) -> FastAPI:
