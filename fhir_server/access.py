@@ -53,7 +53,7 @@ Role = Literal["ordering", "reader", "insurer", "operator"]
 
 @dataclass(frozen=True)
 class Access:
-    """An authenticated client and what its token grants (phase 2 adds its compartment)."""
+    """An authenticated client and what its token grants; a role holds it to a compartment (``compartment.of``)."""
 
     client_id: str
     scopes: tuple[Scope, ...]
@@ -70,7 +70,7 @@ def authorize(req: "FhirRequest") -> None:
     """Raise 403 unless ``req.access`` allows the interaction ``req`` is."""
     if req.access is None:
         return
-    parts = [p for p in req.path.strip("/").split("/") if p]
+    parts = req.parts
     needs = _needs(req.method.upper(), parts, req.params)
     if req.method.upper() == "POST" and len(parts) == 1 and req.header("if-none-exist"):
         needs += [("s", parts[0], "whole"), ("r", parts[0], "whole")]  # it searches, and answers what it found
@@ -116,7 +116,7 @@ def confine(req: "FhirRequest", conn: Connection | None) -> None:
     if held is None:
         return
     method = req.method.upper()
-    parts = [p for p in req.path.strip("/").split("/") if p]
+    parts = req.parts
     if not parts or parts[0] not in SUPPORTED_TYPES or parts[1:2] in (["_search"], ["_history"]):
         return
     rtype = parts[0]

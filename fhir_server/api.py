@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.types import Lifespan
 
 from fhir_server import balp, compartment, dates
-from fhir_server.audit_log import AuditLog, writes
+from fhir_server.audit_log import READS, AuditLog, writes
 from fhir_server.db import Rollback
 from fhir_server.errors import FhirError, error
 from fhir_server.executor import Executor
@@ -36,7 +36,6 @@ from fhir_server.stored import ReadTarget
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir", JSON_PATCH, MERGE_PATCH)
-READ_METHODS = {"GET", "HEAD"}
 #: Bytes of body up to which a write of one resource is ``light``.
 INLINE_BODY = 256 * 1024
 #: Resources in a page up to which a search is ``light``.
@@ -89,7 +88,7 @@ def mount(
                 access=getattr(request.state, "access", None),  # set by smart_http.BearerAuth when auth is on
                 peer=request.client.host if request.client else None,
             )
-            size = 0 if req.method in READ_METHODS else await _read_body(request, req, limits)
+            size = 0 if req.method in READS else await _read_body(request, req, limits)
         except FhirError as exc:
             return _http(FhirResponse.of(exc), request)
         response = await answer(req, base, size)
@@ -123,7 +122,7 @@ def light(req: FhirRequest, body_size: int) -> bool:
     other requests while it runs: a write of one resource with a body of at most INLINE_BODY bytes,
     or a search of one type with a page of at most LIGHT_PAGE and no _include or _revinclude."""
     parts = req.path.strip("/").split("/")
-    if req.method in READ_METHODS:
+    if req.method in READS:
         return _light_search(req, parts)
     if parts[-1] == "_search":
         return False  # POSTed search parameters: their page and includes are in the body

@@ -134,7 +134,7 @@ def http(method: str, path: str, status: int, recorded: datetime, agent: Agent) 
 
 def rest(req: FhirRequest, response: FhirResponse, recorded: datetime, agent: Agent) -> dict[str, Any]:
     """The AuditEvent of one FHIR REST interaction and its answer (BALP "RESTful activities")."""
-    parts = [p for p in req.path.strip("/").split("/") if p]
+    parts = req.parts
     interaction = _interaction(req.method.upper(), parts, req.body)
     subtype = [coding(RESTFUL_INTERACTION, interaction)] if interaction else []
     entities = list(_rest_entities(req, response, parts, interaction))
@@ -238,9 +238,7 @@ def _patient_of(stored: Stored) -> str | None:
     """The Patient a stored resource is, or is about (its subject or patient)."""
     if stored.type == "Patient":
         return f"Patient/{stored.id}"
-    if stored.content is None:
-        return None
-    resource = orjson.loads(stored.content)
+    resource = stored.resource  # {} for a deletion
     for name in ("subject", "patient"):
         ref = resource.get(name)
         if isinstance(ref, dict) and str(ref.get("reference", "")).startswith("Patient/"):

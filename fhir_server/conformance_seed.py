@@ -25,7 +25,7 @@ def publish(executor: Executor) -> int:
 def _publish(repo: Repository, artifact: dict[str, Any]) -> int:
     rtype, rid = artifact["resourceType"], artifact["id"]
     current = repo.current(rtype, rid)
-    if current is not None and current.content is not None and same_content(current.resource, artifact):
+    if current is not None and same_content(current.resource, artifact):  # a deletion reads as {}
         return 0  # the usual case at start-up: one read, nothing written
     criteria = [("url", artifact["url"]), ("version", artifact["version"])]
     found = repo.search(rtype, criteria)

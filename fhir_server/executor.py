@@ -16,7 +16,7 @@ own snapshot).
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from typing import TypeVar
 
 from sqlalchemy import Connection
@@ -81,10 +81,11 @@ def for_database(db: Database) -> Executor:
     return SqliteExecutor(db)
 
 
-def in_transaction(db: Database, work: Callable[[Connection], T], write: bool) -> T:
-    """``work`` in a transaction of its own on the calling thread (the executors' way off the event loop)."""
+def in_transaction(begin: AbstractContextManager[Connection], work: Callable[[Connection], T]) -> T:
+    """``work`` in the transaction ``begin`` opens, on the calling thread or greenlet: its value once
+    committed, or a :class:`~fhir_server.db.Rollback`'s once rolled back (every executor's unit)."""
     try:
-        with db.begin(write=write) as conn:
+        with begin as conn:
             return work(conn)
     except Rollback as undo:
         return undo.value  # type: ignore[no-any-return]

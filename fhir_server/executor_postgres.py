@@ -25,7 +25,7 @@ from sqlalchemy.util import greenlet_spawn
 from starlette.concurrency import run_in_threadpool
 
 from fhir_server.async_reads import AsyncReads
-from fhir_server.db import Database, Rollback
+from fhir_server.db import Database
 from fhir_server.executor import Executor, find, in_transaction
 from fhir_server.repository import Stored
 from fhir_server.stored import ReadTarget
@@ -64,18 +64,10 @@ class PostgresExecutor(Executor):
     async def read(self, target: ReadTarget) -> Stored | None:
         if self._reads is not None:
             return await self._reads.fetch(target)
-        return await run_in_threadpool(partial(in_transaction, self.db, lambda conn: find(conn, target), write=False))
+        return await run_in_threadpool(in_transaction, self.db.begin(write=False), partial(find, target=target))
 
     async def run(self, work: Callable[[Connection], T], *, write: bool, light: bool = False) -> T:
         engine = self._engine
         if engine is None:
-            return await run_in_threadpool(partial(in_transaction, self.db, work, write=write))
-
-        def unit() -> T:
-            with engine.sync_engine.begin() as conn:
-                return work(conn)
-
-        try:
-            return await greenlet_spawn(unit)
-        except Rollback as undo:
-            return undo.value  # type: ignore[no-any-return]
+            return await run_in_threadpool(in_transaction, self.db.begin(write=write), work)
+        return await greenlet_spawn(in_transaction, engine.sync_engine.begin(), work)

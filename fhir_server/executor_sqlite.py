@@ -57,5 +57,5 @@ class SqliteExecutor(Executor):
                         raise
             # past the time a write group may hold the loop: again on a reader thread
         return await asyncio.get_running_loop().run_in_executor(
-            self._readers, partial(in_transaction, self.db, work, write=False)
+            self._readers, partial(in_transaction, self.db.begin(write=False), work)
         )

@@ -24,6 +24,11 @@ class FhirRequest:
     #: The client's network address, for the audit log (``fhir_server.balp``); None for internal doors.
     peer: str | None = None
 
+    @property
+    def parts(self) -> list[str]:
+        """The path's segments, "Patient/1/_history/2" → ["Patient", "1", "_history", "2"]; [] at the base."""
+        return [p for p in self.path.strip("/").split("/") if p]
+
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
 

@@ -10,7 +10,7 @@ from one table without blocking or double-claiming; SQLite serialises writers an
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Connection, exists, select, update
+from sqlalchemy import Connection, Update, exists, select, update
 from sqlalchemy.orm import Session, aliased
 
 from fhir_server import dates
@@ -82,24 +82,19 @@ def pending(session: Session, pk: int) -> OutboxRow | None:
 
 def wake(session: Session, topic: str, resource_id: str) -> int:
     """Make the pending rows of ``topic`` for ``resource_id`` due now (leased ones too); how many there were."""
-    woken: int = (
-        session.connection()
-        .execute(
-            update(OutboxRow)
-            .where(OutboxRow.topic == topic, OutboxRow.resource_id == resource_id, OutboxRow.status == PENDING)
-            .values(available_at=dates.now())
-        )
-        .rowcount
-    )
+    woken: int = session.connection().execute(_pending_of(topic, resource_id).values(available_at=dates.now())).rowcount
     return woken
 
 
 def supersede(conn: Connection, topic: str, resource_id: str) -> None:
     """End the pending rows of ``topic`` for ``resource_id``: newer work replaces them."""
-    conn.execute(
-        update(OutboxRow)
-        .where(OutboxRow.topic == topic, OutboxRow.resource_id == resource_id, OutboxRow.status == PENDING)
-        .values(status=DONE)
+    conn.execute(_pending_of(topic, resource_id).values(status=DONE))
+
+
+def _pending_of(topic: str, resource_id: str) -> Update:
+    """An UPDATE of the pending rows of ``topic`` for ``resource_id``."""
+    return update(OutboxRow).where(
+        OutboxRow.topic == topic, OutboxRow.resource_id == resource_id, OutboxRow.status == PENDING
     )
 
 

@@ -21,7 +21,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fhir_server.errors import error, operation_outcome
+from fhir_server.errors import error
 
 MAX_CLIENTS = 65_536
 
@@ -73,5 +73,5 @@ class RateLimit:
 def _throttled(wait: float) -> Response:
     seconds = math.ceil(wait)
     issue = error(429, "throttled", f"Too many requests from this client: try again in {seconds} s")
-    body = orjson.dumps(operation_outcome(issue.issues))
+    body = orjson.dumps(issue.outcome)
     return Response(body, 429, {"Retry-After": str(seconds)}, media_type="application/fhir+json")

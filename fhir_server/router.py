@@ -67,7 +67,7 @@ def read_response(req: FhirRequest, target: ReadTarget, found: Stored | None, ba
 
 
 def _dispatch(req: FhirRequest, repo: Repository, base: str) -> FhirResponse:
-    parts = [p for p in req.path.strip("/").split("/") if p]
+    parts = req.parts
     method = req.method.upper()
     refuse_write(method, req.path)
     access.authorize(req)

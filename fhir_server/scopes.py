@@ -42,11 +42,7 @@ class Scope:
 
     def includes(self, other: "Scope") -> bool:
         """Whether everything ``other`` grants, this grants too."""
-        return (
-            (self.type == other.type or (self.type == "*" and other.type not in AREAS))
-            and other.permissions <= self.permissions
-            and set(self.query) <= set(other.query)
-        )
+        return self.covers(other.type) and other.permissions <= self.permissions and set(self.query) <= set(other.query)
 
     def __str__(self) -> str:
         if self.text:

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fhir_server import capability, scopes
-from fhir_server.errors import error, operation_outcome
+from fhir_server.errors import error
 from fhir_server.smart import ALGORITHMS, InvalidToken, Smart, TokenError
 
 FHIR_JSON = "application/fhir+json"
@@ -146,7 +146,7 @@ class BearerAuth:
 
 
 def _unauthorized(diagnostics: str, challenge: str) -> Response:
-    body = operation_outcome(error(401, "login", diagnostics).issues)
+    body = error(401, "login", diagnostics).outcome
     headers = {"WWW-Authenticate": f'Bearer realm="overread"{challenge}'}
     return Response(orjson.dumps(body), 401, headers, media_type=FHIR_JSON)
 
