@@ -117,7 +117,7 @@ IMAGES_UNAVAILABLE = "images-unavailable"  # the job gave up: the study was foun
 IMAGES_MISMATCH = "images-mismatch"  # a study was found, but of another patient: not linked
 PACS_UNREACHABLE = "pacs-unreachable"  # the job gave up: no PACS peer answered at all
 REPORTED = "reported"  # a final (amended, corrected) second-opinion report is in (cases.workflow)
-#: Delivery of the final report's result (``hl7_bridge.delivery.case_delivery_status``; docs/delivery.md).
+#: Delivery of the final report's result (``hl7_bridge.delivery_status.case_delivery_status``; docs/delivery.md).
 RESULT_QUEUED = "result-queued"  # queued, or being retried, for a destination
 RESULT_SENT = "result-sent"  # every destination acknowledged it (AA)
 RESULT_FAILED = "result-failed"  # it could not be made, had no destination, or its attempts are spent
