@@ -181,9 +181,13 @@ def with_case_status(task: dict[str, Any], code: str, reason: str | None = None)
     return updated
 
 
+def case_status(task: dict[str, Any]) -> set[str]:
+    """The codes of a Task's businessStatus that are ``CASE_STATUS`` codes (not the placer's order status)."""
+    return {c.get("code") for c in task.get("businessStatus", {}).get("coding", []) if c.get("system") == CASE_STATUS}
+
+
 def _reported(task: dict[str, Any]) -> bool:
-    codes = {c.get("code") for c in task.get("businessStatus", {}).get("coding", []) if c.get("system") == CASE_STATUS}
-    return task.get("status") == "completed" or bool(codes & AFTER_REPORT)
+    return task.get("status") == "completed" or bool(case_status(task) & AFTER_REPORT)
 
 
 def link_study(repo: Repository, study: dict[str, Any]) -> Stored:
