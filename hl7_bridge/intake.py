@@ -312,13 +312,7 @@ def _not_allowed(conn: Connection, raw: bytes, message: Message, reason: str, st
     resend. The ACK says only that the sender is not allowed; where it came from is the operator's.
     """
     error = MappingError(INTERNAL_ERROR, "MSH-3", "The sender is not allowed on this connection", rejects=True)
-    ack = _ack(message, error)
-    conn.execute(
-        insert(InboundMessage).values(
-            **storable(_row(raw, message)), status=REFUSED, ack=ack, ack_code=ack_code(message, error),
-            error=f"not allowed: {reason}", processing_ms=(time.perf_counter() - started) * 1000,
-        )
-    )  # fmt: skip
+    ack = _reject(conn, raw, error, started, message, status=REFUSED, stored=f"not allowed: {reason}")
     log.warning("HL7 message refused: %s", reason)
     return ack
 
@@ -378,16 +372,25 @@ def resend_form(raw: bytes) -> list[bytes]:
     return [s.rstrip(separator + b" \t") for s in segments]
 
 
-def _reject(conn: Connection, raw: bytes, error: MappingError, started: float, message: Message | None = None) -> bytes:
-    """Store a message without a key (its MSH unreadable, or a key field unstorable) and answer it.
+def _reject(
+    conn: Connection,
+    raw: bytes,
+    error: MappingError,
+    started: float,
+    message: Message | None = None,
+    status: str = REJECTED,
+    stored: str | None = None,
+) -> bytes:
+    """Store a message without a key (its MSH unreadable, a key field unstorable, its sender refused) and answer it.
 
-    The ACK echoes what of the MSH could be read; the row keeps only the values its columns hold.
+    The ACK echoes what of the MSH could be read; the row keeps only the values its columns hold, and
+    ``stored`` as its error when the operator is owed more than the ACK says.
     """
     ack = _ack(message, error)
     conn.execute(
         insert(InboundMessage).values(
-            **storable(_row(raw, message)), status=REJECTED, ack=ack, ack_code=ack_code(message, error),
-            error=str(error), processing_ms=(time.perf_counter() - started) * 1000,
+            **storable(_row(raw, message)), status=status, ack=ack, ack_code=ack_code(message, error),
+            error=stored or str(error), processing_ms=(time.perf_counter() - started) * 1000,
         )
     )  # fmt: skip
     return ack
