@@ -35,7 +35,8 @@ def show_on_case(session: Session, hooks: Sequence[Hook], order_id: str, rows: S
             task = case_of(repo, order_id)
             if task is None:
                 return
-            current = repo.current("Task", task.id, for_update=True)  # row-locked: senders of one case take turns
+            repo.lock(f"Task/{task.id}")  # key, then row, as Repository.update: senders of one case take turns
+            current = repo.current("Task", task.id, for_update=True)
             if current is None or current.content is None:
                 return
             resource = current.resource

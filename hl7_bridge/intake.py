@@ -245,7 +245,9 @@ def _correct_patient(repo: Repository, mapped: dict[str, Any]) -> None:
     found = repo.search("Patient", [*parse_qsl(entry["request"]["ifNoneExist"]), ("_count", "2")])
     if len(found) != 1:
         return  # none: the conditional create makes it; several: the store refuses the ambiguity as before
-    # read again, row-locked: two messages correcting one patient at once must not drop each other's identifiers
+    # Locked as Repository.update locks (key, then row): two messages correcting one patient at once must
+    # not drop each other's identifiers, nor deadlock with an update that takes the same locks.
+    repo.lock(f"Patient/{found[0].id}")
     stored = repo.current("Patient", found[0].id, for_update=True)
     if stored is None or stored.content is None:
         return  # deleted meanwhile: the conditional create makes a new one
