@@ -5,9 +5,9 @@ is written with a status that is a result to send
 (preliminary, final, amended, corrected, appended), or withdrawn (entered-in-error, cancelled)
 after such a version, it leaves a ``result`` outbox row naming that report version, in the same
 transaction as the write; a version that says the same as the one before leaves none. The FHIR
-store knows nothing of HL7: the
-``hl7_bridge.delivery`` worker turns the row into ORU^R01 messages, one per destination that wants
-it (preliminary reports only go where a destination asks for them).
+store knows nothing of HL7: the ``hl7_bridge.results_queue`` worker turns the row into ORU^R01
+messages, one per destination that wants it (preliminary reports only go where a destination asks
+for them).
 """
 
 from cases.second_opinion import second_opinion_order

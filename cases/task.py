@@ -117,7 +117,7 @@ IMAGES_UNAVAILABLE = "images-unavailable"  # the job gave up: the study was foun
 IMAGES_MISMATCH = "images-mismatch"  # a study was found, but of another patient: not linked
 PACS_UNREACHABLE = "pacs-unreachable"  # the job gave up: no PACS peer answered at all
 REPORTED = "reported"  # a final (amended, corrected) second-opinion report is in (cases.workflow)
-#: Delivery of the final report's result (``hl7_bridge.delivery.case_delivery_status``; docs/delivery.md).
+#: Delivery of the final report's result (``hl7_bridge.delivery_status.case_delivery_status``; docs/delivery.md).
 RESULT_QUEUED = "result-queued"  # queued, or being retried, for a destination
 RESULT_SENT = "result-sent"  # every destination acknowledged it (AA)
 RESULT_FAILED = "result-failed"  # it could not be made, had no destination, or its attempts are spent
@@ -181,9 +181,13 @@ def with_case_status(task: dict[str, Any], code: str, reason: str | None = None)
     return updated
 
 
+def case_status(task: dict[str, Any]) -> set[str]:
+    """The codes of a Task's businessStatus that are ``CASE_STATUS`` codes (not the placer's order status)."""
+    return {c.get("code") for c in task.get("businessStatus", {}).get("coding", []) if c.get("system") == CASE_STATUS}
+
+
 def _reported(task: dict[str, Any]) -> bool:
-    codes = {c.get("code") for c in task.get("businessStatus", {}).get("coding", []) if c.get("system") == CASE_STATUS}
-    return task.get("status") == "completed" or bool(codes & AFTER_REPORT)
+    return task.get("status") == "completed" or bool(case_status(task) & AFTER_REPORT)
 
 
 def link_study(repo: Repository, study: dict[str, Any]) -> Stored:

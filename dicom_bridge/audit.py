@@ -12,9 +12,9 @@ from datetime import datetime
 from typing import Any
 
 from fhir_server import balp
+from mappings.vocabulary import STUDY_UID_SYSTEM
 
 AE_TITLE = "https://overread.org/fhir/sid/dicom-ae-title"
-DICOM_UID = "urn:dicom:uid"
 
 
 def association(calling_ae: str | None, address: str, refusal: str | None, recorded: datetime) -> dict[str, Any]:
@@ -39,7 +39,7 @@ class Transfer:
         failures = f"{self.failed} of {self.failed + self.kept.total()} C-STOREs failed" if self.failed else None
         entities = [
             {
-                "what": {"identifier": {"system": DICOM_UID, "value": f"urn:oid:{uid}"}},
+                "what": {"identifier": {"system": STUDY_UID_SYSTEM, "value": f"urn:oid:{uid}"}},
                 "type": balp.coding(balp.ENTITY_TYPE, "2", "System Object"),
                 "role": balp.coding(balp.OBJECT_ROLE, "3", "Report"),
                 "name": uid,

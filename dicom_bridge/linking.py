@@ -472,5 +472,4 @@ def _wake(session: Session, repo: Repository, order: Stored) -> None:
 def _linked(repo: Repository, order_id: str) -> bool:
     """The case has its images, or is past needing them (reported)."""
     case = case_of(repo, order_id)
-    codes = {c.get("code") for c in (case.resource.get("businessStatus", {}) if case else {}).get("coding", [])}
-    return bool(codes & {task.IMAGES_AVAILABLE, *task.AFTER_REPORT})
+    return case is not None and bool(task.case_status(case.resource) & {task.IMAGES_AVAILABLE, *task.AFTER_REPORT})

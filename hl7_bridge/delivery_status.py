@@ -35,7 +35,7 @@ def show_on_case(session: Session, hooks: Sequence[Hook], order_id: str, rows: S
             task = case_of(repo, order_id)
             if task is None:
                 return
-            repo.lock(f"Task/{task.id}")
+            repo.lock(f"Task/{task.id}")  # key, then row, as Repository.update: senders of one case take turns
             current = repo.current("Task", task.id, for_update=True)
             if current is None or current.content is None:
                 return
@@ -98,10 +98,11 @@ def _report_version(entry: Mapping[str, str]) -> tuple[str, int]:
 
 def delivery_extension(row: OutboundMessage) -> dict[str, Any]:
     """The ``result-delivery`` extension of one message: where, which report version, MSH-10, status."""
+    error = row.last_error if row.status != SENT else None
     detail = ", ".join(p for p in (row.ack_code, f"MSH-10 {row.control_id}" if row.control_id else "") if p)
     summary = f"{row.message_type} to {row.destination}: {row.status}" + (f" ({detail})" if detail else "")
-    if row.last_error and row.status != SENT:
-        summary += f": {row.last_error}"
+    if error:
+        summary += f": {error}"
     parts: list[dict[str, Any]] = [
         {"url": "destination", "valueString": row.destination},
         {"url": "report", "valueReference": {"reference": report_ref(row)}},
@@ -112,8 +113,8 @@ def delivery_extension(row: OutboundMessage) -> dict[str, Any]:
     parts.append({"url": "status", "valueCode": row.status})
     if row.ack_code:
         parts.append({"url": "ackCode", "valueCode": row.ack_code})
-    if row.last_error and row.status != SENT:
-        parts.append({"url": "error", "valueString": row.last_error})
+    if error:
+        parts.append({"url": "error", "valueString": error})
     parts.append({"url": "summary", "valueString": summary})
     return {"url": DELIVERY_EXTENSION, "extension": parts}
 

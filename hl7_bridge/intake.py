@@ -245,7 +245,8 @@ def _correct_patient(repo: Repository, mapped: dict[str, Any]) -> None:
     found = repo.search("Patient", [*parse_qsl(entry["request"]["ifNoneExist"]), ("_count", "2")])
     if len(found) != 1:
         return  # none: the conditional create makes it; several: the store refuses the ambiguity as before
-    # locked and read again: two messages correcting one patient at once must not drop each other's identifiers
+    # Locked as Repository.update locks (key, then row): two messages correcting one patient at once must
+    # not drop each other's identifiers, nor deadlock with an update that takes the same locks.
     repo.lock(f"Patient/{found[0].id}")
     stored = repo.current("Patient", found[0].id, for_update=True)
     if stored is None or stored.content is None:
@@ -313,13 +314,7 @@ def _not_allowed(conn: Connection, raw: bytes, message: Message, reason: str, st
     resend. The ACK says only that the sender is not allowed; where it came from is the operator's.
     """
     error = MappingError(INTERNAL_ERROR, "MSH-3", "The sender is not allowed on this connection", rejects=True)
-    ack = _ack(message, error)
-    conn.execute(
-        insert(InboundMessage).values(
-            **storable(_row(raw, message)), status=REFUSED, ack=ack, ack_code=ack_code(message, error),
-            error=f"not allowed: {reason}", processing_ms=(time.perf_counter() - started) * 1000,
-        )
-    )  # fmt: skip
+    ack = _reject(conn, raw, error, started, message, status=REFUSED, stored=f"not allowed: {reason}")
     log.warning("HL7 message refused: %s", reason)
     return ack
 
@@ -379,16 +374,25 @@ def resend_form(raw: bytes) -> list[bytes]:
     return [s.rstrip(separator + b" \t") for s in segments]
 
 
-def _reject(conn: Connection, raw: bytes, error: MappingError, started: float, message: Message | None = None) -> bytes:
-    """Store a message without a key (its MSH unreadable, or a key field unstorable) and answer it.
+def _reject(
+    conn: Connection,
+    raw: bytes,
+    error: MappingError,
+    started: float,
+    message: Message | None = None,
+    status: str = REJECTED,
+    stored: str | None = None,
+) -> bytes:
+    """Store a message without a key (its MSH unreadable, a key field unstorable, its sender refused) and answer it.
 
-    The ACK echoes what of the MSH could be read; the row keeps only the values its columns hold.
+    The ACK echoes what of the MSH could be read; the row keeps only the values its columns hold, and
+    ``stored`` as its error when the operator is owed more than the ACK says.
     """
     ack = _ack(message, error)
     conn.execute(
         insert(InboundMessage).values(
-            **storable(_row(raw, message)), status=REJECTED, ack=ack, ack_code=ack_code(message, error),
-            error=str(error), processing_ms=(time.perf_counter() - started) * 1000,
+            **storable(_row(raw, message)), status=status, ack=ack, ack_code=ack_code(message, error),
+            error=stored or str(error), processing_ms=(time.perf_counter() - started) * 1000,
         )
     )  # fmt: skip
     return ack

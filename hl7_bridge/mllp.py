@@ -588,7 +588,7 @@ class MllpServer:
                 return
             conn.last_active = asyncio.get_running_loop().time()
             if not data:
-                if deframer.pending:  # unacknowledged, so the sender resends; INFO, as idle ones: floods come so
+                if deframer.pending:  # unacknowledged, so the sender resends it; INFO like idle closes: both flood
                     log.info("MLLP connection %d closed by peer mid-block, %d bytes lost", cid, deframer.pending)
                 return
             discarded_before = deframer.discarded

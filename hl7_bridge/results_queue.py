@@ -45,7 +45,6 @@ from mappings.oru_r01 import RESULT_STATUS, Envelope, OruContext, oru_r01
 log = logging.getLogger(__name__)
 
 ORU_R01 = "ORU^R01"
-#: How ``mappings.order_bundle`` names the message an order came in (Provenance.entity.what.identifier.system).
 
 
 class ResultsQueue(OutboxWorker):
