@@ -53,8 +53,8 @@ def wire_cases() -> None:
     compartment of each client role.
 
     Process-wide, so explicit, never on import: whatever sets a process up to write calls it
-    through ``make_hooks``, where every door and worker (and the app) gets its hooks. The registries keep each entry once, so
-    calling it again changes nothing.
+    through ``make_hooks``, where every door and worker (and the app) gets its hooks. The
+    registries keep each entry once, so calling it again changes nothing.
     """
     operations.register("ServiceRequest", "link-imaging", link_imaging.OPERATION)
     profiles.require(second_opinion.required_profiles)
