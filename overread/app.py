@@ -39,7 +39,7 @@ from hl7_bridge.delivery import Delivery
 from hl7_bridge.intake import failed, last_resort, oversize, receive_in
 from hl7_bridge.mllp import MllpServer, current_connection, quiet_accept_errors
 from overread import config
-from overread.allow import Peer
+from overread.allow import Peer, address
 from overread.config import OverreadConfig
 from overread.server import http_config
 from overread.settings import Settings
@@ -52,8 +52,8 @@ def wire_cases() -> None:
     the profile every second-opinion report must conform to, its RADPEER/discrepancy check, and the
     compartment of each client role.
 
-    Process-wide, so explicit (issue 16), never on import: whatever sets a process up to write
-    calls it, ``make_hooks`` (where every door and worker gets its hooks) and ``create_app``. The
+    Process-wide, so explicit, never on import: whatever sets a process up to write calls it
+    through ``make_hooks``, where every door and worker (and the app) gets its hooks. The
     registries keep each entry once, so calling it again changes nothing.
     """
     operations.register("ServiceRequest", "link-imaging", link_imaging.OPERATION)
@@ -105,8 +105,7 @@ def create_app(
     app = FastAPI(title="Overread", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.db, app.state.audit = db, audit
     search_limits.configure(settings.search)
-    wire_cases()  # the app serves $link-imaging and the role compartments, not only its hooks' rules
-    hooks = make_hooks(cfg)
+    hooks = make_hooks(cfg)  # wires $link-imaging and the role compartments the app serves too
     if rate := settings.http_rate():  # added first: inside BearerAuth, so it sees the token's client
         app.add_middleware(RateLimit, buckets=Buckets(rate))
     if mode == "smart":
@@ -206,10 +205,9 @@ def mllp_listener(
 
 
 def _peer_address() -> str | None:
-    """The address of the MLLP peer whose message is being handled."""
+    """The address of the MLLP peer whose message is being handled, as its allow-list sees it."""
     info = current_connection()
-    peer = info.peername if info is not None else None
-    return str(peer[0]) if isinstance(peer, tuple) else None
+    return address(info.peername) if info is not None and info.peername else None
 
 
 def image_store(settings: Settings) -> ImageStore:
