@@ -17,6 +17,7 @@ from fhir_server.audit_log import AuditLog
 from fhir_server.db import Database
 from fhir_server.schema import ResourceRow
 from fhir_server.validation import validate
+from testbed import smart_client
 from testbed.smart_client import TOKEN_PATH, assertion, client_entry, es384, form, smart_app
 from tests.builders import patient, post
 
@@ -61,10 +62,7 @@ def client(db: Database) -> Iterator[TestClient]:
 
 
 def token(client: TestClient, client_id: str) -> dict[str, str]:
-    data = form(assertion(KEY, client_id, f"http://testserver{TOKEN_PATH}"), CLIENTS[client_id][0])
-    response = client.post(TOKEN_PATH, data=data, headers=FORM)
-    assert response.status_code == 200, response.text
-    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+    return smart_client.bearer(client, KEY, client_id, CLIENTS[client_id][0])
 
 
 @pytest.fixture

@@ -82,25 +82,19 @@ def _control_id(raw: bytes) -> str:
     return str(hl7.parse(raw.decode())["MSH"][0][10])
 
 
-class Scp:
-    def __init__(self, tmp_path: Path, audit: AuditLog, admits: Any = None, **limits: Any) -> None:
-        store = ImageStore(tmp_path / "store")
-        self.scp = StorageScp(
-            AE_TITLE, "127.0.0.1", 0, store, limits=Limits(**limits), audit=audit.record, admits=admits
-        ).start()
-        self.port = self.scp.port
+def audited_scp(tmp_path: Path, audit: AuditLog, admits: Any = None, **limits: Any) -> StorageScp:
+    """A Storage SCP (not yet started: enter it) that records to ``audit``; ``limits``: its :class:`Limits`."""
+    store = ImageStore(tmp_path / "store")
+    return StorageScp(AE_TITLE, "127.0.0.1", 0, store, limits=Limits(**limits), audit=audit.record, admits=admits)
 
 
 def test_dicom_associations_and_what_they_stored_are_audited(db, audit, tmp_path):
-    scp = Scp(tmp_path, audit)
-    try:
+    with audited_scp(tmp_path, audit) as scp:
         assoc = associate(scp.port, CTImageStorage, ae_title="MODALITY1")
         assert assoc.is_established
         ds = sample("CT_small.dcm")
         assert assoc.send_c_store(ds).Status == 0
         assoc.release()
-    finally:
-        scp.scp.stop()
     audit.flush()
     opened, stored = events(db)
     assert (opened["type"]["code"], subtype(opened), opened["outcome"]) == ("110114", "110122", "0")
@@ -112,12 +106,9 @@ def test_dicom_associations_and_what_they_stored_are_audited(db, audit, tmp_path
 
 
 def test_a_rejected_association_is_audited(db, audit, tmp_path):
-    scp = Scp(tmp_path, audit, max_associations=0)
-    try:
+    with audited_scp(tmp_path, audit, max_associations=0) as scp:
         refused = dcmtk("echoscu", "-aet", "STRANGER", "-aec", AE_TITLE, "127.0.0.1", str(scp.port))
         assert "Reason: Local Limit Exceeded" in refused.stderr
-    finally:
-        scp.scp.stop()
     audit.flush()
     (rejected,) = events(db)
     assert (rejected["outcome"], client_agent(rejected)["name"]) == ("4", "STRANGER")
@@ -125,26 +116,19 @@ def test_a_rejected_association_is_audited(db, audit, tmp_path):
 
 
 def test_an_association_refused_for_its_request_is_audited_with_its_calling_ae(db, audit, tmp_path):
-    scp = Scp(tmp_path, audit)
-    try:
-        with socket.create_connection(("127.0.0.1", scp.port)) as sock:
-            body = struct.pack(">HH16s16s32x", 2, 0, AE_TITLE.encode().ljust(16), b"OLDPROTOCOL".ljust(16))
-            sock.sendall(pdu(ASSOCIATE_RQ, body))  # protocol version bit 0 unset: not one we speak
-            assert sock.recv(6)[0] == ASSOCIATE_RJ
-    finally:
-        scp.scp.stop()
+    with audited_scp(tmp_path, audit) as scp, socket.create_connection(("127.0.0.1", scp.port)) as sock:
+        body = struct.pack(">HH16s16s32x", 2, 0, AE_TITLE.encode().ljust(16), b"OLDPROTOCOL".ljust(16))
+        sock.sendall(pdu(ASSOCIATE_RQ, body))  # protocol version bit 0 unset: not one we speak
+        assert sock.recv(6)[0] == ASSOCIATE_RJ
     audit.flush()
     (rejected,) = events(db)
     assert (rejected["outcome"], client_agent(rejected)["name"]) == ("4", "OLDPROTOCOL")
 
 
 def test_an_association_off_the_allow_list_is_audited(db, audit, tmp_path):
-    scp = Scp(tmp_path, audit, admits=lambda ae, host: ae == "MODALITY1")
-    try:
+    with audited_scp(tmp_path, audit, admits=lambda ae, host: ae == "MODALITY1") as scp:
         refused = dcmtk("echoscu", "-aet", "INTRUDER", "-aec", AE_TITLE, "127.0.0.1", str(scp.port))
         assert "Calling AE Title Not Recognized" in refused.stderr
-    finally:
-        scp.scp.stop()
     audit.flush()
     (rejected,) = events(db)
     assert (rejected["outcome"], client_agent(rejected)["name"]) == ("4", "INTRUDER")

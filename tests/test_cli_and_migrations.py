@@ -133,21 +133,18 @@ def test_index_values_whole_migration_reindexes_values_cut_before(db: Database):
 
 def test_the_insurance_index_migration_indexes_the_orders_stored_before_it(db: Database):
     """0009: ServiceRequest.insurance became a search parameter; orders stored before have its index rows after."""
-    from alembic import command
     from sqlalchemy import func, select
 
     from fhir_server.repository import Repository
     from fhir_server.schema import ReferenceIndex
-    from overread.migrate import alembic_config
     from tests.builders import service_request
 
     with db.begin() as conn:
         Repository(conn).create(service_request("Patient/p", insurance=[{"reference": "Coverage/c"}]))
     indexed = select(func.count()).where(ReferenceIndex.param == "insurance", ReferenceIndex.target_id == "c")
-    with db.engine.begin() as conn:
-        config = alembic_config()
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0008")
+    _migrate(db, "0008")
+    with db.engine.connect() as conn:
         assert conn.scalar(indexed) == 0  # as it was before the parameter
-        command.upgrade(config, "head")
+    _migrate(db, "head")
+    with db.engine.connect() as conn:
         assert conn.scalar(indexed) == 1

@@ -5,10 +5,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from dicom_bridge.dimse import DimseClient, Peer
 from dicom_bridge.errors import PacsUnavailable
@@ -22,8 +19,7 @@ from overread.config import OverreadConfig
 from overread.settings import Settings
 from overread.tls import ServerTls, client_context, server_context
 from tests.certificates import Certificates, make
-
-AE_TITLE = "OVERREAD"
+from tests.test_storage_scp import AE_TITLE, saved
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +46,10 @@ def tls_options(certs: Certificates, *, calling: str = "RIS") -> tuple[str, ...]
     return ("-aet", calling, "+tls", str(certs.client.key), str(certs.client.cert), "+cf", str(certs.ca))
 
 
-def sample(tmp_path: Path) -> tuple[Path, pydicom.Dataset]:
-    ds = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    path = tmp_path / "ct.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path, ds
-
-
 def test_echoscu_and_storescu_over_tls_are_served(tls_scp, certs, tmp_path):
     echo = dcmtk("echoscu", tls_scp.port, *tls_options(certs))
     assert echo.returncode == 0, echo.stderr
-    path, ds = sample(tmp_path)
+    path, ds = saved(tmp_path, "CT_small.dcm")
     store = dcmtk("storescu", tls_scp.port, *tls_options(certs), files=(path,))
     assert store.returncode == 0, store.stderr
     assert tls_scp.store.count(ds.StudyInstanceUID) == 1

@@ -93,15 +93,18 @@ POST = b"POST /fhir/Patient HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhi
 
 def test_a_body_that_stalls_gets_408_and_the_socket_is_closed(server, caplog):
     root, address = server
-    logging.getLogger("uvicorn.error").addHandler(caplog.handler)  # it does not propagate to the root
-    with connect(address) as sock:
-        sock.sendall(POST + b"Content-Length: 100\r\n\r\n" + b'{"resourceType": "Patient"')  # and no more
-        status, body = answer(sock)
-    assert status.startswith(b"HTTP/1.1 408")
-    assert body["issue"][0]["code"] == "timeout" and "body" in body["issue"][0]["diagnostics"]
-    # the request's task ends after the close: a request served after it is served after that too
-    assert httpx.get(f"{root}/fhir/metadata", timeout=WAIT).status_code == 200
-    logging.getLogger("uvicorn.error").removeHandler(caplog.handler)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(caplog.handler)  # it does not propagate to the root
+    try:
+        with connect(address) as sock:
+            sock.sendall(POST + b"Content-Length: 100\r\n\r\n" + b'{"resourceType": "Patient"')  # and no more
+            status, body = answer(sock)
+        assert status.startswith(b"HTTP/1.1 408")
+        assert body["issue"][0]["code"] == "timeout" and "body" in body["issue"][0]["diagnostics"]
+        # the request's task ends after the close: a request served after it is served after that too
+        assert httpx.get(f"{root}/fhir/metadata", timeout=WAIT).status_code == 200
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)  # not left on a logger that outlives the test
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 

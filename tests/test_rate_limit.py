@@ -11,9 +11,10 @@ from fhir_server.db import Database
 from fhir_server.rate_limit import Buckets, Rate
 from overread.app import create_app
 from overread.settings import Settings
-from testbed.smart_client import TOKEN_PATH, assertion, client_entry, es384, form, smart_app
+from testbed.smart_client import TOKEN_PATH, assertion, bearer, client_entry, es384, form, smart_app
 
 KEY = es384()
+SCOPE = "system/Patient.rs"
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 
@@ -50,22 +51,15 @@ def clock() -> Clock:
 
 @pytest.fixture
 def smart(db: Database, clock: Clock) -> Iterator[TestClient]:
-    clients = [client_entry(name, KEY, "system/Patient.rs") for name in ("ehr", "ris")]
+    clients = [client_entry(name, KEY, SCOPE) for name in ("ehr", "ris")]
     app = smart_app(db, clients, http_rate_per_second=1, http_rate_burst=2)
     buckets_of(app).clock = clock
     with TestClient(app, base_url="http://testserver") as client:
         yield client
 
 
-def token(client: TestClient, client_id: str) -> dict[str, str]:
-    data = form(assertion(KEY, client_id, f"http://testserver{TOKEN_PATH}"), "system/Patient.rs")
-    answer = client.post(TOKEN_PATH, data=data, headers=FORM)
-    assert answer.status_code == 200, answer.text
-    return {"Authorization": f"Bearer {answer.json()['access_token']}"}
-
-
 def test_each_client_is_throttled_by_its_own_bucket_then_allowed_again(smart: TestClient, clock: Clock):
-    ehr, ris = token(smart, "ehr"), token(smart, "ris")  # two token requests: the address's burst
+    ehr, ris = (bearer(smart, KEY, name, SCOPE) for name in ("ehr", "ris"))  # two token requests: the address's burst
     assert [smart.get("/fhir/Patient", headers=ehr).status_code for _ in range(2)] == [200, 200]
     throttled = smart.get("/fhir/Patient", headers=ehr)
     assert throttled.status_code == 429 and throttled.headers["retry-after"] == "1"

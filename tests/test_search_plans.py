@@ -87,8 +87,8 @@ def loaded(loaded_client: TestClient) -> Database:
     return db
 
 
-def plan_of(db: Database, sql: str) -> str:
-    """The query plan of ``sql`` on either database, its lines joined by " / ".
+def plan_of(db: Database, sql: str, parameters: Any = None) -> str:
+    """The query plan of ``sql`` (with its driver's ``parameters``) on either database, its lines joined by " / ".
 
     On PostgreSQL, with sequential scans off: at a few thousand rows it rightly prefers reading a
     table whole, and only past the cost of every index would it still scan one.
@@ -96,8 +96,8 @@ def plan_of(db: Database, sql: str) -> str:
     with db.engine.connect() as conn:
         if db.is_postgres:
             conn.exec_driver_sql("SET enable_seqscan = off")
-            return " / ".join(row[0].strip() for row in conn.exec_driver_sql(f"EXPLAIN {sql}"))
-        return " / ".join(row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+            return " / ".join(row[0].strip() for row in conn.exec_driver_sql(f"EXPLAIN {sql}", parameters))
+        return " / ".join(row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", parameters))
 
 
 def plan_of_statement(db: Database, stmt: Any) -> str:
@@ -234,6 +234,5 @@ def test_a_conditional_create_on_a_long_identifier_reads_the_index(sqlite_db: Da
     finally:
         event.remove(Engine, "before_cursor_execute", record)
     [(sql, parameters)] = ran
-    with sqlite_db.engine.connect() as conn:
-        plan = " / ".join(row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", parameters))
+    plan = plan_of(sqlite_db, sql, parameters)
     assert "ix_idx_token_lookup (res_type=? AND param=? AND code=? AND system=?)" in plan, plan

@@ -1,4 +1,4 @@
-"""Outbound calls only where configured (issue 17): which Subscription endpoints are refused, how
+"""Outbound calls only where configured: which Subscription endpoints are refused, how
 a delivery fails without telling why, and channel.header values that are never served.
 
 Real receivers (``http.server`` on free 127.0.0.1 ports) and the real worker, on SQLite and
@@ -15,7 +15,7 @@ from datetime import timedelta
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, text
+from sqlalchemy import text
 
 from fhir_server import egress
 from fhir_server.db import Database
@@ -24,7 +24,6 @@ from fhir_server.executor import for_database
 from fhir_server.notifier import FAILED, Notifier
 from fhir_server.outbox import Backoff
 from fhir_server.repository import Repository
-from fhir_server.schema import OutboxRow
 from fhir_server.subscriptions import hook
 from overread.app import create_app, make_hooks
 from overread.config import OverreadConfig, Subscriptions
@@ -32,6 +31,7 @@ from overread.server import running
 from overread.settings import Settings
 from testbed.ports import free_port
 from tests.peers import HttpReceiver
+from tests.test_subscriptions import deliver, rows, subscription
 
 TEST_NET = ipaddress.ip_address("198.51.100.7")  # RFC 5737: an ordinary remote address, never this host's
 CRITERIA = "DiagnosticReport?status=final"
@@ -54,16 +54,6 @@ def resolver(table: dict[str, Sequence[str]]) -> Names:
 def allowing(*prefixes: str, names: Names | None = None) -> Egress:
     parsed = tuple(Prefix.parse(p) for p in prefixes)
     return Egress(parsed, names) if names is not None else Egress(parsed)
-
-
-def subscription(endpoint: str, status: str = "active", **channel: object) -> dict:
-    return {
-        "resourceType": "Subscription",
-        "status": status,
-        "reason": "Second-opinion results",
-        "criteria": CRITERIA,
-        "channel": {"type": "rest-hook", "endpoint": endpoint, **channel},
-    }
 
 
 # -- the rules, without a database ----------------------------------------------------------
@@ -207,14 +197,13 @@ def notifier(db: Database, allowed: Egress, timeout: float = 5) -> Notifier:
     return Notifier(for_database(db), make_hooks(OverreadConfig()), backoff, timeout, egress=allowed)
 
 
-def deliver(worker: Notifier) -> None:
-    while worker.run_once():
-        pass
-
-
-def outbox(db: Database) -> list[OutboxRow]:
-    with db.transaction() as session:
-        return list(session.scalars(select(OutboxRow).where(OutboxRow.topic == "subscription").order_by(OutboxRow.pk)))
+def deliver_once(db: Database, allowed: Egress, timeout: float = 5) -> None:
+    """Every due row, by a worker of its own that may call only ``allowed``."""
+    worker = notifier(db, allowed, timeout)
+    try:
+        deliver(worker)
+    finally:
+        worker.close()
 
 
 def test_endpoints_outside_the_allow_list_are_refused_at_create_and_update(db: Database, cfg: OverreadConfig, port):
@@ -228,14 +217,14 @@ def test_endpoints_outside_the_allow_list_are_refused_at_create_and_update(db: D
             "http://[::1]:8080/fhir/Patient",
             "file:///etc/passwd",
         ):
-            refused = client.post("/Subscription", json=subscription(endpoint))
+            refused = client.post("/Subscription", json=subscription(endpoint, CRITERIA))
             assert refused.status_code == 422, endpoint
             (issue,) = refused.json()["issue"]
             assert issue["expression"] == ["Subscription.channel.endpoint"], endpoint
             assert "subscriptions.allowed_endpoints" in issue["diagnostics"] or "http(s)" in issue["diagnostics"]
         assert client.get("/Subscription").json()["total"] == 0
 
-        created = client.post("/Subscription", json=subscription(f"http://127.0.0.1:{port}/hook")).json()
+        created = client.post("/Subscription", json=subscription(f"http://127.0.0.1:{port}/hook", CRITERIA)).json()
         moved = {k: v for k, v in created.items() if k != "meta"}
         moved["channel"] = {**moved["channel"], "endpoint": "http://169.254.169.254/latest/meta-data/"}
         assert client.put(f"/Subscription/{created['id']}", json=moved).status_code == 422
@@ -252,7 +241,7 @@ def test_a_write_asks_no_resolver_and_the_delivery_refuses_a_name_of_loopback(db
 
     allowed = Egress((Prefix.parse("http://overread.example.org:8080/"),), counting)
     with db.transaction() as session:  # a slow resolver here would hold every request on the loop up
-        Repository(session, (hook(allowed),)).create(subscription("http://overread.example.org:8080/hl7/x"))
+        Repository(session, (hook(allowed),)).create(subscription("http://overread.example.org:8080/hl7/x", CRITERIA))
     assert calls == []
     with pytest.raises(Refused, match="loopback"):
         allowed.pinned("http://overread.example.org:8080/hl7/x")
@@ -267,15 +256,11 @@ def test_an_allowed_endpoint_gets_its_handshake_at_the_checked_address(db: Datab
     allowed = allowing(f"http://localhost:{receiver.port}/", names=names)
     url = f"http://localhost:{receiver.port}/hook"
     with db.transaction() as session:
-        Repository(session, (hook(allowed),)).create(subscription(url, "requested"))
-    worker = notifier(db, allowed)
-    try:
-        deliver(worker)
-    finally:
-        worker.close()
+        Repository(session, (hook(allowed),)).create(subscription(url, CRITERIA, "requested"))
+    deliver_once(db, allowed)
     (hello,) = receiver.requests
     assert (hello.method, hello.path, hello.headers["host"]) == ("POST", "/hook", f"localhost:{receiver.port}")
-    assert [r.status for r in outbox(db)] == ["done"]
+    assert [r.status for r in rows(db)] == ["done"]
 
 
 def test_a_name_that_turns_to_loopback_after_the_write_is_refused_at_delivery(db: Database, receiver: HttpReceiver):
@@ -283,15 +268,11 @@ def test_a_name_that_turns_to_loopback_after_the_write_is_refused_at_delivery(db
     allowed = allowing(f"http://hooks.example.org:{receiver.port}/", names=names)
     with db.transaction() as session:
         repo = Repository(session, (hook(allowed),))
-        sub = repo.create(subscription(f"http://hooks.example.org:{receiver.port}/hook", "requested"))
+        sub = repo.create(subscription(f"http://hooks.example.org:{receiver.port}/hook", CRITERIA, "requested"))
     names.table["hooks.example.org"] = [ipaddress.ip_address("127.0.0.1")]  # DNS rebinding
-    worker = notifier(db, allowed)
-    try:
-        deliver(worker)
-    finally:
-        worker.close()
+    deliver_once(db, allowed)
     assert receiver.requests == []  # never connected
-    (row,) = outbox(db)
+    (row,) = rows(db)
     assert row.status == "pending" and "loopback" in (row.last_error or "")
     with db.begin(write=False) as conn:
         now = Repository(conn).read("Subscription", sub.id).resource
@@ -305,18 +286,14 @@ def test_a_redirect_is_a_failed_delivery_and_is_not_followed(
     try:
         receiver.status, receiver.headers = 307, {"Location": elsewhere.url}
         allowed = allowing(*cfg.subscriptions.allowed_endpoints, f"http://127.0.0.1:{elsewhere.port}/")
-        sid = client.post("/fhir/Subscription", json=subscription(receiver.url, "requested")).json()["id"]
-        worker = notifier(db, allowed)
-        try:
-            deliver(worker)
-        finally:
-            worker.close()
+        sid = client.post("/fhir/Subscription", json=subscription(receiver.url, CRITERIA, "requested")).json()["id"]
+        deliver_once(db, allowed)
         assert len(receiver.requests) == 1 and elsewhere.requests == []
     finally:
         elsewhere.stop()
     failed = client.get(f"/fhir/Subscription/{sid}").json()
     assert (failed["status"], failed["error"]) == ("error", FAILED)
-    assert "HTTP 307" in (outbox(db)[0].last_error or "")
+    assert "HTTP 307" in (rows(db)[0].last_error or "")
 
 
 def test_every_failure_reads_the_same_on_the_subscription(client: TestClient, db: Database, receiver: HttpReceiver):
@@ -331,15 +308,13 @@ def test_every_failure_reads_the_same_on_the_subscription(client: TestClient, db
         ids = []
         for endpoint in endpoints:
             with db.transaction() as session:
-                ids.append(Repository(session, (hook(allowed),)).create(subscription(endpoint, "requested")).id)
-        worker = notifier(db, allowed, timeout=0.5)
-        try:
-            deliver(worker)
-        finally:
-            worker.close()
+                ids.append(
+                    Repository(session, (hook(allowed),)).create(subscription(endpoint, CRITERIA, "requested")).id
+                )
+        deliver_once(db, allowed, timeout=0.5)
     errors = {client.get(f"/fhir/Subscription/{sid}").json()["error"] for sid in ids}
     assert errors == {FAILED}
-    details = [row.last_error or "" for row in outbox(db)]
+    details = [row.last_error or "" for row in rows(db)]
     assert ["HTTP 404" in details[0], "ConnectError" in details[1], "ReadTimeout" in details[2]] == [True] * 3
 
 
@@ -348,7 +323,7 @@ def test_every_failure_reads_the_same_on_the_subscription(client: TestClient, db
 
 def test_header_values_are_used_but_never_served(client: TestClient, db: Database, receiver: HttpReceiver):
     secret = "Bearer t0k3n-0f-th3-r3c31v3r"
-    sub = subscription(receiver.url, "requested", header=[f"Authorization: {secret}", "X-Referrer: st-olav"])
+    sub = subscription(receiver.url, CRITERIA, "requested", header=[f"Authorization: {secret}", "X-Referrer: st-olav"])
     created = client.post("/fhir/Subscription", json=sub)
     sid = created.json()["id"]
     masked = ["Authorization: ***", "X-Referrer: ***"]
@@ -392,7 +367,7 @@ def test_header_values_are_used_but_never_served(client: TestClient, db: Databas
     refused = client.put(f"/fhir/Subscription/{sid}", json=unknown)
     assert refused.status_code == 422 and "X-Api-Key" in refused.text
     for servers in ("Host: admin.internal", "content-length: 0", "Transfer-Encoding: chunked"):
-        sub = subscription(receiver.url, header=[servers])
+        sub = subscription(receiver.url, CRITERIA, header=[servers])
         assert client.post("/fhir/Subscription", json=sub).status_code == 422, servers
 
 
@@ -408,7 +383,7 @@ def test_the_migration_masks_stored_subscriptions_and_keeps_their_values(db: Dat
             (command.downgrade if revision != "head" else command.upgrade)(config, revision)
 
     with db.transaction() as session:  # written without the hook: as before the migration
-        created = Repository(session).create(subscription("http://ehr.example.org/", header=["X-Key: k3y"]))
+        created = Repository(session).create(subscription("http://ehr.example.org/", CRITERIA, header=["X-Key: k3y"]))
     migrate("0007")
     migrate("head")
     with db.begin(write=False) as conn:

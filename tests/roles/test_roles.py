@@ -31,17 +31,22 @@ def assert_hidden(client: TestClient, auth: dict[str, str], reference: str) -> N
         assert hidden.text.replace(rid, "missing") == missing.text
 
 
+def assert_compartment(client: TestClient, auth: dict[str, str], own: list[Case], other: list[Case]) -> None:
+    """Every resource of ``own`` is read; every one of ``other`` is hidden (:func:`assert_hidden`)."""
+    for case in own:
+        for reference in refs(case):
+            assert client.get(f"/fhir/{reference}", headers=auth).status_code == 200, reference
+    for case in other:
+        for reference in refs(case):
+            assert_hidden(client, auth, reference)
+
+
 def test_ordering_sees_the_cases_of_its_organization_and_what_surrounds_them(
     client: TestClient, cases: list[Case]
 ) -> None:
     ehr = token(client, "ehr-a")
     own, other = mine(cases, hospital="hosp-a"), mine(cases, hospital="hosp-b")
-    for case in own:
-        for reference in refs(case):
-            assert client.get(f"/fhir/{reference}", headers=ehr).status_code == 200, reference
-    for case in other:
-        for reference in refs(case):
-            assert_hidden(client, ehr, reference)
+    assert_compartment(client, ehr, own, other)
     gone = f"Observation/{other[1].observation}"  # deleted, it is answered as missing too (not 410 Gone)
     assert client.delete(f"/fhir/{gone}", headers=token(client, "admin")).status_code == 200
     assert_hidden(client, ehr, gone)
@@ -139,12 +144,7 @@ def test_a_reader_sees_the_cases_routed_to_it_and_reports_on_them_only(client: T
     reader = token(client, "reader-1")
     own, other = mine(cases, reader="read-1"), mine(cases, reader="read-2")
     assert ids(client.get("/fhir/Task", headers=reader).json()) == {c.task for c in own}
-    for case in own:
-        for reference in refs(case):
-            assert client.get(f"/fhir/{reference}", headers=reader).status_code == 200, reference
-    for case in other:
-        for reference in refs(case):
-            assert_hidden(client, reader, reference)
+    assert_compartment(client, reader, own, other)
     assert ids(client.get("/fhir/DiagnosticReport", headers=reader).json()) == {c.report for c in own}
     case = own[0]
     written = client.post("/fhir/DiagnosticReport", json=second_opinion(case.order, f"Patient/{case.patient}"),
