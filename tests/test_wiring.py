@@ -1,6 +1,6 @@
 """The case rules are wired into the FHIR store where a process is set up to write (``make_hooks``, where
-every door and worker gets its hooks, and ``create_app``), never on import (issue 16): a process that
-only imported ``overread.app`` would store a second-opinion report without discrepancy coding."""
+every door and worker, ``create_app`` included, gets its hooks), never on import: a process that only
+imported ``overread.app`` would store a second-opinion report without discrepancy coding."""
 
 import json
 import subprocess

@@ -272,7 +272,14 @@ def test_the_event_loop_never_waits_for_a_worker_holding_the_database(db: Databa
         return await asyncio.wait_for(pending, 10), ticks
 
     db.write_lock.acquire()
-    ran_on, ticks = asyncio.run(while_a_worker_writes())
+    # Were the unit to wait for the lock on the event loop, the loop would never turn again: the
+    # watchdog then lets the lock go, and the test fails (the unit done too soon) instead of hanging.
+    watchdog = threading.Timer(30, db.write_lock.release)
+    watchdog.start()
+    try:
+        ran_on, ticks = asyncio.run(while_a_worker_writes())
+    finally:
+        watchdog.cancel()
     assert ran_on.startswith("sqlite-writer") and ticks == 20
     assert not db.write_lock.locked()
 
